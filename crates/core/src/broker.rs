@@ -1,0 +1,502 @@
+//! `Broker`: the handle every front door talks to. It owns the topic table (sharded by
+//! name), the live subscriptions and fan-out, and calls the [`Store`] for history.
+//!
+//! Fan-out order: a message is fanned out once its append resolved (it is durable), in
+//! offset order per topic. Appends that resolve out of order wait in a small per-topic
+//! reorder buffer. A subscriber registers at a watermark `W` (the last offset fanned
+//! out): every message after `W` reaches it live, and [`Replay`] reads the history up to
+//! `W` from the store, while live messages are held back, so replay-then-live has no
+//! gap and no duplicate.
+//!
+//! Locks are `std::sync::Mutex`, held for in-memory work only, never across an await.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::BrokerConfig;
+use crate::message::{Message, NewMessage};
+use crate::metrics::Metrics;
+use crate::name::TopicName;
+use crate::outbound::Subscriber;
+use crate::store::{Appended, Epoch, ListedTopic, Store, StoreError, TopicHead};
+
+/// Errors of broker operations; each maps to one client-facing code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The payload is over `max_message_bytes`.
+    #[error("payload of {size} bytes is over the limit of {max} bytes")]
+    TooLarge {
+        /// The payload size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The store failed; the operation did not happen.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// Only messages published from now on.
+    Latest,
+    /// Everything retained, then live.
+    Earliest,
+    /// Messages with offset >= N, then live (0 means earliest).
+    Offset(u64),
+}
+
+/// A publish's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The offset assigned.
+    pub offset: u64,
+    /// The acceptance timestamp.
+    pub ts: u64,
+}
+
+/// A subscription's identity, for unsubscribing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SubscriptionId(u64);
+
+/// The outcome of a subscribe.
+pub struct Subscribed {
+    /// The identity to unsubscribe with.
+    pub id: SubscriptionId,
+    /// The topic's epoch.
+    pub epoch: Epoch,
+    /// The offset the next new message will get.
+    pub next: u64,
+    /// False when the requested position could not be resumed (nothing is replayed).
+    pub recovered: bool,
+    /// The history to deliver before live messages; `None` when there is none.
+    pub replay: Option<Replay>,
+}
+
+/// One page of a topic's history, for fetch.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The topic's epoch.
+    pub epoch: Epoch,
+    /// The messages, in offset order.
+    pub messages: Vec<Arc<Message>>,
+    /// Where the next page starts.
+    pub next: u64,
+}
+
+/// A topic's state, for the info endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// History head from the store.
+    pub head: TopicHead,
+    /// Live subscriptions on this node.
+    pub subscribers: u64,
+}
+
+/// A topic as listed by [`Broker::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSummary {
+    /// The topic.
+    pub topic: TopicName,
+    /// Newest retained offset (0 if none).
+    pub last: u64,
+    /// Live subscriptions on this node.
+    pub subscribers: u64,
+}
+
+/// The broker handle; cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    config: BrokerConfig,
+    shards: Box<[Mutex<HashMap<TopicName, Arc<Topic>>>]>,
+    hasher: RandomState,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+struct Topic {
+    state: Mutex<TopicState>,
+}
+
+struct TopicState {
+    epoch: Epoch,
+    /// The next offset to fan out; everything below it has been delivered live.
+    next_fanout: u64,
+    /// Appends that resolved ahead of an earlier offset, waiting for it.
+    reorder: BTreeMap<u64, Arc<Message>>,
+    subs: Vec<Sub>,
+}
+
+struct Sub {
+    id: u64,
+    sink: Arc<dyn Subscriber>,
+    /// Live messages held back while this subscription replays history.
+    held: Option<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    messages: Vec<Arc<Message>>,
+    bytes: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning means a panic elsewhere mid-update of plain data; the state between
+    // statements is consistent, so keep serving rather than cascade the panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TopicState {
+    /// Delivers `msg` to every subscriber, dropping those that are gone.
+    fn deliver(&mut self, msg: &Arc<Message>, metrics: &Metrics, hold_limit: usize) {
+        let before = self.subs.len();
+        self.subs.retain_mut(|sub| match &mut sub.held {
+            Some(held) => {
+                held.bytes += msg.size_hint();
+                held.messages.push(msg.clone());
+                if held.bytes > hold_limit {
+                    sub.sink.overflow();
+                    return false;
+                }
+                true
+            }
+            None => sub.sink.deliver(msg),
+        });
+        let kept = self.subs.len();
+        Metrics::add(&metrics.deliveries, kept as u64);
+        metrics.subscriptions.fetch_sub((before - kept) as i64, Ordering::Relaxed);
+    }
+}
+
+impl Broker {
+    /// A broker over `store`.
+    pub fn new(store: Arc<dyn Store>, config: BrokerConfig) -> Self {
+        let shards = config.shards.max(1);
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+                config,
+                hasher: RandomState::new(),
+                next_id: AtomicU64::new(1),
+                metrics: Arc::new(Metrics::default()),
+            }),
+        }
+    }
+
+    /// The broker's configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// The broker's counters and gauges.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Whether the store answers.
+    pub fn is_ready(&self) -> bool {
+        self.inner.store.is_ready()
+    }
+
+    /// Applies retention everywhere; the server calls this periodically.
+    pub fn sweep(&self) {
+        self.inner.store.sweep();
+    }
+
+    fn shard(&self, topic: &TopicName) -> &Mutex<HashMap<TopicName, Arc<Topic>>> {
+        let i = self.inner.hasher.hash_one(topic) as usize % self.inner.shards.len();
+        &self.inner.shards[i]
+    }
+
+    /// Publishes one message; resolves once it is stored as durably as the store promises.
+    pub async fn publish(&self, topic: &TopicName, msg: NewMessage) -> Result<Published, BrokerError> {
+        let published = self.publish_batch(topic, vec![msg]).await?;
+        published.into_iter().next().ok_or(BrokerError::Store(StoreError::Closed))
+    }
+
+    /// Publishes a batch atomically (consecutive offsets) with one store write.
+    pub async fn publish_batch(&self, topic: &TopicName, batch: Vec<NewMessage>) -> Result<Vec<Published>, BrokerError> {
+        let max = self.inner.config.max_message_bytes;
+        if let Some(big) = batch.iter().find(|m| m.payload.len() > max) {
+            return Err(BrokerError::TooLarge { size: big.payload.len(), max });
+        }
+        let mut append = self.inner.store.append(topic, batch);
+        // The memory store resolves at once: fan out inline. A durable store resolves
+        // later; finish on a task of its own so that a caller that goes away (an HTTP
+        // client hanging up) cannot leave a stored message un-fanned-out, which would
+        // stall the topic's ordered fan-out behind it.
+        let appended = match futures_now(&mut append) {
+            Some(result) => {
+                let appended = result?;
+                self.fan_out(topic, &appended);
+                appended
+            }
+            None => {
+                let broker = self.clone();
+                let topic = topic.clone();
+                tokio::spawn(async move {
+                    let appended = append.await?;
+                    broker.fan_out(&topic, &appended);
+                    Ok::<_, StoreError>(appended)
+                })
+                .await
+                .map_err(|_| StoreError::Closed)??
+            }
+        };
+        Metrics::add(&self.inner.metrics.published, appended.messages.len() as u64);
+        Ok(appended.messages.iter().map(|m| Published { offset: m.offset, ts: m.ts }).collect())
+    }
+
+    fn fan_out(&self, topic: &TopicName, appended: &Appended) {
+        let Some(t) = lock(self.shard(topic)).get(topic).cloned() else {
+            return; // nobody subscribed on this node
+        };
+        let hold_limit = self.inner.config.outbound.max_pending_bytes;
+        let metrics = &self.inner.metrics;
+        let mut guard = lock(&t.state);
+        let st = &mut *guard;
+        if st.epoch != appended.epoch {
+            return; // appended before a delete: that history is gone
+        }
+        for msg in &appended.messages {
+            if msg.offset == st.next_fanout {
+                st.deliver(msg, metrics, hold_limit);
+                st.next_fanout += 1;
+            } else if msg.offset > st.next_fanout {
+                st.reorder.insert(msg.offset, msg.clone());
+            }
+        }
+        while let Some(entry) = st.reorder.first_entry() {
+            if *entry.key() != st.next_fanout {
+                break;
+            }
+            let msg = entry.remove();
+            st.deliver(&msg, metrics, hold_limit);
+            st.next_fanout += 1;
+        }
+    }
+
+    /// Subscribes `sink` to `topic` from `from`. `epoch` is the epoch the client saw,
+    /// checked only when `from` is an offset of 1 or more.
+    pub fn subscribe(
+        &self,
+        topic: &TopicName,
+        from: StartFrom,
+        epoch: Option<&str>,
+        sink: Arc<dyn Subscriber>,
+    ) -> Result<Subscribed, BrokerError> {
+        let mut shard = lock(self.shard(topic));
+        // The head is read under the shard lock: a publisher looks the topic up (under
+        // the same lock) only after its append is visible in the head, so a message is
+        // either before the watermark (replayed) or fanned out to us (live).
+        let head = self.inner.store.head(topic)?;
+        let t = shard
+            .entry(topic.clone())
+            .or_insert_with(|| {
+                Arc::new(Topic {
+                    state: Mutex::new(TopicState {
+                        epoch: head.epoch.clone(),
+                        next_fanout: head.next,
+                        reorder: BTreeMap::new(),
+                        subs: Vec::new(),
+                    }),
+                })
+            })
+            .clone();
+        let mut st = lock(&t.state);
+        drop(shard);
+        let watermark = st.next_fanout - 1;
+        let (start, recovered) = match from {
+            StartFrom::Latest => (None, true),
+            StartFrom::Earliest | StartFrom::Offset(0) => (Some(0), true),
+            StartFrom::Offset(n) => {
+                let epoch_differs = epoch.is_some_and(|e| *e != *st.epoch);
+                let beyond = n > watermark + 1;
+                let trimmed = n < head.first || (head.retained == 0 && n < head.next);
+                if epoch_differs || beyond || trimmed {
+                    (None, false)
+                } else {
+                    (Some(n), true)
+                }
+            }
+        };
+        let replay = start.filter(|&s| s <= watermark && watermark > 0);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        st.subs.push(Sub { id, sink, held: replay.map(|_| Held::default()) });
+        self.inner.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+        let epoch = st.epoch.clone();
+        drop(st);
+        Ok(Subscribed {
+            id: SubscriptionId(id),
+            epoch,
+            next: watermark + 1,
+            recovered,
+            replay: replay.map(|cursor| Replay {
+                broker: self.clone(),
+                topic_name: topic.clone(),
+                topic: t,
+                id,
+                cursor,
+                end: watermark,
+            }),
+        })
+    }
+
+    /// Ends a subscription; false if it was not there (already gone).
+    pub fn unsubscribe(&self, topic: &TopicName, id: SubscriptionId) -> bool {
+        let mut shard = lock(self.shard(topic));
+        let Some(t) = shard.get(topic).cloned() else {
+            return false;
+        };
+        let mut st = lock(&t.state);
+        let before = st.subs.len();
+        st.subs.retain(|s| s.id != id.0);
+        let removed = st.subs.len() < before;
+        if removed {
+            self.inner.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+        if st.subs.is_empty() && st.reorder.is_empty() {
+            drop(st);
+            shard.remove(topic);
+        }
+        removed
+    }
+
+    /// Up to `limit` messages from offset `from` (0: first retained).
+    pub async fn fetch(&self, topic: &TopicName, from: u64, limit: usize) -> Result<Fetched, BrokerError> {
+        let messages = self.inner.store.read(topic, from, u64::MAX, limit).await?;
+        let head = self.inner.store.head(topic)?;
+        let next = match messages.last() {
+            Some(m) => m.offset + 1,
+            None => from.max(1).min(head.next),
+        };
+        Ok(Fetched { epoch: head.epoch, messages, next })
+    }
+
+    /// Deletes a topic's history: a new epoch, offsets from 1; live subscriptions stay.
+    pub async fn delete(&self, topic: &TopicName) -> Result<(), BrokerError> {
+        let epoch = self.inner.store.delete(topic).await?;
+        if let Some(t) = lock(self.shard(topic)).get(topic).cloned() {
+            let mut st = lock(&t.state);
+            st.epoch = epoch;
+            st.next_fanout = 1;
+            st.reorder.clear();
+        }
+        Ok(())
+    }
+
+    /// The topic's head and live subscriber count.
+    pub fn info(&self, topic: &TopicName) -> Result<TopicInfo, BrokerError> {
+        let head = self.inner.store.head(topic)?;
+        Ok(TopicInfo { head, subscribers: self.subscriber_count(topic) })
+    }
+
+    fn subscriber_count(&self, topic: &TopicName) -> u64 {
+        let t = lock(self.shard(topic)).get(topic).cloned();
+        t.map_or(0, |t| lock(&t.state).subs.len() as u64)
+    }
+
+    /// Topics with retained messages or live subscribers, by name, after `after`.
+    pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<TopicSummary>, BrokerError> {
+        let mut merged: BTreeMap<TopicName, TopicSummary> = BTreeMap::new();
+        for ListedTopic { topic, last } in self.inner.store.list(prefix, after, limit)? {
+            merged.insert(topic.clone(), TopicSummary { topic, last, subscribers: 0 });
+        }
+        for shard in self.inner.shards.iter() {
+            let topics: Vec<(TopicName, Arc<Topic>)> =
+                lock(shard).iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+            for (name, t) in topics {
+                let s = name.as_str();
+                if !s.starts_with(prefix) || after.is_some_and(|a| s <= a) {
+                    continue;
+                }
+                let subscribers = lock(&t.state).subs.len() as u64;
+                if subscribers == 0 {
+                    continue;
+                }
+                merged
+                    .entry(name.clone())
+                    .or_insert_with(|| TopicSummary { topic: name, last: 0, subscribers: 0 })
+                    .subscribers = subscribers;
+            }
+        }
+        let mut out: Vec<TopicSummary> = merged.into_values().take(limit).collect();
+        for summary in out.iter_mut().filter(|s| s.last == 0) {
+            summary.last = self.inner.store.head(&summary.topic)?.last;
+        }
+        Ok(out)
+    }
+}
+
+/// Polls a future once without a runtime context of its own (a no-op waker): the memory
+/// store's futures are ready at once, so the hot path needs no task.
+fn futures_now<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match std::pin::Pin::new(f).poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// The history a new subscription must receive before its live messages, read in
+/// chunks so a long replay is paced by how fast the client drains.
+pub struct Replay {
+    broker: Broker,
+    topic_name: TopicName,
+    topic: Arc<Topic>,
+    id: u64,
+    cursor: u64,
+    end: u64,
+}
+
+impl Replay {
+    /// The next chunk of at most `limit` messages, or `None` when the history up to the
+    /// watermark is done (then call [`Replay::finish`]).
+    pub async fn next_chunk(&mut self, limit: usize) -> Result<Option<Vec<Arc<Message>>>, BrokerError> {
+        if self.cursor > self.end {
+            return Ok(None);
+        }
+        let chunk = self.broker.inner.store.read(&self.topic_name, self.cursor, self.end, limit).await?;
+        match chunk.last() {
+            Some(last) => self.cursor = last.offset + 1,
+            None => return Ok(None),
+        }
+        Metrics::add(&self.broker.inner.metrics.deliveries, chunk.len() as u64);
+        Ok(Some(chunk))
+    }
+
+    /// Switches the subscription to live: hands over the messages held back meanwhile.
+    pub fn finish(self) {
+        let mut st = lock(&self.topic.state);
+        let metrics = &self.broker.inner.metrics;
+        let Some(pos) = st.subs.iter().position(|s| s.id == self.id) else {
+            return;
+        };
+        let Some(held) = st.subs[pos].held.take() else {
+            return;
+        };
+        let sink = st.subs[pos].sink.clone();
+        for msg in &held.messages {
+            if !sink.deliver(msg) {
+                st.subs.remove(pos);
+                metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        Metrics::add(&metrics.deliveries, held.messages.len() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+use super::*;
+use crate::config::RetentionConfig;
+use crate::memory::MemoryStore;
+use crate::message::Kind;
+
+#[derive(Default)]
+struct Collect(Mutex<Vec<u64>>);
+
+impl Subscriber for Collect {
+    fn deliver(&self, msg: &Arc<Message>) -> bool {
+        lock(&self.0).push(msg.offset);
+        true
+    }
+    fn overflow(&self) {}
+}
+
+impl Collect {
+    fn offsets(&self) -> Vec<u64> {
+        lock(&self.0).clone()
+    }
+}
+
+fn broker(max_messages: u64) -> Broker {
+    let store = MemoryStore::new(RetentionConfig { max_messages, ..Default::default() });
+    Broker::new(Arc::new(store), BrokerConfig::default())
+}
+
+fn text(s: &str) -> NewMessage {
+    NewMessage::new(Kind::Text, s.to_owned())
+}
+
+fn topic() -> TopicName {
+    TopicName::parse("news").expect("valid")
+}
+
+async fn publish_n(b: &Broker, n: usize) -> Result<(), BrokerError> {
+    for i in 0..n {
+        b.publish(&topic(), text(&i.to_string())).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn live_subscribers_get_every_message_in_order() -> Result<(), BrokerError> {
+    let b = broker(100);
+    let subs: Vec<Arc<Collect>> = (0..3).map(|_| Arc::new(Collect::default())).collect();
+    for s in &subs {
+        let sub = b.subscribe(&topic(), StartFrom::Latest, None, s.clone())?;
+        assert!(sub.replay.is_none());
+        assert_eq!((sub.next, sub.recovered), (1, true));
+    }
+    publish_n(&b, 5).await?;
+    for s in &subs {
+        assert_eq!(s.offsets(), [1, 2, 3, 4, 5]);
+    }
+    assert_eq!(b.info(&topic())?.subscribers, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn replay_then_live_has_no_gap_and_no_duplicate() -> Result<(), BrokerError> {
+    let b = broker(100);
+    publish_n(&b, 5).await?;
+    let s = Arc::new(Collect::default());
+    let sub = b.subscribe(&topic(), StartFrom::Offset(3), None, s.clone())?;
+    assert_eq!((sub.next, sub.recovered), (6, true));
+    let mut replay = sub.replay.expect("history to replay");
+    // Published during the replay: held back, then delivered after it.
+    publish_n(&b, 2).await?;
+    assert!(s.offsets().is_empty());
+    let mut replayed = Vec::new();
+    while let Some(chunk) = replay.next_chunk(2).await? {
+        replayed.extend(chunk.iter().map(|m| m.offset));
+    }
+    assert_eq!(replayed, [3, 4, 5]);
+    replay.finish();
+    publish_n(&b, 1).await?;
+    assert_eq!(s.offsets(), [6, 7, 8]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unrecoverable_positions_replay_nothing() -> Result<(), BrokerError> {
+    let b = broker(3);
+    publish_n(&b, 5).await?; // 1 and 2 trimmed
+    let s: Arc<dyn Subscriber> = Arc::new(Collect::default());
+    let trimmed = b.subscribe(&topic(), StartFrom::Offset(2), None, s.clone())?;
+    assert!(!trimmed.recovered && trimmed.replay.is_none());
+    let beyond = b.subscribe(&topic(), StartFrom::Offset(7), None, s.clone())?;
+    assert!(!beyond.recovered);
+    let stale = b.subscribe(&topic(), StartFrom::Offset(4), Some("other"), s.clone())?;
+    assert!(!stale.recovered);
+    let ok = b.subscribe(&topic(), StartFrom::Offset(3), Some(&trimmed.epoch), s.clone())?;
+    assert!(ok.recovered && ok.replay.is_some());
+    let at_next = b.subscribe(&topic(), StartFrom::Offset(6), None, s)?;
+    assert!(at_next.recovered && at_next.replay.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery_and_delete_restarts_offsets() -> Result<(), BrokerError> {
+    let b = broker(100);
+    let s = Arc::new(Collect::default());
+    let sub = b.subscribe(&topic(), StartFrom::Latest, None, s.clone())?;
+    publish_n(&b, 2).await?;
+    b.delete(&topic()).await?;
+    publish_n(&b, 1).await?;
+    assert_eq!(s.offsets(), [1, 2, 1], "live subscription survives delete");
+    assert!(b.unsubscribe(&topic(), sub.id));
+    assert!(!b.unsubscribe(&topic(), sub.id));
+    publish_n(&b, 1).await?;
+    assert_eq!(s.offsets().len(), 3);
+    assert_eq!(b.info(&topic())?.subscribers, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn too_large_is_refused_before_the_store() -> Result<(), BrokerError> {
+    let b = broker(100);
+    let big = NewMessage::new(Kind::Binary, vec![0u8; b.config().max_message_bytes + 1]);
+    assert!(matches!(b.publish(&topic(), big).await, Err(BrokerError::TooLarge { .. })));
+    assert_eq!(b.info(&topic())?.head.next, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fetch_pages_and_next() -> Result<(), BrokerError> {
+    let b = broker(100);
+    let empty = b.fetch(&topic(), 0, 10).await?;
+    assert_eq!((empty.messages.len(), empty.next), (0, 1));
+    publish_n(&b, 5).await?;
+    let page = b.fetch(&topic(), 2, 2).await?;
+    assert_eq!(page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(page.next, 4);
+    assert_eq!(b.fetch(&topic(), 9, 10).await?.next, 6);
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! Herald's broker engine. It owns topics, subscriptions, fan-out, history and limits,
+//! and knows no socket, no HTTP and no JSON: front doors translate their protocol into
+//! calls on one [`Broker`] handle and back.
+//!
+//! # Layout
+//! - [`name`]: validated topic names.
+//! - [`message`]: messages, their kinds, the encode-once cache, clocks.
+//! - [`store`]: the [`Store`] trait with its guarantees; [`memory`] implements it.
+//! - [`broker`]: the topic table, ordered fan-out, replay-then-live subscriptions.
+//! - [`outbound`]: a connection's byte-bounded send queue and the slow-consumer policy.
+//! - [`config`] and [`metrics`]: typed limits with defaults, and counters.
+
+pub mod broker;
+pub mod config;
+pub mod memory;
+pub mod message;
+pub mod metrics;
+pub mod name;
+pub mod outbound;
+pub mod store;
+
+pub use broker::{Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo, TopicSummary};
+pub use config::{BrokerConfig, OutboundConfig, RetentionConfig};
+pub use memory::MemoryStore;
+pub use message::{Clock, Kind, ManualClock, Message, NewMessage, SystemClock, WireForm};
+pub use metrics::Metrics;
+pub use name::{NameError, TopicName};
+pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
+pub use store::{Appended, Epoch, ListedTopic, Store, StoreError, StoreFuture, TopicHead};

@@ -1,0 +1,298 @@
+//! `MemoryStore`: topic histories in process memory. The reference implementation of
+//! [`Store`] and the test double for everything above it.
+//!
+//! Histories are sharded by topic so unrelated topics never contend; each shard is a
+//! `std::sync::Mutex` held only for in-memory work, never across an await. Nothing
+//! survives a restart: every start has a new boot id, so every epoch changes.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::RetentionConfig;
+use crate::message::{Clock, Message, NewMessage, SystemClock};
+use crate::name::TopicName;
+use crate::store::{Appended, Epoch, ListedTopic, Store, StoreError, StoreFuture, TopicHead};
+
+const SHARDS: usize = 32;
+
+/// An in-memory [`Store`].
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Mutex<HashMap<TopicName, Log>>]>,
+    hasher: RandomState,
+    boot: String,
+    fresh_epoch: Epoch,
+    epochs: AtomicU64,
+    clock: Arc<dyn Clock>,
+    retention: RetentionConfig,
+}
+
+/// One topic's history. Kept (possibly empty) for the life of the store so that offsets
+/// are never reused and a deleted topic's new epoch is remembered.
+struct Log {
+    epoch: Epoch,
+    next: u64,
+    last_ts: u64,
+    messages: VecDeque<Arc<Message>>,
+}
+
+impl Log {
+    fn new(epoch: Epoch) -> Self {
+        Self { epoch, next: 1, last_ts: 0, messages: VecDeque::new() }
+    }
+
+    /// Drops messages from the head past the count or age limit, or whose TTL passed.
+    fn trim(&mut self, now: u64, retention: &RetentionConfig) {
+        let max_age = retention.max_age.as_millis() as u64;
+        while let Some(front) = self.messages.front() {
+            let over_count = self.messages.len() as u64 > retention.max_messages;
+            let too_old = now.saturating_sub(front.ts) >= max_age;
+            if over_count || too_old || front.is_expired(now) {
+                self.messages.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn head(&self) -> TopicHead {
+        let (first, last) = match (self.messages.front(), self.messages.back()) {
+            (Some(f), Some(l)) => (f.offset, l.offset),
+            _ => (0, 0),
+        };
+        TopicHead {
+            epoch: self.epoch.clone(),
+            first,
+            last,
+            next: self.next,
+            retained: self.messages.len() as u64,
+        }
+    }
+}
+
+impl MemoryStore {
+    /// A store with the given retention, on the system clock.
+    pub fn new(retention: RetentionConfig) -> Self {
+        Self::with_clock(retention, Arc::new(SystemClock))
+    }
+
+    /// A store reading time from `clock` (tests use a [`crate::ManualClock`]).
+    pub fn with_clock(retention: RetentionConfig, clock: Arc<dyn Clock>) -> Self {
+        let hasher = RandomState::new();
+        // A boot id that differs between starts: wall time mixed with a random hash seed.
+        let boot = format!("{:x}", hasher.hash_one(clock.now_ms()) & 0xffff_ffff_ffff);
+        let fresh_epoch: Epoch = Arc::from(format!("{boot}-0"));
+        Self {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                hasher,
+                boot,
+                fresh_epoch,
+                epochs: AtomicU64::new(0),
+                clock,
+                retention,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn shard(&self, topic: &TopicName) -> MutexGuard<'_, HashMap<TopicName, Log>> {
+        let i = self.hasher.hash_one(topic) as usize % self.shards.len();
+        // A poisoned shard only means another thread panicked mid-update of plain data
+        // whose invariants hold between statements; keep serving.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl Store for MemoryStore {
+    fn append(&self, topic: &TopicName, batch: Vec<NewMessage>) -> StoreFuture<Appended> {
+        let inner = &self.inner;
+        let now = inner.clock.now_ms();
+        let mut shard = inner.shard(topic);
+        let log = shard
+            .entry(topic.clone())
+            .or_insert_with(|| Log::new(inner.fresh_epoch.clone()));
+        let mut messages = Vec::with_capacity(batch.len());
+        for new in batch {
+            let ts = now.max(log.last_ts);
+            let msg = Arc::new(Message::new(topic.clone(), log.next, ts, new));
+            log.next += 1;
+            log.last_ts = ts;
+            log.messages.push_back(msg.clone());
+            messages.push(msg);
+        }
+        log.trim(now, &inner.retention);
+        ready(Ok(Appended { epoch: log.epoch.clone(), messages }))
+    }
+
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<Vec<Arc<Message>>> {
+        let now = self.inner.clock.now_ms();
+        let mut shard = self.inner.shard(topic);
+        let Some(log) = shard.get_mut(topic) else {
+            return ready(Ok(Vec::new()));
+        };
+        log.trim(now, &self.inner.retention);
+        let first = log.messages.front().map_or(0, |m| m.offset);
+        let skip = from.saturating_sub(first) as usize;
+        let out = log
+            .messages
+            .iter()
+            .skip(skip)
+            .take_while(|m| m.offset <= until)
+            .filter(|m| !m.is_expired(now))
+            .take(limit)
+            .cloned()
+            .collect();
+        ready(Ok(out))
+    }
+
+    fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError> {
+        let now = self.inner.clock.now_ms();
+        let mut shard = self.inner.shard(topic);
+        Ok(match shard.get_mut(topic) {
+            Some(log) => {
+                log.trim(now, &self.inner.retention);
+                log.head()
+            }
+            None => Log::new(self.inner.fresh_epoch.clone()).head(),
+        })
+    }
+
+    fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch> {
+        let n = self.inner.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+        let epoch: Epoch = Arc::from(format!("{}-{n}", self.inner.boot));
+        self.inner.shard(topic).insert(topic.clone(), Log::new(epoch.clone()));
+        ready(Ok(epoch))
+    }
+
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {
+        let now = self.inner.clock.now_ms();
+        let mut out = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, log) in shard.iter_mut() {
+                let s = name.as_str();
+                if !s.starts_with(prefix) || after.is_some_and(|a| s <= a) {
+                    continue;
+                }
+                log.trim(now, &self.inner.retention);
+                if let Some(last) = log.messages.back() {
+                    out.push(ListedTopic { topic: name.clone(), last: last.offset });
+                }
+            }
+        }
+        out.sort_unstable_by(|a, b| a.topic.cmp(&b.topic));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn sweep(&self) {
+        let now = self.inner.clock.now_ms();
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for log in shard.values_mut() {
+                log.trim(now, &self.inner.retention);
+            }
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Kind, ManualClock};
+    use std::time::Duration;
+
+    fn msg(s: &str) -> NewMessage {
+        NewMessage::new(Kind::Text, s.to_owned())
+    }
+
+    async fn append(store: &MemoryStore, t: &TopicName, s: &str) -> Arc<Message> {
+        let mut a = store.append(t, vec![msg(s)]).await.expect("append");
+        a.messages.remove(0)
+    }
+
+    #[tokio::test]
+    async fn offsets_start_at_one_and_count_up() -> Result<(), StoreError> {
+        let store = MemoryStore::new(RetentionConfig::default());
+        let t = TopicName::parse("a").expect("name");
+        assert_eq!(store.head(&t)?.next, 1);
+        let batch = store.append(&t, vec![msg("x"), msg("y")]).await?;
+        assert_eq!(batch.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(append(&store, &t, "z").await.offset, 3);
+        let head = store.head(&t)?;
+        assert_eq!((head.first, head.last, head.next, head.retained), (1, 3, 4, 3));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn retention_by_count_and_age_and_ttl() -> Result<(), StoreError> {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let retention = RetentionConfig { max_messages: 3, max_age: Duration::from_secs(10) };
+        let store = MemoryStore::with_clock(retention, clock.clone());
+        let t = TopicName::parse("a").expect("name");
+        for i in 0..5 {
+            append(&store, &t, &i.to_string()).await;
+        }
+        assert_eq!(store.head(&t)?.first, 3);
+        let mut ttl = msg("short");
+        ttl.ttl_ms = Some(100);
+        store.append(&t, vec![ttl]).await?; // offset 6; trims 3
+        assert_eq!(store.read(&t, 0, u64::MAX, 10).await?.len(), 3);
+        clock.advance(100);
+        let offsets: Vec<u64> = store.read(&t, 0, u64::MAX, 10).await?.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, [4, 5], "expired message skipped");
+        clock.advance(10_000);
+        let head = store.head(&t)?;
+        assert_eq!((head.retained, head.next), (0, 7), "aged out, offsets kept");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn delete_changes_epoch_and_restarts_offsets() -> Result<(), StoreError> {
+        let store = MemoryStore::new(RetentionConfig::default());
+        let t = TopicName::parse("a").expect("name");
+        let fresh = store.head(&t)?.epoch;
+        let first = store.append(&t, vec![msg("x")]).await?;
+        assert_eq!(first.epoch, fresh, "a fresh topic reports its first message's epoch");
+        let epoch = store.delete(&t).await?;
+        assert_ne!(epoch, fresh);
+        let again = store.append(&t, vec![msg("y")]).await?;
+        assert_eq!((again.epoch.clone(), again.messages[0].offset), (epoch, 1));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn read_ranges_and_list() -> Result<(), StoreError> {
+        let store = MemoryStore::new(RetentionConfig::default());
+        let a = TopicName::parse("x.a").expect("name");
+        let b = TopicName::parse("x.b").expect("name");
+        for i in 0..10 {
+            append(&store, &a, &i.to_string()).await;
+        }
+        append(&store, &b, "b").await;
+        let got: Vec<u64> = store.read(&a, 4, 7, 100).await?.iter().map(|m| m.offset).collect();
+        assert_eq!(got, [4, 5, 6, 7]);
+        let got: Vec<u64> = store.read(&a, 4, 100, 2).await?.iter().map(|m| m.offset).collect();
+        assert_eq!(got, [4, 5]);
+        let listed = store.list("x.", Some("x.a"), 10)?;
+        assert_eq!(listed, vec![ListedTopic { topic: b, last: 1 }]);
+        Ok(())
+    }
+}

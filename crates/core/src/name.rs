@@ -1,0 +1,98 @@
+//! Topic names: the validated newtype every other layer passes around.
+//!
+//! A name is 1 to 255 characters: segments of `[A-Za-z0-9_:-]` joined by single dots.
+//! Parsing is the only way to build one, so a `TopicName` in hand is always valid.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest accepted name, in bytes (all accepted characters are ASCII).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Empty or longer than [`MAX_NAME_LEN`].
+    #[error("name must be 1 to {MAX_NAME_LEN} characters, got {0}")]
+    Length(usize),
+    /// A character outside `[A-Za-z0-9_:-.]`.
+    #[error("name contains {0:?}; allowed are A-Z a-z 0-9 _ : - and single dots between segments")]
+    Character(char),
+    /// A leading, trailing or double dot.
+    #[error("name has an empty segment (leading, trailing or double dot)")]
+    EmptySegment,
+}
+
+/// A validated topic name; cheap to clone (shared string).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicName(Arc<str>);
+
+impl TopicName {
+    /// Validates `s` against the naming rules.
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        validate(s)?;
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks the naming rules shared by topics and queues.
+pub fn validate(s: &str) -> Result<(), NameError> {
+    let len = s.chars().count();
+    if len == 0 || len > MAX_NAME_LEN {
+        return Err(NameError::Length(len));
+    }
+    let mut prev_dot = true; // a leading dot is an empty segment
+    for c in s.chars() {
+        match c {
+            '.' if prev_dot => return Err(NameError::EmptySegment),
+            '.' => prev_dot = true,
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '_' | ':' | '-' => prev_dot = false,
+            other => return Err(NameError::Character(other)),
+        }
+    }
+    if prev_dot {
+        return Err(NameError::EmptySegment);
+    }
+    Ok(())
+}
+
+impl fmt::Display for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_valid_names() {
+        for ok in ["news", "orders.eu.created", "a:b-c_d", "X", &"a".repeat(255)] {
+            assert!(TopicName::parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn refuses_invalid_names() {
+        assert_eq!(TopicName::parse(""), Err(NameError::Length(0)));
+        assert_eq!(TopicName::parse(&"a".repeat(256)), Err(NameError::Length(256)));
+        for bad in [".a", "a.", "a..b", "."] {
+            assert_eq!(TopicName::parse(bad), Err(NameError::EmptySegment), "{bad}");
+        }
+        assert_eq!(TopicName::parse("a b"), Err(NameError::Character(' ')));
+        assert_eq!(TopicName::parse("a/b"), Err(NameError::Character('/')));
+        assert_eq!(TopicName::parse("é"), Err(NameError::Character('é')));
+    }
+}

@@ -1,0 +1,315 @@
+//! `Outbound`: one connection's queue of things to send, bounded in bytes, with the
+//! slow-consumer policy built in.
+//!
+//! Publishers push into it without ever waiting: a push is one atomic add and one
+//! lock-free channel send. The connection's single writer drains everything ready at
+//! once, writes it in one batch, and only then releases the bytes. A queue over
+//! `max_pending_bytes` is *full*; one that stays full past `slow_consumer_timeout`, or
+//! reaches twice the limit, is closed and stops taking messages (a closed queue is never
+//! silently skipped over: the connection ends, so no subscriber ever sees a gap).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::config::OutboundConfig;
+use crate::message::Message;
+
+/// Why an outbound queue closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer did not keep up (WebSocket close code 1013).
+    SlowConsumer,
+    /// Closed by its owner (connection ended, shutdown).
+    Closed,
+}
+
+const OPEN: u8 = 0;
+const SLOW: u8 = 1;
+const CLOSED: u8 = 2;
+
+/// One item queued for a connection.
+#[derive(Debug)]
+pub enum Item<C> {
+    /// A topic message, encoded by the writer through the message's shared cache.
+    Message(Arc<Message>),
+    /// A front-door specific frame (a reply, an error) and its size in bytes.
+    Control(C, usize),
+}
+
+impl<C> Item<C> {
+    /// Bytes this item counts for in the queue.
+    pub fn size(&self) -> usize {
+        match self {
+            Item::Message(m) => m.size_hint(),
+            Item::Control(_, size) => *size,
+        }
+    }
+}
+
+/// A sink that fan-out delivers topic messages into.
+pub trait Subscriber: Send + Sync + 'static {
+    /// Queues `msg`; false when the subscriber is gone and should be dropped.
+    fn deliver(&self, msg: &Arc<Message>) -> bool;
+    /// The subscriber fell too far behind while catching up: close it as slow.
+    fn overflow(&self);
+}
+
+struct Shared {
+    pending: AtomicUsize,
+    /// 0 while not full; else milliseconds since `base` when it became full, plus one.
+    full_since: AtomicU64,
+    state: AtomicU8,
+    closed: Notify,
+    drained: Notify,
+    base: Instant,
+    config: OutboundConfig,
+}
+
+/// The sending side: shared by every subscription of one connection.
+pub struct Outbound<C> {
+    tx: mpsc::UnboundedSender<Item<C>>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side, owned by the connection's writer.
+pub struct OutboundRx<C> {
+    rx: mpsc::UnboundedReceiver<Item<C>>,
+    shared: Arc<Shared>,
+}
+
+/// Creates a connection's outbound queue.
+pub fn outbound<C>(config: OutboundConfig) -> (Arc<Outbound<C>>, OutboundRx<C>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        pending: AtomicUsize::new(0),
+        full_since: AtomicU64::new(0),
+        state: AtomicU8::new(OPEN),
+        closed: Notify::new(),
+        drained: Notify::new(),
+        base: Instant::now(),
+        config,
+    });
+    (Arc::new(Outbound { tx, shared: shared.clone() }), OutboundRx { rx, shared })
+}
+
+impl Shared {
+    fn close(&self, reason: CloseReason) -> bool {
+        let code = if reason == CloseReason::SlowConsumer { SLOW } else { CLOSED };
+        let first = self.state.compare_exchange(OPEN, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if first {
+            self.closed.notify_waiters();
+            self.drained.notify_waiters();
+        }
+        first
+    }
+
+    fn reason(&self) -> Option<CloseReason> {
+        match self.state.load(Ordering::Acquire) {
+            OPEN => None,
+            SLOW => Some(CloseReason::SlowConsumer),
+            _ => Some(CloseReason::Closed),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl<C> Outbound<C> {
+    /// Queues a topic message; false if the queue is closed (now or by this push).
+    pub fn push_message(&self, msg: Arc<Message>) -> bool {
+        let size = msg.size_hint();
+        self.push(Item::Message(msg), size)
+    }
+
+    /// Queues a front-door frame counting `size` bytes; false if the queue is closed.
+    pub fn push_control(&self, frame: C, size: usize) -> bool {
+        self.push(Item::Control(frame, size), size)
+    }
+
+    fn push(&self, item: Item<C>, size: usize) -> bool {
+        let s = &self.shared;
+        if s.reason().is_some() {
+            return false;
+        }
+        let pending = s.pending.fetch_add(size, Ordering::AcqRel) + size;
+        let max = s.config.max_pending_bytes;
+        if pending > max {
+            if pending > max.saturating_mul(2) {
+                s.close(CloseReason::SlowConsumer);
+                return false;
+            }
+            let now = s.now_ms();
+            if let Err(since) = s.full_since.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
+                if now.saturating_sub(since) >= s.config.slow_consumer_timeout.as_millis() as u64 {
+                    s.close(CloseReason::SlowConsumer);
+                    return false;
+                }
+            }
+        }
+        self.tx.send(item).is_ok()
+    }
+
+    /// Closes the queue; the writer sees `reason` and ends the connection.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        self.shared.close(reason)
+    }
+
+    /// Why the queue closed, if it did.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.reason()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending_bytes(&self) -> usize {
+        self.shared.pending.load(Ordering::Acquire)
+    }
+
+    /// Waits until at most `bytes` are pending (or the queue closed); paces replays.
+    pub async fn drained_to(&self, bytes: usize) {
+        loop {
+            let notified = self.shared.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.pending_bytes() <= bytes || self.shared.reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl<C: Send + 'static> Subscriber for Outbound<C> {
+    fn deliver(&self, msg: &Arc<Message>) -> bool {
+        self.push_message(msg.clone())
+    }
+
+    fn overflow(&self) {
+        self.close(CloseReason::SlowConsumer);
+    }
+}
+
+impl<C> OutboundRx<C> {
+    /// Receives up to `limit` ready items into `buf` (waiting for at least one); 0 when
+    /// the queue closed. Closing wins over items still queued.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Item<C>>, limit: usize) -> usize {
+        if self.shared.reason().is_some() {
+            return 0;
+        }
+        let closed = self.shared.closed.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
+        if self.shared.reason().is_some() {
+            return 0;
+        }
+        tokio::select! {
+            n = self.rx.recv_many(buf, limit) => n,
+            _ = closed => 0,
+        }
+    }
+
+    /// Releases `bytes` after they were written to the socket.
+    pub fn written(&self, bytes: usize) {
+        let s = &self.shared;
+        let before = s.pending.fetch_sub(bytes, Ordering::AcqRel);
+        if before.saturating_sub(bytes) <= s.config.max_pending_bytes {
+            s.full_since.store(0, Ordering::Release);
+        }
+        s.drained.notify_waiters();
+    }
+
+    /// When the queue, full now, becomes a slow consumer if nothing drains it.
+    pub fn slow_deadline(&self) -> Option<Instant> {
+        let since = self.shared.full_since.load(Ordering::Acquire);
+        (since != 0).then(|| {
+            self.shared.base + Duration::from_millis(since - 1) + self.shared.config.slow_consumer_timeout
+        })
+    }
+
+    /// Marks the queue slow-closed if it is still full at its deadline; returns whether it closed.
+    pub fn check_slow(&self) -> bool {
+        match self.slow_deadline() {
+            Some(deadline) if Instant::now() >= deadline => self.shared.close(CloseReason::SlowConsumer),
+            _ => false,
+        }
+    }
+
+    /// Why the queue closed, if it did.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.reason()
+    }
+
+    /// Closes the queue from the writer's side.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        self.shared.close(reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Kind, NewMessage};
+    use crate::name::TopicName;
+
+    fn message(len: usize) -> Arc<Message> {
+        let topic = TopicName::parse("t").expect("name");
+        Arc::new(Message::new(topic, 1, 0, NewMessage::new(Kind::Text, vec![b'x'; len])))
+    }
+
+    fn config(max: usize) -> OutboundConfig {
+        OutboundConfig { max_pending_bytes: max, slow_consumer_timeout: Duration::from_secs(5) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stays_open_while_drained() {
+        let (tx, mut rx) = outbound::<()>(config(1000));
+        let mut buf = Vec::new();
+        for _ in 0..100 {
+            assert!(tx.push_message(message(400)));
+            let n = rx.recv_many(&mut buf, 64).await;
+            let bytes: usize = buf.drain(..n).map(|i| i.size()).sum();
+            rx.written(bytes);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(tx.close_reason(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_past_timeout_closes_as_slow() {
+        let (tx, rx) = outbound::<()>(config(1000));
+        assert!(tx.push_message(message(500)));
+        assert!(tx.push_message(message(500)), "over the limit: full, not closed yet");
+        assert!(rx.slow_deadline().is_some());
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(!rx.check_slow());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(rx.check_slow());
+        assert_eq!(tx.close_reason(), Some(CloseReason::SlowConsumer));
+        assert!(!tx.push_message(message(1)), "a closed queue takes nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn twice_the_limit_closes_at_once() {
+        let (tx, _rx) = outbound::<()>(config(1000));
+        assert!(tx.push_message(message(1000)));
+        assert!(!tx.push_message(message(1000)));
+        assert_eq!(tx.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_below_the_limit_clears_full() {
+        let (tx, mut rx) = outbound::<()>(config(1000));
+        tx.push_message(message(600));
+        tx.push_message(message(600));
+        let mut buf = Vec::new();
+        let n = rx.recv_many(&mut buf, 64).await;
+        assert_eq!(n, 2);
+        rx.written(buf[0].size());
+        assert_eq!(rx.slow_deadline(), None);
+    }
+}

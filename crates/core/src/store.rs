@@ -1,0 +1,99 @@
+//! The `Store` trait: where topic histories live, and what every backend guarantees.
+//!
+//! The broker calls a store; a store never calls the broker. The trait is shaped for
+//! batches and for durability that completes later: `append` takes many messages and
+//! returns a future that resolves only once they are as durable as the backend promises
+//! (immediately for memory, at the group commit's fsync for disk, at the batched insert's
+//! commit for PostgreSQL).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::message::{Message, NewMessage};
+use crate::name::TopicName;
+
+/// A boxed, `'static` future returned by store operations.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// A topic's history identity: changes whenever its offsets start again.
+pub type Epoch = Arc<str>;
+
+/// What went wrong in a store; every variant reaches clients as `unavailable`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot take writes now (disk full, read-only, poisoned after a failed fsync).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The broker is shutting down.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// The state of one topic's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicHead {
+    /// The current epoch (also for a topic never published: the epoch its first message will have).
+    pub epoch: Epoch,
+    /// Offset of the oldest retained message, 0 when none is retained.
+    pub first: u64,
+    /// Offset of the newest retained message, 0 when none is retained.
+    pub last: u64,
+    /// The offset the next appended message will get (1 for a topic never published).
+    pub next: u64,
+    /// How many messages are retained.
+    pub retained: u64,
+}
+
+/// The result of an append: the stored messages with their offsets, in order.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// The epoch the offsets belong to.
+    pub epoch: Epoch,
+    /// The stored messages, consecutive offsets, in the order given.
+    pub messages: Vec<Arc<Message>>,
+}
+
+/// A topic and its newest offset, as listed by [`Store::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedTopic {
+    /// The topic.
+    pub topic: TopicName,
+    /// Offset of its newest retained message.
+    pub last: u64,
+}
+
+/// A backend for topic histories.
+///
+/// Guarantees every implementation must keep (the conformance tests check them):
+/// - Per topic, `append` assigns consecutive offsets starting at `head().next`, and
+///   timestamps that never decrease; the batch is assigned atomically (no interleaving).
+/// - Offsets are never reused within an epoch; a new epoch starts at 1.
+/// - `head` and `read` give one consistent view: once an append's offsets are visible in
+///   `head().next`, `read` returns those messages (unless trimmed or expired).
+/// - The future from `append` resolves only when the batch is durable as promised.
+/// - `read` skips messages trimmed by retention or whose TTL passed.
+pub trait Store: Send + Sync + 'static {
+    /// Appends `batch` to `topic`; resolves with the stored messages once durable.
+    fn append(&self, topic: &TopicName, batch: Vec<NewMessage>) -> StoreFuture<Appended>;
+
+    /// Up to `limit` live messages with offset >= `from` (0 means the first retained) and
+    /// <= `until`, in offset order.
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<Vec<Arc<Message>>>;
+
+    /// The topic's current head. Cheap and synchronous: backends keep it in memory.
+    fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError>;
+
+    /// Drops the topic's history and starts a new epoch; resolves with the new epoch.
+    fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch>;
+
+    /// Topics with retained messages whose name starts with `prefix` and sorts after
+    /// `after`, by name, at most `limit`.
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError>;
+
+    /// Applies retention by age and TTL everywhere, reclaiming space; called periodically.
+    fn sweep(&self);
+
+    /// Whether the store can serve requests (for `/readyz`).
+    fn is_ready(&self) -> bool;
+}
