@@ -117,11 +117,14 @@ pub struct Broker {
 struct Inner {
     store: Arc<dyn Store>,
     config: BrokerConfig,
-    shards: Box<[Mutex<HashMap<TopicName, Arc<Topic>>>]>,
+    shards: Box<[Mutex<TopicTable>]>,
     hasher: RandomState,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
 }
+
+/// One shard of the topic table: topics with live subscriptions on this node.
+type TopicTable = HashMap<TopicName, Arc<Topic>>;
 
 struct Topic {
     state: Mutex<TopicState>,
@@ -173,7 +176,9 @@ impl TopicState {
         });
         let kept = self.subs.len();
         Metrics::add(&metrics.deliveries, kept as u64);
-        metrics.subscriptions.fetch_sub((before - kept) as i64, Ordering::Relaxed);
+        metrics
+            .subscriptions
+            .fetch_sub((before - kept) as i64, Ordering::Relaxed);
     }
 }
 
@@ -213,22 +218,36 @@ impl Broker {
         self.inner.store.sweep();
     }
 
-    fn shard(&self, topic: &TopicName) -> &Mutex<HashMap<TopicName, Arc<Topic>>> {
+    fn shard(&self, topic: &TopicName) -> &Mutex<TopicTable> {
         let i = self.inner.hasher.hash_one(topic) as usize % self.inner.shards.len();
         &self.inner.shards[i]
     }
 
     /// Publishes one message; resolves once it is stored as durably as the store promises.
-    pub async fn publish(&self, topic: &TopicName, msg: NewMessage) -> Result<Published, BrokerError> {
+    pub async fn publish(
+        &self,
+        topic: &TopicName,
+        msg: NewMessage,
+    ) -> Result<Published, BrokerError> {
         let published = self.publish_batch(topic, vec![msg]).await?;
-        published.into_iter().next().ok_or(BrokerError::Store(StoreError::Closed))
+        published
+            .into_iter()
+            .next()
+            .ok_or(BrokerError::Store(StoreError::Closed))
     }
 
     /// Publishes a batch atomically (consecutive offsets) with one store write.
-    pub async fn publish_batch(&self, topic: &TopicName, batch: Vec<NewMessage>) -> Result<Vec<Published>, BrokerError> {
+    pub async fn publish_batch(
+        &self,
+        topic: &TopicName,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Published>, BrokerError> {
         let max = self.inner.config.max_message_bytes;
         if let Some(big) = batch.iter().find(|m| m.payload.len() > max) {
-            return Err(BrokerError::TooLarge { size: big.payload.len(), max });
+            return Err(BrokerError::TooLarge {
+                size: big.payload.len(),
+                max,
+            });
         }
         let mut append = self.inner.store.append(topic, batch);
         // The memory store resolves at once: fan out inline. A durable store resolves
@@ -253,8 +272,18 @@ impl Broker {
                 .map_err(|_| StoreError::Closed)??
             }
         };
-        Metrics::add(&self.inner.metrics.published, appended.messages.len() as u64);
-        Ok(appended.messages.iter().map(|m| Published { offset: m.offset, ts: m.ts }).collect())
+        Metrics::add(
+            &self.inner.metrics.published,
+            appended.messages.len() as u64,
+        );
+        Ok(appended
+            .messages
+            .iter()
+            .map(|m| Published {
+                offset: m.offset,
+                ts: m.ts,
+            })
+            .collect())
     }
 
     fn fan_out(&self, topic: &TopicName, appended: &Appended) {
@@ -332,8 +361,15 @@ impl Broker {
         };
         let replay = start.filter(|&s| s <= watermark && watermark > 0);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        st.subs.push(Sub { id, sink, held: replay.map(|_| Held::default()) });
-        self.inner.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+        st.subs.push(Sub {
+            id,
+            sink,
+            held: replay.map(|_| Held::default()),
+        });
+        self.inner
+            .metrics
+            .subscriptions
+            .fetch_add(1, Ordering::Relaxed);
         let epoch = st.epoch.clone();
         drop(st);
         Ok(Subscribed {
@@ -363,7 +399,10 @@ impl Broker {
         st.subs.retain(|s| s.id != id.0);
         let removed = st.subs.len() < before;
         if removed {
-            self.inner.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .subscriptions
+                .fetch_sub(1, Ordering::Relaxed);
         }
         if st.subs.is_empty() && st.reorder.is_empty() {
             drop(st);
@@ -373,14 +412,23 @@ impl Broker {
     }
 
     /// Up to `limit` messages from offset `from` (0: first retained).
-    pub async fn fetch(&self, topic: &TopicName, from: u64, limit: usize) -> Result<Fetched, BrokerError> {
+    pub async fn fetch(
+        &self,
+        topic: &TopicName,
+        from: u64,
+        limit: usize,
+    ) -> Result<Fetched, BrokerError> {
         let messages = self.inner.store.read(topic, from, u64::MAX, limit).await?;
         let head = self.inner.store.head(topic)?;
         let next = match messages.last() {
             Some(m) => m.offset + 1,
             None => from.max(1).min(head.next),
         };
-        Ok(Fetched { epoch: head.epoch, messages, next })
+        Ok(Fetched {
+            epoch: head.epoch,
+            messages,
+            next,
+        })
     }
 
     /// Deletes a topic's history: a new epoch, offsets from 1; live subscriptions stay.
@@ -398,7 +446,10 @@ impl Broker {
     /// The topic's head and live subscriber count.
     pub fn info(&self, topic: &TopicName) -> Result<TopicInfo, BrokerError> {
         let head = self.inner.store.head(topic)?;
-        Ok(TopicInfo { head, subscribers: self.subscriber_count(topic) })
+        Ok(TopicInfo {
+            head,
+            subscribers: self.subscriber_count(topic),
+        })
     }
 
     fn subscriber_count(&self, topic: &TopicName) -> u64 {
@@ -407,14 +458,28 @@ impl Broker {
     }
 
     /// Topics with retained messages or live subscribers, by name, after `after`.
-    pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<TopicSummary>, BrokerError> {
+    pub fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TopicSummary>, BrokerError> {
         let mut merged: BTreeMap<TopicName, TopicSummary> = BTreeMap::new();
         for ListedTopic { topic, last } in self.inner.store.list(prefix, after, limit)? {
-            merged.insert(topic.clone(), TopicSummary { topic, last, subscribers: 0 });
+            merged.insert(
+                topic.clone(),
+                TopicSummary {
+                    topic,
+                    last,
+                    subscribers: 0,
+                },
+            );
         }
         for shard in self.inner.shards.iter() {
-            let topics: Vec<(TopicName, Arc<Topic>)> =
-                lock(shard).iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+            let topics: Vec<(TopicName, Arc<Topic>)> = lock(shard)
+                .iter()
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect();
             for (name, t) in topics {
                 let s = name.as_str();
                 if !s.starts_with(prefix) || after.is_some_and(|a| s <= a) {
@@ -426,7 +491,11 @@ impl Broker {
                 }
                 merged
                     .entry(name.clone())
-                    .or_insert_with(|| TopicSummary { topic: name, last: 0, subscribers: 0 })
+                    .or_insert_with(|| TopicSummary {
+                        topic: name,
+                        last: 0,
+                        subscribers: 0,
+                    })
                     .subscribers = subscribers;
             }
         }
@@ -463,11 +532,19 @@ pub struct Replay {
 impl Replay {
     /// The next chunk of at most `limit` messages, or `None` when the history up to the
     /// watermark is done (then call [`Replay::finish`]).
-    pub async fn next_chunk(&mut self, limit: usize) -> Result<Option<Vec<Arc<Message>>>, BrokerError> {
+    pub async fn next_chunk(
+        &mut self,
+        limit: usize,
+    ) -> Result<Option<Vec<Arc<Message>>>, BrokerError> {
         if self.cursor > self.end {
             return Ok(None);
         }
-        let chunk = self.broker.inner.store.read(&self.topic_name, self.cursor, self.end, limit).await?;
+        let chunk = self
+            .broker
+            .inner
+            .store
+            .read(&self.topic_name, self.cursor, self.end, limit)
+            .await?;
         match chunk.last() {
             Some(last) => self.cursor = last.offset + 1,
             None => return Ok(None),

@@ -19,7 +19,10 @@ pub mod name;
 pub mod outbound;
 pub mod store;
 
-pub use broker::{Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo, TopicSummary};
+pub use broker::{
+    Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId,
+    TopicInfo, TopicSummary,
+};
 pub use config::{BrokerConfig, OutboundConfig, RetentionConfig};
 pub use memory::MemoryStore;
 pub use message::{Clock, Kind, ManualClock, Message, NewMessage, SystemClock, WireForm};

@@ -93,13 +93,26 @@ pub fn outbound<C>(config: OutboundConfig) -> (Arc<Outbound<C>>, OutboundRx<C>) 
         base: Instant::now(),
         config,
     });
-    (Arc::new(Outbound { tx, shared: shared.clone() }), OutboundRx { rx, shared })
+    (
+        Arc::new(Outbound {
+            tx,
+            shared: shared.clone(),
+        }),
+        OutboundRx { rx, shared },
+    )
 }
 
 impl Shared {
     fn close(&self, reason: CloseReason) -> bool {
-        let code = if reason == CloseReason::SlowConsumer { SLOW } else { CLOSED };
-        let first = self.state.compare_exchange(OPEN, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        let code = if reason == CloseReason::SlowConsumer {
+            SLOW
+        } else {
+            CLOSED
+        };
+        let first = self
+            .state
+            .compare_exchange(OPEN, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
         if first {
             self.closed.notify_waiters();
             self.drained.notify_waiters();
@@ -145,7 +158,10 @@ impl<C> Outbound<C> {
                 return false;
             }
             let now = s.now_ms();
-            if let Err(since) = s.full_since.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
+            if let Err(since) =
+                s.full_since
+                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+            {
                 if now.saturating_sub(since) >= s.config.slow_consumer_timeout.as_millis() as u64 {
                     s.close(CloseReason::SlowConsumer);
                     return false;
@@ -163,6 +179,11 @@ impl<C> Outbound<C> {
     /// Why the queue closed, if it did.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.shared.reason()
+    }
+
+    /// The queue's bound: past it the connection counts as full.
+    pub fn max_pending_bytes(&self) -> usize {
+        self.shared.config.max_pending_bytes
     }
 
     /// Bytes queued and not yet written.
@@ -227,14 +248,18 @@ impl<C> OutboundRx<C> {
     pub fn slow_deadline(&self) -> Option<Instant> {
         let since = self.shared.full_since.load(Ordering::Acquire);
         (since != 0).then(|| {
-            self.shared.base + Duration::from_millis(since - 1) + self.shared.config.slow_consumer_timeout
+            self.shared.base
+                + Duration::from_millis(since - 1)
+                + self.shared.config.slow_consumer_timeout
         })
     }
 
     /// Marks the queue slow-closed if it is still full at its deadline; returns whether it closed.
     pub fn check_slow(&self) -> bool {
         match self.slow_deadline() {
-            Some(deadline) if Instant::now() >= deadline => self.shared.close(CloseReason::SlowConsumer),
+            Some(deadline) if Instant::now() >= deadline => {
+                self.shared.close(CloseReason::SlowConsumer)
+            }
             _ => false,
         }
     }
@@ -242,6 +267,19 @@ impl<C> OutboundRx<C> {
     /// Why the queue closed, if it did.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.shared.reason()
+    }
+
+    /// Resolves once the queue is closed (by any side, or as a slow consumer).
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.shared.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Closes the queue from the writer's side.
@@ -258,11 +296,19 @@ mod tests {
 
     fn message(len: usize) -> Arc<Message> {
         let topic = TopicName::parse("t").expect("name");
-        Arc::new(Message::new(topic, 1, 0, NewMessage::new(Kind::Text, vec![b'x'; len])))
+        Arc::new(Message::new(
+            topic,
+            1,
+            0,
+            NewMessage::new(Kind::Text, vec![b'x'; len]),
+        ))
     }
 
     fn config(max: usize) -> OutboundConfig {
-        OutboundConfig { max_pending_bytes: max, slow_consumer_timeout: Duration::from_secs(5) }
+        OutboundConfig {
+            max_pending_bytes: max,
+            slow_consumer_timeout: Duration::from_secs(5),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -283,7 +329,10 @@ mod tests {
     async fn full_past_timeout_closes_as_slow() {
         let (tx, rx) = outbound::<()>(config(1000));
         assert!(tx.push_message(message(500)));
-        assert!(tx.push_message(message(500)), "over the limit: full, not closed yet");
+        assert!(
+            tx.push_message(message(500)),
+            "over the limit: full, not closed yet"
+        );
         assert!(rx.slow_deadline().is_some());
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(!rx.check_slow());

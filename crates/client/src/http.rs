@@ -1,0 +1,191 @@
+//! HTTP half of the client: publish, fetch, info, delete.
+
+use serde::Deserialize;
+
+use crate::ws::{Delivery, Payload};
+use crate::ClientError;
+
+/// A Herald server's address plus a pooled HTTP client; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// A publish acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Published {
+    /// The topic.
+    pub topic: String,
+    /// The offset assigned.
+    pub offset: u64,
+    /// The acceptance time, ms since the Unix epoch.
+    pub ts: u64,
+}
+
+/// A page of history from fetch.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The topic's epoch.
+    pub epoch: String,
+    /// The messages.
+    pub messages: Vec<Delivery>,
+    /// Where the next page starts.
+    pub next: u64,
+}
+
+/// A topic's state.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct TopicInfo {
+    /// The topic.
+    pub topic: String,
+    /// Its epoch.
+    pub epoch: String,
+    /// Oldest retained offset (0 if none).
+    pub first: u64,
+    /// Newest retained offset (0 if none).
+    pub last: u64,
+    /// Retained messages.
+    pub retained: u64,
+    /// Live subscribers on the node asked.
+    pub subscribers: u64,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct RawPage {
+    epoch: String,
+    messages: Vec<RawFetched>,
+    next: u64,
+}
+
+#[derive(Deserialize)]
+struct RawFetched {
+    offset: u64,
+    ts: u64,
+    data: Option<Box<serde_json::value::RawValue>>,
+    data_b64: Option<String>,
+}
+
+impl Client {
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:7070`).
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: base.into().trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn check(response: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let body = response.bytes().await?;
+        Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => ClientError::Api {
+                status,
+                code: e.error.code,
+                message: e.error.message,
+            },
+            Err(_) => ClientError::Api {
+                status,
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+            },
+        })
+    }
+
+    /// Publishes `body` with `content_type` (which decides the kind: `text/*` text,
+    /// `application/json` JSON, anything else binary).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<Published, ClientError> {
+        let url = format!("{}/v1/topics/{topic}/messages", self.base);
+        let response = self
+            .http
+            .post(url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await?;
+        let bytes = Self::check(response).await?.bytes().await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Publishes UTF-8 text.
+    pub async fn publish_text(
+        &self,
+        topic: &str,
+        text: impl Into<String>,
+    ) -> Result<Published, ClientError> {
+        self.publish(topic, "text/plain; charset=utf-8", text.into())
+            .await
+    }
+
+    /// Fetches up to `limit` messages from offset `from`.
+    pub async fn fetch(&self, topic: &str, from: u64, limit: u32) -> Result<Page, ClientError> {
+        let url = format!(
+            "{}/v1/topics/{topic}/messages?from={from}&limit={limit}",
+            self.base
+        );
+        let bytes = Self::check(self.http.get(url).send().await?)
+            .await?
+            .bytes()
+            .await?;
+        let raw: RawPage =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let messages = raw
+            .messages
+            .into_iter()
+            .map(|m| {
+                Ok(Delivery {
+                    topic: topic.to_owned(),
+                    offset: m.offset,
+                    ts: m.ts,
+                    payload: Payload::from_fields(m.data, m.data_b64)?,
+                })
+            })
+            .collect::<Result<_, ClientError>>()?;
+        Ok(Page {
+            epoch: raw.epoch,
+            messages,
+            next: raw.next,
+        })
+    }
+
+    /// The topic's state.
+    pub async fn info(&self, topic: &str) -> Result<TopicInfo, ClientError> {
+        let url = format!("{}/v1/topics/{topic}", self.base);
+        let bytes = Self::check(self.http.get(url).send().await?)
+            .await?
+            .bytes()
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Deletes the topic's history.
+    pub async fn delete(&self, topic: &str) -> Result<(), ClientError> {
+        let url = format!("{}/v1/topics/{topic}", self.base);
+        Self::check(self.http.delete(url).send().await?).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! Herald's HTTP front doors on one axum router: REST topics, Server-Sent Events, the
+//! WebSocket JSON protocol, raw WebSockets, and `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Each handler translates its protocol into calls on the core's [`Broker`] and back;
+//! no handler talks to a store. Long-lived connections are tracked so shutdown can close
+//! them with 1001 and wait for them.
+
+mod error;
+mod metrics;
+mod rest;
+mod sse;
+mod ws;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use herald_core::{Broker, CloseReason, Outbound, Replay, SubscriptionId, TopicName};
+use herald_protocol::ErrorCode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tokio_util::task::TaskTracker;
+
+pub use error::ApiError;
+
+/// Limits and timers of the HTTP and WebSocket front doors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Open WebSocket and SSE connections allowed; past it, 503 `unavailable` (default 100 000).
+    pub max_connections: usize,
+    /// Subscriptions one WebSocket may hold (default 1000).
+    pub max_subscriptions_per_connection: usize,
+    /// Interval between server Pings on a WebSocket (default 25 s).
+    pub ping_interval: Duration,
+    /// A WebSocket silent this long after a Ping is dropped (default 10 s).
+    pub pong_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_subscriptions_per_connection: 1000,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    broker: Broker,
+    config: HttpConfig,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl AppState {
+    /// State over `broker`; cancelling `shutdown` closes every long-lived connection.
+    pub fn new(broker: Broker, config: HttpConfig, shutdown: CancellationToken) -> Self {
+        Self {
+            inner: Arc::new(StateInner {
+                broker,
+                config,
+                shutdown,
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    fn broker(&self) -> &Broker {
+        &self.inner.broker
+    }
+
+    fn config(&self) -> &HttpConfig {
+        &self.inner.config
+    }
+
+    /// Tasks that serve upgraded WebSockets; shutdown waits on them.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.inner.tracker
+    }
+}
+
+/// The router with every route of API.md's HTTP and WebSocket sections.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/ws", get(ws::json_upgrade))
+        .route("/v1/topics", get(rest::list_topics))
+        .route(
+            "/v1/topics/{topic}",
+            get(rest::topic_info).delete(rest::delete_topic),
+        )
+        .route(
+            "/v1/topics/{topic}/messages",
+            post(rest::publish).get(rest::fetch),
+        )
+        .route("/v1/topics/{topic}/sse", get(sse::stream))
+        .route("/v1/topics/{topic}/ws", get(ws::raw_upgrade))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            connection_limit,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics::render))
+        .merge(v1)
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
+        .with_state(state)
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.broker().is_ready() {
+        "ready\n".into_response()
+    } else {
+        ApiError::new(ErrorCode::Unavailable, "store is not ready").into_response()
+    }
+}
+
+/// Refuses new requests and upgrades while `max_connections` long-lived ones are open,
+/// and once shutdown began.
+async fn connection_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let open = state.broker().metrics().connections.load(Ordering::Relaxed);
+    if open >= state.config().max_connections as i64 {
+        return ApiError::new(ErrorCode::Unavailable, "connection limit reached").into_response();
+    }
+    if state.inner.shutdown.is_cancelled() {
+        return ApiError::new(ErrorCode::Unavailable, "server is shutting down").into_response();
+    }
+    next.run(req).await
+}
+
+/// Counts one long-lived connection for as long as it lives.
+struct ConnectionGuard(Broker);
+
+impl ConnectionGuard {
+    fn new(broker: &Broker) -> Self {
+        broker.metrics().connections.fetch_add(1, Ordering::Relaxed);
+        Self(broker.clone())
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.metrics().connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Messages a replay pushes before waiting for the client to drain some.
+const REPLAY_CHUNK: usize = 256;
+
+/// Replays history into `out` in chunks paced by the client, then switches to live.
+/// The task is aborted (with its handle) when the subscription ends.
+pub(crate) fn spawn_replay<C: Send + 'static>(
+    mut replay: Replay,
+    out: Arc<Outbound<C>>,
+) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        // Pacing target: half the bound keeps the socket busy without filling the queue.
+        let resume_below = out.max_pending_bytes() / 2;
+        loop {
+            match replay.next_chunk(REPLAY_CHUNK).await {
+                Ok(Some(chunk)) => {
+                    for msg in chunk {
+                        if !out.push_message(msg) {
+                            return;
+                        }
+                    }
+                    out.drained_to(resume_below).await;
+                    if out.close_reason().is_some() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // The subscription cannot be completed without a gap: end the connection.
+                    tracing::warn!(error = %e, "replay failed");
+                    out.close(CloseReason::Closed);
+                    return;
+                }
+            }
+        }
+        replay.finish();
+    }))
+}
+
+/// Ends a subscription when dropped (also when the upgrade never completes).
+pub(crate) struct UnsubscribeOnDrop(pub(crate) Option<(Broker, TopicName, SubscriptionId)>);
+
+impl Drop for UnsubscribeOnDrop {
+    fn drop(&mut self) {
+        if let Some((broker, topic, id)) = self.0.take() {
+            broker.unsubscribe(&topic, id);
+        }
+    }
+}

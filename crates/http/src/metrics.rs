@@ -1,0 +1,69 @@
+//! `/metrics`: the broker's counters in Prometheus text format, names prefixed `herald_`.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use herald_core::WireForm;
+
+use crate::AppState;
+
+pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
+    let m = state.broker().metrics();
+    let mut out = String::with_capacity(2048);
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = write!(
+            out,
+            "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name} {value}\n"
+        );
+    };
+    metric(
+        "messages_published_total",
+        "counter",
+        "Messages accepted by publish.",
+        m.published.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "deliveries_total",
+        "counter",
+        "Messages handed to subscriber buffers.",
+        m.deliveries.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "slow_consumers_total",
+        "counter",
+        "Connections closed as slow consumers.",
+        m.slow_consumers.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "subscriptions",
+        "gauge",
+        "Live subscriptions on this node.",
+        m.subscriptions.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "connections",
+        "gauge",
+        "Open WebSocket and SSE connections.",
+        m.connections.load(Ordering::Relaxed).to_string(),
+    );
+    let _ = write!(
+        out,
+        "# HELP herald_encodes_total Message encodings per wire form (one per message and form when fan-out shares them).\n# TYPE herald_encodes_total counter\n"
+    );
+    for (form, label) in [
+        (WireForm::WsJson, "ws_json"),
+        (WireForm::WsRaw, "ws_raw"),
+        (WireForm::Sse, "sse"),
+        (WireForm::Grpc, "grpc"),
+    ] {
+        let _ = writeln!(
+            out,
+            "herald_encodes_total{{form=\"{label}\"}} {}",
+            m.encodes_of(form)
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

@@ -1,0 +1,573 @@
+//! WebSocket front doors: the JSON protocol on `/v1/ws` and raw per-topic sockets on
+//! `/v1/topics/{topic}/ws`.
+//!
+//! Each connection runs a reader and one writer. The reader handles client frames and
+//! never waits on the socket's write side; everything to send (replies, messages) goes
+//! through the connection's byte-bounded [`Outbound`] queue, which the writer drains in
+//! batches (feed all, flush once). The writer also sends keepalive Pings, enforces the
+//! slow-consumer policy, and closes with 1001 on shutdown.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use herald_core::{
+    outbound, CloseReason, Item, Kind, Message, Metrics, NewMessage, Outbound, OutboundRx, Replay,
+    StartFrom, SubscriptionId, TopicName, WireForm,
+};
+use herald_protocol::decode::parse_from_query;
+use herald_protocol::{close, encode, parse_client_frame, ErrorCode, FrameError, Op, Payload};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::rest::{topic_name, Query};
+use crate::{spawn_replay, ApiError, AppState, ConnectionGuard, UnsubscribeOnDrop};
+
+/// Frames a reader asks the writer to send, besides topic messages.
+pub(crate) enum Control {
+    /// A text frame (a reply or an error).
+    Text(String),
+    /// Close the connection with this code and reason after what is queued.
+    Close(u16, &'static str),
+}
+
+/// Items the writer takes per batch.
+const WRITE_BATCH: usize = 512;
+
+/// How a subscription's messages are framed on this connection.
+#[derive(Clone, Copy)]
+enum Framing {
+    Json,
+    Raw,
+}
+
+fn encode_json(metrics: &Metrics, msg: &Message) -> WsMessage {
+    msg.encoded(WireForm::WsJson, |m| {
+        metrics.encoded(WireForm::WsJson);
+        WsMessage::Text(Utf8Bytes::from(encode::message_frame(m)))
+    })
+}
+
+fn encode_raw(metrics: &Metrics, msg: &Message) -> WsMessage {
+    msg.encoded(WireForm::WsRaw, |m| {
+        metrics.encoded(WireForm::WsRaw);
+        match m.kind {
+            // Text and JSON payloads were checked to be UTF-8 when published.
+            Kind::Json | Kind::Text => match Utf8Bytes::try_from(m.payload.clone()) {
+                Ok(text) => WsMessage::Text(text),
+                Err(_) => WsMessage::Binary(m.payload.clone()),
+            },
+            Kind::Binary => WsMessage::Binary(m.payload.clone()),
+        }
+    })
+}
+
+/// Milliseconds since the connection started; the reader stamps each frame's arrival.
+struct LastSeen {
+    start: Instant,
+    ms: AtomicU64,
+}
+
+impl LastSeen {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            ms: AtomicU64::new(0),
+        }
+    }
+    fn touch(&self) {
+        self.ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn since(&self, at: Instant) -> bool {
+        self.ms.load(Ordering::Relaxed) >= at.duration_since(self.start).as_millis() as u64
+    }
+}
+
+/// How one batch write ended.
+enum Outcome {
+    Written,
+    Failed,
+    Slow,
+    Shutdown,
+}
+
+/// Drains the outbound queue into the socket until the connection ends.
+async fn run_writer(
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut rx: OutboundRx<Control>,
+    state: &AppState,
+    framing: Framing,
+    last_seen: &LastSeen,
+) {
+    let config = state.config();
+    let metrics = state.broker().metrics().clone();
+    let shutdown = state.inner.shutdown.clone();
+    let mut buf: Vec<Item<Control>> = Vec::with_capacity(WRITE_BATCH);
+    let mut next_ping = Instant::now() + config.ping_interval;
+    let mut pong_check: Option<Instant> = None;
+    let close_slow = |metrics: &Metrics| {
+        Metrics::add(&metrics.slow_consumers, 1);
+        (close::TRY_AGAIN_LATER, "slow consumer")
+    };
+    let (code, reason) = loop {
+        let slow_deadline = rx.slow_deadline();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
+            n = rx.recv_many(&mut buf, WRITE_BATCH) => {
+                if n == 0 {
+                    match rx.close_reason() {
+                        Some(CloseReason::SlowConsumer) => break close_slow(&metrics),
+                        _ => return,
+                    }
+                }
+                let mut bytes = 0;
+                let mut close_after = None;
+                let write = async {
+                    for item in buf.drain(..) {
+                        bytes += item.size();
+                        let frame = match item {
+                            Item::Message(m) => match framing {
+                                Framing::Json => encode_json(&metrics, &m),
+                                Framing::Raw => encode_raw(&metrics, &m),
+                            },
+                            Item::Control(Control::Text(t), _) => WsMessage::Text(t.into()),
+                            Item::Control(Control::Close(code, reason), _) => {
+                                close_after = Some((code, reason));
+                                break;
+                            }
+                        };
+                        sink.feed(frame).await?;
+                    }
+                    sink.flush().await
+                };
+                // A client that stops reading blocks the write; the slow-consumer
+                // deadline (if the queue is full) or shutdown ends it.
+                let deadline = async {
+                    loop {
+                        match rx.slow_deadline() {
+                            Some(d) => {
+                                sleep_until(d).await;
+                                if rx.check_slow() {
+                                    return;
+                                }
+                            }
+                            None => sleep_until(Instant::now() + config.pong_timeout).await,
+                        }
+                    }
+                };
+                let outcome = tokio::select! {
+                    biased;
+                    r = write => if r.is_ok() { Outcome::Written } else { Outcome::Failed },
+                    _ = deadline => Outcome::Slow,
+                    _ = shutdown.cancelled() => Outcome::Shutdown,
+                };
+                match outcome {
+                    Outcome::Written => {}
+                    Outcome::Failed => return,
+                    Outcome::Slow => break close_slow(&metrics),
+                    Outcome::Shutdown => break (close::GOING_AWAY, "server shutting down"),
+                }
+                rx.written(bytes);
+                if let Some(close) = close_after {
+                    break close;
+                }
+            }
+            _ = sleep_until(next_ping) => {
+                next_ping = Instant::now() + config.ping_interval;
+                if pong_check.is_none() {
+                    pong_check = Some(Instant::now() + config.pong_timeout);
+                }
+                if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+            }
+            _ = sleep_until(pong_check.unwrap_or(next_ping)), if pong_check.is_some() => {
+                let sent = pong_check.map(|c| c - config.pong_timeout).unwrap_or_else(Instant::now);
+                if !last_seen.since(sent) {
+                    tracing::debug!("no frame within pong_timeout after a ping; dropping connection");
+                    return;
+                }
+                pong_check = None;
+            }
+            _ = sleep_until(slow_deadline.unwrap_or(next_ping)), if slow_deadline.is_some() => {
+                if rx.check_slow() {
+                    break close_slow(&metrics);
+                }
+            }
+        }
+    };
+    rx.close(CloseReason::Closed);
+    let frame = WsMessage::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    // The peer may not be reading at all (slow consumer): do not wait on it forever.
+    let _ = tokio::time::timeout(config.pong_timeout, sink.send(frame)).await;
+}
+
+/// Runs one connection: `reader` and the writer, until either ends it. The reader gets
+/// the stream, the arrival stamp to touch on every frame, and a token cancelled when the
+/// writer stopped.
+async fn run_connection<R>(
+    socket: WebSocket,
+    state: &AppState,
+    framing: Framing,
+    (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
+    reader: R,
+) where
+    R: AsyncFnOnce(SplitStream<WebSocket>, &LastSeen, &CancellationToken),
+{
+    let _guard = ConnectionGuard::new(state.broker());
+    let (sink, stream) = socket.split();
+    let last_seen = LastSeen::new();
+    let stop = CancellationToken::new();
+    let writer = async {
+        run_writer(sink, rx, state, framing, &last_seen).await;
+        stop.cancel();
+    };
+    let reader = async {
+        reader(stream, &last_seen, &stop).await;
+        // Let the writer drain what is queued (replies, a close frame), then close.
+        if out.close_reason().is_none() {
+            out.push_control(Control::Close(close::NORMAL, ""), 0);
+        }
+    };
+    tokio::join!(reader, writer);
+}
+
+/// What a read error means for the connection.
+fn read_error_close(e: axum::Error) -> Option<Control> {
+    let too_big = e
+        .into_inner()
+        .downcast_ref::<tungstenite::Error>()
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
+    too_big.then_some(Control::Close(close::TOO_BIG, "frame too large"))
+}
+
+fn text_size(t: &str) -> usize {
+    t.len() + 16
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON protocol
+
+pub(crate) async fn json_upgrade(
+    State(state): State<AppState>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let frame_limit = state.broker().config().max_message_bytes.saturating_mul(2);
+    let tracker = state.tracker().clone();
+    upgrade
+        .max_message_size(frame_limit)
+        .max_frame_size(frame_limit)
+        .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state)))
+}
+
+struct JsonSub {
+    id: SubscriptionId,
+    _replay: Option<AbortOnDropHandle<()>>,
+}
+
+async fn json_connection(socket: WebSocket, state: AppState) {
+    let (out, rx) = outbound::<Control>(state.broker().config().outbound);
+    let mut session = JsonSession {
+        state: state.clone(),
+        out: out.clone(),
+        subs: HashMap::new(),
+    };
+    run_connection(
+        socket,
+        &state,
+        Framing::Json,
+        (out, rx),
+        async |mut stream, last_seen, stop| loop {
+            let frame = tokio::select! {
+                _ = stop.cancelled() => break,
+                frame = stream.next() => frame,
+            };
+            last_seen.touch();
+            match frame {
+                Some(Ok(WsMessage::Text(text))) => session.handle(&text).await,
+                Some(Ok(WsMessage::Binary(_))) => session.error(&FrameError {
+                    id: None,
+                    code: ErrorCode::BadRequest,
+                    message: "binary frames are not part of the JSON protocol; use data_b64".into(),
+                }),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    if let Some(close) = read_error_close(e) {
+                        session.out.push_control(close, 0);
+                    }
+                    break;
+                }
+            }
+        },
+    )
+    .await;
+    session.unsubscribe_all();
+}
+
+struct JsonSession {
+    state: AppState,
+    out: Arc<Outbound<Control>>,
+    subs: HashMap<TopicName, JsonSub>,
+}
+
+impl JsonSession {
+    fn reply(&self, text: String) {
+        let size = text_size(&text);
+        self.out.push_control(Control::Text(text), size);
+    }
+
+    fn error(&self, e: &FrameError) {
+        self.reply(encode::error(e.id, e.code, &e.message));
+    }
+
+    async fn handle(&mut self, text: &str) {
+        let frame = match parse_client_frame(text) {
+            Ok(frame) => frame,
+            Err(e) => return self.error(&e),
+        };
+        let id = frame.id;
+        let fail = |code, message: String| FrameError { id, code, message };
+        match frame.op {
+            Op::Ping => self.reply(encode::pong(id)),
+            Op::Publish {
+                topic,
+                payload,
+                ttl_ms,
+            } => {
+                let (kind, payload) = match payload {
+                    Payload::Json(text) => (Kind::Json, Bytes::from(text)),
+                    Payload::Binary(bytes) => (Kind::Binary, Bytes::from(bytes)),
+                };
+                match self
+                    .state
+                    .broker()
+                    .publish(
+                        &topic,
+                        NewMessage {
+                            kind,
+                            payload,
+                            ttl_ms,
+                        },
+                    )
+                    .await
+                {
+                    Ok(p) if id.is_some() => {
+                        self.reply(encode::published(id, topic.as_str(), p.offset, p.ts))
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let api = ApiError::from(e);
+                        self.error(&fail(api.code, api.message));
+                    }
+                }
+            }
+            Op::Subscribe { topic, from, epoch } => {
+                if self.subs.contains_key(&topic) {
+                    return self.error(&fail(
+                        ErrorCode::AlreadySubscribed,
+                        format!("already subscribed to {topic}"),
+                    ));
+                }
+                let max = self.state.config().max_subscriptions_per_connection;
+                if self.subs.len() >= max {
+                    return self.error(&fail(
+                        ErrorCode::TooManySubscriptions,
+                        format!("at most {max} subscriptions per connection"),
+                    ));
+                }
+                let sink = self.out.clone();
+                match self
+                    .state
+                    .broker()
+                    .subscribe(&topic, from, epoch.as_deref(), sink)
+                {
+                    Ok(sub) => {
+                        self.reply(encode::subscribed(
+                            id,
+                            topic.as_str(),
+                            &sub.epoch,
+                            sub.next,
+                            sub.recovered,
+                        ));
+                        let replay = sub.replay.map(|r| spawn_replay(r, self.out.clone()));
+                        self.subs.insert(
+                            topic,
+                            JsonSub {
+                                id: sub.id,
+                                _replay: replay,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let api = ApiError::from(e);
+                        self.error(&fail(api.code, api.message));
+                    }
+                }
+            }
+            Op::Unsubscribe { topic } => match self.subs.remove(&topic) {
+                Some(sub) => {
+                    drop(sub._replay);
+                    self.state.broker().unsubscribe(&topic, sub.id);
+                    self.reply(encode::unsubscribed(id, topic.as_str()));
+                }
+                None => self.error(&fail(
+                    ErrorCode::NotSubscribed,
+                    format!("not subscribed to {topic}"),
+                )),
+            },
+        }
+    }
+
+    fn unsubscribe_all(&mut self) {
+        for (topic, sub) in self.subs.drain() {
+            drop(sub._replay);
+            self.state.broker().unsubscribe(&topic, sub.id);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw sockets
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Both,
+    Pub,
+    Sub,
+}
+
+pub(crate) async fn raw_upgrade(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let topic = topic_name(&topic)?;
+    let query = Query::parse(query.as_deref())?;
+    let mode = match query.get("mode") {
+        None | Some("both") => Mode::Both,
+        Some("pub") => Mode::Pub,
+        Some("sub") => Mode::Sub,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "mode must be both, pub or sub, not {other:?}"
+            )))
+        }
+    };
+    let from = match query.get("from") {
+        None => StartFrom::Latest,
+        Some(s) => parse_from_query(s).ok_or_else(|| {
+            ApiError::bad_request("from must be latest, earliest or a non-negative integer")
+        })?,
+    };
+    // Subscribe before the 101 goes out, so a message published after the client saw
+    // the handshake complete is delivered.
+    let (out, rx) = outbound::<Control>(state.broker().config().outbound);
+    let sub = if mode == Mode::Pub {
+        None
+    } else {
+        Some(state.broker().subscribe(&topic, from, None, out.clone())?)
+    };
+    let max = state.broker().config().max_message_bytes;
+    let tracker = state.tracker().clone();
+    let broker = state.broker().clone();
+    let unsubscribe = UnsubscribeOnDrop(sub.as_ref().map(|s| (broker, topic.clone(), s.id)));
+    Ok(upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            let replay = sub.and_then(|s| s.replay);
+            tracker.track_future(raw_connection(
+                socket,
+                state,
+                topic,
+                mode,
+                replay,
+                (out, rx),
+                unsubscribe,
+            ))
+        })
+        .into_response())
+}
+
+async fn raw_connection(
+    socket: WebSocket,
+    state: AppState,
+    topic: TopicName,
+    mode: Mode,
+    replay: Option<Replay>,
+    (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
+    unsubscribe: UnsubscribeOnDrop,
+) {
+    let _replay = replay.map(|r| spawn_replay(r, out.clone()));
+    let queue = out.clone();
+    run_connection(
+        socket,
+        &state,
+        Framing::Raw,
+        (queue, rx),
+        async |mut stream, last_seen, stop| loop {
+            let frame = tokio::select! {
+                _ = stop.cancelled() => break,
+                frame = stream.next() => frame,
+            };
+            last_seen.touch();
+            let (kind, payload) = match frame {
+                Some(Ok(WsMessage::Text(t))) => (Kind::Text, Bytes::from(t)),
+                Some(Ok(WsMessage::Binary(b))) => (Kind::Binary, b),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(WsMessage::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    if let Some(close) = read_error_close(e) {
+                        out.push_control(close, 0);
+                    }
+                    break;
+                }
+            };
+            if mode == Mode::Sub {
+                out.push_control(
+                    Control::Close(close::UNSUPPORTED_DATA, "mode=sub takes no data frames"),
+                    0,
+                );
+                break;
+            }
+            if let Err(e) = state
+                .broker()
+                .publish(
+                    &topic,
+                    NewMessage {
+                        kind,
+                        payload,
+                        ttl_ms: None,
+                    },
+                )
+                .await
+            {
+                let api = ApiError::from(e);
+                tracing::debug!(code = %api.code, "raw publish failed: {}", api.message);
+                let code = if api.code == ErrorCode::TooLarge {
+                    close::TOO_BIG
+                } else {
+                    close::TRY_AGAIN_LATER
+                };
+                out.push_control(Control::Close(code, "publish failed"), 0);
+                break;
+            }
+        },
+    )
+    .await;
+    drop(unsubscribe);
+}

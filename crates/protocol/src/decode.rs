@@ -1,0 +1,311 @@
+//! Parsing of client frames of the JSON WebSocket protocol.
+//!
+//! Every field is first taken as raw JSON text, then checked on its own, so that an
+//! error reply can carry the frame's `id` even when another field is wrong, the topic
+//! name is checked before anything else, and `data` keeps the exact JSON text received
+//! (numbers keep every digit).
+
+use base64::Engine;
+use herald_core::{StartFrom, TopicName};
+use serde::de::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::code::ErrorCode;
+
+/// Largest `id` a client may send: 2^53 - 1, exact in every JSON implementation.
+pub const MAX_ID: u64 = (1 << 53) - 1;
+
+/// A parsed client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFrame {
+    /// The request id, echoed in the reply.
+    pub id: Option<u64>,
+    /// What the client asks for.
+    pub op: Op,
+}
+
+/// A client operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Subscribe to a topic.
+    Subscribe {
+        /// The topic.
+        topic: TopicName,
+        /// Where to start.
+        from: StartFrom,
+        /// The epoch the client saw, if any.
+        epoch: Option<String>,
+    },
+    /// Unsubscribe from a topic.
+    Unsubscribe {
+        /// The topic.
+        topic: TopicName,
+    },
+    /// Publish to a topic.
+    Publish {
+        /// The topic.
+        topic: TopicName,
+        /// The payload.
+        payload: Payload,
+        /// Optional time to live, ms.
+        ttl_ms: Option<u64>,
+    },
+    /// Liveness check.
+    Ping,
+}
+
+/// A payload from a JSON frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// `data`: the exact JSON text received.
+    Json(String),
+    /// `data_b64`: the decoded bytes.
+    Binary(Vec<u8>),
+}
+
+/// A frame that could not be accepted, with the `id` when it was readable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct FrameError {
+    /// The frame's id, if it had a valid one.
+    pub id: Option<u64>,
+    /// The error code.
+    pub code: ErrorCode,
+    /// Human words for the client.
+    pub message: String,
+}
+
+/// Fields of a client frame as raw JSON, each checked separately.
+#[derive(serde::Deserialize)]
+struct RawFrame<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    from: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    epoch: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data_b64: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    ttl_ms: Option<&'a RawValue>,
+}
+
+/// A field that is present is `Some`, even when its value is `null`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Parses one text frame of the JSON protocol.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| FrameError {
+        id: None,
+        code: ErrorCode::BadRequest,
+        message: format!("malformed frame: {e}"),
+    })?;
+    let id = match raw.id {
+        None => None,
+        Some(v) => match serde_json::from_str::<u64>(v.get()) {
+            Ok(n) if n <= MAX_ID => Some(n),
+            _ => return Err(bad(None, "id must be an integer from 0 to 2^53-1")),
+        },
+    };
+    let op: String = field(id, "op", raw.op)?.ok_or_else(|| bad(id, "missing field op"))?;
+    let topic = |required: bool| -> Result<Option<TopicName>, FrameError> {
+        let Some(name) = field::<String>(id, "topic", raw.topic)? else {
+            return if required {
+                Err(bad(id, "missing field topic"))
+            } else {
+                Ok(None)
+            };
+        };
+        TopicName::parse(&name).map(Some).map_err(|e| FrameError {
+            id,
+            code: ErrorCode::InvalidName,
+            message: e.to_string(),
+        })
+    };
+    let op = match op.as_str() {
+        "subscribe" => {
+            let topic = topic(true)?.ok_or_else(|| bad(id, "missing field topic"))?;
+            let from = match raw.from {
+                None => StartFrom::Latest,
+                Some(v) => parse_from(v.get()).ok_or_else(|| {
+                    bad(
+                        id,
+                        "from must be \"latest\", \"earliest\" or a non-negative integer offset",
+                    )
+                })?,
+            };
+            let epoch = field::<String>(id, "epoch", raw.epoch)?;
+            Op::Subscribe { topic, from, epoch }
+        }
+        "unsubscribe" => Op::Unsubscribe {
+            topic: topic(true)?.ok_or_else(|| bad(id, "missing field topic"))?,
+        },
+        "publish" => {
+            let topic = topic(true)?.ok_or_else(|| bad(id, "missing field topic"))?;
+            let payload = match (raw.data, raw.data_b64) {
+                (Some(_), Some(_)) => {
+                    return Err(bad(id, "give either data or data_b64, not both"))
+                }
+                (None, None) => return Err(bad(id, "missing field data or data_b64")),
+                (Some(json), None) => Payload::Json(json.get().to_owned()),
+                (None, Some(b64)) => {
+                    let s: String = field(id, "data_b64", Some(b64))?.unwrap_or_default();
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(s)
+                        .map_err(|e| bad(id, &format!("data_b64 is not valid base64: {e}")))?;
+                    Payload::Binary(bytes)
+                }
+            };
+            let ttl_ms = field::<u64>(id, "ttl_ms", raw.ttl_ms)?;
+            Op::Publish {
+                topic,
+                payload,
+                ttl_ms,
+            }
+        }
+        "ping" => Op::Ping,
+        other => return Err(bad(id, &format!("unknown op {other:?}"))),
+    };
+    Ok(ClientFrame { id, op })
+}
+
+/// Parses a `from` value as JSON (`"latest"`, `"earliest"` or an integer).
+fn parse_from(json: &str) -> Option<StartFrom> {
+    if let Ok(n) = serde_json::from_str::<u64>(json) {
+        return Some(StartFrom::Offset(n));
+    }
+    match serde_json::from_str::<String>(json).ok()?.as_str() {
+        "latest" => Some(StartFrom::Latest),
+        "earliest" => Some(StartFrom::Earliest),
+        _ => None,
+    }
+}
+
+/// Parses a `from` query parameter (`latest`, `earliest` or an integer).
+pub fn parse_from_query(s: &str) -> Option<StartFrom> {
+    match s {
+        "latest" => Some(StartFrom::Latest),
+        "earliest" => Some(StartFrom::Earliest),
+        n => n.parse().ok().map(StartFrom::Offset),
+    }
+}
+
+fn field<T: serde::de::DeserializeOwned>(
+    id: Option<u64>,
+    name: &str,
+    raw: Option<&RawValue>,
+) -> Result<Option<T>, FrameError> {
+    raw.map(|v| serde_json::from_str(v.get()))
+        .transpose()
+        .map_err(|_| bad(id, &format!("field {name} has the wrong type or value")))
+}
+
+fn bad(id: Option<u64>, message: &str) -> FrameError {
+    FrameError {
+        id,
+        code: ErrorCode::BadRequest,
+        message: message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> (Option<u64>, ErrorCode) {
+        let e = parse_client_frame(text).expect_err(text);
+        (e.id, e.code)
+    }
+
+    #[test]
+    fn parses_each_op() -> Result<(), FrameError> {
+        let f =
+            parse_client_frame(r#"{"op":"subscribe","id":1,"topic":"news","from":"earliest"}"#)?;
+        assert_eq!(f.id, Some(1));
+        assert!(matches!(
+            f.op,
+            Op::Subscribe {
+                from: StartFrom::Earliest,
+                epoch: None,
+                ..
+            }
+        ));
+        let f = parse_client_frame(r#"{"op":"subscribe","topic":"n","from":5,"epoch":"e"}"#)?;
+        assert!(matches!(
+            f.op,
+            Op::Subscribe {
+                from: StartFrom::Offset(5),
+                epoch: Some(_),
+                ..
+            }
+        ));
+        let f = parse_client_frame(
+            r#"{"op":"publish","topic":"n","data":{"big":12345678901234567890123}}"#,
+        )?;
+        assert_eq!(
+            f.op,
+            Op::Publish {
+                topic: TopicName::parse("n").expect("name"),
+                payload: Payload::Json(r#"{"big":12345678901234567890123}"#.into()),
+                ttl_ms: None
+            }
+        );
+        let f = parse_client_frame(r#"{"op":"publish","topic":"n","data":null}"#)?;
+        assert!(matches!(f.op, Op::Publish { payload: Payload::Json(ref j), .. } if j == "null"));
+        let f = parse_client_frame(r#"{"op":"publish","topic":"n","data_b64":"aGk=","ttl_ms":5}"#)?;
+        assert!(
+            matches!(f.op, Op::Publish { payload: Payload::Binary(ref b), ttl_ms: Some(5), .. } if b == b"hi")
+        );
+        assert_eq!(parse_client_frame(r#"{"op":"ping","id":4}"#)?.op, Op::Ping);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_bad_frames_with_their_id() {
+        assert_eq!(err("not json"), (None, ErrorCode::BadRequest));
+        assert_eq!(
+            err(r#"{"op":"dance","id":2}"#),
+            (Some(2), ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            err(r#"{"op":"subscribe","id":3,"topic":"n","from":"5"}"#),
+            (Some(3), ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","id":3,"topic":"n","data":1,"ttl_ms":-1}"#),
+            (Some(3), ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","id":3,"topic":"n","data_b64":"!!"}"#),
+            (Some(3), ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","id":3,"topic":"n","data":1,"data_b64":""}"#),
+            (Some(3), ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            err(r#"{"op":"ping","id":9007199254740992}"#),
+            (None, ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            err(r#"{"op":"ping","id":1.5}"#),
+            (None, ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","id":7,"topic":"a..b","data_b64":"!!"}"#),
+            (Some(7), ErrorCode::InvalidName)
+        );
+        assert_eq!(
+            err(r#"{"op":"subscribe","id":8}"#),
+            (Some(8), ErrorCode::BadRequest)
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! Encoding of server frames. Message frames are built once per message and wire form
+//! (the caller caches them in the message); replies are small and built per request.
+
+use std::fmt::Write;
+
+use base64::Engine;
+use herald_core::{Kind, Message};
+
+use crate::code::ErrorCode;
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_str(buf: &mut String, s: &str) {
+    buf.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => buf.push_str("\\\""),
+            '\\' => buf.push_str("\\\\"),
+            '\n' => buf.push_str("\\n"),
+            '\r' => buf.push_str("\\r"),
+            '\t' => buf.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(buf, "\\u{:04x}", c as u32);
+            }
+            c => buf.push(c),
+        }
+    }
+    buf.push('"');
+}
+
+/// Appends the payload as `"data":...` or `"data_b64":"..."`, per the kind table.
+pub fn push_payload(buf: &mut String, msg: &Message) {
+    match msg.kind {
+        Kind::Json => {
+            buf.push_str("\"data\":");
+            // The front door checked it is JSON when it was published.
+            buf.push_str(std::str::from_utf8(&msg.payload).unwrap_or("null"));
+        }
+        Kind::Text => {
+            buf.push_str("\"data\":");
+            push_json_str(buf, std::str::from_utf8(&msg.payload).unwrap_or_default());
+        }
+        Kind::Binary => {
+            buf.push_str("\"data_b64\":\"");
+            base64::engine::general_purpose::STANDARD.encode_string(&msg.payload, buf);
+            buf.push('"');
+        }
+    }
+}
+
+/// The JSON view of a message without braces: `"topic":..,"offset":..,"ts":..,"data":..`.
+fn push_view(buf: &mut String, msg: &Message) {
+    buf.push_str("\"topic\":");
+    push_json_str(buf, msg.topic.as_str());
+    let _ = write!(buf, ",\"offset\":{},\"ts\":{},", msg.offset, msg.ts);
+    push_payload(buf, msg);
+}
+
+fn with_capacity(msg: &Message) -> String {
+    String::with_capacity(msg.size_hint() + msg.topic.as_str().len())
+}
+
+/// `{"type":"message","topic":..,"offset":..,"ts":..,"data"|"data_b64":..}`
+pub fn message_frame(msg: &Message) -> String {
+    let mut buf = with_capacity(msg);
+    buf.push_str("{\"type\":\"message\",");
+    push_view(&mut buf, msg);
+    buf.push('}');
+    buf
+}
+
+/// One SSE event: `id: <offset>` and the JSON view as `data:` lines.
+pub fn sse_event(msg: &Message) -> String {
+    let mut view = with_capacity(msg);
+    view.push('{');
+    push_view(&mut view, msg);
+    view.push('}');
+    let mut buf = String::with_capacity(view.len() + 32);
+    let _ = writeln!(buf, "id: {}", msg.offset);
+    // JSON text as received may span lines; SSE joins consecutive data lines with \n.
+    for line in view.split('\n') {
+        buf.push_str("data: ");
+        buf.push_str(line.strip_suffix('\r').unwrap_or(line));
+        buf.push('\n');
+    }
+    buf.push('\n');
+    buf
+}
+
+/// A message as listed by HTTP fetch: `{"offset":..,"ts":..,"data"|"data_b64":..}`.
+pub fn push_fetched(buf: &mut String, msg: &Message) {
+    let _ = write!(buf, "{{\"offset\":{},\"ts\":{},", msg.offset, msg.ts);
+    push_payload(buf, msg);
+    buf.push('}');
+}
+
+fn push_id(buf: &mut String, id: Option<u64>) {
+    if let Some(id) = id {
+        let _ = write!(buf, ",\"id\":{id}");
+    }
+}
+
+/// `{"type":"subscribed",...}`
+pub fn subscribed(id: Option<u64>, topic: &str, epoch: &str, next: u64, recovered: bool) -> String {
+    let mut buf = String::from("{\"type\":\"subscribed\"");
+    push_id(&mut buf, id);
+    buf.push_str(",\"topic\":");
+    push_json_str(&mut buf, topic);
+    buf.push_str(",\"epoch\":");
+    push_json_str(&mut buf, epoch);
+    let _ = write!(buf, ",\"next\":{next},\"recovered\":{recovered}}}");
+    buf
+}
+
+/// `{"type":"unsubscribed",...}`
+pub fn unsubscribed(id: Option<u64>, topic: &str) -> String {
+    let mut buf = String::from("{\"type\":\"unsubscribed\"");
+    push_id(&mut buf, id);
+    buf.push_str(",\"topic\":");
+    push_json_str(&mut buf, topic);
+    buf.push('}');
+    buf
+}
+
+/// `{"type":"published",...}`
+pub fn published(id: Option<u64>, topic: &str, offset: u64, ts: u64) -> String {
+    let mut buf = String::from("{\"type\":\"published\"");
+    push_id(&mut buf, id);
+    buf.push_str(",\"topic\":");
+    push_json_str(&mut buf, topic);
+    let _ = write!(buf, ",\"offset\":{offset},\"ts\":{ts}}}");
+    buf
+}
+
+/// `{"type":"pong","id":..}`
+pub fn pong(id: Option<u64>) -> String {
+    let mut buf = String::from("{\"type\":\"pong\"");
+    push_id(&mut buf, id);
+    buf.push('}');
+    buf
+}
+
+/// `{"type":"error","id":..,"code":..,"message":..}`
+pub fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
+    let mut buf = String::from("{\"type\":\"error\"");
+    push_id(&mut buf, id);
+    let _ = write!(buf, ",\"code\":\"{}\",\"message\":", code.as_str());
+    push_json_str(&mut buf, message);
+    buf.push('}');
+    buf
+}
+
+/// The HTTP error body: `{"error":{"code":..,"message":..}}`.
+pub fn http_error(code: ErrorCode, message: &str) -> String {
+    let mut buf = format!("{{\"error\":{{\"code\":\"{}\",\"message\":", code.as_str());
+    push_json_str(&mut buf, message);
+    buf.push_str("}}");
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::{NewMessage, TopicName};
+
+    fn msg(kind: Kind, payload: &[u8]) -> Message {
+        let topic = TopicName::parse("news").expect("name");
+        Message::new(topic, 42, 7, NewMessage::new(kind, payload.to_vec()))
+    }
+
+    #[test]
+    fn frames_follow_the_kind_table() {
+        assert_eq!(
+            message_frame(&msg(Kind::Json, b"{\"n\":1.000}")),
+            r#"{"type":"message","topic":"news","offset":42,"ts":7,"data":{"n":1.000}}"#
+        );
+        assert_eq!(
+            message_frame(&msg(Kind::Text, b"a\"b\n")),
+            r#"{"type":"message","topic":"news","offset":42,"ts":7,"data":"a\"b\n"}"#
+        );
+        assert_eq!(
+            message_frame(&msg(Kind::Binary, b"hi")),
+            r#"{"type":"message","topic":"news","offset":42,"ts":7,"data_b64":"aGk="}"#
+        );
+    }
+
+    #[test]
+    fn json_strings_are_valid_json() -> Result<(), serde_json::Error> {
+        let nasty = "\u{1}\u{1f}\"\\\t é 🎉";
+        let mut buf = String::new();
+        push_json_str(&mut buf, nasty);
+        assert_eq!(serde_json::from_str::<String>(&buf)?, nasty);
+        Ok(())
+    }
+
+    #[test]
+    fn sse_splits_multiline_json() {
+        let event = sse_event(&msg(Kind::Json, b"{\r\n\"a\": 1\n}"));
+        assert_eq!(event, "id: 42\ndata: {\"topic\":\"news\",\"offset\":42,\"ts\":7,\"data\":{\ndata: \"a\": 1\ndata: }}\n\n");
+    }
+
+    #[test]
+    fn replies() {
+        assert_eq!(
+            subscribed(Some(1), "news", "e", 43, true),
+            r#"{"type":"subscribed","id":1,"topic":"news","epoch":"e","next":43,"recovered":true}"#
+        );
+        assert_eq!(
+            error(None, ErrorCode::BadRequest, "x"),
+            r#"{"type":"error","code":"bad_request","message":"x"}"#
+        );
+        assert_eq!(
+            http_error(ErrorCode::NotFound, "y"),
+            r#"{"error":{"code":"not_found","message":"y"}}"#
+        );
+    }
+}

@@ -1,0 +1,450 @@
+//! The server's configuration: every setting is a flag, a `HERALD_*` env var and a TOML
+//! key, with precedence flag > env > file > default, validated at start with a message
+//! that names the key.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use herald_core::{BrokerConfig, OutboundConfig, RetentionConfig};
+use herald_http::HttpConfig;
+use serde::Deserialize;
+
+/// Which store holds topic history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In process memory; nothing survives a restart.
+    Memory,
+    /// The embedded disk store (not built yet).
+    Disk,
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "memory" => Ok(StoreKind::Memory),
+            "disk" => Ok(StoreKind::Disk),
+            other => Err(format!("store must be memory or disk, not {other:?}")),
+        }
+    }
+}
+
+impl StoreKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Memory => "memory",
+            StoreKind::Disk => "disk",
+        }
+    }
+}
+
+/// The effective configuration of `herald serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address for HTTP, WebSocket and (later) gRPC.
+    pub listen: SocketAddr,
+    /// The store.
+    pub store: StoreKind,
+    /// Where the disk store keeps its files.
+    pub data_dir: PathBuf,
+    /// Core limits.
+    pub broker: BrokerConfig,
+    /// History retention.
+    pub retention: RetentionConfig,
+    /// Front-door limits and timers.
+    pub http: HttpConfig,
+    /// Longest a graceful shutdown may take before the process exits anyway.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            store: StoreKind::Memory,
+            data_dir: PathBuf::from("./herald-data"),
+            broker: BrokerConfig::default(),
+            retention: RetentionConfig::default(),
+            http: HttpConfig::default(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Flags of `herald serve`; each also reads its `HERALD_*` env var.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Address to listen on (HTTP, WebSocket).
+    #[arg(long, env = "HERALD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Store: memory or disk.
+    #[arg(long, env = "HERALD_STORE")]
+    pub store: Option<StoreKind>,
+    /// Data directory of the disk store.
+    #[arg(long, env = "HERALD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Largest payload in bytes.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Open WebSocket and SSE connections allowed.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Subscriptions per WebSocket connection.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
+    pub max_subscriptions_per_connection: Option<usize>,
+    /// Outbound buffer per connection, bytes.
+    #[arg(long, env = "HERALD_MAX_PENDING_BYTES")]
+    pub max_pending_bytes: Option<usize>,
+    /// Messages kept per topic.
+    #[arg(long, env = "HERALD_RETENTION_MAX_MESSAGES")]
+    pub retention_max_messages: Option<u64>,
+    /// Age after which messages are trimmed (e.g. 24h).
+    #[arg(long, env = "HERALD_RETENTION_MAX_AGE", value_parser = parse_duration)]
+    pub retention_max_age: Option<Duration>,
+    /// Interval between WebSocket Pings (e.g. 25s).
+    #[arg(long, env = "HERALD_PING_INTERVAL", value_parser = parse_duration)]
+    pub ping_interval: Option<Duration>,
+    /// Silence after a Ping that drops a connection (e.g. 10s).
+    #[arg(long, env = "HERALD_PONG_TIMEOUT", value_parser = parse_duration)]
+    pub pong_timeout: Option<Duration>,
+    /// How long a connection may stay full before it is closed (e.g. 5s).
+    #[arg(long, env = "HERALD_SLOW_CONSUMER_TIMEOUT", value_parser = parse_duration)]
+    pub slow_consumer_timeout: Option<Duration>,
+    /// Longest graceful shutdown (e.g. 10s).
+    #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+/// The TOML file's shape; unknown keys are errors, so a typo is never silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<SocketAddr>,
+    store: Option<String>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    retention: FileRetention,
+    #[serde(default)]
+    timeouts: FileTimeouts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_message_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    max_subscriptions_per_connection: Option<usize>,
+    max_pending_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRetention {
+    max_messages: Option<u64>,
+    max_age: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTimeouts {
+    ping_interval: Option<String>,
+    pong_timeout: Option<String>,
+    slow_consumer_timeout: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+/// Parses `500ms`, `30s`, `5m`, `24h` or `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m, 24h"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "{s:?} has no unit: write e.g. 500ms, 30s, 5m, 24h or 7d"
+            ))
+        }
+    };
+    n.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Renders a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+fn file_duration(key: &str, value: Option<String>) -> anyhow::Result<Option<Duration>> {
+    value
+        .map(|v| parse_duration(&v).map_err(|e| anyhow::anyhow!("config key {key}: {e}")))
+        .transpose()
+}
+
+impl Config {
+    /// Builds the effective configuration: flags and env (already merged by clap), then
+    /// the file, then defaults.
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<File>(&text)
+                    .with_context(|| format!("config file {}", path.display()))?
+            }
+            None => File::default(),
+        };
+        let d = Config::default();
+        let store = match (args.store, file.store) {
+            (Some(s), _) => s,
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|e| anyhow::anyhow!("config key store: {e}"))?,
+            (None, None) => d.store,
+        };
+        let config = Config {
+            listen: args.listen.or(file.listen).unwrap_or(d.listen),
+            store,
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or(d.data_dir),
+            broker: BrokerConfig {
+                max_message_bytes: args
+                    .max_message_bytes
+                    .or(file.limits.max_message_bytes)
+                    .unwrap_or(d.broker.max_message_bytes),
+                outbound: OutboundConfig {
+                    max_pending_bytes: args
+                        .max_pending_bytes
+                        .or(file.limits.max_pending_bytes)
+                        .unwrap_or(d.broker.outbound.max_pending_bytes),
+                    slow_consumer_timeout: args
+                        .slow_consumer_timeout
+                        .or(file_duration(
+                            "timeouts.slow_consumer_timeout",
+                            file.timeouts.slow_consumer_timeout,
+                        )?)
+                        .unwrap_or(d.broker.outbound.slow_consumer_timeout),
+                },
+                shards: d.broker.shards,
+            },
+            retention: RetentionConfig {
+                max_messages: args
+                    .retention_max_messages
+                    .or(file.retention.max_messages)
+                    .unwrap_or(d.retention.max_messages),
+                max_age: args
+                    .retention_max_age
+                    .or(file_duration("retention.max_age", file.retention.max_age)?)
+                    .unwrap_or(d.retention.max_age),
+            },
+            http: HttpConfig {
+                max_connections: args
+                    .max_connections
+                    .or(file.limits.max_connections)
+                    .unwrap_or(d.http.max_connections),
+                max_subscriptions_per_connection: args
+                    .max_subscriptions_per_connection
+                    .or(file.limits.max_subscriptions_per_connection)
+                    .unwrap_or(d.http.max_subscriptions_per_connection),
+                ping_interval: args
+                    .ping_interval
+                    .or(file_duration(
+                        "timeouts.ping_interval",
+                        file.timeouts.ping_interval,
+                    )?)
+                    .unwrap_or(d.http.ping_interval),
+                pong_timeout: args
+                    .pong_timeout
+                    .or(file_duration(
+                        "timeouts.pong_timeout",
+                        file.timeouts.pong_timeout,
+                    )?)
+                    .unwrap_or(d.http.pong_timeout),
+            },
+            shutdown_timeout: args
+                .shutdown_timeout
+                .or(file_duration(
+                    "timeouts.shutdown_timeout",
+                    file.timeouts.shutdown_timeout,
+                )?)
+                .unwrap_or(d.shutdown_timeout),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses values the broker cannot run with, naming the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let checks: [(&str, bool); 8] = [
+            (
+                "limits.max_message_bytes",
+                self.broker.max_message_bytes >= 1,
+            ),
+            ("limits.max_connections", self.http.max_connections >= 1),
+            (
+                "limits.max_subscriptions_per_connection",
+                self.http.max_subscriptions_per_connection >= 1,
+            ),
+            (
+                "limits.max_pending_bytes",
+                self.broker.outbound.max_pending_bytes >= 1024,
+            ),
+            ("retention.max_messages", self.retention.max_messages >= 1),
+            ("retention.max_age", !self.retention.max_age.is_zero()),
+            ("timeouts.ping_interval", !self.http.ping_interval.is_zero()),
+            ("timeouts.pong_timeout", !self.http.pong_timeout.is_zero()),
+        ];
+        for (key, ok) in checks {
+            if !ok {
+                bail!("config key {key} is out of range (see docs/configuration.md)");
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as a TOML file that [`Config::load`] reads back unchanged.
+    pub fn to_toml(&self) -> String {
+        format!(
+            r#"listen = "{listen}"
+store = "{store}"
+data_dir = "{data_dir}"
+
+[limits]
+max_message_bytes = {max_message_bytes}
+max_connections = {max_connections}
+max_subscriptions_per_connection = {max_subs}
+max_pending_bytes = {max_pending_bytes}
+
+[retention]
+max_messages = {max_messages}
+max_age = "{max_age}"
+
+[timeouts]
+ping_interval = "{ping}"
+pong_timeout = "{pong}"
+slow_consumer_timeout = "{slow}"
+shutdown_timeout = "{shutdown}"
+"#,
+            listen = self.listen,
+            store = self.store.as_str(),
+            data_dir = self.data_dir.display(),
+            max_message_bytes = self.broker.max_message_bytes,
+            max_connections = self.http.max_connections,
+            max_subs = self.http.max_subscriptions_per_connection,
+            max_pending_bytes = self.broker.outbound.max_pending_bytes,
+            max_messages = self.retention.max_messages,
+            max_age = format_duration(self.retention.max_age),
+            ping = format_duration(self.http.ping_interval),
+            pong = format_duration(self.http.pong_timeout),
+            slow = format_duration(self.broker.outbound.slow_consumer_timeout),
+            shutdown = format_duration(self.shutdown_timeout),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip() -> Result<(), String> {
+        for s in ["500ms", "30s", "5m", "24h", "7d", "1500ms"] {
+            assert_eq!(format_duration(parse_duration(s)?), s);
+        }
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn precedence_is_flag_then_file_then_default() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("herald.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\n[limits]\nmax_message_bytes = 2048\n[timeouts]\npong_timeout = \"3s\"\n")?;
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            max_message_bytes: Some(4096),
+            ..Default::default()
+        };
+        let c = Config::load(&args)?;
+        assert_eq!(c.broker.max_message_bytes, 4096, "flag beats file");
+        assert_eq!(c.listen.port(), 9000, "file beats default");
+        assert_eq!(c.http.pong_timeout, Duration::from_secs(3));
+        assert_eq!(c.http.ping_interval, Duration::from_secs(25), "default");
+        std::fs::write(&path, "[limits]\nmax_mesage_bytes = 1\n")?;
+        let err = format!("{:#}", Config::load(&args).expect_err("typo refused"));
+        assert!(err.contains("max_mesage_bytes"), "{err}");
+        std::fs::write(&path, "[retention]\nmax_age = \"forever\"\n")?;
+        let err = format!(
+            "{:#}",
+            Config::load(&args).expect_err("bad duration refused")
+        );
+        assert!(err.contains("retention.max_age"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn default_config_round_trips_through_toml() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("herald-config-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("herald.toml");
+        std::fs::write(&path, Config::default().to_toml())?;
+        let c = Config::load(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })?;
+        assert_eq!(c, Config::default());
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn configuration_reference_matches_the_defaults() -> anyhow::Result<()> {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/configuration.md"
+        ))?;
+        let defaults = Config::default().to_toml();
+        assert!(
+            doc.contains(&defaults),
+            "docs/configuration.md must contain the output of `herald serve --print-config`:\n{defaults}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,144 @@
+//! The `herald` binary's library half: configuration, wiring of store, broker and front
+//! doors, and the shutdown order. The only crate that names every other one.
+//!
+//! Shutdown order: stop accepting, close every WebSocket with 1001 and end SSE streams,
+//! finish in-flight requests, then the store; all within `shutdown_timeout`.
+
+pub mod cli;
+pub mod config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use herald_core::{Broker, MemoryStore, Store};
+use herald_http::AppState;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, StoreKind};
+
+/// How often retention by age and TTL is applied to idle topics.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// A running server: its address and the means to stop it.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// The bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://` URL of the server.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Begins a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Serves until `signal` resolves (or the server fails), then shuts down gracefully.
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::select! {
+            r = &mut self.task => return r.context("server task panicked")?,
+            _ = signal => {}
+        }
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store {
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.retention))),
+        StoreKind::Disk => bail!(
+            "config key store: the disk store is not available in this build yet; use --store memory"
+        ),
+    }
+}
+
+/// Binds `config.listen` and serves in the background until [`Server::shutdown`].
+pub async fn start(config: Config) -> anyhow::Result<Server> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let store = open_store(&config)?;
+    let task = tokio::spawn(serve(config, store, listener, shutdown.clone()));
+    Ok(Server {
+        addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Serves on `listener` until `shutdown` is cancelled, then drains in order.
+pub async fn serve(
+    config: Config,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let broker = Broker::new(store, config.broker.clone());
+    let state = AppState::new(broker.clone(), config.http.clone(), shutdown.clone());
+    let app = herald_http::router(state.clone());
+
+    let sweeper = {
+        let broker = broker.clone();
+        let shutdown = shutdown.clone();
+        state.tracker().spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => broker.sweep(),
+                }
+            }
+        })
+    };
+
+    tracing::info!(addr = %listener.local_addr()?, store = ?config.store, "herald listening");
+    let http =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let drained = async {
+        http.await.context("http server")?;
+        // WebSocket tasks were told by the same token; wait for their 1001 closes.
+        state.tracker().close();
+        state.tracker().wait().await;
+        anyhow::Ok(())
+    };
+    // Serve until cancelled; after that the whole drain gets `shutdown_timeout`.
+    tokio::pin!(drained);
+    tokio::select! {
+        r = &mut drained => return r,
+        _ = shutdown.cancelled() => {}
+    }
+    tracing::info!("shutting down");
+    match tokio::time::timeout(config.shutdown_timeout, drained).await {
+        Ok(r) => r?,
+        Err(_) => {
+            tracing::warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; exiting anyway")
+        }
+    }
+    sweeper.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! `herald`: the broker (`herald serve`) and its command-line clients (`herald pub`,
+//! `herald sub`).
+
+use clap::{Parser, Subcommand};
+use herald_server::cli::{PubArgs, SubArgs};
+use herald_server::config::{Config, ServeArgs};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Herald: real-time pub/sub broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Publish a message (or each line of stdin) to a topic.
+    Pub(PubArgs),
+    /// Print each message of a topic, one a line.
+    Sub(SubArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Pub(args) => herald_server::cli::publish(args).await,
+        Command::Sub(args) => herald_server::cli::subscribe(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    herald_server::start(config)
+        .await?
+        .run_until(wait_for_signal())
+        .await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
