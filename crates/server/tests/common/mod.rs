@@ -1,0 +1,189 @@
+//! Shared helpers of the black-box tests: a real server on 127.0.0.1:0, raw WebSocket
+//! and SSE clients, a seeded random generator, and condition polling with a deadline.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use herald_server::{Config, Server};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type Result<T = ()> = std::result::Result<T, Error>;
+pub type RawSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A test server; shut down when dropped.
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub url: String,
+    pub ws: String,
+    pub http: reqwest::Client,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = &self.server {
+            s.shutdown();
+        }
+    }
+}
+
+/// Starts a memory-store server on a free port, after `tune` adjusts the config.
+pub async fn start(tune: impl FnOnce(&mut Config)) -> Result<TestServer> {
+    let mut config = Config { listen: "127.0.0.1:0".parse()?, ..Config::default() };
+    tune(&mut config);
+    let server = herald_server::start(config).await?;
+    let url = server.url();
+    let ws = url.replacen("http://", "ws://", 1);
+    Ok(TestServer { server: Some(server), url, ws, http: reqwest::Client::new() })
+}
+
+impl TestServer {
+    pub fn client(&self) -> herald_client::Client {
+        herald_client::Client::new(&self.url)
+    }
+
+    pub async fn json_ws(&self) -> Result<herald_client::WsConnection> {
+        Ok(herald_client::WsConnection::connect(&self.url).await?)
+    }
+
+    /// A raw socket on `/v1/topics/{topic}/ws?{query}`.
+    pub async fn raw_ws(&self, topic: &str, query: &str) -> Result<RawSocket> {
+        let url = format!("{}/v1/topics/{topic}/ws?{query}", self.ws);
+        let (socket, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(socket)
+    }
+
+    /// GET a JSON document.
+    pub async fn get_json(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        let r = self.http.get(format!("{}{path}", self.url)).send().await?;
+        let status = r.status().as_u16();
+        let body = r.bytes().await?;
+        Ok((status, serde_json::from_slice(&body)?))
+    }
+
+    /// POST a body with a content type; returns status and the JSON answer.
+    pub async fn post(&self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Result<(u16, serde_json::Value)> {
+        let mut req = self.http.post(format!("{}{path}", self.url)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let body = r.bytes().await?;
+        Ok((status, serde_json::from_slice(&body)?))
+    }
+
+    /// Live subscribers of a topic on this node.
+    pub async fn subscribers(&self, topic: &str) -> Result<u64> {
+        let (_, info) = self.get_json(&format!("/v1/topics/{topic}")).await?;
+        info["subscribers"].as_u64().ok_or_else(|| "no subscribers field".into())
+    }
+
+    /// One metric's value from /metrics.
+    pub async fn metric(&self, name: &str) -> Result<u64> {
+        let text = self.http.get(format!("{}/metrics", self.url)).send().await?.text().await?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .ok_or_else(|| format!("metric {name} missing"))?;
+        Ok(line[name.len() + 1..].trim().parse()?)
+    }
+}
+
+/// Polls `check` until it holds, failing after `limit`. For conditions that have no
+/// event to await (a count seen through the HTTP API).
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F) -> Result
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("timed out waiting for: {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Bounds a test step so a bug fails the test instead of hanging it.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(limit, fut).await.map_err(|_| format!("timed out: {what}").into())
+}
+
+/// The next data frame of a raw socket (text or binary), skipping control frames.
+pub async fn raw_next(socket: &mut RawSocket) -> Result<WsMessage> {
+    loop {
+        match socket.next().await {
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            Some(Ok(m)) => return Ok(m),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("socket ended".into()),
+        }
+    }
+}
+
+/// Reads a raw socket until its close frame and returns the close code.
+pub async fn close_code(socket: &mut RawSocket) -> Result<u16> {
+    loop {
+        match socket.next().await {
+            Some(Ok(WsMessage::Close(frame))) => return Ok(frame.map_or(1005, |f| u16::from(f.code))),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("no close frame: {e}").into()),
+            None => return Err("socket ended without a close frame".into()),
+        }
+    }
+}
+
+pub async fn send_text(socket: &mut RawSocket, text: &str) -> Result {
+    socket.send(WsMessage::text(text)).await?;
+    Ok(())
+}
+
+/// A small seeded generator (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+    /// A size up to 64 KiB, most of them small.
+    pub fn size(&mut self) -> usize {
+        let cap = 65_536u64 >> self.below(8);
+        self.below(cap) as usize
+    }
+    /// Random bytes of a random size up to 64 KiB.
+    pub fn some_bytes(&mut self) -> Vec<u8> {
+        let n = self.size();
+        self.bytes(n)
+    }
+    /// Random text of 1 byte to 64 KiB that never starts with `{`.
+    pub fn some_text(&mut self) -> String {
+        let n = self.size().max(1);
+        self.text(n)
+    }
+    /// Printable ASCII that never starts with `{`.
+    pub fn text(&mut self, len: usize) -> String {
+        (0..len).map(|i| if i == 0 { 't' } else { (b' ' + self.below(95) as u8) as char }).collect()
+    }
+}
