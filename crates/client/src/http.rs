@@ -80,10 +80,7 @@ struct RawFetched {
 impl Client {
     /// A client for the server at `base` (e.g. `http://127.0.0.1:7070`).
     pub fn new(base: impl Into<String>) -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            base: base.into().trim_end_matches('/').to_owned(),
-        }
+        Self { http: reqwest::Client::new(), base: base.into().trim_end_matches('/').to_owned() }
     }
 
     /// The server's base URL.
@@ -98,11 +95,7 @@ impl Client {
         let status = response.status().as_u16();
         let body = response.bytes().await?;
         Err(match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(e) => ClientError::Api {
-                status,
-                code: e.error.code,
-                message: e.error.message,
-            },
+            Ok(e) => ClientError::Api { status, code: e.error.code, message: e.error.message },
             Err(_) => ClientError::Api {
                 status,
                 code: "unknown".into(),
@@ -120,39 +113,21 @@ impl Client {
         body: impl Into<reqwest::Body>,
     ) -> Result<Published, ClientError> {
         let url = format!("{}/v1/topics/{topic}/messages", self.base);
-        let response = self
-            .http
-            .post(url)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await?;
+        let response = self.http.post(url).header("content-type", content_type).body(body).send().await?;
         let bytes = Self::check(response).await?.bytes().await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Publishes UTF-8 text.
-    pub async fn publish_text(
-        &self,
-        topic: &str,
-        text: impl Into<String>,
-    ) -> Result<Published, ClientError> {
-        self.publish(topic, "text/plain; charset=utf-8", text.into())
-            .await
+    pub async fn publish_text(&self, topic: &str, text: impl Into<String>) -> Result<Published, ClientError> {
+        self.publish(topic, "text/plain; charset=utf-8", text.into()).await
     }
 
     /// Fetches up to `limit` messages from offset `from`.
     pub async fn fetch(&self, topic: &str, from: u64, limit: u32) -> Result<Page, ClientError> {
-        let url = format!(
-            "{}/v1/topics/{topic}/messages?from={from}&limit={limit}",
-            self.base
-        );
-        let bytes = Self::check(self.http.get(url).send().await?)
-            .await?
-            .bytes()
-            .await?;
-        let raw: RawPage =
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let url = format!("{}/v1/topics/{topic}/messages?from={from}&limit={limit}", self.base);
+        let bytes = Self::check(self.http.get(url).send().await?).await?.bytes().await?;
+        let raw: RawPage = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let messages = raw
             .messages
             .into_iter()
@@ -165,20 +140,13 @@ impl Client {
                 })
             })
             .collect::<Result<_, ClientError>>()?;
-        Ok(Page {
-            epoch: raw.epoch,
-            messages,
-            next: raw.next,
-        })
+        Ok(Page { epoch: raw.epoch, messages, next: raw.next })
     }
 
     /// The topic's state.
     pub async fn info(&self, topic: &str) -> Result<TopicInfo, ClientError> {
         let url = format!("{}/v1/topics/{topic}", self.base);
-        let bytes = Self::check(self.http.get(url).send().await?)
-            .await?
-            .bytes()
-            .await?;
+        let bytes = Self::check(self.http.get(url).send().await?).await?.bytes().await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 

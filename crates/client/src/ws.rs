@@ -27,19 +27,14 @@ pub enum Payload {
 }
 
 impl Payload {
-    pub(crate) fn from_fields(
-        data: Option<Box<RawValue>>,
-        data_b64: Option<String>,
-    ) -> Result<Self, ClientError> {
+    pub(crate) fn from_fields(data: Option<Box<RawValue>>, data_b64: Option<String>) -> Result<Self, ClientError> {
         match (data, data_b64) {
             (Some(json), None) => Ok(Payload::Json(json.get().to_owned())),
             (None, Some(b64)) => base64::engine::general_purpose::STANDARD
                 .decode(b64)
                 .map(Payload::Binary)
                 .map_err(|e| ClientError::Protocol(format!("bad data_b64: {e}"))),
-            _ => Err(ClientError::Protocol(
-                "a message needs exactly one of data and data_b64".into(),
-            )),
+            _ => Err(ClientError::Protocol("a message needs exactly one of data and data_b64".into())),
         }
     }
 
@@ -81,14 +76,8 @@ struct MessageFrame {
 impl Delivery {
     /// Parses a server `message` frame.
     pub fn parse(text: &str) -> Result<Self, ClientError> {
-        let f: MessageFrame =
-            serde_json::from_str(text).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(Delivery {
-            topic: f.topic,
-            offset: f.offset,
-            ts: f.ts,
-            payload: Payload::from_fields(f.data, f.data_b64)?,
-        })
+        let f: MessageFrame = serde_json::from_str(text).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Delivery { topic: f.topic, offset: f.offset, ts: f.ts, payload: Payload::from_fields(f.data, f.data_b64)? })
     }
 }
 
@@ -107,11 +96,7 @@ impl WsConnection {
     pub async fn connect(base: &str) -> Result<Self, ClientError> {
         let url = format!("{}/v1/ws", ws_base(base.trim_end_matches('/')));
         let (socket, _) = tokio_tungstenite::connect_async(url).await?;
-        Ok(Self {
-            socket,
-            next_id: 1,
-            backlog: VecDeque::new(),
-        })
+        Ok(Self { socket, next_id: 1, backlog: VecDeque::new() })
     }
 
     /// Sends a text frame as is.
@@ -140,13 +125,9 @@ impl WsConnection {
             match self.socket.next().await {
                 Some(Ok(WsMessage::Text(t))) => return Ok(t.as_str().to_owned()),
                 Some(Ok(WsMessage::Close(frame))) => {
-                    return Err(ClientError::Closed(
-                        frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned())),
-                    ))
+                    return Err(ClientError::Closed(frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))))
                 }
-                Some(Ok(WsMessage::Binary(_))) => {
-                    return Err(ClientError::Protocol("binary frame".into()))
-                }
+                Some(Ok(WsMessage::Binary(_))) => return Err(ClientError::Protocol("binary frame".into())),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(ClientError::Closed(None)),
@@ -169,8 +150,7 @@ impl WsConnection {
         self.send_text(frame.to_string()).await?;
         loop {
             let text = self.recv_socket().await?;
-            let value: Value =
-                serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let value: Value = serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))?;
             if value.get("id").and_then(Value::as_u64) == Some(id) {
                 return Ok(value);
             }
@@ -179,12 +159,7 @@ impl WsConnection {
     }
 
     /// Subscribes and returns the `subscribed` reply (or the error frame).
-    pub async fn subscribe(
-        &mut self,
-        topic: &str,
-        from: StartFrom,
-        epoch: Option<&str>,
-    ) -> Result<Value, ClientError> {
+    pub async fn subscribe(&mut self, topic: &str, from: StartFrom, epoch: Option<&str>) -> Result<Value, ClientError> {
         let mut frame = json!({"op": "subscribe", "topic": topic, "from": from.to_json()});
         if let Some(epoch) = epoch {
             frame["epoch"] = epoch.into();
@@ -194,8 +169,7 @@ impl WsConnection {
 
     /// Publishes a JSON value and returns the `published` reply (or the error frame).
     pub async fn publish(&mut self, topic: &str, data: Value) -> Result<Value, ClientError> {
-        self.request(json!({"op": "publish", "topic": topic, "data": data}))
-            .await
+        self.request(json!({"op": "publish", "topic": topic, "data": data})).await
     }
 
     /// Closes the connection normally.
@@ -252,21 +226,14 @@ impl Client {
                     Ok(()) => return, // the receiver is gone
                     Err(e) => e,
                 };
-                if tx
-                    .send(Event::Disconnected(error.to_string()))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Event::Disconnected(error.to_string())).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
-        Subscription {
-            events,
-            _task: AbortOnDropHandle::new(task),
-        }
+        Subscription { events, _task: AbortOnDropHandle::new(task) }
     }
 }
 
@@ -295,27 +262,19 @@ async fn session(
     let epoch = reply["epoch"].as_str().unwrap_or_default().to_owned();
     let next = reply["next"].as_u64().unwrap_or_default();
     let recovered = reply["recovered"].as_bool().unwrap_or(false);
-    if !recovered || resume.epoch.as_deref() != Some(&epoch) {
+    if !recovered {
+        // The requested position is lost: continue live (the caller saw recovered: false).
         resume.from = StartFrom::Offset(next);
     }
     resume.epoch = Some(epoch.clone());
     *backoff = Duration::from_millis(100);
-    if tx
-        .send(Event::Subscribed {
-            epoch,
-            next,
-            recovered,
-        })
-        .await
-        .is_err()
-    {
+    if tx.send(Event::Subscribed { epoch, next, recovered }).await.is_err() {
         return Ok(());
     }
     loop {
         let text = conn.recv_text().await?;
         if !text.starts_with("{\"type\":\"message\"") {
-            let value: Value =
-                serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let value: Value = serde_json::from_str(&text).map_err(|e| ClientError::Protocol(e.to_string()))?;
             if value["type"] == "error" {
                 return Err(ClientError::Protocol(value.to_string()));
             }

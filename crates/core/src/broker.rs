@@ -162,8 +162,10 @@ impl TopicState {
     /// Delivers `msg` to every subscriber, dropping those that are gone.
     fn deliver(&mut self, msg: &Arc<Message>, metrics: &Metrics, hold_limit: usize) {
         let before = self.subs.len();
+        let mut held_back = 0;
         self.subs.retain_mut(|sub| match &mut sub.held {
             Some(held) => {
+                held_back += 1;
                 held.bytes += msg.size_hint();
                 held.messages.push(msg.clone());
                 if held.bytes > hold_limit {
@@ -175,10 +177,9 @@ impl TopicState {
             None => sub.sink.deliver(msg),
         });
         let kept = self.subs.len();
-        Metrics::add(&metrics.deliveries, kept as u64);
-        metrics
-            .subscriptions
-            .fetch_sub((before - kept) as i64, Ordering::Relaxed);
+        // Held messages are counted when `Replay::finish` hands them over.
+        Metrics::add(&metrics.deliveries, kept.saturating_sub(held_back) as u64);
+        metrics.subscriptions.fetch_sub((before - kept) as i64, Ordering::Relaxed);
     }
 }
 
@@ -224,16 +225,9 @@ impl Broker {
     }
 
     /// Publishes one message; resolves once it is stored as durably as the store promises.
-    pub async fn publish(
-        &self,
-        topic: &TopicName,
-        msg: NewMessage,
-    ) -> Result<Published, BrokerError> {
+    pub async fn publish(&self, topic: &TopicName, msg: NewMessage) -> Result<Published, BrokerError> {
         let published = self.publish_batch(topic, vec![msg]).await?;
-        published
-            .into_iter()
-            .next()
-            .ok_or(BrokerError::Store(StoreError::Closed))
+        published.into_iter().next().ok_or(BrokerError::Store(StoreError::Closed))
     }
 
     /// Publishes a batch atomically (consecutive offsets) with one store write.
@@ -244,10 +238,7 @@ impl Broker {
     ) -> Result<Vec<Published>, BrokerError> {
         let max = self.inner.config.max_message_bytes;
         if let Some(big) = batch.iter().find(|m| m.payload.len() > max) {
-            return Err(BrokerError::TooLarge {
-                size: big.payload.len(),
-                max,
-            });
+            return Err(BrokerError::TooLarge { size: big.payload.len(), max });
         }
         let mut append = self.inner.store.append(topic, batch);
         // The memory store resolves at once: fan out inline. A durable store resolves
@@ -272,25 +263,16 @@ impl Broker {
                 .map_err(|_| StoreError::Closed)??
             }
         };
-        Metrics::add(
-            &self.inner.metrics.published,
-            appended.messages.len() as u64,
-        );
-        Ok(appended
-            .messages
-            .iter()
-            .map(|m| Published {
-                offset: m.offset,
-                ts: m.ts,
-            })
-            .collect())
+        Metrics::add(&self.inner.metrics.published, appended.messages.len() as u64);
+        Ok(appended.messages.iter().map(|m| Published { offset: m.offset, ts: m.ts }).collect())
     }
 
     fn fan_out(&self, topic: &TopicName, appended: &Appended) {
         let Some(t) = lock(self.shard(topic)).get(topic).cloned() else {
             return; // nobody subscribed on this node
         };
-        let hold_limit = self.inner.config.outbound.max_pending_bytes;
+        // Held messages count against the same hard bound as a full outbound queue.
+        let hold_limit = self.inner.config.outbound.max_pending_bytes.saturating_mul(2);
         let metrics = &self.inner.metrics;
         let mut guard = lock(&t.state);
         let st = &mut *guard;
@@ -361,15 +343,8 @@ impl Broker {
         };
         let replay = start.filter(|&s| s <= watermark && watermark > 0);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        st.subs.push(Sub {
-            id,
-            sink,
-            held: replay.map(|_| Held::default()),
-        });
-        self.inner
-            .metrics
-            .subscriptions
-            .fetch_add(1, Ordering::Relaxed);
+        st.subs.push(Sub { id, sink, held: replay.map(|_| Held::default()) });
+        self.inner.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
         let epoch = st.epoch.clone();
         drop(st);
         Ok(Subscribed {
@@ -399,10 +374,7 @@ impl Broker {
         st.subs.retain(|s| s.id != id.0);
         let removed = st.subs.len() < before;
         if removed {
-            self.inner
-                .metrics
-                .subscriptions
-                .fetch_sub(1, Ordering::Relaxed);
+            self.inner.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
         if st.subs.is_empty() && st.reorder.is_empty() {
             drop(st);
@@ -412,23 +384,14 @@ impl Broker {
     }
 
     /// Up to `limit` messages from offset `from` (0: first retained).
-    pub async fn fetch(
-        &self,
-        topic: &TopicName,
-        from: u64,
-        limit: usize,
-    ) -> Result<Fetched, BrokerError> {
+    pub async fn fetch(&self, topic: &TopicName, from: u64, limit: usize) -> Result<Fetched, BrokerError> {
         let messages = self.inner.store.read(topic, from, u64::MAX, limit).await?;
         let head = self.inner.store.head(topic)?;
         let next = match messages.last() {
             Some(m) => m.offset + 1,
             None => from.max(1).min(head.next),
         };
-        Ok(Fetched {
-            epoch: head.epoch,
-            messages,
-            next,
-        })
+        Ok(Fetched { epoch: head.epoch, messages, next })
     }
 
     /// Deletes a topic's history: a new epoch, offsets from 1; live subscriptions stay.
@@ -446,10 +409,7 @@ impl Broker {
     /// The topic's head and live subscriber count.
     pub fn info(&self, topic: &TopicName) -> Result<TopicInfo, BrokerError> {
         let head = self.inner.store.head(topic)?;
-        Ok(TopicInfo {
-            head,
-            subscribers: self.subscriber_count(topic),
-        })
+        Ok(TopicInfo { head, subscribers: self.subscriber_count(topic) })
     }
 
     fn subscriber_count(&self, topic: &TopicName) -> u64 {
@@ -458,28 +418,14 @@ impl Broker {
     }
 
     /// Topics with retained messages or live subscribers, by name, after `after`.
-    pub fn list(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<TopicSummary>, BrokerError> {
+    pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<TopicSummary>, BrokerError> {
         let mut merged: BTreeMap<TopicName, TopicSummary> = BTreeMap::new();
         for ListedTopic { topic, last } in self.inner.store.list(prefix, after, limit)? {
-            merged.insert(
-                topic.clone(),
-                TopicSummary {
-                    topic,
-                    last,
-                    subscribers: 0,
-                },
-            );
+            merged.insert(topic.clone(), TopicSummary { topic, last, subscribers: 0 });
         }
         for shard in self.inner.shards.iter() {
-            let topics: Vec<(TopicName, Arc<Topic>)> = lock(shard)
-                .iter()
-                .map(|(n, t)| (n.clone(), t.clone()))
-                .collect();
+            let topics: Vec<(TopicName, Arc<Topic>)> =
+                lock(shard).iter().map(|(n, t)| (n.clone(), t.clone())).collect();
             for (name, t) in topics {
                 let s = name.as_str();
                 if !s.starts_with(prefix) || after.is_some_and(|a| s <= a) {
@@ -491,11 +437,7 @@ impl Broker {
                 }
                 merged
                     .entry(name.clone())
-                    .or_insert_with(|| TopicSummary {
-                        topic: name,
-                        last: 0,
-                        subscribers: 0,
-                    })
+                    .or_insert_with(|| TopicSummary { topic: name, last: 0, subscribers: 0 })
                     .subscribers = subscribers;
             }
         }
@@ -532,19 +474,11 @@ pub struct Replay {
 impl Replay {
     /// The next chunk of at most `limit` messages, or `None` when the history up to the
     /// watermark is done (then call [`Replay::finish`]).
-    pub async fn next_chunk(
-        &mut self,
-        limit: usize,
-    ) -> Result<Option<Vec<Arc<Message>>>, BrokerError> {
+    pub async fn next_chunk(&mut self, limit: usize) -> Result<Option<Vec<Arc<Message>>>, BrokerError> {
         if self.cursor > self.end {
             return Ok(None);
         }
-        let chunk = self
-            .broker
-            .inner
-            .store
-            .read(&self.topic_name, self.cursor, self.end, limit)
-            .await?;
+        let chunk = self.broker.inner.store.read(&self.topic_name, self.cursor, self.end, limit).await?;
         match chunk.last() {
             Some(last) => self.cursor = last.offset + 1,
             None => return Ok(None),

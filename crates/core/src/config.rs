@@ -18,10 +18,7 @@ pub struct RetentionConfig {
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        Self {
-            max_messages: 100_000,
-            max_age: Duration::from_secs(24 * 3600),
-        }
+        Self { max_messages: 100_000, max_age: Duration::from_secs(24 * 3600) }
     }
 }
 
@@ -37,10 +34,7 @@ pub struct OutboundConfig {
 
 impl Default for OutboundConfig {
     fn default() -> Self {
-        Self {
-            max_pending_bytes: 8 << 20,
-            slow_consumer_timeout: Duration::from_secs(5),
-        }
+        Self { max_pending_bytes: 8 << 20, slow_consumer_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -57,10 +51,6 @@ pub struct BrokerConfig {
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        Self {
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            outbound: OutboundConfig::default(),
-            shards: 64,
-        }
+        Self { max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES, outbound: OutboundConfig::default(), shards: 64 }
     }
 }

@@ -20,8 +20,7 @@ pub mod outbound;
 pub mod store;
 
 pub use broker::{
-    Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId,
-    TopicInfo, TopicSummary,
+    Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo, TopicSummary,
 };
 pub use config::{BrokerConfig, OutboundConfig, RetentionConfig};
 pub use memory::MemoryStore;

@@ -45,12 +45,7 @@ struct Log {
 
 impl Log {
     fn new(epoch: Epoch) -> Self {
-        Self {
-            epoch,
-            next: 1,
-            last_ts: 0,
-            messages: VecDeque::new(),
-        }
+        Self { epoch, next: 1, last_ts: 0, messages: VecDeque::new() }
     }
 
     /// Drops messages from the head past the count or age limit, or whose TTL passed.
@@ -72,13 +67,7 @@ impl Log {
             (Some(f), Some(l)) => (f.offset, l.offset),
             _ => (0, 0),
         };
-        TopicHead {
-            epoch: self.epoch.clone(),
-            first,
-            last,
-            next: self.next,
-            retained: self.messages.len() as u64,
-        }
+        TopicHead { epoch: self.epoch.clone(), first, last, next: self.next, retained: self.messages.len() as u64 }
     }
 }
 
@@ -126,9 +115,7 @@ impl Store for MemoryStore {
         let inner = &self.inner;
         let now = inner.clock.now_ms();
         let mut shard = inner.shard(topic);
-        let log = shard
-            .entry(topic.clone())
-            .or_insert_with(|| Log::new(inner.fresh_epoch.clone()));
+        let log = shard.entry(topic.clone()).or_insert_with(|| Log::new(inner.fresh_epoch.clone()));
         let mut messages = Vec::with_capacity(batch.len());
         for new in batch {
             let ts = now.max(log.last_ts);
@@ -139,19 +126,10 @@ impl Store for MemoryStore {
             messages.push(msg);
         }
         log.trim(now, &inner.retention);
-        ready(Ok(Appended {
-            epoch: log.epoch.clone(),
-            messages,
-        }))
+        ready(Ok(Appended { epoch: log.epoch.clone(), messages }))
     }
 
-    fn read(
-        &self,
-        topic: &TopicName,
-        from: u64,
-        until: u64,
-        limit: usize,
-    ) -> StoreFuture<Vec<Arc<Message>>> {
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<Vec<Arc<Message>>> {
         let now = self.inner.clock.now_ms();
         let mut shard = self.inner.shard(topic);
         let Some(log) = shard.get_mut(topic) else {
@@ -187,18 +165,11 @@ impl Store for MemoryStore {
     fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch> {
         let n = self.inner.epochs.fetch_add(1, Ordering::Relaxed) + 1;
         let epoch: Epoch = Arc::from(format!("{}-{n}", self.inner.boot));
-        self.inner
-            .shard(topic)
-            .insert(topic.clone(), Log::new(epoch.clone()));
+        self.inner.shard(topic).insert(topic.clone(), Log::new(epoch.clone()));
         ready(Ok(epoch))
     }
 
-    fn list(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ListedTopic>, StoreError> {
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {
         let now = self.inner.clock.now_ms();
         let mut out = Vec::new();
         for shard in self.inner.shards.iter() {
@@ -210,10 +181,7 @@ impl Store for MemoryStore {
                 }
                 log.trim(now, &self.inner.retention);
                 if let Some(last) = log.messages.back() {
-                    out.push(ListedTopic {
-                        topic: name.clone(),
-                        last: last.offset,
-                    });
+                    out.push(ListedTopic { topic: name.clone(), last: last.offset });
                 }
             }
         }
@@ -258,26 +226,17 @@ mod tests {
         let t = TopicName::parse("a").expect("name");
         assert_eq!(store.head(&t)?.next, 1);
         let batch = store.append(&t, vec![msg("x"), msg("y")]).await?;
-        assert_eq!(
-            batch.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
-            [1, 2]
-        );
+        assert_eq!(batch.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(append(&store, &t, "z").await.offset, 3);
         let head = store.head(&t)?;
-        assert_eq!(
-            (head.first, head.last, head.next, head.retained),
-            (1, 3, 4, 3)
-        );
+        assert_eq!((head.first, head.last, head.next, head.retained), (1, 3, 4, 3));
         Ok(())
     }
 
     #[tokio::test]
     async fn retention_by_count_and_age_and_ttl() -> Result<(), StoreError> {
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let retention = RetentionConfig {
-            max_messages: 3,
-            max_age: Duration::from_secs(10),
-        };
+        let retention = RetentionConfig { max_messages: 3, max_age: Duration::from_secs(10) };
         let store = MemoryStore::with_clock(retention, clock.clone());
         let t = TopicName::parse("a").expect("name");
         for i in 0..5 {
@@ -289,12 +248,7 @@ mod tests {
         store.append(&t, vec![ttl]).await?; // offset 6; trims 3
         assert_eq!(store.read(&t, 0, u64::MAX, 10).await?.len(), 3);
         clock.advance(100);
-        let offsets: Vec<u64> = store
-            .read(&t, 0, u64::MAX, 10)
-            .await?
-            .iter()
-            .map(|m| m.offset)
-            .collect();
+        let offsets: Vec<u64> = store.read(&t, 0, u64::MAX, 10).await?.iter().map(|m| m.offset).collect();
         assert_eq!(offsets, [4, 5], "expired message skipped");
         clock.advance(10_000);
         let head = store.head(&t)?;
@@ -308,10 +262,7 @@ mod tests {
         let t = TopicName::parse("a").expect("name");
         let fresh = store.head(&t)?.epoch;
         let first = store.append(&t, vec![msg("x")]).await?;
-        assert_eq!(
-            first.epoch, fresh,
-            "a fresh topic reports its first message's epoch"
-        );
+        assert_eq!(first.epoch, fresh, "a fresh topic reports its first message's epoch");
         let epoch = store.delete(&t).await?;
         assert_ne!(epoch, fresh);
         let again = store.append(&t, vec![msg("y")]).await?;
@@ -328,19 +279,9 @@ mod tests {
             append(&store, &a, &i.to_string()).await;
         }
         append(&store, &b, "b").await;
-        let got: Vec<u64> = store
-            .read(&a, 4, 7, 100)
-            .await?
-            .iter()
-            .map(|m| m.offset)
-            .collect();
+        let got: Vec<u64> = store.read(&a, 4, 7, 100).await?.iter().map(|m| m.offset).collect();
         assert_eq!(got, [4, 5, 6, 7]);
-        let got: Vec<u64> = store
-            .read(&a, 4, 100, 2)
-            .await?
-            .iter()
-            .map(|m| m.offset)
-            .collect();
+        let got: Vec<u64> = store.read(&a, 4, 100, 2).await?.iter().map(|m| m.offset).collect();
         assert_eq!(got, [4, 5]);
         let listed = store.list("x.", Some("x.a"), 10)?;
         assert_eq!(listed, vec![ListedTopic { topic: b, last: 1 }]);

@@ -49,11 +49,7 @@ pub struct NewMessage {
 impl NewMessage {
     /// A message of `kind` with no TTL.
     pub fn new(kind: Kind, payload: impl Into<Bytes>) -> Self {
-        Self {
-            kind,
-            payload: payload.into(),
-            ttl_ms: None,
-        }
+        Self { kind, payload: payload.into(), ttl_ms: None }
     }
 }
 
@@ -165,9 +161,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 }
 

@@ -93,26 +93,13 @@ pub fn outbound<C>(config: OutboundConfig) -> (Arc<Outbound<C>>, OutboundRx<C>) 
         base: Instant::now(),
         config,
     });
-    (
-        Arc::new(Outbound {
-            tx,
-            shared: shared.clone(),
-        }),
-        OutboundRx { rx, shared },
-    )
+    (Arc::new(Outbound { tx, shared: shared.clone() }), OutboundRx { rx, shared })
 }
 
 impl Shared {
     fn close(&self, reason: CloseReason) -> bool {
-        let code = if reason == CloseReason::SlowConsumer {
-            SLOW
-        } else {
-            CLOSED
-        };
-        let first = self
-            .state
-            .compare_exchange(OPEN, code, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
+        let code = if reason == CloseReason::SlowConsumer { SLOW } else { CLOSED };
+        let first = self.state.compare_exchange(OPEN, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
         if first {
             self.closed.notify_waiters();
             self.drained.notify_waiters();
@@ -158,10 +145,7 @@ impl<C> Outbound<C> {
                 return false;
             }
             let now = s.now_ms();
-            if let Err(since) =
-                s.full_since
-                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
-            {
+            if let Err(since) = s.full_since.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
                 if now.saturating_sub(since) >= s.config.slow_consumer_timeout.as_millis() as u64 {
                     s.close(CloseReason::SlowConsumer);
                     return false;
@@ -247,20 +231,40 @@ impl<C> OutboundRx<C> {
     /// When the queue, full now, becomes a slow consumer if nothing drains it.
     pub fn slow_deadline(&self) -> Option<Instant> {
         let since = self.shared.full_since.load(Ordering::Acquire);
-        (since != 0).then(|| {
-            self.shared.base
-                + Duration::from_millis(since - 1)
-                + self.shared.config.slow_consumer_timeout
-        })
+        (since != 0)
+            .then(|| self.shared.base + Duration::from_millis(since - 1) + self.shared.config.slow_consumer_timeout)
     }
 
-    /// Marks the queue slow-closed if it is still full at its deadline; returns whether it closed.
+    /// Closes the queue as a slow consumer if it is still full at its deadline; true
+    /// when the queue is (now or already) closed as a slow consumer.
     pub fn check_slow(&self) -> bool {
-        match self.slow_deadline() {
-            Some(deadline) if Instant::now() >= deadline => {
-                self.shared.close(CloseReason::SlowConsumer)
+        if let Some(deadline) = self.slow_deadline() {
+            if Instant::now() >= deadline {
+                self.shared.close(CloseReason::SlowConsumer);
             }
-            _ => false,
+        }
+        self.shared.reason() == Some(CloseReason::SlowConsumer)
+    }
+
+    /// Resolves when the queue closes, or closes it as a slow consumer when it stays
+    /// full past its deadline. A writer blocked on a socket races this against the write.
+    pub async fn until_closed_or_slow(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.shared.reason() {
+                return reason;
+            }
+            match self.slow_deadline() {
+                Some(deadline) => tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => { self.check_slow(); }
+                    _ = self.closed() => {}
+                },
+                // Not full now; it can only become full through a push, which will
+                // also have set the deadline: re-check then, or when closed.
+                None => tokio::select! {
+                    _ = tokio::time::sleep(self.shared.config.slow_consumer_timeout) => {}
+                    _ = self.closed() => {}
+                },
+            }
         }
     }
 
@@ -296,19 +300,11 @@ mod tests {
 
     fn message(len: usize) -> Arc<Message> {
         let topic = TopicName::parse("t").expect("name");
-        Arc::new(Message::new(
-            topic,
-            1,
-            0,
-            NewMessage::new(Kind::Text, vec![b'x'; len]),
-        ))
+        Arc::new(Message::new(topic, 1, 0, NewMessage::new(Kind::Text, vec![b'x'; len])))
     }
 
     fn config(max: usize) -> OutboundConfig {
-        OutboundConfig {
-            max_pending_bytes: max,
-            slow_consumer_timeout: Duration::from_secs(5),
-        }
+        OutboundConfig { max_pending_bytes: max, slow_consumer_timeout: Duration::from_secs(5) }
     }
 
     #[tokio::test(start_paused = true)]
@@ -329,10 +325,7 @@ mod tests {
     async fn full_past_timeout_closes_as_slow() {
         let (tx, rx) = outbound::<()>(config(1000));
         assert!(tx.push_message(message(500)));
-        assert!(
-            tx.push_message(message(500)),
-            "over the limit: full, not closed yet"
-        );
+        assert!(tx.push_message(message(500)), "over the limit: full, not closed yet");
         assert!(rx.slow_deadline().is_some());
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(!rx.check_slow());

@@ -79,13 +79,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` live messages with offset >= `from` (0 means the first retained) and
     /// <= `until`, in offset order.
-    fn read(
-        &self,
-        topic: &TopicName,
-        from: u64,
-        until: u64,
-        limit: usize,
-    ) -> StoreFuture<Vec<Arc<Message>>>;
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<Vec<Arc<Message>>>;
 
     /// The topic's current head. Cheap and synchronous: backends keep it in memory.
     fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError>;
@@ -95,12 +89,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Topics with retained messages whose name starts with `prefix` and sorts after
     /// `after`, by name, at most `limit`.
-    fn list(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ListedTopic>, StoreError>;
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError>;
 
     /// Applies retention by age and TTL everywhere, reclaiming space; called periodically.
     fn sweep(&self);

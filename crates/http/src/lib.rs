@@ -68,14 +68,7 @@ struct StateInner {
 impl AppState {
     /// State over `broker`; cancelling `shutdown` closes every long-lived connection.
     pub fn new(broker: Broker, config: HttpConfig, shutdown: CancellationToken) -> Self {
-        Self {
-            inner: Arc::new(StateInner {
-                broker,
-                config,
-                shutdown,
-                tracker: TaskTracker::new(),
-            }),
-        }
+        Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker: TaskTracker::new() }) }
     }
 
     fn broker(&self) -> &Broker {
@@ -97,20 +90,11 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/ws", get(ws::json_upgrade))
         .route("/v1/topics", get(rest::list_topics))
-        .route(
-            "/v1/topics/{topic}",
-            get(rest::topic_info).delete(rest::delete_topic),
-        )
-        .route(
-            "/v1/topics/{topic}/messages",
-            post(rest::publish).get(rest::fetch),
-        )
+        .route("/v1/topics/{topic}", get(rest::topic_info).delete(rest::delete_topic))
+        .route("/v1/topics/{topic}/messages", post(rest::publish).get(rest::fetch))
         .route("/v1/topics/{topic}/sse", get(sse::stream))
         .route("/v1/topics/{topic}/ws", get(ws::raw_upgrade))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            connection_limit,
-        ));
+        .layer(axum::middleware::from_fn_with_state(state.clone(), connection_limit));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -162,10 +146,7 @@ const REPLAY_CHUNK: usize = 256;
 
 /// Replays history into `out` in chunks paced by the client, then switches to live.
 /// The task is aborted (with its handle) when the subscription ends.
-pub(crate) fn spawn_replay<C: Send + 'static>(
-    mut replay: Replay,
-    out: Arc<Outbound<C>>,
-) -> AbortOnDropHandle<()> {
+pub(crate) fn spawn_replay<C: Send + 'static>(mut replay: Replay, out: Arc<Outbound<C>>) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
         // Pacing target: half the bound keeps the socket busy without filling the queue.
         let resume_below = out.max_pending_bytes() / 2;

@@ -14,10 +14,7 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let m = state.broker().metrics();
     let mut out = String::with_capacity(2048);
     let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = write!(
-            out,
-            "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name} {value}\n"
-        );
+        let _ = write!(out, "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name} {value}\n");
     };
     metric(
         "messages_published_total",
@@ -53,17 +50,10 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         out,
         "# HELP herald_encodes_total Message encodings per wire form (one per message and form when fan-out shares them).\n# TYPE herald_encodes_total counter\n"
     );
-    for (form, label) in [
-        (WireForm::WsJson, "ws_json"),
-        (WireForm::WsRaw, "ws_raw"),
-        (WireForm::Sse, "sse"),
-        (WireForm::Grpc, "grpc"),
-    ] {
-        let _ = writeln!(
-            out,
-            "herald_encodes_total{{form=\"{label}\"}} {}",
-            m.encodes_of(form)
-        );
+    for (form, label) in
+        [(WireForm::WsJson, "ws_json"), (WireForm::WsRaw, "ws_raw"), (WireForm::Sse, "sse"), (WireForm::Grpc, "grpc")]
+    {
+        let _ = writeln!(out, "herald_encodes_total{{form=\"{label}\"}} {}", m.encodes_of(form));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -22,29 +22,17 @@ impl Query {
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// An integer parameter within `min..=max`, or `default` when absent.
-    pub(crate) fn number(
-        &self,
-        name: &str,
-        min: u64,
-        max: u64,
-        default: u64,
-    ) -> Result<u64, ApiError> {
+    pub(crate) fn number(&self, name: &str, min: u64, max: u64, default: u64) -> Result<u64, ApiError> {
         let Some(v) = self.get(name) else {
             return Ok(default);
         };
         match v.parse::<u64>() {
             Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(ApiError::bad_request(format!(
-                "{name} must be an integer from {min} to {max}"
-            ))),
+            _ => Err(ApiError::bad_request(format!("{name} must be an integer from {min} to {max}"))),
         }
     }
 }
@@ -60,23 +48,13 @@ fn json(status: StatusCode, body: String) -> Response {
 /// The kind a Content-Type selects (API.md's kind table); media types compare
 /// case-insensitively and parameters are ignored.
 fn kind_of(headers: &HeaderMap) -> Kind {
-    let Some(ct) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return Kind::Binary;
     };
-    let media = ct
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     if media.starts_with("text/") {
         Kind::Text
-    } else if media == "application/json"
-        || (media.starts_with("application/") && media.ends_with("+json"))
-    {
+    } else if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
         Kind::Json
     } else {
         Kind::Binary
@@ -84,29 +62,19 @@ fn kind_of(headers: &HeaderMap) -> Kind {
 }
 
 /// Validates a body against its kind and builds the message.
-pub(crate) fn new_message(
-    kind: Kind,
-    payload: Bytes,
-    ttl_ms: Option<u64>,
-) -> Result<NewMessage, ApiError> {
+pub(crate) fn new_message(kind: Kind, payload: Bytes, ttl_ms: Option<u64>) -> Result<NewMessage, ApiError> {
     match kind {
         Kind::Text if std::str::from_utf8(&payload).is_err() => {
             return Err(ApiError::bad_request("a text/* body must be UTF-8"));
         }
         Kind::Json => {
             if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-                return Err(ApiError::bad_request(format!(
-                    "body is not valid JSON: {e}"
-                )));
+                return Err(ApiError::bad_request(format!("body is not valid JSON: {e}")));
             }
         }
         _ => {}
     }
-    Ok(NewMessage {
-        kind,
-        payload,
-        ttl_ms,
-    })
+    Ok(NewMessage { kind, payload, ttl_ms })
 }
 
 pub(crate) async fn publish(
@@ -118,27 +86,16 @@ pub(crate) async fn publish(
 ) -> Result<Response, ApiError> {
     let topic = topic_name(&topic)?;
     let query = Query::parse(query.as_deref())?;
-    let ttl_ms = query
-        .get("ttl_ms")
-        .is_some()
-        .then(|| query.number("ttl_ms", 0, u64::MAX, 0))
-        .transpose()?;
+    let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX, 0)).transpose()?;
     let max = state.broker().config().max_message_bytes;
-    let payload = axum::body::to_bytes(body, max).await.map_err(|_| {
-        ApiError::new(
-            ErrorCode::TooLarge,
-            format!("body is over the limit of {max} bytes"),
-        )
-    })?;
+    let payload = axum::body::to_bytes(body, max)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::TooLarge, format!("body is over the limit of {max} bytes")))?;
     let msg = new_message(kind_of(&headers), payload, ttl_ms)?;
     let published = state.broker().publish(&topic, msg).await?;
     let mut body = String::from("{\"topic\":");
     push_json_str(&mut body, topic.as_str());
-    let _ = write!(
-        body,
-        ",\"offset\":{},\"ts\":{}}}",
-        published.offset, published.ts
-    );
+    let _ = write!(body, ",\"offset\":{},\"ts\":{}}}", published.offset, published.ts);
     Ok(json(StatusCode::CREATED, body))
 }
 
@@ -152,8 +109,7 @@ pub(crate) async fn fetch(
     let from = query.number("from", 0, u64::MAX, 0)?;
     let limit = query.number("limit", 1, 1000, 100)?;
     let page = state.broker().fetch(&topic, from, limit as usize).await?;
-    let mut body =
-        String::with_capacity(64 + page.messages.iter().map(|m| m.size_hint()).sum::<usize>());
+    let mut body = String::with_capacity(64 + page.messages.iter().map(|m| m.size_hint()).sum::<usize>());
     body.push_str("{\"topic\":");
     push_json_str(&mut body, topic.as_str());
     body.push_str(",\"epoch\":");
@@ -178,10 +134,7 @@ pub(crate) async fn delete_topic(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(crate) async fn topic_info(
-    State(state): State<AppState>,
-    Path(topic): Path<String>,
-) -> Result<Response, ApiError> {
+pub(crate) async fn topic_info(State(state): State<AppState>, Path(topic): Path<String>) -> Result<Response, ApiError> {
     let topic = topic_name(&topic)?;
     let info = state.broker().info(&topic)?;
     let h = &info.head;
@@ -204,9 +157,7 @@ pub(crate) async fn list_topics(
     let query = Query::parse(query.as_deref())?;
     let limit = query.number("limit", 1, 1000, 100)?;
     let prefix = query.get("prefix").unwrap_or_default();
-    let topics = state
-        .broker()
-        .list(prefix, query.get("after"), limit as usize)?;
+    let topics = state.broker().list(prefix, query.get("after"), limit as usize)?;
     let mut body = String::from("{\"topics\":[");
     for (i, t) in topics.iter().enumerate() {
         if i > 0 {
@@ -214,11 +165,7 @@ pub(crate) async fn list_topics(
         }
         body.push_str("{\"topic\":");
         push_json_str(&mut body, t.topic.as_str());
-        let _ = write!(
-            body,
-            ",\"last\":{},\"subscribers\":{}}}",
-            t.last, t.subscribers
-        );
+        let _ = write!(body, ",\"last\":{},\"subscribers\":{}}}", t.last, t.subscribers);
     }
     body.push_str("]}");
     Ok(json(StatusCode::OK, body))

@@ -44,15 +44,13 @@ pub(crate) async fn stream(
         // Resume after the last event seen.
         Some(id) => {
             let id = id.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
-            let id =
-                id.ok_or_else(|| ApiError::bad_request("Last-Event-ID must be a message offset"))?;
+            let id = id.ok_or_else(|| ApiError::bad_request("Last-Event-ID must be a message offset"))?;
             StartFrom::Offset(id.saturating_add(1))
         }
         None => match query.get("from") {
             None => StartFrom::Latest,
-            Some(s) => parse_from_query(s).ok_or_else(|| {
-                ApiError::bad_request("from must be latest, earliest or a non-negative integer")
-            })?,
+            Some(s) => parse_from_query(s)
+                .ok_or_else(|| ApiError::bad_request("from must be latest, earliest or a non-negative integer"))?,
         },
     };
     let (out, mut rx) = outbound::<Bytes>(state.broker().config().outbound);
@@ -74,28 +72,12 @@ pub(crate) async fn stream(
             while let Some(chunk) = ready.pop_front() {
                 // A client that stops reading blocks this send: the slow-consumer policy
                 // (closing the queue) or shutdown ends the stream.
-                let slow = async {
-                    loop {
-                        match rx.slow_deadline() {
-                            Some(d) => {
-                                sleep_until(d).await;
-                                if rx.check_slow() {
-                                    return;
-                                }
-                            }
-                            None => tokio::select! {
-                                _ = rx.closed() => return,
-                                _ = sleep_until(Instant::now() + KEEPALIVE_EVERY) => {}
-                            },
-                        }
-                    }
-                };
                 tokio::select! {
                     biased;
                     r = tx.send(chunk) => if r.is_err() { return },
                     _ = shutdown.cancelled() => return,
-                    _ = slow => {
-                        if rx.close_reason() == Some(CloseReason::SlowConsumer) {
+                    reason = rx.until_closed_or_slow() => {
+                        if reason == CloseReason::SlowConsumer {
                             Metrics::add(&metrics.slow_consumers, 1);
                         }
                         return;
@@ -148,9 +130,7 @@ pub(crate) async fn stream(
 /// A body stream fed by a producer task through a one-slot channel: the producer runs
 /// only as fast as hyper takes chunks, so the outbound queue (not this channel) is
 /// where a slow client's backlog is bounded and detected.
-fn async_stream<F, Fut>(
-    producer: F,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>>
+fn async_stream<F, Fut>(producer: F) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
@@ -18,8 +19,8 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use herald_core::{
-    outbound, CloseReason, Item, Kind, Message, Metrics, NewMessage, Outbound, OutboundRx, Replay,
-    StartFrom, SubscriptionId, TopicName, WireForm,
+    outbound, CloseReason, Item, Kind, Message, Metrics, NewMessage, Outbound, OutboundRx, Replay, StartFrom,
+    SubscriptionId, TopicName, WireForm,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::{close, encode, parse_client_frame, ErrorCode, FrameError, Op, Payload};
@@ -77,14 +78,10 @@ struct LastSeen {
 
 impl LastSeen {
     fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            ms: AtomicU64::new(0),
-        }
+        Self { start: Instant::now(), ms: AtomicU64::new(0) }
     }
     fn touch(&self) {
-        self.ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     fn since(&self, at: Instant) -> bool {
         self.ms.load(Ordering::Relaxed) >= at.duration_since(self.start).as_millis() as u64
@@ -100,13 +97,14 @@ enum Outcome {
 }
 
 /// Drains the outbound queue into the socket until the connection ends.
+/// Returns the close frame to send once the connection is cleaned up, if any.
 async fn run_writer(
-    mut sink: SplitSink<WebSocket, WsMessage>,
+    sink: &mut SplitSink<WebSocket, WsMessage>,
     mut rx: OutboundRx<Control>,
     state: &AppState,
     framing: Framing,
     last_seen: &LastSeen,
-) {
+) -> Option<(u16, &'static str)> {
     let config = state.config();
     let metrics = state.broker().metrics().clone();
     let shutdown = state.inner.shutdown.clone();
@@ -126,7 +124,7 @@ async fn run_writer(
                 if n == 0 {
                     match rx.close_reason() {
                         Some(CloseReason::SlowConsumer) => break close_slow(&metrics),
-                        _ => return,
+                        _ => return None,
                     }
                 }
                 let mut bytes = 0;
@@ -151,28 +149,18 @@ async fn run_writer(
                 };
                 // A client that stops reading blocks the write; the slow-consumer
                 // deadline (if the queue is full) or shutdown ends it.
-                let deadline = async {
-                    loop {
-                        match rx.slow_deadline() {
-                            Some(d) => {
-                                sleep_until(d).await;
-                                if rx.check_slow() {
-                                    return;
-                                }
-                            }
-                            None => sleep_until(Instant::now() + config.pong_timeout).await,
-                        }
-                    }
-                };
                 let outcome = tokio::select! {
                     biased;
                     r = write => if r.is_ok() { Outcome::Written } else { Outcome::Failed },
-                    _ = deadline => Outcome::Slow,
+                    reason = rx.until_closed_or_slow() => match reason {
+                        CloseReason::SlowConsumer => Outcome::Slow,
+                        CloseReason::Closed => Outcome::Failed,
+                    },
                     _ = shutdown.cancelled() => Outcome::Shutdown,
                 };
                 match outcome {
                     Outcome::Written => {}
-                    Outcome::Failed => return,
+                    Outcome::Failed => return None,
                     Outcome::Slow => break close_slow(&metrics),
                     Outcome::Shutdown => break (close::GOING_AWAY, "server shutting down"),
                 }
@@ -187,14 +175,14 @@ async fn run_writer(
                     pong_check = Some(Instant::now() + config.pong_timeout);
                 }
                 if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
-                    return;
+                    return None;
                 }
             }
             _ = sleep_until(pong_check.unwrap_or(next_ping)), if pong_check.is_some() => {
                 let sent = pong_check.map(|c| c - config.pong_timeout).unwrap_or_else(Instant::now);
                 if !last_seen.since(sent) {
                     tracing::debug!("no frame within pong_timeout after a ping; dropping connection");
-                    return;
+                    return None;
                 }
                 pong_check = None;
             }
@@ -206,12 +194,7 @@ async fn run_writer(
         }
     };
     rx.close(CloseReason::Closed);
-    let frame = WsMessage::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }));
-    // The peer may not be reading at all (slow consumer): do not wait on it forever.
-    let _ = tokio::time::timeout(config.pong_timeout, sink.send(frame)).await;
+    Some((code, reason))
 }
 
 /// Runs one connection: `reader` and the writer, until either ends it. The reader gets
@@ -227,21 +210,28 @@ async fn run_connection<R>(
     R: AsyncFnOnce(SplitStream<WebSocket>, &LastSeen, &CancellationToken),
 {
     let _guard = ConnectionGuard::new(state.broker());
-    let (sink, stream) = socket.split();
+    let (mut sink, stream) = socket.split();
     let last_seen = LastSeen::new();
     let stop = CancellationToken::new();
     let writer = async {
-        run_writer(sink, rx, state, framing, &last_seen).await;
+        let close = run_writer(&mut sink, rx, state, framing, &last_seen).await;
         stop.cancel();
+        close
     };
     let reader = async {
+        // The reader ends its subscriptions before it returns.
         reader(stream, &last_seen, &stop).await;
         // Let the writer drain what is queued (replies, a close frame), then close.
         if out.close_reason().is_none() {
             out.push_control(Control::Close(close::NORMAL, ""), 0);
         }
     };
-    tokio::join!(reader, writer);
+    let ((), close) = tokio::join!(reader, writer);
+    if let Some((code, reason)) = close {
+        let frame = WsMessage::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
+        // The peer may not be reading at all (a slow consumer): bounded wait.
+        let _ = tokio::time::timeout(state.config().pong_timeout, sink.send(frame)).await;
+    }
 }
 
 /// What a read error means for the connection.
@@ -260,16 +250,22 @@ fn text_size(t: &str) -> usize {
 // ---------------------------------------------------------------------------------------
 // JSON protocol
 
+/// A request to a WebSocket route that is not a valid upgrade.
+fn not_an_upgrade(e: WebSocketUpgradeRejection) -> ApiError {
+    ApiError::bad_request(format!("expected a WebSocket upgrade: {e}"))
+}
+
 pub(crate) async fn json_upgrade(
     State(state): State<AppState>,
-    upgrade: WebSocketUpgrade,
-) -> Response {
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(not_an_upgrade)?;
     let frame_limit = state.broker().config().max_message_bytes.saturating_mul(2);
     let tracker = state.tracker().clone();
-    upgrade
+    Ok(upgrade
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
-        .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state)))
+        .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state))))
 }
 
 struct JsonSub {
@@ -279,40 +275,30 @@ struct JsonSub {
 
 async fn json_connection(socket: WebSocket, state: AppState) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
-    let mut session = JsonSession {
-        state: state.clone(),
-        out: out.clone(),
-        subs: HashMap::new(),
-    };
-    run_connection(
-        socket,
-        &state,
-        Framing::Json,
-        (out, rx),
-        async |mut stream, last_seen, stop| loop {
-            let frame = tokio::select! {
-                _ = stop.cancelled() => break,
-                frame = stream.next() => frame,
-            };
-            last_seen.touch();
-            match frame {
-                Some(Ok(WsMessage::Text(text))) => session.handle(&text).await,
-                Some(Ok(WsMessage::Binary(_))) => session.error(&FrameError {
-                    id: None,
-                    code: ErrorCode::BadRequest,
-                    message: "binary frames are not part of the JSON protocol; use data_b64".into(),
-                }),
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
-                Some(Ok(WsMessage::Close(_))) | None => break,
-                Some(Err(e)) => {
-                    if let Some(close) = read_error_close(e) {
-                        session.out.push_control(close, 0);
-                    }
-                    break;
+    let mut session = JsonSession { state: state.clone(), out: out.clone(), subs: HashMap::new() };
+    run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => break,
+            frame = stream.next() => frame,
+        };
+        last_seen.touch();
+        match frame {
+            Some(Ok(WsMessage::Text(text))) => session.handle(&text).await,
+            Some(Ok(WsMessage::Binary(_))) => session.error(&FrameError {
+                id: None,
+                code: ErrorCode::BadRequest,
+                message: "binary frames are not part of the JSON protocol; use data_b64".into(),
+            }),
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+            Some(Ok(WsMessage::Close(_))) | None => break,
+            Some(Err(e)) => {
+                if let Some(close) = read_error_close(e) {
+                    session.out.push_control(close, 0);
                 }
+                break;
             }
-        },
-    )
+        }
+    })
     .await;
     session.unsubscribe_all();
 }
@@ -342,31 +328,13 @@ impl JsonSession {
         let fail = |code, message: String| FrameError { id, code, message };
         match frame.op {
             Op::Ping => self.reply(encode::pong(id)),
-            Op::Publish {
-                topic,
-                payload,
-                ttl_ms,
-            } => {
+            Op::Publish { topic, payload, ttl_ms } => {
                 let (kind, payload) = match payload {
                     Payload::Json(text) => (Kind::Json, Bytes::from(text)),
                     Payload::Binary(bytes) => (Kind::Binary, Bytes::from(bytes)),
                 };
-                match self
-                    .state
-                    .broker()
-                    .publish(
-                        &topic,
-                        NewMessage {
-                            kind,
-                            payload,
-                            ttl_ms,
-                        },
-                    )
-                    .await
-                {
-                    Ok(p) if id.is_some() => {
-                        self.reply(encode::published(id, topic.as_str(), p.offset, p.ts))
-                    }
+                match self.state.broker().publish(&topic, NewMessage { kind, payload, ttl_ms }).await {
+                    Ok(p) if id.is_some() => self.reply(encode::published(id, topic.as_str(), p.offset, p.ts)),
                     Ok(_) => {}
                     Err(e) => {
                         let api = ApiError::from(e);
@@ -376,10 +344,7 @@ impl JsonSession {
             }
             Op::Subscribe { topic, from, epoch } => {
                 if self.subs.contains_key(&topic) {
-                    return self.error(&fail(
-                        ErrorCode::AlreadySubscribed,
-                        format!("already subscribed to {topic}"),
-                    ));
+                    return self.error(&fail(ErrorCode::AlreadySubscribed, format!("already subscribed to {topic}")));
                 }
                 let max = self.state.config().max_subscriptions_per_connection;
                 if self.subs.len() >= max {
@@ -389,27 +354,11 @@ impl JsonSession {
                     ));
                 }
                 let sink = self.out.clone();
-                match self
-                    .state
-                    .broker()
-                    .subscribe(&topic, from, epoch.as_deref(), sink)
-                {
+                match self.state.broker().subscribe(&topic, from, epoch.as_deref(), sink) {
                     Ok(sub) => {
-                        self.reply(encode::subscribed(
-                            id,
-                            topic.as_str(),
-                            &sub.epoch,
-                            sub.next,
-                            sub.recovered,
-                        ));
+                        self.reply(encode::subscribed(id, topic.as_str(), &sub.epoch, sub.next, sub.recovered));
                         let replay = sub.replay.map(|r| spawn_replay(r, self.out.clone()));
-                        self.subs.insert(
-                            topic,
-                            JsonSub {
-                                id: sub.id,
-                                _replay: replay,
-                            },
-                        );
+                        self.subs.insert(topic, JsonSub { id: sub.id, _replay: replay });
                     }
                     Err(e) => {
                         let api = ApiError::from(e);
@@ -423,10 +372,7 @@ impl JsonSession {
                     self.state.broker().unsubscribe(&topic, sub.id);
                     self.reply(encode::unsubscribed(id, topic.as_str()));
                 }
-                None => self.error(&fail(
-                    ErrorCode::NotSubscribed,
-                    format!("not subscribed to {topic}"),
-                )),
+                None => self.error(&fail(ErrorCode::NotSubscribed, format!("not subscribed to {topic}"))),
             },
         }
     }
@@ -453,34 +399,26 @@ pub(crate) async fn raw_upgrade(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let topic = topic_name(&topic)?;
+    let upgrade = upgrade.map_err(not_an_upgrade)?;
     let query = Query::parse(query.as_deref())?;
     let mode = match query.get("mode") {
         None | Some("both") => Mode::Both,
         Some("pub") => Mode::Pub,
         Some("sub") => Mode::Sub,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "mode must be both, pub or sub, not {other:?}"
-            )))
-        }
+        Some(other) => return Err(ApiError::bad_request(format!("mode must be both, pub or sub, not {other:?}"))),
     };
     let from = match query.get("from") {
         None => StartFrom::Latest,
-        Some(s) => parse_from_query(s).ok_or_else(|| {
-            ApiError::bad_request("from must be latest, earliest or a non-negative integer")
-        })?,
+        Some(s) => parse_from_query(s)
+            .ok_or_else(|| ApiError::bad_request("from must be latest, earliest or a non-negative integer"))?,
     };
     // Subscribe before the 101 goes out, so a message published after the client saw
     // the handshake complete is delivered.
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
-    let sub = if mode == Mode::Pub {
-        None
-    } else {
-        Some(state.broker().subscribe(&topic, from, None, out.clone())?)
-    };
+    let sub = if mode == Mode::Pub { None } else { Some(state.broker().subscribe(&topic, from, None, out.clone())?) };
     let max = state.broker().config().max_message_bytes;
     let tracker = state.tracker().clone();
     let broker = state.broker().clone();
@@ -490,15 +428,7 @@ pub(crate) async fn raw_upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let replay = sub.and_then(|s| s.replay);
-            tracker.track_future(raw_connection(
-                socket,
-                state,
-                topic,
-                mode,
-                replay,
-                (out, rx),
-                unsubscribe,
-            ))
+            tracker.track_future(raw_connection(socket, state, topic, mode, replay, (out, rx), unsubscribe))
         })
         .into_response())
 }
@@ -512,62 +442,55 @@ async fn raw_connection(
     (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
     unsubscribe: UnsubscribeOnDrop,
 ) {
-    let _replay = replay.map(|r| spawn_replay(r, out.clone()));
+    let replay = replay.map(|r| spawn_replay(r, out.clone()));
     let queue = out.clone();
-    run_connection(
-        socket,
-        &state,
-        Framing::Raw,
-        (queue, rx),
-        async |mut stream, last_seen, stop| loop {
-            let frame = tokio::select! {
-                _ = stop.cancelled() => break,
-                frame = stream.next() => frame,
-            };
-            last_seen.touch();
-            let (kind, payload) = match frame {
-                Some(Ok(WsMessage::Text(t))) => (Kind::Text, Bytes::from(t)),
-                Some(Ok(WsMessage::Binary(b))) => (Kind::Binary, b),
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-                Some(Ok(WsMessage::Close(_))) | None => break,
-                Some(Err(e)) => {
-                    if let Some(close) = read_error_close(e) {
-                        out.push_control(close, 0);
-                    }
-                    break;
-                }
-            };
-            if mode == Mode::Sub {
-                out.push_control(
-                    Control::Close(close::UNSUPPORTED_DATA, "mode=sub takes no data frames"),
-                    0,
-                );
-                break;
-            }
-            if let Err(e) = state
-                .broker()
-                .publish(
-                    &topic,
-                    NewMessage {
-                        kind,
-                        payload,
-                        ttl_ms: None,
-                    },
-                )
-                .await
-            {
-                let api = ApiError::from(e);
-                tracing::debug!(code = %api.code, "raw publish failed: {}", api.message);
-                let code = if api.code == ErrorCode::TooLarge {
-                    close::TOO_BIG
-                } else {
-                    close::TRY_AGAIN_LATER
-                };
-                out.push_control(Control::Close(code, "publish failed"), 0);
-                break;
-            }
-        },
-    )
+    run_connection(socket, &state, Framing::Raw, (queue, rx), async |mut stream, last_seen, stop| {
+        raw_reader(&state, &topic, mode, &out, &mut stream, last_seen, stop).await;
+        drop(replay);
+        drop(unsubscribe);
+    })
     .await;
-    drop(unsubscribe);
+}
+
+/// Publishes each data frame of a raw socket until it ends.
+async fn raw_reader(
+    state: &AppState,
+    topic: &TopicName,
+    mode: Mode,
+    out: &Outbound<Control>,
+    stream: &mut SplitStream<WebSocket>,
+    last_seen: &LastSeen,
+    stop: &CancellationToken,
+) {
+    loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => return,
+            frame = stream.next() => frame,
+        };
+        last_seen.touch();
+        let (kind, payload) = match frame {
+            Some(Ok(WsMessage::Text(t))) => (Kind::Text, Bytes::from(t)),
+            Some(Ok(WsMessage::Binary(b))) => (Kind::Binary, b),
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            Some(Ok(WsMessage::Close(_))) | None => return,
+            Some(Err(e)) => {
+                if let Some(close) = read_error_close(e) {
+                    out.push_control(close, 0);
+                }
+                return;
+            }
+        };
+        if mode == Mode::Sub {
+            out.push_control(Control::Close(close::UNSUPPORTED_DATA, "mode=sub takes no data frames"), 0);
+            return;
+        }
+        let msg = NewMessage { kind, payload, ttl_ms: None };
+        if let Err(e) = state.broker().publish(topic, msg).await {
+            let api = ApiError::from(e);
+            tracing::debug!(code = %api.code, "raw publish failed: {}", api.message);
+            let code = if api.code == ErrorCode::TooLarge { close::TOO_BIG } else { close::INTERNAL_ERROR };
+            out.push_control(Control::Close(code, "publish failed"), 0);
+            return;
+        }
+    }
 }

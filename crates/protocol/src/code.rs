@@ -79,10 +79,10 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A data frame on a raw `mode=sub` socket.
     pub const UNSUPPORTED_DATA: u16 = 1003;
-    /// No frame (not even a Pong) within `pong_timeout` after a Ping.
-    pub const POLICY: u16 = 1008;
     /// A frame over the frame limit.
     pub const TOO_BIG: u16 = 1009;
+    /// The store failed while publishing a raw frame.
+    pub const INTERNAL_ERROR: u16 = 1011;
     /// The outbound buffer stayed full: slow consumer.
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }

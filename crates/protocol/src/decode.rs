@@ -108,21 +108,23 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         code: ErrorCode::BadRequest,
         message: format!("malformed frame: {e}"),
     })?;
-    let id = match raw.id {
-        None => None,
-        Some(v) => match serde_json::from_str::<u64>(v.get()) {
-            Ok(n) if n <= MAX_ID => Some(n),
-            _ => return Err(bad(None, "id must be an integer from 0 to 2^53-1")),
-        },
+    let id = match raw.id.map(|v| serde_json::from_str::<u64>(v.get())) {
+        None => Ok(None),
+        Some(Ok(n)) if n <= MAX_ID => Ok(Some(n)),
+        Some(_) => Err(bad(None, "id must be an integer from 0 to 2^53-1")),
     };
+    // The topic name is checked before anything else in a request.
+    if let Some(name) = raw.topic.and_then(|v| serde_json::from_str::<String>(v.get()).ok()) {
+        if let Err(e) = TopicName::parse(&name) {
+            let id = id.as_ref().ok().copied().flatten();
+            return Err(FrameError { id, code: ErrorCode::InvalidName, message: e.to_string() });
+        }
+    }
+    let id = id?;
     let op: String = field(id, "op", raw.op)?.ok_or_else(|| bad(id, "missing field op"))?;
     let topic = |required: bool| -> Result<Option<TopicName>, FrameError> {
         let Some(name) = field::<String>(id, "topic", raw.topic)? else {
-            return if required {
-                Err(bad(id, "missing field topic"))
-            } else {
-                Ok(None)
-            };
+            return if required { Err(bad(id, "missing field topic")) } else { Ok(None) };
         };
         TopicName::parse(&name).map(Some).map_err(|e| FrameError {
             id,
@@ -135,25 +137,17 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
             let topic = topic(true)?.ok_or_else(|| bad(id, "missing field topic"))?;
             let from = match raw.from {
                 None => StartFrom::Latest,
-                Some(v) => parse_from(v.get()).ok_or_else(|| {
-                    bad(
-                        id,
-                        "from must be \"latest\", \"earliest\" or a non-negative integer offset",
-                    )
-                })?,
+                Some(v) => parse_from(v.get())
+                    .ok_or_else(|| bad(id, "from must be \"latest\", \"earliest\" or a non-negative integer offset"))?,
             };
             let epoch = field::<String>(id, "epoch", raw.epoch)?;
             Op::Subscribe { topic, from, epoch }
         }
-        "unsubscribe" => Op::Unsubscribe {
-            topic: topic(true)?.ok_or_else(|| bad(id, "missing field topic"))?,
-        },
+        "unsubscribe" => Op::Unsubscribe { topic: topic(true)?.ok_or_else(|| bad(id, "missing field topic"))? },
         "publish" => {
             let topic = topic(true)?.ok_or_else(|| bad(id, "missing field topic"))?;
             let payload = match (raw.data, raw.data_b64) {
-                (Some(_), Some(_)) => {
-                    return Err(bad(id, "give either data or data_b64, not both"))
-                }
+                (Some(_), Some(_)) => return Err(bad(id, "give either data or data_b64, not both")),
                 (None, None) => return Err(bad(id, "missing field data or data_b64")),
                 (Some(json), None) => Payload::Json(json.get().to_owned()),
                 (None, Some(b64)) => {
@@ -165,11 +159,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
                 }
             };
             let ttl_ms = field::<u64>(id, "ttl_ms", raw.ttl_ms)?;
-            Op::Publish {
-                topic,
-                payload,
-                ttl_ms,
-            }
+            Op::Publish { topic, payload, ttl_ms }
         }
         "ping" => Op::Ping,
         other => return Err(bad(id, &format!("unknown op {other:?}"))),
@@ -209,11 +199,7 @@ fn field<T: serde::de::DeserializeOwned>(
 }
 
 fn bad(id: Option<u64>, message: &str) -> FrameError {
-    FrameError {
-        id,
-        code: ErrorCode::BadRequest,
-        message: message.to_owned(),
-    }
+    FrameError { id, code: ErrorCode::BadRequest, message: message.to_owned() }
 }
 
 #[cfg(test)]
@@ -227,29 +213,12 @@ mod tests {
 
     #[test]
     fn parses_each_op() -> Result<(), FrameError> {
-        let f =
-            parse_client_frame(r#"{"op":"subscribe","id":1,"topic":"news","from":"earliest"}"#)?;
+        let f = parse_client_frame(r#"{"op":"subscribe","id":1,"topic":"news","from":"earliest"}"#)?;
         assert_eq!(f.id, Some(1));
-        assert!(matches!(
-            f.op,
-            Op::Subscribe {
-                from: StartFrom::Earliest,
-                epoch: None,
-                ..
-            }
-        ));
+        assert!(matches!(f.op, Op::Subscribe { from: StartFrom::Earliest, epoch: None, .. }));
         let f = parse_client_frame(r#"{"op":"subscribe","topic":"n","from":5,"epoch":"e"}"#)?;
-        assert!(matches!(
-            f.op,
-            Op::Subscribe {
-                from: StartFrom::Offset(5),
-                epoch: Some(_),
-                ..
-            }
-        ));
-        let f = parse_client_frame(
-            r#"{"op":"publish","topic":"n","data":{"big":12345678901234567890123}}"#,
-        )?;
+        assert!(matches!(f.op, Op::Subscribe { from: StartFrom::Offset(5), epoch: Some(_), .. }));
+        let f = parse_client_frame(r#"{"op":"publish","topic":"n","data":{"big":12345678901234567890123}}"#)?;
         assert_eq!(
             f.op,
             Op::Publish {
@@ -261,9 +230,7 @@ mod tests {
         let f = parse_client_frame(r#"{"op":"publish","topic":"n","data":null}"#)?;
         assert!(matches!(f.op, Op::Publish { payload: Payload::Json(ref j), .. } if j == "null"));
         let f = parse_client_frame(r#"{"op":"publish","topic":"n","data_b64":"aGk=","ttl_ms":5}"#)?;
-        assert!(
-            matches!(f.op, Op::Publish { payload: Payload::Binary(ref b), ttl_ms: Some(5), .. } if b == b"hi")
-        );
+        assert!(matches!(f.op, Op::Publish { payload: Payload::Binary(ref b), ttl_ms: Some(5), .. } if b == b"hi"));
         assert_eq!(parse_client_frame(r#"{"op":"ping","id":4}"#)?.op, Op::Ping);
         Ok(())
     }
@@ -271,41 +238,20 @@ mod tests {
     #[test]
     fn refuses_bad_frames_with_their_id() {
         assert_eq!(err("not json"), (None, ErrorCode::BadRequest));
-        assert_eq!(
-            err(r#"{"op":"dance","id":2}"#),
-            (Some(2), ErrorCode::BadRequest)
-        );
-        assert_eq!(
-            err(r#"{"op":"subscribe","id":3,"topic":"n","from":"5"}"#),
-            (Some(3), ErrorCode::BadRequest)
-        );
+        assert_eq!(err(r#"{"op":"dance","id":2}"#), (Some(2), ErrorCode::BadRequest));
+        assert_eq!(err(r#"{"op":"subscribe","id":3,"topic":"n","from":"5"}"#), (Some(3), ErrorCode::BadRequest));
         assert_eq!(
             err(r#"{"op":"publish","id":3,"topic":"n","data":1,"ttl_ms":-1}"#),
             (Some(3), ErrorCode::BadRequest)
         );
-        assert_eq!(
-            err(r#"{"op":"publish","id":3,"topic":"n","data_b64":"!!"}"#),
-            (Some(3), ErrorCode::BadRequest)
-        );
+        assert_eq!(err(r#"{"op":"publish","id":3,"topic":"n","data_b64":"!!"}"#), (Some(3), ErrorCode::BadRequest));
         assert_eq!(
             err(r#"{"op":"publish","id":3,"topic":"n","data":1,"data_b64":""}"#),
             (Some(3), ErrorCode::BadRequest)
         );
-        assert_eq!(
-            err(r#"{"op":"ping","id":9007199254740992}"#),
-            (None, ErrorCode::BadRequest)
-        );
-        assert_eq!(
-            err(r#"{"op":"ping","id":1.5}"#),
-            (None, ErrorCode::BadRequest)
-        );
-        assert_eq!(
-            err(r#"{"op":"publish","id":7,"topic":"a..b","data_b64":"!!"}"#),
-            (Some(7), ErrorCode::InvalidName)
-        );
-        assert_eq!(
-            err(r#"{"op":"subscribe","id":8}"#),
-            (Some(8), ErrorCode::BadRequest)
-        );
+        assert_eq!(err(r#"{"op":"ping","id":9007199254740992}"#), (None, ErrorCode::BadRequest));
+        assert_eq!(err(r#"{"op":"ping","id":1.5}"#), (None, ErrorCode::BadRequest));
+        assert_eq!(err(r#"{"op":"publish","id":7,"topic":"a..b","data_b64":"!!"}"#), (Some(7), ErrorCode::InvalidName));
+        assert_eq!(err(r#"{"op":"subscribe","id":8}"#), (Some(8), ErrorCode::BadRequest));
     }
 }

@@ -8,22 +8,33 @@ use herald_core::{Kind, Message};
 
 use crate::code::ErrorCode;
 
-/// Appends `s` as a JSON string literal.
+/// Appends `s` as a JSON string literal. Runs of characters that need no escaping are
+/// copied in one go, so plain text costs a scan and a copy.
 pub fn push_json_str(buf: &mut String, s: &str) {
+    buf.reserve(s.len() + 2);
     buf.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => buf.push_str("\\\""),
-            '\\' => buf.push_str("\\\\"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            '\t' => buf.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(buf, "\\u{:04x}", c as u32);
-            }
-            c => buf.push(c),
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        // `i` is at an ASCII byte, so both slices fall on char boundaries.
+        buf.push_str(&s[start..i]);
+        if escaped.is_empty() {
+            let _ = write!(buf, "\\u{:04x}", b);
+        } else {
+            buf.push_str(escaped);
         }
+        start = i + 1;
     }
+    buf.push_str(&s[start..]);
     buf.push('"');
 }
 
@@ -195,7 +206,10 @@ mod tests {
     #[test]
     fn sse_splits_multiline_json() {
         let event = sse_event(&msg(Kind::Json, b"{\r\n\"a\": 1\n}"));
-        assert_eq!(event, "id: 42\ndata: {\"topic\":\"news\",\"offset\":42,\"ts\":7,\"data\":{\ndata: \"a\": 1\ndata: }}\n\n");
+        assert_eq!(
+            event,
+            "id: 42\ndata: {\"topic\":\"news\",\"offset\":42,\"ts\":7,\"data\":{\ndata: \"a\": 1\ndata: }}\n\n"
+        );
     }
 
     #[test]
@@ -204,13 +218,7 @@ mod tests {
             subscribed(Some(1), "news", "e", 43, true),
             r#"{"type":"subscribed","id":1,"topic":"news","epoch":"e","next":43,"recovered":true}"#
         );
-        assert_eq!(
-            error(None, ErrorCode::BadRequest, "x"),
-            r#"{"type":"error","code":"bad_request","message":"x"}"#
-        );
-        assert_eq!(
-            http_error(ErrorCode::NotFound, "y"),
-            r#"{"error":{"code":"not_found","message":"y"}}"#
-        );
+        assert_eq!(error(None, ErrorCode::BadRequest, "x"), r#"{"type":"error","code":"bad_request","message":"x"}"#);
+        assert_eq!(http_error(ErrorCode::NotFound, "y"), r#"{"error":{"code":"not_found","message":"y"}}"#);
     }
 }

@@ -16,7 +16,7 @@ pub struct PubArgs {
     /// Send as JSON (each message must parse).
     #[arg(long, conflicts_with = "binary")]
     pub json: bool,
-    /// Send stdin whole as one binary message.
+    /// Send as one binary message: MESSAGE's bytes, or stdin whole.
     #[arg(long)]
     pub binary: bool,
     /// Server URL.
@@ -43,19 +43,11 @@ pub struct SubArgs {
 /// Runs `herald pub`.
 pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.url);
-    let content_type = if args.json {
-        "application/json"
-    } else {
-        "text/plain; charset=utf-8"
-    };
+    let content_type = if args.json { "application/json" } else { "text/plain; charset=utf-8" };
     if args.binary {
         let mut body = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut body)
-            .context("reading stdin")?;
-        let p = client
-            .publish(&args.topic, "application/octet-stream", body)
-            .await?;
+        std::io::stdin().read_to_end(&mut body).context("reading stdin")?;
+        let p = client.publish(&args.topic, "application/octet-stream", body).await?;
         println!("{}", p.offset);
         return Ok(());
     }
@@ -79,18 +71,10 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = subscription.next().await {
         match event {
-            Event::Message(m) if args.offsets => {
-                writeln!(stdout, "{}\t{}", m.offset, m.payload.to_line())?
-            }
+            Event::Message(m) if args.offsets => writeln!(stdout, "{}\t{}", m.offset, m.payload.to_line())?,
             Event::Message(m) => writeln!(stdout, "{}", m.payload.to_line())?,
-            Event::Subscribed {
-                recovered: false,
-                next,
-                ..
-            } => {
-                eprintln!(
-                    "herald: could not resume without loss; continuing live from offset {next}"
-                )
+            Event::Subscribed { recovered: false, next, .. } => {
+                eprintln!("herald: could not resume without loss; continuing live from offset {next}")
             }
             Event::Subscribed { .. } => {}
             Event::Disconnected(why) => eprintln!("herald: disconnected ({why}); reconnecting"),

@@ -47,10 +47,7 @@ impl Server {
     }
 
     /// Serves until `signal` resolves (or the server fails), then shuts down gracefully.
-    pub async fn run_until(
-        mut self,
-        signal: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         tokio::select! {
             r = &mut self.task => return r.context("server task panicked")?,
             _ = signal => {}
@@ -68,26 +65,20 @@ impl Server {
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.retention))),
-        StoreKind::Disk => bail!(
-            "config key store: the disk store is not available in this build yet; use --store memory"
-        ),
+        StoreKind::Disk => {
+            bail!("config key store: the disk store is not available in this build yet; use --store memory")
+        }
     }
 }
 
 /// Binds `config.listen` and serves in the background until [`Server::shutdown`].
 pub async fn start(config: Config) -> anyhow::Result<Server> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let store = open_store(&config)?;
     let task = tokio::spawn(serve(config, store, listener, shutdown.clone()));
-    Ok(Server {
-        addr,
-        shutdown,
-        task,
-    })
+    Ok(Server { addr, shutdown, task })
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then drains in order.
@@ -116,8 +107,7 @@ pub async fn serve(
     };
 
     tracing::info!(addr = %listener.local_addr()?, store = ?config.store, "herald listening");
-    let http =
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let drained = async {
         http.await.context("http server")?;
         // WebSocket tasks were told by the same token; wait for their 1001 closes.

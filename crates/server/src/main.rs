@@ -26,9 +26,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -44,10 +42,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    herald_server::start(config)
-        .await?
-        .run_until(wait_for_signal())
-        .await
+    herald_server::start(config).await?.run_until(wait_for_signal()).await
 }
 
 async fn wait_for_signal() {

@@ -65,7 +65,10 @@ async fn publish(server: &TestServer, publisher: usize, n: usize) -> Result<Vec<
                 } else {
                     let bytes = rng.some_bytes();
                     let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
-                    (format!(r#"{{"op":"publish","id":{i},"topic":"{TOPIC}","data_b64":"{b64}"}}"#), digest(b'B', &bytes))
+                    (
+                        format!(r#"{{"op":"publish","id":{i},"topic":"{TOPIC}","data_b64":"{b64}"}}"#),
+                        digest(b'B', &bytes),
+                    )
                 };
                 ws.send_text(frame).await?;
                 let reply = ws.recv().await?;
@@ -259,7 +262,12 @@ async fn replay_then_live_has_no_gap_and_no_duplicate_while_publishing() -> Resu
         })
     };
     // Subscribers join at different moments while the publisher runs.
-    let plans = [(600, StartFrom::Earliest), (900, StartFrom::Offset(250)), (1500, StartFrom::Latest), (2000, StartFrom::Offset(1900))];
+    let plans = [
+        (600, StartFrom::Earliest),
+        (900, StartFrom::Offset(250)),
+        (1500, StartFrom::Latest),
+        (2000, StartFrom::Offset(1900)),
+    ];
     let mut subs = Vec::new();
     for (at, from) in plans {
         let mut progress = progress.clone();

@@ -21,10 +21,7 @@ impl Collect {
 }
 
 fn broker(max_messages: u64) -> Broker {
-    let store = MemoryStore::new(RetentionConfig {
-        max_messages,
-        ..Default::default()
-    });
+    let store = MemoryStore::new(RetentionConfig { max_messages, ..Default::default() });
     Broker::new(Arc::new(store), BrokerConfig::default())
 }
 
@@ -93,12 +90,7 @@ async fn unrecoverable_positions_replay_nothing() -> Result<(), BrokerError> {
     assert!(!beyond.recovered);
     let stale = b.subscribe(&topic(), StartFrom::Offset(4), Some("other"), s.clone())?;
     assert!(!stale.recovered);
-    let ok = b.subscribe(
-        &topic(),
-        StartFrom::Offset(3),
-        Some(&trimmed.epoch),
-        s.clone(),
-    )?;
+    let ok = b.subscribe(&topic(), StartFrom::Offset(3), Some(&trimmed.epoch), s.clone())?;
     assert!(ok.recovered && ok.replay.is_some());
     let at_next = b.subscribe(&topic(), StartFrom::Offset(6), None, s)?;
     assert!(at_next.recovered && at_next.replay.is_none());
@@ -126,10 +118,7 @@ async fn unsubscribe_stops_delivery_and_delete_restarts_offsets() -> Result<(), 
 async fn too_large_is_refused_before_the_store() -> Result<(), BrokerError> {
     let b = broker(100);
     let big = NewMessage::new(Kind::Binary, vec![0u8; b.config().max_message_bytes + 1]);
-    assert!(matches!(
-        b.publish(&topic(), big).await,
-        Err(BrokerError::TooLarge { .. })
-    ));
+    assert!(matches!(b.publish(&topic(), big).await, Err(BrokerError::TooLarge { .. })));
     assert_eq!(b.info(&topic())?.head.next, 1);
     Ok(())
 }
@@ -141,10 +130,7 @@ async fn fetch_pages_and_next() -> Result<(), BrokerError> {
     assert_eq!((empty.messages.len(), empty.next), (0, 1));
     publish_n(&b, 5).await?;
     let page = b.fetch(&topic(), 2, 2).await?;
-    assert_eq!(
-        page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
-        [2, 3]
-    );
+    assert_eq!(page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), [2, 3]);
     assert_eq!(page.next, 4);
     assert_eq!(b.fetch(&topic(), 9, 10).await?.next, 6);
     Ok(())

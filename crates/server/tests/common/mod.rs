@@ -58,6 +58,19 @@ impl TestServer {
         Ok(socket)
     }
 
+    /// A raw socket whose kernel receive buffer is pinned small, so a test that stops
+    /// reading fills the server's buffers quickly (loopback autotuning may otherwise
+    /// absorb tens of megabytes).
+    pub async fn raw_ws_small_buffer(&self, topic: &str, query: &str) -> Result<RawSocket> {
+        let addr = self.server.as_ref().ok_or("server")?.addr();
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(64 * 1024)?;
+        let stream = socket.connect(addr).await?;
+        let url = format!("{}/v1/topics/{topic}/ws?{query}", self.ws);
+        let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
+        Ok(socket)
+    }
+
     /// GET a JSON document.
     pub async fn get_json(&self, path: &str) -> Result<(u16, serde_json::Value)> {
         let r = self.http.get(format!("{}{path}", self.url)).send().await?;
@@ -67,7 +80,12 @@ impl TestServer {
     }
 
     /// POST a body with a content type; returns status and the JSON answer.
-    pub async fn post(&self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Result<(u16, serde_json::Value)> {
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<(u16, serde_json::Value)> {
         let mut req = self.http.post(format!("{}{path}", self.url)).body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);

@@ -1,0 +1,75 @@
+//! Slow consumers: a subscriber that stops reading never slows the publisher or other
+//! subscribers, and is closed with 1013 once its buffer stays full.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{close_code, eventually, start, within, Result};
+use herald_client::{Delivery, StartFrom};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_subscriber_is_closed_and_slows_nobody() -> Result {
+    // Three seconds of stall would show in the latencies below if the stalled
+    // subscriber could hold anyone up.
+    let server = start(|c| {
+        c.broker.outbound.max_pending_bytes = 256 * 1024;
+        c.broker.outbound.slow_consumer_timeout = Duration::from_secs(3);
+    })
+    .await?;
+    // The stalled subscriber: subscribed, then never reads its socket.
+    let mut stalled = server.raw_ws_small_buffer("slow", "mode=sub").await?;
+    // A healthy subscriber that reads and timestamps every message.
+    let mut healthy = server.json_ws().await?;
+    healthy.subscribe("slow", StartFrom::Latest, None).await?;
+    assert_eq!(server.subscribers("slow").await?, 2);
+
+    const N: usize = 1500;
+    let payload = "x".repeat(16 * 1024);
+    let reader = tokio::spawn(async move {
+        let mut arrivals = Vec::with_capacity(N);
+        while arrivals.len() < N {
+            let d = Delivery::parse(&healthy.recv_text().await?)?;
+            arrivals.push((d.offset, Instant::now()));
+        }
+        Result::Ok((arrivals, healthy))
+    });
+    let client = server.client();
+    let mut sent = Vec::with_capacity(N);
+    let mut slowest_publish = Duration::ZERO;
+    // 16 MB/s: a rate the healthy subscriber sustains even in a debug build, so only
+    // the stalled one falls behind.
+    let mut pace = tokio::time::interval(Duration::from_millis(1));
+    for _ in 0..N {
+        pace.tick().await;
+        let t0 = Instant::now();
+        let p = client.publish_text("slow", payload.clone()).await?;
+        slowest_publish = slowest_publish.max(t0.elapsed());
+        sent.push((p.offset, t0));
+    }
+    let (arrivals, _healthy) = within(Duration::from_secs(30), "healthy subscriber", reader).await???;
+    let mut lags: Vec<Duration> = sent
+        .iter()
+        .zip(&arrivals)
+        .map(|((o, t0), (a, t1))| {
+            assert_eq!(o, a);
+            t1.saturating_duration_since(*t0)
+        })
+        .collect();
+    lags.sort_unstable();
+    let p50 = lags[lags.len() / 2];
+    let max = lags[lags.len() - 1];
+    eprintln!("publish max {slowest_publish:?}; healthy subscriber lag p50 {p50:?} max {max:?}");
+    assert!(slowest_publish < Duration::from_secs(1), "publisher never waits on the stalled subscriber");
+    assert!(max < Duration::from_secs(1), "the healthy subscriber stays prompt");
+
+    // 1500 x 16 KiB (24 MB) is far past socket buffers plus 2 x 256 KiB: the stalled
+    // subscriber must be gone, with 1013 waiting at the end of what it was sent.
+    eventually(Duration::from_secs(10), "stalled subscriber dropped", || async {
+        Ok(server.subscribers("slow").await? == 1)
+    })
+    .await?;
+    assert_eq!(within(Duration::from_secs(10), "close frame", close_code(&mut stalled)).await??, 1013);
+    assert_eq!(server.metric("herald_slow_consumers_total").await?, 1);
+    Ok(())
+}
