@@ -1,6 +1,8 @@
 //! `herald`: the broker (`herald serve`) and its command-line clients (`herald pub`,
 //! `herald sub`).
 
+use std::io::IsTerminal;
+
 use clap::{Parser, Subcommand};
 use herald_server::cli::{PubArgs, SubArgs};
 use herald_server::config::{Config, ServeArgs};
@@ -28,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,

@@ -1,0 +1,57 @@
+//! The real binary: SIGTERM closes WebSockets with 1001, ends SSE streams, and the
+//! process exits 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{close_code, within, Result};
+
+/// Starts `herald serve` on a free port; returns the child and its base URL.
+fn spawn_herald() -> Result<(std::process::Child, String)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", "memory"])
+        .env("HERALD_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().ok_or("herald exited before listening")??;
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().ok_or("no address")?.to_owned();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, format!("http://{addr}")))
+}
+
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1001_and_exits_0() -> Result {
+    let (mut child, url) = spawn_herald()?;
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let mut json = herald_client::WsConnection::connect(&url).await?;
+    json.subscribe("s", herald_client::StartFrom::Latest, None).await?;
+    let (mut raw, _) = tokio_tungstenite::connect_async(format!("{ws_url}/v1/topics/s/ws")).await?;
+    let mut sse = reqwest::get(format!("{url}/v1/topics/s/sse")).await?;
+    assert_eq!(sse.status(), 200);
+    assert!(sse.chunk().await?.is_some(), "SSE stream open");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    assert!(status.success());
+
+    let limit = Duration::from_secs(10);
+    match within(limit, "json close", json.recv()).await? {
+        Err(herald_client::ClientError::Closed(Some((code, _)))) => assert_eq!(code, 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    assert_eq!(within(limit, "raw close", close_code(&mut raw)).await??, 1001);
+    // The SSE stream ends (cleanly or by the connection closing).
+    while let Ok(Some(_)) = within(limit, "sse end", sse.chunk()).await? {}
+    let exit = within(limit, "exit", tokio::task::spawn_blocking(move || child.wait())).await???;
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    Ok(())
+}
