@@ -77,6 +77,18 @@ pub(crate) fn new_message(kind: Kind, payload: Bytes, ttl_ms: Option<u64>) -> Re
     Ok(NewMessage { kind, payload, ttl_ms })
 }
 
+/// A body that could not be read: over the limit (`too_large`) or broken off.
+pub(crate) fn body_error(e: axum::Error, max: usize) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return ApiError::new(ErrorCode::TooLarge, format!("body is over the limit of {max} bytes"));
+        }
+        source = err.source();
+    }
+    ApiError::bad_request(format!("could not read the body: {e}"))
+}
+
 pub(crate) async fn publish(
     State(state): State<AppState>,
     Path(topic): Path<String>,
@@ -88,9 +100,7 @@ pub(crate) async fn publish(
     let query = Query::parse(query.as_deref())?;
     let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX, 0)).transpose()?;
     let max = state.broker().config().max_message_bytes;
-    let payload = axum::body::to_bytes(body, max)
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::TooLarge, format!("body is over the limit of {max} bytes")))?;
+    let payload = axum::body::to_bytes(body, max).await.map_err(|e| body_error(e, max))?;
     let msg = new_message(kind_of(&headers), payload, ttl_ms)?;
     let published = state.broker().publish(&topic, msg).await?;
     let mut body = String::from("{\"topic\":");
