@@ -17,10 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::BrokerConfig;
-use crate::message::{Message, NewMessage};
+use crate::message::{Clock, Message, NewMessage, SystemClock};
 use crate::metrics::Metrics;
 use crate::name::TopicName;
 use crate::outbound::Subscriber;
+use crate::queue::Queues;
 use crate::store::{Appended, Epoch, ListedTopic, Store, StoreError, TopicHead};
 
 /// Errors of broker operations; each maps to one client-facing code.
@@ -116,6 +117,7 @@ pub struct Broker {
 
 struct Inner {
     store: Arc<dyn Store>,
+    queues: Queues,
     config: BrokerConfig,
     shards: Box<[Mutex<TopicTable>]>,
     hasher: RandomState,
@@ -184,12 +186,19 @@ impl TopicState {
 }
 
 impl Broker {
-    /// A broker over `store`.
+    /// A broker over `store`, on the system clock.
     pub fn new(store: Arc<dyn Store>, config: BrokerConfig) -> Self {
+        Self::with_clock(store, config, Arc::new(SystemClock))
+    }
+
+    /// A broker whose queues read time from `clock` (tests drive it by hand).
+    pub fn with_clock(store: Arc<dyn Store>, config: BrokerConfig, clock: Arc<dyn Clock>) -> Self {
         let shards = config.shards.max(1);
+        let queues = Queues::new(store.clone(), clock, config.queues, config.max_message_bytes);
         Self {
             inner: Arc::new(Inner {
                 store,
+                queues,
                 shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
                 config,
                 hasher: RandomState::new(),
@@ -202,6 +211,11 @@ impl Broker {
     /// The broker's configuration.
     pub fn config(&self) -> &BrokerConfig {
         &self.inner.config
+    }
+
+    /// The work queues.
+    pub fn queues(&self) -> &Queues {
+        &self.inner.queues
     }
 
     /// The broker's counters and gauges.

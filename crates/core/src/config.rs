@@ -38,6 +38,23 @@ impl Default for OutboundConfig {
     }
 }
 
+/// Work-queue limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Deliveries after which an unacked message moves to the dead-letter queue (default 5).
+    pub max_attempts: u32,
+    /// Messages one queue may hold, in any state (default 1 000 000); then enqueue is refused.
+    pub max_queue_messages: usize,
+    /// Long polls that may wait on one queue at once (default 1000).
+    pub max_waiters_per_queue: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { max_attempts: 5, max_queue_messages: 1_000_000, max_waiters_per_queue: 1000 }
+    }
+}
+
 /// Limits enforced by the broker itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -47,10 +64,17 @@ pub struct BrokerConfig {
     pub outbound: OutboundConfig,
     /// Number of topic-table shards; more means less contention between unrelated topics.
     pub shards: usize,
+    /// Work-queue limits.
+    pub queues: QueueConfig,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        Self { max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES, outbound: OutboundConfig::default(), shards: 64 }
+        Self {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            outbound: OutboundConfig::default(),
+            shards: 64,
+            queues: QueueConfig::default(),
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`message`]: messages, their kinds, the encode-once cache, clocks.
 //! - [`store`]: the [`Store`] trait with its guarantees; [`memory`] implements it.
 //! - [`broker`]: the topic table, ordered fan-out, replay-then-live subscriptions.
+//! - [`queue`]: work queues: leases, redelivery, dead letters, long poll.
 //! - [`outbound`]: a connection's byte-bounded send queue and the slow-consumer policy.
 //! - [`config`] and [`metrics`]: typed limits with defaults, and counters.
 
@@ -17,15 +18,17 @@ pub mod message;
 pub mod metrics;
 pub mod name;
 pub mod outbound;
+pub mod queue;
 pub mod store;
 
 pub use broker::{
     Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo, TopicSummary,
 };
-pub use config::{BrokerConfig, OutboundConfig, RetentionConfig};
+pub use config::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
 pub use memory::MemoryStore;
 pub use message::{Clock, Kind, ManualClock, Message, NewMessage, SystemClock, WireForm};
 pub use metrics::Metrics;
-pub use name::{NameError, TopicName};
+pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
-pub use store::{Appended, Epoch, ListedTopic, Store, StoreError, StoreFuture, TopicHead};
+pub use queue::{Delivery, QueueCounters, QueueError, QueueStats, Queues};
+pub use store::{Appended, Epoch, ListedTopic, QueueRecord, Store, StoreError, StoreFuture, TopicHead};

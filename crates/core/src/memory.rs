@@ -3,7 +3,8 @@
 //!
 //! Histories are sharded by topic so unrelated topics never contend; each shard is a
 //! `std::sync::Mutex` held only for in-memory work, never across an await. Nothing
-//! survives a restart: every start has a new boot id, so every epoch changes.
+//! survives a restart: every start has a new boot id, so every epoch changes. Queue
+//! messages live in the queue engine's own state; this store only acknowledges them.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -13,8 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::RetentionConfig;
 use crate::message::{Clock, Message, NewMessage, SystemClock};
-use crate::name::TopicName;
-use crate::store::{Appended, Epoch, ListedTopic, Store, StoreError, StoreFuture, TopicHead};
+use crate::name::{QueueName, TopicName};
+use crate::store::{Appended, Epoch, ListedTopic, QueueRecord, Store, StoreError, StoreFuture, TopicHead};
 
 const SHARDS: usize = 32;
 
@@ -189,6 +190,13 @@ impl Store for MemoryStore {
         out.truncate(limit);
         Ok(out)
     }
+
+    /// Queue messages live in the queue engine itself; there is nothing more to keep.
+    fn queue_append(&self, _queue: &QueueName, _records: Vec<QueueRecord>) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
+
+    fn queue_remove(&self, _queue: &QueueName, _ids: Vec<u64>) {}
 
     fn sweep(&self) {
         let now = self.inner.clock.now_ms();

@@ -18,6 +18,9 @@ pub enum NameError {
     /// A character outside `[A-Za-z0-9_:-.]`.
     #[error("name contains {0:?}; allowed are A-Z a-z 0-9 _ : - and single dots between segments")]
     Character(char),
+    /// A queue name (not a dead-letter queue) longer than 251 characters.
+    #[error("queue name must be at most 251 characters so that its .dlq fits, got {0}")]
+    QueueLength(usize),
     /// A leading, trailing or double dot.
     #[error("name has an empty segment (leading, trailing or double dot)")]
     EmptySegment,
@@ -61,6 +64,52 @@ pub fn validate(s: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// The suffix of a dead-letter queue's name.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+/// A validated queue name. A name ending in `.dlq` is a dead-letter queue that Herald
+/// owns; other names are at most 251 characters so their `.dlq` fits.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueName(Arc<str>);
+
+impl QueueName {
+    /// Validates `s` against the naming rules.
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        validate(s)?;
+        if !s.ends_with(DLQ_SUFFIX) && s.len() > MAX_NAME_LEN - DLQ_SUFFIX.len() {
+            return Err(NameError::QueueLength(s.len()));
+        }
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this is a dead-letter queue.
+    pub fn is_dlq(&self) -> bool {
+        self.0.ends_with(DLQ_SUFFIX)
+    }
+
+    /// The dead-letter queue of this queue (`None` for a dead-letter queue).
+    pub fn dlq(&self) -> Option<QueueName> {
+        (!self.is_dlq()).then(|| QueueName(Arc::from(format!("{}{DLQ_SUFFIX}", self.0))))
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
 impl fmt::Display for TopicName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -94,5 +143,15 @@ mod tests {
         assert_eq!(TopicName::parse("a b"), Err(NameError::Character(' ')));
         assert_eq!(TopicName::parse("a/b"), Err(NameError::Character('/')));
         assert_eq!(TopicName::parse("é"), Err(NameError::Character('é')));
+    }
+
+    #[test]
+    fn queue_names_leave_room_for_the_dlq() {
+        let q = QueueName::parse("jobs").expect("valid");
+        assert_eq!(q.dlq().map(|d| d.as_str().to_owned()), Some("jobs.dlq".into()));
+        assert!(q.dlq().is_some_and(|d| d.is_dlq() && d.dlq().is_none()));
+        assert!(QueueName::parse(&"a".repeat(251)).is_ok());
+        assert_eq!(QueueName::parse(&"a".repeat(252)), Err(NameError::QueueLength(252)));
+        assert!(QueueName::parse(&format!("{}.dlq", "a".repeat(251))).is_ok());
     }
 }

@@ -10,8 +10,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::message::{Message, NewMessage};
-use crate::name::TopicName;
+use bytes::Bytes;
+
+use crate::message::{Kind, Message, NewMessage};
+use crate::name::{QueueName, TopicName};
 
 /// A boxed, `'static` future returned by store operations.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -63,7 +65,24 @@ pub struct ListedTopic {
     pub last: u64,
 }
 
-/// A backend for topic histories.
+/// A queue message as a store persists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRecord {
+    /// The message id within its queue.
+    pub id: u64,
+    /// The payload kind.
+    pub kind: Kind,
+    /// The payload.
+    pub payload: Bytes,
+    /// Enqueue time (dead-letter time in a dead-letter queue), ms since the Unix epoch.
+    pub ts: u64,
+    /// When it becomes ready (after `delay_ms`).
+    pub ready_at: u64,
+    /// When its TTL passes, if it has one.
+    pub expires_at: Option<u64>,
+}
+
+/// A backend for topic histories and queue messages.
 ///
 /// Guarantees every implementation must keep (the conformance tests check them):
 /// - Per topic, `append` assigns consecutive offsets starting at `head().next`, and
@@ -90,6 +109,14 @@ pub trait Store: Send + Sync + 'static {
     /// Topics with retained messages whose name starts with `prefix` and sorts after
     /// `after`, by name, at most `limit`.
     fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError>;
+
+    /// Persists newly enqueued messages; resolves once they are durable (the 201 to the
+    /// producer waits for it).
+    fn queue_append(&self, queue: &QueueName, records: Vec<QueueRecord>) -> StoreFuture<()>;
+
+    /// Records that messages left a queue (acked, expired, dead-lettered). May be
+    /// persisted lazily: a lost removal only means a redelivery after a crash.
+    fn queue_remove(&self, queue: &QueueName, ids: Vec<u64>);
 
     /// Applies retention by age and TTL everywhere, reclaiming space; called periodically.
     fn sweep(&self);

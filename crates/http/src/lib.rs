@@ -7,6 +7,7 @@
 
 mod error;
 mod metrics;
+mod queues;
 mod rest;
 mod sse;
 mod ws;
@@ -94,6 +95,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/topics/{topic}/messages", post(rest::publish).get(rest::fetch))
         .route("/v1/topics/{topic}/sse", get(sse::stream))
         .route("/v1/topics/{topic}/ws", get(ws::raw_upgrade))
+        .route("/v1/queues/{queue}", get(queues::stats))
+        .route("/v1/queues/{queue}/messages", post(queues::enqueue))
+        .route("/v1/queues/{queue}/fetch", post(queues::fetch))
+        .route("/v1/queues/{queue}/ack/{id}", post(queues::ack))
+        .route("/v1/queues/{queue}/requeue/{id}", post(queues::requeue))
+        .route("/v1/queues/{queue}/extend/{id}", post(queues::extend))
         .layer(axum::middleware::from_fn_with_state(state.clone(), connection_limit));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

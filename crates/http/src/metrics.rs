@@ -46,6 +46,32 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         "Open WebSocket and SSE connections.",
         m.connections.load(Ordering::Relaxed).to_string(),
     );
+    let q = state.broker().queues().counters();
+    metric(
+        "queue_enqueued_total",
+        "counter",
+        "Queue messages enqueued.",
+        q.enqueued.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "queue_delivered_total",
+        "counter",
+        "Queue deliveries handed to consumers.",
+        q.delivered.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "queue_acked_total",
+        "counter",
+        "Queue deliveries acknowledged.",
+        q.acked.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "queue_dead_lettered_total",
+        "counter",
+        "Queue messages moved to a dead-letter queue.",
+        q.dead_lettered.load(Ordering::Relaxed).to_string(),
+    );
+    metric("queue_waiters", "gauge", "Long-poll fetches waiting now.", q.waiting.load(Ordering::Relaxed).to_string());
     let _ = write!(
         out,
         "# HELP herald_encodes_total Message encodings per wire form (one per message and form when fan-out shares them).\n# TYPE herald_encodes_total counter\n"

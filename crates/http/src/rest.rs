@@ -47,7 +47,7 @@ fn json(status: StatusCode, body: String) -> Response {
 
 /// The kind a Content-Type selects (API.md's kind table); media types compare
 /// case-insensitively and parameters are ignored.
-fn kind_of(headers: &HeaderMap) -> Kind {
+pub(crate) fn kind_of(headers: &HeaderMap) -> Kind {
     let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return Kind::Binary;
     };

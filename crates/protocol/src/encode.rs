@@ -40,19 +40,24 @@ pub fn push_json_str(buf: &mut String, s: &str) {
 
 /// Appends the payload as `"data":...` or `"data_b64":"..."`, per the kind table.
 pub fn push_payload(buf: &mut String, msg: &Message) {
-    match msg.kind {
+    push_kind_payload(buf, msg.kind, &msg.payload);
+}
+
+/// [`push_payload`] for a payload and kind outside a topic message (queues).
+pub fn push_kind_payload(buf: &mut String, kind: Kind, payload: &[u8]) {
+    match kind {
         Kind::Json => {
             buf.push_str("\"data\":");
             // The front door checked it is JSON when it was published.
-            buf.push_str(std::str::from_utf8(&msg.payload).unwrap_or("null"));
+            buf.push_str(std::str::from_utf8(payload).unwrap_or("null"));
         }
         Kind::Text => {
             buf.push_str("\"data\":");
-            push_json_str(buf, std::str::from_utf8(&msg.payload).unwrap_or_default());
+            push_json_str(buf, std::str::from_utf8(payload).unwrap_or_default());
         }
         Kind::Binary => {
             buf.push_str("\"data_b64\":\"");
-            base64::engine::general_purpose::STANDARD.encode_string(&msg.payload, buf);
+            base64::engine::general_purpose::STANDARD.encode_string(payload, buf);
             buf.push('"');
         }
     }

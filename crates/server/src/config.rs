@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use herald_core::{BrokerConfig, OutboundConfig, RetentionConfig};
+use herald_core::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
 use herald_http::HttpConfig;
 use serde::Deserialize;
 
@@ -119,6 +119,15 @@ pub struct ServeArgs {
     /// How long a connection may stay full before it is closed (e.g. 5s).
     #[arg(long, env = "HERALD_SLOW_CONSUMER_TIMEOUT", value_parser = parse_duration)]
     pub slow_consumer_timeout: Option<Duration>,
+    /// Deliveries before an unacked queue message is dead-lettered.
+    #[arg(long, env = "HERALD_QUEUE_MAX_ATTEMPTS")]
+    pub queue_max_attempts: Option<u32>,
+    /// Messages one queue may hold.
+    #[arg(long, env = "HERALD_MAX_QUEUE_MESSAGES")]
+    pub max_queue_messages: Option<usize>,
+    /// Long polls that may wait on one queue at once.
+    #[arg(long, env = "HERALD_MAX_WAITERS_PER_QUEUE")]
+    pub max_waiters_per_queue: Option<usize>,
     /// Longest graceful shutdown (e.g. 10s).
     #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
@@ -137,6 +146,16 @@ struct File {
     retention: FileRetention,
     #[serde(default)]
     timeouts: FileTimeouts,
+    #[serde(default)]
+    queues: FileQueues,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQueues {
+    max_attempts: Option<u32>,
+    max_queue_messages: Option<usize>,
+    max_waiters_per_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +253,20 @@ impl Config {
                         .unwrap_or(d.broker.outbound.slow_consumer_timeout),
                 },
                 shards: d.broker.shards,
+                queues: QueueConfig {
+                    max_attempts: args
+                        .queue_max_attempts
+                        .or(file.queues.max_attempts)
+                        .unwrap_or(d.broker.queues.max_attempts),
+                    max_queue_messages: args
+                        .max_queue_messages
+                        .or(file.queues.max_queue_messages)
+                        .unwrap_or(d.broker.queues.max_queue_messages),
+                    max_waiters_per_queue: args
+                        .max_waiters_per_queue
+                        .or(file.queues.max_waiters_per_queue)
+                        .unwrap_or(d.broker.queues.max_waiters_per_queue),
+                },
             },
             retention: RetentionConfig {
                 max_messages: args
@@ -271,7 +304,11 @@ impl Config {
 
     /// Refuses values the broker cannot run with, naming the key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let checks: [(&str, bool); 8] = [
+        let q = &self.broker.queues;
+        let checks: [(&str, bool); 11] = [
+            ("queues.max_attempts", q.max_attempts >= 1),
+            ("queues.max_queue_messages", q.max_queue_messages >= 1),
+            ("queues.max_waiters_per_queue", q.max_waiters_per_queue >= 1),
             ("limits.max_message_bytes", self.broker.max_message_bytes >= 1),
             ("limits.max_connections", self.http.max_connections >= 1),
             ("limits.max_subscriptions_per_connection", self.http.max_subscriptions_per_connection >= 1),
@@ -306,6 +343,11 @@ max_pending_bytes = {max_pending_bytes}
 max_messages = {max_messages}
 max_age = "{max_age}"
 
+[queues]
+max_attempts = {max_attempts}
+max_queue_messages = {max_queue_messages}
+max_waiters_per_queue = {max_waiters}
+
 [timeouts]
 ping_interval = "{ping}"
 pong_timeout = "{pong}"
@@ -321,6 +363,9 @@ shutdown_timeout = "{shutdown}"
             max_pending_bytes = self.broker.outbound.max_pending_bytes,
             max_messages = self.retention.max_messages,
             max_age = format_duration(self.retention.max_age),
+            max_attempts = self.broker.queues.max_attempts,
+            max_queue_messages = self.broker.queues.max_queue_messages,
+            max_waiters = self.broker.queues.max_waiters_per_queue,
             ping = format_duration(self.http.ping_interval),
             pong = format_duration(self.http.pong_timeout),
             slow = format_duration(self.broker.outbound.slow_consumer_timeout),

@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish a message (or each line of stdin) to a topic.
     Pub(PubArgs),
     /// Print each message of a topic, one a line.
@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: Box<ServeArgs>) -> anyhow::Result<()> {
     let config = Config::load(&args)?;
     if args.print_config {
         print!("{}", config.to_toml());

@@ -1,0 +1,603 @@
+//! Work queues with at-least-once delivery: enqueue (with delay and TTL), fetch with a
+//! visibility timeout and long poll, ack, requeue, lease extension, redelivery,
+//! `max_attempts` and the dead-letter queue `{queue}.dlq`.
+//!
+//! Each queue's state sits behind one `std::sync::Mutex` (never held across an await).
+//! Time-driven changes (a delay ending, a lease ending, a TTL passing) are kept in three
+//! deadline heaps per queue and applied lazily, in time order, at the start of every
+//! operation: no task or timer per message, and what any caller observes is exact for
+//! the current time. Long-poll waiters sleep until the next deadline or a wake-up.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::config::QueueConfig;
+use crate::message::{Clock, Kind, NewMessage};
+use crate::name::QueueName;
+use crate::store::{QueueRecord, Store, StoreError};
+
+/// Errors of queue operations; each maps to one client-facing code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueueError {
+    /// Enqueue into a dead-letter queue.
+    #[error("{0} is a dead-letter queue: Herald fills it, clients cannot enqueue into it")]
+    DeadLetterQueue(QueueName),
+    /// The payload is over `max_message_bytes`.
+    #[error("payload of {size} bytes is over the limit of {max} bytes")]
+    TooLarge {
+        /// The payload size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The queue holds `max_queue_messages` already.
+    #[error("queue {queue} is full ({max} messages); retry after consumers catch up")]
+    Full {
+        /// The queue.
+        queue: QueueName,
+        /// The limit.
+        max: usize,
+    },
+    /// `max_waiters_per_queue` long polls are already waiting on this queue.
+    #[error("too many fetches are waiting on queue {0}")]
+    TooManyWaiters(QueueName),
+    /// The delivery id is not the message's current delivery.
+    #[error("delivery {0} is not current (unknown, acked, or its lease ended)")]
+    NotFound(String),
+    /// The store failed; the operation did not happen.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One delivery of a queue message to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The delivery id: ack, requeue and extend name it; it is current until the lease ends.
+    pub id: String,
+    /// The message id within its queue.
+    pub message_id: u64,
+    /// Deliveries of this message so far, this one included.
+    pub attempt: u32,
+    /// Enqueue time (dead-letter time in a dead-letter queue).
+    pub ts: u64,
+    /// The payload kind.
+    pub kind: Kind,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// A queue's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Ready to be fetched.
+    pub ready: u64,
+    /// Fetched and not yet acked, requeued or expired.
+    pub in_flight: u64,
+    /// Waiting for their delay to pass.
+    pub delayed: u64,
+    /// Messages in the queue's dead-letter queue, whatever their state there.
+    pub dead: u64,
+}
+
+/// The queues of one broker.
+pub struct Queues {
+    shards: Box<[Mutex<QueueTable>]>,
+    hasher: RandomState,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: QueueConfig,
+    max_message_bytes: usize,
+    deliveries: AtomicU64,
+    counters: QueueCounters,
+}
+
+/// Queue-wide counters and gauges, for metrics.
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    /// Messages enqueued (durably).
+    pub enqueued: AtomicU64,
+    /// Deliveries handed to consumers (first and later attempts).
+    pub delivered: AtomicU64,
+    /// Deliveries acknowledged.
+    pub acked: AtomicU64,
+    /// Messages moved to a dead-letter queue.
+    pub dead_lettered: AtomicU64,
+    /// Long-poll fetches waiting now.
+    pub waiting: AtomicUsize,
+}
+
+/// One shard of the queue table.
+type QueueTable = HashMap<QueueName, Arc<Queue>>;
+
+struct Queue {
+    name: QueueName,
+    state: Mutex<QueueState>,
+    /// Woken whenever messages become ready by enqueue or requeue.
+    ready: Notify,
+    waiters: AtomicUsize,
+    /// The dead-letter queue (`None` for a dead-letter queue itself).
+    dlq: Option<Arc<Queue>>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    next_id: u64,
+    /// Ids handed out to enqueues still waiting for their durable write.
+    reserved: usize,
+    entries: HashMap<u64, Entry>,
+    /// Ready messages by (time they became ready, id): fetch takes the smallest.
+    ready: BTreeSet<(u64, u64)>,
+    delayed: BinaryHeap<Reverse<(u64, u64)>>,
+    /// (deadline, id, lease): stale entries (acked, extended) are skipped when popped.
+    leases: BinaryHeap<Reverse<(u64, u64, u64)>>,
+    expiries: BinaryHeap<Reverse<(u64, u64)>>,
+    in_flight: u64,
+    delayed_count: u64,
+    next_lease: u64,
+}
+
+struct Entry {
+    kind: Kind,
+    payload: Bytes,
+    ts: u64,
+    attempt: u32,
+    expires_at: Option<u64>,
+    state: EntryState,
+}
+
+enum EntryState {
+    Ready { since: u64 },
+    Delayed { until: u64 },
+    Leased { lease: u64, deadline: u64, delivery: Arc<str> },
+}
+
+/// The kinds of timed event, in the order they apply when they fall on the same instant.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    Expiry,
+    DelayEnd,
+    LeaseEnd,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn top<T: Ord + Copy>(heap: &BinaryHeap<Reverse<T>>) -> Option<T> {
+    heap.peek().map(|Reverse(t)| *t)
+}
+
+impl QueueState {
+    fn make_ready(&mut self, id: u64, since: u64) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.state = EntryState::Ready { since };
+            self.ready.insert((since, id));
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        match entry.state {
+            EntryState::Ready { since } => {
+                self.ready.remove(&(since, id));
+            }
+            EntryState::Delayed { .. } => self.delayed_count -= 1,
+            EntryState::Leased { .. } => self.in_flight -= 1,
+        }
+        Some(entry)
+    }
+
+    /// The earliest pending timed event, stale heap entries included (they only cause
+    /// an early, harmless re-check).
+    fn next_due(&self) -> Option<u64> {
+        [top(&self.delayed).map(|t| t.0), top(&self.leases).map(|t| t.0), top(&self.expiries).map(|t| t.0)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn insert(&mut self, id: u64, record: &QueueRecord, attempt: u32, now: u64) {
+        let state = if record.ready_at > now {
+            self.delayed.push(Reverse((record.ready_at, id)));
+            self.delayed_count += 1;
+            EntryState::Delayed { until: record.ready_at }
+        } else {
+            self.ready.insert((record.ts, id));
+            EntryState::Ready { since: record.ts }
+        };
+        if let Some(at) = record.expires_at {
+            self.expiries.push(Reverse((at, id)));
+        }
+        let entry = Entry {
+            kind: record.kind,
+            payload: record.payload.clone(),
+            ts: record.ts,
+            attempt,
+            expires_at: record.expires_at,
+            state,
+        };
+        self.entries.insert(id, entry);
+    }
+}
+
+impl Queues {
+    /// Queues over `store`, on `clock`.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: QueueConfig, max_message_bytes: usize) -> Self {
+        Self {
+            shards: (0..32).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            store,
+            clock,
+            config,
+            max_message_bytes,
+            deliveries: AtomicU64::new(0),
+            counters: QueueCounters::default(),
+        }
+    }
+
+    /// Counters and gauges of all queues.
+    pub fn counters(&self) -> &QueueCounters {
+        &self.counters
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    fn lookup(&self, name: &QueueName) -> Option<Arc<Queue>> {
+        let i = self.hasher.hash_one(name) as usize % self.shards.len();
+        lock(&self.shards[i]).get(name).cloned()
+    }
+
+    fn queue(&self, name: &QueueName) -> Arc<Queue> {
+        if let Some(q) = self.lookup(name) {
+            return q;
+        }
+        // A queue and its dead-letter queue are created together, dead-letter first.
+        let dlq = name.dlq().map(|d| self.queue(&d));
+        let i = self.hasher.hash_one(name) as usize % self.shards.len();
+        lock(&self.shards[i])
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(Queue {
+                    name: name.clone(),
+                    state: Mutex::new(QueueState { next_id: 1, ..Default::default() }),
+                    ready: Notify::new(),
+                    waiters: AtomicUsize::new(0),
+                    dlq,
+                })
+            })
+            .clone()
+    }
+
+    /// A delivery id that cannot be guessed from another: message id, attempt, and 48
+    /// bits from a randomly keyed hash of a counter.
+    fn delivery_id(&self, id: u64, attempt: u32) -> Arc<str> {
+        let n = self.deliveries.fetch_add(1, Ordering::Relaxed);
+        let nonce = self.hasher.hash_one(n) & 0xffff_ffff_ffff;
+        Arc::from(format!("{id:x}-{attempt}-{nonce:x}"))
+    }
+
+    /// Applies every timed event due at `now`, in time order.
+    fn settle(&self, q: &Queue, st: &mut QueueState, now: u64) {
+        loop {
+            let next = [
+                top(&st.expiries).map(|(t, id)| (t, Due::Expiry, id, 0)),
+                top(&st.delayed).map(|(t, id)| (t, Due::DelayEnd, id, 0)),
+                top(&st.leases).map(|(t, id, lease)| (t, Due::LeaseEnd, id, lease)),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some((at, due, id, lease)) = next.filter(|n| n.0 <= now) else {
+                return;
+            };
+            match due {
+                Due::Expiry => {
+                    st.expiries.pop();
+                    if st.entries.get(&id).is_some_and(|e| e.expires_at == Some(at)) {
+                        st.remove(id);
+                        self.store.queue_remove(&q.name, vec![id]);
+                    }
+                }
+                Due::DelayEnd => {
+                    st.delayed.pop();
+                    let current = st
+                        .entries
+                        .get(&id)
+                        .is_some_and(|e| matches!(e.state, EntryState::Delayed { until } if until == at));
+                    if current {
+                        st.delayed_count -= 1;
+                        st.make_ready(id, at);
+                    }
+                }
+                Due::LeaseEnd => {
+                    st.leases.pop();
+                    let current = st.entries.get(&id).is_some_and(|e| {
+                        matches!(e.state, EntryState::Leased { lease: l, deadline, .. } if l == lease && deadline == at)
+                    });
+                    if current {
+                        st.in_flight -= 1;
+                        self.release(q, st, id, at, 0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A delivery ended without an ack (lease ended, or requeue): ready again at `at`
+    /// (after `delay`), or dead-lettered once it had `max_attempts` deliveries.
+    /// The entry must be out of the in-flight count already.
+    fn release(&self, q: &Queue, st: &mut QueueState, id: u64, at: u64, delay: u64) {
+        let attempts = st.entries.get(&id).map_or(0, |e| e.attempt);
+        match &q.dlq {
+            Some(dlq) if attempts >= self.config.max_attempts => {
+                // Out of every index already (its lease was counted off by the caller).
+                if let Some(entry) = st.entries.remove(&id) {
+                    self.store.queue_remove(&q.name, vec![id]);
+                    self.dead_letter(dlq, entry, at);
+                }
+            }
+            _ if delay > 0 => {
+                let until = at + delay;
+                if let Some(e) = st.entries.get_mut(&id) {
+                    e.state = EntryState::Delayed { until };
+                    st.delayed.push(Reverse((until, id)));
+                    st.delayed_count += 1;
+                }
+            }
+            _ => st.make_ready(id, at),
+        }
+    }
+
+    /// Appends `entry` to the dead-letter queue as a new message. Lock order is always
+    /// queue, then its dead-letter queue (which never dead-letters), so this cannot deadlock.
+    fn dead_letter(&self, dlq: &Queue, entry: Entry, now: u64) {
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let mut st = lock(&dlq.state);
+        let id = st.next_id;
+        st.next_id += 1;
+        let record =
+            QueueRecord { id, kind: entry.kind, payload: entry.payload, ts: now, ready_at: now, expires_at: None };
+        st.insert(id, &record, 0, now);
+        drop(st);
+        // Persisting a dead letter may lag: until it lands, a crash redelivers the
+        // original, whose removal is lazy too, so nothing is lost.
+        let pending = self.store.queue_append(&dlq.name, vec![record]);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = pending.await {
+                    tracing::warn!(error = %e, "persisting a dead letter failed");
+                }
+            });
+        }
+        dlq.ready.notify_waiters();
+    }
+
+    /// Enqueues `msg`; resolves with its message id once it is durable.
+    pub async fn enqueue(&self, name: &QueueName, msg: NewMessage, delay_ms: u64) -> Result<u64, QueueError> {
+        if name.is_dlq() {
+            return Err(QueueError::DeadLetterQueue(name.clone()));
+        }
+        if msg.payload.len() > self.max_message_bytes {
+            return Err(QueueError::TooLarge { size: msg.payload.len(), max: self.max_message_bytes });
+        }
+        let q = self.queue(name);
+        let now = self.clock.now_ms();
+        let id = {
+            let mut st = lock(&q.state);
+            self.settle(&q, &mut st, now);
+            if st.entries.len() + st.reserved >= self.config.max_queue_messages {
+                return Err(QueueError::Full { queue: name.clone(), max: self.config.max_queue_messages });
+            }
+            st.reserved += 1;
+            st.next_id += 1;
+            st.next_id - 1
+        };
+        let record = QueueRecord {
+            id,
+            kind: msg.kind,
+            payload: msg.payload,
+            ts: now,
+            ready_at: now + delay_ms,
+            expires_at: msg.ttl_ms.map(|ttl| now.saturating_add(ttl)),
+        };
+        let stored = self.store.queue_append(name, vec![record.clone()]).await;
+        let mut st = lock(&q.state);
+        st.reserved -= 1;
+        stored?;
+        // Visible only once durable: a consumer never sees what a crash could lose.
+        let now = self.clock.now_ms();
+        st.insert(id, &record, 0, now);
+        self.settle(&q, &mut st, now);
+        drop(st);
+        self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
+        q.ready.notify_waiters();
+        Ok(id)
+    }
+
+    /// Takes up to `max` ready messages, leasing each for `visibility_ms`.
+    pub fn fetch(&self, name: &QueueName, max: usize, visibility_ms: u64) -> Vec<Delivery> {
+        let q = self.queue(name);
+        self.fetch_from(&q, max, visibility_ms)
+    }
+
+    fn fetch_from(&self, q: &Queue, max: usize, visibility_ms: u64) -> Vec<Delivery> {
+        let now = self.clock.now_ms();
+        let mut st = lock(&q.state);
+        self.settle(q, &mut st, now);
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((_, id)) = st.ready.pop_first() else { break };
+            st.next_lease += 1;
+            let lease = st.next_lease;
+            let deadline = now + visibility_ms;
+            let Some(e) = st.entries.get_mut(&id) else { continue };
+            e.attempt += 1;
+            let delivery = self.delivery_id(id, e.attempt);
+            out.push(Delivery {
+                id: delivery.to_string(),
+                message_id: id,
+                attempt: e.attempt,
+                ts: e.ts,
+                kind: e.kind,
+                payload: e.payload.clone(),
+            });
+            e.state = EntryState::Leased { lease, deadline, delivery };
+            st.leases.push(Reverse((deadline, id, lease)));
+            st.in_flight += 1;
+        }
+        self.counters.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Like [`Queues::fetch`], but waits up to `wait` for a message to become ready.
+    pub async fn fetch_wait(
+        &self,
+        name: &QueueName,
+        max: usize,
+        visibility_ms: u64,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let q = self.queue(name);
+        let got = self.fetch_from(&q, max, visibility_ms);
+        if !got.is_empty() || wait.is_zero() {
+            return Ok(got);
+        }
+        if q.waiters.fetch_add(1, Ordering::AcqRel) >= self.config.max_waiters_per_queue {
+            q.waiters.fetch_sub(1, Ordering::AcqRel);
+            return Err(QueueError::TooManyWaiters(name.clone()));
+        }
+        struct Waiting<'a>(&'a AtomicUsize, &'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+                self.1.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.counters.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&q.waiters, &self.counters.waiting);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let woken = q.ready.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let got = self.fetch_from(&q, max, visibility_ms);
+            let now = tokio::time::Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            // Sleep to the wait's end, or to the next delay or lease ending, whichever
+            // is first; an enqueue or requeue wakes us at once.
+            let next_due = lock(&q.state).next_due();
+            let clock_now = self.clock.now_ms();
+            let until = match next_due {
+                Some(at) => deadline.min(now + Duration::from_millis(at.saturating_sub(clock_now))),
+                None => deadline,
+            };
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    fn with_delivery<T>(
+        &self,
+        name: &QueueName,
+        delivery: &str,
+        f: impl FnOnce(&Queue, &mut QueueState, u64, u64) -> T,
+    ) -> Result<T, QueueError> {
+        let not_found = || QueueError::NotFound(delivery.to_owned());
+        let id = delivery.split('-').next().and_then(|hex| u64::from_str_radix(hex, 16).ok()).ok_or_else(not_found)?;
+        let q = self.lookup(name).ok_or_else(not_found)?;
+        let now = self.clock.now_ms();
+        let mut st = lock(&q.state);
+        self.settle(&q, &mut st, now);
+        let current = st
+            .entries
+            .get(&id)
+            .is_some_and(|e| matches!(&e.state, EntryState::Leased { delivery: d, .. } if **d == *delivery));
+        if !current {
+            return Err(not_found());
+        }
+        Ok(f(&q, &mut st, id, now))
+    }
+
+    /// Acknowledges a delivery: the message is done.
+    pub fn ack(&self, name: &QueueName, delivery: &str) -> Result<(), QueueError> {
+        self.with_delivery(name, delivery, |q, st, id, _| {
+            st.remove(id);
+            self.store.queue_remove(&q.name, vec![id]);
+        })?;
+        self.counters.acked.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Gives a delivery back: ready again (after `delay_ms`), or dead-lettered once the
+    /// message had `max_attempts` deliveries.
+    pub fn requeue(&self, name: &QueueName, delivery: &str, delay_ms: u64) -> Result<(), QueueError> {
+        self.with_delivery(name, delivery, |q, st, id, now| {
+            st.in_flight -= 1;
+            self.release(q, st, id, now, delay_ms);
+        })?;
+        if let Some(q) = self.lookup(name) {
+            q.ready.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Extends a delivery's lease: it now ends `visibility_ms` from now.
+    pub fn extend(&self, name: &QueueName, delivery: &str, visibility_ms: u64) -> Result<(), QueueError> {
+        self.with_delivery(name, delivery, |_, st, id, now| {
+            let deadline = now + visibility_ms;
+            if let Some(e) = st.entries.get_mut(&id) {
+                if let EntryState::Leased { lease, deadline: d, .. } = &mut e.state {
+                    *d = deadline;
+                    let lease = *lease;
+                    st.leases.push(Reverse((deadline, id, lease)));
+                }
+            }
+        })
+    }
+
+    /// The queue's counts (all 0 for a queue never used).
+    pub fn stats(&self, name: &QueueName) -> QueueStats {
+        let Some(q) = self.lookup(name) else {
+            return QueueStats::default();
+        };
+        let now = self.clock.now_ms();
+        let mut stats = {
+            let mut st = lock(&q.state);
+            self.settle(&q, &mut st, now);
+            QueueStats { ready: st.ready.len() as u64, in_flight: st.in_flight, delayed: st.delayed_count, dead: 0 }
+        };
+        if let Some(dlq) = &q.dlq {
+            let mut st = lock(&dlq.state);
+            self.settle(dlq, &mut st, now);
+            stats.dead = st.entries.len() as u64;
+        }
+        stats
+    }
+
+    /// Wakes every long poll (shutdown answers them with what they have).
+    pub fn wake_all(&self) {
+        for shard in self.shards.iter() {
+            for q in lock(shard).values() {
+                q.ready.notify_waiters();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+//! The queue engine against a reference model: random sequences of enqueue, fetch, ack,
+//! requeue, extend and clock advances, on a queue and its dead-letter queue, must give
+//! the same deliveries, outcomes and counts as a simple model of the semantics.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::RetentionConfig;
+use crate::memory::MemoryStore;
+use crate::message::ManualClock;
+
+const MAX_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Ready { since: u64 },
+    Delayed { until: u64 },
+    Leased { deadline: u64, delivery: String },
+}
+
+#[derive(Debug, Clone)]
+struct Msg {
+    attempt: u32,
+    expires_at: Option<u64>,
+    state: State,
+}
+
+/// One queue, modelled plainly: a map of messages and a scan for everything.
+#[derive(Debug, Default)]
+struct ModelQueue {
+    next_id: u64,
+    msgs: BTreeMap<u64, Msg>,
+}
+
+impl ModelQueue {
+    fn new() -> Self {
+        Self { next_id: 1, msgs: BTreeMap::new() }
+    }
+
+    fn add(&mut self, now: u64, delay: u64, ttl: Option<u64>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let state = if delay > 0 { State::Delayed { until: now + delay } } else { State::Ready { since: now } };
+        self.msgs.insert(id, Msg { attempt: 0, expires_at: ttl.map(|t| now + t), state });
+        id
+    }
+
+    fn stats(&self) -> (u64, u64, u64) {
+        let count = |f: fn(&State) -> bool| self.msgs.values().filter(|m| f(&m.state)).count() as u64;
+        (
+            count(|s| matches!(s, State::Ready { .. })),
+            count(|s| matches!(s, State::Leased { .. })),
+            count(|s| matches!(s, State::Delayed { .. })),
+        )
+    }
+
+    fn find(&self, delivery: &str) -> Option<u64> {
+        self.msgs
+            .iter()
+            .find(|(_, m)| matches!(&m.state, State::Leased { delivery: d, .. } if d == delivery))
+            .map(|(id, _)| *id)
+    }
+}
+
+struct Model {
+    now: u64,
+    queue: ModelQueue,
+    dlq: ModelQueue,
+}
+
+impl Model {
+    /// Applies due events in time order: expiry, then delay end, then lease end on the
+    /// same instant; ties by message id.
+    fn settle(&mut self) {
+        for dlq in [false, true] {
+            loop {
+                let q = if dlq { &self.dlq } else { &self.queue };
+                let mut next: Option<(u64, u8, u64)> = None;
+                for (id, m) in &q.msgs {
+                    let mut events = vec![];
+                    if let Some(at) = m.expires_at {
+                        events.push((at, 0, *id));
+                    }
+                    match m.state {
+                        State::Delayed { until } => events.push((until, 1, *id)),
+                        State::Leased { deadline, .. } => events.push((deadline, 2, *id)),
+                        State::Ready { .. } => {}
+                    }
+                    for e in events {
+                        if e.0 <= self.now && next.is_none_or(|n| e < n) {
+                            next = Some(e);
+                        }
+                    }
+                }
+                let Some((at, kind, id)) = next else { break };
+                match kind {
+                    0 => {
+                        let q = if dlq { &mut self.dlq } else { &mut self.queue };
+                        q.msgs.remove(&id);
+                    }
+                    1 => {
+                        let q = if dlq { &mut self.dlq } else { &mut self.queue };
+                        if let Some(m) = q.msgs.get_mut(&id) {
+                            m.state = State::Ready { since: at };
+                        }
+                    }
+                    _ => self.release(dlq, id, at, 0),
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, dlq: bool, id: u64, at: u64, delay: u64) {
+        let q = if dlq { &mut self.dlq } else { &mut self.queue };
+        let attempt = q.msgs.get(&id).map_or(0, |m| m.attempt);
+        if !dlq && attempt >= MAX_ATTEMPTS {
+            self.queue.msgs.remove(&id);
+            self.dlq.add(at, 0, None);
+        } else if let Some(m) = q.msgs.get_mut(&id) {
+            m.state = if delay > 0 { State::Delayed { until: at + delay } } else { State::Ready { since: at } };
+        }
+    }
+
+    fn fetch(&mut self, dlq: bool, max: usize, vis: u64) -> Vec<(u64, u32)> {
+        self.settle();
+        let now = self.now;
+        let q = if dlq { &mut self.dlq } else { &mut self.queue };
+        let mut ready: Vec<(u64, u64)> = q
+            .msgs
+            .iter()
+            .filter_map(|(id, m)| match m.state {
+                State::Ready { since } => Some((since, *id)),
+                _ => None,
+            })
+            .collect();
+        ready.sort_unstable();
+        ready
+            .into_iter()
+            .take(max)
+            .filter_map(|(_, id)| {
+                let m = q.msgs.get_mut(&id)?;
+                m.attempt += 1;
+                m.state = State::Leased { deadline: now + vis, delivery: String::new() };
+                Some((id, m.attempt))
+            })
+            .collect()
+    }
+
+    fn stats(&self) -> QueueStats {
+        let (ready, in_flight, delayed) = self.queue.stats();
+        QueueStats { ready, in_flight, delayed, dead: self.dlq.msgs.len() as u64 }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Enqueue { delay: u64, ttl: Option<u64> },
+    Fetch { dlq: bool, max: usize, vis: u64 },
+    Ack { pick: usize },
+    Requeue { pick: usize, delay: u64 },
+    Extend { pick: usize, vis: u64 },
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (prop_oneof![Just(0u64), 1..50u64], prop::option::weighted(0.2, 0..100u64))
+            .prop_map(|(delay, ttl)| Op::Enqueue { delay, ttl }),
+        3 => (prop::bool::weighted(0.2), 1..4usize, 1..60u64).prop_map(|(dlq, max, vis)| Op::Fetch { dlq, max, vis }),
+        2 => any::<usize>().prop_map(|pick| Op::Ack { pick }),
+        2 => (any::<usize>(), prop_oneof![Just(0u64), 1..30u64]).prop_map(|(pick, delay)| Op::Requeue { pick, delay }),
+        1 => (any::<usize>(), 1..60u64).prop_map(|(pick, vis)| Op::Extend { pick, vis }),
+        3 => (0..40u64).prop_map(Op::Advance),
+    ]
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let clock = Arc::new(ManualClock::new(1_000));
+    let store = Arc::new(MemoryStore::new(RetentionConfig::default()));
+    let config = QueueConfig { max_attempts: MAX_ATTEMPTS, ..QueueConfig::default() };
+    let queues = Queues::new(store, clock.clone(), config, 1 << 20);
+    let name = QueueName::parse("jobs").expect("name");
+    let dlq_name = name.dlq().expect("dlq");
+    let mut model = Model { now: 1_000, queue: ModelQueue::new(), dlq: ModelQueue::new() };
+    // Every delivery id ever handed out, with its queue: acks may name stale ones.
+    let mut seen: Vec<(bool, String)> = Vec::new();
+
+    for op in ops {
+        match op {
+            Op::Enqueue { delay, ttl } => {
+                model.settle();
+                let want = model.queue.add(model.now, delay, ttl);
+                model.settle();
+                let msg = NewMessage { kind: Kind::Text, payload: Bytes::from_static(b"x"), ttl_ms: ttl };
+                let got =
+                    rt.block_on(queues.enqueue(&name, msg, delay)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(got, want);
+            }
+            Op::Fetch { dlq, max, vis } => {
+                let want = model.fetch(dlq, max, vis);
+                let got = queues.fetch(if dlq { &dlq_name } else { &name }, max, vis);
+                let got_ids: Vec<(u64, u32)> = got.iter().map(|d| (d.message_id, d.attempt)).collect();
+                prop_assert_eq!(&got_ids, &want);
+                for d in got {
+                    let q = if dlq { &mut model.dlq } else { &mut model.queue };
+                    if let Some(Msg { state: State::Leased { delivery, .. }, .. }) = q.msgs.get_mut(&d.message_id) {
+                        delivery.clone_from(&d.id);
+                    }
+                    seen.push((dlq, d.id));
+                }
+            }
+            Op::Ack { pick } | Op::Requeue { pick, .. } | Op::Extend { pick, .. } if seen.is_empty() => {
+                let _ = pick;
+            }
+            Op::Ack { pick } => {
+                let (dlq, id) = seen[pick % seen.len()].clone();
+                model.settle();
+                let q = if dlq { &mut model.dlq } else { &mut model.queue };
+                let want = q.find(&id).map(|m| q.msgs.remove(&m)).is_some();
+                let got = queues.ack(if dlq { &dlq_name } else { &name }, &id);
+                prop_assert_eq!(got.is_ok(), want, "ack {}", id);
+            }
+            Op::Requeue { pick, delay } => {
+                let (dlq, id) = seen[pick % seen.len()].clone();
+                model.settle();
+                let q = if dlq { &model.dlq } else { &model.queue };
+                let want = q.find(&id);
+                if let Some(m) = want {
+                    let now = model.now;
+                    model.release(dlq, m, now, delay);
+                }
+                let got = queues.requeue(if dlq { &dlq_name } else { &name }, &id, delay);
+                prop_assert_eq!(got.is_ok(), want.is_some(), "requeue {}", id);
+            }
+            Op::Extend { pick, vis } => {
+                let (dlq, id) = seen[pick % seen.len()].clone();
+                model.settle();
+                let now = model.now;
+                let q = if dlq { &mut model.dlq } else { &mut model.queue };
+                let want = q.find(&id);
+                if let Some(m) = want.and_then(|m| q.msgs.get_mut(&m)) {
+                    if let State::Leased { deadline, .. } = &mut m.state {
+                        *deadline = now + vis;
+                    }
+                }
+                let got = queues.extend(if dlq { &dlq_name } else { &name }, &id, vis);
+                prop_assert_eq!(got.is_ok(), want.is_some(), "extend {}", id);
+            }
+            Op::Advance(ms) => {
+                clock.advance(ms);
+                model.now += ms;
+            }
+        }
+        model.settle();
+        prop_assert_eq!(queues.stats(&name), model.stats());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn queue_engine_matches_the_model(ops in prop::collection::vec(op(), 1..120)) {
+        run(ops)?;
+    }
+}
+
+fn queues(clock: Arc<ManualClock>) -> (Queues, QueueName) {
+    let store = Arc::new(MemoryStore::new(RetentionConfig::default()));
+    let config = QueueConfig { max_attempts: 2, max_queue_messages: 3, max_waiters_per_queue: 1 };
+    (Queues::new(store, clock, config, 16), QueueName::parse("q").expect("name"))
+}
+
+fn text(s: &'static str) -> NewMessage {
+    NewMessage::new(Kind::Text, Bytes::from_static(s.as_bytes()))
+}
+
+#[tokio::test]
+async fn dead_letters_after_max_attempts_and_stale_ids_are_not_found() -> Result<(), QueueError> {
+    let clock = Arc::new(ManualClock::new(0));
+    let (q, name) = queues(clock.clone());
+    q.enqueue(&name, text("job"), 0).await?;
+    let first = q.fetch(&name, 1, 100);
+    clock.advance(100); // lease ends: delivered again
+    assert!(matches!(q.ack(&name, &first[0].id), Err(QueueError::NotFound(_))), "stale id");
+    let second = q.fetch(&name, 1, 100);
+    assert_eq!(second[0].attempt, 2);
+    q.requeue(&name, &second[0].id, 0)?; // second delivery given back: max_attempts reached
+    assert_eq!(q.stats(&name), QueueStats { ready: 0, in_flight: 0, delayed: 0, dead: 1 });
+    let dlq = name.dlq().expect("dlq");
+    let dead = q.fetch(&dlq, 1, 100);
+    assert_eq!((dead[0].attempt, dead[0].ts, &dead[0].payload[..]), (1, 100, &b"job"[..]));
+    assert!(matches!(q.enqueue(&dlq, text("no"), 0).await, Err(QueueError::DeadLetterQueue(_))));
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_full_queue_too_large_and_waiters() -> Result<(), QueueError> {
+    let clock = Arc::new(ManualClock::new(0));
+    let (q, name) = queues(clock);
+    for _ in 0..3 {
+        q.enqueue(&name, text("x"), 0).await?;
+    }
+    assert!(matches!(q.enqueue(&name, text("x"), 0).await, Err(QueueError::Full { .. })));
+    let big = NewMessage::new(Kind::Binary, vec![0u8; 17]);
+    assert!(matches!(q.enqueue(&name, big, 0).await, Err(QueueError::TooLarge { .. })));
+    let empty = QueueName::parse("empty").expect("name");
+    let waiting = q.fetch_wait(&empty, 1, 10, Duration::from_secs(60));
+    tokio::pin!(waiting);
+    // Poll the first waiter once so it registers, then a second one is refused.
+    assert!(futures_poll(&mut waiting).is_none());
+    assert!(matches!(q.fetch_wait(&empty, 1, 10, Duration::from_secs(60)).await, Err(QueueError::TooManyWaiters(_))));
+    Ok(())
+}
+
+fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(f).poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+#[tokio::test]
+async fn a_long_poll_wakes_on_enqueue() -> Result<(), QueueError> {
+    let clock = Arc::new(ManualClock::new(0));
+    let store = Arc::new(MemoryStore::new(RetentionConfig::default()));
+    let q = Arc::new(Queues::new(store, clock, QueueConfig::default(), 1024));
+    let name = QueueName::parse("lp").expect("name");
+    let waiter = {
+        let (q, name) = (q.clone(), name.clone());
+        tokio::spawn(async move { q.fetch_wait(&name, 1, 1000, Duration::from_secs(3600)).await })
+    };
+    tokio::task::yield_now().await;
+    q.enqueue(&name, text("wake"), 0).await?;
+    let got = waiter.await.map_err(|_| QueueError::Store(StoreError::Closed))??;
+    assert_eq!(got.len(), 1);
+    Ok(())
+}

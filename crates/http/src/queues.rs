@@ -1,0 +1,154 @@
+//! REST endpoints for work queues: enqueue, fetch (with long poll), ack, requeue,
+//! extend, stats. Thin: every rule lives in the core's [`herald_core::Queues`].
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use herald_core::{QueueError, QueueName};
+use herald_protocol::encode::{push_json_str, push_kind_payload};
+use herald_protocol::ErrorCode;
+
+use crate::rest::{body_error, kind_of, new_message, Query};
+use crate::{ApiError, AppState};
+
+/// Longest a fetch may wait, per API.md.
+const MAX_WAIT_MS: u64 = 20_000;
+/// Longest lease: 12 hours.
+const MAX_VISIBILITY_MS: u64 = 43_200_000;
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        let code = match &e {
+            QueueError::DeadLetterQueue(_) => ErrorCode::InvalidName,
+            QueueError::TooLarge { .. } => ErrorCode::TooLarge,
+            QueueError::Full { .. } | QueueError::TooManyWaiters(_) => ErrorCode::RateLimited,
+            QueueError::NotFound(_) => ErrorCode::NotFound,
+            QueueError::Store(store) => {
+                tracing::warn!(error = %store, "store error");
+                ErrorCode::Unavailable
+            }
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+fn queue_name(raw: &str) -> Result<QueueName, ApiError> {
+    Ok(QueueName::parse(raw)?)
+}
+
+/// A delivery id as API.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
+fn delivery_id(raw: &str) -> Result<&str, ApiError> {
+    let ok =
+        !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    ok.then_some(raw).ok_or_else(|| ApiError::bad_request("a delivery id is 1 to 64 characters of A-Z a-z 0-9 _ -"))
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+pub(crate) async fn enqueue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let queue = queue_name(&queue)?;
+    let query = Query::parse(query.as_deref())?;
+    let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
+    let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX / 2, 0)).transpose()?;
+    let max = state.broker().config().max_message_bytes;
+    let payload = axum::body::to_bytes(body, max).await.map_err(|e| body_error(e, max))?;
+    let msg = new_message(kind_of(&headers), payload, ttl_ms)?;
+    let id = state.broker().queues().enqueue(&queue, msg, delay_ms).await?;
+    let mut body = String::from("{\"queue\":");
+    push_json_str(&mut body, queue.as_str());
+    let _ = write!(body, ",\"message_id\":{id}}}");
+    Ok(json(StatusCode::CREATED, body))
+}
+
+pub(crate) async fn fetch(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let queue = queue_name(&queue)?;
+    let query = Query::parse(query.as_deref())?;
+    let max = query.number("max", 1, 100, 1)? as usize;
+    let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 30_000)?;
+    let wait = Duration::from_millis(query.number("wait_ms", 0, MAX_WAIT_MS, 0)?);
+    let queues = state.broker().queues();
+    let deliveries = tokio::select! {
+        got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got?,
+        // Shutdown answers a pending long poll with what it has: nothing was taken.
+        _ = state.inner.shutdown.cancelled() => Vec::new(),
+    };
+    let mut body = String::with_capacity(32 + deliveries.iter().map(|d| d.payload.len() * 4 / 3 + 96).sum::<usize>());
+    body.push_str("{\"messages\":[");
+    for (i, d) in deliveries.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str("{\"id\":");
+        push_json_str(&mut body, &d.id);
+        let _ = write!(body, ",\"message_id\":{},\"attempt\":{},\"ts\":{},", d.message_id, d.attempt, d.ts);
+        push_kind_payload(&mut body, d.kind, &d.payload);
+        body.push('}');
+    }
+    body.push_str("]}");
+    Ok(json(StatusCode::OK, body))
+}
+
+pub(crate) async fn ack(
+    State(state): State<AppState>,
+    Path((queue, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let queue = queue_name(&queue)?;
+    state.broker().queues().ack(&queue, delivery_id(&id)?)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn requeue(
+    State(state): State<AppState>,
+    Path((queue, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<StatusCode, ApiError> {
+    let queue = queue_name(&queue)?;
+    let query = Query::parse(query.as_deref())?;
+    let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
+    state.broker().queues().requeue(&queue, delivery_id(&id)?, delay_ms)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn extend(
+    State(state): State<AppState>,
+    Path((queue, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<StatusCode, ApiError> {
+    let queue = queue_name(&queue)?;
+    let query = Query::parse(query.as_deref())?;
+    if query.get("visibility_ms").is_none() {
+        return Err(ApiError::bad_request("visibility_ms is required"));
+    }
+    let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 0)?;
+    state.broker().queues().extend(&queue, delivery_id(&id)?, visibility_ms)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn stats(State(state): State<AppState>, Path(queue): Path<String>) -> Result<Response, ApiError> {
+    let queue = queue_name(&queue)?;
+    let s = state.broker().queues().stats(&queue);
+    let mut body = String::from("{\"queue\":");
+    push_json_str(&mut body, queue.as_str());
+    let _ = write!(
+        body,
+        ",\"ready\":{},\"in_flight\":{},\"delayed\":{},\"dead\":{}}}",
+        s.ready, s.in_flight, s.delayed, s.dead
+    );
+    Ok(json(StatusCode::OK, body))
+}

@@ -1,0 +1,250 @@
+//! Work queues over HTTP: many workers, at-least-once with a failing worker, long poll,
+//! dead letters, stale delivery ids, delays, limits and errors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{eventually, start, within, Result, TestServer};
+use serde_json::{json, Value};
+
+async fn enqueue(server: &TestServer, queue: &str, body: String) -> Result<u64> {
+    let (status, reply) =
+        server.post(&format!("/v1/queues/{queue}/messages"), Some("text/plain"), body.into_bytes()).await?;
+    assert_eq!(status, 201, "{reply}");
+    Ok(reply["message_id"].as_u64().ok_or("message_id")?)
+}
+
+async fn fetch(server: &TestServer, queue: &str, query: &str) -> Result<Vec<Value>> {
+    let (status, reply) = server.post(&format!("/v1/queues/{queue}/fetch?{query}"), None, Vec::new()).await?;
+    assert_eq!(status, 200, "{reply}");
+    Ok(reply["messages"].as_array().cloned().unwrap_or_default())
+}
+
+async fn call(server: &TestServer, path: &str) -> Result<u16> {
+    Ok(server.http.post(format!("{}{path}", server.url)).send().await?.status().as_u16())
+}
+
+async fn stats(server: &TestServer, queue: &str) -> Result<Value> {
+    Ok(server.get_json(&format!("/v1/queues/{queue}")).await?.1)
+}
+
+const N: usize = 10_000;
+
+async fn fill(server: &Arc<TestServer>, queue: &str) -> Result {
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (server, queue) = (server.clone(), queue.to_owned());
+            tokio::spawn(async move {
+                for i in (p..N).step_by(4) {
+                    enqueue(&server, &queue, format!("job-{i}")).await?;
+                }
+                Result::Ok(())
+            })
+        })
+        .collect();
+    for p in producers {
+        within(Duration::from_secs(120), "producer", p).await???;
+    }
+    Ok(())
+}
+
+/// Runs `workers` acking workers until `N` distinct jobs are done; returns every
+/// processed (job, attempt).
+async fn work(server: &Arc<TestServer>, queue: &str, workers: usize) -> Result<Vec<(String, u64)>> {
+    let done = Arc::new(std::sync::Mutex::new(HashMap::<String, u64>::new()));
+    let processed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (server, queue, done, processed) = (server.clone(), queue.to_owned(), done.clone(), processed.clone());
+            tokio::spawn(async move {
+                loop {
+                    if done.lock().map_err(|_| "poisoned")?.len() >= N {
+                        return Result::Ok(());
+                    }
+                    for m in fetch(&server, &queue, "max=10&wait_ms=200").await? {
+                        let job = m["data"].as_str().ok_or("data")?.to_owned();
+                        let attempt = m["attempt"].as_u64().ok_or("attempt")?;
+                        processed.lock().map_err(|_| "poisoned")?.push((job.clone(), attempt));
+                        done.lock().map_err(|_| "poisoned")?.insert(job, attempt);
+                        let id = m["id"].as_str().ok_or("id")?;
+                        assert_eq!(call(&server, &format!("/v1/queues/{queue}/ack/{id}")).await?, 204);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        within(Duration::from_secs(120), "worker", t).await???;
+    }
+    let processed = processed.lock().map_err(|_| "poisoned")?.clone();
+    Ok(processed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_workers_process_every_message_exactly_once() -> Result {
+    let server = Arc::new(start(|_| {}).await?);
+    fill(&server, "jobs").await?;
+    assert_eq!(stats(&server, "jobs").await?["ready"], N);
+    let processed = work(&server, "jobs", 8).await?;
+    assert_eq!(processed.len(), N, "no message processed twice");
+    let mut jobs: Vec<&str> = processed.iter().map(|(j, _)| j.as_str()).collect();
+    jobs.sort_unstable();
+    jobs.dedup();
+    assert_eq!(jobs.len(), N);
+    assert!(processed.iter().all(|(_, attempt)| *attempt == 1));
+    assert_eq!(stats(&server, "jobs").await?, json!({"queue":"jobs","ready":0,"in_flight":0,"delayed":0,"dead":0}));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_never_acks_loses_nothing() -> Result {
+    let server = Arc::new(start(|_| {}).await?);
+    fill(&server, "flaky").await?;
+    // The bad worker takes 200 messages with a short lease and walks away.
+    let mut abandoned = Vec::new();
+    for _ in 0..20 {
+        for m in fetch(&server, "flaky", "max=10&visibility_ms=300").await? {
+            abandoned.push(m["data"].as_str().ok_or("data")?.to_owned());
+        }
+    }
+    assert_eq!(abandoned.len(), 200);
+    let processed = work(&server, "flaky", 8).await?;
+    let attempts: HashMap<&str, u64> = processed.iter().map(|(j, a)| (j.as_str(), *a)).collect();
+    assert_eq!(attempts.len(), N, "every message processed");
+    for job in &abandoned {
+        assert!(attempts[job.as_str()] > 1, "{job} was redelivered with attempt > 1");
+    }
+    let first_time = processed.iter().filter(|(_, a)| *a == 1).count();
+    assert_eq!(first_time, N - 200, "the others went out once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn long_poll_returns_on_enqueue_and_empty_at_wait_ms() -> Result {
+    let server = Arc::new(start(|_| {}).await?);
+    // Empty at wait_ms.
+    let t0 = Instant::now();
+    assert!(fetch(&server, "lp", "wait_ms=300").await?.is_empty());
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "{waited:?}");
+    // Woken by an enqueue.
+    let mut lags = Vec::new();
+    for i in 0..20 {
+        let poll = {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let got = fetch(&server, "lp", "wait_ms=10000").await?;
+                Result::Ok((got, Instant::now()))
+            })
+        };
+        eventually(Duration::from_secs(5), "long poll waiting", || async {
+            Ok(server.metric("herald_queue_waiters").await? == 1)
+        })
+        .await?;
+        let sent = Instant::now();
+        enqueue(&server, "lp", format!("m{i}")).await?;
+        let (got, at) = within(Duration::from_secs(10), "long poll", poll).await???;
+        assert_eq!(got.len(), 1);
+        lags.push(at.saturating_duration_since(sent));
+    }
+    lags.sort_unstable();
+    eprintln!("long poll wake-up after enqueue: median {:?}, max {:?}", lags[lags.len() / 2], lags[lags.len() - 1]);
+    assert!(lags[lags.len() - 1] < Duration::from_secs(1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_letters_stale_ids_and_delays_over_http() -> Result {
+    let server = start(|c| c.broker.queues.max_attempts = 2).await?;
+    let id = enqueue(&server, "work", "poison".into()).await?;
+    let first = fetch(&server, "work", "").await?;
+    assert_eq!((first[0]["message_id"].as_u64(), first[0]["attempt"].as_u64()), (Some(id), Some(1)));
+    let first_id = first[0]["id"].as_str().ok_or("id")?.to_owned();
+    assert!(first_id.len() <= 64 && first_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    assert_eq!(call(&server, &format!("/v1/queues/work/requeue/{first_id}")).await?, 204);
+    assert_eq!(call(&server, &format!("/v1/queues/work/ack/{first_id}")).await?, 404, "stale after requeue");
+    let second = fetch(&server, "work", "").await?;
+    assert_eq!(second[0]["attempt"], 2);
+    let second_id = second[0]["id"].as_str().ok_or("id")?.to_owned();
+    assert_eq!(call(&server, &format!("/v1/queues/work/extend/{second_id}?visibility_ms=60000")).await?, 204);
+    assert_eq!(call(&server, &format!("/v1/queues/work/requeue/{second_id}")).await?, 204);
+    assert_eq!(stats(&server, "work").await?, json!({"queue":"work","ready":0,"in_flight":0,"delayed":0,"dead":1}));
+    let dead = fetch(&server, "work.dlq", "").await?;
+    assert_eq!((dead[0]["data"].as_str(), dead[0]["attempt"].as_u64()), (Some("poison"), Some(1)));
+    let dead_id = dead[0]["id"].as_str().ok_or("id")?;
+    assert_eq!(call(&server, &format!("/v1/queues/work.dlq/ack/{dead_id}")).await?, 204);
+    assert_eq!(stats(&server, "work").await?["dead"], 0);
+
+    // A delayed message is not fetchable before its delay.
+    let (status, _) =
+        server.post("/v1/queues/later/messages?delay_ms=60000", Some("text/plain"), b"x".to_vec()).await?;
+    assert_eq!(status, 201);
+    assert_eq!(stats(&server, "later").await?["delayed"], 1);
+    assert!(fetch(&server, "later", "").await?.is_empty());
+    // A message whose TTL passed is dropped.
+    let (status, _) = server.post("/v1/queues/brief/messages?ttl_ms=0", Some("text/plain"), b"x".to_vec()).await?;
+    assert_eq!(status, 201);
+    assert!(fetch(&server, "brief", "").await?.is_empty());
+    assert_eq!(
+        stats(&server, "never-used").await?,
+        json!({"queue":"never-used","ready":0,"in_flight":0,"delayed":0,"dead":0})
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn queue_errors() -> Result {
+    let server = start(|c| {
+        c.broker.queues.max_queue_messages = 1;
+        c.broker.max_message_bytes = 16;
+    })
+    .await?;
+    let code = |v: &Value| v["error"]["code"].as_str().unwrap_or_default().to_owned();
+    let post = |path: &'static str, body: &'static [u8]| server.post(path, Some("text/plain"), body.to_vec());
+    let (s, v) = post("/v1/queues/jobs.dlq/messages", b"x").await?;
+    assert_eq!((s, code(&v)), (400, "invalid_name".into()), "no enqueue into a dead-letter queue");
+    let (s, v) = post("/v1/queues/a..b/messages", b"x").await?;
+    assert_eq!((s, code(&v)), (400, "invalid_name".into()));
+    let (s, v) = post("/v1/queues/jobs/messages", b"this is over sixteen bytes").await?;
+    assert_eq!((s, code(&v)), (413, "too_large".into()));
+    let (s, _) = post("/v1/queues/jobs/messages", b"x").await?;
+    assert_eq!(s, 201);
+    let (s, v) = post("/v1/queues/jobs/messages", b"y").await?;
+    assert_eq!((s, code(&v)), (429, "rate_limited".into()), "queue full");
+    for q in ["max=0", "max=101", "visibility_ms=0", "visibility_ms=43200001", "wait_ms=20001", "max=x"] {
+        let (s, v) = server.post(&format!("/v1/queues/jobs/fetch?{q}"), None, Vec::new()).await?;
+        assert_eq!((s, code(&v)), (400, "bad_request".into()), "{q}");
+    }
+    let (s, v) = server.post("/v1/queues/jobs/ack/not*valid", None, Vec::new()).await?;
+    assert_eq!((s, code(&v)), (400, "bad_request".into()));
+    let (s, v) = server.post("/v1/queues/jobs/ack/1-1-abc", None, Vec::new()).await?;
+    assert_eq!((s, code(&v)), (404, "not_found".into()));
+    let (s, v) = server.post("/v1/queues/jobs/extend/1-1-abc", None, Vec::new()).await?;
+    assert_eq!((s, code(&v)), (400, "bad_request".into()), "visibility_ms required");
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_answers_a_pending_long_poll() -> Result {
+    let mut server = start(|_| {}).await?;
+    let poll = {
+        let (http, url) = (server.http.clone(), server.url.clone());
+        tokio::spawn(async move {
+            let r = http.post(format!("{url}/v1/queues/idle/fetch?wait_ms=20000")).send().await?;
+            Result::Ok((r.status().as_u16(), r.text().await?))
+        })
+    };
+    eventually(Duration::from_secs(5), "long poll waiting", || async {
+        Ok(server.metric("herald_queue_waiters").await? == 1)
+    })
+    .await?;
+    let running = server.server.take().ok_or("server")?;
+    running.shutdown();
+    let (status, body) = within(Duration::from_secs(5), "long poll answered", poll).await???;
+    assert_eq!((status, body.as_str()), (200, r#"{"messages":[]}"#));
+    within(Duration::from_secs(10), "server stopped", running.wait()).await??;
+    Ok(())
+}
