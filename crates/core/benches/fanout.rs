@@ -63,7 +63,7 @@ fn fanout(c: &mut Criterion) {
             rt.block_on(b.publish(&topic, msg)).expect("publish");
             published += 1;
             // Drain like connection writers do: a batch at a time.
-            if published % 64 == 0 {
+            if published.is_multiple_of(64) {
                 rt.block_on(async {
                     for rx in &mut receivers {
                         let n = rx.recv_many(&mut buf, 256).await;
