@@ -83,12 +83,16 @@ impl Client {
         Self { http: reqwest::Client::new(), base: base.into().trim_end_matches('/').to_owned() }
     }
 
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     /// The server's base URL.
     pub fn base(&self) -> &str {
         &self.base
     }
 
-    async fn check(response: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    pub(crate) async fn check(response: reqwest::Response) -> Result<reqwest::Response, ClientError> {
         if response.status().is_success() {
             return Ok(response);
         }

@@ -1,16 +1,19 @@
 //! The Rust client for Herald, used by the `herald pub`/`herald sub` commands, `herald
 //! bench` and the tests.
 //!
-//! - [`Client`]: HTTP publish, fetch, topic info and delete.
+//! - [`Client`]: HTTP publish, fetch, topic info and delete; work queues (enqueue,
+//!   fetch_jobs with long poll, ack, requeue, extend, queue_stats).
 //! - [`Client::subscribe`]: a WebSocket subscription that reconnects on its own and
 //!   resumes from the last offset it delivered (with the epoch check), so a network blip
 //!   loses nothing the topic still retains.
 //! - [`WsConnection`]: the JSON WebSocket protocol frame by frame, for tools and tests.
 
 mod http;
+mod queue;
 mod ws;
 
 pub use http::{Client, Page, Published, TopicInfo};
+pub use queue::{FetchOptions, Job, QueueStats};
 pub use ws::{Delivery, Event, Payload, Subscription, WsConnection};
 
 /// Errors of the client.

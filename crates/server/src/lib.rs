@@ -4,6 +4,7 @@
 //! Shutdown order: stop accepting, close every WebSocket with 1001 and end SSE streams,
 //! finish in-flight requests, then the store; all within `shutdown_timeout`.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use axum::serve::ListenerExt;
 use herald_core::{Broker, MemoryStore, Store};
 use herald_http::AppState;
 use tokio::net::TcpListener;
@@ -107,6 +109,12 @@ pub async fn serve(
     };
 
     tracing::info!(addr = %listener.local_addr()?, store = ?config.store, "herald listening");
+    // Small frames (replies, acks) must not wait for Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let http = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let drained = async {
         http.await.context("http server")?;

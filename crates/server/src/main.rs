@@ -23,6 +23,9 @@ enum Command {
     Pub(PubArgs),
     /// Print each message of a topic, one a line.
     Sub(SubArgs),
+    /// Load generators: throughput and latency against a running broker.
+    #[command(subcommand)]
+    Bench(herald_server::bench::BenchCommand),
 }
 
 #[tokio::main]
@@ -36,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Pub(args) => herald_server::cli::publish(args).await,
         Command::Sub(args) => herald_server::cli::subscribe(args).await,
+        Command::Bench(command) => herald_server::bench::run(command).await,
     }
 }
 

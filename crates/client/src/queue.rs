@@ -1,0 +1,148 @@
+//! Work-queue half of the client: enqueue, fetch (with long poll), ack, requeue, extend
+//! and stats over HTTP.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ws::Payload;
+use crate::{Client, ClientError};
+
+/// One delivery of a queue message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// The delivery id to ack, requeue or extend.
+    pub id: String,
+    /// The message id within its queue.
+    pub message_id: u64,
+    /// Deliveries so far, this one included.
+    pub attempt: u32,
+    /// Enqueue time, ms since the Unix epoch.
+    pub ts: u64,
+    /// The payload.
+    pub payload: Payload,
+}
+
+/// A queue's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct QueueStats {
+    /// Ready to be fetched.
+    pub ready: u64,
+    /// Fetched, not yet acked.
+    pub in_flight: u64,
+    /// Waiting for their delay.
+    pub delayed: u64,
+    /// In the dead-letter queue.
+    pub dead: u64,
+}
+
+/// Options of [`Client::fetch_jobs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchOptions {
+    /// Most messages to take (1 to 100).
+    pub max: u32,
+    /// Lease length.
+    pub visibility: Duration,
+    /// Longest wait for a message (0 to 20 s).
+    pub wait: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        Self { max: 1, visibility: Duration::from_secs(30), wait: Duration::ZERO }
+    }
+}
+
+#[derive(Deserialize)]
+struct Enqueued {
+    message_id: u64,
+}
+
+#[derive(Deserialize)]
+struct Fetched {
+    messages: Vec<RawJob>,
+}
+
+#[derive(Deserialize)]
+struct RawJob {
+    id: String,
+    message_id: u64,
+    attempt: u32,
+    ts: u64,
+    data: Option<Box<serde_json::value::RawValue>>,
+    data_b64: Option<String>,
+}
+
+impl Client {
+    /// Enqueues `body` (kind from `content_type`, as for topics) after `delay`; returns
+    /// the message id once the server stored it.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+        delay: Duration,
+    ) -> Result<u64, ClientError> {
+        let mut url = format!("{}/v1/queues/{queue}/messages", self.base());
+        if !delay.is_zero() {
+            url.push_str(&format!("?delay_ms={}", delay.as_millis()));
+        }
+        let response = self.http().post(url).header("content-type", content_type).body(body).send().await?;
+        let bytes = Self::check(response).await?.bytes().await?;
+        let e: Enqueued = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(e.message_id)
+    }
+
+    /// Fetches up to `options.max` jobs, waiting up to `options.wait` for one.
+    pub async fn fetch_jobs(&self, queue: &str, options: FetchOptions) -> Result<Vec<Job>, ClientError> {
+        let url = format!(
+            "{}/v1/queues/{queue}/fetch?max={}&visibility_ms={}&wait_ms={}",
+            self.base(),
+            options.max,
+            options.visibility.as_millis(),
+            options.wait.as_millis()
+        );
+        let bytes = Self::check(self.http().post(url).send().await?).await?.bytes().await?;
+        let f: Fetched = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        f.messages
+            .into_iter()
+            .map(|m| {
+                Ok(Job {
+                    id: m.id,
+                    message_id: m.message_id,
+                    attempt: m.attempt,
+                    ts: m.ts,
+                    payload: Payload::from_fields(m.data, m.data_b64)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delivery_call(&self, queue: &str, verb: &str, id: &str, query: &str) -> Result<(), ClientError> {
+        let url = format!("{}/v1/queues/{queue}/{verb}/{id}{query}", self.base());
+        Self::check(self.http().post(url).send().await?).await?;
+        Ok(())
+    }
+
+    /// Acknowledges a job: it is done.
+    pub async fn ack(&self, queue: &str, job: &Job) -> Result<(), ClientError> {
+        self.delivery_call(queue, "ack", &job.id, "").await
+    }
+
+    /// Gives a job back, ready again after `delay`.
+    pub async fn requeue(&self, queue: &str, job: &Job, delay: Duration) -> Result<(), ClientError> {
+        self.delivery_call(queue, "requeue", &job.id, &format!("?delay_ms={}", delay.as_millis())).await
+    }
+
+    /// Extends a job's lease to `visibility` from now.
+    pub async fn extend(&self, queue: &str, job: &Job, visibility: Duration) -> Result<(), ClientError> {
+        self.delivery_call(queue, "extend", &job.id, &format!("?visibility_ms={}", visibility.as_millis())).await
+    }
+
+    /// The queue's counts.
+    pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, ClientError> {
+        let url = format!("{}/v1/queues/{queue}", self.base());
+        let bytes = Self::check(self.http().get(url).send().await?).await?.bytes().await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
