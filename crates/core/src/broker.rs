@@ -228,6 +228,11 @@ impl Broker {
         self.inner.store.is_ready()
     }
 
+    /// Makes everything written so far durable (shutdown calls it last).
+    pub async fn flush(&self) -> Result<(), BrokerError> {
+        Ok(self.inner.store.flush().await?)
+    }
+
     /// Applies retention everywhere; the server calls this periodically.
     pub fn sweep(&self) {
         self.inner.store.sweep();

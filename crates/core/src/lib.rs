@@ -25,10 +25,10 @@ pub use broker::{
     Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo, TopicSummary,
 };
 pub use config::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, TopicSnapshot};
 pub use message::{Clock, Kind, ManualClock, Message, NewMessage, SystemClock, WireForm};
 pub use metrics::Metrics;
 pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
 pub use queue::{Delivery, QueueCounters, QueueError, QueueStats, Queues};
-pub use store::{Appended, Epoch, ListedTopic, QueueRecord, Store, StoreError, StoreFuture, TopicHead};
+pub use store::{Appended, Epoch, ListedTopic, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture, TopicHead};

@@ -39,14 +39,16 @@ struct Inner {
 /// are never reused and a deleted topic's new epoch is remembered.
 struct Log {
     epoch: Epoch,
+    /// The generation the epoch names (0 until the topic is first deleted).
+    generation: u64,
     next: u64,
     last_ts: u64,
     messages: VecDeque<Arc<Message>>,
 }
 
 impl Log {
-    fn new(epoch: Epoch) -> Self {
-        Self { epoch, next: 1, last_ts: 0, messages: VecDeque::new() }
+    fn new(epoch: Epoch, generation: u64) -> Self {
+        Self { epoch, generation, next: 1, last_ts: 0, messages: VecDeque::new() }
     }
 
     /// Drops messages from the head past the count or age limit, or whose TTL passed.
@@ -80,9 +82,16 @@ impl MemoryStore {
 
     /// A store reading time from `clock` (tests use a [`crate::ManualClock`]).
     pub fn with_clock(retention: RetentionConfig, clock: Arc<dyn Clock>) -> Self {
-        let hasher = RandomState::new();
         // A boot id that differs between starts: wall time mixed with a random hash seed.
-        let boot = format!("{:x}", hasher.hash_one(clock.now_ms()) & 0xffff_ffff_ffff);
+        let boot = format!("{:x}", RandomState::new().hash_one(clock.now_ms()) & 0xffff_ffff_ffff);
+        Self::with_identity(retention, clock, boot)
+    }
+
+    /// A store whose epochs are `{identity}-{generation}`: a durable store that keeps
+    /// its identity across restarts uses this as its in-memory index, so epochs survive.
+    pub fn with_identity(retention: RetentionConfig, clock: Arc<dyn Clock>, identity: String) -> Self {
+        let hasher = RandomState::new();
+        let boot = identity;
         let fresh_epoch: Epoch = Arc::from(format!("{boot}-0"));
         Self {
             inner: Arc::new(Inner {
@@ -95,6 +104,116 @@ impl MemoryStore {
                 retention,
             }),
         }
+    }
+}
+
+/// One topic's history as a durable store checkpoints it.
+#[derive(Debug, Clone)]
+pub struct TopicSnapshot {
+    /// The topic.
+    pub topic: TopicName,
+    /// Its epoch's generation.
+    pub generation: u64,
+    /// The next offset.
+    pub next: u64,
+    /// The newest timestamp given out.
+    pub last_ts: u64,
+    /// The retained messages, in offset order.
+    pub messages: Vec<Arc<Message>>,
+}
+
+/// The index API: how a durable store drives a `MemoryStore` that mirrors what it has
+/// committed (appends with offsets and times already assigned, deletes with their
+/// generation), and reads it back for a checkpoint.
+impl MemoryStore {
+    fn epoch_of(&self, generation: u64) -> Epoch {
+        if generation == 0 {
+            self.inner.fresh_epoch.clone()
+        } else {
+            Arc::from(format!("{}-{generation}", self.inner.boot))
+        }
+    }
+
+    /// Adds committed messages at offsets `first..` with their timestamps, in epoch
+    /// `generation`. Offsets before `first` that the index lacks were trimmed.
+    pub fn restore_append(
+        &self,
+        topic: &TopicName,
+        generation: u64,
+        first: u64,
+        entries: Vec<(u64, NewMessage)>,
+    ) -> Appended {
+        let now = self.inner.clock.now_ms();
+        let mut shard = self.inner.shard(topic);
+        let log = shard.entry(topic.clone()).or_insert_with(|| Log::new(self.epoch_of(generation), generation));
+        if log.generation != generation {
+            *log = Log::new(self.epoch_of(generation), generation);
+        }
+        if first > log.next {
+            log.messages.clear();
+            log.next = first;
+        }
+        let mut messages = Vec::with_capacity(entries.len());
+        for (ts, new) in entries {
+            let offset = first + messages.len() as u64;
+            let msg = Arc::new(Message::new(topic.clone(), offset, ts, new));
+            if offset >= log.next {
+                log.next = offset + 1;
+                log.last_ts = log.last_ts.max(ts);
+                log.messages.push_back(msg.clone());
+            }
+            messages.push(msg);
+        }
+        log.trim(now, &self.inner.retention);
+        Appended { epoch: log.epoch.clone(), messages }
+    }
+
+    /// Starts epoch `generation` for `topic`: its history is gone, offsets restart at 1.
+    pub fn restore_delete(&self, topic: &TopicName, generation: u64) -> Epoch {
+        self.inner.epochs.fetch_max(generation, Ordering::Relaxed);
+        let epoch = self.epoch_of(generation);
+        self.inner.shard(topic).insert(topic.clone(), Log::new(epoch.clone(), generation));
+        epoch
+    }
+
+    /// Sets a topic's head as a checkpoint recorded it (its messages follow separately).
+    pub fn restore_head(&self, topic: &TopicName, generation: u64, next: u64, last_ts: u64) {
+        self.inner.epochs.fetch_max(generation, Ordering::Relaxed);
+        let mut log = Log::new(self.epoch_of(generation), generation);
+        log.next = next;
+        log.last_ts = last_ts;
+        self.inner.shard(topic).insert(topic.clone(), log);
+    }
+
+    /// The highest generation given out so far.
+    pub fn generation(&self) -> u64 {
+        self.inner.epochs.load(Ordering::Relaxed)
+    }
+
+    /// The generation, next offset and newest timestamp of a topic.
+    pub fn assignment(&self, topic: &TopicName) -> (u64, u64, u64) {
+        let shard = self.inner.shard(topic);
+        shard.get(topic).map_or((0, 1, 0), |log| (log.generation, log.next, log.last_ts))
+    }
+
+    /// Every topic's head and retained messages, for a checkpoint.
+    pub fn snapshot(&self) -> Vec<TopicSnapshot> {
+        let now = self.inner.clock.now_ms();
+        let mut out = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (topic, log) in shard.iter_mut() {
+                log.trim(now, &self.inner.retention);
+                out.push(TopicSnapshot {
+                    topic: topic.clone(),
+                    generation: log.generation,
+                    next: log.next,
+                    last_ts: log.last_ts,
+                    messages: log.messages.iter().cloned().collect(),
+                });
+            }
+        }
+        out
     }
 }
 
@@ -116,7 +235,7 @@ impl Store for MemoryStore {
         let inner = &self.inner;
         let now = inner.clock.now_ms();
         let mut shard = inner.shard(topic);
-        let log = shard.entry(topic.clone()).or_insert_with(|| Log::new(inner.fresh_epoch.clone()));
+        let log = shard.entry(topic.clone()).or_insert_with(|| Log::new(inner.fresh_epoch.clone(), 0));
         let mut messages = Vec::with_capacity(batch.len());
         for new in batch {
             let ts = now.max(log.last_ts);
@@ -159,15 +278,13 @@ impl Store for MemoryStore {
                 log.trim(now, &self.inner.retention);
                 log.head()
             }
-            None => Log::new(self.inner.fresh_epoch.clone()).head(),
+            None => Log::new(self.inner.fresh_epoch.clone(), 0).head(),
         })
     }
 
     fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch> {
         let n = self.inner.epochs.fetch_add(1, Ordering::Relaxed) + 1;
-        let epoch: Epoch = Arc::from(format!("{}-{n}", self.inner.boot));
-        self.inner.shard(topic).insert(topic.clone(), Log::new(epoch.clone()));
-        ready(Ok(epoch))
+        ready(Ok(self.restore_delete(topic, n)))
     }
 
     fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {

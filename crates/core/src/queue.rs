@@ -229,9 +229,9 @@ impl QueueState {
 }
 
 impl Queues {
-    /// Queues over `store`, on `clock`.
+    /// Queues over `store`, on `clock`, starting from what the store recovered.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: QueueConfig, max_message_bytes: usize) -> Self {
-        Self {
+        let queues = Self {
             shards: (0..32).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             store,
@@ -240,7 +240,20 @@ impl Queues {
             max_message_bytes,
             deliveries: AtomicU64::new(0),
             counters: QueueCounters::default(),
+        };
+        let now = queues.clock.now_ms();
+        for snapshot in queues.store.queue_load() {
+            let q = queues.queue(&snapshot.queue);
+            let mut st = lock(&q.state);
+            st.next_id = st.next_id.max(snapshot.next_id);
+            for record in &snapshot.records {
+                st.next_id = st.next_id.max(record.id + 1);
+                // In flight at the crash or not: ready again, attempts start over.
+                st.insert(record.id, record, 0, now);
+            }
+            queues.settle(&q, &mut st, now);
         }
+        queues
     }
 
     /// Counters and gauges of all queues.

@@ -82,6 +82,17 @@ pub struct QueueRecord {
     pub expires_at: Option<u64>,
 }
 
+/// A queue's messages as a durable store recovered them at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    /// The queue.
+    pub queue: QueueName,
+    /// The next message id (above every id ever given out in this queue).
+    pub next_id: u64,
+    /// The messages not yet removed, by id.
+    pub records: Vec<QueueRecord>,
+}
+
 /// A backend for topic histories and queue messages.
 ///
 /// Guarantees every implementation must keep (the conformance tests check them):
@@ -117,6 +128,16 @@ pub trait Store: Send + Sync + 'static {
     /// Records that messages left a queue (acked, expired, dead-lettered). May be
     /// persisted lazily: a lost removal only means a redelivery after a crash.
     fn queue_remove(&self, queue: &QueueName, ids: Vec<u64>);
+
+    /// Queue messages that survived a restart (none for a store that keeps nothing).
+    fn queue_load(&self) -> Vec<QueueSnapshot> {
+        Vec::new()
+    }
+
+    /// Resolves once everything written so far is durable (shutdown calls it last).
+    fn flush(&self) -> StoreFuture<()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 
     /// Applies retention by age and TTL everywhere, reclaiming space; called periodically.
     fn sweep(&self);

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use herald_core::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
 use herald_http::HttpConfig;
+use herald_store_disk::FsyncPolicy;
 use serde::Deserialize;
 
 /// Which store holds topic history.
@@ -50,6 +51,12 @@ pub struct Config {
     pub store: StoreKind,
     /// Where the disk store keeps its files.
     pub data_dir: PathBuf,
+    /// When the disk store calls fsync.
+    pub fsync: FsyncPolicy,
+    /// Size at which the disk store starts a new log segment.
+    pub segment_bytes: u64,
+    /// Cut a damaged disk log at the damage instead of refusing to start.
+    pub repair: bool,
     /// Core limits.
     pub broker: BrokerConfig,
     /// History retention.
@@ -64,8 +71,11 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
-            store: StoreKind::Memory,
+            store: StoreKind::Disk,
             data_dir: PathBuf::from("./herald-data"),
+            fsync: FsyncPolicy::Always,
+            segment_bytes: 64 << 20,
+            repair: false,
             broker: BrokerConfig::default(),
             retention: RetentionConfig::default(),
             http: HttpConfig::default(),
@@ -86,12 +96,21 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP, WebSocket).
     #[arg(long, env = "HERALD_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Store: memory or disk.
+    /// Store: disk (default) or memory.
     #[arg(long, env = "HERALD_STORE")]
     pub store: Option<StoreKind>,
     /// Data directory of the disk store.
     #[arg(long, env = "HERALD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Disk store fsync policy: always, never, or an interval such as 100ms.
+    #[arg(long, env = "HERALD_FSYNC", value_parser = parse_fsync)]
+    pub fsync: Option<FsyncPolicy>,
+    /// Disk store segment size in bytes.
+    #[arg(long, env = "HERALD_SEGMENT_BYTES")]
+    pub segment_bytes: Option<u64>,
+    /// Cut a damaged disk log at the damage (losing what follows) instead of refusing to start.
+    #[arg(long)]
+    pub repair: bool,
     /// Largest payload in bytes.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -148,6 +167,15 @@ struct File {
     timeouts: FileTimeouts,
     #[serde(default)]
     queues: FileQueues,
+    #[serde(default)]
+    disk: FileDisk,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    fsync: Option<String>,
+    segment_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +209,27 @@ struct FileTimeouts {
     pong_timeout: Option<String>,
     slow_consumer_timeout: Option<String>,
     shutdown_timeout: Option<String>,
+}
+
+/// Parses an fsync policy: `always`, `never`, or an interval such as `100ms`.
+pub fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    match s {
+        "always" => Ok(FsyncPolicy::Always),
+        "never" => Ok(FsyncPolicy::Never),
+        other => parse_duration(other)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .map(FsyncPolicy::Interval)
+            .ok_or_else(|| format!("fsync must be always, never or an interval like 100ms, not {other:?}")),
+    }
+}
+
+fn format_fsync(p: FsyncPolicy) -> String {
+    match p {
+        FsyncPolicy::Always => "always".into(),
+        FsyncPolicy::Never => "never".into(),
+        FsyncPolicy::Interval(d) => format_duration(d),
+    }
 }
 
 /// Parses `500ms`, `30s`, `5m`, `24h` or `7d`.
@@ -237,6 +286,13 @@ impl Config {
             listen: args.listen.or(file.listen).unwrap_or(d.listen),
             store,
             data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or(d.data_dir),
+            fsync: match (args.fsync, file.disk.fsync) {
+                (Some(p), _) => p,
+                (None, Some(s)) => parse_fsync(&s).map_err(|e| anyhow::anyhow!("config key disk.fsync: {e}"))?,
+                (None, None) => d.fsync,
+            },
+            segment_bytes: args.segment_bytes.or(file.disk.segment_bytes).unwrap_or(d.segment_bytes),
+            repair: args.repair,
             broker: BrokerConfig {
                 max_message_bytes: args
                     .max_message_bytes
@@ -305,7 +361,8 @@ impl Config {
     /// Refuses values the broker cannot run with, naming the key.
     pub fn validate(&self) -> anyhow::Result<()> {
         let q = &self.broker.queues;
-        let checks: [(&str, bool); 11] = [
+        let checks: [(&str, bool); 12] = [
+            ("disk.segment_bytes", self.segment_bytes >= 4096),
             ("queues.max_attempts", q.max_attempts >= 1),
             ("queues.max_queue_messages", q.max_queue_messages >= 1),
             ("queues.max_waiters_per_queue", q.max_waiters_per_queue >= 1),
@@ -333,6 +390,10 @@ impl Config {
 store = "{store}"
 data_dir = "{data_dir}"
 
+[disk]
+fsync = "{fsync}"
+segment_bytes = {segment_bytes}
+
 [limits]
 max_message_bytes = {max_message_bytes}
 max_connections = {max_connections}
@@ -357,6 +418,8 @@ shutdown_timeout = "{shutdown}"
             listen = self.listen,
             store = self.store.as_str(),
             data_dir = self.data_dir.display(),
+            fsync = format_fsync(self.fsync),
+            segment_bytes = self.segment_bytes,
             max_message_bytes = self.broker.max_message_bytes,
             max_connections = self.http.max_connections,
             max_subs = self.http.max_subscriptions_per_connection,

@@ -12,10 +12,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use axum::serve::ListenerExt;
 use herald_core::{Broker, MemoryStore, Store};
 use herald_http::AppState;
+use herald_store_disk::{DiskConfig, DiskStore};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -68,7 +69,16 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.retention))),
         StoreKind::Disk => {
-            bail!("config key store: the disk store is not available in this build yet; use --store memory")
+            let disk = DiskConfig {
+                dir: config.data_dir.clone(),
+                fsync: config.fsync,
+                segment_bytes: config.segment_bytes,
+                repair: config.repair,
+                retention: config.retention,
+            };
+            let store = DiskStore::open(disk)
+                .with_context(|| format!("opening the disk store in {}", config.data_dir.display()))?;
+            Ok(Arc::new(store))
         }
     }
 }
@@ -121,6 +131,8 @@ pub async fn serve(
         // WebSocket tasks were told by the same token; wait for their 1001 closes.
         state.tracker().close();
         state.tracker().wait().await;
+        // Last: make everything acknowledged so far durable.
+        broker.flush().await.context("flushing the store")?;
         anyhow::Ok(())
     };
     // Serve until cancelled; after that the whole drain gets `shutdown_timeout`.

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use herald_server::{Config, Server};
+use herald_server::{Config, Server, StoreKind};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -34,7 +34,7 @@ impl Drop for TestServer {
 
 /// Starts a memory-store server on a free port, after `tune` adjusts the config.
 pub async fn start(tune: impl FnOnce(&mut Config)) -> Result<TestServer> {
-    let mut config = Config { listen: "127.0.0.1:0".parse()?, ..Config::default() };
+    let mut config = Config { listen: "127.0.0.1:0".parse()?, store: StoreKind::Memory, ..Config::default() };
     tune(&mut config);
     let server = herald_server::start(config).await?;
     let url = server.url();

@@ -1,0 +1,313 @@
+//! The log's record format. Every record is framed as
+//! `[len: u32][crc32: u32][type: u8][body]` (little endian), where `len` counts type and
+//! body and the CRC covers them, so a torn or damaged record is always detected.
+
+use bytes::Bytes;
+use herald_core::{Kind, NewMessage, QueueName, QueueRecord, TopicName};
+
+/// Bytes of the frame header (`len` and `crc`).
+pub const HEADER: usize = 8;
+/// Largest record accepted when reading: larger lengths are damage, not data.
+pub const MAX_RECORD: usize = 256 << 20;
+
+/// One log record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Messages appended to a topic at offsets `first..`, with their timestamps.
+    TopicAppend { topic: TopicName, generation: u64, first: u64, entries: Vec<(u64, NewMessage)> },
+    /// A topic's history deleted; epoch `generation` starts.
+    TopicDelete { topic: TopicName, generation: u64 },
+    /// A topic's head as a checkpoint saw it.
+    TopicHead { topic: TopicName, generation: u64, next: u64, last_ts: u64 },
+    /// Messages enqueued.
+    QueueEnqueue { queue: QueueName, records: Vec<QueueRecord> },
+    /// Messages that left a queue.
+    QueueRemove { queue: QueueName, ids: Vec<u64> },
+    /// A queue's next id as a checkpoint saw it.
+    QueueHead { queue: QueueName, next_id: u64 },
+    /// A checkpoint starts: the state is rebuilt from here.
+    CheckpointBegin,
+    /// A checkpoint is complete.
+    CheckpointEnd,
+}
+
+/// Why bytes did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Fewer bytes than the frame claims (a torn write at the end of the log).
+    #[error("truncated record")]
+    Truncated,
+    /// The checksum does not match, or the content is malformed.
+    #[error("damaged record: {0}")]
+    Damaged(&'static str),
+}
+
+fn kind_byte(kind: Kind) -> u8 {
+    match kind {
+        Kind::Json => 0,
+        Kind::Text => 1,
+        Kind::Binary => 2,
+    }
+}
+
+struct Out<'a>(&'a mut Vec<u8>);
+
+impl Out<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+    }
+}
+
+impl Record {
+    /// Appends the framed record to `buf`.
+    pub fn encode(&self, buf: &mut Vec<u8>) {
+        let start = buf.len();
+        buf.extend_from_slice(&[0u8; HEADER]);
+        let mut o = Out(buf);
+        match self {
+            Record::TopicAppend { topic, generation, first, entries } => {
+                o.u8(1);
+                o.bytes(topic.as_str().as_bytes());
+                o.u64(*generation);
+                o.u64(*first);
+                o.u32(entries.len() as u32);
+                for (ts, m) in entries {
+                    o.u64(*ts);
+                    o.u8(kind_byte(m.kind));
+                    o.u64(m.ttl_ms.map_or(0, |ttl| ttl.saturating_add(1)));
+                    o.bytes(&m.payload);
+                }
+            }
+            Record::TopicDelete { topic, generation } => {
+                o.u8(2);
+                o.bytes(topic.as_str().as_bytes());
+                o.u64(*generation);
+            }
+            Record::TopicHead { topic, generation, next, last_ts } => {
+                o.u8(3);
+                o.bytes(topic.as_str().as_bytes());
+                o.u64(*generation);
+                o.u64(*next);
+                o.u64(*last_ts);
+            }
+            Record::QueueEnqueue { queue, records } => {
+                o.u8(4);
+                o.bytes(queue.as_str().as_bytes());
+                o.u32(records.len() as u32);
+                for r in records {
+                    o.u64(r.id);
+                    o.u8(kind_byte(r.kind));
+                    o.u64(r.ts);
+                    o.u64(r.ready_at);
+                    o.u64(r.expires_at.map_or(0, |at| at.saturating_add(1)));
+                    o.bytes(&r.payload);
+                }
+            }
+            Record::QueueRemove { queue, ids } => {
+                o.u8(5);
+                o.bytes(queue.as_str().as_bytes());
+                o.u32(ids.len() as u32);
+                for id in ids {
+                    o.u64(*id);
+                }
+            }
+            Record::QueueHead { queue, next_id } => {
+                o.u8(6);
+                o.bytes(queue.as_str().as_bytes());
+                o.u64(*next_id);
+            }
+            Record::CheckpointBegin => o.u8(7),
+            Record::CheckpointEnd => o.u8(8),
+        }
+        let body = &buf[start + HEADER..];
+        let len = body.len() as u32;
+        let crc = crc32fast::hash(body);
+        buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Decodes the record at the start of `buf`; returns it and its framed length.
+    pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
+        if buf.len() < HEADER {
+            return Err(DecodeError::Truncated);
+        }
+        let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        if len == 0 || len > MAX_RECORD {
+            return Err(DecodeError::Damaged("impossible length"));
+        }
+        let Some(body) = buf.get(HEADER..HEADER + len) else {
+            return Err(DecodeError::Truncated);
+        };
+        if crc32fast::hash(body) != crc {
+            return Err(DecodeError::Damaged("checksum mismatch"));
+        }
+        let mut i = In { buf: body, pos: 1 };
+        let record = match body[0] {
+            1 => {
+                let topic = i.topic()?;
+                let (generation, first, n) = (i.u64()?, i.u64()?, i.u32()?);
+                let mut entries = Vec::with_capacity(n.min(65_536) as usize);
+                for _ in 0..n {
+                    let ts = i.u64()?;
+                    let kind = i.kind()?;
+                    let ttl = i.u64()?;
+                    let payload = i.bytes()?;
+                    entries.push((ts, NewMessage { kind, payload, ttl_ms: ttl.checked_sub(1) }));
+                }
+                Record::TopicAppend { topic, generation, first, entries }
+            }
+            2 => Record::TopicDelete { topic: i.topic()?, generation: i.u64()? },
+            3 => Record::TopicHead { topic: i.topic()?, generation: i.u64()?, next: i.u64()?, last_ts: i.u64()? },
+            4 => {
+                let queue = i.queue()?;
+                let n = i.u32()?;
+                let mut records = Vec::with_capacity(n.min(65_536) as usize);
+                for _ in 0..n {
+                    let (id, kind, ts, ready_at, expires) = (i.u64()?, i.kind()?, i.u64()?, i.u64()?, i.u64()?);
+                    let payload = i.bytes()?;
+                    records.push(QueueRecord { id, kind, payload, ts, ready_at, expires_at: expires.checked_sub(1) });
+                }
+                Record::QueueEnqueue { queue, records }
+            }
+            5 => {
+                let queue = i.queue()?;
+                let n = i.u32()?;
+                let ids = (0..n).map(|_| i.u64()).collect::<Result<_, _>>()?;
+                Record::QueueRemove { queue, ids }
+            }
+            6 => Record::QueueHead { queue: i.queue()?, next_id: i.u64()? },
+            7 => Record::CheckpointBegin,
+            8 => Record::CheckpointEnd,
+            _ => return Err(DecodeError::Damaged("unknown record type")),
+        };
+        if i.pos != body.len() {
+            return Err(DecodeError::Damaged("trailing bytes in record"));
+        }
+        Ok((record, HEADER + len))
+    }
+}
+
+struct In<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl In<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Damaged("length overflow"))?;
+        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Damaged("field past record end"))?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+        let n = self.u32()? as usize;
+        Ok(Bytes::copy_from_slice(self.take(n)?))
+    }
+    fn kind(&mut self) -> Result<Kind, DecodeError> {
+        match self.take(1)?[0] {
+            0 => Ok(Kind::Json),
+            1 => Ok(Kind::Text),
+            2 => Ok(Kind::Binary),
+            _ => Err(DecodeError::Damaged("unknown kind")),
+        }
+    }
+    fn str(&mut self) -> Result<String, DecodeError> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Damaged("name is not UTF-8"))
+    }
+    fn topic(&mut self) -> Result<TopicName, DecodeError> {
+        TopicName::parse(&self.str()?).map_err(|_| DecodeError::Damaged("invalid topic name"))
+    }
+    fn queue(&mut self) -> Result<QueueName, DecodeError> {
+        QueueName::parse(&self.str()?).map_err(|_| DecodeError::Damaged("invalid queue name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Record> {
+        let topic = TopicName::parse("a.b").expect("name");
+        let queue = QueueName::parse("jobs").expect("name");
+        vec![
+            Record::TopicAppend {
+                topic: topic.clone(),
+                generation: 2,
+                first: 7,
+                entries: vec![
+                    (100, NewMessage { kind: Kind::Json, payload: Bytes::from_static(b"{}"), ttl_ms: Some(0) }),
+                    (101, NewMessage { kind: Kind::Binary, payload: Bytes::new(), ttl_ms: None }),
+                ],
+            },
+            Record::TopicDelete { topic: topic.clone(), generation: 3 },
+            Record::TopicHead { topic, generation: 3, next: 9, last_ts: 101 },
+            Record::QueueEnqueue {
+                queue: queue.clone(),
+                records: vec![QueueRecord {
+                    id: 5,
+                    kind: Kind::Text,
+                    payload: Bytes::from_static(b"job"),
+                    ts: 1,
+                    ready_at: 2,
+                    expires_at: Some(3),
+                }],
+            },
+            Record::QueueRemove { queue: queue.clone(), ids: vec![5, 6] },
+            Record::QueueHead { queue, next_id: 7 },
+            Record::CheckpointBegin,
+            Record::CheckpointEnd,
+        ]
+    }
+
+    #[test]
+    fn records_round_trip() -> Result<(), DecodeError> {
+        let mut buf = Vec::new();
+        for r in samples() {
+            r.encode(&mut buf);
+        }
+        let mut pos = 0;
+        for want in samples() {
+            let (got, len) = Record::decode(&buf[pos..])?;
+            assert_eq!(got, want);
+            pos += len;
+        }
+        assert_eq!(pos, buf.len());
+        Ok(())
+    }
+
+    #[test]
+    fn torn_and_flipped_records_are_detected() {
+        let mut buf = Vec::new();
+        samples()[0].encode(&mut buf);
+        for cut in 0..buf.len() {
+            assert!(Record::decode(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x40;
+            assert!(Record::decode(&bad).is_err(), "flip at {i}");
+        }
+    }
+}
