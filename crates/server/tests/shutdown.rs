@@ -3,35 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{close_code, within, Result};
-
-/// Starts `herald serve` on a free port; returns the child and its base URL.
-fn spawn_herald() -> Result<(std::process::Child, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", "memory"])
-        .env("HERALD_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().ok_or("herald exited before listening")??;
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().ok_or("no address")?.to_owned();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok((child, format!("http://{addr}")))
-}
+use common::{close_code, spawn_herald, within, Result};
 
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_and_exits_0() -> Result {
-    let (mut child, url) = spawn_herald()?;
+    let (mut child, url) = spawn_herald(&["--store", "memory"])?;
     let ws_url = url.replacen("http://", "ws://", 1);
     let mut json = herald_client::WsConnection::connect(&url).await?;
     json.subscribe("s", herald_client::StartFrom::Latest, None).await?;

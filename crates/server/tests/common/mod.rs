@@ -205,3 +205,53 @@ impl Rng {
         (0..len).map(|i| if i == 0 { 't' } else { (b' ' + self.below(95) as u8) as char }).collect()
     }
 }
+
+/// A `herald serve` child process, killed when dropped so that a failing test leaves
+/// no server behind.
+pub struct HeraldProcess(std::process::Child);
+
+impl std::ops::Deref for HeraldProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HeraldProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for HeraldProcess {
+    fn drop(&mut self) {
+        // Already gone after a kill or an exit: nothing to do.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the real `herald serve` binary with `args` (plus a free port); returns the
+/// child and its base URL, parsed from its "listening" log line.
+pub fn spawn_herald(args: &[&str]) -> Result<(HeraldProcess, String)> {
+    use std::io::{BufRead, BufReader};
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("HERALD_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut child = HeraldProcess(child);
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().ok_or("herald exited before listening")??;
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().ok_or("no address")?.to_owned();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, format!("http://{addr}")))
+}
