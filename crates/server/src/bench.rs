@@ -4,19 +4,53 @@
 //! `queue` is a round-trip benchmark: each worker enqueues one message, fetches one,
 //! and acks it, over HTTP, until the total count is reached. `tools/peer-bench` runs
 //! the same scenario against RabbitMQ so the two can be compared in one run.
+//!
+//! `publish` measures acknowledged publishes: each publisher holds one WebSocket and
+//! publishes one message, waiting for its `published` reply (sent only once the store
+//! holds it as durably as configured) before the next. `tools/peer-bench
+//! jetstream-publish` does the same against NATS JetStream.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use herald_client::{Client, FetchOptions};
+use herald_client::{Client, FetchOptions, WsConnection};
+use serde_json::Value;
 
 /// `herald bench` scenarios.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Queue round trips: enqueue, fetch, ack, by concurrent workers.
     Queue(QueueArgs),
+    /// Acknowledged publishes to one topic by concurrent WebSocket publishers.
+    Publish(PublishArgs),
+}
+
+/// Flags of `herald bench publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Server URL.
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Concurrent publishers, each with its own WebSocket.
+    #[arg(long, default_value_t = 16)]
+    pub publishers: usize,
+    /// Publishes in total (after 500 untimed warm-up ones).
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: u64,
+    /// Payload size in bytes (a JSON string of this many bytes, quotes included).
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Topic to publish to; default `bench.publish.<pid>`, deleted afterwards.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Keep the topic's history afterwards (e.g. to time a restart holding it).
+    #[arg(long)]
+    pub keep: bool,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `herald bench queue`.
@@ -43,6 +77,7 @@ pub struct QueueArgs {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Queue(args) => queue(args).await,
+        BenchCommand::Publish(args) => publish(args).await,
     }
 }
 
@@ -53,6 +88,35 @@ struct Report {
 }
 
 impl Report {
+    /// Prints one line of text, or one JSON object, naming the scenario and its `params`.
+    fn print(&self, scenario: &str, params: &[(&str, usize)], json: bool) {
+        let n = self.latencies.len();
+        let seconds = self.elapsed.as_secs_f64();
+        let per_second = n as f64 / seconds;
+        let (p50, p90, p99) = (self.percentile(0.5), self.percentile(0.9), self.percentile(0.99));
+        let max = self.latencies.last().copied().unwrap_or_default();
+        if json {
+            let mut report = serde_json::json!({ "scenario": scenario });
+            for (name, value) in params {
+                report[*name] = (*value).into();
+            }
+            for (name, value) in
+                [("count", n as u64), ("p50_us", p50), ("p90_us", p90), ("p99_us", p99), ("max_us", max)]
+            {
+                report[name] = value.into();
+            }
+            report["seconds"] = ((seconds * 1000.0).round() / 1000.0).into();
+            report["per_second"] = (per_second.round() as u64).into();
+            println!("{report}");
+        } else {
+            let params: Vec<String> = params.iter().map(|(name, value)| format!("{name}={value}")).collect();
+            println!(
+                "{scenario} {}: {n} in {seconds:.2} s = {per_second:.0}/s; latency us p50={p50} p90={p90} p99={p99} max={max}",
+                params.join(" ")
+            );
+        }
+    }
+
     fn percentile(&self, p: f64) -> u64 {
         let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
         self.latencies.get(i).copied().unwrap_or_default()
@@ -100,28 +164,62 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     let queue = format!("bench.queue.{}", std::process::id());
     round_trips(&client, &queue, args.workers, 500, args.size).await?;
     let r = round_trips(&client, &queue, args.workers, args.messages, args.size).await?;
-    let n = r.latencies.len() as f64;
-    let per_second = n / r.elapsed.as_secs_f64();
-    let (p50, p90, p99) = (r.percentile(0.5), r.percentile(0.9), r.percentile(0.99));
-    let max = r.latencies.last().copied().unwrap_or_default();
-    if args.json {
-        println!(
-            "{{\"scenario\":\"herald-queue\",\"workers\":{},\"size\":{},\"round_trips\":{},\"seconds\":{:.3},\"per_second\":{:.0},\"p50_us\":{p50},\"p90_us\":{p90},\"p99_us\":{p99},\"max_us\":{max}}}",
-            args.workers,
-            args.size,
-            r.latencies.len(),
-            r.elapsed.as_secs_f64(),
-            per_second
-        );
-    } else {
-        println!(
-            "herald-queue workers={} size={}: {} round trips in {:.2} s = {:.0}/s; latency us p50={p50} p90={p90} p99={p99} max={max}",
-            args.workers,
-            args.size,
-            r.latencies.len(),
-            r.elapsed.as_secs_f64(),
-            per_second
-        );
+    r.print("herald-queue", &[("workers", args.workers), ("size", args.size)], args.json);
+    Ok(())
+}
+
+async fn publishes(
+    connections: &mut Vec<WsConnection>,
+    topic: &str,
+    total: u64,
+    size: usize,
+) -> anyhow::Result<Report> {
+    let done = Arc::new(AtomicU64::new(0));
+    let payload = Value::String("x".repeat(size.saturating_sub(2)));
+    let started = Instant::now();
+    let tasks: Vec<_> = connections
+        .drain(..)
+        .map(|mut ws| {
+            let (topic, done, payload) = (topic.to_owned(), done.clone(), payload.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while done.fetch_add(1, Ordering::Relaxed) < total {
+                    let t0 = Instant::now();
+                    let reply = ws.publish(&topic, payload.clone()).await?;
+                    anyhow::ensure!(reply["offset"].is_u64(), "publish refused: {reply}");
+                    latencies.push(t0.elapsed().as_micros() as u64);
+                }
+                anyhow::Ok((ws, latencies))
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(total as usize);
+    for task in tasks {
+        let (ws, mine) = task.await??;
+        connections.push(ws);
+        latencies.extend(mine);
     }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    Ok(Report { latencies, elapsed })
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.publishers >= 1 && args.messages >= 1, "--publishers and --messages must be at least 1");
+    let mut connections = Vec::with_capacity(args.publishers);
+    for _ in 0..args.publishers {
+        connections.push(WsConnection::connect(&args.url).await?);
+    }
+    let topic = args.topic.clone().unwrap_or_else(|| format!("bench.publish.{}", std::process::id()));
+    publishes(&mut connections, &topic, 500, args.size).await?;
+    let r = publishes(&mut connections, &topic, args.messages, args.size).await?;
+    for ws in connections {
+        let _ = ws.close().await;
+    }
+    if !args.keep {
+        // The benchmark's history is of no further use.
+        let _ = Client::new(&args.url).delete(&topic).await;
+    }
+    r.print("herald-publish", &[("publishers", args.publishers), ("size", args.size)], args.json);
     Ok(())
 }

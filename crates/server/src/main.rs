@@ -29,17 +29,25 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Pub(args) => herald_server::cli::publish(args).await,
         Command::Sub(args) => herald_server::cli::subscribe(args).await,
         Command::Bench(command) => herald_server::bench::run(command).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line, for operators; no backtrace.
+            eprintln!("herald: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
