@@ -138,6 +138,12 @@ impl Record {
 
     /// Decodes the record at the start of `buf`; returns it and its framed length.
     pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
+        Self::decode_with(buf, &mut Names::default())
+    }
+
+    /// [`Record::decode`], reusing the names of earlier records from `names`: replaying
+    /// a log of many small records to one topic then allocates no name per record.
+    pub fn decode_with(buf: &[u8], names: &mut Names) -> Result<(Record, usize), DecodeError> {
         if buf.len() < HEADER {
             return Err(DecodeError::Truncated);
         }
@@ -152,7 +158,7 @@ impl Record {
         if crc32fast::hash(body) != crc {
             return Err(DecodeError::Damaged("checksum mismatch"));
         }
-        let mut i = In { buf: body, pos: 1 };
+        let mut i = In { buf: body, pos: 1, names };
         let record = match body[0] {
             1 => {
                 let topic = i.topic()?;
@@ -198,13 +204,21 @@ impl Record {
     }
 }
 
-struct In<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// The last topic and queue names decoded, shared by the records that follow.
+#[derive(Debug, Default)]
+pub struct Names {
+    topic: Option<TopicName>,
+    queue: Option<QueueName>,
 }
 
-impl In<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+struct In<'a, 'n> {
+    buf: &'a [u8],
+    pos: usize,
+    names: &'n mut Names,
+}
+
+impl<'a> In<'a, '_> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::Damaged("length overflow"))?;
         let s = self.buf.get(self.pos..end).ok_or(DecodeError::Damaged("field past record end"))?;
         self.pos = end;
@@ -232,15 +246,27 @@ impl In<'_> {
             _ => Err(DecodeError::Damaged("unknown kind")),
         }
     }
-    fn str(&mut self) -> Result<String, DecodeError> {
-        let b = self.bytes()?;
-        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Damaged("name is not UTF-8"))
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let n = self.u32()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError::Damaged("name is not UTF-8"))
     }
     fn topic(&mut self) -> Result<TopicName, DecodeError> {
-        TopicName::parse(&self.str()?).map_err(|_| DecodeError::Damaged("invalid topic name"))
+        let s = self.str()?;
+        if let Some(name) = self.names.topic.as_ref().filter(|name| name.as_str() == s) {
+            return Ok(name.clone());
+        }
+        let name = TopicName::parse(s).map_err(|_| DecodeError::Damaged("invalid topic name"))?;
+        self.names.topic = Some(name.clone());
+        Ok(name)
     }
     fn queue(&mut self) -> Result<QueueName, DecodeError> {
-        QueueName::parse(&self.str()?).map_err(|_| DecodeError::Damaged("invalid queue name"))
+        let s = self.str()?;
+        if let Some(name) = self.names.queue.as_ref().filter(|name| name.as_str() == s) {
+            return Ok(name.clone());
+        }
+        let name = QueueName::parse(s).map_err(|_| DecodeError::Damaged("invalid queue name"))?;
+        self.names.queue = Some(name.clone());
+        Ok(name)
     }
 }
 

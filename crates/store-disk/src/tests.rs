@@ -87,6 +87,36 @@ async fn topics_survive_a_reopen_with_offsets_epochs_and_timestamps() -> TestRes
 }
 
 #[tokio::test]
+async fn interleaved_small_records_replay_exactly() -> TestResult {
+    // Recovery merges runs of appends to one topic: interleaving, deletes and runs longer
+    // than one merge must replay to the same state.
+    let dir = TempDir::new("interleave");
+    let config = DiskConfig { fsync: FsyncPolicy::Never, ..dir.config() };
+    let expected = {
+        let store = DiskStore::open(config.clone())?;
+        for i in 0..5000 {
+            let t = if i % 7 == 0 { "b" } else { "a" };
+            store.append(&topic(t), vec![text(&format!("{t}-{i}"))]).await?;
+            if i == 2500 {
+                store.delete(&topic("b")).await?;
+            }
+        }
+        (payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("a"))?, store.head(&topic("b"))?)
+    };
+    let store = DiskStore::open(dir.config())?;
+    let got = (
+        payloads(&store, "a").await?,
+        payloads(&store, "b").await?,
+        store.head(&topic("a"))?,
+        store.head(&topic("b"))?,
+    );
+    assert_eq!(got, expected);
+    assert_eq!(expected.0.len(), 4285);
+    assert_eq!(expected.1.first().map(|(offset, _)| *offset), Some(1), "b restarted at 1 after its delete");
+    Ok(())
+}
+
+#[tokio::test]
 async fn queue_messages_survive_and_removals_apply() -> TestResult {
     let dir = TempDir::new("queues");
     let q = QueueName::parse("jobs")?;

@@ -19,7 +19,7 @@ use std::time::Instant;
 use herald_core::{Appended, Epoch, NewMessage, QueueName, QueueRecord, StoreError, TopicName};
 use tokio::sync::oneshot;
 
-use crate::record::Record;
+use crate::record::{Names, Record};
 use crate::{DiskConfig, FsyncPolicy, OpenError, Shared};
 
 /// Largest batch the writer gathers into one write.
@@ -147,13 +147,14 @@ pub(crate) fn prepare_dir(dir: &Path) -> Result<(String, File), OpenError> {
 
 /// The decoded records of one segment and where valid data ends.
 struct Scan {
-    records: Vec<Record>,
     valid_len: u64,
     /// Damage found at `valid_len`, if any: (torn tail?, reason).
     damage: Option<(bool, String)>,
 }
 
-fn scan(path: &Path) -> Result<Scan, OpenError> {
+/// Reads a segment, handing each valid record to `each` in order, up to the end or the
+/// first damage.
+fn scan(path: &Path, mut each: impl FnMut(Record)) -> Result<Scan, OpenError> {
     // Read what the file's size says: a device (or a file still growing) is not data.
     let mut data = Vec::new();
     File::open(path)
@@ -162,12 +163,12 @@ fn scan(path: &Path) -> Result<Scan, OpenError> {
             f.take(len).read_to_end(&mut data)
         })
         .map_err(io(path))?;
-    let mut records = Vec::new();
+    let mut names = Names::default();
     let mut pos = 0usize;
     while pos < data.len() {
-        match Record::decode(&data[pos..]) {
+        match Record::decode_with(&data[pos..], &mut names) {
             Ok((record, len)) => {
-                records.push(record);
+                each(record);
                 pos += len;
             }
             Err(e) => {
@@ -176,11 +177,11 @@ fn scan(path: &Path) -> Result<Scan, OpenError> {
                 // match needs a plausible length and a matching CRC-32.)
                 let valid_after = (pos + 1..data.len()).any(|q| Record::decode(&data[q..]).is_ok());
                 let torn = !valid_after;
-                return Ok(Scan { records, valid_len: pos as u64, damage: Some((torn, e.to_string())) });
+                return Ok(Scan { valid_len: pos as u64, damage: Some((torn, e.to_string())) });
             }
         }
     }
-    Ok(Scan { records, valid_len: pos as u64, damage: None })
+    Ok(Scan { valid_len: pos as u64, damage: None })
 }
 
 /// The handle to the writer thread.
@@ -206,7 +207,9 @@ impl Writer {
         let mut start = 0;
         while let Some(&seq) = seqs.iter().rev().find(|&&s| s >= start && starts_checkpoint(&segment_path(dir, s))) {
             let path = segment_path(dir, seq);
-            if scan(&path)?.records.iter().any(|r| matches!(r, Record::CheckpointEnd)) {
+            let mut complete = false;
+            scan(&path, |r| complete |= matches!(r, Record::CheckpointEnd))?;
+            if complete {
                 start = seq;
                 break;
             }
@@ -225,12 +228,13 @@ impl Writer {
         let started = Instant::now();
         for (i, &seq) in seqs.iter().enumerate() {
             let path = segment_path(dir, seq);
-            let s = scan(&path)?;
             let last = i + 1 == seqs.len();
-            for record in s.records {
+            let mut replay = Replay::default();
+            let s = scan(&path, |record| {
                 recovered += 1;
-                shared.apply(Apply::from_record(record));
-            }
+                replay.push(&shared, record);
+            })?;
+            replay.flush(&shared);
             wal_bytes += s.valid_len;
             if let Some((torn, reason)) = s.damage {
                 let torn_tail = torn && last;
@@ -283,6 +287,55 @@ impl Drop for Writer {
         self.tx = None; // the thread drains, syncs and exits
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Replays records into memory, merging runs of appends to one topic (one record per
+/// group commit, often of one message each) into one index update: a start-up with a
+/// million small records pays for one topic lookup per run, not per record.
+#[derive(Default)]
+struct Replay {
+    run: Option<Run>,
+}
+
+/// Consecutive appends to one topic's generation, from offset `first`.
+struct Run {
+    topic: TopicName,
+    generation: u64,
+    first: u64,
+    entries: Vec<(u64, NewMessage)>,
+}
+
+impl Replay {
+    /// Largest run merged into one update.
+    const MAX_RUN: usize = 4096;
+
+    fn push(&mut self, shared: &Shared, record: Record) {
+        match record {
+            Record::TopicAppend { topic, generation, first, entries } => {
+                if let Some(run) = &mut self.run {
+                    let follows = run.topic == topic
+                        && run.generation == generation
+                        && run.first + run.entries.len() as u64 == first;
+                    if follows && run.entries.len() < Self::MAX_RUN {
+                        run.entries.extend(entries);
+                        return;
+                    }
+                }
+                self.flush(shared);
+                self.run = Some(Run { topic, generation, first, entries });
+            }
+            other => {
+                self.flush(shared);
+                shared.apply(Apply::from_record(other));
+            }
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        if let Some(Run { topic, generation, first, entries }) = self.run.take() {
+            shared.apply(Apply::Topic { topic, generation, first, entries });
         }
     }
 }
