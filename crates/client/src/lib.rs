@@ -43,7 +43,7 @@ pub enum ClientError {
     #[error("unexpected reply: {0}")]
     Protocol(String),
     /// A gRPC call failed with this status (its message starts with Herald's code word).
-    #[error("grpc: {0}")]
+    #[error("grpc {:?}: {}", .0.code(), .0.message())]
     Grpc(Box<tonic::Status>),
     /// The gRPC connection could not be made.
     #[error("grpc transport: {0}")]
