@@ -17,6 +17,8 @@ use herald_client::{Client, FetchOptions};
 pub enum BenchCommand {
     /// Queue round trips: enqueue, fetch, ack, by concurrent workers.
     Queue(QueueArgs),
+    /// gRPC publish throughput, unary or batched (see `bench_grpc`).
+    GrpcPublish(crate::bench_grpc::GrpcPublishArgs),
 }
 
 /// Flags of `herald bench queue`.
@@ -43,6 +45,7 @@ pub struct QueueArgs {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Queue(args) => queue(args).await,
+        BenchCommand::GrpcPublish(args) => crate::bench_grpc::run(args).await,
     }
 }
 
