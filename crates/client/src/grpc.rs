@@ -3,6 +3,37 @@
 //! publish, subscribe) used by `herald pub --grpc`, `herald sub --grpc` and the
 //! benchmarks. Every RPC is reachable through [`GrpcClient::topics`] and
 //! [`GrpcClient::queues`].
+//!
+//! ```no_run
+//! use herald_client::grpc::pb;
+//! use herald_client::{ClientError, GrpcClient, StartFrom};
+//!
+//! # async fn example() -> Result<(), ClientError> {
+//! let client = GrpcClient::connect("http://127.0.0.1:7070").await?;
+//! let published = client.publish("news", pb::Kind::Text, "hello").await?;
+//! println!("published at offset {}", published.offset);
+//!
+//! // One call, consecutive offsets.
+//! let batch = ["one", "two"]
+//!     .map(|s| pb::BatchMessage { data: s.into(), kind: pb::Kind::Text as i32, ..Default::default() });
+//! client.publish_batch("news", batch.to_vec()).await?;
+//!
+//! let mut subscription = client.subscribe("news", StartFrom::Earliest, None).await?;
+//! println!("epoch {}, next {}", subscription.subscribed.epoch, subscription.subscribed.next);
+//! while let Some(m) = subscription.next().await? {
+//!     println!("{}: {}", m.offset, m.to_line());
+//! }
+//!
+//! // A queue worker with the generated client.
+//! let mut queues = client.queues();
+//! let fetch = pb::QueueFetchRequest { queue: "emails".into(), max: 10, visibility_ms: 60_000, wait_ms: 20_000 };
+//! for job in queues.fetch(fetch).await?.into_inner().messages {
+//!     println!("job {} attempt {}: {}", job.message_id, job.attempt, String::from_utf8_lossy(&job.data));
+//!     queues.ack(pb::AckRequest { queue: "emails".into(), id: job.id }).await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 use base64::Engine;
 use bytes::Bytes;

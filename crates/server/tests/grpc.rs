@@ -360,8 +360,29 @@ async fn errors_are_status_codes_with_the_code_word() -> Result {
         Code::InvalidArgument,
         "bad_request",
     );
+    // A request message over the decoding limit (16 MiB) is refused by the gRPC layer.
+    let huge = vec![batch_message(pb::Kind::Binary, &[0; 1000]); 17_000];
+    let refused = topics.publish_batch(pb::PublishBatchRequest { topic: "t".into(), messages: huge }).await;
+    assert_eq!(refused.map(|_| ()).map_err(|s| s.code()), Err(Code::OutOfRange));
     // The connection is still fine after all of that.
     client.publish("t", pb::Kind::Text, "still here").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn calls_are_refused_at_the_connection_limit() -> Result {
+    let server = start(|c| c.http.max_connections = 1).await?;
+    let client = grpc(&server).await?;
+    let sub = client.subscribe("g.limit", StartFrom::Latest, None).await?;
+    // The open Subscribe stream is the one connection allowed.
+    assert_eq!(server.metric("herald_connections").await?, 1);
+    match client.publish("g.limit", pb::Kind::Text, "x").await {
+        Err(ClientError::Grpc(s)) => assert_status::<()>(Err(*s), Code::Unavailable, "unavailable"),
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    drop(sub);
+    eventually(LIMIT, "stream closed", || async { Ok(server.metric("herald_connections").await? == 0) }).await?;
+    client.publish("g.limit", pb::Kind::Text, "x").await?;
     Ok(())
 }
 
