@@ -414,6 +414,11 @@ async fn shutdown_ends_streams_with_unavailable() -> Result {
         Err(ClientError::Grpc(s)) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
         other => panic!("expected UNAVAILABLE, got {other:?}"),
     }
+    // The drain completes while the client still holds its HTTP/2 connection.
+    let mut server = server;
+    let stopped = server.server.take().ok_or("server")?;
+    within(LIMIT, "server stopped", stopped.wait()).await??;
+    drop(client);
     Ok(())
 }
 
