@@ -45,8 +45,8 @@ pub struct GrpcConfig {
     /// every gRPC call gets `unavailable` (the server passes the HTTP front door's value).
     pub max_connections: usize,
     /// Largest request message decoded, in bytes (default 16 MiB, so a batch of large
-    /// messages fits; never less than `max_message_bytes` plus 64 KiB). A larger request
-    /// is refused by tonic with OUT_OF_RANGE before Herald sees it.
+    /// messages fits; never less than `max_message_bytes` plus 64 KiB in effect). A
+    /// larger request is refused by tonic with OUT_OF_RANGE before Herald sees it.
     pub max_request_bytes: usize,
 }
 

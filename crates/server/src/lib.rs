@@ -109,7 +109,7 @@ pub async fn serve(
     let broker = Broker::new(store, config.broker.clone());
     let state = AppState::new(broker.clone(), config.http.clone(), shutdown.clone());
     // gRPC shares the HTTP front door's connection limit and task tracker.
-    let grpc_config = GrpcConfig { max_connections: config.http.max_connections, ..GrpcConfig::default() };
+    let grpc_config = GrpcConfig { max_connections: config.http.max_connections, ..config.grpc.clone() };
     let grpc = GrpcState::new(broker.clone(), grpc_config, shutdown.clone(), state.tracker().clone());
     let grpc = herald_grpc::router(grpc).context("building the gRPC services")?;
     let app = herald_http::router(state.clone()).merge(grpc);

@@ -255,7 +255,11 @@ async fn queues_every_rpc() -> Result {
 
 #[tokio::test]
 async fn errors_are_status_codes_with_the_code_word() -> Result {
-    let server = start(|c| c.broker.max_message_bytes = 1024).await?;
+    let server = start(|c| {
+        c.broker.max_message_bytes = 1024;
+        c.grpc.max_request_bytes = 100_000;
+    })
+    .await?;
     let client = grpc(&server).await?;
     let (mut topics, mut queues) = (client.topics(), client.queues());
 
@@ -360,8 +364,8 @@ async fn errors_are_status_codes_with_the_code_word() -> Result {
         Code::InvalidArgument,
         "bad_request",
     );
-    // A request message over the decoding limit (16 MiB) is refused by the gRPC layer.
-    let huge = vec![batch_message(pb::Kind::Binary, &[0; 1000]); 17_000];
+    // A request message over max_grpc_request_bytes is refused by the gRPC layer.
+    let huge = vec![batch_message(pb::Kind::Binary, &[0; 1000]); 200];
     let refused = topics.publish_batch(pb::PublishBatchRequest { topic: "t".into(), messages: huge }).await;
     assert_eq!(refused.map(|_| ()).map_err(|s| s.code()), Err(Code::OutOfRange));
     // The connection is still fine after all of that.
