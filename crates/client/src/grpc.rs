@@ -139,7 +139,7 @@ impl GrpcSubscription {
             match self.stream.message().await? {
                 None => return Ok(None),
                 Some(pb::SubscribeEvent { event: Some(pb::subscribe_event::Event::Message(m)) }) => return Ok(Some(m)),
-                // A newer server may send event kinds this client does not know.
+                // Keepalives, and event kinds a newer server may add, carry nothing here.
                 Some(_) => continue,
             }
         }

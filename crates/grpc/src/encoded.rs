@@ -24,6 +24,8 @@ pub struct EncodedEvent(Bytes);
 /// Field numbers of `SubscribeEvent`'s oneof.
 const SUBSCRIBED: u32 = 1;
 const MESSAGE: u32 = 2;
+/// `keepalive` (field 3, length-delimited) holding an empty `Keepalive`.
+const KEEPALIVE: &[u8] = &[3 << 3 | 2, 0];
 
 impl EncodedEvent {
     /// The stream's first event.
@@ -31,6 +33,11 @@ impl EncodedEvent {
         let mut buf = Vec::with_capacity(prost::Message::encoded_len(subscribed) + 8);
         prost::encoding::message::encode(SUBSCRIBED, subscribed, &mut buf);
         Self(buf.into())
+    }
+
+    /// The event sent on an idle stream.
+    pub fn keepalive() -> Self {
+        Self(Bytes::from_static(KEEPALIVE))
     }
 
     /// `msg` as a `SubscribeEvent`, serialised on first use and shared afterwards.
@@ -132,6 +139,8 @@ mod tests {
             subscribed: Option<pb::Subscribed>,
             #[prost(message, optional, tag = "2")]
             message: Option<pb::TopicMessage>,
+            #[prost(message, optional, tag = "3")]
+            keepalive: Option<pb::Keepalive>,
         }
         let event = Event::decode(first.as_bytes().clone())?;
         let m = event.message.ok_or("no message")?;
@@ -141,6 +150,8 @@ mod tests {
         let sub = pb::Subscribed { topic: "news".into(), epoch: "e".into(), next: 8, recovered: true };
         let event = Event::decode(EncodedEvent::subscribed(&sub).as_bytes().clone())?;
         assert_eq!(event.subscribed, Some(sub));
+        let event = Event::decode(EncodedEvent::keepalive().as_bytes().clone())?;
+        assert_eq!(event.keepalive, Some(pb::Keepalive {}));
         Ok(())
     }
 }

@@ -6,13 +6,16 @@
 //! response stream through a one-slot channel: it runs only as fast as tonic takes
 //! items, so a client that stops reading leaves its backlog in the outbound queue, where
 //! it is bounded and detected. The stream ends with UNAVAILABLE on shutdown and
-//! RESOURCE_EXHAUSTED (`slow consumer`) when the policy closes the queue.
+//! RESOURCE_EXHAUSTED (`slow consumer`) when the policy closes the queue. An idle stream
+//! gets a `keepalive` event every 15 s (as SSE gets a comment), so proxies keep it open
+//! and a client that vanished is noticed by the failed write.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use herald_core::{
     outbound, Broker, CloseReason, Item, Metrics, Outbound, OutboundRx, Replay, StartFrom, SubscriptionId, TopicName,
@@ -35,6 +38,8 @@ pub type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<EncodedEve
 const BATCH: usize = 256;
 /// Messages a replay pushes before waiting for the client to drain some.
 const REPLAY_CHUNK: usize = 256;
+/// Idle time after which the stream gets a `keepalive` event.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 
 /// Subscribes to `topic` and returns the stream that delivers it.
 pub(crate) fn open(
@@ -126,6 +131,7 @@ async fn produce(
     // so at most one batch waits outside the queue's bound.
     let mut bytes = 0;
     let mut items: Vec<Item<Infallible>> = Vec::with_capacity(BATCH);
+    let mut idle_until = Instant::now() + KEEPALIVE_EVERY;
     loop {
         if !ready.is_empty() {
             let batch = std::mem::replace(&mut ready, Vec::with_capacity(BATCH));
@@ -142,6 +148,7 @@ async fn produce(
             }
             rx.written(bytes);
             bytes = 0;
+            idle_until = Instant::now() + KEEPALIVE_EVERY;
         }
         let slow = rx.slow_deadline();
         tokio::select! {
@@ -167,6 +174,7 @@ async fn produce(
                     return slow_consumer(metrics);
                 }
             }
+            _ = sleep_until(idle_until) => ready.push(EncodedEvent::keepalive()),
         }
     }
 }
@@ -227,4 +235,43 @@ fn spawn_replay(mut replay: Replay, out: Arc<Outbound<Infallible>>) -> AbortOnDr
         }
         replay.finish();
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::{Kind, Message, NewMessage, OutboundConfig};
+
+    fn message(offset: u64) -> Arc<herald_core::Message> {
+        let topic = TopicName::parse("t").expect("name");
+        Arc::new(Message::new(topic, offset, 0, NewMessage::new(Kind::Text, "x")))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn subscribed_first_then_messages_then_keepalives_when_idle() {
+        let config = OutboundConfig { max_pending_bytes: 1 << 20, slow_consumer_timeout: Duration::from_secs(5) };
+        let (out, rx) = outbound::<Infallible>(config);
+        let (tx, mut batches) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
+        let first = EncodedEvent::subscribed(&pb::Subscribed::default());
+        out.push_message(message(1));
+        let producer = {
+            let (shutdown, metrics, first) = (shutdown.clone(), metrics.clone(), first.clone());
+            tokio::spawn(async move { produce(first, rx, &tx, &shutdown, &metrics).await })
+        };
+        assert_eq!(batches.recv().await, Some(vec![first]), "subscribed comes first, alone");
+        let batch = batches.recv().await.expect("a batch");
+        assert_eq!(batch, vec![EncodedEvent::message(&metrics, &message(1))]);
+        assert_eq!(out.pending_bytes(), 0, "handed-over bytes are released");
+
+        // Idle: a keepalive after 15 s, not before.
+        tokio::time::advance(KEEPALIVE_EVERY - Duration::from_millis(1)).await;
+        assert!(batches.try_recv().is_err());
+        assert_eq!(batches.recv().await, Some(vec![EncodedEvent::keepalive()]));
+
+        shutdown.cancel();
+        let end = producer.await.expect("producer").expect("a status");
+        assert_eq!(end.code(), Code::Unavailable);
+    }
 }
