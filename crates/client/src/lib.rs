@@ -7,11 +7,15 @@
 //!   resumes from the last offset it delivered (with the epoch check), so a network blip
 //!   loses nothing the topic still retains.
 //! - [`WsConnection`]: the JSON WebSocket protocol frame by frame, for tools and tests.
+//! - [`GrpcClient`]: gRPC (`herald.v1`): publish, batch publish, subscribe, and the raw
+//!   tonic clients for every RPC; generated types in [`grpc::pb`].
 
+pub mod grpc;
 mod http;
 mod queue;
 mod ws;
 
+pub use grpc::{GrpcClient, GrpcSubscription};
 pub use http::{Client, Page, Published, TopicInfo};
 pub use queue::{FetchOptions, Job, QueueStats};
 pub use ws::{Delivery, Event, Payload, Subscription, WsConnection};
@@ -38,6 +42,12 @@ pub enum ClientError {
     /// The server sent something this client does not understand.
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    /// A gRPC call failed with this status (its message starts with Herald's code word).
+    #[error("grpc {:?}: {}", .0.code(), .0.message())]
+    Grpc(Box<tonic::Status>),
+    /// The gRPC connection could not be made.
+    #[error("grpc transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
     /// The server closed the connection.
     #[error("connection closed{}", .0.as_ref().map(|(c, r)| format!(" with {c} {r}")).unwrap_or_default())]
     Closed(Option<(u16, String)>),
@@ -46,6 +56,12 @@ pub enum ClientError {
 impl From<tokio_tungstenite::tungstenite::Error> for ClientError {
     fn from(e: tokio_tungstenite::tungstenite::Error) -> Self {
         ClientError::WebSocket(Box::new(e))
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(e: tonic::Status) -> Self {
+        ClientError::Grpc(Box::new(e))
     }
 }
 

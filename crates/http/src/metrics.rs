@@ -43,7 +43,7 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     metric(
         "connections",
         "gauge",
-        "Open WebSocket and SSE connections.",
+        "Open WebSocket and SSE connections and gRPC Subscribe streams.",
         m.connections.load(Ordering::Relaxed).to_string(),
     );
     let q = state.broker().queues().counters();

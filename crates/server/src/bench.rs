@@ -25,6 +25,8 @@ pub enum BenchCommand {
     Queue(QueueArgs),
     /// Acknowledged publishes to one topic by concurrent WebSocket publishers.
     Publish(PublishArgs),
+    /// gRPC publish throughput, unary or batched (see `bench_grpc`).
+    GrpcPublish(crate::bench_grpc::GrpcPublishArgs),
 }
 
 /// Flags of `herald bench publish`.
@@ -78,6 +80,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Queue(args) => queue(args).await,
         BenchCommand::Publish(args) => publish(args).await,
+        BenchCommand::GrpcPublish(args) => crate::bench_grpc::run(args).await,
     }
 }
 

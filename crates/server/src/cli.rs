@@ -1,10 +1,12 @@
-//! The client subcommands: `herald pub` and `herald sub`, built on the client crate.
+//! The client subcommands: `herald pub` and `herald sub`, built on the client crate,
+//! over HTTP and WebSocket by default or over gRPC with `--grpc`.
 
 use std::io::{BufRead, Read, Write};
 
 use anyhow::Context;
 use clap::Args;
-use herald_client::{Client, Event, StartFrom};
+use herald_client::grpc::pb;
+use herald_client::{Client, Event, GrpcClient, StartFrom};
 
 /// Flags of `herald pub`.
 #[derive(Debug, Args)]
@@ -19,6 +21,9 @@ pub struct PubArgs {
     /// Send as one binary message: MESSAGE's bytes, or stdin whole.
     #[arg(long)]
     pub binary: bool,
+    /// Publish over gRPC instead of HTTP (same URL).
+    #[arg(long)]
+    pub grpc: bool,
     /// Server URL.
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
@@ -35,6 +40,9 @@ pub struct SubArgs {
     /// Prefix each line with the message's offset and a tab.
     #[arg(long)]
     pub offsets: bool,
+    /// Subscribe over gRPC instead of WebSocket (same URL).
+    #[arg(long)]
+    pub grpc: bool,
     /// Server URL.
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
@@ -42,6 +50,9 @@ pub struct SubArgs {
 
 /// Runs `herald pub`.
 pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
+    if args.grpc {
+        return publish_grpc(args).await;
+    }
     let client = Client::new(&args.url);
     let content_type = if args.json { "application/json" } else { "text/plain; charset=utf-8" };
     if args.binary {
@@ -64,8 +75,32 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `herald pub --grpc`: the same inputs, published with `Topics.Publish`.
+async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
+    let client = GrpcClient::connect(&args.url).await.with_context(|| format!("connecting to {}", args.url))?;
+    if args.binary {
+        let mut body = Vec::new();
+        std::io::stdin().read_to_end(&mut body).context("reading stdin")?;
+        println!("{}", client.publish(&args.topic, pb::Kind::Binary, body).await?.offset);
+        return Ok(());
+    }
+    let kind = if args.json { pb::Kind::Json } else { pb::Kind::Text };
+    if let Some(message) = args.message {
+        println!("{}", client.publish(&args.topic, kind, message).await?.offset);
+        return Ok(());
+    }
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("reading stdin")?;
+        println!("{}", client.publish(&args.topic, kind, line).await?.offset);
+    }
+    Ok(())
+}
+
 /// Runs `herald sub` until interrupted, reconnecting and resuming as needed.
 pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
+    if args.grpc {
+        return subscribe_grpc(args).await;
+    }
     let client = Client::new(&args.url);
     let mut subscription = client.subscribe(&args.topic, args.from);
     let mut stdout = std::io::stdout().lock();
@@ -80,6 +115,44 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
             Event::Disconnected(why) => eprintln!("herald: disconnected ({why}); reconnecting"),
         }
         stdout.flush()?;
+    }
+    Ok(())
+}
+
+/// `herald sub --grpc`: a Subscribe stream, reopened after a failure from the offset
+/// after the last message printed, with the epoch check (as the WebSocket client does).
+async fn subscribe_grpc(args: SubArgs) -> anyhow::Result<()> {
+    let mut from = args.from;
+    let mut epoch: Option<String> = None;
+    loop {
+        let why = match subscribe_grpc_once(&args, &mut from, &mut epoch).await {
+            Ok(()) => "the stream ended".to_owned(),
+            // stdout is gone (a closed pipe): nothing more to do.
+            Err(e) if e.downcast_ref::<std::io::Error>().is_some() => return Err(e),
+            Err(e) => e.to_string(),
+        };
+        eprintln!("herald: disconnected ({why}); reconnecting");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+async fn subscribe_grpc_once(args: &SubArgs, from: &mut StartFrom, epoch: &mut Option<String>) -> anyhow::Result<()> {
+    let client = GrpcClient::connect(&args.url).await?;
+    let mut subscription = client.subscribe(&args.topic, *from, epoch.clone()).await?;
+    let subscribed = &subscription.subscribed;
+    if !subscribed.recovered {
+        eprintln!("herald: could not resume without loss; continuing live from offset {}", subscribed.next);
+    }
+    *epoch = Some(subscribed.epoch.clone());
+    while let Some(m) = subscription.next().await? {
+        let mut stdout = std::io::stdout().lock();
+        if args.offsets {
+            writeln!(stdout, "{}\t{}", m.offset, m.to_line())?;
+        } else {
+            writeln!(stdout, "{}", m.to_line())?;
+        }
+        stdout.flush()?;
+        *from = StartFrom::Offset(m.offset + 1);
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use herald_core::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
+use herald_grpc::GrpcConfig;
 use herald_http::HttpConfig;
 use herald_store_disk::FsyncPolicy;
 use serde::Deserialize;
@@ -63,6 +64,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// Front-door limits and timers.
     pub http: HttpConfig,
+    /// gRPC limits (its `max_connections` is `http.max_connections`: one key).
+    pub grpc: GrpcConfig,
     /// Longest a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
 }
@@ -79,6 +82,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             retention: RetentionConfig::default(),
             http: HttpConfig::default(),
+            grpc: GrpcConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -123,6 +127,9 @@ pub struct ServeArgs {
     /// Outbound buffer per connection, bytes.
     #[arg(long, env = "HERALD_MAX_PENDING_BYTES")]
     pub max_pending_bytes: Option<usize>,
+    /// Largest gRPC request message decoded, bytes.
+    #[arg(long, env = "HERALD_MAX_GRPC_REQUEST_BYTES")]
+    pub max_grpc_request_bytes: Option<usize>,
     /// Messages kept per topic.
     #[arg(long, env = "HERALD_RETENTION_MAX_MESSAGES")]
     pub retention_max_messages: Option<u64>,
@@ -193,6 +200,7 @@ struct FileLimits {
     max_connections: Option<usize>,
     max_subscriptions_per_connection: Option<usize>,
     max_pending_bytes: Option<usize>,
+    max_grpc_request_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -349,6 +357,13 @@ impl Config {
                     .or(file_duration("timeouts.pong_timeout", file.timeouts.pong_timeout)?)
                     .unwrap_or(d.http.pong_timeout),
             },
+            grpc: GrpcConfig {
+                max_connections: args.max_connections.or(file.limits.max_connections).unwrap_or(d.http.max_connections),
+                max_request_bytes: args
+                    .max_grpc_request_bytes
+                    .or(file.limits.max_grpc_request_bytes)
+                    .unwrap_or(d.grpc.max_request_bytes),
+            },
             shutdown_timeout: args
                 .shutdown_timeout
                 .or(file_duration("timeouts.shutdown_timeout", file.timeouts.shutdown_timeout)?)
@@ -361,7 +376,7 @@ impl Config {
     /// Refuses values the broker cannot run with, naming the key.
     pub fn validate(&self) -> anyhow::Result<()> {
         let q = &self.broker.queues;
-        let checks: [(&str, bool); 12] = [
+        let checks: [(&str, bool); 13] = [
             ("disk.segment_bytes", self.segment_bytes >= 4096),
             ("queues.max_attempts", q.max_attempts >= 1),
             ("queues.max_queue_messages", q.max_queue_messages >= 1),
@@ -370,6 +385,7 @@ impl Config {
             ("limits.max_connections", self.http.max_connections >= 1),
             ("limits.max_subscriptions_per_connection", self.http.max_subscriptions_per_connection >= 1),
             ("limits.max_pending_bytes", self.broker.outbound.max_pending_bytes >= 1024),
+            ("limits.max_grpc_request_bytes", self.grpc.max_request_bytes >= 1024),
             ("retention.max_messages", self.retention.max_messages >= 1),
             ("retention.max_age", !self.retention.max_age.is_zero()),
             ("timeouts.ping_interval", !self.http.ping_interval.is_zero()),
@@ -399,6 +415,7 @@ max_message_bytes = {max_message_bytes}
 max_connections = {max_connections}
 max_subscriptions_per_connection = {max_subs}
 max_pending_bytes = {max_pending_bytes}
+max_grpc_request_bytes = {max_grpc_request_bytes}
 
 [retention]
 max_messages = {max_messages}
@@ -424,6 +441,7 @@ shutdown_timeout = "{shutdown}"
             max_connections = self.http.max_connections,
             max_subs = self.http.max_subscriptions_per_connection,
             max_pending_bytes = self.broker.outbound.max_pending_bytes,
+            max_grpc_request_bytes = self.grpc.max_request_bytes,
             max_messages = self.retention.max_messages,
             max_age = format_duration(self.retention.max_age),
             max_attempts = self.broker.queues.max_attempts,

@@ -1,10 +1,15 @@
 //! The `herald` binary's library half: configuration, wiring of store, broker and front
 //! doors, and the shutdown order. The only crate that names every other one.
 //!
-//! Shutdown order: stop accepting, close every WebSocket with 1001 and end SSE streams,
-//! finish in-flight requests, then the store; all within `shutdown_timeout`.
+//! One listener serves HTTP/1 (REST, SSE, WebSocket) and HTTP/2 cleartext (gRPC): the
+//! HTTP and gRPC routers are merged into one axum app.
+//!
+//! Shutdown order: stop accepting, close every WebSocket with 1001, end SSE streams and
+//! gRPC Subscribe streams (UNAVAILABLE), finish in-flight requests, then the store; all
+//! within `shutdown_timeout`.
 
 pub mod bench;
+pub mod bench_grpc;
 pub mod cli;
 pub mod config;
 
@@ -15,6 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use herald_core::{Broker, MemoryStore, Store};
+use herald_grpc::{GrpcConfig, GrpcState};
 use herald_http::AppState;
 use herald_store_disk::{DiskConfig, DiskStore};
 use tokio::net::TcpListener;
@@ -102,7 +108,11 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let broker = Broker::new(store, config.broker.clone());
     let state = AppState::new(broker.clone(), config.http.clone(), shutdown.clone());
-    let app = herald_http::router(state.clone());
+    // gRPC shares the HTTP front door's connection limit and task tracker.
+    let grpc_config = GrpcConfig { max_connections: config.http.max_connections, ..config.grpc.clone() };
+    let grpc = GrpcState::new(broker.clone(), grpc_config, shutdown.clone(), state.tracker().clone());
+    let grpc = herald_grpc::router(grpc).context("building the gRPC services")?;
+    let app = herald_http::router(state.clone()).merge(grpc);
 
     let sweeper = {
         let broker = broker.clone();
@@ -128,7 +138,7 @@ pub async fn serve(
     let http = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let drained = async {
         http.await.context("http server")?;
-        // WebSocket tasks were told by the same token; wait for their 1001 closes.
+        // WebSocket and gRPC stream tasks were told by the same token; wait for them.
         state.tracker().close();
         state.tracker().wait().await;
         // Last: make everything acknowledged so far durable.

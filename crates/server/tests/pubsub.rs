@@ -1,5 +1,5 @@
 //! Fan-out correctness over real sockets: many publishers on every front door, many
-//! subscribers on the JSON and raw WebSockets; dense offsets; replay joining live.
+//! subscribers on the JSON and raw WebSockets and gRPC; dense offsets; replay joining live.
 
 mod common;
 
@@ -10,7 +10,8 @@ use std::time::Duration;
 use base64::Engine;
 use common::{raw_next, start, within, Result, Rng, TestServer};
 use futures_util::SinkExt;
-use herald_client::{Delivery, Payload, StartFrom};
+use herald_client::grpc::pb;
+use herald_client::{Delivery, GrpcClient, Payload, StartFrom};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -44,13 +45,23 @@ fn from_raw(frame: &WsMessage) -> u64 {
     }
 }
 
+fn from_grpc(m: &pb::TopicMessage) -> u64 {
+    match pb::Kind::try_from(m.kind) {
+        Ok(pb::Kind::Json) => digest(b'J', &m.data),
+        Ok(pb::Kind::Text) => digest(b'T', &m.data),
+        Ok(pb::Kind::Binary) => digest(b'B', &m.data),
+        _ => 0,
+    }
+}
+
 fn json_payload(rng: &mut Rng, publisher: usize, seq: usize) -> String {
     let pad = rng.some_text();
     json!({"p": publisher, "i": seq, "pad": pad, "big": 12345678901234567890u64}).to_string()
 }
 
 /// Publishes `n` messages through front door `publisher` (0: JSON WebSocket, 1 and 3:
-/// HTTP, 2: raw WebSocket); returns each message's digest and offset (if reported).
+/// HTTP, 2: raw WebSocket, 4: gRPC, unary and batches); returns each message's digest
+/// and offset (if reported).
 async fn publish(server: &TestServer, publisher: usize, n: usize) -> Result<Vec<(u64, Option<u64>)>> {
     let mut rng = Rng::new(publisher as u64 + 1);
     let mut sent = Vec::with_capacity(n);
@@ -93,6 +104,44 @@ async fn publish(server: &TestServer, publisher: usize, n: usize) -> Result<Vec<
             }
             raw.close(None).await?;
         }
+        4 => {
+            let client = GrpcClient::connect(&server.url).await?;
+            let mut next = 0;
+            while next < n {
+                // Alternate single publishes and batches of up to 10, kinds mixed.
+                let size = if next % 20 == 0 { 1 } else { (n - next).min(10) };
+                let mut batch = Vec::with_capacity(size);
+                for i in next..next + size {
+                    let (kind, data, d) = match i % 3 {
+                        0 => {
+                            let t = rng.some_text();
+                            (pb::Kind::Text, t.clone().into_bytes(), digest(b'T', t.as_bytes()))
+                        }
+                        1 => {
+                            let j = json_payload(&mut rng, publisher, i);
+                            (pb::Kind::Json, j.clone().into_bytes(), digest(b'J', j.as_bytes()))
+                        }
+                        _ => {
+                            let b = rng.some_bytes();
+                            let d = digest(b'B', &b);
+                            (pb::Kind::Binary, b, d)
+                        }
+                    };
+                    batch.push((pb::BatchMessage { data: data.into(), kind: kind as i32, ..Default::default() }, d));
+                }
+                if let [(single, d)] = &batch[..] {
+                    let kind = pb::Kind::try_from(single.kind)?;
+                    let p = client.publish(TOPIC, kind, single.data.clone()).await?;
+                    sent.push((*d, Some(p.offset)));
+                } else {
+                    let digests: Vec<u64> = batch.iter().map(|(_, d)| *d).collect();
+                    let published = client.publish_batch(TOPIC, batch.into_iter().map(|(m, _)| m).collect()).await?;
+                    assert_eq!(published.len(), digests.len());
+                    sent.extend(digests.into_iter().zip(published).map(|(d, p)| (d, Some(p.offset))));
+                }
+                next += size;
+            }
+        }
         _ => {
             let path = format!("/v1/topics/{TOPIC}/messages");
             for i in 0..n {
@@ -122,7 +171,7 @@ async fn publish(server: &TestServer, publisher: usize, n: usize) -> Result<Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_publishers_many_subscribers_every_message_once_in_order() -> Result {
-    const P: usize = 4;
+    const P: usize = 5;
     const M: usize = 1000;
     const TOTAL: usize = P * M;
     let server = start(|_| {}).await?;
@@ -152,7 +201,22 @@ async fn many_publishers_many_subscribers_every_message_once_in_order() -> Resul
             Result::Ok(got)
         }));
     }
-    assert_eq!(server.subscribers(TOPIC).await?, 16);
+    let mut grpc_subs = Vec::new();
+    let shared = GrpcClient::connect(&server.url).await?;
+    for i in 0..4 {
+        // Two share one connection (two HTTP/2 streams), two have their own.
+        let client = if i < 2 { shared.clone() } else { GrpcClient::connect(&server.url).await? };
+        let mut sub = client.subscribe(TOPIC, StartFrom::Latest, None).await?;
+        grpc_subs.push(tokio::spawn(async move {
+            let mut got = Vec::with_capacity(TOTAL);
+            while got.len() < TOTAL {
+                let m = sub.next().await?.ok_or("gRPC stream ended")?;
+                got.push((m.offset, from_grpc(&m)));
+            }
+            Result::Ok(got)
+        }));
+    }
+    assert_eq!(server.subscribers(TOPIC).await?, 20);
 
     let server = std::sync::Arc::new(server);
     let publishers: Vec<_> = (0..P)
@@ -171,7 +235,7 @@ async fn many_publishers_many_subscribers_every_message_once_in_order() -> Resul
     let mut offsets: Vec<u64> = sent.iter().flatten().filter_map(|(_, o)| *o).collect();
     offsets.sort_unstable();
     offsets.dedup();
-    assert_eq!(offsets.len(), TOTAL - M, "publishers 0, 1 and 3 got distinct offsets");
+    assert_eq!(offsets.len(), TOTAL - M, "publishers 0, 1, 3 and 4 got distinct offsets");
     assert!(offsets.iter().all(|o| (1..=TOTAL as u64).contains(o)));
 
     let mut expected: Vec<u64> = sent.iter().flatten().map(|(d, _)| *d).collect();
@@ -195,6 +259,13 @@ async fn many_publishers_many_subscribers_every_message_once_in_order() -> Resul
     for sub in raw_subs {
         let got = within(limit, "raw subscriber", sub).await???;
         assert_eq!(got, reference, "raw subscribers see the same messages in the same order");
+    }
+    for sub in grpc_subs {
+        let got = within(limit, "gRPC subscriber", sub).await???;
+        let got_offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
+        assert_eq!(got_offsets, (1..=TOTAL as u64).collect::<Vec<_>>(), "gRPC: offsets 1..N in order, once each");
+        let sequence: Vec<u64> = got.iter().map(|(_, d)| *d).collect();
+        assert_eq!(sequence, reference, "gRPC subscribers see the same messages in the same order");
     }
     // Each publisher's messages keep the order it sent them in: they appear in the
     // delivered sequence as a subsequence (greedy matching copes with equal payloads).

@@ -1,0 +1,76 @@
+//! The gRPC edge of Herald's error table: every failure becomes a `tonic::Status` whose
+//! code follows the HTTP front door's code word (API.md) and whose message starts with
+//! that word, e.g. `invalid_name: name has an empty segment`.
+
+use herald_core::{BrokerError, NameError, QueueError};
+use herald_protocol::ErrorCode;
+use tonic::{Code, Status};
+
+/// The gRPC status code of a Herald error code; exhaustive, so a new word must be mapped.
+pub fn grpc_code(code: ErrorCode) -> Code {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::InvalidName => Code::InvalidArgument,
+        ErrorCode::TooLarge | ErrorCode::RateLimited | ErrorCode::TooManySubscriptions => Code::ResourceExhausted,
+        ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::Unauthorized => Code::Unauthenticated,
+        ErrorCode::Forbidden => Code::PermissionDenied,
+        ErrorCode::Unavailable => Code::Unavailable,
+        ErrorCode::AlreadySubscribed => Code::AlreadyExists,
+        ErrorCode::NotSubscribed => Code::FailedPrecondition,
+    }
+}
+
+/// A status carrying `code` and human words.
+pub fn status(code: ErrorCode, message: impl std::fmt::Display) -> Status {
+    Status::new(grpc_code(code), format!("{code}: {message}"))
+}
+
+/// A `bad_request` status.
+pub fn bad_request(message: impl std::fmt::Display) -> Status {
+    status(ErrorCode::BadRequest, message)
+}
+
+/// An `invalid_name` status.
+pub fn from_name(e: NameError) -> Status {
+    status(ErrorCode::InvalidName, e)
+}
+
+/// The status of a broker failure (same codes as HTTP).
+pub fn from_broker(e: BrokerError) -> Status {
+    let code = match e {
+        BrokerError::TooLarge { .. } => ErrorCode::TooLarge,
+        BrokerError::Store(ref store) => {
+            tracing::warn!(error = %store, "store error");
+            ErrorCode::Unavailable
+        }
+    };
+    status(code, e)
+}
+
+/// The status of a queue failure (same codes as HTTP).
+pub fn from_queue(e: QueueError) -> Status {
+    let code = match &e {
+        QueueError::DeadLetterQueue(_) => ErrorCode::InvalidName,
+        QueueError::TooLarge { .. } => ErrorCode::TooLarge,
+        QueueError::Full { .. } | QueueError::TooManyWaiters(_) => ErrorCode::RateLimited,
+        QueueError::NotFound(_) => ErrorCode::NotFound,
+        QueueError::Store(store) => {
+            tracing::warn!(error = %store, "store error");
+            ErrorCode::Unavailable
+        }
+    };
+    status(code, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_starts_with_the_code_word() {
+        let s = status(ErrorCode::TooLarge, "payload of 5 bytes is over the limit of 4 bytes");
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.message(), "too_large: payload of 5 bytes is over the limit of 4 bytes");
+        assert_eq!(from_queue(QueueError::NotFound("x".into())).code(), Code::NotFound);
+    }
+}

@@ -1,0 +1,136 @@
+//! The `herald.v1.Queues` service: enqueue, fetch (with long poll), ack, requeue,
+//! extend and stats. Thin, like the HTTP one: every rule lives in the core's queues.
+
+use std::time::Duration;
+
+use herald_core::QueueName;
+use tonic::{Request, Response, Status};
+
+use crate::encoded::{content_type, pb_kind};
+use crate::error::{bad_request, from_name, from_queue};
+use crate::pb::{self, queues_server::Queues};
+use crate::{kind_of, new_message, GrpcState};
+
+/// Longest a fetch may wait, per API.md.
+const MAX_WAIT_MS: u64 = 20_000;
+/// Longest lease: 12 hours.
+const MAX_VISIBILITY_MS: u64 = 43_200_000;
+const DEFAULT_VISIBILITY_MS: u64 = 30_000;
+const MAX_FETCH: u32 = 100;
+/// Delays and TTLs are capped as over HTTP, so deadlines never overflow.
+const MAX_DELAY_MS: u64 = u64::MAX / 2;
+
+pub(crate) struct QueuesService {
+    state: GrpcState,
+}
+
+impl QueuesService {
+    pub(crate) fn new(state: GrpcState) -> Self {
+        Self { state }
+    }
+}
+
+fn queue_name(raw: &str) -> Result<QueueName, Status> {
+    QueueName::parse(raw).map_err(from_name)
+}
+
+/// A delivery id as API.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
+fn delivery_id(raw: &str) -> Result<&str, Status> {
+    let ok =
+        !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    ok.then_some(raw).ok_or_else(|| bad_request("a delivery id is 1 to 64 characters of A-Z a-z 0-9 _ -"))
+}
+
+fn in_range(name: &str, value: u64, min: u64, max: u64) -> Result<u64, Status> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(bad_request(format!("{name} must be an integer from {min} to {max}")))
+    }
+}
+
+#[tonic::async_trait]
+impl Queues for QueuesService {
+    async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        let delay_ms = in_range("delay_ms", req.delay_ms, 0, MAX_DELAY_MS)?;
+        let ttl_ms = req.ttl_ms.map(|t| in_range("ttl_ms", t, 0, MAX_DELAY_MS)).transpose()?;
+        let broker = self.state.broker();
+        let msg = new_message(broker, kind_of(req.kind, &req.content_type)?, req.data, ttl_ms)?;
+        let message_id = broker.queues().enqueue(&queue, msg, delay_ms).await.map_err(from_queue)?;
+        Ok(Response::new(pb::EnqueueResponse { queue: req.queue, message_id }))
+    }
+
+    async fn fetch(&self, request: Request<pb::QueueFetchRequest>) -> Result<Response<pb::QueueFetchResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        let max = if req.max == 0 { 1 } else { in_range("max", req.max.into(), 1, MAX_FETCH.into())? as usize };
+        let visibility_ms = match req.visibility_ms {
+            0 => DEFAULT_VISIBILITY_MS,
+            v => in_range("visibility_ms", v, 1, MAX_VISIBILITY_MS)?,
+        };
+        let wait = Duration::from_millis(in_range("wait_ms", req.wait_ms, 0, MAX_WAIT_MS)?);
+        let queues = self.state.broker().queues();
+        let deliveries = tokio::select! {
+            got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got.map_err(from_queue)?,
+            // Shutdown answers a pending long poll with what it has: nothing was taken.
+            _ = self.state.inner.shutdown.cancelled() => Vec::new(),
+        };
+        let messages = deliveries
+            .into_iter()
+            .map(|d| pb::Job {
+                id: d.id,
+                message_id: d.message_id,
+                attempt: d.attempt,
+                ts: d.ts,
+                kind: pb_kind(d.kind) as i32,
+                data: d.payload,
+                content_type: content_type(d.kind).to_owned(),
+            })
+            .collect();
+        Ok(Response::new(pb::QueueFetchResponse { messages }))
+    }
+
+    async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        self.state.broker().queues().ack(&queue, delivery_id(&req.id)?).map_err(from_queue)?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn requeue(&self, request: Request<pb::RequeueRequest>) -> Result<Response<pb::RequeueResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        let delay_ms = in_range("delay_ms", req.delay_ms, 0, MAX_DELAY_MS)?;
+        self.state.broker().queues().requeue(&queue, delivery_id(&req.id)?, delay_ms).map_err(from_queue)?;
+        Ok(Response::new(pb::RequeueResponse {}))
+    }
+
+    async fn extend(&self, request: Request<pb::ExtendRequest>) -> Result<Response<pb::ExtendResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        let visibility_ms = in_range("visibility_ms", req.visibility_ms, 1, MAX_VISIBILITY_MS)?;
+        self.state.broker().queues().extend(&queue, delivery_id(&req.id)?, visibility_ms).map_err(from_queue)?;
+        Ok(Response::new(pb::ExtendResponse {}))
+    }
+
+    async fn stats(&self, request: Request<pb::QueueStatsRequest>) -> Result<Response<pb::QueueStats>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        let s = self.state.broker().queues().stats(&queue);
+        Ok(Response::new(pb::QueueStats {
+            queue: req.queue,
+            ready: s.ready,
+            in_flight: s.in_flight,
+            delayed: s.delayed,
+            dead: s.dead,
+        }))
+    }
+}

@@ -1,0 +1,155 @@
+//! The `herald.v1.Topics` service: publish (one or a batch), fetch, subscribe, info,
+//! list and delete, with the HTTP front door's semantics, limits and error codes.
+
+use herald_core::{StartFrom, TopicName};
+use tonic::{Request, Response, Status};
+
+use crate::encoded::topic_message;
+use crate::error::{bad_request, from_broker, from_name};
+use crate::pb::subscribe_request::From as FromPosition;
+use crate::pb::{self, topics_server::Topics};
+use crate::subscribe::{self, EventStream};
+use crate::{kind_of, new_message, GrpcState};
+
+/// Most messages in one PublishBatch, and most a Fetch or List returns.
+const MAX_BATCH: usize = 1000;
+const MAX_LIMIT: u32 = 1000;
+const DEFAULT_LIMIT: u32 = 100;
+/// Fetch stops before its response would pass this (gRPC's usual 4 MiB receive limit,
+/// less room for the envelope), always returning at least one message.
+const FETCH_RESPONSE_BYTES: usize = (4 << 20) - (64 << 10);
+
+pub(crate) struct TopicsService {
+    state: GrpcState,
+}
+
+impl TopicsService {
+    pub(crate) fn new(state: GrpcState) -> Self {
+        Self { state }
+    }
+}
+
+fn topic_name(raw: &str) -> Result<TopicName, Status> {
+    TopicName::parse(raw).map_err(from_name)
+}
+
+/// `limit` with proto3's 0 meaning the default, else 1 to 1000.
+fn limit(raw: u32) -> Result<usize, Status> {
+    match raw {
+        0 => Ok(DEFAULT_LIMIT as usize),
+        1..=MAX_LIMIT => Ok(raw as usize),
+        _ => Err(bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl Topics for TopicsService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let topic = topic_name(&req.topic)?;
+        let broker = self.state.broker();
+        let msg = new_message(broker, kind_of(req.kind, &req.content_type)?, req.data, req.ttl_ms)?;
+        let p = broker.publish(&topic, msg).await.map_err(from_broker)?;
+        Ok(Response::new(pb::PublishResponse { topic: req.topic, offset: p.offset, ts: p.ts }))
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<pb::PublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let topic = topic_name(&req.topic)?;
+        if req.messages.is_empty() || req.messages.len() > MAX_BATCH {
+            return Err(bad_request(format!("a batch holds 1 to {MAX_BATCH} messages, not {}", req.messages.len())));
+        }
+        let broker = self.state.broker();
+        let batch = req
+            .messages
+            .into_iter()
+            .map(|m| new_message(broker, kind_of(m.kind, &m.content_type)?, m.data, m.ttl_ms))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let published = broker.publish_batch(&topic, batch).await.map_err(from_broker)?;
+        let published = published.into_iter().map(|p| pb::Published { offset: p.offset, ts: p.ts }).collect();
+        Ok(Response::new(pb::PublishBatchResponse { topic: req.topic, published }))
+    }
+
+    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let topic = topic_name(&req.topic)?;
+        let limit = limit(req.limit)?;
+        let page = self.state.broker().fetch(&topic, req.from, limit).await.map_err(from_broker)?;
+        let mut next = page.next;
+        let mut size = 0;
+        let mut messages = Vec::with_capacity(page.messages.len());
+        for m in &page.messages {
+            size += m.payload.len() + m.topic.as_str().len() + 64;
+            if size > FETCH_RESPONSE_BYTES && !messages.is_empty() {
+                next = m.offset;
+                break;
+            }
+            messages.push(topic_message(m));
+        }
+        Ok(Response::new(pb::FetchResponse { topic: req.topic, epoch: page.epoch.to_string(), messages, next }))
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let topic = topic_name(&req.topic)?;
+        let from = match req.from {
+            None => StartFrom::Latest,
+            Some(FromPosition::Offset(n)) => StartFrom::Offset(n),
+            Some(FromPosition::Start(s)) => match pb::Start::try_from(s) {
+                Ok(pb::Start::Latest) => StartFrom::Latest,
+                Ok(pb::Start::Earliest) => StartFrom::Earliest,
+                Err(_) => return Err(bad_request(format!("start {s} is not a known Start"))),
+            },
+        };
+        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref())?;
+        Ok(Response::new(stream))
+    }
+
+    async fn info(&self, request: Request<pb::TopicInfoRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let topic = topic_name(&req.topic)?;
+        let info = self.state.broker().info(&topic).map_err(from_broker)?;
+        let h = info.head;
+        Ok(Response::new(pb::TopicInfo {
+            topic: req.topic,
+            epoch: h.epoch.to_string(),
+            first: h.first,
+            last: h.last,
+            retained: h.retained,
+            subscribers: info.subscribers,
+        }))
+    }
+
+    async fn list(&self, request: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        self.state.admit()?;
+        let req = request.into_inner();
+        let limit = limit(req.limit)?;
+        let after = (!req.after.is_empty()).then_some(req.after.as_str());
+        let topics = self.state.broker().list(&req.prefix, after, limit).map_err(from_broker)?;
+        let topics = topics
+            .into_iter()
+            .map(|t| pb::TopicSummary { topic: t.topic.as_str().to_owned(), last: t.last, subscribers: t.subscribers })
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        self.state.admit()?;
+        let topic = topic_name(&request.into_inner().topic)?;
+        self.state.broker().delete(&topic).await.map_err(from_broker)?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+}
