@@ -13,6 +13,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod guards;
 pub mod memory;
 pub mod message;
 pub mod metrics;
@@ -25,6 +26,7 @@ pub use broker::{
     Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo, TopicSummary,
 };
 pub use config::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
+pub use guards::{spawn_replay, ConnectionGuard, ReplayTask, SubscriptionGuard};
 pub use memory::{MemoryStore, TopicSnapshot};
 pub use message::{Clock, Kind, ManualClock, Message, NewMessage, SystemClock, WireForm};
 pub use metrics::Metrics;

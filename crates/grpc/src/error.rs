@@ -37,29 +37,18 @@ pub fn from_name(e: NameError) -> Status {
 
 /// The status of a broker failure (same codes as HTTP).
 pub fn from_broker(e: BrokerError) -> Status {
-    let code = match e {
-        BrokerError::TooLarge { .. } => ErrorCode::TooLarge,
-        BrokerError::Store(ref store) => {
-            tracing::warn!(error = %store, "store error");
-            ErrorCode::Unavailable
-        }
-    };
-    status(code, e)
+    if let BrokerError::Store(store) = &e {
+        tracing::warn!(error = %store, "store error");
+    }
+    status(ErrorCode::from(&e), e)
 }
 
 /// The status of a queue failure (same codes as HTTP).
 pub fn from_queue(e: QueueError) -> Status {
-    let code = match &e {
-        QueueError::DeadLetterQueue(_) => ErrorCode::InvalidName,
-        QueueError::TooLarge { .. } => ErrorCode::TooLarge,
-        QueueError::Full { .. } | QueueError::TooManyWaiters(_) => ErrorCode::RateLimited,
-        QueueError::NotFound(_) => ErrorCode::NotFound,
-        QueueError::Store(store) => {
-            tracing::warn!(error = %store, "store error");
-            ErrorCode::Unavailable
-        }
-    };
-    status(code, e)
+    if let QueueError::Store(store) = &e {
+        tracing::warn!(error = %store, "store error");
+    }
+    status(ErrorCode::from(&e), e)
 }
 
 #[cfg(test)]

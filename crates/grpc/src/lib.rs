@@ -177,17 +177,7 @@ fn new_message(
             format!("payload of {} bytes is over the limit of {max} bytes", payload.len()),
         ));
     }
-    match kind {
-        Kind::Text if std::str::from_utf8(&payload).is_err() => {
-            return Err(error::bad_request("a text payload must be UTF-8"));
-        }
-        Kind::Json => {
-            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-                return Err(error::bad_request(format!("payload is not valid JSON: {e}")));
-            }
-        }
-        _ => {}
-    }
+    herald_protocol::check_payload(kind, &payload).map_err(error::bad_request)?;
     Ok(herald_core::NewMessage { kind, payload, ttl_ms })
 }
 

@@ -13,12 +13,11 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use herald_core::{
-    outbound, Broker, CloseReason, Item, Metrics, Outbound, OutboundRx, Replay, StartFrom, SubscriptionId, TopicName,
+    outbound, spawn_replay, CloseReason, ConnectionGuard, Item, Metrics, OutboundRx, StartFrom, SubscriptionGuard,
+    TopicName,
 };
 use herald_protocol::ErrorCode;
 use tokio::sync::{mpsc, oneshot};
@@ -36,8 +35,6 @@ pub type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<EncodedEve
 
 /// Items the producer takes from the outbound queue per batch.
 const BATCH: usize = 256;
-/// Messages a replay pushes before waiting for the client to drain some.
-const REPLAY_CHUNK: usize = 256;
 /// Idle time after which the stream gets a `keepalive` event.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 
@@ -60,7 +57,7 @@ pub(crate) fn open(
     // Everything the subscription owns lives in the producer task and ends with it.
     let owned = (
         ConnectionGuard::new(&broker),
-        UnsubscribeOnDrop(Some((broker.clone(), topic, sub.id))),
+        SubscriptionGuard::new(broker.clone(), topic, sub.id),
         sub.replay.map(|r| spawn_replay(r, out.clone())),
         out,
     );
@@ -179,67 +176,11 @@ async fn produce(
     }
 }
 
-/// Counts one long-lived connection (for `max_connections`) for as long as it lives.
-struct ConnectionGuard(Broker);
-
-impl ConnectionGuard {
-    fn new(broker: &Broker) -> Self {
-        broker.metrics().connections.fetch_add(1, Ordering::Relaxed);
-        Self(broker.clone())
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.metrics().connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Ends the subscription when dropped.
-struct UnsubscribeOnDrop(Option<(Broker, TopicName, SubscriptionId)>);
-
-impl Drop for UnsubscribeOnDrop {
-    fn drop(&mut self) {
-        if let Some((broker, topic, id)) = self.0.take() {
-            broker.unsubscribe(&topic, id);
-        }
-    }
-}
-
-/// Replays history into `out` in chunks paced by the client, then switches to live
-/// (the same pacing as the HTTP front door's). Aborted with its handle.
-fn spawn_replay(mut replay: Replay, out: Arc<Outbound<Infallible>>) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::spawn(async move {
-        let resume_below = out.max_pending_bytes() / 2;
-        loop {
-            match replay.next_chunk(REPLAY_CHUNK).await {
-                Ok(Some(chunk)) => {
-                    for msg in chunk {
-                        if !out.push_message(msg) {
-                            return;
-                        }
-                    }
-                    out.drained_to(resume_below).await;
-                    if out.close_reason().is_some() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    // The subscription cannot be completed without a gap: end it.
-                    tracing::warn!(error = %e, "replay failed");
-                    out.close(CloseReason::Closed);
-                    return;
-                }
-            }
-        }
-        replay.finish();
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use herald_core::{Kind, Message, NewMessage, OutboundConfig};
 
     fn message(offset: u64) -> Arc<herald_core::Message> {

@@ -35,14 +35,10 @@ impl From<NameError> for ApiError {
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
-        let code = match e {
-            BrokerError::TooLarge { .. } => ErrorCode::TooLarge,
-            BrokerError::Store(ref store) => {
-                tracing::warn!(error = %store, "store error");
-                ErrorCode::Unavailable
-            }
-        };
-        Self::new(code, e.to_string())
+        if let BrokerError::Store(store) = &e {
+            tracing::warn!(error = %store, "store error");
+        }
+        Self::new(ErrorCode::from(&e), e.to_string())
     }
 }
 

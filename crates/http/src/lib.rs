@@ -21,10 +21,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use herald_core::{Broker, CloseReason, Outbound, Replay, SubscriptionId, TopicName};
+use herald_core::Broker;
 use herald_protocol::ErrorCode;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 use tokio_util::task::TaskTracker;
 
 pub use error::ApiError;
@@ -130,66 +129,4 @@ async fn connection_limit(State(state): State<AppState>, req: Request, next: Nex
         return ApiError::new(ErrorCode::Unavailable, "server is shutting down").into_response();
     }
     next.run(req).await
-}
-
-/// Counts one long-lived connection for as long as it lives.
-struct ConnectionGuard(Broker);
-
-impl ConnectionGuard {
-    fn new(broker: &Broker) -> Self {
-        broker.metrics().connections.fetch_add(1, Ordering::Relaxed);
-        Self(broker.clone())
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.metrics().connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Messages a replay pushes before waiting for the client to drain some.
-const REPLAY_CHUNK: usize = 256;
-
-/// Replays history into `out` in chunks paced by the client, then switches to live.
-/// The task is aborted (with its handle) when the subscription ends.
-pub(crate) fn spawn_replay<C: Send + 'static>(mut replay: Replay, out: Arc<Outbound<C>>) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::spawn(async move {
-        // Pacing target: half the bound keeps the socket busy without filling the queue.
-        let resume_below = out.max_pending_bytes() / 2;
-        loop {
-            match replay.next_chunk(REPLAY_CHUNK).await {
-                Ok(Some(chunk)) => {
-                    for msg in chunk {
-                        if !out.push_message(msg) {
-                            return;
-                        }
-                    }
-                    out.drained_to(resume_below).await;
-                    if out.close_reason().is_some() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    // The subscription cannot be completed without a gap: end the connection.
-                    tracing::warn!(error = %e, "replay failed");
-                    out.close(CloseReason::Closed);
-                    return;
-                }
-            }
-        }
-        replay.finish();
-    }))
-}
-
-/// Ends a subscription when dropped (also when the upgrade never completes).
-pub(crate) struct UnsubscribeOnDrop(pub(crate) Option<(Broker, TopicName, SubscriptionId)>);
-
-impl Drop for UnsubscribeOnDrop {
-    fn drop(&mut self) {
-        if let Some((broker, topic, id)) = self.0.take() {
-            broker.unsubscribe(&topic, id);
-        }
-    }
 }

@@ -22,17 +22,10 @@ const MAX_VISIBILITY_MS: u64 = 43_200_000;
 
 impl From<QueueError> for ApiError {
     fn from(e: QueueError) -> Self {
-        let code = match &e {
-            QueueError::DeadLetterQueue(_) => ErrorCode::InvalidName,
-            QueueError::TooLarge { .. } => ErrorCode::TooLarge,
-            QueueError::Full { .. } | QueueError::TooManyWaiters(_) => ErrorCode::RateLimited,
-            QueueError::NotFound(_) => ErrorCode::NotFound,
-            QueueError::Store(store) => {
-                tracing::warn!(error = %store, "store error");
-                ErrorCode::Unavailable
-            }
-        };
-        ApiError::new(code, e.to_string())
+        if let QueueError::Store(store) = &e {
+            tracing::warn!(error = %store, "store error");
+        }
+        ApiError::new(ErrorCode::from(&e), e.to_string())
     }
 }
 

@@ -63,17 +63,7 @@ pub(crate) fn kind_of(headers: &HeaderMap) -> Kind {
 
 /// Validates a body against its kind and builds the message.
 pub(crate) fn new_message(kind: Kind, payload: Bytes, ttl_ms: Option<u64>) -> Result<NewMessage, ApiError> {
-    match kind {
-        Kind::Text if std::str::from_utf8(&payload).is_err() => {
-            return Err(ApiError::bad_request("a text/* body must be UTF-8"));
-        }
-        Kind::Json => {
-            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-                return Err(ApiError::bad_request(format!("body is not valid JSON: {e}")));
-            }
-        }
-        _ => {}
-    }
+    herald_protocol::check_payload(kind, &payload).map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(NewMessage { kind, payload, ttl_ms })
 }
 

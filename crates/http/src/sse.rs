@@ -13,13 +13,16 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use herald_core::{outbound, CloseReason, Item, Message, Metrics, StartFrom, WireForm};
+use herald_core::{
+    outbound, spawn_replay, CloseReason, ConnectionGuard, Item, Message, Metrics, StartFrom, SubscriptionGuard,
+    WireForm,
+};
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::encode;
 use tokio::time::{sleep_until, Instant};
 
 use crate::rest::{topic_name, Query};
-use crate::{spawn_replay, ApiError, AppState, ConnectionGuard, UnsubscribeOnDrop};
+use crate::{ApiError, AppState};
 
 /// A comment line sent when the stream is idle, so proxies keep it open.
 const KEEPALIVE: Bytes = Bytes::from_static(b": keepalive\n\n");
@@ -56,7 +59,7 @@ pub(crate) async fn stream(
     let (out, mut rx) = outbound::<Bytes>(state.broker().config().outbound);
     let broker = state.broker().clone();
     let sub = broker.subscribe(&topic, from, None, out.clone())?;
-    let unsubscribe = UnsubscribeOnDrop(Some((broker.clone(), topic, sub.id)));
+    let unsubscribe = SubscriptionGuard::new(broker.clone(), topic, sub.id);
     let replay = sub.replay.map(|r| spawn_replay(r, out.clone()));
     let guard = ConnectionGuard::new(&broker);
     let shutdown = state.inner.shutdown.clone();

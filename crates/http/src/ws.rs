@@ -19,17 +19,16 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use herald_core::{
-    outbound, CloseReason, Item, Kind, Message, Metrics, NewMessage, Outbound, OutboundRx, Replay, StartFrom,
-    SubscriptionId, TopicName, WireForm,
+    outbound, spawn_replay, CloseReason, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage, Outbound,
+    OutboundRx, Replay, ReplayTask, StartFrom, SubscriptionGuard, SubscriptionId, TopicName, WireForm,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::{close, encode, parse_client_frame, ErrorCode, FrameError, Op, Payload};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::rest::{topic_name, Query};
-use crate::{spawn_replay, ApiError, AppState, ConnectionGuard, UnsubscribeOnDrop};
+use crate::{ApiError, AppState};
 
 /// Frames a reader asks the writer to send, besides topic messages.
 pub(crate) enum Control {
@@ -270,7 +269,7 @@ pub(crate) async fn json_upgrade(
 
 struct JsonSub {
     id: SubscriptionId,
-    _replay: Option<AbortOnDropHandle<()>>,
+    _replay: Option<ReplayTask>,
 }
 
 async fn json_connection(socket: WebSocket, state: AppState) {
@@ -422,7 +421,7 @@ pub(crate) async fn raw_upgrade(
     let max = state.broker().config().max_message_bytes;
     let tracker = state.tracker().clone();
     let broker = state.broker().clone();
-    let unsubscribe = UnsubscribeOnDrop(sub.as_ref().map(|s| (broker, topic.clone(), s.id)));
+    let unsubscribe = sub.as_ref().map(|s| SubscriptionGuard::new(broker, topic.clone(), s.id)).unwrap_or_default();
     Ok(upgrade
         .max_message_size(max)
         .max_frame_size(max)
@@ -440,7 +439,7 @@ async fn raw_connection(
     mode: Mode,
     replay: Option<Replay>,
     (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
-    unsubscribe: UnsubscribeOnDrop,
+    unsubscribe: SubscriptionGuard,
 ) {
     let replay = replay.map(|r| spawn_replay(r, out.clone()));
     let queue = out.clone();

@@ -7,6 +7,8 @@
 pub mod code;
 pub mod decode;
 pub mod encode;
+pub mod payload;
 
 pub use code::{close, ErrorCode};
 pub use decode::{parse_client_frame, ClientFrame, FrameError, Op, Payload};
+pub use payload::{check_payload, PayloadError};

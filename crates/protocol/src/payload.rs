@@ -1,0 +1,65 @@
+//! The rules a payload must meet for its kind, and the error codes of broker and queue
+//! failures: one table for every front door (HTTP, WebSocket, gRPC), so that a payload
+//! or a failure gets the same answer whichever door it came through.
+
+use herald_core::{BrokerError, Kind, QueueError};
+
+use crate::code::ErrorCode;
+
+/// Why a payload does not match its kind (a `bad_request`).
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// A text payload that is not UTF-8.
+    #[error("a text payload must be UTF-8")]
+    NotUtf8,
+    /// A JSON payload that does not parse.
+    #[error("payload is not valid JSON: {0}")]
+    NotJson(serde_json::Error),
+}
+
+/// Checks `payload` against the rules of `kind`: text is UTF-8, JSON parses.
+pub fn check_payload(kind: Kind, payload: &[u8]) -> Result<(), PayloadError> {
+    match kind {
+        Kind::Text if std::str::from_utf8(payload).is_err() => Err(PayloadError::NotUtf8),
+        Kind::Json => match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(PayloadError::NotJson(e)),
+        },
+        _ => Ok(()),
+    }
+}
+
+impl From<&BrokerError> for ErrorCode {
+    fn from(e: &BrokerError) -> Self {
+        match e {
+            BrokerError::TooLarge { .. } => ErrorCode::TooLarge,
+            BrokerError::Store(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+impl From<&QueueError> for ErrorCode {
+    fn from(e: &QueueError) -> Self {
+        match e {
+            QueueError::DeadLetterQueue(_) => ErrorCode::InvalidName,
+            QueueError::TooLarge { .. } => ErrorCode::TooLarge,
+            QueueError::Full { .. } | QueueError::TooManyWaiters(_) => ErrorCode::RateLimited,
+            QueueError::NotFound(_) => ErrorCode::NotFound,
+            QueueError::Store(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_checked_by_kind() {
+        assert!(check_payload(Kind::Text, b"caf\xc3\xa9").is_ok());
+        assert!(matches!(check_payload(Kind::Text, b"\xff"), Err(PayloadError::NotUtf8)));
+        assert!(check_payload(Kind::Json, br#"{"a":[1,2]}"#).is_ok());
+        assert!(matches!(check_payload(Kind::Json, b"{"), Err(PayloadError::NotJson(_))));
+        assert!(check_payload(Kind::Binary, b"\xff").is_ok());
+    }
+}
