@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::task::AbortOnDropHandle;
@@ -95,7 +96,10 @@ impl WsConnection {
     /// Connects to `{base}/v1/ws` (`base` as given to [`Client::new`]).
     pub async fn connect(base: &str) -> Result<Self, ClientError> {
         let url = format!("{}/v1/ws", ws_base(base.trim_end_matches('/')));
-        let (socket, _) = tokio_tungstenite::connect_async(url).await?;
+        // tungstenite zeroes its whole read chunk before every read: keep it small (its
+        // default, 128 KiB, made each small frame cost a 128 KiB memset).
+        let config = WebSocketConfig::default().read_buffer_size(8 << 10);
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), false).await?;
         Ok(Self { socket, next_id: 1, backlog: VecDeque::new() })
     }
 

@@ -254,6 +254,11 @@ fn not_an_upgrade(e: WebSocketUpgradeRejection) -> ApiError {
     ApiError::bad_request(format!("expected a WebSocket upgrade: {e}"))
 }
 
+/// Bytes a WebSocket reads per call. tungstenite zeroes this much of its buffer before
+/// every read, so its default (128 KiB) cost a 128 KiB memset per small frame: 19% of
+/// the server's CPU with 256 publishers. Larger frames just take more reads.
+const READ_BUFFER_BYTES: usize = 8 << 10;
+
 pub(crate) async fn json_upgrade(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -262,6 +267,7 @@ pub(crate) async fn json_upgrade(
     let frame_limit = state.broker().config().max_message_bytes.saturating_mul(2);
     let tracker = state.tracker().clone();
     Ok(upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
         .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state))))
@@ -423,6 +429,7 @@ pub(crate) async fn raw_upgrade(
     let broker = state.broker().clone();
     let unsubscribe = sub.as_ref().map(|s| SubscriptionGuard::new(broker, topic.clone(), s.id)).unwrap_or_default();
     Ok(upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
