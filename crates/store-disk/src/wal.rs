@@ -291,24 +291,6 @@ impl Drop for Writer {
     }
 }
 
-/// Waits for the next request: polls for a short while first, so a lone producer that
-/// answers its client and comes straight back finds the writer awake (waking a
-/// sleeping thread costs tens of microseconds on a busy machine), then blocks.
-fn spin_recv(rx: &mpsc::Receiver<Request>) -> Result<Request, mpsc::RecvError> {
-    let until = Instant::now() + SPIN;
-    while Instant::now() < until {
-        match rx.try_recv() {
-            Ok(r) => return Ok(r),
-            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-            Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvError),
-        }
-    }
-    rx.recv()
-}
-
-/// How long the writer polls before it sleeps.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
-
 /// Replays records into memory, merging runs of appends to one topic (one record per
 /// group commit, often of one message each) into one index update: a start-up with a
 /// million small records pays for one topic lookup per run, not per record.
@@ -384,7 +366,6 @@ struct WriterThread {
 
 impl WriterThread {
     fn run(&mut self, rx: mpsc::Receiver<Request>) {
-        let mut spin = false;
         loop {
             let first = match self.config.fsync {
                 FsyncPolicy::Interval(every) if self.dirty => {
@@ -398,7 +379,7 @@ impl WriterThread {
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
                 }
-                _ => match if spin { spin_recv(&rx) } else { rx.recv() } {
+                _ => match rx.recv() {
                     Ok(r) => r,
                     Err(_) => break,
                 },
@@ -416,10 +397,6 @@ impl WriterThread {
                     Err(_) => break,
                 }
             }
-            // A lone request means a lone producer, which will be back within one
-            // round trip: worth waiting for awake. Under concurrency the queue is
-            // rarely empty, and the cores are better left to the producers.
-            spin = batch.len() == 1;
             self.commit(batch);
         }
         if self.dirty {
