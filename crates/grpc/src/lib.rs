@@ -148,16 +148,7 @@ fn kind_of(kind: i32, content_type: &str) -> Result<Kind, Status> {
         Ok(pb::Kind::Json) => Ok(Kind::Json),
         Ok(pb::Kind::Text) => Ok(Kind::Text),
         Ok(pb::Kind::Binary) => Ok(Kind::Binary),
-        Ok(pb::Kind::Unspecified) => {
-            let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-            Ok(if media.starts_with("text/") {
-                Kind::Text
-            } else if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
-                Kind::Json
-            } else {
-                Kind::Binary
-            })
-        }
+        Ok(pb::Kind::Unspecified) => Ok(herald_protocol::kind_of_media_type(content_type)),
         Err(_) => Err(error::bad_request(format!("kind {kind} is not a known Kind"))),
     }
 }

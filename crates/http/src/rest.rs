@@ -48,16 +48,9 @@ fn json(status: StatusCode, body: String) -> Response {
 /// The kind a Content-Type selects (API.md's kind table); media types compare
 /// case-insensitively and parameters are ignored.
 pub(crate) fn kind_of(headers: &HeaderMap) -> Kind {
-    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
-        return Kind::Binary;
-    };
-    let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    if media.starts_with("text/") {
-        Kind::Text
-    } else if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
-        Kind::Json
-    } else {
-        Kind::Binary
+    match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        Some(content_type) => herald_protocol::kind_of_media_type(content_type),
+        None => Kind::Binary,
     }
 }
 

@@ -29,6 +29,20 @@ pub fn check_payload(kind: Kind, payload: &[u8]) -> Result<(), PayloadError> {
     }
 }
 
+/// The kind a media type selects (HTTP's `Content-Type`, gRPC's `content_type`):
+/// `text/*` is text, `application/json` and `application/*+json` are JSON, anything
+/// else is binary. Case-insensitive; parameters (`; charset=...`) are ignored.
+pub fn kind_of_media_type(content_type: &str) -> Kind {
+    let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if media.starts_with("text/") {
+        Kind::Text
+    } else if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
+        Kind::Json
+    } else {
+        Kind::Binary
+    }
+}
+
 impl From<&BrokerError> for ErrorCode {
     fn from(e: &BrokerError) -> Self {
         match e {
@@ -61,5 +75,14 @@ mod tests {
         assert!(check_payload(Kind::Json, br#"{"a":[1,2]}"#).is_ok());
         assert!(matches!(check_payload(Kind::Json, b"{"), Err(PayloadError::NotJson(_))));
         assert!(check_payload(Kind::Binary, b"\xff").is_ok());
+    }
+
+    #[test]
+    fn media_types_select_kinds() {
+        assert_eq!(kind_of_media_type("Text/Plain; charset=utf-8"), Kind::Text);
+        assert_eq!(kind_of_media_type("application/json"), Kind::Json);
+        assert_eq!(kind_of_media_type("application/cloudevents+json"), Kind::Json);
+        assert_eq!(kind_of_media_type("application/x-www-form-urlencoded"), Kind::Binary);
+        assert_eq!(kind_of_media_type(""), Kind::Binary);
     }
 }
