@@ -248,8 +248,17 @@ impl Queues {
             st.next_id = st.next_id.max(snapshot.next_id);
             for record in &snapshot.records {
                 st.next_id = st.next_id.max(record.id + 1);
-                // In flight at the crash or not: ready again, attempts start over.
-                st.insert(record.id, record, 0, now);
+                // In flight at the crash or not: ready again, with the attempts it had.
+                let attempts = snapshot.attempts.get(&record.id).copied().unwrap_or(0);
+                st.insert(record.id, record, attempts, now);
+                // A delivery cut off by the crash ended without an ack: if it was the
+                // last one allowed, the message is dead-lettered as at a lease end.
+                if let Some(dlq) = q.dlq.as_ref().filter(|_| attempts >= queues.config.max_attempts) {
+                    if let Some(entry) = st.remove(record.id) {
+                        queues.store.queue_remove(&q.name, vec![record.id]);
+                        queues.dead_letter(dlq, entry, now);
+                    }
+                }
             }
             queues.settle(&q, &mut st, now);
         }
@@ -470,6 +479,9 @@ impl Queues {
             st.in_flight += 1;
         }
         self.counters.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
+        if !out.is_empty() {
+            self.store.queue_delivered(&q.name, out.iter().map(|d| (d.message_id, d.attempt)).collect());
+        }
         out
     }
 

@@ -6,6 +6,7 @@
 //! (immediately for memory, at the group commit's fsync for disk, at the batched insert's
 //! commit for PostgreSQL).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -91,6 +92,8 @@ pub struct QueueSnapshot {
     pub next_id: u64,
     /// The messages not yet removed, by id.
     pub records: Vec<QueueRecord>,
+    /// Deliveries counted so far, by message id (absent: none).
+    pub attempts: BTreeMap<u64, u32>,
 }
 
 /// A backend for topic histories and queue messages.
@@ -128,6 +131,11 @@ pub trait Store: Send + Sync + 'static {
     /// Records that messages left a queue (acked, expired, dead-lettered). May be
     /// persisted lazily: a lost removal only means a redelivery after a crash.
     fn queue_remove(&self, queue: &QueueName, ids: Vec<u64>);
+
+    /// Records how many deliveries messages have had, so that `max_attempts` counts
+    /// across restarts. May be persisted lazily: a lost record only means a message
+    /// gets the attempts it had already used once more. Stores that keep nothing ignore it.
+    fn queue_delivered(&self, _queue: &QueueName, _attempts: Vec<(u64, u32)>) {}
 
     /// Queue messages that survived a restart (none for a store that keeps nothing).
     fn queue_load(&self) -> Vec<QueueSnapshot> {

@@ -300,3 +300,53 @@ async fn a_full_disk_answers_503_and_acknowledges_nothing() -> Result {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[tokio::test]
+async fn attempts_count_across_crashes_and_the_last_one_dead_letters() -> Result {
+    let dir = std::env::temp_dir().join(format!("herald-attempts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data_dir = dir.to_string_lossy().into_owned();
+    let args = ["--store", "disk", "--data-dir", data_dir.as_str(), "--queue-max-attempts", "2"];
+    let http = reqwest::Client::new();
+    let fetch = |url: String, queue: &'static str| {
+        let http = http.clone();
+        async move {
+            let v = body(http.post(format!("{url}/v1/queues/{queue}/fetch?visibility_ms=60000")).send().await?).await?;
+            Result::Ok(v["messages"].as_array().cloned().unwrap_or_default())
+        }
+    };
+
+    let (mut child, url) = spawn_herald(&args)?;
+    let r = http.post(format!("{url}/v1/queues/jobs/messages")).header("content-type", "text/plain").body("poison");
+    assert_eq!(r.send().await?.status(), 201);
+    // Attempt counts are written lazily, in order with everything else: an acknowledged
+    // enqueue after a fetch proves the count before it is on disk.
+    let barrier = |url: String| {
+        let http = http.clone();
+        async move {
+            let r = http.post(format!("{url}/v1/queues/barrier/messages")).body("x").send().await?;
+            Result::Ok(r.status())
+        }
+    };
+    let first = fetch(url.clone(), "jobs").await?;
+    assert_eq!(first.first().map(|m| m["attempt"].clone()), Some(1.into()));
+    assert_eq!(barrier(url.clone()).await?, 201);
+    child.kill()?; // The worker's lease is cut off by the crash: it counted as an attempt.
+    child.wait()?;
+
+    let (mut child, url) = spawn_herald(&args)?;
+    let second = fetch(url.clone(), "jobs").await?;
+    assert_eq!(second.first().map(|m| m["attempt"].clone()), Some(2.into()), "the count survived the crash");
+    assert_eq!(barrier(url.clone()).await?, 201);
+    child.kill()?;
+    child.wait()?;
+
+    // The second and last allowed delivery also ended without an ack: dead-lettered at start.
+    let (child, url) = spawn_herald(&args)?;
+    assert!(fetch(url.clone(), "jobs").await?.is_empty(), "not delivered a third time");
+    let dead = fetch(url.clone(), "jobs.dlq").await?;
+    assert_eq!(dead.first().map(|m| m["data"].clone()), Some("poison".into()));
+    drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

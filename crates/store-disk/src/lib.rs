@@ -104,6 +104,8 @@ pub enum OpenError {
 struct LiveQueue {
     next_id: u64,
     records: BTreeMap<u64, QueueRecord>,
+    /// Deliveries so far of records in `records` that had any.
+    attempts: BTreeMap<u64, u32>,
 }
 
 /// State the writer thread applies commits to, shared with readers.
@@ -161,6 +163,18 @@ impl Shared {
                 if let Some(q) = lock(&self.queues).get_mut(&queue) {
                     for id in ids {
                         q.records.remove(&id);
+                        q.attempts.remove(&id);
+                    }
+                }
+                Applied::Done
+            }
+            Apply::Attempts { queue, attempts } => {
+                if let Some(q) = lock(&self.queues).get_mut(&queue) {
+                    for (id, n) in attempts {
+                        // Only for live records: a removal may have been applied first.
+                        if q.records.contains_key(&id) {
+                            q.attempts.insert(id, n);
+                        }
                     }
                 }
                 Applied::Done
@@ -205,6 +219,10 @@ impl Shared {
             let records: Vec<QueueRecord> = q.records.values().cloned().collect();
             for part in records.chunks(1024) {
                 out.push(Record::QueueEnqueue { queue: queue.clone(), records: part.to_vec() });
+            }
+            let attempts: Vec<(u64, u32)> = q.attempts.iter().map(|(&id, &n)| (id, n)).collect();
+            for part in attempts.chunks(4096) {
+                out.push(Record::QueueAttempts { queue: queue.clone(), attempts: part.to_vec() });
             }
         }
         out
@@ -356,8 +374,21 @@ impl Store for DiskStore {
                 queue: queue.clone(),
                 next_id: q.next_id,
                 records: q.records.values().cloned().collect(),
+                attempts: q.attempts.clone(),
             })
             .collect()
+    }
+
+    fn queue_delivered(&self, queue: &QueueName, attempts: Vec<(u64, u32)>) {
+        if self.check().is_err() {
+            return;
+        }
+        let mut bytes = Vec::new();
+        let record = Record::QueueAttempts { queue: queue.clone(), attempts };
+        record.encode(&mut bytes);
+        let Record::QueueAttempts { queue, attempts } = record else { return };
+        // Lazy, like removals: a lost count only gives a message its used attempts again.
+        self.writer.send(Request::Write { bytes, apply: Apply::Attempts { queue, attempts }, done: None });
     }
 
     fn sweep(&self) {

@@ -25,6 +25,8 @@ pub enum Record {
     QueueRemove { queue: QueueName, ids: Vec<u64> },
     /// A queue's next id as a checkpoint saw it.
     QueueHead { queue: QueueName, next_id: u64 },
+    /// Deliveries counted so far, as (message id, attempts).
+    QueueAttempts { queue: QueueName, attempts: Vec<(u64, u32)> },
     /// A checkpoint starts: the state is rebuilt from here.
     CheckpointBegin,
     /// A checkpoint is complete.
@@ -128,6 +130,15 @@ impl Record {
             }
             Record::CheckpointBegin => o.u8(7),
             Record::CheckpointEnd => o.u8(8),
+            Record::QueueAttempts { queue, attempts } => {
+                o.u8(9);
+                o.bytes(queue.as_str().as_bytes());
+                o.u32(attempts.len() as u32);
+                for (id, n) in attempts {
+                    o.u64(*id);
+                    o.u32(*n);
+                }
+            }
         }
         let body = &buf[start + HEADER..];
         let len = body.len() as u32;
@@ -195,6 +206,12 @@ impl Record {
             6 => Record::QueueHead { queue: i.queue()?, next_id: i.u64()? },
             7 => Record::CheckpointBegin,
             8 => Record::CheckpointEnd,
+            9 => {
+                let queue = i.queue()?;
+                let n = i.u32()?;
+                let attempts = (0..n).map(|_| Ok((i.u64()?, i.u32()?))).collect::<Result<_, DecodeError>>()?;
+                Record::QueueAttempts { queue, attempts }
+            }
             _ => return Err(DecodeError::Damaged("unknown record type")),
         };
         if i.pos != body.len() {
@@ -301,7 +318,8 @@ mod tests {
                 }],
             },
             Record::QueueRemove { queue: queue.clone(), ids: vec![5, 6] },
-            Record::QueueHead { queue, next_id: 7 },
+            Record::QueueHead { queue: queue.clone(), next_id: 7 },
+            Record::QueueAttempts { queue, attempts: vec![(5, 2), (6, 1)] },
             Record::CheckpointBegin,
             Record::CheckpointEnd,
         ]

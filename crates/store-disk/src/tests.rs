@@ -133,6 +133,8 @@ async fn queue_messages_survive_and_removals_apply() -> TestResult {
             })
             .collect();
         store.queue_append(&q, records).await?;
+        store.queue_delivered(&q, vec![(1, 1), (2, 1)]);
+        store.queue_delivered(&q, vec![(1, 2)]);
         store.queue_remove(&q, vec![2]);
         store.flush().await?;
     }
@@ -140,6 +142,7 @@ async fn queue_messages_survive_and_removals_apply() -> TestResult {
     let loaded = store.queue_load();
     assert_eq!(loaded.len(), 1);
     assert_eq!(loaded[0].next_id, 4);
+    assert_eq!(loaded[0].attempts, BTreeMap::from([(1, 2)]), "the latest count, for live messages only");
     assert_eq!(loaded[0].records.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 3]);
     Ok(())
 }
@@ -229,6 +232,7 @@ async fn checkpoints_reclaim_space_and_keep_the_live_state() -> TestResult {
             expires_at: None,
         };
         store.queue_append(&q, vec![record]).await?;
+        store.queue_delivered(&q, vec![(1, 3)]);
         publish(&store, "t", 500).await?;
     }
     let total: u64 = dir.segments().iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum();
@@ -238,6 +242,7 @@ async fn checkpoints_reclaim_space_and_keep_the_live_state() -> TestResult {
     assert_eq!(got.first().map(|g| g.0), Some(2481));
     assert_eq!(got.last().cloned(), Some((2500, "t-499".into())));
     assert_eq!(store.queue_load()[0].records.len(), 1, "the queue message outlived its segment");
+    assert_eq!(store.queue_load()[0].attempts, BTreeMap::from([(1, 3)]), "and so did its attempts");
     assert_eq!(publish(&store, "t", 1).await?, [2501]);
     Ok(())
 }

@@ -55,6 +55,10 @@ pub(crate) enum Apply {
         queue: QueueName,
         next_id: u64,
     },
+    Attempts {
+        queue: QueueName,
+        attempts: Vec<(u64, u32)>,
+    },
     /// A checkpoint begins: queue state is rebuilt from what follows.
     Reset,
     Nothing,
@@ -85,6 +89,7 @@ impl Apply {
             Record::QueueEnqueue { queue, records } => Apply::Enqueue { queue, records },
             Record::QueueRemove { queue, ids } => Apply::Remove { queue, ids },
             Record::QueueHead { queue, next_id } => Apply::QueueHead { queue, next_id },
+            Record::QueueAttempts { queue, attempts } => Apply::Attempts { queue, attempts },
             Record::CheckpointBegin => Apply::Reset,
             Record::CheckpointEnd => Apply::Nothing,
         }
