@@ -17,7 +17,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use herald_core::{
     outbound, spawn_replay, CloseReason, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage, Outbound,
     OutboundRx, Replay, ReplayTask, StartFrom, SubscriptionGuard, SubscriptionId, TopicName, WireForm,
@@ -458,7 +458,13 @@ async fn raw_connection(
     .await;
 }
 
-/// Publishes each data frame of a raw socket until it ends.
+/// Most data frames of a raw socket published as one batch.
+const RAW_BATCH: usize = 256;
+
+/// Publishes the data frames of a raw socket until it ends. Frames that have already
+/// arrived are published together, in order, as one batch (one store write and, on the
+/// disk store, one fsync), so a client streaming frames is not held to one commit per
+/// frame.
 async fn raw_reader(
     state: &AppState,
     topic: &TopicName,
@@ -468,15 +474,20 @@ async fn raw_reader(
     last_seen: &LastSeen,
     stop: &CancellationToken,
 ) {
+    // A frame read while gathering a batch that is not data, handled next.
+    let mut pending = None;
     loop {
-        let frame = tokio::select! {
-            _ = stop.cancelled() => return,
-            frame = stream.next() => frame,
+        let frame = match pending.take() {
+            Some(frame) => frame,
+            None => tokio::select! {
+                _ = stop.cancelled() => return,
+                frame = stream.next() => frame,
+            },
         };
         last_seen.touch();
-        let (kind, payload) = match frame {
-            Some(Ok(WsMessage::Text(t))) => (Kind::Text, Bytes::from(t)),
-            Some(Ok(WsMessage::Binary(b))) => (Kind::Binary, b),
+        let first = match frame {
+            Some(Ok(WsMessage::Text(t))) => NewMessage::new(Kind::Text, Bytes::from(t)),
+            Some(Ok(WsMessage::Binary(b))) => NewMessage::new(Kind::Binary, b),
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
             Some(Ok(WsMessage::Close(_))) | None => return,
             Some(Err(e)) => {
@@ -490,8 +501,20 @@ async fn raw_reader(
             out.push_control(Control::Close(close::UNSUPPORTED_DATA, "mode=sub takes no data frames"), 0);
             return;
         }
-        let msg = NewMessage { kind, payload, ttl_ms: None };
-        if let Err(e) = state.broker().publish(topic, msg).await {
+        let mut batch = vec![first];
+        while batch.len() < RAW_BATCH {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(WsMessage::Text(t)))) => batch.push(NewMessage::new(Kind::Text, Bytes::from(t))),
+                Some(Some(Ok(WsMessage::Binary(b)))) => batch.push(NewMessage::new(Kind::Binary, b)),
+                Some(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {}
+                Some(other) => {
+                    pending = Some(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        if let Err(e) = state.broker().publish_batch(topic, batch).await {
             let api = ApiError::from(e);
             tracing::debug!(code = %api.code, "raw publish failed: {}", api.message);
             let code = if api.code == ErrorCode::TooLarge { close::TOO_BIG } else { close::INTERNAL_ERROR };

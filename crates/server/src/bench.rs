@@ -27,6 +27,8 @@ pub enum BenchCommand {
     Publish(PublishArgs),
     /// gRPC publish throughput, unary or batched (see `bench_grpc`).
     GrpcPublish(crate::bench_grpc::GrpcPublishArgs),
+    /// End-to-end fan-out: one publisher, many raw WebSocket subscribers (see `bench_fanout`).
+    Fanout(crate::bench_fanout::FanoutArgs),
 }
 
 /// Flags of `herald bench publish`.
@@ -81,6 +83,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Queue(args) => queue(args).await,
         BenchCommand::Publish(args) => publish(args).await,
         BenchCommand::GrpcPublish(args) => crate::bench_grpc::run(args).await,
+        BenchCommand::Fanout(args) => crate::bench_fanout::run(args).await,
     }
 }
 

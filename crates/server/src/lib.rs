@@ -9,6 +9,7 @@
 //! within `shutdown_timeout`.
 
 pub mod bench;
+pub mod bench_fanout;
 pub mod bench_grpc;
 pub mod cli;
 pub mod config;

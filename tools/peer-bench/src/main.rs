@@ -39,6 +39,30 @@ enum Command {
     RabbitmqQueue(QueueArgs),
     /// NATS JetStream publishes (PubAck awaited) to a file-storage stream, by concurrent publishers.
     JetstreamPublish(PublishArgs),
+    /// Core NATS fan-out to WebSocket subscribers: one publisher, many subscribers.
+    NatsWsFanout(FanoutArgs),
+}
+
+#[derive(Debug, Args)]
+struct FanoutArgs {
+    /// nats-server's WebSocket listener (its `websocket` block, `no_tls: true`).
+    #[arg(long, default_value = "ws://127.0.0.1:8225")]
+    ws_url: String,
+    /// nats-server's client port, for the publisher.
+    #[arg(long, default_value = "nats://127.0.0.1:4225")]
+    url: String,
+    /// Subscribers, each with its own WebSocket.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Messages published.
+    #[arg(long, default_value_t = 2000)]
+    messages: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +148,7 @@ async fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::RabbitmqQueue(args) => rabbitmq_queue(args).await,
         Command::JetstreamPublish(args) => jetstream_publish(args).await,
+        Command::NatsWsFanout(args) => nats_ws_fanout(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -378,4 +403,94 @@ async fn publishes(
     let elapsed = started.elapsed();
     latencies.sort_unstable();
     Ok(Report { latencies, elapsed })
+}
+
+/// Mirrors `herald bench fanout`: subscribers speak the NATS protocol over WebSocket and
+/// count the bytes of the `MSG` lines and payloads they receive (a message may span
+/// frames), so the client does as little work as Herald's raw subscribers do.
+async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    ensure!(args.subscribers >= 1 && args.messages >= 1, "--subscribers and --messages must be at least 1");
+    let subject = format!("bench.fanout.{}", std::process::id());
+    // What one delivery costs on the wire: `MSG <subject> <sid> <size>\r\n<payload>\r\n`.
+    let per_message = format!("MSG {subject} 1 {}\r\n", args.size).len() + args.size + 2;
+    let expected = per_message as u64 * args.messages;
+    let mut sockets = Vec::with_capacity(args.subscribers);
+    for _ in 0..args.subscribers {
+        let (mut socket, _) = tokio_tungstenite::connect_async(args.ws_url.as_str())
+            .await
+            .with_context(|| format!("cannot connect to {}", args.ws_url))?;
+        let hello = format!("CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB {subject} 1\r\nPING\r\n");
+        socket.send(WsMessage::binary(hello.into_bytes())).await?;
+        // The PONG answers after the SUB is registered.
+        loop {
+            match socket.next().await {
+                Some(Ok(WsMessage::Binary(b))) if b.windows(4).any(|w| w == b"PONG") => break,
+                Some(Ok(WsMessage::Text(t))) if t.contains("PONG") => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("closed before PONG"),
+            }
+        }
+        sockets.push(socket);
+    }
+    let subscribers: Vec<_> = sockets
+        .into_iter()
+        .map(|mut socket| {
+            tokio::spawn(async move {
+                let mut got = 0u64;
+                while got < expected {
+                    match socket.next().await {
+                        Some(Ok(WsMessage::Binary(b))) => got += b.len() as u64,
+                        Some(Ok(WsMessage::Text(t))) => got += t.len() as u64,
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => anyhow::bail!("subscriber failed: {e}"),
+                        None => anyhow::bail!("subscriber closed"),
+                    }
+                }
+                Ok(Instant::now())
+            })
+        })
+        .collect();
+    let client = async_nats::connect(&args.url).await.with_context(|| format!("cannot connect to {}", args.url))?;
+    let payload = bytes::Bytes::from(vec![b'x'; args.size]);
+    let started = Instant::now();
+    for _ in 0..args.messages {
+        client.publish(subject.clone(), payload.clone()).await.context("publish failed")?;
+    }
+    client.flush().await.context("flush failed")?;
+    let published = started.elapsed();
+    let mut last = started;
+    for s in subscribers {
+        let done = tokio::time::timeout(Duration::from_secs(120), s).await.context("timed out")???;
+        last = last.max(done);
+    }
+    let elapsed = last.duration_since(started);
+    let deliveries = args.subscribers as u64 * args.messages;
+    let per_second = deliveries as f64 / elapsed.as_secs_f64();
+    let publish_rate = args.messages as f64 / published.as_secs_f64();
+    if args.json {
+        let report = serde_json::json!({
+            "scenario": "nats-ws-fanout",
+            "subscribers": args.subscribers,
+            "messages": args.messages,
+            "size": args.size,
+            "deliveries": deliveries,
+            "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            "deliveries_per_second": per_second.round() as u64,
+            "publish_per_second": publish_rate.round() as u64,
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "nats-ws-fanout subscribers={} messages={} size={}: {deliveries} deliveries in {:.2} s = {per_second:.0}/s (published at {publish_rate:.0}/s)",
+            args.subscribers,
+            args.messages,
+            args.size,
+            elapsed.as_secs_f64()
+        );
+    }
+    Ok(())
 }
