@@ -23,7 +23,7 @@ use herald_core::{
     OutboundRx, Replay, ReplayTask, StartFrom, SubscriptionGuard, SubscriptionId, TopicName, WireForm,
 };
 use herald_protocol::decode::parse_from_query;
-use herald_protocol::{close, encode, parse_client_frame, ErrorCode, FrameError, Op, Payload};
+use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op, Payload};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -281,31 +281,77 @@ struct JsonSub {
 async fn json_connection(socket: WebSocket, state: AppState) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
     let mut session = JsonSession { state: state.clone(), out: out.clone(), subs: HashMap::new() };
-    run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| loop {
-        let frame = tokio::select! {
-            _ = stop.cancelled() => break,
-            frame = stream.next() => frame,
-        };
-        last_seen.touch();
-        match frame {
-            Some(Ok(WsMessage::Text(text))) => session.handle(&text).await,
-            Some(Ok(WsMessage::Binary(_))) => session.error(&FrameError {
-                id: None,
-                code: ErrorCode::BadRequest,
-                message: "binary frames are not part of the JSON protocol; use data_b64".into(),
-            }),
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
-            Some(Ok(WsMessage::Close(_))) | None => break,
-            Some(Err(e)) => {
-                if let Some(close) = read_error_close(e) {
-                    session.out.push_control(close, 0);
+    run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| {
+        // A frame read while gathering that is not text, handled next.
+        let mut pending = None;
+        loop {
+            let frame = match pending.take() {
+                Some(frame) => frame,
+                None => tokio::select! {
+                    _ = stop.cancelled() => break,
+                    frame = stream.next() => frame,
+                },
+            };
+            last_seen.touch();
+            match frame {
+                Some(Ok(WsMessage::Text(text))) => {
+                    // Text frames that have already arrived are handled together, so that
+                    // consecutive publishes to one topic share one store write.
+                    let mut texts = vec![text];
+                    while texts.len() < FRAME_BATCH {
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(WsMessage::Text(text)))) => texts.push(text),
+                            Some(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    session.handle_all(texts).await;
                 }
-                break;
+                Some(Ok(WsMessage::Binary(_))) => session.error(&FrameError {
+                    id: None,
+                    code: ErrorCode::BadRequest,
+                    message: "binary frames are not part of the JSON protocol; use data_b64".into(),
+                }),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    if let Some(close) = read_error_close(e) {
+                        session.out.push_control(close, 0);
+                    }
+                    break;
+                }
             }
         }
     })
     .await;
     session.unsubscribe_all();
+}
+
+/// Most text frames of a JSON socket handled in one go.
+const FRAME_BATCH: usize = 256;
+
+/// Consecutive publishes of one connection to one topic, with their request ids.
+struct PublishRun {
+    topic: TopicName,
+    frames: Vec<(Option<u64>, NewMessage)>,
+}
+
+fn payload_len(payload: &Payload) -> usize {
+    match payload {
+        Payload::Json(text) => text.len(),
+        Payload::Binary(bytes) => bytes.len(),
+    }
+}
+
+fn new_message(payload: Payload, ttl_ms: Option<u64>) -> NewMessage {
+    let (kind, payload) = match payload {
+        Payload::Json(text) => (Kind::Json, Bytes::from(text)),
+        Payload::Binary(bytes) => (Kind::Binary, Bytes::from(bytes)),
+    };
+    NewMessage { kind, payload, ttl_ms }
 }
 
 struct JsonSession {
@@ -324,21 +370,69 @@ impl JsonSession {
         self.reply(encode::error(e.id, e.code, &e.message));
     }
 
-    async fn handle(&mut self, text: &str) {
-        let frame = match parse_client_frame(text) {
-            Ok(frame) => frame,
-            Err(e) => return self.error(&e),
-        };
+    /// Handles frames in order; runs of publishes to one topic are published as one
+    /// batch (consecutive offsets, one store write), each still answered on its own.
+    async fn handle_all(&mut self, texts: Vec<Utf8Bytes>) {
+        let max = self.state.broker().config().max_message_bytes;
+        let mut run: Option<PublishRun> = None;
+        for text in texts {
+            let frame = match parse_client_frame(&text) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.publish_run(run.take()).await;
+                    self.error(&e);
+                    continue;
+                }
+            };
+            match frame.op {
+                // Too large ones are refused on their own, below.
+                Op::Publish { topic, payload, ttl_ms } if payload_len(&payload) <= max => {
+                    let msg = new_message(payload, ttl_ms);
+                    match &mut run {
+                        Some(r) if r.topic == topic => r.frames.push((frame.id, msg)),
+                        _ => {
+                            self.publish_run(run.take()).await;
+                            run = Some(PublishRun { topic, frames: vec![(frame.id, msg)] });
+                        }
+                    }
+                }
+                op => {
+                    self.publish_run(run.take()).await;
+                    self.handle(ClientFrame { id: frame.id, op }).await;
+                }
+            }
+        }
+        self.publish_run(run).await;
+    }
+
+    async fn publish_run(&mut self, run: Option<PublishRun>) {
+        let Some(PublishRun { topic, frames }) = run else { return };
+        let (ids, batch): (Vec<Option<u64>>, Vec<NewMessage>) = frames.into_iter().unzip();
+        match self.state.broker().publish_batch(&topic, batch).await {
+            Ok(published) => {
+                for (id, p) in ids.into_iter().zip(published) {
+                    if id.is_some() {
+                        self.reply(encode::published(id, topic.as_str(), p.offset, p.ts));
+                    }
+                }
+            }
+            Err(e) => {
+                // Nothing of the batch was stored: every frame of it gets the error.
+                let api = ApiError::from(e);
+                for id in ids {
+                    self.error(&FrameError { id, code: api.code, message: api.message.clone() });
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, frame: ClientFrame) {
         let id = frame.id;
         let fail = |code, message: String| FrameError { id, code, message };
         match frame.op {
             Op::Ping => self.reply(encode::pong(id)),
             Op::Publish { topic, payload, ttl_ms } => {
-                let (kind, payload) = match payload {
-                    Payload::Json(text) => (Kind::Json, Bytes::from(text)),
-                    Payload::Binary(bytes) => (Kind::Binary, Bytes::from(bytes)),
-                };
-                match self.state.broker().publish(&topic, NewMessage { kind, payload, ttl_ms }).await {
+                match self.state.broker().publish(&topic, new_message(payload, ttl_ms)).await {
                     Ok(p) if id.is_some() => self.reply(encode::published(id, topic.as_str(), p.offset, p.ts)),
                     Ok(_) => {}
                     Err(e) => {

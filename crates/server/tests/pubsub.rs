@@ -429,3 +429,54 @@ async fn a_raw_publisher_streaming_frames_is_published_in_order_and_whole_on_the
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[tokio::test]
+async fn pipelined_json_frames_are_answered_in_order_with_consecutive_offsets() -> Result {
+    // Frames that arrive together are handled together (runs of publishes to one topic
+    // share one store write), yet each is answered on its own, in the order sent.
+    let server = start(|_| {}).await?;
+    let mut ws = server.json_ws().await?;
+    let mut frames = Vec::new();
+    for i in 1..=100 {
+        frames.push(json!({"op": "publish", "id": i, "topic": "a", "data": i}).to_string());
+    }
+    frames.push(r#"{"op":"publish","id":101,"topic":"a","data":}"#.to_owned()); // not JSON
+    for i in 102..=151 {
+        frames.push(json!({"op": "publish", "id": i, "topic": "b", "data": i}).to_string());
+    }
+    frames.push(json!({"op": "ping", "id": 152}).to_string());
+    for i in 153..=252 {
+        frames.push(json!({"op": "publish", "topic": "a", "data": i}).to_string());
+        // no id: no reply
+    }
+    frames.push(json!({"op": "ping", "id": 253}).to_string());
+    for frame in frames {
+        ws.send_text(frame).await?;
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 153 {
+        replies.push(within(Duration::from_secs(10), "reply", ws.recv()).await??);
+    }
+    for (i, r) in replies[..100].iter().enumerate() {
+        assert_eq!(
+            (r["type"].as_str(), r["id"].as_u64(), r["offset"].as_u64()),
+            (Some("published"), Some(i as u64 + 1), Some(i as u64 + 1)),
+            "{r}"
+        );
+    }
+    assert_eq!((replies[100]["type"].as_str(), replies[100]["code"].as_str()), (Some("error"), Some("bad_request")));
+    for (i, r) in replies[101..151].iter().enumerate() {
+        assert_eq!(
+            (r["id"].as_u64(), r["topic"].as_str(), r["offset"].as_u64()),
+            (Some(102 + i as u64), Some("b"), Some(i as u64 + 1)),
+            "{r}"
+        );
+    }
+    assert_eq!((replies[151]["type"].as_str(), replies[151]["id"].as_u64()), (Some("pong"), Some(152)));
+    assert_eq!((replies[152]["type"].as_str(), replies[152]["id"].as_u64()), (Some("pong"), Some(253)));
+    let (_, page) = server.get_json("/v1/topics/a/messages?from=0&limit=1000").await?;
+    let data: Vec<u64> =
+        page["messages"].as_array().ok_or("messages")?.iter().filter_map(|m| m["data"].as_u64()).collect();
+    assert_eq!(data, (1..=100).chain(153..=252).collect::<Vec<u64>>());
+    Ok(())
+}
