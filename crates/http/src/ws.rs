@@ -278,36 +278,69 @@ struct JsonSub {
     _replay: Option<ReplayTask>,
 }
 
+/// What a socket's reader gets from the stream: a frame, or `None` when it ended.
+type Frame = Option<Result<WsMessage, axum::Error>>;
+
+/// A socket's incoming frames with a look-ahead of one, so a reader can take the frames
+/// that have already arrived as one batch and keep the first one that does not belong.
+struct Incoming<'a> {
+    stream: &'a mut SplitStream<WebSocket>,
+    pending: Option<Frame>,
+}
+
+impl<'a> Incoming<'a> {
+    fn new(stream: &'a mut SplitStream<WebSocket>) -> Self {
+        Self { stream, pending: None }
+    }
+
+    /// The next frame; `None` once `stop` is cancelled.
+    async fn next(&mut self, stop: &CancellationToken) -> Option<Frame> {
+        if let Some(frame) = self.pending.take() {
+            return Some(frame);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => None,
+            frame = self.stream.next() => Some(frame),
+        }
+    }
+
+    /// Up to `max` more frames that have already arrived, without waiting, as `take`
+    /// maps them (`Ok(None)` skips one). The first frame `take` gives back, or an error
+    /// or the end, stops the batch and is what [`Incoming::next`] returns next.
+    fn ready<T>(&mut self, max: usize, mut take: impl FnMut(WsMessage) -> Result<Option<T>, WsMessage>) -> Vec<T> {
+        let mut out = Vec::new();
+        while out.len() < max && self.pending.is_none() {
+            match self.stream.next().now_or_never() {
+                Some(Some(Ok(msg))) => match take(msg) {
+                    Ok(Some(item)) => out.push(item),
+                    Ok(None) => {}
+                    Err(msg) => self.pending = Some(Some(Ok(msg))),
+                },
+                Some(other) => self.pending = Some(other),
+                None => break,
+            }
+        }
+        out
+    }
+}
+
 async fn json_connection(socket: WebSocket, state: AppState) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
     let mut session = JsonSession { state: state.clone(), out: out.clone(), subs: HashMap::new() };
     run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| {
-        // A frame read while gathering that is not text, handled next.
-        let mut pending = None;
+        let mut incoming = Incoming::new(&mut stream);
         loop {
-            let frame = match pending.take() {
-                Some(frame) => frame,
-                None => tokio::select! {
-                    _ = stop.cancelled() => break,
-                    frame = stream.next() => frame,
-                },
-            };
+            let Some(frame) = incoming.next(stop).await else { break };
             last_seen.touch();
             match frame {
                 Some(Ok(WsMessage::Text(text))) => {
                     // Text frames that have already arrived are handled together, so that
                     // consecutive publishes to one topic share one store write.
                     let mut texts = vec![text];
-                    while texts.len() < FRAME_BATCH {
-                        match stream.next().now_or_never() {
-                            Some(Some(Ok(WsMessage::Text(text)))) => texts.push(text),
-                            Some(other) => {
-                                pending = Some(other);
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
+                    texts.extend(incoming.ready(FRAME_BATCH - 1, |m| match m {
+                        WsMessage::Text(text) => Ok(Some(text)),
+                        other => Err(other),
+                    }));
                     session.handle_all(texts).await;
                 }
                 Some(Ok(WsMessage::Binary(_))) => session.error(&FrameError {
@@ -568,16 +601,9 @@ async fn raw_reader(
     last_seen: &LastSeen,
     stop: &CancellationToken,
 ) {
-    // A frame read while gathering a batch that is not data, handled next.
-    let mut pending = None;
+    let mut incoming = Incoming::new(stream);
     loop {
-        let frame = match pending.take() {
-            Some(frame) => frame,
-            None => tokio::select! {
-                _ = stop.cancelled() => return,
-                frame = stream.next() => frame,
-            },
-        };
+        let Some(frame) = incoming.next(stop).await else { return };
         last_seen.touch();
         let first = match frame {
             Some(Ok(WsMessage::Text(t))) => NewMessage::new(Kind::Text, Bytes::from(t)),
@@ -596,18 +622,12 @@ async fn raw_reader(
             return;
         }
         let mut batch = vec![first];
-        while batch.len() < RAW_BATCH {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(WsMessage::Text(t)))) => batch.push(NewMessage::new(Kind::Text, Bytes::from(t))),
-                Some(Some(Ok(WsMessage::Binary(b)))) => batch.push(NewMessage::new(Kind::Binary, b)),
-                Some(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {}
-                Some(other) => {
-                    pending = Some(other);
-                    break;
-                }
-                None => break,
-            }
-        }
+        batch.extend(incoming.ready(RAW_BATCH - 1, |m| match m {
+            WsMessage::Text(t) => Ok(Some(NewMessage::new(Kind::Text, Bytes::from(t)))),
+            WsMessage::Binary(b) => Ok(Some(NewMessage::new(Kind::Binary, b))),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => Ok(None),
+            other => Err(other),
+        }));
         if let Err(e) = state.broker().publish_batch(topic, batch).await {
             let api = ApiError::from(e);
             tracing::debug!(code = %api.code, "raw publish failed: {}", api.message);
