@@ -7,7 +7,8 @@
 //!
 //! `publish` measures acknowledged publishes: each publisher holds one WebSocket and
 //! publishes one message, waiting for its `published` reply (sent only once the store
-//! holds it as durably as configured) before the next. `tools/peer-bench
+//! holds it as durably as configured) before the next; with `--pipeline N` it keeps N
+//! publishes in flight. `tools/peer-bench
 //! jetstream-publish` does the same against NATS JetStream.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +53,9 @@ pub struct PublishArgs {
     /// Keep the topic's history afterwards (e.g. to time a restart holding it).
     #[arg(long)]
     pub keep: bool,
+    /// Publishes each publisher keeps in flight (1: wait for each ack before the next).
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: usize,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -179,6 +183,7 @@ async fn publishes(
     topic: &str,
     total: u64,
     size: usize,
+    pipeline: usize,
 ) -> anyhow::Result<Report> {
     let done = Arc::new(AtomicU64::new(0));
     let payload = Value::String("x".repeat(size.saturating_sub(2)));
@@ -189,9 +194,19 @@ async fn publishes(
             let (topic, done, payload) = (topic.to_owned(), done.clone(), payload.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
-                while done.fetch_add(1, Ordering::Relaxed) < total {
-                    let t0 = Instant::now();
-                    let reply = ws.publish(&topic, payload.clone()).await?;
+                // Sent and not yet answered, in order (replies come in the order sent).
+                let mut in_flight = std::collections::VecDeque::with_capacity(pipeline);
+                let mut next_id = 1u64 << 40; // apart from WsConnection's own request ids
+                loop {
+                    while in_flight.len() < pipeline && done.fetch_add(1, Ordering::Relaxed) < total {
+                        next_id += 1;
+                        let frame =
+                            serde_json::json!({"op": "publish", "id": next_id, "topic": topic, "data": payload});
+                        in_flight.push_back(Instant::now());
+                        ws.send_text(frame.to_string()).await?;
+                    }
+                    let Some(t0) = in_flight.pop_front() else { break };
+                    let reply = ws.recv().await?;
                     anyhow::ensure!(reply["offset"].is_u64(), "publish refused: {reply}");
                     latencies.push(t0.elapsed().as_micros() as u64);
                 }
@@ -217,8 +232,9 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         connections.push(WsConnection::connect(&args.url).await?);
     }
     let topic = args.topic.clone().unwrap_or_else(|| format!("bench.publish.{}", std::process::id()));
-    publishes(&mut connections, &topic, 500, args.size).await?;
-    let r = publishes(&mut connections, &topic, args.messages, args.size).await?;
+    anyhow::ensure!(args.pipeline >= 1, "--pipeline must be at least 1");
+    publishes(&mut connections, &topic, 500, args.size, args.pipeline).await?;
+    let r = publishes(&mut connections, &topic, args.messages, args.size, args.pipeline).await?;
     for ws in connections {
         let _ = ws.close().await;
     }
@@ -226,6 +242,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         // The benchmark's history is of no further use.
         let _ = Client::new(&args.url).delete(&topic).await;
     }
-    r.print("herald-publish", &[("publishers", args.publishers), ("size", args.size)], args.json);
+    let params = [("publishers", args.publishers), ("size", args.size), ("pipeline", args.pipeline)];
+    r.print("herald-publish", &params, args.json);
     Ok(())
 }
