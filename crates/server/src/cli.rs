@@ -1,12 +1,13 @@
 //! The client subcommands: `herald pub` and `herald sub`, built on the client crate,
 //! over HTTP and WebSocket by default or over gRPC with `--grpc`.
 
-use std::io::{BufRead, Read, Write};
+use std::io::Write;
 
 use anyhow::Context;
 use clap::Args;
 use herald_client::grpc::pb;
 use herald_client::{Client, Event, GrpcClient, StartFrom};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// Flags of `herald pub`.
 #[derive(Debug, Args)]
@@ -57,7 +58,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     let content_type = if args.json { "application/json" } else { "text/plain; charset=utf-8" };
     if args.binary {
         let mut body = Vec::new();
-        std::io::stdin().read_to_end(&mut body).context("reading stdin")?;
+        tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
         let p = client.publish(&args.topic, "application/octet-stream", body).await?;
         println!("{}", p.offset);
         return Ok(());
@@ -67,8 +68,8 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         println!("{}", p.offset);
         return Ok(());
     }
-    for line in std::io::stdin().lock().lines() {
-        let line = line.context("reading stdin")?;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await.context("reading stdin")? {
         let p = client.publish(&args.topic, content_type, line).await?;
         println!("{}", p.offset);
     }
@@ -80,7 +81,7 @@ async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
     let client = GrpcClient::connect(&args.url).await.with_context(|| format!("connecting to {}", args.url))?;
     if args.binary {
         let mut body = Vec::new();
-        std::io::stdin().read_to_end(&mut body).context("reading stdin")?;
+        tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
         println!("{}", client.publish(&args.topic, pb::Kind::Binary, body).await?.offset);
         return Ok(());
     }
@@ -89,8 +90,8 @@ async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
         println!("{}", client.publish(&args.topic, kind, message).await?.offset);
         return Ok(());
     }
-    for line in std::io::stdin().lock().lines() {
-        let line = line.context("reading stdin")?;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await.context("reading stdin")? {
         println!("{}", client.publish(&args.topic, kind, line).await?.offset);
     }
     Ok(())

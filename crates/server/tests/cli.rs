@@ -1,0 +1,40 @@
+//! The `herald pub` command line against a real server: stdin lines become text
+//! messages, one offset printed per line, over HTTP and over gRPC.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::{start, Result};
+
+fn herald_pub(url: &str, extra: &[&str], stdin: &str) -> Result<String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["pub", "--url", url, "lines"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().ok_or("stdin")?.write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    assert!(out.status.success(), "herald pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pub_publishes_each_stdin_line_and_prints_its_offset() -> Result {
+    let server = start(|_| {}).await?;
+    let url = server.url.clone();
+    let printed = tokio::task::spawn_blocking(move || -> Result<(String, String)> {
+        Ok((herald_pub(&url, &[], "one\ntwo\nthree\n")?, herald_pub(&url, &["--grpc"], "four\nfive\n")?))
+    })
+    .await??;
+    assert_eq!(printed.0, "1\n2\n3\n");
+    assert_eq!(printed.1, "4\n5\n");
+    let (_, page) = server.get_json("/v1/topics/lines/messages?from=0").await?;
+    let data: Vec<&str> =
+        page["messages"].as_array().ok_or("messages")?.iter().filter_map(|m| m["data"].as_str()).collect();
+    assert_eq!(data, ["one", "two", "three", "four", "five"], "text messages, in order");
+    Ok(())
+}
