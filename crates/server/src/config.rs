@@ -290,6 +290,7 @@ impl Config {
             (None, Some(s)) => s.parse().map_err(|e| anyhow::anyhow!("config key store: {e}"))?,
             (None, None) => d.store,
         };
+        let max_connections = args.max_connections.or(file.limits.max_connections).unwrap_or(d.http.max_connections);
         let config = Config {
             listen: args.listen.or(file.listen).unwrap_or(d.listen),
             store,
@@ -343,7 +344,7 @@ impl Config {
                     .unwrap_or(d.retention.max_age),
             },
             http: HttpConfig {
-                max_connections: args.max_connections.or(file.limits.max_connections).unwrap_or(d.http.max_connections),
+                max_connections,
                 max_subscriptions_per_connection: args
                     .max_subscriptions_per_connection
                     .or(file.limits.max_subscriptions_per_connection)
@@ -358,7 +359,8 @@ impl Config {
                     .unwrap_or(d.http.pong_timeout),
             },
             grpc: GrpcConfig {
-                max_connections: args.max_connections.or(file.limits.max_connections).unwrap_or(d.http.max_connections),
+                // One limit for every long-lived connection, whichever front door.
+                max_connections,
                 max_request_bytes: args
                     .max_grpc_request_bytes
                     .or(file.limits.max_grpc_request_bytes)

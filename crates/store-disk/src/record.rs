@@ -269,22 +269,31 @@ impl<'a> In<'a, '_> {
     }
     fn topic(&mut self) -> Result<TopicName, DecodeError> {
         let s = self.str()?;
-        if let Some(name) = self.names.topic.as_ref().filter(|name| name.as_str() == s) {
-            return Ok(name.clone());
-        }
-        let name = TopicName::parse(s).map_err(|_| DecodeError::Damaged("invalid topic name"))?;
-        self.names.topic = Some(name.clone());
-        Ok(name)
+        cached(&mut self.names.topic, s, TopicName::as_str, || {
+            TopicName::parse(s).map_err(|_| DecodeError::Damaged("invalid topic name"))
+        })
     }
     fn queue(&mut self) -> Result<QueueName, DecodeError> {
         let s = self.str()?;
-        if let Some(name) = self.names.queue.as_ref().filter(|name| name.as_str() == s) {
-            return Ok(name.clone());
-        }
-        let name = QueueName::parse(s).map_err(|_| DecodeError::Damaged("invalid queue name"))?;
-        self.names.queue = Some(name.clone());
-        Ok(name)
+        cached(&mut self.names.queue, s, QueueName::as_str, || {
+            QueueName::parse(s).map_err(|_| DecodeError::Damaged("invalid queue name"))
+        })
     }
+}
+
+/// The name in `slot` if it reads `s`, else `parse`d and kept there for the next record.
+fn cached<N: Clone>(
+    slot: &mut Option<N>,
+    s: &str,
+    as_str: fn(&N) -> &str,
+    parse: impl FnOnce() -> Result<N, DecodeError>,
+) -> Result<N, DecodeError> {
+    if let Some(name) = slot.as_ref().filter(|name| as_str(name) == s) {
+        return Ok(name.clone());
+    }
+    let name = parse()?;
+    *slot = Some(name.clone());
+    Ok(name)
 }
 
 #[cfg(test)]
