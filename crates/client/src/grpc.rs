@@ -37,7 +37,8 @@
 
 use base64::Engine;
 use bytes::Bytes;
-use tonic::transport::{Channel, Endpoint};
+pub use tonic::transport::Channel;
+use tonic::transport::Endpoint;
 use tonic::Streaming;
 
 use crate::{ClientError, Published, StartFrom};

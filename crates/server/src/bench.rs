@@ -7,10 +7,12 @@
 //!
 //! `publish` measures acknowledged publishes: each publisher holds one WebSocket and
 //! publishes one message, waiting for its `published` reply (sent only once the store
-//! holds it as durably as configured) before the next; with `--pipeline N` it keeps N
-//! publishes in flight. `tools/peer-bench
+//! holds it as durably as configured) before the next; with `--pipeline N` it sends N
+//! publishes, then reads their N replies. `tools/peer-bench
 //! jetstream-publish` does the same against NATS JetStream.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,38 +93,53 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Round-trip latencies, in microseconds, sorted.
-struct Report {
+/// What a benchmark measured: per-operation latencies and the units of work done
+/// (messages; more than the operations when one call carries a batch).
+pub(crate) struct Report {
+    /// Per-operation latencies in microseconds, sorted.
     latencies: Vec<u64>,
+    units: u64,
     elapsed: Duration,
 }
 
 impl Report {
     /// Prints one line of text, or one JSON object, naming the scenario and its `params`.
-    fn print(&self, scenario: &str, params: &[(&str, usize)], json: bool) {
-        let n = self.latencies.len();
+    pub(crate) fn print(&self, scenario: &str, params: &[(&str, Value)], json: bool) {
+        let ops = self.latencies.len() as u64;
         let seconds = self.elapsed.as_secs_f64();
-        let per_second = n as f64 / seconds;
+        let per_second = self.units as f64 / seconds;
+        let ops_per_second = ops as f64 / seconds;
         let (p50, p90, p99) = (self.percentile(0.5), self.percentile(0.9), self.percentile(0.99));
         let max = self.latencies.last().copied().unwrap_or_default();
         if json {
             let mut report = serde_json::json!({ "scenario": scenario });
             for (name, value) in params {
-                report[*name] = (*value).into();
+                report[*name] = value.clone();
             }
-            for (name, value) in
-                [("count", n as u64), ("p50_us", p50), ("p90_us", p90), ("p99_us", p99), ("max_us", max)]
-            {
+            report["count"] = self.units.into();
+            if ops != self.units {
+                report["calls"] = ops.into();
+                report["calls_per_second"] = (ops_per_second.round() as u64).into();
+            }
+            for (name, value) in [("p50_us", p50), ("p90_us", p90), ("p99_us", p99), ("max_us", max)] {
                 report[name] = value.into();
             }
             report["seconds"] = ((seconds * 1000.0).round() / 1000.0).into();
             report["per_second"] = (per_second.round() as u64).into();
             println!("{report}");
         } else {
-            let params: Vec<String> = params.iter().map(|(name, value)| format!("{name}={value}")).collect();
+            let params: Vec<String> = params
+                .iter()
+                .map(|(name, value)| match value.as_str() {
+                    Some(text) => format!("{name}={text}"),
+                    None => format!("{name}={value}"),
+                })
+                .collect();
+            let calls = if ops == self.units { String::new() } else { format!(" ({ops_per_second:.0} calls/s)") };
             println!(
-                "{scenario} {}: {n} in {seconds:.2} s = {per_second:.0}/s; latency us p50={p50} p90={p90} p99={p99} max={max}",
-                params.join(" ")
+                "{scenario} {}: {} in {seconds:.2} s = {per_second:.0}/s{calls}; latency us p50={p50} p90={p90} p99={p99} max={max}",
+                params.join(" "),
+                self.units
             );
         }
     }
@@ -133,116 +150,137 @@ impl Report {
     }
 }
 
-async fn round_trips(client: &Client, queue: &str, workers: usize, total: u64, size: usize) -> anyhow::Result<Report> {
-    let done = Arc::new(AtomicU64::new(0));
-    let payload = "x".repeat(size);
+/// One step of a worker: `units` units of work, pushing one latency (µs) per operation.
+pub(crate) type Step<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+/// Runs `total` units of work over one task per worker: each claims up to `per_step`
+/// units at a time from a shared count and runs `step` on them, until the count is
+/// reached. Gives the workers back with the report.
+pub(crate) async fn measure<W: Send + 'static>(
+    workers: Vec<W>,
+    total: u64,
+    per_step: u64,
+    step: for<'a> fn(&'a mut W, u64, &'a mut Vec<u64>) -> Step<'a>,
+) -> anyhow::Result<(Vec<W>, Report)> {
+    let claimed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let tasks: Vec<_> = (0..workers)
-        .map(|_| {
-            let (client, queue, done, payload) = (client.clone(), queue.to_owned(), done.clone(), payload.clone());
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .map(|mut worker| {
+            let claimed = claimed.clone();
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
-                let fetch = FetchOptions { max: 1, wait: Duration::from_secs(1), ..FetchOptions::default() };
-                while done.fetch_add(1, Ordering::Relaxed) < total {
-                    let t0 = Instant::now();
-                    client.enqueue(&queue, "text/plain", payload.clone(), Duration::ZERO).await?;
-                    let job = loop {
-                        // Another worker may take "our" message; any one will do.
-                        if let Some(job) = client.fetch_jobs(&queue, fetch).await?.pop() {
-                            break job;
-                        }
-                    };
-                    client.ack(&queue, &job).await?;
-                    latencies.push(t0.elapsed().as_micros() as u64);
+                loop {
+                    let from = claimed.fetch_add(per_step, Ordering::Relaxed);
+                    if from >= total {
+                        break;
+                    }
+                    step(&mut worker, per_step.min(total - from), &mut latencies).await?;
                 }
-                anyhow::Ok(latencies)
+                anyhow::Ok((worker, latencies))
             })
         })
         .collect();
+    let mut workers = Vec::with_capacity(tasks.len());
     let mut latencies = Vec::with_capacity(total as usize);
     for task in tasks {
-        latencies.extend(task.await??);
+        let (worker, mine) = task.await??;
+        workers.push(worker);
+        latencies.extend(mine);
     }
     let elapsed = started.elapsed();
     latencies.sort_unstable();
-    Ok(Report { latencies, elapsed })
+    Ok((workers, Report { latencies, units: total, elapsed }))
+}
+
+/// A queue worker: enqueue, fetch, ack, one round trip per step.
+struct QueueWorker {
+    client: Client,
+    queue: String,
+    payload: String,
+}
+
+fn round_trip<'a>(w: &'a mut QueueWorker, _units: u64, latencies: &'a mut Vec<u64>) -> Step<'a> {
+    Box::pin(async move {
+        let fetch = FetchOptions { max: 1, wait: Duration::from_secs(1), ..FetchOptions::default() };
+        let t0 = Instant::now();
+        w.client.enqueue(&w.queue, "text/plain", w.payload.clone(), Duration::ZERO).await?;
+        let job = loop {
+            // Another worker may take "our" message; any one will do.
+            if let Some(job) = w.client.fetch_jobs(&w.queue, fetch).await?.pop() {
+                break job;
+            }
+        };
+        w.client.ack(&w.queue, &job).await?;
+        latencies.push(t0.elapsed().as_micros() as u64);
+        Ok(())
+    })
 }
 
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1 && args.messages >= 1, "--workers and --messages must be at least 1");
     let client = Client::new(&args.url);
     let queue = format!("bench.queue.{}", std::process::id());
-    round_trips(&client, &queue, args.workers, 500, args.size).await?;
-    let r = round_trips(&client, &queue, args.workers, args.messages, args.size).await?;
-    r.print("herald-queue", &[("workers", args.workers), ("size", args.size)], args.json);
+    let payload = "x".repeat(args.size);
+    let workers = (0..args.workers)
+        .map(|_| QueueWorker { client: client.clone(), queue: queue.clone(), payload: payload.clone() })
+        .collect();
+    let (workers, _) = measure(workers, 500, 1, round_trip).await?;
+    let (_, r) = measure(workers, args.messages, 1, round_trip).await?;
+    r.print("herald-queue", &[("workers", args.workers.into()), ("size", args.size.into())], args.json);
     Ok(())
 }
 
-async fn publishes(
-    connections: &mut Vec<WsConnection>,
-    topic: &str,
-    total: u64,
-    size: usize,
-    pipeline: usize,
-) -> anyhow::Result<Report> {
-    let done = Arc::new(AtomicU64::new(0));
-    let payload = Value::String("x".repeat(size.saturating_sub(2)));
-    let started = Instant::now();
-    let tasks: Vec<_> = connections
-        .drain(..)
-        .map(|mut ws| {
-            let (topic, done, payload) = (topic.to_owned(), done.clone(), payload.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                // Sent and not yet answered, in order (replies come in the order sent).
-                let mut in_flight = std::collections::VecDeque::with_capacity(pipeline);
-                let mut next_id = 1u64 << 40; // apart from WsConnection's own request ids
-                loop {
-                    while in_flight.len() < pipeline && done.fetch_add(1, Ordering::Relaxed) < total {
-                        next_id += 1;
-                        let frame =
-                            serde_json::json!({"op": "publish", "id": next_id, "topic": topic, "data": payload});
-                        in_flight.push_back(Instant::now());
-                        ws.send_text(frame.to_string()).await?;
-                    }
-                    let Some(t0) = in_flight.pop_front() else { break };
-                    let reply = ws.recv().await?;
-                    anyhow::ensure!(reply["offset"].is_u64(), "publish refused: {reply}");
-                    latencies.push(t0.elapsed().as_micros() as u64);
-                }
-                anyhow::Ok((ws, latencies))
-            })
-        })
-        .collect();
-    let mut latencies = Vec::with_capacity(total as usize);
-    for task in tasks {
-        let (ws, mine) = task.await??;
-        connections.push(ws);
-        latencies.extend(mine);
-    }
-    let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    Ok(Report { latencies, elapsed })
+/// A WebSocket publisher: a step sends its units' publishes, then reads their replies
+/// (which come in the order sent), timing each from its send to its reply.
+struct Publisher {
+    ws: WsConnection,
+    topic: String,
+    payload: Value,
+    next_id: u64,
+}
+
+fn publish_step<'a>(p: &'a mut Publisher, units: u64, latencies: &'a mut Vec<u64>) -> Step<'a> {
+    Box::pin(async move {
+        let mut sent = Vec::with_capacity(units as usize);
+        for _ in 0..units {
+            p.next_id += 1;
+            let frame = serde_json::json!({"op": "publish", "id": p.next_id, "topic": p.topic, "data": p.payload});
+            sent.push(Instant::now());
+            p.ws.send_text(frame.to_string()).await?;
+        }
+        for t0 in sent {
+            let reply = p.ws.recv().await?;
+            anyhow::ensure!(reply["offset"].is_u64(), "publish refused: {reply}");
+            latencies.push(t0.elapsed().as_micros() as u64);
+        }
+        Ok(())
+    })
 }
 
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.publishers >= 1 && args.messages >= 1, "--publishers and --messages must be at least 1");
-    let mut connections = Vec::with_capacity(args.publishers);
-    for _ in 0..args.publishers {
-        connections.push(WsConnection::connect(&args.url).await?);
-    }
-    let topic = args.topic.clone().unwrap_or_else(|| format!("bench.publish.{}", std::process::id()));
     anyhow::ensure!(args.pipeline >= 1, "--pipeline must be at least 1");
-    publishes(&mut connections, &topic, 500, args.size, args.pipeline).await?;
-    let r = publishes(&mut connections, &topic, args.messages, args.size, args.pipeline).await?;
-    for ws in connections {
-        let _ = ws.close().await;
+    let topic = args.topic.clone().unwrap_or_else(|| format!("bench.publish.{}", std::process::id()));
+    let payload = Value::String("x".repeat(args.size.saturating_sub(2)));
+    let mut publishers = Vec::with_capacity(args.publishers);
+    for _ in 0..args.publishers {
+        let ws = WsConnection::connect(&args.url).await?;
+        // Ids apart from the ones WsConnection gives its own requests.
+        publishers.push(Publisher { ws, topic: topic.clone(), payload: payload.clone(), next_id: 1 << 40 });
+    }
+    let pipeline = args.pipeline as u64;
+    let (publishers, _) = measure(publishers, 500, pipeline, publish_step).await?;
+    let (publishers, r) = measure(publishers, args.messages, pipeline, publish_step).await?;
+    for p in publishers {
+        let _ = p.ws.close().await;
     }
     if !args.keep {
         // The benchmark's history is of no further use.
         let _ = Client::new(&args.url).delete(&topic).await;
     }
-    let params = [("publishers", args.publishers), ("size", args.size), ("pipeline", args.pipeline)];
+    let params =
+        [("publishers", args.publishers.into()), ("size", args.size.into()), ("pipeline", args.pipeline.into())];
     r.print("herald-publish", &params, args.json);
     Ok(())
 }
