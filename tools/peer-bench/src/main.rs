@@ -9,6 +9,8 @@
 //! its own connection, publish one message and await the stream's acknowledgement
 //! (PubAck) before the next, into a JetStream stream with file storage.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +23,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde::Serialize;
+use serde_json::Value;
 
 /// Round trips run untimed before the measured ones, as `herald bench` does.
 const WARM_UP: u64 = 500;
@@ -112,24 +114,7 @@ struct QueueArgs {
     json: bool,
 }
 
-/// The `--json` output: one object, fields in the order of `herald bench --json`
-/// (plus `durable`).
-#[derive(Serialize)]
-struct JsonReport {
-    scenario: &'static str,
-    workers: usize,
-    size: usize,
-    durable: bool,
-    round_trips: usize,
-    seconds: f64,
-    per_second: u64,
-    p50_us: u64,
-    p90_us: u64,
-    p99_us: u64,
-    max_us: u64,
-}
-
-/// Round-trip latencies, in microseconds, sorted.
+/// Per-operation latencies in microseconds, sorted, and the run's wall time.
 struct Report {
     latencies: Vec<u64>,
     elapsed: Duration,
@@ -141,6 +126,72 @@ impl Report {
         let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
         self.latencies.get(i).copied().unwrap_or_default()
     }
+
+    /// One line of text, or one JSON object with the keys of `herald bench --json`.
+    fn print(&self, scenario: &str, params: &[(&str, Value)], json: bool) {
+        let n = self.latencies.len();
+        let seconds = self.elapsed.as_secs_f64();
+        let per_second = n as f64 / seconds;
+        let (p50, p90, p99) = (self.percentile(0.5), self.percentile(0.9), self.percentile(0.99));
+        let max = self.latencies.last().copied().unwrap_or_default();
+        if json {
+            let mut report = serde_json::json!({ "scenario": scenario });
+            for (name, value) in params {
+                report[*name] = value.clone();
+            }
+            for (name, value) in
+                [("count", n as u64), ("p50_us", p50), ("p90_us", p90), ("p99_us", p99), ("max_us", max)]
+            {
+                report[name] = value.into();
+            }
+            report["seconds"] = ((seconds * 1000.0).round() / 1000.0).into();
+            report["per_second"] = (per_second.round() as u64).into();
+            println!("{report}");
+        } else {
+            let params: Vec<String> = params.iter().map(|(name, value)| format!("{name}={value}")).collect();
+            println!(
+                "{scenario} {}: {n} in {seconds:.2} s = {per_second:.0}/s; latency us p50={p50} p90={p90} p99={p99} max={max}",
+                params.join(" ")
+            );
+        }
+    }
+}
+
+/// One timed operation of a worker, pushing its latency (µs).
+type Step<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+/// Runs `total` operations over one task per worker, each taking the next from a shared
+/// count until it is reached (the driver of `herald bench`). Gives the workers back.
+async fn measure<W: Send + 'static>(
+    workers: Vec<W>,
+    total: u64,
+    step: for<'a> fn(&'a mut W, &'a mut Vec<u64>) -> Step<'a>,
+) -> anyhow::Result<(Vec<W>, Report)> {
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .map(|mut worker| {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while done.fetch_add(1, Ordering::Relaxed) < total {
+                    step(&mut worker, &mut latencies).await?;
+                }
+                anyhow::Ok((worker, latencies))
+            })
+        })
+        .collect();
+    let mut workers = Vec::with_capacity(tasks.len());
+    let mut latencies = Vec::with_capacity(total as usize);
+    for task in tasks {
+        let (worker, mine) = task.await.context("worker panicked")??;
+        workers.push(worker);
+        latencies.extend(mine);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    Ok((workers, Report { latencies, elapsed }))
 }
 
 #[tokio::main]
@@ -190,16 +241,23 @@ async fn rabbitmq_queue(args: QueueArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot purge queue {queue}"))?;
 
-    let mut channels = Vec::with_capacity(args.workers);
+    let properties = BasicProperties::default().with_delivery_mode(if args.durable { 2 } else { 1 });
+    let payload: Arc<[u8]> = vec![b'x'; args.size].into();
+    let mut workers = Vec::with_capacity(args.workers);
     for _ in 0..args.workers {
         let channel = conn.create_channel().await.context("cannot open a worker channel")?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.context("cannot enable publisher confirms")?;
-        channels.push(channel);
+        workers.push(RabbitWorker {
+            channel,
+            queue: queue.clone(),
+            payload: payload.clone(),
+            properties: properties.clone(),
+        });
     }
 
     let result = async {
-        round_trips(&channels, &queue, WARM_UP, args.size, args.durable).await.context("warm-up failed")?;
-        round_trips(&channels, &queue, args.messages, args.size, args.durable).await
+        let (workers, _) = measure(workers, WARM_UP, round_trip).await.context("warm-up failed")?;
+        measure(workers, args.messages, round_trip).await
     }
     .await;
 
@@ -208,201 +266,109 @@ async fn rabbitmq_queue(args: QueueArgs) -> anyhow::Result<()> {
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await
         .with_context(|| format!("cannot delete queue {queue}"));
-    let r = result?;
+    let (_, r) = result?;
     deleted?;
     let _ = conn.close(200, "peer-bench done".into()).await;
-
-    let n = r.latencies.len();
-    let seconds = r.elapsed.as_secs_f64();
-    let per_second = n as f64 / seconds;
-    let (p50, p90, p99) = (r.percentile(0.5), r.percentile(0.9), r.percentile(0.99));
-    let max = r.latencies.last().copied().unwrap_or_default();
-    if args.json {
-        let report = JsonReport {
-            scenario: "rabbitmq-queue",
-            workers: args.workers,
-            size: args.size,
-            durable: args.durable,
-            round_trips: n,
-            seconds: (seconds * 1000.0).round() / 1000.0,
-            per_second: per_second.round() as u64,
-            p50_us: p50,
-            p90_us: p90,
-            p99_us: p99,
-            max_us: max,
-        };
-        let report = serde_json::to_string(&report)?;
-        println!("{report}");
-    } else {
-        println!(
-            "rabbitmq-queue workers={} size={} durable={}: {n} round trips in {seconds:.2} s = {per_second:.0}/s; \
-             latency us p50={p50} p90={p90} p99={p99} max={max}",
-            args.workers, args.size, args.durable,
-        );
-    }
+    let params = [("workers", args.workers.into()), ("size", args.size.into()), ("durable", args.durable.into())];
+    r.print("rabbitmq-queue", &params, args.json);
     Ok(())
 }
 
-/// Runs `total` round trips spread over one worker per channel.
-async fn round_trips(
-    channels: &[Channel],
-    queue: &str,
-    total: u64,
-    size: usize,
-    durable: bool,
-) -> anyhow::Result<Report> {
-    let done = Arc::new(AtomicU64::new(0));
-    let payload: Arc<[u8]> = vec![b'x'; size].into();
-    let properties = if durable {
-        BasicProperties::default().with_delivery_mode(2)
-    } else {
-        BasicProperties::default().with_delivery_mode(1)
-    };
-    let started = Instant::now();
-    let tasks: Vec<_> = channels
-        .iter()
-        .map(|channel| {
-            let (channel, queue, done, payload, properties) =
-                (channel.clone(), queue.to_owned(), done.clone(), payload.clone(), properties.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while done.fetch_add(1, Ordering::Relaxed) < total {
-                    let t0 = Instant::now();
-                    let confirmation = channel
-                        .basic_publish(
-                            "".into(),
-                            queue.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &payload,
-                            properties.clone(),
-                        )
-                        .await
-                        .context("basic.publish failed")?
-                        .await
-                        .context("publisher confirm failed")?;
-                    ensure!(confirmation.is_ack(), "broker did not confirm a publish: {confirmation:?}");
-                    let message = loop {
-                        // Another worker may take "our" message; any one will do.
-                        let got = channel
-                            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                            .await
-                            .context("basic.get failed")?;
-                        if let Some(message) = got {
-                            break message;
-                        }
-                    };
-                    message.delivery.ack(BasicAckOptions::default()).await.context("basic.ack failed")?;
-                    latencies.push(t0.elapsed().as_micros() as u64);
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::with_capacity(total as usize);
-    for task in tasks {
-        latencies.extend(task.await.context("worker panicked")??);
-    }
-    let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    Ok(Report { latencies, elapsed })
+/// A worker on its own channel: publish (confirmed), basic.get, ack per step.
+struct RabbitWorker {
+    channel: Channel,
+    queue: String,
+    payload: Arc<[u8]>,
+    properties: BasicProperties,
+}
+
+fn round_trip<'a>(w: &'a mut RabbitWorker, latencies: &'a mut Vec<u64>) -> Step<'a> {
+    Box::pin(async move {
+        let t0 = Instant::now();
+        let confirmation = w
+            .channel
+            .basic_publish(
+                "".into(),
+                w.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &w.payload,
+                w.properties.clone(),
+            )
+            .await
+            .context("basic.publish failed")?
+            .await
+            .context("publisher confirm failed")?;
+        ensure!(confirmation.is_ack(), "broker did not confirm a publish: {confirmation:?}");
+        let message = loop {
+            // Another worker may take "our" message; any one will do.
+            let got = w
+                .channel
+                .basic_get(w.queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .context("basic.get failed")?;
+            if let Some(message) = got {
+                break message;
+            }
+        };
+        message.delivery.ack(BasicAckOptions::default()).await.context("basic.ack failed")?;
+        latencies.push(t0.elapsed().as_micros() as u64);
+        Ok(())
+    })
 }
 
 async fn jetstream_publish(args: PublishArgs) -> anyhow::Result<()> {
     use async_nats::jetstream::{self, stream};
 
     ensure!(args.publishers >= 1 && args.messages >= 1, "--publishers and --messages must be at least 1");
-    let mut contexts = Vec::with_capacity(args.publishers);
-    for _ in 0..args.publishers {
-        let client = async_nats::connect(&args.url)
-            .await
-            .with_context(|| format!("cannot connect to NATS at {}", args.url))?;
-        contexts.push(jetstream::new(client));
-    }
     let name = args.stream.clone().unwrap_or_else(|| format!("PEERBENCH_{}", std::process::id()));
     let subject = name.to_lowercase();
+    let payload = bytes::Bytes::from(vec![b'x'; args.size]);
+    let mut publishers = Vec::with_capacity(args.publishers);
+    for _ in 0..args.publishers {
+        let client =
+            async_nats::connect(&args.url).await.with_context(|| format!("cannot connect to NATS at {}", args.url))?;
+        publishers.push(JsPublisher { js: jetstream::new(client), subject: subject.clone(), payload: payload.clone() });
+    }
+    let admin = publishers[0].js.clone();
     let config = stream::Config {
         name: name.clone(),
         subjects: vec![subject.clone()],
         storage: stream::StorageType::File,
         ..stream::Config::default()
     };
-    contexts[0].get_or_create_stream(config).await.with_context(|| format!("cannot create stream {name}"))?;
+    admin.get_or_create_stream(config).await.with_context(|| format!("cannot create stream {name}"))?;
 
     let result = async {
-        publishes(&contexts, &subject, WARM_UP, args.size).await.context("warm-up failed")?;
-        publishes(&contexts, &subject, args.messages, args.size).await
+        let (publishers, _) = measure(publishers, WARM_UP, js_publish).await.context("warm-up failed")?;
+        measure(publishers, args.messages, js_publish).await
     }
     .await;
     if !args.keep {
-        contexts[0].delete_stream(&name).await.with_context(|| format!("cannot delete stream {name}"))?;
+        admin.delete_stream(&name).await.with_context(|| format!("cannot delete stream {name}"))?;
     }
-    let r = result?;
-
-    let n = r.latencies.len();
-    let seconds = r.elapsed.as_secs_f64();
-    let per_second = n as f64 / seconds;
-    let (p50, p90, p99) = (r.percentile(0.5), r.percentile(0.9), r.percentile(0.99));
-    let max = r.latencies.last().copied().unwrap_or_default();
-    if args.json {
-        let report = serde_json::json!({
-            "scenario": "jetstream-publish",
-            "publishers": args.publishers,
-            "size": args.size,
-            "messages": n,
-            "seconds": (seconds * 1000.0).round() / 1000.0,
-            "per_second": per_second.round() as u64,
-            "p50_us": p50,
-            "p90_us": p90,
-            "p99_us": p99,
-            "max_us": max,
-        });
-        println!("{report}");
-    } else {
-        println!(
-            "jetstream-publish publishers={} size={}: {n} publishes in {seconds:.2} s = {per_second:.0}/s; \
-             latency us p50={p50} p90={p90} p99={p99} max={max}",
-            args.publishers, args.size,
-        );
-    }
+    let (_, r) = result?;
+    r.print("jetstream-publish", &[("publishers", args.publishers.into()), ("size", args.size.into())], args.json);
     Ok(())
 }
 
-/// Runs `total` acknowledged publishes spread over one publisher per context.
-async fn publishes(
-    contexts: &[async_nats::jetstream::Context],
-    subject: &str,
-    total: u64,
-    size: usize,
-) -> anyhow::Result<Report> {
-    let done = Arc::new(AtomicU64::new(0));
-    let payload = bytes::Bytes::from(vec![b'x'; size]);
-    let started = Instant::now();
-    let tasks: Vec<_> = contexts
-        .iter()
-        .map(|js| {
-            let (js, subject, done, payload) = (js.clone(), subject.to_owned(), done.clone(), payload.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while done.fetch_add(1, Ordering::Relaxed) < total {
-                    let t0 = Instant::now();
-                    js.publish(subject.clone(), payload.clone())
-                        .await
-                        .context("publish failed")?
-                        .await
-                        .context("no PubAck")?;
-                    latencies.push(t0.elapsed().as_micros() as u64);
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::with_capacity(total as usize);
-    for task in tasks {
-        latencies.extend(task.await.context("publisher panicked")??);
-    }
-    let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    Ok(Report { latencies, elapsed })
+/// A publisher on its own connection: one publish, PubAck awaited, per step.
+struct JsPublisher {
+    js: async_nats::jetstream::Context,
+    subject: String,
+    payload: bytes::Bytes,
+}
+
+fn js_publish<'a>(p: &'a mut JsPublisher, latencies: &'a mut Vec<u64>) -> Step<'a> {
+    Box::pin(async move {
+        let t0 = Instant::now();
+        p.js.publish(p.subject.clone(), p.payload.clone())
+            .await
+            .context("publish failed")?
+            .await
+            .context("no PubAck")?;
+        latencies.push(t0.elapsed().as_micros() as u64);
+        Ok(())
+    })
 }
 
 /// Mirrors `herald bench fanout`: subscribers speak the NATS protocol over WebSocket and
