@@ -8,15 +8,16 @@ use std::time::{Duration, Instant};
 use common::{close_code, eventually, start, within, Result};
 use herald_client::{Delivery, StartFrom};
 
+/// Small outbound buffers and a 3 s slow-consumer deadline: three seconds of stall would
+/// show in the healthy subscribers' latencies if a stalled one could hold anyone up.
+fn tight_buffers(c: &mut herald_server::Config) {
+    c.broker.outbound.max_pending_bytes = 256 * 1024;
+    c.broker.outbound.slow_consumer_timeout = Duration::from_secs(3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_subscriber_is_closed_and_slows_nobody() -> Result {
-    // Three seconds of stall would show in the latencies below if the stalled
-    // subscriber could hold anyone up.
-    let server = start(|c| {
-        c.broker.outbound.max_pending_bytes = 256 * 1024;
-        c.broker.outbound.slow_consumer_timeout = Duration::from_secs(3);
-    })
-    .await?;
+    let server = start(tight_buffers).await?;
     // The stalled subscriber: subscribed, then never reads its socket.
     let mut stalled = server.raw_ws_small_buffer("slow", "mode=sub").await?;
     // A healthy subscriber that reads and timestamps every message.
@@ -82,11 +83,7 @@ async fn a_stalled_grpc_subscriber_is_closed_and_slows_nobody() -> Result {
     use herald_client::grpc::pb;
     use herald_client::{ClientError, GrpcClient};
 
-    let server = start(|c| {
-        c.broker.outbound.max_pending_bytes = 256 * 1024;
-        c.broker.outbound.slow_consumer_timeout = Duration::from_secs(3);
-    })
-    .await?;
+    let server = start(tight_buffers).await?;
     // The stalled subscriber: its own connection with small HTTP/2 windows (so the
     // server's flow control stops it soon), subscribed, then never read.
     let stalled_channel = tonic::transport::Endpoint::from_shared(server.url.clone())?
