@@ -153,12 +153,16 @@ impl MemoryStore {
             log.messages.clear();
             log.next = first;
         }
+        // A checkpoint records a topic's head before its messages, so `next` may already
+        // be past them: what decides whether an entry is new is the newest offset held.
+        let mut newest = log.messages.back().map_or(0, |m| m.offset);
         let mut messages = Vec::with_capacity(entries.len());
         for (ts, new) in entries {
             let offset = first + messages.len() as u64;
             let msg = Arc::new(Message::new(topic.clone(), offset, ts, new));
-            if offset >= log.next {
-                log.next = offset + 1;
+            if offset > newest {
+                newest = offset;
+                log.next = log.next.max(offset + 1);
                 log.last_ts = log.last_ts.max(ts);
                 log.messages.push_back(msg.clone());
             }

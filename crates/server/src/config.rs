@@ -398,6 +398,10 @@ impl Config {
                 bail!("config key {key} is out of range (see docs/configuration.md)");
             }
         }
+        let max_disk = herald_store_disk::MAX_MESSAGE_BYTES;
+        if self.store == StoreKind::Disk && self.broker.max_message_bytes > max_disk {
+            bail!("config key limits.max_message_bytes is over the disk store's limit of {max_disk} bytes");
+        }
         Ok(())
     }
 

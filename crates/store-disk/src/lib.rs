@@ -23,11 +23,11 @@ use std::time::Duration;
 
 use herald_core::{
     Appended, Clock, Epoch, ListedTopic, MemoryStore, Message, NewMessage, QueueName, QueueRecord, QueueSnapshot,
-    RetentionConfig, Store, StoreError, StoreFuture, SystemClock, TopicHead, TopicName,
+    RetentionConfig, Store, StoreError, StoreFuture, SystemClock, TopicHead, TopicName, TopicSnapshot,
 };
 use tokio::sync::oneshot;
 
-pub use record::{DecodeError, Record};
+pub use record::{DecodeError, Record, MAX_MESSAGE_BYTES};
 use wal::{Applied, Apply, Request};
 
 /// When the writer calls fsync.
@@ -85,6 +85,16 @@ pub enum OpenError {
     /// Another process holds the data directory.
     #[error("{0} is in use by another herald process")]
     Locked(PathBuf),
+    /// `store.id` (the prefix of every epoch) exists but cannot be read back.
+    #[error(
+        "{path}: {reason}; it names every epoch of this store: restore it from a backup, or start with repair to make a new one (every epoch then changes)"
+    )]
+    Identity {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Damage in the middle of the log.
     #[error(
         "damaged log: {file} at byte {offset}: {reason}; start with repair to cut the log there (losing what follows)"
@@ -113,6 +123,10 @@ pub(crate) struct Shared {
     index: MemoryStore,
     queues: Mutex<HashMap<QueueName, LiveQueue>>,
     poisoned: AtomicBool,
+    /// Tests hold a checkpoint open here: it waits for a message (or gives up when the
+    /// sender is dropped, leaving an incomplete checkpoint as a crash would).
+    #[cfg(test)]
+    checkpoint_gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 /// The per-topic assignment of offsets and times, ahead of what is committed.
@@ -132,6 +146,13 @@ pub struct DiskStore {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A message no record can hold; the server's limits keep clients below it.
+fn too_large(size: usize) -> StoreError {
+    StoreError::Unavailable(format!(
+        "a message of {size} bytes is over the disk store's limit of {MAX_MESSAGE_BYTES} bytes"
+    ))
 }
 
 fn unavailable() -> StoreError {
@@ -193,39 +214,79 @@ impl Shared {
         }
     }
 
-    /// The live state as records, for a checkpoint.
-    pub(crate) fn checkpoint_records(&self) -> Vec<Record> {
-        let mut out = Vec::new();
-        for t in self.index.snapshot() {
-            out.push(Record::TopicHead {
+    /// The live state as of the last applied commit, for a checkpoint: shared pointers
+    /// to messages and payloads, nothing copied.
+    pub(crate) fn checkpoint_state(&self) -> CheckpointState {
+        let topics = self.index.snapshot();
+        let queues = lock(&self.queues)
+            .iter()
+            .map(|(queue, q)| QueueSnapshot {
+                queue: queue.clone(),
+                next_id: q.next_id,
+                records: q.records.values().cloned().collect(),
+                attempts: q.attempts.clone(),
+            })
+            .collect();
+        CheckpointState { topics, queues }
+    }
+}
+
+/// What a checkpoint writes: every topic's head and retained messages, every queue's
+/// head, records and attempt counts.
+pub(crate) struct CheckpointState {
+    topics: Vec<TopicSnapshot>,
+    queues: Vec<QueueSnapshot>,
+}
+
+impl CheckpointState {
+    /// Messages per checkpoint record at most (records are also split by bytes).
+    const RECORD_MESSAGES: usize = 1024;
+
+    /// Writes `CheckpointBegin` and the state's records to `out`, a few at a time: the
+    /// memory used does not grow with the data. Returns the bytes written.
+    pub(crate) fn write_body(&self, out: &mut impl std::io::Write) -> std::io::Result<u64> {
+        let mut buf = Vec::new();
+        let mut written = 0u64;
+        let mut drain = |buf: &mut Vec<u8>, out: &mut dyn std::io::Write, force: bool| {
+            if force || buf.len() >= 1 << 20 {
+                out.write_all(buf)?;
+                written += buf.len() as u64;
+                buf.clear();
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        Record::CheckpointBegin.encode(&mut buf);
+        for t in &self.topics {
+            let head = Record::TopicHead {
                 topic: t.topic.clone(),
                 generation: t.generation,
                 next: t.next,
                 last_ts: t.last_ts,
-            });
-            for chunk in t.messages.chunk_by(|a, b| a.offset + 1 == b.offset) {
-                for part in chunk.chunks(1024) {
-                    out.push(Record::TopicAppend {
-                        topic: t.topic.clone(),
-                        generation: t.generation,
-                        first: part[0].offset,
-                        entries: part.iter().map(|m| (m.ts, to_new(m))).collect(),
-                    });
+            };
+            head.encode(&mut buf);
+            for run in t.messages.chunk_by(|a, b| a.offset + 1 == b.offset) {
+                for part in run.chunks(Self::RECORD_MESSAGES) {
+                    let entries: Vec<(u64, NewMessage)> = part.iter().map(|m| (m.ts, to_new(m))).collect();
+                    let (topic, generation) = (&t.topic, t.generation);
+                    record::encode_topic_appends(topic, generation, part[0].offset, &entries, usize::MAX, &mut buf);
+                    drain(&mut buf, out, false)?;
                 }
             }
         }
-        for (queue, q) in lock(&self.queues).iter() {
-            out.push(Record::QueueHead { queue: queue.clone(), next_id: q.next_id });
-            let records: Vec<QueueRecord> = q.records.values().cloned().collect();
-            for part in records.chunks(1024) {
-                out.push(Record::QueueEnqueue { queue: queue.clone(), records: part.to_vec() });
+        for q in &self.queues {
+            Record::QueueHead { queue: q.queue.clone(), next_id: q.next_id }.encode(&mut buf);
+            for part in record::split_entries(&q.records, record::queue_record_bytes, Self::RECORD_MESSAGES) {
+                Record::QueueEnqueue { queue: q.queue.clone(), records: part.to_vec() }.encode(&mut buf);
+                drain(&mut buf, out, false)?;
             }
             let attempts: Vec<(u64, u32)> = q.attempts.iter().map(|(&id, &n)| (id, n)).collect();
             for part in attempts.chunks(4096) {
-                out.push(Record::QueueAttempts { queue: queue.clone(), attempts: part.to_vec() });
+                Record::QueueAttempts { queue: q.queue.clone(), attempts: part.to_vec() }.encode(&mut buf);
             }
+            drain(&mut buf, out, false)?;
         }
-        out
+        drain(&mut buf, out, true)?;
+        Ok(written)
     }
 }
 
@@ -241,9 +302,15 @@ impl DiskStore {
 
     /// [`DiskStore::open`] with an injected clock.
     pub fn open_with_clock(config: DiskConfig, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
-        let (identity, dir_lock) = wal::prepare_dir(&config.dir)?;
+        let (identity, dir_lock) = wal::prepare_dir(&config.dir, config.repair)?;
         let index = MemoryStore::with_identity(config.retention, clock.clone(), identity);
-        let shared = Arc::new(Shared { index, queues: Mutex::new(HashMap::new()), poisoned: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            index,
+            queues: Mutex::new(HashMap::new()),
+            poisoned: AtomicBool::new(false),
+            #[cfg(test)]
+            checkpoint_gate: Mutex::new(None),
+        });
         let writer = wal::Writer::recover(&config, shared.clone(), dir_lock)?;
         let assign = Assign { topics: HashMap::new(), generation: shared.index.generation() };
         Ok(Self { shared, assign: Mutex::new(assign), writer, clock })
@@ -277,6 +344,9 @@ impl Store for DiskStore {
         if let Err(e) = self.check() {
             return ready(Err(e));
         }
+        if let Some(big) = batch.iter().find(|m| m.payload.len() > MAX_MESSAGE_BYTES) {
+            return ready(Err(too_large(big.payload.len())));
+        }
         let now = self.clock.now_ms();
         let rx = {
             // Offsets are assigned and the write queued under one lock, so the log
@@ -288,13 +358,11 @@ impl Store for DiskStore {
             let n = batch.len() as u64;
             assign.topics.insert(topic.clone(), (generation, next + n, ts));
             let entries: Vec<(u64, NewMessage)> = batch.into_iter().map(|m| (ts, m)).collect();
-            let record = Record::TopicAppend { topic: topic.clone(), generation, first: next, entries };
+            // A large batch becomes several records, each readable; a crash can keep a
+            // prefix of an unacknowledged batch, never part of an acknowledged one.
             let mut bytes = Vec::new();
-            record.encode(&mut bytes);
-            let Record::TopicAppend { topic, generation, first, entries } = record else {
-                return ready(Err(StoreError::Closed));
-            };
-            self.send(bytes, Apply::Topic { topic, generation, first, entries })
+            record::encode_topic_appends(topic, generation, next, &entries, usize::MAX, &mut bytes);
+            self.send(bytes, Apply::Topic { topic: topic.clone(), generation, first: next, entries })
         };
         Box::pin(async move {
             match completed(rx).await? {
@@ -347,12 +415,14 @@ impl Store for DiskStore {
         if let Err(e) = self.check() {
             return ready(Err(e));
         }
-        let record = Record::QueueEnqueue { queue: queue.clone(), records };
+        if let Some(big) = records.iter().find(|r| r.payload.len() > MAX_MESSAGE_BYTES) {
+            return ready(Err(too_large(big.payload.len())));
+        }
         let mut bytes = Vec::new();
-        record.encode(&mut bytes);
-        let Record::QueueEnqueue { queue, records } = record else {
-            return ready(Err(StoreError::Closed));
-        };
+        for part in record::split_entries(&records, record::queue_record_bytes, usize::MAX) {
+            Record::QueueEnqueue { queue: queue.clone(), records: part.to_vec() }.encode(&mut bytes);
+        }
+        let queue = queue.clone();
         let rx = self.send(bytes, Apply::Enqueue { queue, records });
         Box::pin(async move { completed(rx).await.map(|_| ()) })
     }

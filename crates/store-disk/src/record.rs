@@ -7,8 +7,87 @@ use herald_core::{Kind, NewMessage, QueueName, QueueRecord, TopicName};
 
 /// Bytes of the frame header (`len` and `crc`).
 pub const HEADER: usize = 8;
-/// Largest record accepted when reading: larger lengths are damage, not data.
-pub const MAX_RECORD: usize = 256 << 20;
+/// Largest record accepted when reading: larger lengths are damage, not data. (Unit
+/// tests use a small limit so that splitting is exercised without gigabytes.)
+pub const MAX_RECORD: usize = if cfg!(test) { 1 << 20 } else { 256 << 20 };
+/// Records the store writes hold at most this many bytes: a batch of many messages is
+/// split into several records well under [`MAX_RECORD`], so the log never holds a
+/// record its reader would refuse.
+pub const SPLIT_BYTES: usize = MAX_RECORD / 4;
+/// Largest payload the disk store takes: one message must fit in one record.
+pub const MAX_MESSAGE_BYTES: usize = SPLIT_BYTES - 4096;
+
+/// Bytes one topic entry adds to a record: timestamp, kind, TTL, length, payload.
+fn entry_bytes(m: &NewMessage) -> usize {
+    8 + 1 + 8 + 4 + m.payload.len()
+}
+
+/// Splits `entries` into runs whose encoding stays under [`SPLIT_BYTES`] (a run holds at
+/// least one entry and at most `max_count`).
+pub(crate) fn split_entries<T>(entries: &[T], size: impl Fn(&T) -> usize, max_count: usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in entries.iter().enumerate() {
+        let n = size(e);
+        if i > start && (bytes + n > SPLIT_BYTES || i - start >= max_count) {
+            out.push(&entries[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
+}
+
+/// Appends framed `TopicAppend` records for `entries` at offsets `first..`, split so that
+/// each stays under [`SPLIT_BYTES`].
+pub(crate) fn encode_topic_appends(
+    topic: &TopicName,
+    generation: u64,
+    first: u64,
+    entries: &[(u64, NewMessage)],
+    max_count: usize,
+    buf: &mut Vec<u8>,
+) {
+    let mut offset = first;
+    for part in split_entries(entries, |(_, m)| entry_bytes(m), max_count) {
+        frame(buf, |o| encode_append_body(o, topic, generation, offset, part));
+        offset += part.len() as u64;
+    }
+}
+
+/// Bytes one queue record adds to an enqueue record.
+pub(crate) fn queue_record_bytes(r: &QueueRecord) -> usize {
+    8 + 1 + 8 + 8 + 8 + 4 + r.payload.len()
+}
+
+fn encode_append_body(o: &mut Out<'_>, topic: &TopicName, generation: u64, first: u64, entries: &[(u64, NewMessage)]) {
+    o.u8(1);
+    o.bytes(topic.as_str().as_bytes());
+    o.u64(generation);
+    o.u64(first);
+    o.u32(entries.len() as u32);
+    for (ts, m) in entries {
+        o.u64(*ts);
+        o.u8(kind_byte(m.kind));
+        o.u64(m.ttl_ms.map_or(0, |ttl| ttl.saturating_add(1)));
+        o.bytes(&m.payload);
+    }
+}
+
+/// Appends one framed record whose type and body `body` writes.
+fn frame(buf: &mut Vec<u8>, body: impl FnOnce(&mut Out<'_>)) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; HEADER]);
+    body(&mut Out(buf));
+    let body = &buf[start + HEADER..];
+    let len = body.len() as u32;
+    let crc = crc32fast::hash(body);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
 
 /// One log record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,24 +150,16 @@ impl Out<'_> {
 }
 
 impl Record {
-    /// Appends the framed record to `buf`.
+    /// Appends the framed record to `buf`. The caller keeps it under [`SPLIT_BYTES`]
+    /// (see [`encode_topic_appends`]).
     pub fn encode(&self, buf: &mut Vec<u8>) {
-        let start = buf.len();
-        buf.extend_from_slice(&[0u8; HEADER]);
-        let mut o = Out(buf);
+        frame(buf, |o| self.encode_body(o));
+    }
+
+    fn encode_body(&self, o: &mut Out<'_>) {
         match self {
             Record::TopicAppend { topic, generation, first, entries } => {
-                o.u8(1);
-                o.bytes(topic.as_str().as_bytes());
-                o.u64(*generation);
-                o.u64(*first);
-                o.u32(entries.len() as u32);
-                for (ts, m) in entries {
-                    o.u64(*ts);
-                    o.u8(kind_byte(m.kind));
-                    o.u64(m.ttl_ms.map_or(0, |ttl| ttl.saturating_add(1)));
-                    o.bytes(&m.payload);
-                }
+                encode_append_body(o, topic, *generation, *first, entries);
             }
             Record::TopicDelete { topic, generation } => {
                 o.u8(2);
@@ -140,11 +211,6 @@ impl Record {
                 }
             }
         }
-        let body = &buf[start + HEADER..];
-        let len = body.len() as u32;
-        let crc = crc32fast::hash(body);
-        buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Decodes the record at the start of `buf`; returns it and its framed length.

@@ -269,3 +269,184 @@ async fn a_data_directory_is_used_by_one_store_at_a_time() -> TestResult {
     assert!(matches!(DiskStore::open(dir.config()), Err(OpenError::Locked(_))));
     Ok(())
 }
+
+/// Issue 9, item 1: a message whose only copy is in a checkpoint survives the restart
+/// (the checkpoint's head record came before its messages and hid them).
+#[tokio::test]
+async fn messages_whose_only_copy_is_in_a_checkpoint_survive_a_restart() -> TestResult {
+    let dir = TempDir::new("checkpoint-only");
+    let config = DiskConfig {
+        segment_bytes: 8192,
+        retention: RetentionConfig { max_messages: 100, ..RetentionConfig::default() },
+        ..dir.config()
+    };
+    let head_before = {
+        let store = DiskStore::open(config.clone())?;
+        publish(&store, "a", 50).await?;
+        // Enough to `b` that several checkpoints run and `a`'s original records are gone.
+        for i in 0..4000 {
+            store.append(&topic("b"), vec![text(&format!("{i:0>90}"))]).await?;
+        }
+        store.head(&topic("a"))?
+    };
+    let first_segment = dir.segments().first().cloned().ok_or("no segment")?;
+    assert!(wal::starts_checkpoint(&first_segment), "a checkpoint ran and older segments were deleted");
+    let store = DiskStore::open(config)?;
+    assert_eq!(store.head(&topic("a"))?, head_before);
+    let got = payloads(&store, "a").await?;
+    assert_eq!(got.len(), 50, "retained messages of `a` after the restart");
+    assert_eq!(got[49], (50, "a-49".into()));
+    assert_eq!(publish(&store, "a", 1).await?, [51]);
+    Ok(())
+}
+
+/// Issue 9, item 7: a batch larger than one record can hold is split into records the
+/// reader accepts, in the log and in checkpoints.
+#[tokio::test]
+async fn batches_larger_than_a_record_are_split_and_read_back() -> TestResult {
+    let dir = TempDir::new("big-batch");
+    let config = DiskConfig { fsync: FsyncPolicy::Never, segment_bytes: 4 * record::MAX_RECORD as u64, ..dir.config() };
+    let big = Bytes::from(vec![b'x'; record::MAX_RECORD / 8]);
+    let batch = |n: usize| (0..n).map(|_| NewMessage::new(Kind::Binary, big.clone())).collect::<Vec<_>>();
+    {
+        let store = DiskStore::open(config.clone())?;
+        // 12 eighths of the record limit in one batch: one record would be unreadable.
+        let a = store.append(&topic("t"), batch(12)).await?;
+        assert_eq!(a.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    }
+    let store = DiskStore::open(config.clone())?;
+    assert_eq!(store.head(&topic("t"))?.retained, 12);
+    // A checkpoint of the same data splits by bytes as well.
+    store.append(&topic("u"), batch(30)).await?;
+    drop(store);
+    let store = DiskStore::open(config)?;
+    assert_eq!(store.head(&topic("u"))?.retained, 30);
+    assert_eq!(
+        store.read(&topic("u"), 0, u64::MAX, 100).await?.iter().map(|m| m.payload.len()).sum::<usize>(),
+        30 * big.len()
+    );
+    Ok(())
+}
+
+/// Issue 9, item 8: an incomplete checkpoint that is not a crash's leftover (segments
+/// follow it, none precede it) is damage: refused unless repair.
+#[tokio::test]
+async fn damage_inside_a_checkpoint_is_refused_unless_repair() -> TestResult {
+    let dir = TempDir::new("checkpoint-damage");
+    let config = DiskConfig { segment_bytes: 4096, ..dir.config() };
+    {
+        let store = DiskStore::open(config.clone())?;
+        publish(&store, "t", 3000).await?;
+    }
+    let segments = dir.segments();
+    let checkpoint = segments.first().cloned().ok_or("no segment")?;
+    assert!(wal::starts_checkpoint(&checkpoint) && segments.len() > 1, "{segments:?}");
+    let mut data = std::fs::read(&checkpoint)?;
+    data[40] ^= 0x01; // inside the checkpoint's first records
+    std::fs::write(&checkpoint, &data)?;
+    match DiskStore::open(config.clone()) {
+        Err(OpenError::Damaged { file, .. }) => assert_eq!(file, checkpoint),
+        Err(e) => return Err(format!("expected Damaged, got {e}").into()),
+        Ok(store) => {
+            let head = store.head(&topic("t"))?;
+            return Err(format!("opened a log whose checkpoint is damaged: {head:?}").into());
+        }
+    }
+    let store = DiskStore::open(DiskConfig { repair: true, ..config.clone() })?;
+    let kept = payloads(&store, "t").await?;
+    drop(store);
+    let store = DiskStore::open(config)?;
+    assert_eq!(payloads(&store, "t").await?, kept, "a repaired log opens again as repaired");
+    Ok(())
+}
+
+/// Issue 9, item 9: `store.id` is never silently replaced (every epoch would change).
+#[tokio::test]
+async fn a_damaged_store_id_stops_the_start_instead_of_changing_every_epoch() -> TestResult {
+    let dir = TempDir::new("store-id");
+    let epoch = {
+        let store = DiskStore::open(dir.config())?;
+        publish(&store, "t", 1).await?;
+        store.delete(&topic("t")).await?;
+        publish(&store, "t", 1).await?;
+        store.head(&topic("t"))?.epoch
+    };
+    let id_path = dir.0.join("store.id");
+    let id = std::fs::read(&id_path)?;
+    for bad in [&b""[..], &b"\xff\xfe"[..]] {
+        std::fs::write(&id_path, bad)?;
+        match DiskStore::open(dir.config()) {
+            Err(OpenError::Identity { path, .. }) => assert_eq!(path, id_path),
+            Err(e) => return Err(format!("expected Identity, got {e}").into()),
+            Ok(_) => return Err(format!("opened with store.id = {bad:?}").into()),
+        }
+    }
+    std::fs::write(&id_path, &id)?;
+    let store = DiskStore::open(dir.config())?;
+    assert_eq!(store.head(&topic("t"))?.epoch, epoch);
+    assert!(!dir.0.join("store.id.tmp").exists());
+    Ok(())
+}
+
+/// Issue 9, item 10: a torn last record whose payload holds a valid record frame is
+/// still a torn tail (the server used to refuse to start).
+#[tokio::test]
+async fn a_torn_record_whose_payload_holds_a_record_frame_is_a_torn_tail() -> TestResult {
+    let dir = TempDir::new("torn-frame");
+    let mut inner = Vec::new();
+    Record::TopicDelete { topic: topic("x"), generation: 7 }.encode(&mut inner);
+    let mut payload = vec![b'p'; 64];
+    payload.extend_from_slice(&inner);
+    payload.extend_from_slice(&[b'q'; 64]);
+    {
+        let store = DiskStore::open(dir.config())?;
+        publish(&store, "t", 3).await?;
+        store.append(&topic("t"), vec![NewMessage::new(Kind::Binary, Bytes::from(payload))]).await?;
+    }
+    let seg = dir.segments().pop().ok_or("no segment")?;
+    let len = std::fs::metadata(&seg)?.len();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg)?;
+    f.set_len(len - 10)?; // the tear falls after the embedded frame
+    drop(f);
+    let store = DiskStore::open(dir.config())?;
+    assert_eq!(payloads(&store, "t").await?.len(), 3);
+    assert_eq!(publish(&store, "t", 1).await?, [4]);
+    Ok(())
+}
+
+/// Issue 9, item 11: a checkpoint is written beside the log while commits go on, and a
+/// crash in the middle of one (here: abandoned half-written) loses nothing.
+#[tokio::test]
+async fn commits_go_on_during_a_checkpoint_and_a_crash_inside_one_loses_nothing() -> TestResult {
+    let dir = TempDir::new("checkpoint-concurrent");
+    let config = DiskConfig {
+        segment_bytes: 4096,
+        fsync: FsyncPolicy::Never,
+        retention: RetentionConfig { max_messages: 100, ..RetentionConfig::default() },
+        ..dir.config()
+    };
+    let expected = {
+        let store = DiskStore::open(config.clone())?;
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel();
+        *lock(&store.shared.checkpoint_gate) = Some(gate_rx);
+        publish(&store, "a", 50).await?;
+        // Every commit is acknowledged while the first checkpoint waits at the gate.
+        publish(&store, "b", 3000).await?;
+        let held = dir.segments().into_iter().filter(|p| wal::starts_checkpoint(p)).collect::<Vec<_>>();
+        assert_eq!(held.len(), 1, "one checkpoint in progress: {held:?}");
+        drop(gate_tx);
+        (payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("b"))?)
+    };
+    let store = DiskStore::open(config.clone())?;
+    assert_eq!((payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("b"))?), expected);
+    assert_eq!(expected.1.len(), 100);
+    // With nothing holding it, the next checkpoint completes and the old segments go.
+    publish(&store, "b", 20_000).await?;
+    drop(store);
+    let first = dir.segments().first().cloned().ok_or("no segment")?;
+    assert!(wal::starts_checkpoint(&first));
+    let store = DiskStore::open(config)?;
+    assert_eq!(payloads(&store, "a").await?, expected.0);
+    assert_eq!(store.head(&topic("b"))?.next, 23_001);
+    Ok(())
+}

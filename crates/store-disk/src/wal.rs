@@ -4,7 +4,9 @@
 //! Files in the data directory: `LOCK` (held with an exclusive file lock while a store
 //! is open), `store.id` (the identity in every epoch), and segments `NNNNNNNNNNNNNNNNNNNN.log`.
 //! A checkpoint segment starts with `CheckpointBegin` and holds the whole live state up
-//! to `CheckpointEnd`; older segments are deleted only after it is fsynced.
+//! to `CheckpointEnd`. It is written by a thread of its own into the number just before
+//! the writer's next segment, so commits go on meanwhile; older segments are deleted
+//! only after it is complete and fsynced. Recovery starts at the newest complete one.
 
 use std::fs::{File, OpenOptions};
 use std::hash::BuildHasher;
@@ -19,7 +21,7 @@ use std::time::Instant;
 use herald_core::{Appended, Epoch, NewMessage, QueueName, QueueRecord, StoreError, TopicName};
 use tokio::sync::oneshot;
 
-use crate::record::{Names, Record};
+use crate::record::{DecodeError, Names, Record};
 use crate::{DiskConfig, FsyncPolicy, OpenError, Shared};
 
 /// Largest batch the writer gathers into one write.
@@ -123,7 +125,12 @@ fn segments(dir: &Path) -> Result<Vec<u64>, OpenError> {
 }
 
 /// Creates the directory, takes its lock, and reads (or creates) the store identity.
-pub(crate) fn prepare_dir(dir: &Path) -> Result<(String, File), OpenError> {
+///
+/// The identity is in every epoch, so it is never silently replaced: a `store.id` that
+/// exists but does not read back (empty, not UTF-8, not an identity), or one missing
+/// beside existing segments, stops the start unless `repair` is set. A new identity is
+/// written to a temporary file, fsynced, renamed into place, and the directory fsynced.
+pub(crate) fn prepare_dir(dir: &Path, repair: bool) -> Result<(String, File), OpenError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let lock_path = dir.join("LOCK");
     let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
@@ -133,21 +140,49 @@ pub(crate) fn prepare_dir(dir: &Path) -> Result<(String, File), OpenError> {
         Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
     }
     let id_path = dir.join("store.id");
-    let identity = match std::fs::read_to_string(&id_path) {
-        Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
-        _ => {
-            let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-            let id = format!(
-                "{:012x}",
-                std::collections::hash_map::RandomState::new().hash_one((seed, std::process::id())) & 0xffff_ffff_ffff
-            );
-            let mut f = File::create(&id_path).map_err(io(&id_path))?;
-            f.write_all(id.as_bytes()).and_then(|_| f.sync_all()).map_err(io(&id_path))?;
-            sync_dir(dir).map_err(io(dir))?;
-            id
+    let problem = match std::fs::read(&id_path) {
+        Ok(bytes) => match std::str::from_utf8(&bytes).map(str::trim) {
+            Ok(id) if is_identity(id) => return Ok((id.to_owned(), lock)),
+            Ok("") => "the file is empty".to_owned(),
+            _ => "the file does not hold a store identity".to_owned(),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let data = segments(dir)?.iter().try_fold(0u64, |sum, &seq| {
+                let path = segment_path(dir, seq);
+                std::fs::metadata(&path).map(|m| sum + m.len()).map_err(io(&path))
+            })?;
+            if data == 0 {
+                return Ok((write_identity(dir, &id_path)?, lock));
+            }
+            "the file is missing beside log segments that hold data".to_owned()
         }
+        Err(e) => return Err(io(&id_path)(e)),
     };
-    Ok((identity, lock))
+    if !repair {
+        return Err(OpenError::Identity { path: id_path, reason: problem });
+    }
+    tracing::warn!(file = %id_path.display(), %problem, "repair: writing a new store identity; every epoch changes");
+    Ok((write_identity(dir, &id_path)?, lock))
+}
+
+/// Whether `id` can be a store identity (the prefix of every epoch).
+fn is_identity(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Writes a fresh identity to `store.id` atomically and durably.
+fn write_identity(dir: &Path, id_path: &Path) -> Result<String, OpenError> {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let id = format!(
+        "{:012x}",
+        std::collections::hash_map::RandomState::new().hash_one((seed, std::process::id())) & 0xffff_ffff_ffff
+    );
+    let tmp = dir.join("store.id.tmp");
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(id.as_bytes()).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, id_path).map_err(io(id_path))?;
+    sync_dir(dir).map_err(io(dir))?;
+    Ok(id)
 }
 
 /// The decoded records of one segment and where valid data ends.
@@ -177,16 +212,52 @@ fn scan(path: &Path, mut each: impl FnMut(Record)) -> Result<Scan, OpenError> {
                 pos += len;
             }
             Err(e) => {
-                // A torn write leaves a bad record with nothing valid after it. If any
-                // valid record starts later, the damage is in the middle. (A random
-                // match needs a plausible length and a matching CRC-32.)
-                let valid_after = (pos + 1..data.len()).any(|q| Record::decode(&data[q..]).is_ok());
-                let torn = !valid_after;
+                let torn = match e {
+                    // The record runs past the end of the file: the last write was cut.
+                    DecodeError::Truncated => true,
+                    // A damaged record is the tail of a torn write only if no chain of
+                    // valid records leads from somewhere after it to the end of the file
+                    // (a payload holding a record frame does not make such a chain).
+                    DecodeError::Damaged(_) => !chain_to_end(&data, pos + 1),
+                };
                 return Ok(Scan { valid_len: pos as u64, damage: Some((torn, e.to_string())) });
             }
         }
     }
     Ok(Scan { valid_len: pos as u64, damage: None })
+}
+
+/// Whether valid records follow one another from some position at or after `from` up
+/// to exactly the end of `data`. Each position that decodes is followed at most once.
+fn chain_to_end(data: &[u8], from: usize) -> bool {
+    // reaches[q]: whether the chain starting at q (a decodable position) reaches the end.
+    let mut reaches: std::collections::HashMap<usize, bool> = std::collections::HashMap::new();
+    for start in from..data.len() {
+        let mut path = Vec::new();
+        let mut q = start;
+        let result = loop {
+            if q == data.len() {
+                break true;
+            }
+            if let Some(&known) = reaches.get(&q) {
+                break known;
+            }
+            match Record::decode(&data[q..]) {
+                Ok((_, len)) => {
+                    path.push(q);
+                    q += len;
+                }
+                Err(_) => break false,
+            }
+        };
+        for p in path {
+            reaches.insert(p, result);
+        }
+        if result && reaches.contains_key(&start) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The handle to the writer thread.
@@ -207,14 +278,17 @@ impl Writer {
     pub(crate) fn recover(config: &DiskConfig, shared: Arc<Shared>, lock: File) -> Result<Self, OpenError> {
         let dir = &config.dir;
         let mut seqs = segments(dir)?;
-        // Start from the newest complete checkpoint; drop an incomplete one (a crash
-        // during a checkpoint leaves the segments before it intact).
+        // Start from the newest complete checkpoint. A checkpoint is written beside the
+        // log, and the segments before it are deleted only once it is complete and
+        // fsynced: an incomplete checkpoint with segments before it is a crash's
+        // leftover, and those segments (with any after it) still hold the whole log.
+        // One with none before it is damage: replay starts there and meets it.
         let mut start = 0;
-        while let Some(&seq) = seqs.iter().rev().find(|&&s| s >= start && starts_checkpoint(&segment_path(dir, s))) {
+        while let Some(&seq) = seqs.iter().rev().find(|&&s| starts_checkpoint(&segment_path(dir, s))) {
             let path = segment_path(dir, seq);
             let mut complete = false;
             scan(&path, |r| complete |= matches!(r, Record::CheckpointEnd))?;
-            if complete {
+            if complete || seqs.first() == Some(&seq) {
                 start = seq;
                 break;
             }
@@ -222,6 +296,7 @@ impl Writer {
             std::fs::remove_file(&path).map_err(io(&path))?;
             seqs.retain(|&s| s != seq);
         }
+        // Segments before a complete checkpoint are what a crash kept from deletion.
         for &seq in seqs.iter().filter(|&&s| s < start) {
             let path = segment_path(dir, seq);
             std::fs::remove_file(&path).map_err(io(&path))?;
@@ -276,6 +351,7 @@ impl Writer {
             live_bytes: wal_bytes,
             dirty: false,
             last_sync: Instant::now(),
+            checkpoint: None,
             _lock: lock,
         };
         let (tx, rx) = mpsc::channel();
@@ -346,7 +422,7 @@ impl Replay {
 }
 
 /// Whether the segment's first record is `CheckpointBegin`.
-fn starts_checkpoint(path: &Path) -> bool {
+pub(crate) fn starts_checkpoint(path: &Path) -> bool {
     let mut marker = Vec::new();
     Record::CheckpointBegin.encode(&mut marker);
     let mut head = vec![0u8; marker.len()];
@@ -366,6 +442,8 @@ struct WriterThread {
     live_bytes: u64,
     dirty: bool,
     last_sync: Instant,
+    /// The checkpoint being written, if one is.
+    checkpoint: Option<JoinHandle<std::io::Result<u64>>>,
     _lock: File,
 }
 
@@ -407,6 +485,7 @@ impl WriterThread {
         if self.dirty {
             self.sync();
         }
+        self.reap_checkpoint(true);
     }
 
     fn poisoned(&self) -> bool {
@@ -477,51 +556,91 @@ impl WriterThread {
         for done in flushes {
             let _ = done.send(Ok(()));
         }
+        self.reap_checkpoint(false);
         if self.size >= self.config.segment_bytes {
             let threshold = (4 * self.config.segment_bytes).max(2 * self.live_bytes);
-            let result = if self.wal_bytes >= threshold { self.checkpoint() } else { self.roll(Vec::new()) };
+            let result = if self.checkpoint.is_none() && self.wal_bytes >= threshold {
+                self.start_checkpoint()
+            } else {
+                self.roll(self.seq + 1)
+            };
             if let Err(e) = result {
                 self.poison("segment switch", &e);
             }
         }
     }
 
-    /// Starts segment `seq + 1` holding `initial` (fsynced), and makes it the active one.
-    fn roll(&mut self, initial: Vec<u8>) -> std::io::Result<()> {
+    /// Makes a new, empty segment `seq` the active one (the current one fsynced first).
+    fn roll(&mut self, seq: u64) -> std::io::Result<()> {
         self.file.sync_data()?;
-        let seq = self.seq + 1;
         let path = segment_path(&self.dir, seq);
-        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-        file.write_all(&initial)?;
-        file.sync_data()?;
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
         sync_dir(&self.dir)?;
         self.file = file;
         self.seq = seq;
-        self.size = initial.len() as u64;
+        self.size = 0;
         self.dirty = false;
         Ok(())
     }
 
-    /// Rewrites the live state into a new segment, then deletes the older segments.
-    fn checkpoint(&mut self) -> std::io::Result<()> {
-        let started = Instant::now();
-        let mut buf = Vec::new();
-        Record::CheckpointBegin.encode(&mut buf);
-        for record in self.shared.checkpoint_records() {
-            record.encode(&mut buf);
-        }
-        Record::CheckpointEnd.encode(&mut buf);
-        let before = self.seq;
-        self.roll(buf)?;
-        for seq in segments(&self.dir).map_err(|e| std::io::Error::other(e.to_string()))? {
-            if seq <= before {
-                std::fs::remove_file(segment_path(&self.dir, seq))?;
+    /// Starts a checkpoint of the state as of now in segment `seq + 1`, written by a
+    /// thread of its own while this writer goes on in segment `seq + 2`: commits do not
+    /// wait for it, and it streams the state instead of building it in memory.
+    fn start_checkpoint(&mut self) -> std::io::Result<()> {
+        let state = self.shared.checkpoint_state();
+        let seq = self.seq + 1;
+        self.roll(seq + 1)?;
+        self.wal_bytes = 0;
+        let dir = self.dir.clone();
+        #[cfg(test)]
+        let gate = self.shared.checkpoint_gate.lock().ok().and_then(|mut g| g.take());
+        let handle = std::thread::Builder::new().name("herald-checkpoint".into()).spawn(move || {
+            let started = Instant::now();
+            let path = segment_path(&dir, seq);
+            let file = OpenOptions::new().create_new(true).write(true).open(&path)?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            let mut written = state.write_body(&mut out)?;
+            drop(state); // release the messages it held before the slow part
+            #[cfg(test)]
+            if let Some(gate) = gate {
+                out.flush()?;
+                gate.recv().map_err(|_| std::io::Error::other("checkpoint abandoned by the test"))?;
             }
-        }
-        sync_dir(&self.dir)?;
-        tracing::info!(live_bytes = self.size, reclaimed = self.wal_bytes, elapsed = ?started.elapsed(), "disk store checkpoint");
-        self.wal_bytes = self.size;
-        self.live_bytes = self.size;
+            let mut end = Vec::new();
+            Record::CheckpointEnd.encode(&mut end);
+            out.write_all(&end)?;
+            written += end.len() as u64;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_data()?;
+            sync_dir(&dir)?;
+            // Complete and durable: what came before it is no longer needed.
+            for old in segments(&dir).map_err(|e| std::io::Error::other(e.to_string()))? {
+                if old < seq {
+                    std::fs::remove_file(segment_path(&dir, old))?;
+                }
+            }
+            sync_dir(&dir)?;
+            tracing::info!(live_bytes = written, elapsed = ?started.elapsed(), "disk store checkpoint");
+            Ok(written)
+        })?;
+        self.checkpoint = Some(handle);
         Ok(())
+    }
+
+    /// Collects a finished checkpoint (or waits for it when `wait`). A failed one only
+    /// means the older segments stay: the log is whole without it.
+    fn reap_checkpoint(&mut self, wait: bool) {
+        if !self.checkpoint.as_ref().is_some_and(|h| wait || h.is_finished()) {
+            return;
+        }
+        let Some(handle) = self.checkpoint.take() else { return };
+        match handle.join() {
+            Ok(Ok(written)) => {
+                self.live_bytes = written;
+                self.wal_bytes += written;
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "disk store checkpoint failed; the log keeps its older segments"),
+            Err(_) => tracing::error!("disk store checkpoint thread panicked; the log keeps its older segments"),
+        }
     }
 }
