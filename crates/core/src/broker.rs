@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::name::TopicName;
 use crate::outbound::Subscriber;
 use crate::queue::Queues;
-use crate::store::{Appended, Epoch, ListedTopic, Store, StoreError, TopicHead};
+use crate::store::{Appended, Epoch, History, ListedTopic, Store, StoreError, TopicHead};
 
 /// Errors of broker operations; each maps to one client-facing code.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -368,7 +368,7 @@ impl Broker {
         drop(st);
         Ok(Subscribed {
             id: SubscriptionId(id),
-            epoch,
+            epoch: epoch.clone(),
             next: watermark + 1,
             recovered,
             replay: replay.map(|cursor| Replay {
@@ -378,6 +378,7 @@ impl Broker {
                 id,
                 cursor,
                 end: watermark,
+                epoch,
             }),
         })
     }
@@ -404,13 +405,17 @@ impl Broker {
 
     /// Up to `limit` messages from offset `from` (0: first retained).
     pub async fn fetch(&self, topic: &TopicName, from: u64, limit: usize) -> Result<Fetched, BrokerError> {
-        let messages = self.inner.store.read(topic, from, u64::MAX, limit).await?;
-        let head = self.inner.store.head(topic)?;
+        let History { epoch, messages } = self.inner.store.read(topic, from, u64::MAX, limit).await?;
         let next = match messages.last() {
             Some(m) => m.offset + 1,
-            None => from.max(1).min(head.next),
+            None => {
+                let head = self.inner.store.head(topic)?;
+                // Deleted since the read: the old epoch's offsets are not the new one's.
+                let next = if head.epoch == epoch { head.next } else { 1 };
+                from.max(1).min(next)
+            }
         };
-        Ok(Fetched { epoch: head.epoch, messages, next })
+        Ok(Fetched { epoch, messages, next })
     }
 
     /// Deletes a topic's history: a new epoch, offsets from 1; live subscriptions stay.
@@ -488,6 +493,8 @@ pub struct Replay {
     id: u64,
     cursor: u64,
     end: u64,
+    /// The epoch replayed: a chunk of another one (a delete meanwhile) ends the replay.
+    epoch: Epoch,
 }
 
 impl Replay {
@@ -497,7 +504,12 @@ impl Replay {
         if self.cursor > self.end {
             return Ok(None);
         }
-        let chunk = self.broker.inner.store.read(&self.topic_name, self.cursor, self.end, limit).await?;
+        let History { epoch, messages: chunk } =
+            self.broker.inner.store.read(&self.topic_name, self.cursor, self.end, limit).await?;
+        if epoch != self.epoch {
+            // The history was deleted during the replay: what is left of it is gone.
+            return Ok(None);
+        }
         match chunk.last() {
             Some(last) => self.cursor = last.offset + 1,
             None => return Ok(None),

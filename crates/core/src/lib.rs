@@ -33,4 +33,6 @@ pub use metrics::Metrics;
 pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
 pub use queue::{Delivery, QueueCounters, QueueError, QueueStats, Queues};
-pub use store::{Appended, Epoch, ListedTopic, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture, TopicHead};
+pub use store::{
+    Appended, Epoch, History, ListedTopic, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture, TopicHead,
+};

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::config::RetentionConfig;
 use crate::message::{Clock, Message, NewMessage, SystemClock};
 use crate::name::{QueueName, TopicName};
-use crate::store::{Appended, Epoch, ListedTopic, QueueRecord, Store, StoreError, StoreFuture, TopicHead};
+use crate::store::{Appended, Epoch, History, ListedTopic, QueueRecord, Store, StoreError, StoreFuture, TopicHead};
 
 const SHARDS: usize = 32;
 
@@ -253,11 +253,11 @@ impl Store for MemoryStore {
         ready(Ok(Appended { epoch: log.epoch.clone(), messages }))
     }
 
-    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<Vec<Arc<Message>>> {
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History> {
         let now = self.inner.clock.now_ms();
         let mut shard = self.inner.shard(topic);
         let Some(log) = shard.get_mut(topic) else {
-            return ready(Ok(Vec::new()));
+            return ready(Ok(History { epoch: self.inner.fresh_epoch.clone(), messages: Vec::new() }));
         };
         log.trim(now, &self.inner.retention);
         let first = log.messages.front().map_or(0, |m| m.offset);
@@ -271,7 +271,7 @@ impl Store for MemoryStore {
             .take(limit)
             .cloned()
             .collect();
-        ready(Ok(out))
+        ready(Ok(History { epoch: log.epoch.clone(), messages: out }))
     }
 
     fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError> {
@@ -375,9 +375,9 @@ mod tests {
         let mut ttl = msg("short");
         ttl.ttl_ms = Some(100);
         store.append(&t, vec![ttl]).await?; // offset 6; trims 3
-        assert_eq!(store.read(&t, 0, u64::MAX, 10).await?.len(), 3);
+        assert_eq!(store.read(&t, 0, u64::MAX, 10).await?.messages.len(), 3);
         clock.advance(100);
-        let offsets: Vec<u64> = store.read(&t, 0, u64::MAX, 10).await?.iter().map(|m| m.offset).collect();
+        let offsets: Vec<u64> = store.read(&t, 0, u64::MAX, 10).await?.messages.iter().map(|m| m.offset).collect();
         assert_eq!(offsets, [4, 5], "expired message skipped");
         clock.advance(10_000);
         let head = store.head(&t)?;
@@ -408,9 +408,9 @@ mod tests {
             append(&store, &a, &i.to_string()).await;
         }
         append(&store, &b, "b").await;
-        let got: Vec<u64> = store.read(&a, 4, 7, 100).await?.iter().map(|m| m.offset).collect();
+        let got: Vec<u64> = store.read(&a, 4, 7, 100).await?.messages.iter().map(|m| m.offset).collect();
         assert_eq!(got, [4, 5, 6, 7]);
-        let got: Vec<u64> = store.read(&a, 4, 100, 2).await?.iter().map(|m| m.offset).collect();
+        let got: Vec<u64> = store.read(&a, 4, 100, 2).await?.messages.iter().map(|m| m.offset).collect();
         assert_eq!(got, [4, 5]);
         let listed = store.list("x.", Some("x.a"), 10)?;
         assert_eq!(listed, vec![ListedTopic { topic: b, last: 1 }]);

@@ -57,6 +57,16 @@ pub struct Appended {
     pub messages: Vec<Arc<Message>>,
 }
 
+/// Messages read from a topic's history, with the epoch they belong to (read in the
+/// same step, so a concurrent delete can never label old messages with a new epoch).
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// The epoch of `messages`.
+    pub epoch: Epoch,
+    /// The messages, in offset order.
+    pub messages: Vec<Arc<Message>>,
+}
+
 /// A topic and its newest offset, as listed by [`Store::list`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedTopic {
@@ -105,14 +115,15 @@ pub struct QueueSnapshot {
 /// - `head` and `read` give one consistent view: once an append's offsets are visible in
 ///   `head().next`, `read` returns those messages (unless trimmed or expired).
 /// - The future from `append` resolves only when the batch is durable as promised.
-/// - `read` skips messages trimmed by retention or whose TTL passed.
+/// - `read` skips messages trimmed by retention or whose TTL passed, and names the epoch
+///   of what it returns.
 pub trait Store: Send + Sync + 'static {
     /// Appends `batch` to `topic`; resolves with the stored messages once durable.
     fn append(&self, topic: &TopicName, batch: Vec<NewMessage>) -> StoreFuture<Appended>;
 
     /// Up to `limit` live messages with offset >= `from` (0 means the first retained) and
-    /// <= `until`, in offset order.
-    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<Vec<Arc<Message>>>;
+    /// <= `until`, in offset order, with the epoch they belong to.
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History>;
 
     /// The topic's current head. Cheap and synchronous: backends keep it in memory.
     fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError>;

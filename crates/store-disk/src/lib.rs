@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use herald_core::{
-    Appended, Clock, Epoch, ListedTopic, MemoryStore, Message, NewMessage, QueueName, QueueRecord, QueueSnapshot,
-    RetentionConfig, Store, StoreError, StoreFuture, SystemClock, TopicHead, TopicName, TopicSnapshot,
+    Appended, Clock, Epoch, History, ListedTopic, MemoryStore, Message, NewMessage, QueueName, QueueRecord,
+    QueueSnapshot, RetentionConfig, Store, StoreError, StoreFuture, SystemClock, TopicHead, TopicName, TopicSnapshot,
 };
 use tokio::sync::oneshot;
 
@@ -372,13 +372,7 @@ impl Store for DiskStore {
         })
     }
 
-    fn read(
-        &self,
-        topic: &TopicName,
-        from: u64,
-        until: u64,
-        limit: usize,
-    ) -> StoreFuture<Vec<std::sync::Arc<Message>>> {
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History> {
         self.shared.index.read(topic, from, until, limit)
     }
 

@@ -58,7 +58,7 @@ async fn publish(store: &DiskStore, t: &str, n: usize) -> Result<Vec<u64>, Store
 }
 
 async fn payloads(store: &DiskStore, t: &str) -> Result<Vec<(u64, String)>, StoreError> {
-    let msgs = store.read(&topic(t), 0, u64::MAX, 100_000).await?;
+    let msgs = store.read(&topic(t), 0, u64::MAX, 100_000).await?.messages;
     Ok(msgs.iter().map(|m| (m.offset, String::from_utf8_lossy(&m.payload).into_owned())).collect())
 }
 
@@ -71,10 +71,10 @@ async fn topics_survive_a_reopen_with_offsets_epochs_and_timestamps() -> TestRes
         publish(&store, "b", 2).await?;
         store.delete(&topic("b")).await?;
         publish(&store, "b", 1).await?;
-        (store.read(&topic("a"), 0, u64::MAX, 100).await?, store.head(&topic("b"))?)
+        (store.read(&topic("a"), 0, u64::MAX, 100).await?.messages, store.head(&topic("b"))?)
     };
     let store = DiskStore::open(dir.config())?;
-    let after = store.read(&topic("a"), 0, u64::MAX, 100).await?;
+    let after = store.read(&topic("a"), 0, u64::MAX, 100).await?.messages;
     assert_eq!(after.len(), 5);
     for (x, y) in before.iter().zip(&after) {
         assert_eq!((x.offset, x.ts, &x.payload, x.kind), (y.offset, y.ts, &y.payload, y.kind));
@@ -322,7 +322,7 @@ async fn batches_larger_than_a_record_are_split_and_read_back() -> TestResult {
     let store = DiskStore::open(config)?;
     assert_eq!(store.head(&topic("u"))?.retained, 30);
     assert_eq!(
-        store.read(&topic("u"), 0, u64::MAX, 100).await?.iter().map(|m| m.payload.len()).sum::<usize>(),
+        store.read(&topic("u"), 0, u64::MAX, 100).await?.messages.iter().map(|m| m.payload.len()).sum::<usize>(),
         30 * big.len()
     );
     Ok(())

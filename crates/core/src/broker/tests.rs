@@ -135,3 +135,60 @@ async fn fetch_pages_and_next() -> Result<(), BrokerError> {
     assert_eq!(b.fetch(&topic(), 9, 10).await?.next, 6);
     Ok(())
 }
+
+/// A store whose reads are followed at once by a delete of the topic: the delete lands
+/// between a history read and anything the broker does after it.
+struct DeleteAfterRead(MemoryStore);
+
+impl Store for DeleteAfterRead {
+    fn append(&self, topic: &TopicName, batch: Vec<NewMessage>) -> crate::store::StoreFuture<Appended> {
+        self.0.append(topic, batch)
+    }
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> crate::store::StoreFuture<History> {
+        let read = self.0.read(topic, from, until, limit);
+        let deleted = self.0.delete(topic);
+        Box::pin(async move {
+            let history = read.await;
+            deleted.await?;
+            history
+        })
+    }
+    fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError> {
+        self.0.head(topic)
+    }
+    fn delete(&self, topic: &TopicName) -> crate::store::StoreFuture<Epoch> {
+        self.0.delete(topic)
+    }
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {
+        self.0.list(prefix, after, limit)
+    }
+    fn queue_append(
+        &self,
+        queue: &crate::name::QueueName,
+        records: Vec<crate::store::QueueRecord>,
+    ) -> crate::store::StoreFuture<()> {
+        self.0.queue_append(queue, records)
+    }
+    fn queue_remove(&self, queue: &crate::name::QueueName, ids: Vec<u64>) {
+        self.0.queue_remove(queue, ids)
+    }
+    fn sweep(&self) {}
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// Issue 9, item 13: a fetch labels its messages with the epoch they were read in, even
+/// when the topic is deleted right after the read.
+#[tokio::test]
+async fn a_fetch_names_the_epoch_its_messages_belong_to() -> Result<(), BrokerError> {
+    let b =
+        Broker::new(Arc::new(DeleteAfterRead(MemoryStore::new(RetentionConfig::default()))), BrokerConfig::default());
+    publish_n(&b, 3).await?;
+    let before = b.info(&topic())?.head.epoch;
+    let fetched = b.fetch(&topic(), 0, 10).await?;
+    assert_eq!(fetched.messages.len(), 3);
+    assert_eq!(fetched.epoch, before, "old messages keep their old epoch");
+    assert_ne!(b.info(&topic())?.head.epoch, before, "the delete happened");
+    Ok(())
+}
