@@ -6,7 +6,10 @@
 //! Time-driven changes (a delay ending, a lease ending, a TTL passing) are kept in three
 //! deadline heaps per queue and applied lazily, in time order, at the start of every
 //! operation: no task or timer per message, and what any caller observes is exact for
-//! the current time. Long-poll waiters sleep until the next deadline or a wake-up.
+//! the current time. An operation on a dead-letter queue settles its parent queue first,
+//! so a dead letter is there from the moment the last lease ended. Long-poll waiters
+//! sleep until the next deadline (on a dead-letter queue, also the parent's next lease
+//! end) or a wake-up.
 
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
@@ -125,6 +128,9 @@ struct Queue {
     waiters: AtomicUsize,
     /// The dead-letter queue (`None` for a dead-letter queue itself).
     dlq: Option<Arc<Queue>>,
+    /// For a dead-letter queue, the queue it takes dead letters from: settled first by
+    /// every operation here, since a lease ending there may owe this queue a message.
+    parent: Option<QueueName>,
 }
 
 #[derive(Default)]
@@ -296,6 +302,7 @@ impl Queues {
                     ready: Notify::new(),
                     waiters: AtomicUsize::new(0),
                     dlq,
+                    parent: name.parent(),
                 })
             })
             .clone()
@@ -307,6 +314,17 @@ impl Queues {
         let n = self.deliveries.fetch_add(1, Ordering::Relaxed);
         let nonce = self.hasher.hash_one(n) & 0xffff_ffff_ffff;
         Arc::from(format!("{id:x}-{attempt}-{nonce:x}"))
+    }
+
+    /// For a dead-letter queue, applies the timed events due at `now` on its parent queue:
+    /// settling is lazy and per queue, and a lease ending there moves its message here,
+    /// so without this a dead letter would wait for the parent's next operation. Called
+    /// without `q`'s lock: the lock order is queue, then its dead-letter queue.
+    fn settle_parent(&self, q: &Queue, now: u64) {
+        if let Some(parent) = q.parent.as_ref().and_then(|p| self.lookup(p)) {
+            let mut st = lock(&parent.state);
+            self.settle(&parent, &mut st, now);
+        }
     }
 
     /// Applies every timed event due at `now`, in time order.
@@ -455,6 +473,7 @@ impl Queues {
 
     fn fetch_from(&self, q: &Queue, max: usize, visibility_ms: u64) -> Vec<Delivery> {
         let now = self.clock.now_ms();
+        self.settle_parent(q, now);
         let mut st = lock(&q.state);
         self.settle(q, &mut st, now);
         let mut out = Vec::new();
@@ -522,8 +541,14 @@ impl Queues {
                 return Ok(got);
             }
             // Sleep to the wait's end, or to the next delay or lease ending, whichever
-            // is first; an enqueue or requeue wakes us at once.
-            let next_due = lock(&q.state).next_due();
+            // is first; an enqueue or requeue wakes us at once. On a dead-letter queue, a
+            // lease ending on the parent may bring a dead letter: wake then too (a
+            // dead letter the parent's own operations move wakes us through `ready`).
+            let mut next_due = lock(&q.state).next_due();
+            if let Some(parent) = q.parent.as_ref().and_then(|p| self.lookup(p)) {
+                let lease_end = top(&lock(&parent.state).leases).map(|(at, _, _)| at);
+                next_due = next_due.into_iter().chain(lease_end).min();
+            }
             let clock_now = self.clock.now_ms();
             let until = match next_due {
                 Some(at) => deadline.min(now + Duration::from_millis(at.saturating_sub(clock_now))),
@@ -546,6 +571,7 @@ impl Queues {
         let id = delivery.split('-').next().and_then(|hex| u64::from_str_radix(hex, 16).ok()).ok_or_else(not_found)?;
         let q = self.lookup(name).ok_or_else(not_found)?;
         let now = self.clock.now_ms();
+        self.settle_parent(&q, now);
         let mut st = lock(&q.state);
         self.settle(&q, &mut st, now);
         let current = st
@@ -601,6 +627,7 @@ impl Queues {
             return QueueStats::default();
         };
         let now = self.clock.now_ms();
+        self.settle_parent(&q, now);
         let mut stats = {
             let mut st = lock(&q.state);
             self.settle(&q, &mut st, now);

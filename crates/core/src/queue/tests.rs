@@ -255,6 +255,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
         model.settle();
+        // The dead-letter queue first: its stats must already show what lease ends on
+        // the parent dead-lettered, without the parent being touched (stats on the
+        // parent settle it).
+        let (ready, in_flight, delayed) = model.dlq.stats();
+        prop_assert_eq!(queues.stats(&dlq_name), QueueStats { ready, in_flight, delayed, dead: 0 });
         prop_assert_eq!(queues.stats(&name), model.stats());
     }
     Ok(())
@@ -339,5 +344,49 @@ async fn a_long_poll_wakes_on_enqueue() -> Result<(), QueueError> {
     q.enqueue(&name, text("wake"), 0).await?;
     let got = waiter.await.map_err(|_| QueueError::Store(StoreError::Closed))??;
     assert_eq!(got.len(), 1);
+    Ok(())
+}
+
+/// Milliseconds of tokio's clock, so that a paused runtime moves the queues' time too.
+struct TokioClock(tokio::time::Instant);
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        1_000 + self.0.elapsed().as_millis() as u64
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_in_the_dlq_when_the_lease_ends() -> Result<(), QueueError> {
+    let clock = Arc::new(ManualClock::new(0));
+    let (q, name) = queues(clock.clone());
+    let dlq = name.dlq().expect("dlq");
+    q.enqueue(&name, text("job"), 0).await?;
+    assert_eq!(q.fetch(&name, 1, 100)[0].attempt, 1);
+    clock.advance(100);
+    assert_eq!(q.fetch(&name, 1, 100)[0].attempt, 2, "the last allowed delivery");
+    clock.advance(150); // its lease ended at 200; nothing touches `q` from here on
+    assert_eq!(q.stats(&dlq), QueueStats { ready: 1, in_flight: 0, delayed: 0, dead: 0 });
+    let dead = q.fetch(&dlq, 1, 100);
+    assert_eq!((dead.len(), dead[0].ts, &dead[0].payload[..]), (1, 200, &b"job"[..]), "ts = the lease end");
+    assert_eq!(q.stats(&name), QueueStats { ready: 0, in_flight: 0, delayed: 0, dead: 1 });
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dlq_long_poll_wakes_when_the_parent_lease_ends() -> Result<(), QueueError> {
+    let clock = Arc::new(TokioClock(tokio::time::Instant::now()));
+    let store = Arc::new(MemoryStore::new(RetentionConfig::default()));
+    let config = QueueConfig { max_attempts: 1, ..QueueConfig::default() };
+    let q = Arc::new(Queues::new(store, clock, config, 1024));
+    let name = QueueName::parse("idle").expect("name");
+    q.enqueue(&name, text("job"), 0).await?;
+    assert_eq!(q.fetch(&name, 1, 100).len(), 1, "the only allowed delivery, leased for 100 ms");
+    let start = tokio::time::Instant::now();
+    let dlq = name.dlq().expect("dlq");
+    let got = q.fetch_wait(&dlq, 1, 1000, Duration::from_secs(60)).await?;
+    assert_eq!(got.len(), 1);
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(1), "{waited:?}: not the lease end");
     Ok(())
 }
