@@ -248,20 +248,35 @@ impl Queues {
             counters: QueueCounters::default(),
         };
         let now = queues.clock.now_ms();
+        // Every snapshot is in before anything is dead-lettered: the store lists queues
+        // in no particular order, and a dead letter given an id before its dead-letter
+        // queue's own snapshot (records and next id) is in would take an id in use.
+        let mut loaded = Vec::new();
         for snapshot in queues.store.queue_load() {
             let q = queues.queue(&snapshot.queue);
             let mut st = lock(&q.state);
             st.next_id = st.next_id.max(snapshot.next_id);
+            let mut spent = Vec::new();
             for record in &snapshot.records {
                 st.next_id = st.next_id.max(record.id + 1);
                 // In flight at the crash or not: ready again, with the attempts it had.
                 let attempts = snapshot.attempts.get(&record.id).copied().unwrap_or(0);
                 st.insert(record.id, record, attempts, now);
-                // A delivery cut off by the crash ended without an ack: if it was the
-                // last one allowed, the message is dead-lettered as at a lease end.
-                if let Some(dlq) = q.dlq.as_ref().filter(|_| attempts >= queues.config.max_attempts) {
-                    if let Some(entry) = st.remove(record.id) {
-                        queues.store.queue_remove(&q.name, vec![record.id]);
+                if attempts >= queues.config.max_attempts {
+                    spent.push(record.id);
+                }
+            }
+            drop(st);
+            loaded.push((q, spent));
+        }
+        for (q, spent) in loaded {
+            let mut st = lock(&q.state);
+            // A delivery cut off by the crash ended without an ack: if it was the last
+            // one allowed, the message is dead-lettered as at a lease end.
+            if let Some(dlq) = &q.dlq {
+                for id in spent {
+                    if let Some(entry) = st.remove(id) {
+                        queues.store.queue_remove(&q.name, vec![id]);
                         queues.dead_letter(dlq, entry, now);
                     }
                 }

@@ -10,6 +10,7 @@ use super::*;
 use crate::config::RetentionConfig;
 use crate::memory::MemoryStore;
 use crate::message::ManualClock;
+use crate::store::QueueSnapshot;
 
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -388,5 +389,125 @@ async fn a_dlq_long_poll_wakes_when_the_parent_lease_ends() -> Result<(), QueueE
     assert_eq!(got.len(), 1);
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(1), "{waited:?}: not the lease end");
+    Ok(())
+}
+
+/// What a [`Scripted`] store's held appends resolve to, once the test decides.
+type Release = tokio::sync::watch::Sender<Option<Result<(), StoreError>>>;
+
+/// A store double around `MemoryStore`: `queue_load` returns the snapshots the test gave,
+/// in that order; queue appends (when issued and when done) and removals are logged in
+/// order; appends to the `held` queue stay pending until the test releases them.
+struct Scripted {
+    inner: MemoryStore,
+    load: Vec<QueueSnapshot>,
+    held: Option<QueueName>,
+    release: tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    fn new(load: Vec<QueueSnapshot>, held: Option<&str>) -> (Arc<Self>, Release, Arc<Mutex<Vec<String>>>) {
+        let (release, rx) = tokio::sync::watch::channel(None);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let held = held.map(|h| QueueName::parse(h).expect("name"));
+        let store = Self { inner: MemoryStore::new(RetentionConfig::default()), load, held, release: rx, log: log.clone() };
+        (Arc::new(store), release, log)
+    }
+}
+
+fn note(log: &Mutex<Vec<String>>, what: String) {
+    lock(log).push(what);
+}
+
+impl Store for Scripted {
+    fn append(
+        &self,
+        topic: &crate::name::TopicName,
+        batch: Vec<NewMessage>,
+    ) -> crate::store::StoreFuture<crate::store::Appended> {
+        self.inner.append(topic, batch)
+    }
+
+    fn read(
+        &self,
+        topic: &crate::name::TopicName,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> crate::store::StoreFuture<Vec<Arc<crate::message::Message>>> {
+        self.inner.read(topic, from, until, limit)
+    }
+
+    fn head(&self, topic: &crate::name::TopicName) -> Result<crate::store::TopicHead, StoreError> {
+        self.inner.head(topic)
+    }
+
+    fn delete(&self, topic: &crate::name::TopicName) -> crate::store::StoreFuture<crate::store::Epoch> {
+        self.inner.delete(topic)
+    }
+
+    fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::ListedTopic>, StoreError> {
+        self.inner.list(prefix, after, limit)
+    }
+
+    fn queue_append(&self, queue: &QueueName, records: Vec<QueueRecord>) -> crate::store::StoreFuture<()> {
+        let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+        note(&self.log, format!("append {queue} {ids:?}"));
+        if self.held.as_ref() != Some(queue) {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let (mut release, log, queue) = (self.release.clone(), self.log.clone(), queue.clone());
+        Box::pin(async move {
+            let outcome = match release.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone().unwrap_or(Err(StoreError::Closed)),
+                Err(_) => Err(StoreError::Closed),
+            };
+            note(&log, format!("appended {queue} {ids:?} ok={}", outcome.is_ok()));
+            outcome
+        })
+    }
+
+    fn queue_remove(&self, queue: &QueueName, ids: Vec<u64>) {
+        note(&self.log, format!("remove {queue} {ids:?}"));
+    }
+
+    fn queue_load(&self) -> Vec<QueueSnapshot> {
+        self.load.clone()
+    }
+
+    fn sweep(&self) {}
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+fn record(id: u64, payload: &'static str) -> QueueRecord {
+    QueueRecord { id, kind: Kind::Text, payload: Bytes::from_static(payload.as_bytes()), ts: 5, ready_at: 5, expires_at: None }
+}
+
+#[tokio::test]
+async fn a_dead_letter_at_load_survives_whatever_order_the_queues_load_in() -> Result<(), QueueError> {
+    let jobs = QueueName::parse("jobs").expect("name");
+    let dlq = jobs.dlq().expect("dlq");
+    // The parent comes first: its job, out of attempts, is dead-lettered at load, while
+    // the dead-letter queue already holds a dead letter with id 1 of its own.
+    let load = vec![
+        QueueSnapshot { queue: jobs.clone(), next_id: 2, records: vec![record(1, "cut off")], attempts: [(1, 2)].into() },
+        QueueSnapshot { queue: dlq.clone(), next_id: 2, records: vec![record(1, "older")], attempts: BTreeMap::new() },
+    ];
+    let (store, _release, _log) = Scripted::new(load, None);
+    let config = QueueConfig { max_attempts: 2, ..QueueConfig::default() };
+    let q = Queues::new(store, Arc::new(ManualClock::new(10)), config, 1024);
+    assert_eq!(q.stats(&jobs), QueueStats { ready: 0, in_flight: 0, delayed: 0, dead: 2 });
+    let mut dead: Vec<(u64, Bytes)> = q.fetch(&dlq, 10, 100).into_iter().map(|d| (d.message_id, d.payload)).collect();
+    dead.sort();
+    assert_eq!(dead, vec![(1, Bytes::from_static(b"older")), (2, Bytes::from_static(b"cut off"))]);
     Ok(())
 }
