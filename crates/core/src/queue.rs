@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::broker::futures_now;
 use crate::config::QueueConfig;
 use crate::message::{Clock, Kind, NewMessage};
 use crate::name::QueueName;
@@ -276,8 +277,7 @@ impl Queues {
             if let Some(dlq) = &q.dlq {
                 for id in spent {
                     if let Some(entry) = st.remove(id) {
-                        queues.store.queue_remove(&q.name, vec![id]);
-                        queues.dead_letter(dlq, entry, now);
+                        queues.dead_letter(&q.name, id, dlq, entry, now);
                     }
                 }
             }
@@ -398,8 +398,7 @@ impl Queues {
             Some(dlq) if attempts >= self.config.max_attempts => {
                 // Out of every index already (its lease was counted off by the caller).
                 if let Some(entry) = st.entries.remove(&id) {
-                    self.store.queue_remove(&q.name, vec![id]);
-                    self.dead_letter(dlq, entry, at);
+                    self.dead_letter(&q.name, id, dlq, entry, at);
                 }
             }
             _ if delay > 0 => {
@@ -414,28 +413,45 @@ impl Queues {
         }
     }
 
-    /// Appends `entry` to the dead-letter queue as a new message. Lock order is always
-    /// queue, then its dead-letter queue (which never dead-letters), so this cannot deadlock.
-    fn dead_letter(&self, dlq: &Queue, entry: Entry, now: u64) {
+    /// Moves message `id` of `queue`, already out of its state, to the dead-letter queue
+    /// as a new message, visible there at once. Lock order is always queue, then its
+    /// dead-letter queue (which never dead-letters), so this cannot deadlock.
+    ///
+    /// In the store, the dead letter is appended first and the message removed from
+    /// `queue` only once that append resolved: a crash in between leaves it in both, and
+    /// after the restart `queue`'s copy, out of attempts, is dead-lettered again (or, if
+    /// its lazily written attempt count was lost too, delivered once more): a duplicate,
+    /// never a loss. A failed append leaves it stored in `queue` likewise.
+    fn dead_letter(&self, queue: &QueueName, id: u64, dlq: &Queue, entry: Entry, now: u64) {
         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         let mut st = lock(&dlq.state);
-        let id = st.next_id;
+        let dead_id = st.next_id;
         st.next_id += 1;
         let record =
-            QueueRecord { id, kind: entry.kind, payload: entry.payload, ts: now, ready_at: now, expires_at: None };
-        st.insert(id, &record, 0, now);
+            QueueRecord { id: dead_id, kind: entry.kind, payload: entry.payload, ts: now, ready_at: now, expires_at: None };
+        st.insert(dead_id, &record, 0, now);
+        // Issued under the lock, so that an ack of the dead letter (which needs this
+        // lock) cannot reach the store before its append.
+        let mut append = self.store.queue_append(&dlq.name, vec![record]);
         drop(st);
-        // Persisting a dead letter may lag: until it lands, a crash redelivers the
-        // original, whose removal is lazy too, so nothing is lost.
-        let pending = self.store.queue_append(&dlq.name, vec![record]);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = pending.await {
-                    tracing::warn!(error = %e, "persisting a dead letter failed");
-                }
-            });
-        }
         dlq.ready.notify_waiters();
+        let store = self.store.clone();
+        let queue = queue.clone();
+        let done = move |appended: Result<(), StoreError>| match appended {
+            Ok(()) => store.queue_remove(&queue, vec![id]),
+            Err(e) => tracing::warn!(error = %e, %queue, id, "persisting a dead letter failed; it stays stored in its queue"),
+        };
+        // The memory store resolves at once; a durable store's append is finished by a
+        // task, the removal after it. With no runtime to run one, the removal is never
+        // issued: the message stays stored in `queue` too, a duplicate after a restart.
+        match futures_now(&mut append) {
+            Some(appended) => done(appended),
+            None => {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move { done(append.await) });
+                }
+            }
+        }
     }
 
     /// Enqueues `msg`; resolves with its message id once it is durable.

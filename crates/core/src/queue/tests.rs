@@ -488,6 +488,17 @@ impl Store for Scripted {
     }
 }
 
+/// Runs spawned tasks until `done` holds (the store double's futures need a few polls).
+async fn until(what: &str, mut done: impl FnMut() -> bool) -> Result<(), QueueError> {
+    for _ in 0..1000 {
+        if done() {
+            return Ok(());
+        }
+        tokio::task::yield_now().await;
+    }
+    Err(QueueError::Store(StoreError::Unavailable(format!("never: {what}"))))
+}
+
 fn record(id: u64, payload: &'static str) -> QueueRecord {
     QueueRecord { id, kind: Kind::Text, payload: Bytes::from_static(payload.as_bytes()), ts: 5, ready_at: 5, expires_at: None }
 }
@@ -509,5 +520,46 @@ async fn a_dead_letter_at_load_survives_whatever_order_the_queues_load_in() -> R
     let mut dead: Vec<(u64, Bytes)> = q.fetch(&dlq, 10, 100).into_iter().map(|d| (d.message_id, d.payload)).collect();
     dead.sort();
     assert_eq!(dead, vec![(1, Bytes::from_static(b"older")), (2, Bytes::from_static(b"cut off"))]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_lettering_removes_from_the_parent_only_once_the_dlq_append_is_done() -> Result<(), QueueError> {
+    let (store, release, log) = Scripted::new(Vec::new(), Some("q.dlq"));
+    let clock = Arc::new(ManualClock::new(0));
+    let config = QueueConfig { max_attempts: 1, ..QueueConfig::default() };
+    let q = Queues::new(store, clock.clone(), config, 1024);
+    let name = QueueName::parse("q").expect("name");
+    q.enqueue(&name, text("job"), 0).await?;
+    q.fetch(&name, 1, 100);
+    clock.advance(100);
+    assert_eq!(q.stats(&name).dead, 1, "dead-lettered at the lease end");
+    tokio::task::yield_now().await;
+    let logged = lock(&log).clone();
+    assert_eq!(logged, vec!["append q [1]", "append q.dlq [1]"], "no removal from q before the dead letter is stored");
+    release.send_replace(Some(Ok(())));
+    until("the removal from q", || lock(&log).iter().any(|l| l.starts_with("remove q "))).await?;
+    assert_eq!(lock(&log)[2..], ["appended q.dlq [1] ok=true", "remove q [1]"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_dlq_append_leaves_the_job_stored_in_its_queue() -> Result<(), QueueError> {
+    let (store, release, log) = Scripted::new(Vec::new(), Some("q.dlq"));
+    let clock = Arc::new(ManualClock::new(0));
+    let config = QueueConfig { max_attempts: 1, ..QueueConfig::default() };
+    let q = Queues::new(store, clock.clone(), config, 1024);
+    let name = QueueName::parse("q").expect("name");
+    q.enqueue(&name, text("job"), 0).await?;
+    q.fetch(&name, 1, 100);
+    clock.advance(100);
+    assert_eq!(q.stats(&name).dead, 1);
+    release.send_replace(Some(Err(StoreError::Unavailable("disk full".into()))));
+    until("the failed append", || lock(&log).iter().any(|l| l.starts_with("appended"))).await?;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    // Still stored in `q`, out of attempts: a restart dead-letters it again.
+    assert!(!lock(&log).iter().any(|l| l.starts_with("remove q ")), "{:?}", lock(&log));
     Ok(())
 }
