@@ -100,7 +100,8 @@ pub struct Queues {
     config: QueueConfig,
     max_message_bytes: usize,
     deliveries: AtomicU64,
-    counters: QueueCounters,
+    /// Shared with the tasks that finish durable enqueues.
+    counters: Arc<QueueCounters>,
 }
 
 /// Queue-wide counters and gauges, for metrics.
@@ -172,6 +173,45 @@ enum Due {
     Expiry,
     DelayEnd,
     LeaseEnd,
+}
+
+/// An id handed to an enqueue whose durable write is pending. It counts against
+/// `max_queue_messages` until the write resolved; dropped unresolved (the task finishing
+/// the enqueue cancelled, say at shutdown), it gives the count back.
+struct Reservation {
+    q: Arc<Queue>,
+    held: bool,
+}
+
+impl Reservation {
+    /// The durable write resolved: the message becomes visible if it is stored.
+    fn land(
+        mut self,
+        stored: Result<(), StoreError>,
+        record: &QueueRecord,
+        clock: &dyn Clock,
+        counters: &QueueCounters,
+    ) -> Result<u64, QueueError> {
+        self.held = false;
+        let mut st = lock(&self.q.state);
+        st.reserved -= 1;
+        stored?;
+        // Visible only once durable: a consumer never sees what a crash could lose. Due
+        // events are left to the next operation's settle, which applies them in time order.
+        st.insert(record.id, record, 0, clock.now_ms());
+        drop(st);
+        counters.enqueued.fetch_add(1, Ordering::Relaxed);
+        self.q.ready.notify_waiters();
+        Ok(record.id)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.held {
+            lock(&self.q.state).reserved -= 1;
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -246,7 +286,7 @@ impl Queues {
             config,
             max_message_bytes,
             deliveries: AtomicU64::new(0),
-            counters: QueueCounters::default(),
+            counters: Arc::default(),
         };
         let now = queues.clock.now_ms();
         // Every snapshot is in before anything is dead-lettered: the store lists queues
@@ -464,7 +504,7 @@ impl Queues {
         }
         let q = self.queue(name);
         let now = self.clock.now_ms();
-        let id = {
+        let (id, reservation) = {
             let mut st = lock(&q.state);
             self.settle(&q, &mut st, now);
             if st.entries.len() + st.reserved >= self.config.max_queue_messages {
@@ -472,7 +512,7 @@ impl Queues {
             }
             st.reserved += 1;
             st.next_id += 1;
-            st.next_id - 1
+            (st.next_id - 1, Reservation { q: q.clone(), held: true })
         };
         let record = QueueRecord {
             id,
@@ -482,18 +522,24 @@ impl Queues {
             ready_at: now + delay_ms,
             expires_at: msg.ttl_ms.map(|ttl| now.saturating_add(ttl)),
         };
-        let stored = self.store.queue_append(name, vec![record.clone()]).await;
-        let mut st = lock(&q.state);
-        st.reserved -= 1;
-        stored?;
-        // Visible only once durable: a consumer never sees what a crash could lose.
-        let now = self.clock.now_ms();
-        st.insert(id, &record, 0, now);
-        self.settle(&q, &mut st, now);
-        drop(st);
-        self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
-        q.ready.notify_waiters();
-        Ok(id)
+        let mut stored = self.store.queue_append(name, vec![record.clone()]);
+        // The memory store resolves at once: insert inline. A durable store resolves
+        // later; finish on a task of its own, so that a caller that goes away (deadline,
+        // reset, client gone) can leave neither a reservation counted against the limit
+        // nor a durably stored message that no worker can see until a restart.
+        let (clock, counters) = (self.clock.clone(), self.counters.clone());
+        match futures_now(&mut stored) {
+            Some(stored) => reservation.land(stored, &record, &*clock, &counters),
+            None => match tokio::runtime::Handle::try_current() {
+                Ok(handle) => handle
+                    .spawn(async move { reservation.land(stored.await, &record, &*clock, &counters) })
+                    .await
+                    .map_err(|_| QueueError::Store(StoreError::Closed))?,
+                // Polled outside a runtime: no task to hand over to. The reservation is
+                // still released if this future is dropped.
+                Err(_) => reservation.land(stored.await, &record, &*clock, &counters),
+            },
+        }
     }
 
     /// Takes up to `max` ready messages, leasing each for `visibility_ms`.

@@ -563,3 +563,28 @@ async fn a_failed_dlq_append_leaves_the_job_stored_in_its_queue() -> Result<(), 
     assert!(!lock(&log).iter().any(|l| l.starts_with("remove q ")), "{:?}", lock(&log));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dropped_enqueue_neither_leaks_its_reservation_nor_hides_its_job() -> Result<(), QueueError> {
+    let (store, release, log) = Scripted::new(Vec::new(), Some("q"));
+    let config = QueueConfig { max_attempts: 2, max_queue_messages: 3, max_waiters_per_queue: 1 };
+    let q = Queues::new(store, Arc::new(ManualClock::new(0)), config, 16);
+    let name = QueueName::parse("q").expect("name");
+    {
+        // The caller goes away (deadline, reset) while the durable write is pending.
+        let mut enqueue = Box::pin(q.enqueue(&name, text("orphan"), 0));
+        assert!(futures_poll(&mut enqueue).is_none());
+        assert_eq!(lock(&log).clone(), vec!["append q [1]"]);
+    }
+    release.send_replace(Some(Ok(())));
+    until("the write to land", || lock(&log).len() == 2).await?;
+    tokio::task::yield_now().await;
+    let got = q.fetch(&name, 10, 100);
+    assert_eq!(got.iter().map(|d| &d.payload[..]).collect::<Vec<_>>(), vec![&b"orphan"[..]], "stored, so visible");
+    q.ack(&name, &got[0].id)?;
+    for _ in 0..3 {
+        q.enqueue(&name, text("x"), 0).await?; // the reservation was given back
+    }
+    assert!(matches!(q.enqueue(&name, text("x"), 0).await, Err(QueueError::Full { .. })));
+    Ok(())
+}
