@@ -467,8 +467,14 @@ impl Queues {
         let mut st = lock(&dlq.state);
         let dead_id = st.next_id;
         st.next_id += 1;
-        let record =
-            QueueRecord { id: dead_id, kind: entry.kind, payload: entry.payload, ts: now, ready_at: now, expires_at: None };
+        let record = QueueRecord {
+            id: dead_id,
+            kind: entry.kind,
+            payload: entry.payload,
+            ts: now,
+            ready_at: now,
+            expires_at: None,
+        };
         st.insert(dead_id, &record, 0, now);
         // Issued under the lock, so that an ack of the dead letter (which needs this
         // lock) cannot reach the store before its append.
@@ -479,7 +485,9 @@ impl Queues {
         let queue = queue.clone();
         let done = move |appended: Result<(), StoreError>| match appended {
             Ok(()) => store.queue_remove(&queue, vec![id]),
-            Err(e) => tracing::warn!(error = %e, %queue, id, "persisting a dead letter failed; it stays stored in its queue"),
+            Err(e) => {
+                tracing::warn!(error = %e, %queue, id, "persisting a dead letter failed; it stays stored in its queue")
+            }
         };
         // The memory store resolves at once; a durable store's append is finished by a
         // task, the removal after it. With no runtime to run one, the removal is never

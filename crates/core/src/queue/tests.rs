@@ -411,7 +411,8 @@ impl Scripted {
         let (release, rx) = tokio::sync::watch::channel(None);
         let log = Arc::new(Mutex::new(Vec::new()));
         let held = held.map(|h| QueueName::parse(h).expect("name"));
-        let store = Self { inner: MemoryStore::new(RetentionConfig::default()), load, held, release: rx, log: log.clone() };
+        let store =
+            Self { inner: MemoryStore::new(RetentionConfig::default()), load, held, release: rx, log: log.clone() };
         (Arc::new(store), release, log)
     }
 }
@@ -500,7 +501,14 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) -> Result<(), QueueEr
 }
 
 fn record(id: u64, payload: &'static str) -> QueueRecord {
-    QueueRecord { id, kind: Kind::Text, payload: Bytes::from_static(payload.as_bytes()), ts: 5, ready_at: 5, expires_at: None }
+    QueueRecord {
+        id,
+        kind: Kind::Text,
+        payload: Bytes::from_static(payload.as_bytes()),
+        ts: 5,
+        ready_at: 5,
+        expires_at: None,
+    }
 }
 
 #[tokio::test]
@@ -510,7 +518,12 @@ async fn a_dead_letter_at_load_survives_whatever_order_the_queues_load_in() -> R
     // The parent comes first: its job, out of attempts, is dead-lettered at load, while
     // the dead-letter queue already holds a dead letter with id 1 of its own.
     let load = vec![
-        QueueSnapshot { queue: jobs.clone(), next_id: 2, records: vec![record(1, "cut off")], attempts: [(1, 2)].into() },
+        QueueSnapshot {
+            queue: jobs.clone(),
+            next_id: 2,
+            records: vec![record(1, "cut off")],
+            attempts: [(1, 2)].into(),
+        },
         QueueSnapshot { queue: dlq.clone(), next_id: 2, records: vec![record(1, "older")], attempts: BTreeMap::new() },
     ];
     let (store, _release, _log) = Scripted::new(load, None);
