@@ -475,7 +475,7 @@ impl Broker {
 
 /// Polls a future once without a runtime context of its own (a no-op waker): the memory
 /// store's futures are ready at once, so the hot path needs no task.
-fn futures_now<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+pub(crate) fn futures_now<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     match std::pin::Pin::new(f).poll(&mut cx) {

@@ -96,6 +96,15 @@ impl QueueName {
     pub fn dlq(&self) -> Option<QueueName> {
         (!self.is_dlq()).then(|| QueueName(Arc::from(format!("{}{DLQ_SUFFIX}", self.0))))
     }
+
+    /// The queue whose dead-letter queue this is (`None` for a queue that is not a
+    /// dead-letter queue, and for `x.dlq.dlq`: `x.dlq` has no dead-letter queue).
+    pub fn parent(&self) -> Option<QueueName> {
+        let parent = self.0.strip_suffix(DLQ_SUFFIX)?;
+        // What precedes `.dlq` in a valid name is itself valid (a non-empty segment) and
+        // at most 251 characters, so it parses; a parent that is a dead-letter queue has none.
+        QueueName::parse(parent).ok().filter(|p| !p.is_dlq())
+    }
 }
 
 impl fmt::Display for QueueName {
@@ -153,5 +162,16 @@ mod tests {
         assert!(QueueName::parse(&"a".repeat(251)).is_ok());
         assert_eq!(QueueName::parse(&"a".repeat(252)), Err(NameError::QueueLength(252)));
         assert!(QueueName::parse(&format!("{}.dlq", "a".repeat(251))).is_ok());
+    }
+
+    #[test]
+    fn a_dead_letter_queue_names_its_parent() -> Result<(), NameError> {
+        let jobs = QueueName::parse("jobs")?;
+        assert_eq!(jobs.dlq().and_then(|d| d.parent()), Some(jobs.clone()));
+        assert_eq!(jobs.parent(), None);
+        assert_eq!(QueueName::parse("jobs.dlq.dlq")?.parent(), None, "jobs.dlq has no dead-letter queue");
+        let longest = "a".repeat(251);
+        assert_eq!(QueueName::parse(&format!("{longest}.dlq"))?.parent(), Some(QueueName::parse(&longest)?));
+        Ok(())
     }
 }

@@ -6,7 +6,10 @@
 //! Time-driven changes (a delay ending, a lease ending, a TTL passing) are kept in three
 //! deadline heaps per queue and applied lazily, in time order, at the start of every
 //! operation: no task or timer per message, and what any caller observes is exact for
-//! the current time. Long-poll waiters sleep until the next deadline or a wake-up.
+//! the current time. An operation on a dead-letter queue settles its parent queue first,
+//! so a dead letter is there from the moment the last lease ended. Long-poll waiters
+//! sleep until the next deadline (on a dead-letter queue, also the parent's next lease
+//! end) or a wake-up.
 
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
@@ -19,6 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::broker::futures_now;
 use crate::config::QueueConfig;
 use crate::message::{Clock, Kind, NewMessage};
 use crate::name::QueueName;
@@ -96,7 +100,8 @@ pub struct Queues {
     config: QueueConfig,
     max_message_bytes: usize,
     deliveries: AtomicU64,
-    counters: QueueCounters,
+    /// Shared with the tasks that finish durable enqueues.
+    counters: Arc<QueueCounters>,
 }
 
 /// Queue-wide counters and gauges, for metrics.
@@ -125,6 +130,9 @@ struct Queue {
     waiters: AtomicUsize,
     /// The dead-letter queue (`None` for a dead-letter queue itself).
     dlq: Option<Arc<Queue>>,
+    /// For a dead-letter queue, the queue it takes dead letters from: settled first by
+    /// every operation here, since a lease ending there may owe this queue a message.
+    parent: Option<QueueName>,
 }
 
 #[derive(Default)]
@@ -165,6 +173,45 @@ enum Due {
     Expiry,
     DelayEnd,
     LeaseEnd,
+}
+
+/// An id handed to an enqueue whose durable write is pending. It counts against
+/// `max_queue_messages` until the write resolved; dropped unresolved (the task finishing
+/// the enqueue cancelled, say at shutdown), it gives the count back.
+struct Reservation {
+    q: Arc<Queue>,
+    held: bool,
+}
+
+impl Reservation {
+    /// The durable write resolved: the message becomes visible if it is stored.
+    fn land(
+        mut self,
+        stored: Result<(), StoreError>,
+        record: &QueueRecord,
+        clock: &dyn Clock,
+        counters: &QueueCounters,
+    ) -> Result<u64, QueueError> {
+        self.held = false;
+        let mut st = lock(&self.q.state);
+        st.reserved -= 1;
+        stored?;
+        // Visible only once durable: a consumer never sees what a crash could lose. Due
+        // events are left to the next operation's settle, which applies them in time order.
+        st.insert(record.id, record, 0, clock.now_ms());
+        drop(st);
+        counters.enqueued.fetch_add(1, Ordering::Relaxed);
+        self.q.ready.notify_waiters();
+        Ok(record.id)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.held {
+            lock(&self.q.state).reserved -= 1;
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,24 +286,38 @@ impl Queues {
             config,
             max_message_bytes,
             deliveries: AtomicU64::new(0),
-            counters: QueueCounters::default(),
+            counters: Arc::default(),
         };
         let now = queues.clock.now_ms();
+        // Every snapshot is in before anything is dead-lettered: the store lists queues
+        // in no particular order, and a dead letter given an id before its dead-letter
+        // queue's own snapshot (records and next id) is in would take an id in use.
+        let mut loaded = Vec::new();
         for snapshot in queues.store.queue_load() {
             let q = queues.queue(&snapshot.queue);
             let mut st = lock(&q.state);
             st.next_id = st.next_id.max(snapshot.next_id);
+            let mut spent = Vec::new();
             for record in &snapshot.records {
                 st.next_id = st.next_id.max(record.id + 1);
                 // In flight at the crash or not: ready again, with the attempts it had.
                 let attempts = snapshot.attempts.get(&record.id).copied().unwrap_or(0);
                 st.insert(record.id, record, attempts, now);
-                // A delivery cut off by the crash ended without an ack: if it was the
-                // last one allowed, the message is dead-lettered as at a lease end.
-                if let Some(dlq) = q.dlq.as_ref().filter(|_| attempts >= queues.config.max_attempts) {
-                    if let Some(entry) = st.remove(record.id) {
-                        queues.store.queue_remove(&q.name, vec![record.id]);
-                        queues.dead_letter(dlq, entry, now);
+                if attempts >= queues.config.max_attempts {
+                    spent.push(record.id);
+                }
+            }
+            drop(st);
+            loaded.push((q, spent));
+        }
+        for (q, spent) in loaded {
+            let mut st = lock(&q.state);
+            // A delivery cut off by the crash ended without an ack: if it was the last
+            // one allowed, the message is dead-lettered as at a lease end.
+            if let Some(dlq) = &q.dlq {
+                for id in spent {
+                    if let Some(entry) = st.remove(id) {
+                        queues.dead_letter(&q.name, id, dlq, entry, now);
                     }
                 }
             }
@@ -296,6 +357,7 @@ impl Queues {
                     ready: Notify::new(),
                     waiters: AtomicUsize::new(0),
                     dlq,
+                    parent: name.parent(),
                 })
             })
             .clone()
@@ -307,6 +369,17 @@ impl Queues {
         let n = self.deliveries.fetch_add(1, Ordering::Relaxed);
         let nonce = self.hasher.hash_one(n) & 0xffff_ffff_ffff;
         Arc::from(format!("{id:x}-{attempt}-{nonce:x}"))
+    }
+
+    /// For a dead-letter queue, applies the timed events due at `now` on its parent queue:
+    /// settling is lazy and per queue, and a lease ending there moves its message here,
+    /// so without this a dead letter would wait for the parent's next operation. Called
+    /// without `q`'s lock: the lock order is queue, then its dead-letter queue.
+    fn settle_parent(&self, q: &Queue, now: u64) {
+        if let Some(parent) = q.parent.as_ref().and_then(|p| self.lookup(p)) {
+            let mut st = lock(&parent.state);
+            self.settle(&parent, &mut st, now);
+        }
     }
 
     /// Applies every timed event due at `now`, in time order.
@@ -365,8 +438,7 @@ impl Queues {
             Some(dlq) if attempts >= self.config.max_attempts => {
                 // Out of every index already (its lease was counted off by the caller).
                 if let Some(entry) = st.entries.remove(&id) {
-                    self.store.queue_remove(&q.name, vec![id]);
-                    self.dead_letter(dlq, entry, at);
+                    self.dead_letter(&q.name, id, dlq, entry, at);
                 }
             }
             _ if delay > 0 => {
@@ -381,28 +453,53 @@ impl Queues {
         }
     }
 
-    /// Appends `entry` to the dead-letter queue as a new message. Lock order is always
-    /// queue, then its dead-letter queue (which never dead-letters), so this cannot deadlock.
-    fn dead_letter(&self, dlq: &Queue, entry: Entry, now: u64) {
+    /// Moves message `id` of `queue`, already out of its state, to the dead-letter queue
+    /// as a new message, visible there at once. Lock order is always queue, then its
+    /// dead-letter queue (which never dead-letters), so this cannot deadlock.
+    ///
+    /// In the store, the dead letter is appended first and the message removed from
+    /// `queue` only once that append resolved: a crash in between leaves it in both, and
+    /// after the restart `queue`'s copy, out of attempts, is dead-lettered again (or, if
+    /// its lazily written attempt count was lost too, delivered once more): a duplicate,
+    /// never a loss. A failed append leaves it stored in `queue` likewise.
+    fn dead_letter(&self, queue: &QueueName, id: u64, dlq: &Queue, entry: Entry, now: u64) {
         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         let mut st = lock(&dlq.state);
-        let id = st.next_id;
+        let dead_id = st.next_id;
         st.next_id += 1;
-        let record =
-            QueueRecord { id, kind: entry.kind, payload: entry.payload, ts: now, ready_at: now, expires_at: None };
-        st.insert(id, &record, 0, now);
+        let record = QueueRecord {
+            id: dead_id,
+            kind: entry.kind,
+            payload: entry.payload,
+            ts: now,
+            ready_at: now,
+            expires_at: None,
+        };
+        st.insert(dead_id, &record, 0, now);
+        // Issued under the lock, so that an ack of the dead letter (which needs this
+        // lock) cannot reach the store before its append.
+        let mut append = self.store.queue_append(&dlq.name, vec![record]);
         drop(st);
-        // Persisting a dead letter may lag: until it lands, a crash redelivers the
-        // original, whose removal is lazy too, so nothing is lost.
-        let pending = self.store.queue_append(&dlq.name, vec![record]);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = pending.await {
-                    tracing::warn!(error = %e, "persisting a dead letter failed");
-                }
-            });
-        }
         dlq.ready.notify_waiters();
+        let store = self.store.clone();
+        let queue = queue.clone();
+        let done = move |appended: Result<(), StoreError>| match appended {
+            Ok(()) => store.queue_remove(&queue, vec![id]),
+            Err(e) => {
+                tracing::warn!(error = %e, %queue, id, "persisting a dead letter failed; it stays stored in its queue")
+            }
+        };
+        // The memory store resolves at once; a durable store's append is finished by a
+        // task, the removal after it. With no runtime to run one, the removal is never
+        // issued: the message stays stored in `queue` too, a duplicate after a restart.
+        match futures_now(&mut append) {
+            Some(appended) => done(appended),
+            None => {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move { done(append.await) });
+                }
+            }
+        }
     }
 
     /// Enqueues `msg`; resolves with its message id once it is durable.
@@ -415,7 +512,7 @@ impl Queues {
         }
         let q = self.queue(name);
         let now = self.clock.now_ms();
-        let id = {
+        let (id, reservation) = {
             let mut st = lock(&q.state);
             self.settle(&q, &mut st, now);
             if st.entries.len() + st.reserved >= self.config.max_queue_messages {
@@ -423,7 +520,7 @@ impl Queues {
             }
             st.reserved += 1;
             st.next_id += 1;
-            st.next_id - 1
+            (st.next_id - 1, Reservation { q: q.clone(), held: true })
         };
         let record = QueueRecord {
             id,
@@ -433,18 +530,24 @@ impl Queues {
             ready_at: now + delay_ms,
             expires_at: msg.ttl_ms.map(|ttl| now.saturating_add(ttl)),
         };
-        let stored = self.store.queue_append(name, vec![record.clone()]).await;
-        let mut st = lock(&q.state);
-        st.reserved -= 1;
-        stored?;
-        // Visible only once durable: a consumer never sees what a crash could lose.
-        let now = self.clock.now_ms();
-        st.insert(id, &record, 0, now);
-        self.settle(&q, &mut st, now);
-        drop(st);
-        self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
-        q.ready.notify_waiters();
-        Ok(id)
+        let mut stored = self.store.queue_append(name, vec![record.clone()]);
+        // The memory store resolves at once: insert inline. A durable store resolves
+        // later; finish on a task of its own, so that a caller that goes away (deadline,
+        // reset, client gone) can leave neither a reservation counted against the limit
+        // nor a durably stored message that no worker can see until a restart.
+        let (clock, counters) = (self.clock.clone(), self.counters.clone());
+        match futures_now(&mut stored) {
+            Some(stored) => reservation.land(stored, &record, &*clock, &counters),
+            None => match tokio::runtime::Handle::try_current() {
+                Ok(handle) => handle
+                    .spawn(async move { reservation.land(stored.await, &record, &*clock, &counters) })
+                    .await
+                    .map_err(|_| QueueError::Store(StoreError::Closed))?,
+                // Polled outside a runtime: no task to hand over to. The reservation is
+                // still released if this future is dropped.
+                Err(_) => reservation.land(stored.await, &record, &*clock, &counters),
+            },
+        }
     }
 
     /// Takes up to `max` ready messages, leasing each for `visibility_ms`.
@@ -455,6 +558,7 @@ impl Queues {
 
     fn fetch_from(&self, q: &Queue, max: usize, visibility_ms: u64) -> Vec<Delivery> {
         let now = self.clock.now_ms();
+        self.settle_parent(q, now);
         let mut st = lock(&q.state);
         self.settle(q, &mut st, now);
         let mut out = Vec::new();
@@ -522,8 +626,14 @@ impl Queues {
                 return Ok(got);
             }
             // Sleep to the wait's end, or to the next delay or lease ending, whichever
-            // is first; an enqueue or requeue wakes us at once.
-            let next_due = lock(&q.state).next_due();
+            // is first; an enqueue or requeue wakes us at once. On a dead-letter queue, a
+            // lease ending on the parent may bring a dead letter: wake then too (a
+            // dead letter the parent's own operations move wakes us through `ready`).
+            let mut next_due = lock(&q.state).next_due();
+            if let Some(parent) = q.parent.as_ref().and_then(|p| self.lookup(p)) {
+                let lease_end = top(&lock(&parent.state).leases).map(|(at, _, _)| at);
+                next_due = next_due.into_iter().chain(lease_end).min();
+            }
             let clock_now = self.clock.now_ms();
             let until = match next_due {
                 Some(at) => deadline.min(now + Duration::from_millis(at.saturating_sub(clock_now))),
@@ -546,6 +656,7 @@ impl Queues {
         let id = delivery.split('-').next().and_then(|hex| u64::from_str_radix(hex, 16).ok()).ok_or_else(not_found)?;
         let q = self.lookup(name).ok_or_else(not_found)?;
         let now = self.clock.now_ms();
+        self.settle_parent(&q, now);
         let mut st = lock(&q.state);
         self.settle(&q, &mut st, now);
         let current = st
@@ -601,6 +712,7 @@ impl Queues {
             return QueueStats::default();
         };
         let now = self.clock.now_ms();
+        self.settle_parent(&q, now);
         let mut stats = {
             let mut st = lock(&q.state);
             self.settle(&q, &mut st, now);

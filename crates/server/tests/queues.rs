@@ -196,6 +196,20 @@ async fn dead_letters_stale_ids_and_delays_over_http() -> Result {
 }
 
 #[tokio::test]
+async fn a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue() -> Result {
+    let server = Arc::new(start(|c| c.broker.queues.max_attempts = 1).await?);
+    enqueue(&server, "idle", "poison".into()).await?;
+    // The only allowed delivery; its worker dies. Nothing touches `idle` after this.
+    assert_eq!(fetch(&server, "idle", "visibility_ms=200").await?.len(), 1);
+    let t0 = Instant::now();
+    let dead = fetch(&server, "idle.dlq", "wait_ms=10000").await?;
+    let waited = t0.elapsed();
+    assert_eq!(dead.first().map(|m| m["data"].clone()), Some("poison".into()), "after {waited:?}");
+    assert!(waited < Duration::from_secs(3), "returned at the lease end, not at wait_ms: {waited:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn queue_errors() -> Result {
     let server = start(|c| {
         c.broker.queues.max_queue_messages = 1;

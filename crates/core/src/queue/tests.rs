@@ -10,6 +10,7 @@ use super::*;
 use crate::config::RetentionConfig;
 use crate::memory::MemoryStore;
 use crate::message::ManualClock;
+use crate::store::QueueSnapshot;
 
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -255,6 +256,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
         model.settle();
+        // The dead-letter queue first: its stats must already show what lease ends on
+        // the parent dead-lettered, without the parent being touched (stats on the
+        // parent settle it).
+        let (ready, in_flight, delayed) = model.dlq.stats();
+        prop_assert_eq!(queues.stats(&dlq_name), QueueStats { ready, in_flight, delayed, dead: 0 });
         prop_assert_eq!(queues.stats(&name), model.stats());
     }
     Ok(())
@@ -339,5 +345,259 @@ async fn a_long_poll_wakes_on_enqueue() -> Result<(), QueueError> {
     q.enqueue(&name, text("wake"), 0).await?;
     let got = waiter.await.map_err(|_| QueueError::Store(StoreError::Closed))??;
     assert_eq!(got.len(), 1);
+    Ok(())
+}
+
+/// Milliseconds of tokio's clock, so that a paused runtime moves the queues' time too.
+struct TokioClock(tokio::time::Instant);
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        1_000 + self.0.elapsed().as_millis() as u64
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_in_the_dlq_when_the_lease_ends() -> Result<(), QueueError> {
+    let clock = Arc::new(ManualClock::new(0));
+    let (q, name) = queues(clock.clone());
+    let dlq = name.dlq().expect("dlq");
+    q.enqueue(&name, text("job"), 0).await?;
+    assert_eq!(q.fetch(&name, 1, 100)[0].attempt, 1);
+    clock.advance(100);
+    assert_eq!(q.fetch(&name, 1, 100)[0].attempt, 2, "the last allowed delivery");
+    clock.advance(150); // its lease ended at 200; nothing touches `q` from here on
+    assert_eq!(q.stats(&dlq), QueueStats { ready: 1, in_flight: 0, delayed: 0, dead: 0 });
+    let dead = q.fetch(&dlq, 1, 100);
+    assert_eq!((dead.len(), dead[0].ts, &dead[0].payload[..]), (1, 200, &b"job"[..]), "ts = the lease end");
+    assert_eq!(q.stats(&name), QueueStats { ready: 0, in_flight: 0, delayed: 0, dead: 1 });
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dlq_long_poll_wakes_when_the_parent_lease_ends() -> Result<(), QueueError> {
+    let clock = Arc::new(TokioClock(tokio::time::Instant::now()));
+    let store = Arc::new(MemoryStore::new(RetentionConfig::default()));
+    let config = QueueConfig { max_attempts: 1, ..QueueConfig::default() };
+    let q = Arc::new(Queues::new(store, clock, config, 1024));
+    let name = QueueName::parse("idle").expect("name");
+    q.enqueue(&name, text("job"), 0).await?;
+    assert_eq!(q.fetch(&name, 1, 100).len(), 1, "the only allowed delivery, leased for 100 ms");
+    let start = tokio::time::Instant::now();
+    let dlq = name.dlq().expect("dlq");
+    let got = q.fetch_wait(&dlq, 1, 1000, Duration::from_secs(60)).await?;
+    assert_eq!(got.len(), 1);
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(1), "{waited:?}: not the lease end");
+    Ok(())
+}
+
+/// What a [`Scripted`] store's held appends resolve to, once the test decides.
+type Release = tokio::sync::watch::Sender<Option<Result<(), StoreError>>>;
+
+/// A store double around `MemoryStore`: `queue_load` returns the snapshots the test gave,
+/// in that order; queue appends (when issued and when done) and removals are logged in
+/// order; appends to the `held` queue stay pending until the test releases them.
+struct Scripted {
+    inner: MemoryStore,
+    load: Vec<QueueSnapshot>,
+    held: Option<QueueName>,
+    release: tokio::sync::watch::Receiver<Option<Result<(), StoreError>>>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    fn new(load: Vec<QueueSnapshot>, held: Option<&str>) -> (Arc<Self>, Release, Arc<Mutex<Vec<String>>>) {
+        let (release, rx) = tokio::sync::watch::channel(None);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let held = held.map(|h| QueueName::parse(h).expect("name"));
+        let store =
+            Self { inner: MemoryStore::new(RetentionConfig::default()), load, held, release: rx, log: log.clone() };
+        (Arc::new(store), release, log)
+    }
+}
+
+fn note(log: &Mutex<Vec<String>>, what: String) {
+    lock(log).push(what);
+}
+
+impl Store for Scripted {
+    fn append(
+        &self,
+        topic: &crate::name::TopicName,
+        batch: Vec<NewMessage>,
+    ) -> crate::store::StoreFuture<crate::store::Appended> {
+        self.inner.append(topic, batch)
+    }
+
+    fn read(
+        &self,
+        topic: &crate::name::TopicName,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> crate::store::StoreFuture<Vec<Arc<crate::message::Message>>> {
+        self.inner.read(topic, from, until, limit)
+    }
+
+    fn head(&self, topic: &crate::name::TopicName) -> Result<crate::store::TopicHead, StoreError> {
+        self.inner.head(topic)
+    }
+
+    fn delete(&self, topic: &crate::name::TopicName) -> crate::store::StoreFuture<crate::store::Epoch> {
+        self.inner.delete(topic)
+    }
+
+    fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::ListedTopic>, StoreError> {
+        self.inner.list(prefix, after, limit)
+    }
+
+    fn queue_append(&self, queue: &QueueName, records: Vec<QueueRecord>) -> crate::store::StoreFuture<()> {
+        let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+        note(&self.log, format!("append {queue} {ids:?}"));
+        if self.held.as_ref() != Some(queue) {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let (mut release, log, queue) = (self.release.clone(), self.log.clone(), queue.clone());
+        Box::pin(async move {
+            let outcome = match release.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone().unwrap_or(Err(StoreError::Closed)),
+                Err(_) => Err(StoreError::Closed),
+            };
+            note(&log, format!("appended {queue} {ids:?} ok={}", outcome.is_ok()));
+            outcome
+        })
+    }
+
+    fn queue_remove(&self, queue: &QueueName, ids: Vec<u64>) {
+        note(&self.log, format!("remove {queue} {ids:?}"));
+    }
+
+    fn queue_load(&self) -> Vec<QueueSnapshot> {
+        self.load.clone()
+    }
+
+    fn sweep(&self) {}
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// Runs spawned tasks until `done` holds (the store double's futures need a few polls).
+async fn until(what: &str, mut done: impl FnMut() -> bool) -> Result<(), QueueError> {
+    for _ in 0..1000 {
+        if done() {
+            return Ok(());
+        }
+        tokio::task::yield_now().await;
+    }
+    Err(QueueError::Store(StoreError::Unavailable(format!("never: {what}"))))
+}
+
+fn record(id: u64, payload: &'static str) -> QueueRecord {
+    QueueRecord {
+        id,
+        kind: Kind::Text,
+        payload: Bytes::from_static(payload.as_bytes()),
+        ts: 5,
+        ready_at: 5,
+        expires_at: None,
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_at_load_survives_whatever_order_the_queues_load_in() -> Result<(), QueueError> {
+    let jobs = QueueName::parse("jobs").expect("name");
+    let dlq = jobs.dlq().expect("dlq");
+    // The parent comes first: its job, out of attempts, is dead-lettered at load, while
+    // the dead-letter queue already holds a dead letter with id 1 of its own.
+    let load = vec![
+        QueueSnapshot {
+            queue: jobs.clone(),
+            next_id: 2,
+            records: vec![record(1, "cut off")],
+            attempts: [(1, 2)].into(),
+        },
+        QueueSnapshot { queue: dlq.clone(), next_id: 2, records: vec![record(1, "older")], attempts: BTreeMap::new() },
+    ];
+    let (store, _release, _log) = Scripted::new(load, None);
+    let config = QueueConfig { max_attempts: 2, ..QueueConfig::default() };
+    let q = Queues::new(store, Arc::new(ManualClock::new(10)), config, 1024);
+    assert_eq!(q.stats(&jobs), QueueStats { ready: 0, in_flight: 0, delayed: 0, dead: 2 });
+    let mut dead: Vec<(u64, Bytes)> = q.fetch(&dlq, 10, 100).into_iter().map(|d| (d.message_id, d.payload)).collect();
+    dead.sort();
+    assert_eq!(dead, vec![(1, Bytes::from_static(b"older")), (2, Bytes::from_static(b"cut off"))]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_lettering_removes_from_the_parent_only_once_the_dlq_append_is_done() -> Result<(), QueueError> {
+    let (store, release, log) = Scripted::new(Vec::new(), Some("q.dlq"));
+    let clock = Arc::new(ManualClock::new(0));
+    let config = QueueConfig { max_attempts: 1, ..QueueConfig::default() };
+    let q = Queues::new(store, clock.clone(), config, 1024);
+    let name = QueueName::parse("q").expect("name");
+    q.enqueue(&name, text("job"), 0).await?;
+    q.fetch(&name, 1, 100);
+    clock.advance(100);
+    assert_eq!(q.stats(&name).dead, 1, "dead-lettered at the lease end");
+    tokio::task::yield_now().await;
+    let logged = lock(&log).clone();
+    assert_eq!(logged, vec!["append q [1]", "append q.dlq [1]"], "no removal from q before the dead letter is stored");
+    release.send_replace(Some(Ok(())));
+    until("the removal from q", || lock(&log).iter().any(|l| l.starts_with("remove q "))).await?;
+    assert_eq!(lock(&log)[2..], ["appended q.dlq [1] ok=true", "remove q [1]"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_dlq_append_leaves_the_job_stored_in_its_queue() -> Result<(), QueueError> {
+    let (store, release, log) = Scripted::new(Vec::new(), Some("q.dlq"));
+    let clock = Arc::new(ManualClock::new(0));
+    let config = QueueConfig { max_attempts: 1, ..QueueConfig::default() };
+    let q = Queues::new(store, clock.clone(), config, 1024);
+    let name = QueueName::parse("q").expect("name");
+    q.enqueue(&name, text("job"), 0).await?;
+    q.fetch(&name, 1, 100);
+    clock.advance(100);
+    assert_eq!(q.stats(&name).dead, 1);
+    release.send_replace(Some(Err(StoreError::Unavailable("disk full".into()))));
+    until("the failed append", || lock(&log).iter().any(|l| l.starts_with("appended"))).await?;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    // Still stored in `q`, out of attempts: a restart dead-letters it again.
+    assert!(!lock(&log).iter().any(|l| l.starts_with("remove q ")), "{:?}", lock(&log));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dropped_enqueue_neither_leaks_its_reservation_nor_hides_its_job() -> Result<(), QueueError> {
+    let (store, release, log) = Scripted::new(Vec::new(), Some("q"));
+    let config = QueueConfig { max_attempts: 2, max_queue_messages: 3, max_waiters_per_queue: 1 };
+    let q = Queues::new(store, Arc::new(ManualClock::new(0)), config, 16);
+    let name = QueueName::parse("q").expect("name");
+    {
+        // The caller goes away (deadline, reset) while the durable write is pending.
+        let mut enqueue = Box::pin(q.enqueue(&name, text("orphan"), 0));
+        assert!(futures_poll(&mut enqueue).is_none());
+        assert_eq!(lock(&log).clone(), vec!["append q [1]"]);
+    }
+    release.send_replace(Some(Ok(())));
+    until("the write to land", || lock(&log).len() == 2).await?;
+    tokio::task::yield_now().await;
+    let got = q.fetch(&name, 10, 100);
+    assert_eq!(got.iter().map(|d| &d.payload[..]).collect::<Vec<_>>(), vec![&b"orphan"[..]], "stored, so visible");
+    q.ack(&name, &got[0].id)?;
+    for _ in 0..3 {
+        q.enqueue(&name, text("x"), 0).await?; // the reservation was given back
+    }
+    assert!(matches!(q.enqueue(&name, text("x"), 0).await, Err(QueueError::Full { .. })));
     Ok(())
 }
