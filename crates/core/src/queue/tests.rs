@@ -436,7 +436,7 @@ impl Store for Scripted {
         from: u64,
         until: u64,
         limit: usize,
-    ) -> crate::store::StoreFuture<Vec<Arc<crate::message::Message>>> {
+    ) -> crate::store::StoreFuture<crate::store::History> {
         self.inner.read(topic, from, until, limit)
     }
 
