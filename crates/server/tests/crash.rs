@@ -110,10 +110,30 @@ async fn kill_9_under_load_loses_nothing_acknowledged() -> Result {
     let dir = std::env::temp_dir().join(format!("herald-crash-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data_dir = dir.to_string_lossy().into_owned();
-    let args = ["--store", "disk", "--data-dir", data_dir.as_str()];
+    // 16 KiB segments: a round writes hundreds of KiB, so segment switches and
+    // checkpoints (from 64 KiB of log) happen inside every round, and crashes land
+    // during them.
+    let args = ["--store", "disk", "--data-dir", data_dir.as_str(), "--segment-bytes", "16384"];
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut rng = Rng::new(42);
     let http = reqwest::Client::new();
+    // A topic written once, before every crash: after the first rounds its only copy
+    // is in checkpoints.
+    let old: Vec<String> = (0..30).map(|i| format!("old-{i}")).collect();
+    {
+        let (mut child, url) = spawn_herald(&args)?;
+        for payload in &old {
+            let r = http
+                .post(format!("{url}/v1/topics/old/messages"))
+                .header("content-type", "text/plain")
+                .body(payload.clone())
+                .send()
+                .await?;
+            assert_eq!(r.status(), 201);
+        }
+        child.kill()?;
+        child.wait()?;
+    }
     for round in 0..ROUNDS {
         let (mut child, url) = spawn_herald(&args)?;
         let loader = tokio::spawn(load(url.clone(), round, acked.clone()));
@@ -123,6 +143,10 @@ async fn kill_9_under_load_loses_nothing_acknowledged() -> Result {
         within(Duration::from_secs(10), "load stops", loader).await??;
 
         let (mut child, url) = spawn_herald(&args)?;
+        let page = body(http.get(format!("{url}/v1/topics/old/messages?from=0&limit=100")).send().await?).await?;
+        let kept: Vec<&str> =
+            page["messages"].as_array().ok_or("messages")?.iter().filter_map(|m| m["data"].as_str()).collect();
+        assert_eq!(kept, old, "round {round}: the history written before the checkpoints");
         // Every acknowledged publish is there, at its offset; offsets have no holes and
         // every message served is whole (one of ours, intact).
         let mut served = BTreeMap::new();
@@ -347,6 +371,88 @@ async fn attempts_count_across_crashes_and_the_last_one_dead_letters() -> Result
     let dead = fetch(url.clone(), "jobs.dlq").await?;
     assert_eq!(dead.first().map(|m| m["data"].clone()), Some("poison".into()));
     drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Issue 9, item 1, as a user met it: with small segments and retention by count,
+/// a topic's retained messages whose only copy is in a checkpoint survive a SIGTERM
+/// and restart, and its offsets go on under the same epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retained_history_survives_checkpoints_and_a_restart() -> Result {
+    let dir = std::env::temp_dir().join(format!("herald-retained-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data_dir = dir.to_string_lossy().into_owned();
+    let args = [
+        "--store",
+        "disk",
+        "--data-dir",
+        data_dir.as_str(),
+        "--segment-bytes",
+        "65536",
+        "--retention-max-messages",
+        "100",
+    ];
+    let http = reqwest::Client::new();
+    let (child, url) = spawn_herald(&args)?;
+    for i in 0..50 {
+        let r = http
+            .post(format!("{url}/v1/topics/a/messages"))
+            .header("content-type", "text/plain")
+            .body(format!("a-{i}"))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 201);
+    }
+    let before = body(http.get(format!("{url}/v1/topics/a")).send().await?).await?;
+    // About 4000 messages of about 100 bytes to another topic: checkpoints run.
+    let mut tasks = Vec::new();
+    for p in 0..8 {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..500 {
+                let r = http.post(format!("{url}/v1/topics/b/messages")).body(format!("{p}-{i:0>96}")).send().await?;
+                assert_eq!(r.status(), 201);
+            }
+            Ok::<_, reqwest::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    assert!(status.success());
+    let mut child = child;
+    assert!(child.wait()?.success(), "a clean stop");
+    let segments: Vec<String> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    assert!(!segments.iter().any(|n| n == "00000000000000000001.log"), "checkpoints ran: {segments:?}");
+
+    let (mut child, url) = spawn_herald(&args)?;
+    let after = body(http.get(format!("{url}/v1/topics/a")).send().await?).await?;
+    assert_eq!((after["retained"].as_u64(), after["first"].as_u64()), (Some(50), Some(1)), "{after}");
+    assert_eq!(after["epoch"], before["epoch"]);
+    let page = body(http.get(format!("{url}/v1/topics/a/messages?from=0&limit=100")).send().await?).await?;
+    let data: Vec<&str> =
+        page["messages"].as_array().ok_or("messages")?.iter().filter_map(|m| m["data"].as_str()).collect();
+    assert_eq!(data, (0..50).map(|i| format!("a-{i}")).collect::<Vec<_>>());
+    let r = body(
+        http.post(format!("{url}/v1/topics/a/messages"))
+            .header("content-type", "text/plain")
+            .body("a-50")
+            .send()
+            .await?,
+    )
+    .await?;
+    assert_eq!(r["offset"].as_u64(), Some(51), "offsets go on");
+    let info = body(http.get(format!("{url}/v1/topics/a")).send().await?).await?;
+    assert_eq!(info["epoch"], before["epoch"], "in the same epoch");
+    let b = body(http.get(format!("{url}/v1/topics/b")).send().await?).await?;
+    assert_eq!((b["retained"].as_u64(), b["last"].as_u64()), (Some(100), Some(4000)), "{b}");
+    child.kill()?;
+    child.wait()?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

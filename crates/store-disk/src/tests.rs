@@ -450,3 +450,29 @@ async fn commits_go_on_during_a_checkpoint_and_a_crash_inside_one_loses_nothing(
     assert_eq!(store.head(&topic("b"))?.next, 23_001);
     Ok(())
 }
+
+/// A damaged length field in the middle makes its record seem to run past the end of
+/// the file; the records after it still show the damage is not a torn tail.
+#[tokio::test]
+async fn a_damaged_length_in_the_middle_is_not_taken_for_a_torn_tail() -> TestResult {
+    let dir = TempDir::new("length-middle");
+    {
+        let store = DiskStore::open(dir.config())?;
+        publish(&store, "t", 10).await?;
+    }
+    let seg = dir.segments().pop().ok_or("no segment")?;
+    let mut data = std::fs::read(&seg)?;
+    // The third record's length: the header of each record is [len u32][crc u32].
+    let mut pos = 0;
+    for _ in 0..2 {
+        pos += Record::decode(&data[pos..])?.1;
+    }
+    data[pos + 2] = 0x01; // now about 64 KiB: past the end of this small file
+    std::fs::write(&seg, &data)?;
+    match DiskStore::open(dir.config()) {
+        Err(OpenError::Damaged { offset, .. }) => assert_eq!(offset, pos as u64),
+        Err(e) => return Err(format!("expected Damaged, got {e}").into()),
+        Ok(store) => return Err(format!("cut silently to {} messages", payloads(&store, "t").await?.len()).into()),
+    }
+    Ok(())
+}

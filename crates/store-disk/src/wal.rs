@@ -21,7 +21,7 @@ use std::time::Instant;
 use herald_core::{Appended, Epoch, NewMessage, QueueName, QueueRecord, StoreError, TopicName};
 use tokio::sync::oneshot;
 
-use crate::record::{DecodeError, Names, Record};
+use crate::record::{Names, Record};
 use crate::{DiskConfig, FsyncPolicy, OpenError, Shared};
 
 /// Largest batch the writer gathers into one write.
@@ -212,14 +212,14 @@ fn scan(path: &Path, mut each: impl FnMut(Record)) -> Result<Scan, OpenError> {
                 pos += len;
             }
             Err(e) => {
-                let torn = match e {
-                    // The record runs past the end of the file: the last write was cut.
-                    DecodeError::Truncated => true,
-                    // A damaged record is the tail of a torn write only if no chain of
-                    // valid records leads from somewhere after it to the end of the file
-                    // (a payload holding a record frame does not make such a chain).
-                    DecodeError::Damaged(_) => !chain_to_end(&data, pos + 1),
-                };
+                // A torn write leaves a bad record that nothing valid follows. Damage in
+                // the middle leaves the records after it, which follow one another to the
+                // end of the file. So the damage is a torn tail unless a chain of valid
+                // records runs from somewhere after it to exactly the end: a payload
+                // that merely holds a record frame does not make one, and a damaged
+                // length (which makes a record seem to run past the end) does not hide
+                // the records that follow it.
+                let torn = !chain_to_end(&data, pos + 1);
                 return Ok(Scan { valid_len: pos as u64, damage: Some((torn, e.to_string())) });
             }
         }
