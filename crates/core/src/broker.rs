@@ -228,8 +228,11 @@ impl Broker {
         self.inner.store.is_ready()
     }
 
-    /// Makes everything written so far durable (shutdown calls it last).
+    /// Makes everything written so far durable (shutdown calls it last): first waits
+    /// for dead letters still finishing their writes (the removal of the original is
+    /// issued only once the dead letter is stored), then flushes the store.
     pub async fn flush(&self) -> Result<(), BrokerError> {
+        self.inner.queues.dead_letters_persisted().await;
         Ok(self.inner.store.flush().await?)
     }
 

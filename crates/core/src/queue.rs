@@ -102,6 +102,35 @@ pub struct Queues {
     deliveries: AtomicU64,
     /// Shared with the tasks that finish durable enqueues.
     counters: Arc<QueueCounters>,
+    /// Dead letters whose store writes (append, then the original's removal) are still
+    /// being finished by a task: [`Queues::dead_letters_persisted`] waits for them.
+    persisting: Arc<Persisting>,
+}
+
+/// A count of tasks finishing dead letters, and a wake-up for when it reaches zero.
+#[derive(Default)]
+struct Persisting {
+    tasks: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts one dead letter's task from before it is spawned until it ends, however it
+/// ends (finished, or dropped with its runtime).
+struct PersistingTask(Arc<Persisting>);
+
+impl PersistingTask {
+    fn start(persisting: &Arc<Persisting>) -> Self {
+        persisting.tasks.fetch_add(1, Ordering::AcqRel);
+        Self(persisting.clone())
+    }
+}
+
+impl Drop for PersistingTask {
+    fn drop(&mut self) {
+        if self.0.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Queue-wide counters and gauges, for metrics.
@@ -287,6 +316,7 @@ impl Queues {
             max_message_bytes,
             deliveries: AtomicU64::new(0),
             counters: Arc::default(),
+            persisting: Arc::default(),
         };
         let now = queues.clock.now_ms();
         // Every snapshot is in before anything is dead-lettered: the store lists queues
@@ -496,7 +526,11 @@ impl Queues {
             Some(appended) => done(appended),
             None => {
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move { done(append.await) });
+                    let task = PersistingTask::start(&self.persisting);
+                    handle.spawn(async move {
+                        done(append.await);
+                        drop(task);
+                    });
                 }
             }
         }
@@ -724,6 +758,24 @@ impl Queues {
             stats.dead = st.entries.len() as u64;
         }
         stats
+    }
+
+    /// Resolves once every dead letter made so far has finished its store writes: its
+    /// append resolved and the original's removal was issued. A clean stop calls this
+    /// (through [`crate::Broker::flush`]) before the store's flush, so that no removal is
+    /// still waiting in a task when the process exits: otherwise the original would
+    /// still be stored in its queue and be dead-lettered again at the next start.
+    pub async fn dead_letters_persisted(&self) {
+        loop {
+            let idle = self.persisting.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the count is read, so a task ending in between wakes us.
+            idle.as_mut().enable();
+            if self.persisting.tasks.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 
     /// Wakes every long poll (shutdown answers them with what they have).

@@ -557,6 +557,29 @@ async fn dead_lettering_removes_from_the_parent_only_once_the_dlq_append_is_done
 }
 
 #[tokio::test]
+async fn a_flush_waits_until_the_dead_letters_original_is_removed() -> Result<(), Box<dyn std::error::Error>> {
+    // A clean stop flushes, then the process exits and its tasks are dropped. Had the
+    // flush not waited for the removal (issued by a task once the dead letter is stored),
+    // the job would still be stored in `q` and be dead-lettered a second time at the next
+    // start. Found by the disk store's model-based restart test.
+    let (store, release, log) = Scripted::new(Vec::new(), Some("q.dlq"));
+    let clock = Arc::new(ManualClock::new(0));
+    let queues = QueueConfig { max_attempts: 1, ..QueueConfig::default() };
+    let broker = crate::Broker::with_clock(store, crate::BrokerConfig { queues, ..Default::default() }, clock.clone());
+    let name = QueueName::parse("q").expect("name");
+    broker.queues().enqueue(&name, text("job"), 0).await?;
+    broker.queues().fetch(&name, 1, 100);
+    clock.advance(100);
+    assert_eq!(broker.queues().stats(&name).dead, 1, "dead-lettered at the lease end");
+    let mut flush = Box::pin(broker.flush());
+    assert!(futures_poll(&mut flush).is_none(), "the flush waits while the dead letter's append is pending");
+    release.send_replace(Some(Ok(())));
+    flush.await?;
+    assert_eq!(lock(&log).last().map(String::as_str), Some("remove q [1]"), "removal issued before the flush ended");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_failed_dlq_append_leaves_the_job_stored_in_its_queue() -> Result<(), QueueError> {
     let (store, release, log) = Scripted::new(Vec::new(), Some("q.dlq"));
     let clock = Arc::new(ManualClock::new(0));
