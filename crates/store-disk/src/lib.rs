@@ -217,8 +217,12 @@ impl Shared {
     /// The live state as of the last applied commit, for a checkpoint: shared pointers
     /// to messages and payloads, nothing copied.
     pub(crate) fn checkpoint_state(&self) -> CheckpointState {
-        let topics = self.index.snapshot();
-        let queues = lock(&self.queues)
+        CheckpointState { topics: self.index.snapshot(), queues: self.queue_snapshots() }
+    }
+
+    /// Every queue's live records, next id and attempt counts.
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        lock(&self.queues)
             .iter()
             .map(|(queue, q)| QueueSnapshot {
                 queue: queue.clone(),
@@ -226,8 +230,7 @@ impl Shared {
                 records: q.records.values().cloned().collect(),
                 attempts: q.attempts.clone(),
             })
-            .collect();
-        CheckpointState { topics, queues }
+            .collect()
     }
 }
 
@@ -432,15 +435,7 @@ impl Store for DiskStore {
     }
 
     fn queue_load(&self) -> Vec<QueueSnapshot> {
-        lock(&self.shared.queues)
-            .iter()
-            .map(|(queue, q)| QueueSnapshot {
-                queue: queue.clone(),
-                next_id: q.next_id,
-                records: q.records.values().cloned().collect(),
-                attempts: q.attempts.clone(),
-            })
-            .collect()
+        self.shared.queue_snapshots()
     }
 
     fn queue_delivered(&self, queue: &QueueName, attempts: Vec<(u64, u32)>) {
