@@ -157,3 +157,51 @@ async fn subscribe_grpc_once(args: &SubArgs, from: &mut StartFrom, epoch: &mut O
     }
     Ok(())
 }
+
+/// An error and its causes on one line, each text once. Errors that print their source
+/// in their own message (thiserror's `"http: {0}"` with `#[from]`, hyper's and tonic's
+/// transport errors) would otherwise show it twice, as `{:#}` appends every source: a
+/// cause whose text the one before it already contains is left out.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() || !previous.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        previous = text;
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    /// Shows its source in its own message, as `#[error("http: {0}")]` with `#[from]` does.
+    #[derive(Debug)]
+    struct Http(std::io::Error);
+
+    impl std::fmt::Display for Http {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "http: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Http {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let e = anyhow::Error::from(Http(std::io::Error::other("refused"))).context("publishing");
+        assert_eq!(format!("{e:#}"), "publishing: http: refused: refused", "what it fixes");
+        assert_eq!(error_line(&e), "publishing: http: refused");
+    }
+}

@@ -46,7 +46,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The cause chain on one line, for operators; no backtrace.
-            eprintln!("herald: error: {e:#}");
+            eprintln!("herald: error: {}", herald_server::cli::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,5 +1,6 @@
 //! The `herald pub` command line against a real server: stdin lines become text
-//! messages, one offset printed per line, over HTTP and over gRPC.
+//! messages, one offset printed per line, over HTTP and over gRPC; with no server, one
+//! error line that says each thing once.
 
 mod common;
 
@@ -36,5 +37,25 @@ async fn pub_publishes_each_stdin_line_and_prints_its_offset() -> Result {
     let data: Vec<&str> =
         page["messages"].as_array().ok_or("messages")?.iter().filter_map(|m| m["data"].as_str()).collect();
     assert_eq!(data, ["one", "two", "three", "four", "five"], "text messages, in order");
+    Ok(())
+}
+
+#[test]
+fn with_the_server_down_pub_prints_its_error_once() -> Result {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("http://127.0.0.1:{port}");
+    for (extra, repeated) in [(None, "error sending request"), (Some("--grpc"), "tcp connect error")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["pub", "--url", &url, "news", "hello"])
+            .args(extra)
+            .output()?;
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8(out.stderr)?;
+        assert!(stderr.starts_with("herald: error: ") && stderr.ends_with('\n'), "{stderr:?}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+        assert_eq!(stderr.matches(repeated).count(), 1, "{stderr:?}");
+        assert!(stderr.contains("Connection refused"), "{stderr:?}");
+    }
     Ok(())
 }
