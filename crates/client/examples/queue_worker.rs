@@ -25,6 +25,7 @@ async fn main() -> Result<(), ClientError> {
         for job in client.fetch_jobs("emails", options).await? {
             match send_email(&job.payload.to_line()).await {
                 Ok(()) => client.ack("emails", &job).await?,
+                // Try again in a minute; after max_attempts deliveries it lands in emails.dlq.
                 Err(_) => client.requeue("emails", &job, Duration::from_secs(60)).await?,
             }
         }
