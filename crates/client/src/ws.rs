@@ -219,11 +219,24 @@ impl Subscription {
 impl Client {
     /// Subscribes to `topic` over WebSocket from `from`, reconnecting as needed.
     pub fn subscribe(&self, topic: &str, from: StartFrom) -> Subscription {
+        self.subscription(topic, Resume { from, epoch: None })
+    }
+
+    /// Resumes a subscription where an earlier one stopped (say, before a restart):
+    /// from offset `next` of the history whose epoch was `epoch` (both from that
+    /// subscription's events: the epoch of its last [`Event::Subscribed`], and the offset
+    /// after its last message). If that position was lost (the history was deleted, or
+    /// trimmed past `next`), the first [`Event::Subscribed`] says `recovered: false` and
+    /// the subscription continues live.
+    pub fn resume(&self, topic: &str, next: u64, epoch: impl Into<String>) -> Subscription {
+        self.subscription(topic, Resume { from: StartFrom::Offset(next), epoch: Some(epoch.into()) })
+    }
+
+    fn subscription(&self, topic: &str, mut resume: Resume) -> Subscription {
         let (tx, events) = mpsc::channel(1024);
         let base = self.base().to_owned();
         let topic = topic.to_owned();
         let task = tokio::spawn(async move {
-            let mut resume = Resume { from, epoch: None };
             let mut backoff = Duration::from_millis(100);
             loop {
                 let error = match session(&base, &topic, &mut resume, &tx, &mut backoff).await {

@@ -429,6 +429,11 @@ impl Broker {
             st.epoch = epoch;
             st.next_fanout = 1;
             st.reorder.clear();
+            // Under the topic's lock, so fan-out sends nothing of the old history after it
+            // (messages a replaying subscription holds back are handed over as they are).
+            for sub in &st.subs {
+                sub.sink.history_deleted();
+            }
         }
         Ok(())
     }

@@ -56,6 +56,8 @@ pub trait Subscriber: Send + Sync + 'static {
     fn deliver(&self, msg: &Arc<Message>) -> bool;
     /// The subscriber fell too far behind while catching up: close it as slow.
     fn overflow(&self);
+    /// The topic's history was deleted: offsets start again from 1 (a new epoch).
+    fn history_deleted(&self) {}
 }
 
 struct Shared {
@@ -173,6 +175,31 @@ impl<C> Outbound<C> {
     /// Bytes queued and not yet written.
     pub fn pending_bytes(&self) -> usize {
         self.shared.pending.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the queue is closed (by any side, or as a slow consumer).
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.shared.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves when the writer next releases written bytes, or the queue closes: the
+    /// peer is reading.
+    pub async fn written(&self) {
+        let notified = self.shared.drained.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.shared.reason().is_some() {
+            return;
+        }
+        notified.await;
     }
 
     /// Waits until at most `bytes` are pending (or the queue closed); paces replays.

@@ -10,6 +10,7 @@ mod metrics;
 mod queues;
 mod rest;
 mod sse;
+mod tap;
 mod ws;
 
 use std::sync::atomic::Ordering;

@@ -28,6 +28,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::rest::{topic_name, Query};
+use crate::tap::Tap;
 use crate::{ApiError, AppState};
 
 /// Frames a reader asks the writer to send, besides topic messages.
@@ -275,6 +276,8 @@ pub(crate) async fn json_upgrade(
 
 struct JsonSub {
     id: SubscriptionId,
+    /// The subscription's sink: how far it delivered, for this connection's publishes.
+    tap: Arc<Tap<Control>>,
     _replay: Option<ReplayTask>,
 }
 
@@ -341,7 +344,7 @@ async fn json_connection(socket: WebSocket, state: AppState) {
                         WsMessage::Text(text) => Ok(Some(text)),
                         other => Err(other),
                     }));
-                    session.handle_all(texts).await;
+                    session.handle_all(texts, last_seen).await;
                 }
                 Some(Ok(WsMessage::Binary(_))) => session.error(&FrameError {
                     id: None,
@@ -405,7 +408,10 @@ impl JsonSession {
 
     /// Handles frames in order; runs of publishes to one topic are published as one
     /// batch (consecutive offsets, one store write), each still answered on its own.
-    async fn handle_all(&mut self, texts: Vec<Utf8Bytes>) {
+    /// Publishes to a topic this connection subscribes to are not batched: each waits
+    /// for its own message (see [`JsonSession::handle`]), so that the frames sent are
+    /// the same whether the client's frames arrived together or one by one.
+    async fn handle_all(&mut self, texts: Vec<Utf8Bytes>, last_seen: &LastSeen) {
         let max = self.state.broker().config().max_message_bytes;
         let mut run: Option<PublishRun> = None;
         for text in texts {
@@ -419,7 +425,9 @@ impl JsonSession {
             };
             match frame.op {
                 // Too large ones are refused on their own, below.
-                Op::Publish { topic, payload, ttl_ms } if payload_len(&payload) <= max => {
+                Op::Publish { topic, payload, ttl_ms }
+                    if payload_len(&payload) <= max && !self.subs.contains_key(&topic) =>
+                {
                     let msg = new_message(payload, ttl_ms);
                     match &mut run {
                         Some(r) if r.topic == topic => r.frames.push((frame.id, msg)),
@@ -431,7 +439,7 @@ impl JsonSession {
                 }
                 op => {
                     self.publish_run(run.take()).await;
-                    self.handle(ClientFrame { id: frame.id, op }).await;
+                    self.handle(ClientFrame { id: frame.id, op }, last_seen).await;
                 }
             }
         }
@@ -459,15 +467,25 @@ impl JsonSession {
         }
     }
 
-    async fn handle(&mut self, frame: ClientFrame) {
+    async fn handle(&mut self, frame: ClientFrame, last_seen: &LastSeen) {
         let id = frame.id;
         let fail = |code, message: String| FrameError { id, code, message };
         match frame.op {
             Op::Ping => self.reply(encode::pong(id)),
             Op::Publish { topic, payload, ttl_ms } => {
+                let own = self.subs.get(&topic).map(|sub| (sub.tap.clone(), sub.tap.mark()));
                 match self.state.broker().publish(&topic, new_message(payload, ttl_ms)).await {
-                    Ok(p) if id.is_some() => self.reply(encode::published(id, topic.as_str(), p.offset, p.ts)),
-                    Ok(_) => {}
+                    Ok(p) => {
+                        // This connection's subscription gets the message first, then the
+                        // reply (and whatever the next frames bring): held back behind a
+                        // replay or an earlier offset, the message is waited for.
+                        if let Some((tap, mark)) = own {
+                            tap.until_delivered(p.offset, mark, || last_seen.touch()).await;
+                        }
+                        if id.is_some() {
+                            self.reply(encode::published(id, topic.as_str(), p.offset, p.ts));
+                        }
+                    }
                     Err(e) => {
                         let api = ApiError::from(e);
                         self.error(&fail(api.code, api.message));
@@ -485,12 +503,12 @@ impl JsonSession {
                         format!("at most {max} subscriptions per connection"),
                     ));
                 }
-                let sink = self.out.clone();
-                match self.state.broker().subscribe(&topic, from, epoch.as_deref(), sink) {
+                let tap = Arc::new(Tap::new(self.out.clone()));
+                match self.state.broker().subscribe(&topic, from, epoch.as_deref(), tap.clone()) {
                     Ok(sub) => {
                         self.reply(encode::subscribed(id, topic.as_str(), &sub.epoch, sub.next, sub.recovered));
                         let replay = sub.replay.map(|r| spawn_replay(r, self.out.clone()));
-                        self.subs.insert(topic, JsonSub { id: sub.id, _replay: replay });
+                        self.subs.insert(topic, JsonSub { id: sub.id, tap, _replay: replay });
                     }
                     Err(e) => {
                         let api = ApiError::from(e);

@@ -44,9 +44,33 @@ pub struct SubArgs {
     /// Subscribe over gRPC instead of WebSocket (same URL).
     #[arg(long)]
     pub grpc: bool,
+    /// Exit after printing this many messages (for scripts; without it, run until
+    /// interrupted).
+    #[arg(long, short = 'n', value_name = "N")]
+    pub count: Option<u64>,
     /// Server URL.
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
+}
+
+/// Messages `herald sub` may still print: `--count`, or unbounded.
+struct Remaining(Option<u64>);
+
+impl Remaining {
+    /// Counts one message printed; true when that was the last one wanted.
+    fn printed(&mut self) -> bool {
+        match &mut self.0 {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.0 == Some(0)
+    }
 }
 
 /// Runs `herald pub`.
@@ -97,18 +121,32 @@ async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `herald sub` until interrupted, reconnecting and resuming as needed.
+/// Runs `herald sub` until interrupted (or `--count` messages), reconnecting and
+/// resuming as needed.
 pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
+    let mut remaining = Remaining(args.count);
+    if remaining.done() {
+        return Ok(());
+    }
     if args.grpc {
-        return subscribe_grpc(args).await;
+        return subscribe_grpc(args, remaining).await;
     }
     let client = Client::new(&args.url);
     let mut subscription = client.subscribe(&args.topic, args.from);
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = subscription.next().await {
         match event {
-            Event::Message(m) if args.offsets => writeln!(stdout, "{}\t{}", m.offset, m.payload.to_line())?,
-            Event::Message(m) => writeln!(stdout, "{}", m.payload.to_line())?,
+            Event::Message(m) => {
+                if args.offsets {
+                    writeln!(stdout, "{}\t{}", m.offset, m.payload.to_line())?;
+                } else {
+                    writeln!(stdout, "{}", m.payload.to_line())?;
+                }
+                if remaining.printed() {
+                    stdout.flush()?;
+                    return Ok(());
+                }
+            }
             Event::Subscribed { recovered: false, next, .. } => {
                 eprintln!("herald: could not resume without loss; continuing live from offset {next}")
             }
@@ -122,11 +160,12 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
 
 /// `herald sub --grpc`: a Subscribe stream, reopened after a failure from the offset
 /// after the last message printed, with the epoch check (as the WebSocket client does).
-async fn subscribe_grpc(args: SubArgs) -> anyhow::Result<()> {
+async fn subscribe_grpc(args: SubArgs, mut remaining: Remaining) -> anyhow::Result<()> {
     let mut from = args.from;
     let mut epoch: Option<String> = None;
     loop {
-        let why = match subscribe_grpc_once(&args, &mut from, &mut epoch).await {
+        let why = match subscribe_grpc_once(&args, &mut from, &mut epoch, &mut remaining).await {
+            Ok(()) if remaining.done() => return Ok(()),
             Ok(()) => "the stream ended".to_owned(),
             // stdout is gone (a closed pipe): nothing more to do.
             Err(e) if e.downcast_ref::<std::io::Error>().is_some() => return Err(e),
@@ -137,7 +176,12 @@ async fn subscribe_grpc(args: SubArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn subscribe_grpc_once(args: &SubArgs, from: &mut StartFrom, epoch: &mut Option<String>) -> anyhow::Result<()> {
+async fn subscribe_grpc_once(
+    args: &SubArgs,
+    from: &mut StartFrom,
+    epoch: &mut Option<String>,
+    remaining: &mut Remaining,
+) -> anyhow::Result<()> {
     let client = GrpcClient::connect(&args.url).await?;
     let mut subscription = client.subscribe(&args.topic, *from, epoch.clone()).await?;
     let subscribed = &subscription.subscribed;
@@ -154,6 +198,57 @@ async fn subscribe_grpc_once(args: &SubArgs, from: &mut StartFrom, epoch: &mut O
         }
         stdout.flush()?;
         *from = StartFrom::Offset(m.offset + 1);
+        if remaining.printed() {
+            return Ok(());
+        }
     }
     Ok(())
+}
+
+/// An error and its causes on one line, each text once. Errors that print their source
+/// in their own message (thiserror's `"http: {0}"` with `#[from]`, hyper's and tonic's
+/// transport errors) would otherwise show it twice, as `{:#}` appends every source: a
+/// cause whose text the one before it already contains is left out.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() || !previous.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        previous = text;
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    /// Shows its source in its own message, as `#[error("http: {0}")]` with `#[from]` does.
+    #[derive(Debug)]
+    struct Http(std::io::Error);
+
+    impl std::fmt::Display for Http {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "http: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Http {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let e = anyhow::Error::from(Http(std::io::Error::other("refused"))).context("publishing");
+        assert_eq!(format!("{e:#}"), "publishing: http: refused: refused", "what it fixes");
+        assert_eq!(error_line(&e), "publishing: http: refused");
+    }
 }

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use clap::{Parser, Subcommand};
 use herald_server::cli::{PubArgs, SubArgs};
 use herald_server::config::{Config, ServeArgs};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -45,33 +46,58 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The cause chain on one line, for operators; no backtrace.
-            eprintln!("herald: error: {e:#}");
+            eprintln!("herald: error: {}", herald_server::cli::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 async fn serve(args: Box<ServeArgs>) -> anyhow::Result<()> {
+    // Listen for SIGTERM and SIGINT before anything else: one that arrives while the
+    // port is bound or the store opened must still stop the server cleanly, rather than
+    // kill it by the default action.
+    let stop = StopSignals::install();
     let config = Config::load(&args)?;
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    herald_server::start(config).await?.run_until(wait_for_signal()).await
+    tracing::info!(listen = %config.listen, store = ?config.store, "starting");
+    herald_server::start(config).await?.run_until(stop.recv()).await
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, each caught from the moment [`StopSignals::install`] returns.
+/// (`tokio::signal::ctrl_c` would only start listening when first polled.)
+struct StopSignals {
+    term: Option<Signal>,
+    int: Option<Signal>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for {name}; it will not stop the server cleanly");
+                None
+            }
+        };
+        Self { term: listen(SignalKind::terminate(), "SIGTERM"), int: listen(SignalKind::interrupt(), "SIGINT") }
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT (also one that arrived before the call).
+    async fn recv(mut self) {
+        async fn next(signal: &mut Option<Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.int) => {}
         }
     }
 }

@@ -1,5 +1,7 @@
-//! The `herald pub` command line against a real server: stdin lines become text
-//! messages, one offset printed per line, over HTTP and over gRPC.
+//! The `herald pub` and `herald sub` command lines against a real server: stdin lines
+//! become text messages, one offset printed per line, over HTTP and over gRPC; `sub
+//! --count` exits after that many; with no server, one error line that says each thing
+//! once.
 
 mod common;
 
@@ -36,5 +38,49 @@ async fn pub_publishes_each_stdin_line_and_prints_its_offset() -> Result {
     let data: Vec<&str> =
         page["messages"].as_array().ok_or("messages")?.iter().filter_map(|m| m["data"].as_str()).collect();
     assert_eq!(data, ["one", "two", "three", "four", "five"], "text messages, in order");
+    Ok(())
+}
+
+#[test]
+fn with_the_server_down_pub_prints_its_error_once() -> Result {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("http://127.0.0.1:{port}");
+    for (extra, repeated) in [(None, "error sending request"), (Some("--grpc"), "tcp connect error")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["pub", "--url", &url, "news", "hello"])
+            .args(extra)
+            .output()?;
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8(out.stderr)?;
+        assert!(stderr.starts_with("herald: error: ") && stderr.ends_with('\n'), "{stderr:?}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+        assert_eq!(stderr.matches(repeated).count(), 1, "{stderr:?}");
+        assert!(stderr.contains("Connection refused"), "{stderr:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sub_with_count_prints_that_many_messages_and_exits() -> Result {
+    let server = start(|_| {}).await?;
+    for text in ["one", "two", "three"] {
+        server.client().publish_text("counted", text).await?;
+    }
+    let url = server.url.clone();
+    let printed = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let mut printed = Vec::new();
+        for extra in [None, Some("--grpc")] {
+            let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+                .args(["sub", "--url", &url, "counted", "--from", "earliest", "--offsets", "--count", "2"])
+                .args(extra)
+                .output()?;
+            assert!(out.status.success(), "herald sub failed: {}", String::from_utf8_lossy(&out.stderr));
+            printed.push(String::from_utf8(out.stdout)?);
+        }
+        Ok(printed)
+    });
+    let printed = common::within(std::time::Duration::from_secs(20), "herald sub --count", printed).await???;
+    assert_eq!(printed, ["1\tone\n2\ttwo\n", "1\tone\n2\ttwo\n"]);
     Ok(())
 }

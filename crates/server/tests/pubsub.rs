@@ -480,3 +480,110 @@ async fn pipelined_json_frames_are_answered_in_order_with_consecutive_offsets() 
     assert_eq!(data, (1..=100).chain(153..=252).collect::<Vec<u64>>());
     Ok(())
 }
+
+/// One connection subscribes to a topic and publishes to it, all frames sent at once:
+/// each publish's `message` frame comes before its `published` reply, and the frames are
+/// the same as if the client had sent them one by one (ARCHITECTURE.md, step 6).
+async fn own_publishes_come_back_before_their_replies(server: &TestServer, round: usize) -> Result {
+    let topic = format!("own.{round}");
+    // Some rounds have history to replay (live messages are held back meanwhile), some
+    // another publisher on the topic (a message may wait for an earlier offset).
+    let history = [0, 1, 300][round % 3];
+    if history > 0 {
+        let batch = (0..history).map(|i| pb::BatchMessage {
+            data: format!("old {i}").into_bytes().into(),
+            kind: pb::Kind::Text as i32,
+            ..Default::default()
+        });
+        GrpcClient::connect(&server.url).await?.publish_batch(&topic, batch.collect()).await?;
+    }
+    let other = (round % 2 == 1).then(|| {
+        let (client, topic) = (server.client(), topic.clone());
+        tokio::spawn(async move {
+            loop {
+                if client.publish_text(&topic, "other").await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/v1/ws", server.ws)).await?;
+    let frames = [
+        json!({"op": "subscribe", "id": 1, "topic": topic, "from": "earliest"}),
+        json!({"op": "publish", "id": 2, "topic": topic, "data": "a"}),
+        json!({"op": "publish", "topic": topic, "data": "b"}),
+        json!({"op": "publish", "id": 4, "topic": topic, "data": "c"}),
+        json!({"op": "ping", "id": 5}),
+    ];
+    for frame in frames {
+        ws.feed(WsMessage::text(frame.to_string())).await?;
+    }
+    ws.flush().await?;
+    // What arrived, with the other publisher's messages left out; offsets checked dense.
+    let mut seen = Vec::new();
+    let mut offsets = std::collections::HashMap::new();
+    let mut next = 1;
+    loop {
+        let frame = within(Duration::from_secs(10), "a frame", raw_next(&mut ws)).await??;
+        let v: serde_json::Value = serde_json::from_str(frame.to_text()?)?;
+        match (v["type"].as_str(), v["data"].as_str()) {
+            (Some("message"), data) => {
+                assert_eq!(v["offset"].as_u64(), Some(next), "round {round}: {v}");
+                next += 1;
+                match data {
+                    Some(own @ ("a" | "b" | "c")) => {
+                        offsets.insert(own.to_owned(), next - 1);
+                        seen.push(format!("message {own}"));
+                    }
+                    Some(d) if d.starts_with("old ") => seen.push("old".to_owned()),
+                    _ => {}
+                }
+            }
+            (Some("published"), _) => {
+                let own = if v["id"] == 2 { "a" } else { "c" };
+                assert_eq!(v["offset"].as_u64(), offsets.get(own).copied(), "round {round}: {v} answers {own}");
+                seen.push(format!("published {}", v["id"]));
+            }
+            (Some(kind), _) => seen.push(format!("{kind} {}", v["id"])),
+            (None, _) => return Err(format!("round {round}: not a reply: {v}").into()),
+        }
+        if v["type"] == "pong" {
+            break;
+        }
+    }
+    if let Some(other) = other {
+        other.abort();
+    }
+    let mut expected = vec!["subscribed 1".to_owned()];
+    expected.extend(std::iter::repeat_n("old".to_owned(), history));
+    expected.extend(["message a", "published 2", "message b", "message c", "published 4", "pong 5"].map(String::from));
+    assert_eq!(seen, expected, "round {round}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_connection_a_message_comes_before_its_published_reply_on_the_memory_store() -> Result {
+    let server = start(|_| {}).await?;
+    for round in 0..60 {
+        own_publishes_come_back_before_their_replies(&server, round).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_connection_a_message_comes_before_its_published_reply_on_the_disk_store() -> Result {
+    let dir = std::env::temp_dir().join(format!("herald-own-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data_dir = dir.clone();
+    let server = start(move |c| {
+        c.store = herald_server::StoreKind::Disk;
+        c.data_dir = data_dir;
+    })
+    .await?;
+    for round in 0..60 {
+        own_publishes_come_back_before_their_replies(&server, round).await?;
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

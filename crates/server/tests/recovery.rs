@@ -153,3 +153,31 @@ async fn the_client_crate_reconnects_and_resumes_without_loss() -> Result {
     assert_eq!(offsets, [2, 3], "exactly the missed messages, no duplicate of 1");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_client_crate_resumes_a_saved_position_with_its_epoch() -> Result {
+    // What a subscriber that saves its position across restarts does
+    // (crates/client/examples/subscribe.rs).
+    let server = start(|_| {}).await?;
+    let client = server.client();
+    for text in ["one", "two", "three"] {
+        client.publish_text("saved", text).await?;
+    }
+    let epoch = client.info("saved").await?.epoch;
+
+    let mut sub = client.resume("saved", 2, epoch.clone());
+    assert!(matches!(next(&mut sub).await?, Event::Subscribed { recovered: true, next: 4, .. }));
+    for offset in [2, 3] {
+        assert!(matches!(next(&mut sub).await?, Event::Message(m) if m.offset == offset));
+    }
+    drop(sub);
+
+    // The history restarted since: the position is gone, and the subscription says so.
+    client.delete("saved").await?;
+    client.publish_text("saved", "new one").await?;
+    let mut sub = client.resume("saved", 4, epoch);
+    assert!(matches!(next(&mut sub).await?, Event::Subscribed { recovered: false, next: 2, .. }));
+    client.publish_text("saved", "live").await?;
+    assert!(matches!(next(&mut sub).await?, Event::Message(m) if m.offset == 2));
+    Ok(())
+}

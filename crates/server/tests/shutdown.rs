@@ -1,12 +1,13 @@
 //! The real binary: SIGTERM closes WebSockets with 1001, ends SSE streams, ends gRPC
-//! Subscribe streams with UNAVAILABLE, and the process exits 0.
+//! Subscribe streams with UNAVAILABLE, and the process exits 0; a signal during start-up
+//! is not lost.
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{close_code, spawn_herald, within, Result};
+use common::{close_code, spawn_herald, spawn_herald_until, within, Result};
 
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_and_exits_0() -> Result {
@@ -38,5 +39,28 @@ async fn sigterm_closes_websockets_with_1001_and_exits_0() -> Result {
     }
     let exit = within(limit, "exit", tokio::task::spawn_blocking(move || child.wait())).await???;
     assert_eq!(exit.code(), Some(0), "{exit:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_signal_during_start_up_stops_the_server_cleanly() -> Result {
+    // `starting` is logged once the handlers are in place, before the port is bound and
+    // the store opened: a signal sent on reading it arrives while the server is still
+    // starting (or just after). Handlers installed after the bind, as before, let such a
+    // signal kill the process (no exit code). Repeated, to land at different points of
+    // the start-up; a signal before the `starting` line can kill any program, so the
+    // test waits for it.
+    for (round, sig) in ["-TERM", "-INT", "-TERM", "-INT", "-TERM", "-INT"].into_iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!("herald-startsig-{}-{round}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data_dir = dir.to_string_lossy().into_owned();
+        let (mut child, _) = spawn_herald_until(&["--store", "disk", "--data-dir", &data_dir], "starting")?;
+        let status = Command::new("kill").args([sig, &child.id().to_string()]).status()?;
+        assert!(status.success());
+        let limit = Duration::from_secs(10);
+        let exit = within(limit, "exit", tokio::task::spawn_blocking(move || child.wait())).await???;
+        assert_eq!(exit.code(), Some(0), "round {round} ({sig}): {exit:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }

@@ -234,6 +234,14 @@ impl Drop for HeraldProcess {
 /// Starts the real `herald serve` binary with `args` (plus a free port); returns the
 /// child and its base URL, parsed from its "listening" log line.
 pub fn spawn_herald(args: &[&str]) -> Result<(HeraldProcess, String)> {
+    let (child, line) = spawn_herald_until(args, "addr=")?;
+    let addr = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next()).ok_or("no address")?;
+    Ok((child, format!("http://{addr}")))
+}
+
+/// Starts the real `herald serve` binary with `args` (plus a free port) and reads its
+/// log until the first line containing `marker`, which it returns.
+pub fn spawn_herald_until(args: &[&str], marker: &str) -> Result<(HeraldProcess, String)> {
     use std::io::{BufRead, BufReader};
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("serve")
@@ -245,13 +253,13 @@ pub fn spawn_herald(args: &[&str]) -> Result<(HeraldProcess, String)> {
     let mut child = HeraldProcess(child);
     let stderr = child.stderr.take().ok_or("no stderr")?;
     let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().ok_or("herald exited before listening")??;
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().ok_or("no address")?.to_owned();
+    let line = loop {
+        let line = lines.next().ok_or_else(|| format!("herald exited before logging {marker:?}"))??;
+        if line.contains(marker) {
+            break line;
         }
     };
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    Ok((child, format!("http://{addr}")))
+    Ok((child, line))
 }
