@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -21,7 +21,8 @@ use herald_protocol::decode::parse_from_query;
 use herald_protocol::encode;
 use tokio::time::{sleep_until, Instant};
 
-use crate::rest::{topic_name, Query};
+use crate::extract::TopicPath;
+use crate::rest::Query;
 use crate::{ApiError, AppState};
 
 /// A comment line sent when the stream is idle, so proxies keep it open.
@@ -37,11 +38,10 @@ fn encode_sse(metrics: &Metrics, msg: &Message) -> Bytes {
 
 pub(crate) async fn stream(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
+    TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let topic = topic_name(&topic)?;
     let query = Query::parse(query.as_deref())?;
     let from = match headers.get("last-event-id") {
         // Resume after the last event seen.

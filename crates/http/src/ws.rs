@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -27,7 +27,8 @@ use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode,
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::rest::{topic_name, Query};
+use crate::extract::TopicPath;
+use crate::rest::Query;
 use crate::{ApiError, AppState};
 
 /// Frames a reader asks the writer to send, besides topic messages.
@@ -529,11 +530,10 @@ enum Mode {
 
 pub(crate) async fn raw_upgrade(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
+    TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let topic = topic_name(&topic)?;
     let upgrade = upgrade.map_err(not_an_upgrade)?;
     let query = Query::parse(query.as_deref())?;
     let mode = match query.get("mode") {
