@@ -9,6 +9,7 @@
 //! - [`broker`]: the topic table, ordered fan-out, replay-then-live subscriptions.
 //! - [`queue`]: work queues: leases, redelivery, dead letters, long poll.
 //! - [`outbound`]: a connection's byte-bounded send queue and the slow-consumer policy.
+//! - [`writer`]: the one writer discipline that drains it into a socket, for every front door.
 //! - [`config`] and [`metrics`]: typed limits with defaults, and counters.
 
 pub mod broker;
@@ -21,6 +22,7 @@ pub mod name;
 pub mod outbound;
 pub mod queue;
 pub mod store;
+pub mod writer;
 
 pub use broker::{
     Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo, TopicSummary,
@@ -36,3 +38,4 @@ pub use queue::{Delivery, QueueCounters, QueueError, QueueStats, Queues};
 pub use store::{
     Appended, Epoch, History, ListedTopic, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture, TopicHead,
 };
+pub use writer::{run_writer, SocketWriter, WriterEnd};

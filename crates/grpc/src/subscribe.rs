@@ -1,9 +1,10 @@
 //! Subscribe streams: a gRPC subscriber is a fan-out subscriber like a WebSocket or SSE
 //! one, with its own byte-bounded [`Outbound`] queue and the same slow-consumer policy.
 //!
-//! A producer task (on the server's task tracker) drains the queue in batches, turns
-//! each message into its shared pre-encoded [`EncodedEvent`] and hands the batch to the
-//! response stream through a one-slot channel: it runs only as fast as tonic takes
+//! A producer task (on the server's task tracker) drains the queue in batches under the
+//! core's one writer discipline ([`herald_core::writer`], as WebSocket and SSE do),
+//! turns each message into its shared pre-encoded [`EncodedEvent`] and hands the batch
+//! to the response stream through a one-slot channel: it runs only as fast as tonic takes
 //! items, so a client that stops reading leaves its backlog in the outbound queue, where
 //! it is bounded and detected. The stream ends with UNAVAILABLE on shutdown and
 //! RESOURCE_EXHAUSTED (`slow consumer`) when the policy closes the queue. An idle stream
@@ -16,12 +17,12 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use herald_core::{
-    outbound, spawn_replay, CloseReason, ConnectionGuard, Item, Metrics, OutboundRx, StartFrom, SubscriptionGuard,
-    TopicName,
+    outbound, run_writer, spawn_replay, ConnectionGuard, Item, Metrics, OutboundRx, SocketWriter, StartFrom,
+    SubscriptionGuard, TopicName, WriterEnd,
 };
 use herald_protocol::ErrorCode;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::{Code, Status};
@@ -102,77 +103,79 @@ impl Feed {
     }
 }
 
-fn slow_consumer(metrics: &Metrics) -> Option<Status> {
-    Metrics::add(&metrics.slow_consumers, 1);
+fn slow_consumer() -> Option<Status> {
     Some(Status::new(
         Code::ResourceExhausted,
         "slow consumer: the subscriber did not keep up (its buffer stayed full past slow_consumer_timeout)",
     ))
 }
 
-fn shutting_down() -> Option<Status> {
-    Some(status(ErrorCode::Unavailable, "server is shutting down"))
+/// The gRPC side of the writer discipline ([`herald_core::run_writer`]): the
+/// `subscribed` event first, then each batch as one hand-over to the response stream,
+/// and a `keepalive` event when idle.
+struct GrpcWriter<'a> {
+    tx: &'a mpsc::Sender<Vec<EncodedEvent>>,
+    metrics: &'a Metrics,
+    first: Option<EncodedEvent>,
+    idle_until: Instant,
+}
+
+impl GrpcWriter<'_> {
+    /// Hands `events` to the stream; a client that stops reading blocks this (the
+    /// channel has one slot), leaving its backlog in the outbound queue.
+    async fn hand_over(&mut self, events: Vec<EncodedEvent>) -> Result<(), ()> {
+        self.tx.send(events).await.map_err(drop)?;
+        self.idle_until = Instant::now() + KEEPALIVE_EVERY;
+        Ok(())
+    }
+}
+
+impl SocketWriter<Infallible> for GrpcWriter<'_> {
+    /// The stream is gone: the client went away.
+    type Stop = ();
+
+    async fn start(&mut self) -> Result<(), ()> {
+        match self.first.take() {
+            Some(first) => self.hand_over(vec![first]).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn write_batch(&mut self, batch: &mut Vec<Item<Infallible>>) -> Result<(), ()> {
+        let events = batch
+            .drain(..)
+            .map(|item| match item {
+                Item::Message(m) => EncodedEvent::message(self.metrics, &m),
+                Item::Control(never, _) => match never {},
+            })
+            .collect();
+        self.hand_over(events).await
+    }
+
+    fn next_timer(&self) -> Instant {
+        self.idle_until
+    }
+
+    async fn on_timer(&mut self) -> Result<(), ()> {
+        self.hand_over(vec![EncodedEvent::keepalive()]).await
+    }
 }
 
 /// Moves events from the outbound queue to the stream until the subscription ends;
 /// returns the status to end the stream with (`None`: the client went away).
 async fn produce(
     first: EncodedEvent,
-    mut rx: OutboundRx<Infallible>,
+    rx: OutboundRx<Infallible>,
     tx: &mpsc::Sender<Vec<EncodedEvent>>,
     shutdown: &CancellationToken,
     metrics: &Metrics,
 ) -> Option<Status> {
-    let mut ready = vec![first];
-    // Bytes of `ready` still counted in the outbound queue: released once handed over,
-    // so at most one batch waits outside the queue's bound.
-    let mut bytes = 0;
-    let mut items: Vec<Item<Infallible>> = Vec::with_capacity(BATCH);
-    let mut idle_until = Instant::now() + KEEPALIVE_EVERY;
-    loop {
-        if !ready.is_empty() {
-            let batch = std::mem::replace(&mut ready, Vec::with_capacity(BATCH));
-            // A client that stops reading blocks this send: the slow-consumer policy
-            // (closing the queue, or the full deadline passing) or shutdown ends it.
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return shutting_down(),
-                sent = tx.send(batch) => if sent.is_err() { return None },
-                reason = rx.until_closed_or_slow() => return match reason {
-                    CloseReason::SlowConsumer => slow_consumer(metrics),
-                    CloseReason::Closed => Some(status(ErrorCode::Unavailable, "the subscription could not be served")),
-                },
-            }
-            rx.written(bytes);
-            bytes = 0;
-            idle_until = Instant::now() + KEEPALIVE_EVERY;
-        }
-        let slow = rx.slow_deadline();
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return shutting_down(),
-            n = rx.recv_many(&mut items, BATCH) => {
-                if n == 0 {
-                    return match rx.close_reason() {
-                        Some(CloseReason::SlowConsumer) => slow_consumer(metrics),
-                        _ => Some(status(ErrorCode::Unavailable, "the subscription could not be served")),
-                    };
-                }
-                for item in items.drain(..) {
-                    bytes += item.size();
-                    match item {
-                        Item::Message(m) => ready.push(EncodedEvent::message(metrics, &m)),
-                        Item::Control(never, _) => match never {},
-                    }
-                }
-            }
-            _ = sleep_until(slow.unwrap_or_else(Instant::now)), if slow.is_some() => {
-                if rx.check_slow() {
-                    return slow_consumer(metrics);
-                }
-            }
-            _ = sleep_until(idle_until) => ready.push(EncodedEvent::keepalive()),
-        }
+    let mut socket = GrpcWriter { tx, metrics, first: Some(first), idle_until: Instant::now() + KEEPALIVE_EVERY };
+    match run_writer(rx, &mut socket, shutdown.cancelled(), metrics, BATCH).await {
+        WriterEnd::Shutdown => Some(status(ErrorCode::Unavailable, "server is shutting down")),
+        WriterEnd::SlowConsumer => slow_consumer(),
+        WriterEnd::Closed => Some(status(ErrorCode::Unavailable, "the subscription could not be served")),
+        WriterEnd::Socket(()) => None,
     }
 }
 

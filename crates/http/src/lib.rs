@@ -6,6 +6,7 @@
 //! them with 1001 and wait for them.
 
 mod error;
+mod extract;
 mod metrics;
 mod queues;
 mod rest;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -107,8 +109,20 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics::render))
         .merge(v1)
+        // Applies to the routes registered so far (gRPC's, merged later, have no methods
+        // to refuse); answered like the 404 fallback, outside the connection limit.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .with_state(state)
+}
+
+/// A known path with a method it does not take: 405 with the JSON error body
+/// (axum adds the `Allow` header). No code word means 405, so it is `bad_request`.
+async fn method_not_allowed(method: Method) -> Response {
+    let mut response =
+        ApiError::bad_request(format!("this path does not take {method}; see the Allow header")).into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
 }
 
 async fn ready(State(state): State<AppState>) -> Response {

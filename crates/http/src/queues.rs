@@ -5,13 +5,14 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use herald_core::{QueueError, QueueName};
+use herald_core::QueueError;
 use herald_protocol::encode::{push_json_str, push_kind_payload};
 use herald_protocol::ErrorCode;
 
+use crate::extract::{DeliveryPath, QueuePath};
 use crate::rest::{body_error, kind_of, new_message, Query};
 use crate::{ApiError, AppState};
 
@@ -29,29 +30,17 @@ impl From<QueueError> for ApiError {
     }
 }
 
-fn queue_name(raw: &str) -> Result<QueueName, ApiError> {
-    Ok(QueueName::parse(raw)?)
-}
-
-/// A delivery id as API.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
-fn delivery_id(raw: &str) -> Result<&str, ApiError> {
-    let ok =
-        !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    ok.then_some(raw).ok_or_else(|| ApiError::bad_request("a delivery id is 1 to 64 characters of A-Z a-z 0-9 _ -"))
-}
-
 fn json(status: StatusCode, body: String) -> Response {
     (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 pub(crate) async fn enqueue(
     State(state): State<AppState>,
-    Path(queue): Path<String>,
+    QueuePath(queue): QueuePath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let queue = queue_name(&queue)?;
     let query = Query::parse(query.as_deref())?;
     let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
     let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX / 2, 0)).transpose()?;
@@ -67,10 +56,9 @@ pub(crate) async fn enqueue(
 
 pub(crate) async fn fetch(
     State(state): State<AppState>,
-    Path(queue): Path<String>,
+    QueuePath(queue): QueuePath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let queue = queue_name(&queue)?;
     let query = Query::parse(query.as_deref())?;
     let max = query.number("max", 1, 100, 1)? as usize;
     let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 30_000)?;
@@ -99,42 +87,38 @@ pub(crate) async fn fetch(
 
 pub(crate) async fn ack(
     State(state): State<AppState>,
-    Path((queue, id)): Path<(String, String)>,
+    DeliveryPath(queue, id): DeliveryPath,
 ) -> Result<StatusCode, ApiError> {
-    let queue = queue_name(&queue)?;
-    state.broker().queues().ack(&queue, delivery_id(&id)?)?;
+    state.broker().queues().ack(&queue, &id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn requeue(
     State(state): State<AppState>,
-    Path((queue, id)): Path<(String, String)>,
+    DeliveryPath(queue, id): DeliveryPath,
     RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
-    let queue = queue_name(&queue)?;
     let query = Query::parse(query.as_deref())?;
     let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
-    state.broker().queues().requeue(&queue, delivery_id(&id)?, delay_ms)?;
+    state.broker().queues().requeue(&queue, &id, delay_ms)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn extend(
     State(state): State<AppState>,
-    Path((queue, id)): Path<(String, String)>,
+    DeliveryPath(queue, id): DeliveryPath,
     RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
-    let queue = queue_name(&queue)?;
     let query = Query::parse(query.as_deref())?;
     if query.get("visibility_ms").is_none() {
         return Err(ApiError::bad_request("visibility_ms is required"));
     }
     let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 0)?;
-    state.broker().queues().extend(&queue, delivery_id(&id)?, visibility_ms)?;
+    state.broker().queues().extend(&queue, &id, visibility_ms)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(crate) async fn stats(State(state): State<AppState>, Path(queue): Path<String>) -> Result<Response, ApiError> {
-    let queue = queue_name(&queue)?;
+pub(crate) async fn stats(State(state): State<AppState>, QueuePath(queue): QueuePath) -> Result<Response, ApiError> {
     let s = state.broker().queues().stats(&queue);
     let mut body = String::from("{\"queue\":");
     push_json_str(&mut body, queue.as_str());

@@ -1,14 +1,15 @@
 //! REST endpoints for topics: publish, fetch, delete, info and list.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use herald_core::{Kind, NewMessage, TopicName};
+use herald_core::{Kind, NewMessage};
 use herald_protocol::encode::{push_fetched, push_json_str};
 use herald_protocol::ErrorCode;
 use std::fmt::Write;
 
+use crate::extract::TopicPath;
 use crate::{ApiError, AppState};
 
 /// Query parameters as name/value pairs, with precise errors for malformed ones.
@@ -35,10 +36,6 @@ impl Query {
             _ => Err(ApiError::bad_request(format!("{name} must be an integer from {min} to {max}"))),
         }
     }
-}
-
-pub(crate) fn topic_name(raw: &str) -> Result<TopicName, ApiError> {
-    Ok(TopicName::parse(raw)?)
 }
 
 fn json(status: StatusCode, body: String) -> Response {
@@ -74,12 +71,11 @@ pub(crate) fn body_error(e: axum::Error, max: usize) -> ApiError {
 
 pub(crate) async fn publish(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
+    TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let topic = topic_name(&topic)?;
     let query = Query::parse(query.as_deref())?;
     let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX, 0)).transpose()?;
     let max = state.broker().config().max_message_bytes;
@@ -94,10 +90,9 @@ pub(crate) async fn publish(
 
 pub(crate) async fn fetch(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
+    TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let topic = topic_name(&topic)?;
     let query = Query::parse(query.as_deref())?;
     let from = query.number("from", 0, u64::MAX, 0)?;
     let limit = query.number("limit", 1, 1000, 100)?;
@@ -120,15 +115,16 @@ pub(crate) async fn fetch(
 
 pub(crate) async fn delete_topic(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
+    TopicPath(topic): TopicPath,
 ) -> Result<StatusCode, ApiError> {
-    let topic = topic_name(&topic)?;
     state.broker().delete(&topic).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(crate) async fn topic_info(State(state): State<AppState>, Path(topic): Path<String>) -> Result<Response, ApiError> {
-    let topic = topic_name(&topic)?;
+pub(crate) async fn topic_info(
+    State(state): State<AppState>,
+    TopicPath(topic): TopicPath,
+) -> Result<Response, ApiError> {
     let info = state.broker().info(&topic)?;
     let h = &info.head;
     let mut body = String::from("{\"topic\":");

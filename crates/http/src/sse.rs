@@ -1,27 +1,29 @@
 //! Server-Sent Events: `GET /v1/topics/{topic}/sse`, one event per message with the
 //! offset as its `id`, resumable with `Last-Event-ID`.
 //!
-//! The stream reads from the same byte-bounded outbound queue as a WebSocket; events are
-//! encoded once per message and shared. A client that stops reading is ended by the
-//! slow-consumer policy.
+//! The stream reads from the same byte-bounded outbound queue as a WebSocket, under the
+//! same writer discipline ([`herald_core::writer`]): a batch's bytes are released only
+//! once all of it was handed to the response body. Events are encoded once per message
+//! and shared. A client that stops reading is ended by the slow-consumer policy.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use herald_core::{
-    outbound, spawn_replay, CloseReason, ConnectionGuard, Item, Message, Metrics, StartFrom, SubscriptionGuard,
-    WireForm,
+    outbound, run_writer, spawn_replay, ConnectionGuard, Item, Message, Metrics, SocketWriter, StartFrom,
+    SubscriptionGuard, WireForm,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::encode;
-use tokio::time::{sleep_until, Instant};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use crate::rest::{topic_name, Query};
+use crate::extract::TopicPath;
+use crate::rest::Query;
 use crate::{ApiError, AppState};
 
 /// A comment line sent when the stream is idle, so proxies keep it open.
@@ -35,13 +37,55 @@ fn encode_sse(metrics: &Metrics, msg: &Message) -> Bytes {
     })
 }
 
+/// Items the writer takes per batch.
+const WRITE_BATCH: usize = 256;
+
+/// The SSE side of the writer discipline ([`herald_core::run_writer`]): hands each
+/// event to the response body one chunk at a time (the body's one-slot channel is the
+/// socket as far as the writer can tell), and a keepalive comment when idle.
+struct SseWriter<'a> {
+    tx: mpsc::Sender<Bytes>,
+    metrics: &'a Metrics,
+    idle_until: Instant,
+}
+
+impl SocketWriter<Bytes> for SseWriter<'_> {
+    /// The body is gone: the client went away.
+    type Stop = ();
+
+    async fn start(&mut self) -> Result<(), ()> {
+        // Sent at once so the headers and a first chunk go out together.
+        self.tx.send(Bytes::from_static(b": subscribed\n\n")).await.map_err(drop)
+    }
+
+    async fn write_batch(&mut self, batch: &mut Vec<Item<Bytes>>) -> Result<(), ()> {
+        for item in batch.drain(..) {
+            let chunk = match item {
+                Item::Message(m) => encode_sse(self.metrics, &m),
+                Item::Control(chunk, _) => chunk,
+            };
+            self.tx.send(chunk).await.map_err(drop)?;
+        }
+        self.idle_until = Instant::now() + KEEPALIVE_EVERY;
+        Ok(())
+    }
+
+    fn next_timer(&self) -> Instant {
+        self.idle_until
+    }
+
+    async fn on_timer(&mut self) -> Result<(), ()> {
+        self.idle_until = Instant::now() + KEEPALIVE_EVERY;
+        self.tx.send(KEEPALIVE).await.map_err(drop)
+    }
+}
+
 pub(crate) async fn stream(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
+    TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let topic = topic_name(&topic)?;
     let query = Query::parse(query.as_deref())?;
     let from = match headers.get("last-event-id") {
         // Resume after the last event seen.
@@ -56,7 +100,7 @@ pub(crate) async fn stream(
                 .ok_or_else(|| ApiError::bad_request("from must be latest, earliest or a non-negative integer"))?,
         },
     };
-    let (out, mut rx) = outbound::<Bytes>(state.broker().config().outbound);
+    let (out, rx) = outbound::<Bytes>(state.broker().config().outbound);
     let broker = state.broker().clone();
     let sub = broker.subscribe(&topic, from, None, out.clone())?;
     let unsubscribe = SubscriptionGuard::new(broker.clone(), topic, sub.id);
@@ -68,56 +112,9 @@ pub(crate) async fn stream(
     let events = async_stream(move |tx| async move {
         // Everything the stream owns lives here and ends with it.
         let _owned = (guard, unsubscribe, replay, out);
-        let mut batch: Vec<Item<Bytes>> = Vec::with_capacity(256);
-        let mut ready: VecDeque<Bytes> = VecDeque::from([Bytes::from_static(b": subscribed\n\n")]);
-        let mut idle_until = Instant::now() + KEEPALIVE_EVERY;
-        loop {
-            while let Some(chunk) = ready.pop_front() {
-                // A client that stops reading blocks this send: the slow-consumer policy
-                // (closing the queue) or shutdown ends the stream.
-                tokio::select! {
-                    biased;
-                    r = tx.send(chunk) => if r.is_err() { return },
-                    _ = shutdown.cancelled() => return,
-                    reason = rx.until_closed_or_slow() => {
-                        if reason == CloseReason::SlowConsumer {
-                            Metrics::add(&metrics.slow_consumers, 1);
-                        }
-                        return;
-                    }
-                }
-            }
-            let slow = rx.slow_deadline();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                n = rx.recv_many(&mut batch, 256) => {
-                    if n == 0 {
-                        if rx.close_reason() == Some(CloseReason::SlowConsumer) {
-                            Metrics::add(&metrics.slow_consumers, 1);
-                        }
-                        return;
-                    }
-                    let bytes: usize = batch.iter().map(Item::size).sum();
-                    ready.extend(batch.drain(..).map(|item| match item {
-                        Item::Message(m) => encode_sse(&metrics, &m),
-                        Item::Control(b, _) => b,
-                    }));
-                    rx.written(bytes);
-                    idle_until = Instant::now() + KEEPALIVE_EVERY;
-                }
-                _ = sleep_until(idle_until) => {
-                    ready.push_back(KEEPALIVE);
-                    idle_until = Instant::now() + KEEPALIVE_EVERY;
-                }
-                _ = sleep_until(slow.unwrap_or(idle_until)), if slow.is_some() => {
-                    if rx.check_slow() {
-                        Metrics::add(&metrics.slow_consumers, 1);
-                        return;
-                    }
-                }
-            }
-        }
+        let mut socket = SseWriter { tx, metrics: &metrics, idle_until: Instant::now() + KEEPALIVE_EVERY };
+        // However it ends (shutdown, slow consumer, client gone), the stream just ends.
+        let _ = run_writer(rx, &mut socket, shutdown.cancelled(), &metrics, WRITE_BATCH).await;
     });
     Ok((
         [
@@ -135,10 +132,10 @@ pub(crate) async fn stream(
 /// where a slow client's backlog is bounded and detected.
 fn async_stream<F, Fut>(producer: F) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>>
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let (tx, rx) = mpsc::channel(1);
     let task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(producer(tx)));
     futures_util::stream::unfold((rx, task), |(mut rx, task)| async move {
         rx.recv().await.map(|chunk| (Ok(chunk), (rx, task)))

@@ -4,30 +4,35 @@
 //! Each connection runs a reader and one writer. The reader handles client frames and
 //! never waits on the socket's write side; everything to send (replies, messages) goes
 //! through the connection's byte-bounded [`Outbound`] queue, which the writer drains in
-//! batches (feed all, flush once). The writer also sends keepalive Pings, enforces the
-//! slow-consumer policy, and closes with 1001 on shutdown.
+//! batches (feed all, flush once) under the core's one writer discipline
+//! ([`herald_core::writer`]), as SSE and gRPC do. The writer also sends keepalive Pings;
+//! every wait on the socket, a Ping's too, races shutdown (close 1001) and the
+//! slow-consumer policy (close 1013).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use herald_core::{
-    outbound, spawn_replay, CloseReason, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage, Outbound,
-    OutboundRx, Replay, ReplayTask, StartFrom, SubscriptionGuard, SubscriptionId, TopicName, WireForm,
+    outbound, run_writer, spawn_replay, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage, Outbound,
+    OutboundRx, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName, WireForm,
+    WriterEnd,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op, Payload};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::rest::{topic_name, Query};
+use crate::extract::TopicPath;
+use crate::rest::Query;
 use crate::tap::Tap;
 use crate::{ApiError, AppState};
 
@@ -88,113 +93,70 @@ impl LastSeen {
     }
 }
 
-/// How one batch write ended.
-enum Outcome {
-    Written,
-    Failed,
-    Slow,
-    Shutdown,
+/// Why the WebSocket side ends a connection: the close frame to send, if any.
+type WsStop = Option<(u16, &'static str)>;
+
+/// The WebSocket side of the writer discipline ([`herald_core::run_writer`]): frames
+/// a batch (feed all, flush once), sends keepalive Pings and drops a peer that answered
+/// nothing within `pong_timeout` of one.
+struct WsWriter<'a> {
+    sink: &'a mut SplitSink<WebSocket, WsMessage>,
+    framing: Framing,
+    metrics: &'a Metrics,
+    last_seen: &'a LastSeen,
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    next_ping: Instant,
+    /// When to check that something arrived since the last Ping.
+    pong_check: Option<Instant>,
 }
 
-/// Drains the outbound queue into the socket until the connection ends.
-/// Returns the close frame to send once the connection is cleaned up, if any.
-async fn run_writer(
-    sink: &mut SplitSink<WebSocket, WsMessage>,
-    mut rx: OutboundRx<Control>,
-    state: &AppState,
-    framing: Framing,
-    last_seen: &LastSeen,
-) -> Option<(u16, &'static str)> {
-    let config = state.config();
-    let metrics = state.broker().metrics().clone();
-    let shutdown = state.inner.shutdown.clone();
-    let mut buf: Vec<Item<Control>> = Vec::with_capacity(WRITE_BATCH);
-    let mut next_ping = Instant::now() + config.ping_interval;
-    let mut pong_check: Option<Instant> = None;
-    let close_slow = |metrics: &Metrics| {
-        Metrics::add(&metrics.slow_consumers, 1);
-        (close::TRY_AGAIN_LATER, "slow consumer")
-    };
-    let (code, reason) = loop {
-        let slow_deadline = rx.slow_deadline();
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
-            n = rx.recv_many(&mut buf, WRITE_BATCH) => {
-                if n == 0 {
-                    match rx.close_reason() {
-                        Some(CloseReason::SlowConsumer) => break close_slow(&metrics),
-                        _ => return None,
-                    }
+impl SocketWriter<Control> for WsWriter<'_> {
+    type Stop = WsStop;
+
+    async fn write_batch(&mut self, batch: &mut Vec<Item<Control>>) -> Result<(), WsStop> {
+        let mut close = None;
+        for item in batch.drain(..) {
+            let frame = match item {
+                Item::Message(m) => match self.framing {
+                    Framing::Json => encode_json(self.metrics, &m),
+                    Framing::Raw => encode_raw(self.metrics, &m),
+                },
+                Item::Control(Control::Text(t), _) => WsMessage::Text(t.into()),
+                // What was queued before the close goes out first; nothing after it.
+                Item::Control(Control::Close(code, reason), _) => {
+                    close = Some((code, reason));
+                    break;
                 }
-                let mut bytes = 0;
-                let mut close_after = None;
-                let write = async {
-                    for item in buf.drain(..) {
-                        bytes += item.size();
-                        let frame = match item {
-                            Item::Message(m) => match framing {
-                                Framing::Json => encode_json(&metrics, &m),
-                                Framing::Raw => encode_raw(&metrics, &m),
-                            },
-                            Item::Control(Control::Text(t), _) => WsMessage::Text(t.into()),
-                            Item::Control(Control::Close(code, reason), _) => {
-                                close_after = Some((code, reason));
-                                break;
-                            }
-                        };
-                        sink.feed(frame).await?;
-                    }
-                    sink.flush().await
-                };
-                // A client that stops reading blocks the write; the slow-consumer
-                // deadline (if the queue is full) or shutdown ends it.
-                let outcome = tokio::select! {
-                    biased;
-                    r = write => if r.is_ok() { Outcome::Written } else { Outcome::Failed },
-                    reason = rx.until_closed_or_slow() => match reason {
-                        CloseReason::SlowConsumer => Outcome::Slow,
-                        CloseReason::Closed => Outcome::Failed,
-                    },
-                    _ = shutdown.cancelled() => Outcome::Shutdown,
-                };
-                match outcome {
-                    Outcome::Written => {}
-                    Outcome::Failed => return None,
-                    Outcome::Slow => break close_slow(&metrics),
-                    Outcome::Shutdown => break (close::GOING_AWAY, "server shutting down"),
-                }
-                rx.written(bytes);
-                if let Some(close) = close_after {
-                    break close;
-                }
-            }
-            _ = sleep_until(next_ping) => {
-                next_ping = Instant::now() + config.ping_interval;
-                if pong_check.is_none() {
-                    pong_check = Some(Instant::now() + config.pong_timeout);
-                }
-                if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
-                    return None;
-                }
-            }
-            _ = sleep_until(pong_check.unwrap_or(next_ping)), if pong_check.is_some() => {
-                let sent = pong_check.map(|c| c - config.pong_timeout).unwrap_or_else(Instant::now);
-                if !last_seen.since(sent) {
-                    tracing::debug!("no frame within pong_timeout after a ping; dropping connection");
-                    return None;
-                }
-                pong_check = None;
-            }
-            _ = sleep_until(slow_deadline.unwrap_or(next_ping)), if slow_deadline.is_some() => {
-                if rx.check_slow() {
-                    break close_slow(&metrics);
-                }
-            }
+            };
+            self.sink.feed(frame).await.map_err(|_| None)?;
         }
-    };
-    rx.close(CloseReason::Closed);
-    Some((code, reason))
+        self.sink.flush().await.map_err(|_| None)?;
+        close.map_or(Ok(()), |close| Err(Some(close)))
+    }
+
+    fn next_timer(&self) -> Instant {
+        self.pong_check.map_or(self.next_ping, |check| check.min(self.next_ping))
+    }
+
+    async fn on_timer(&mut self) -> Result<(), WsStop> {
+        let now = Instant::now();
+        if let Some(check) = self.pong_check.filter(|check| now >= *check) {
+            if !self.last_seen.since(check - self.pong_timeout) {
+                tracing::debug!("no frame within pong_timeout after a ping; dropping connection");
+                return Err(None);
+            }
+            self.pong_check = None;
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.ping_interval;
+            if self.pong_check.is_none() {
+                self.pong_check = Some(now + self.pong_timeout);
+            }
+            self.sink.send(WsMessage::Ping(Bytes::new())).await.map_err(|_| None)?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs one connection: `reader` and the writer, until either ends it. The reader gets
@@ -213,10 +175,27 @@ async fn run_connection<R>(
     let (mut sink, stream) = socket.split();
     let last_seen = LastSeen::new();
     let stop = CancellationToken::new();
+    let shutdown = &state.inner.shutdown;
+    let config = state.config();
     let writer = async {
-        let close = run_writer(&mut sink, rx, state, framing, &last_seen).await;
+        let mut socket = WsWriter {
+            sink: &mut sink,
+            framing,
+            metrics: state.broker().metrics(),
+            last_seen: &last_seen,
+            ping_interval: config.ping_interval,
+            pong_timeout: config.pong_timeout,
+            next_ping: Instant::now() + config.ping_interval,
+            pong_check: None,
+        };
+        let end = run_writer(rx, &mut socket, shutdown.cancelled(), state.broker().metrics(), WRITE_BATCH).await;
         stop.cancel();
-        close
+        match end {
+            WriterEnd::Shutdown => Some((close::GOING_AWAY, "server shutting down")),
+            WriterEnd::SlowConsumer => Some((close::TRY_AGAIN_LATER, "slow consumer")),
+            WriterEnd::Closed => None,
+            WriterEnd::Socket(close) => close,
+        }
     };
     let reader = async {
         // The reader ends its subscriptions before it returns.
@@ -229,8 +208,17 @@ async fn run_connection<R>(
     let ((), close) = tokio::join!(reader, writer);
     if let Some((code, reason)) = close {
         let frame = WsMessage::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
-        // The peer may not be reading at all (a slow consumer): bounded wait.
-        let _ = tokio::time::timeout(state.config().pong_timeout, sink.send(frame)).await;
+        // The peer may not be reading at all (a slow consumer): bounded wait. Shutdown
+        // cuts short any close but its own, which gets the same bound.
+        let send = tokio::time::timeout(config.pong_timeout, sink.send(frame));
+        if code == close::GOING_AWAY {
+            let _ = send.await;
+        } else {
+            tokio::select! {
+                _ = send => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
     }
 }
 
@@ -547,11 +535,10 @@ enum Mode {
 
 pub(crate) async fn raw_upgrade(
     State(state): State<AppState>,
-    Path(topic): Path<String>,
+    TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let topic = topic_name(&topic)?;
     let upgrade = upgrade.map_err(not_an_upgrade)?;
     let query = Query::parse(query.as_deref())?;
     let mode = match query.get("mode") {

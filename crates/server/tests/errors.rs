@@ -189,3 +189,87 @@ async fn past_max_connections_upgrades_and_requests_get_503() -> Result {
     .await?;
     Ok(())
 }
+
+/// The status, Content-Type and code word of an HTTP answer that must be a JSON error.
+async fn json_error(req: reqwest::RequestBuilder) -> Result<(u16, String, String)> {
+    let r = req.send().await?;
+    let status = r.status().as_u16();
+    let content_type =
+        r.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let body = r.bytes().await?;
+    let json: Value = serde_json::from_slice(&body)
+        .map_err(|e| format!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&body)))?;
+    let message = json["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "an error has human words: {json}");
+    Ok((status, content_type, json["error"]["code"].as_str().unwrap_or_default().to_owned()))
+}
+
+/// Every route family, and the router itself, answers errors with the JSON error body:
+/// path segments that are not UTF-8 once percent-decoded (`%FF`) are `invalid_name`
+/// where the segment is a name and `bad_request` where it is a delivery id; unknown
+/// routes are `not_found`; a known path with another method is 405.
+#[tokio::test]
+async fn every_http_error_is_json() -> Result {
+    use reqwest::Method;
+    let server = start(|_| {}).await?;
+    let cases: &[(Method, &str, u16, &str)] = &[
+        // Topics: publish, fetch, info, delete, SSE, raw WebSocket (not an upgrade).
+        (Method::POST, "/v1/topics/%FF/messages", 400, "invalid_name"),
+        (Method::GET, "/v1/topics/%FF/messages", 400, "invalid_name"),
+        (Method::GET, "/v1/topics/%FF", 400, "invalid_name"),
+        (Method::DELETE, "/v1/topics/%FF", 400, "invalid_name"),
+        (Method::GET, "/v1/topics/%FF/sse", 400, "invalid_name"),
+        (Method::GET, "/v1/topics/%FF/ws", 400, "invalid_name"),
+        (Method::GET, "/v1/topics/ok%FFname/ws?mode=sub", 400, "invalid_name"),
+        // The JSON WebSocket endpoint, not upgraded.
+        (Method::GET, "/v1/ws", 400, "bad_request"),
+        // Queues: enqueue, fetch, stats, ack, requeue, extend; name and delivery id.
+        (Method::POST, "/v1/queues/%FF/messages", 400, "invalid_name"),
+        (Method::POST, "/v1/queues/%FF/fetch", 400, "invalid_name"),
+        (Method::GET, "/v1/queues/%FF", 400, "invalid_name"),
+        (Method::POST, "/v1/queues/%FF/ack/abc", 400, "invalid_name"),
+        (Method::POST, "/v1/queues/%FF/requeue/abc", 400, "invalid_name"),
+        (Method::POST, "/v1/queues/%FF/extend/abc?visibility_ms=10", 400, "invalid_name"),
+        (Method::POST, "/v1/queues/a..b/ack/abc", 400, "invalid_name"),
+        (Method::POST, "/v1/queues/q/ack/%FF", 400, "bad_request"),
+        (Method::POST, "/v1/queues/q/requeue/%FF", 400, "bad_request"),
+        (Method::POST, "/v1/queues/q/extend/%FF?visibility_ms=10", 400, "bad_request"),
+        // Malformed query strings.
+        (Method::GET, "/v1/topics/t/messages?limit=%FF", 400, "bad_request"),
+        (Method::POST, "/v1/queues/q/fetch?max=many", 400, "bad_request"),
+        // Unknown routes, under /v1 and elsewhere, with or without bad bytes.
+        (Method::GET, "/v1/nothing/here", 404, "not_found"),
+        (Method::GET, "/v1/topics/t/nope", 404, "not_found"),
+        (Method::GET, "/v1/%FF", 404, "not_found"),
+        (Method::GET, "/nope", 404, "not_found"),
+        // A known path with another method.
+        (Method::PUT, "/v1/topics/t", 405, "bad_request"),
+        (Method::DELETE, "/v1/topics/t/messages", 405, "bad_request"),
+        (Method::POST, "/v1/topics/t/sse", 405, "bad_request"),
+        (Method::POST, "/v1/ws", 405, "bad_request"),
+        (Method::GET, "/v1/queues/q/messages", 405, "bad_request"),
+        (Method::GET, "/v1/queues/q/ack/abc", 405, "bad_request"),
+    ];
+    for (method, path, status, code) in cases {
+        let req = server.http.request(method.clone(), format!("{}{path}", server.url));
+        let got = json_error(req).await.map_err(|e| format!("{method} {path}: {e}"))?;
+        assert_eq!(got, (*status, "application/json".to_owned(), (*code).to_owned()), "{method} {path}");
+    }
+    // A real upgrade to a raw socket whose name is not UTF-8: refused before the 101.
+    let url = format!("{}/v1/topics/%FF/ws", server.ws);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 400);
+            let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok());
+            assert_eq!(content_type, Some("application/json"));
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default())?;
+            assert_eq!(body["error"]["code"], "invalid_name");
+        }
+        other => panic!("expected 400 invalid_name, got {other:?}"),
+    }
+    // A 405 still says which methods the path takes.
+    let r = server.http.put(format!("{}/v1/topics/t", server.url)).send().await?;
+    let allow = r.headers().get(reqwest::header::ALLOW).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(allow.contains("GET") && allow.contains("DELETE"), "Allow: {allow:?}");
+    Ok(())
+}
