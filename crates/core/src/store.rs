@@ -114,6 +114,8 @@ pub struct QueueSnapshot {
 /// - Offsets are never reused within an epoch; a new epoch starts at 1.
 /// - `head` and `read` give one consistent view: once an append's offsets are visible in
 ///   `head().next`, `read` returns those messages (unless trimmed or expired).
+/// - `head` is linearizable with `append`: a head read started after an append's future
+///   resolved counts that append in `next` (the broker's watermark relies on it).
 /// - The future from `append` resolves only when the batch is durable as promised.
 /// - `read` skips messages trimmed by retention or whose TTL passed, and names the epoch
 ///   of what it returns.
@@ -125,8 +127,12 @@ pub trait Store: Send + Sync + 'static {
     /// <= `until`, in offset order, with the epoch they belong to.
     fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History>;
 
-    /// The topic's current head. Cheap and synchronous: backends keep it in memory.
-    fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError>;
+    /// The topic's current head, as of no earlier than this call. Memory and disk keep it
+    /// in memory and return a future that is ready at once (the broker polls it inline
+    /// and takes no extra step); a networked backend (Redis, PostgreSQL) may resolve later,
+    /// and the broker then subscribes through a slower path that buffers live messages
+    /// until the head is known.
+    fn head(&self, topic: &TopicName) -> StoreFuture<TopicHead>;
 
     /// Drops the topic's history and starts a new epoch; resolves with the new epoch.
     fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch>;

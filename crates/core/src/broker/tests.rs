@@ -45,7 +45,7 @@ async fn live_subscribers_get_every_message_in_order() -> Result<(), BrokerError
     let b = broker(100);
     let subs: Vec<Arc<Collect>> = (0..3).map(|_| Arc::new(Collect::default())).collect();
     for s in &subs {
-        let sub = b.subscribe(&topic(), StartFrom::Latest, None, s.clone())?;
+        let sub = b.subscribe(&topic(), StartFrom::Latest, None, s.clone()).await?;
         assert!(sub.replay.is_none());
         assert_eq!((sub.next, sub.recovered), (1, true));
     }
@@ -53,7 +53,7 @@ async fn live_subscribers_get_every_message_in_order() -> Result<(), BrokerError
     for s in &subs {
         assert_eq!(s.offsets(), [1, 2, 3, 4, 5]);
     }
-    assert_eq!(b.info(&topic())?.subscribers, 3);
+    assert_eq!(b.info(&topic()).await?.subscribers, 3);
     Ok(())
 }
 
@@ -62,7 +62,7 @@ async fn replay_then_live_has_no_gap_and_no_duplicate() -> Result<(), BrokerErro
     let b = broker(100);
     publish_n(&b, 5).await?;
     let s = Arc::new(Collect::default());
-    let sub = b.subscribe(&topic(), StartFrom::Offset(3), None, s.clone())?;
+    let sub = b.subscribe(&topic(), StartFrom::Offset(3), None, s.clone()).await?;
     assert_eq!((sub.next, sub.recovered), (6, true));
     let mut replay = sub.replay.expect("history to replay");
     // Published during the replay: held back, then delivered after it.
@@ -84,15 +84,15 @@ async fn unrecoverable_positions_replay_nothing() -> Result<(), BrokerError> {
     let b = broker(3);
     publish_n(&b, 5).await?; // 1 and 2 trimmed
     let s: Arc<dyn Subscriber> = Arc::new(Collect::default());
-    let trimmed = b.subscribe(&topic(), StartFrom::Offset(2), None, s.clone())?;
+    let trimmed = b.subscribe(&topic(), StartFrom::Offset(2), None, s.clone()).await?;
     assert!(!trimmed.recovered && trimmed.replay.is_none());
-    let beyond = b.subscribe(&topic(), StartFrom::Offset(7), None, s.clone())?;
+    let beyond = b.subscribe(&topic(), StartFrom::Offset(7), None, s.clone()).await?;
     assert!(!beyond.recovered);
-    let stale = b.subscribe(&topic(), StartFrom::Offset(4), Some("other"), s.clone())?;
+    let stale = b.subscribe(&topic(), StartFrom::Offset(4), Some("other"), s.clone()).await?;
     assert!(!stale.recovered);
-    let ok = b.subscribe(&topic(), StartFrom::Offset(3), Some(&trimmed.epoch), s.clone())?;
+    let ok = b.subscribe(&topic(), StartFrom::Offset(3), Some(&trimmed.epoch), s.clone()).await?;
     assert!(ok.recovered && ok.replay.is_some());
-    let at_next = b.subscribe(&topic(), StartFrom::Offset(6), None, s)?;
+    let at_next = b.subscribe(&topic(), StartFrom::Offset(6), None, s).await?;
     assert!(at_next.recovered && at_next.replay.is_none());
     Ok(())
 }
@@ -101,7 +101,7 @@ async fn unrecoverable_positions_replay_nothing() -> Result<(), BrokerError> {
 async fn unsubscribe_stops_delivery_and_delete_restarts_offsets() -> Result<(), BrokerError> {
     let b = broker(100);
     let s = Arc::new(Collect::default());
-    let sub = b.subscribe(&topic(), StartFrom::Latest, None, s.clone())?;
+    let sub = b.subscribe(&topic(), StartFrom::Latest, None, s.clone()).await?;
     publish_n(&b, 2).await?;
     b.delete(&topic()).await?;
     publish_n(&b, 1).await?;
@@ -110,7 +110,7 @@ async fn unsubscribe_stops_delivery_and_delete_restarts_offsets() -> Result<(), 
     assert!(!b.unsubscribe(&topic(), sub.id));
     publish_n(&b, 1).await?;
     assert_eq!(s.offsets().len(), 3);
-    assert_eq!(b.info(&topic())?.subscribers, 0);
+    assert_eq!(b.info(&topic()).await?.subscribers, 0);
     Ok(())
 }
 
@@ -119,7 +119,7 @@ async fn too_large_is_refused_before_the_store() -> Result<(), BrokerError> {
     let b = broker(100);
     let big = NewMessage::new(Kind::Binary, vec![0u8; b.config().max_message_bytes + 1]);
     assert!(matches!(b.publish(&topic(), big).await, Err(BrokerError::TooLarge { .. })));
-    assert_eq!(b.info(&topic())?.head.next, 1);
+    assert_eq!(b.info(&topic()).await?.head.next, 1);
     Ok(())
 }
 
@@ -153,7 +153,7 @@ impl Store for DeleteAfterRead {
             history
         })
     }
-    fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError> {
+    fn head(&self, topic: &TopicName) -> crate::store::StoreFuture<TopicHead> {
         self.0.head(topic)
     }
     fn delete(&self, topic: &TopicName) -> crate::store::StoreFuture<Epoch> {
@@ -185,10 +185,10 @@ async fn a_fetch_names_the_epoch_its_messages_belong_to() -> Result<(), BrokerEr
     let b =
         Broker::new(Arc::new(DeleteAfterRead(MemoryStore::new(RetentionConfig::default()))), BrokerConfig::default());
     publish_n(&b, 3).await?;
-    let before = b.info(&topic())?.head.epoch;
+    let before = b.info(&topic()).await?.head.epoch;
     let fetched = b.fetch(&topic(), 0, 10).await?;
     assert_eq!(fetched.messages.len(), 3);
     assert_eq!(fetched.epoch, before, "old messages keep their old epoch");
-    assert_ne!(b.info(&topic())?.head.epoch, before, "the delete happened");
+    assert_ne!(b.info(&topic()).await?.head.epoch, before, "the delete happened");
     Ok(())
 }
