@@ -192,3 +192,228 @@ async fn a_fetch_names_the_epoch_its_messages_belong_to() -> Result<(), BrokerEr
     assert_ne!(b.info(&topic()).await?.head.epoch, before, "the delete happened");
     Ok(())
 }
+
+/// Requests held until the test releases them, in any order.
+#[derive(Default)]
+struct Gate {
+    waiting: Mutex<Vec<Option<tokio::sync::oneshot::Sender<()>>>>,
+    arrived: tokio::sync::watch::Sender<usize>,
+}
+
+impl Gate {
+    fn enter(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.waiting).push(Some(tx));
+        self.arrived.send_modify(|n| *n += 1);
+        rx
+    }
+
+    /// Resolves once `n` requests have arrived in all.
+    async fn arrived(&self, n: usize) -> Result<(), tokio::sync::watch::error::RecvError> {
+        self.arrived.subscribe().wait_for(|&k| k >= n).await.map(|_| ())
+    }
+
+    /// Lets request `i` (counted from 0 in arrival order) complete.
+    fn release(&self, i: usize) {
+        if let Some(tx) = lock(&self.waiting).get_mut(i).and_then(Option::take) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A memory store answering like a networked one: `head` reads the state when called
+/// but resolves only once released, and `append` stores the batch when called (it is
+/// visible in the head) but resolves only once released.
+struct Gated {
+    inner: MemoryStore,
+    heads: Gate,
+    appends: Gate,
+}
+
+fn released<T: Send + 'static>(
+    open: tokio::sync::oneshot::Receiver<()>,
+    then: crate::store::StoreFuture<T>,
+) -> crate::store::StoreFuture<T> {
+    Box::pin(async move {
+        open.await.map_err(|_| StoreError::Closed)?;
+        then.await
+    })
+}
+
+impl Store for Arc<Gated> {
+    fn append(&self, topic: &TopicName, batch: Vec<NewMessage>) -> crate::store::StoreFuture<Appended> {
+        let appended = self.inner.append(topic, batch);
+        released(self.appends.enter(), appended)
+    }
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> crate::store::StoreFuture<History> {
+        self.inner.read(topic, from, until, limit)
+    }
+    fn head(&self, topic: &TopicName) -> crate::store::StoreFuture<TopicHead> {
+        let head = self.inner.head(topic);
+        released(self.heads.enter(), head)
+    }
+    fn delete(&self, topic: &TopicName) -> crate::store::StoreFuture<Epoch> {
+        self.inner.delete(topic)
+    }
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {
+        self.inner.list(prefix, after, limit)
+    }
+    fn queue_append(
+        &self,
+        queue: &crate::name::QueueName,
+        records: Vec<crate::store::QueueRecord>,
+    ) -> crate::store::StoreFuture<()> {
+        self.inner.queue_append(queue, records)
+    }
+    fn queue_remove(&self, queue: &crate::name::QueueName, ids: Vec<u64>) {
+        self.inner.queue_remove(queue, ids)
+    }
+    fn sweep(&self) {}
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn gated() -> (Broker, Arc<Gated>) {
+    let inner = MemoryStore::new(RetentionConfig::default());
+    let store = Arc::new(Gated { inner, heads: Gate::default(), appends: Gate::default() });
+    (Broker::new(Arc::new(store.clone()), BrokerConfig::default()), store)
+}
+
+/// Starts a publish whose append stays pending until `appends.release(i)`.
+async fn start_publish(
+    b: &Broker,
+    store: &Gated,
+    i: usize,
+) -> Result<tokio::task::JoinHandle<Result<Published, BrokerError>>, Box<dyn std::error::Error>> {
+    let (b, t) = (b.clone(), topic());
+    let publish = tokio::spawn(async move { b.publish(&t, text("m")).await });
+    store.appends.arrived(i + 1).await?;
+    Ok(publish)
+}
+
+/// Publishes and fans out the append that is request `i`.
+async fn publish_released(b: &Broker, store: &Gated, i: usize) -> TestResult {
+    let publish = start_publish(b, store, i).await?;
+    store.appends.release(i);
+    publish.await??;
+    Ok(())
+}
+
+/// Starts a subscribe whose head stays pending until `heads.release(i)`.
+async fn start_subscribe(
+    b: &Broker,
+    store: &Gated,
+    i: usize,
+    from: StartFrom,
+    sink: &Arc<Collect>,
+) -> Result<tokio::task::JoinHandle<Result<Subscribed, BrokerError>>, Box<dyn std::error::Error>> {
+    let (b, t, sink) = (b.clone(), topic(), sink.clone());
+    let sub = tokio::spawn(async move { b.subscribe(&t, from, None, sink).await });
+    store.heads.arrived(i + 1).await?;
+    Ok(sub)
+}
+
+/// The offsets a subscription received: its replay, then what came live.
+async fn received(sub: Subscribed, sink: &Collect) -> Result<Vec<u64>, BrokerError> {
+    let mut offsets = Vec::new();
+    if let Some(mut replay) = sub.replay {
+        while let Some(chunk) = replay.next_chunk(2).await? {
+            offsets.extend(chunk.iter().map(|m| m.offset));
+        }
+        replay.finish();
+    }
+    offsets.extend(sink.offsets());
+    Ok(offsets)
+}
+
+#[tokio::test]
+async fn a_pending_head_loses_and_repeats_nothing_published_meanwhile() -> TestResult {
+    let (b, store) = gated();
+    publish_released(&b, &store, 0).await?;
+    publish_released(&b, &store, 1).await?;
+    let s = Arc::new(Collect::default());
+    let sub = start_subscribe(&b, &store, 0, StartFrom::Earliest, &s).await?;
+    for i in 2..5 {
+        publish_released(&b, &store, i).await?;
+    }
+    assert!(s.offsets().is_empty(), "nothing goes out before the head is known");
+    assert_eq!(b.subscriber_count(&topic()), 1, "registered while pending");
+    store.heads.release(0);
+    let sub = sub.await??;
+    assert_eq!((sub.next, sub.recovered), (6, true));
+    publish_released(&b, &store, 5).await?;
+    assert_eq!(received(sub, &s).await?, [1, 2, 3, 4, 5, 6]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_pending_heads_on_a_fresh_topic_each_get_everything_once() -> TestResult {
+    let (b, store) = gated();
+    let (first, second) = (Arc::new(Collect::default()), Arc::new(Collect::default()));
+    let first_sub = start_subscribe(&b, &store, 0, StartFrom::Earliest, &first).await?;
+    publish_released(&b, &store, 0).await?;
+    let second_sub = start_subscribe(&b, &store, 1, StartFrom::Earliest, &second).await?;
+    publish_released(&b, &store, 1).await?;
+    // The later head (which counts message 1) arrives first and sets where fan-out starts.
+    store.heads.release(1);
+    let second_sub = second_sub.await??;
+    assert_eq!(second_sub.next, 3);
+    publish_released(&b, &store, 2).await?;
+    store.heads.release(0);
+    let first_sub = first_sub.await??;
+    assert_eq!(first_sub.next, 4, "the topic's watermark, not the older head's");
+    publish_released(&b, &store, 3).await?;
+    assert_eq!(received(first_sub, &first).await?, [1, 2, 3, 4]);
+    assert_eq!(received(second_sub, &second).await?, [1, 2, 3, 4]);
+    assert_eq!(b.subscriber_count(&topic()), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_append_resolving_while_the_head_is_pending_is_replayed_or_live_once() -> TestResult {
+    let (b, store) = gated();
+    // Stored before the head is read, fanned out after it: counted by the head.
+    let before = start_publish(&b, &store, 0).await?;
+    let s = Arc::new(Collect::default());
+    let sub = start_subscribe(&b, &store, 0, StartFrom::Earliest, &s).await?;
+    // Stored after the head is read: not counted by it.
+    let after = start_publish(&b, &store, 1).await?;
+    store.appends.release(1);
+    store.appends.release(0);
+    before.await??;
+    after.await??;
+    store.heads.release(0);
+    let sub = sub.await??;
+    publish_released(&b, &store, 2).await?;
+    assert_eq!(received(sub, &s).await?, [1, 2, 3]);
+
+    // The same for a subscriber from now on: what resolved before it was attached is
+    // not delivered, what resolved after it is, once.
+    let latest = Arc::new(Collect::default());
+    let sub = start_subscribe(&b, &store, 1, StartFrom::Latest, &latest).await?;
+    let meanwhile = start_publish(&b, &store, 3).await?;
+    store.appends.release(3);
+    meanwhile.await??;
+    store.heads.release(1);
+    let sub = sub.await??;
+    assert_eq!((sub.next, sub.replay.is_none()), (5, true));
+    publish_released(&b, &store, 4).await?;
+    assert_eq!(latest.offsets(), [5]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_subscribe_given_up_while_its_head_is_pending_leaves_nothing() -> TestResult {
+    let (b, store) = gated();
+    let s = Arc::new(Collect::default());
+    let sub = start_subscribe(&b, &store, 0, StartFrom::Earliest, &s).await?;
+    sub.abort();
+    assert!(sub.await.is_err_and(|e| e.is_cancelled()));
+    assert_eq!(b.subscriber_count(&topic()), 0);
+    assert!(!lock(b.shard(&topic())).contains_key(&topic()), "the waiting topic is gone");
+    assert_eq!(b.metrics().subscriptions.load(Ordering::Relaxed), 0);
+    Ok(())
+}
