@@ -6,7 +6,9 @@
 //! reorder buffer. A subscriber registers at a watermark `W` (the last offset fanned
 //! out): every message after `W` reaches it live, and [`Replay`] reads the history up to
 //! `W` from the store, while live messages are held back, so replay-then-live has no
-//! gap and no duplicate.
+//! gap and no duplicate. When the store's head answers later (a networked store), the
+//! topic first waits for it, buffering every resolved append, and the first head to
+//! arrive sets where fan-out starts (ARCHITECTURE.md, "Subscribe: replay, then live").
 //!
 //! Locks are `std::sync::Mutex`, held for in-memory work only, never across an await.
 
