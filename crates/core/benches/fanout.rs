@@ -39,7 +39,7 @@ fn fanout(c: &mut Criterion) {
     let b = broker();
     let counter = Arc::new(Counter(AtomicU64::new(0)));
     for _ in 0..SUBSCRIBERS {
-        b.subscribe(&topic, StartFrom::Latest, None, counter.clone()).expect("subscribe");
+        rt.block_on(b.subscribe(&topic, StartFrom::Latest, None, counter.clone())).expect("subscribe");
     }
     group.bench_function("counting_sinks", |bench| {
         bench.iter(|| {
@@ -52,7 +52,7 @@ fn fanout(c: &mut Criterion) {
     let mut receivers: Vec<OutboundRx<()>> = Vec::with_capacity(SUBSCRIBERS);
     for _ in 0..SUBSCRIBERS {
         let (tx, rx) = outbound::<()>(b.config().outbound);
-        b.subscribe(&topic, StartFrom::Latest, None, tx).expect("subscribe");
+        rt.block_on(b.subscribe(&topic, StartFrom::Latest, None, tx)).expect("subscribe");
         receivers.push(rx);
     }
     let mut buf: Vec<Item<()>> = Vec::with_capacity(256);

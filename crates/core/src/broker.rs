@@ -6,7 +6,9 @@
 //! reorder buffer. A subscriber registers at a watermark `W` (the last offset fanned
 //! out): every message after `W` reaches it live, and [`Replay`] reads the history up to
 //! `W` from the store, while live messages are held back, so replay-then-live has no
-//! gap and no duplicate.
+//! gap and no duplicate. When the store's head answers later (a networked store), the
+//! topic first waits for it, buffering every resolved append, and the first head to
+//! arrive sets where fan-out starts (ARCHITECTURE.md, "Subscribe: replay, then live").
 //!
 //! Locks are `std::sync::Mutex`, held for in-memory work only, never across an await.
 
@@ -133,12 +135,46 @@ struct Topic {
 }
 
 struct TopicState {
+    /// Meaningless while `early` is `Some`.
     epoch: Epoch,
     /// The next offset to fan out; everything below it has been delivered live.
+    /// Meaningless while `early` is `Some`.
     next_fanout: u64,
     /// Appends that resolved ahead of an earlier offset, waiting for it.
     reorder: BTreeMap<u64, Arc<Message>>,
+    /// `Some` while the topic awaits its first head (a store whose head answers later):
+    /// where live delivery starts is unknown, so every append that resolves meanwhile
+    /// waits here, with its epoch, until a head sets `epoch` and `next_fanout`.
+    early: Option<Vec<Appended>>,
     subs: Vec<Sub>,
+}
+
+impl Topic {
+    /// A topic whose fan-out starts after `head`.
+    fn from_head(head: &TopicHead) -> Arc<Self> {
+        Arc::new(Topic {
+            state: Mutex::new(TopicState {
+                epoch: head.epoch.clone(),
+                next_fanout: head.next,
+                reorder: BTreeMap::new(),
+                early: None,
+                subs: Vec::new(),
+            }),
+        })
+    }
+
+    /// A topic whose head is not known yet: it buffers every append until it is.
+    fn awaiting_head() -> Arc<Self> {
+        Arc::new(Topic {
+            state: Mutex::new(TopicState {
+                epoch: Epoch::from(""),
+                next_fanout: 0,
+                reorder: BTreeMap::new(),
+                early: Some(Vec::new()),
+                subs: Vec::new(),
+            }),
+        })
+    }
 }
 
 struct Sub {
@@ -152,6 +188,10 @@ struct Sub {
 struct Held {
     messages: Vec<Arc<Message>>,
     bytes: usize,
+    /// The subscription still awaits its head: it keeps nothing, since its watermark
+    /// will be at least the last offset fanned out when the head arrives, so all that
+    /// is fanned out before then is replayed from the store instead.
+    awaiting_head: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,6 +208,9 @@ impl TopicState {
         self.subs.retain_mut(|sub| match &mut sub.held {
             Some(held) => {
                 held_back += 1;
+                if held.awaiting_head {
+                    return true;
+                }
                 held.bytes += msg.size_hint();
                 held.messages.push(msg.clone());
                 if held.bytes > hold_limit {
@@ -182,6 +225,45 @@ impl TopicState {
         // Held messages are counted when `Replay::finish` hands them over.
         Metrics::add(&metrics.deliveries, kept.saturating_sub(held_back) as u64);
         metrics.subscriptions.fetch_sub((before - kept) as i64, Ordering::Relaxed);
+    }
+
+    /// Fans out an append in offset order: the next offset goes out at once, later ones
+    /// wait in the reorder buffer, earlier ones (replayed instead) and those of another
+    /// epoch (history deleted since) are dropped.
+    fn accept(&mut self, appended: &Appended, metrics: &Metrics, hold_limit: usize) {
+        if self.epoch != appended.epoch {
+            return; // appended before a delete: that history is gone
+        }
+        for msg in &appended.messages {
+            if msg.offset == self.next_fanout {
+                self.deliver(msg, metrics, hold_limit);
+                self.next_fanout += 1;
+            } else if msg.offset > self.next_fanout {
+                self.reorder.insert(msg.offset, msg.clone());
+            }
+        }
+        while let Some(entry) = self.reorder.first_entry() {
+            if *entry.key() != self.next_fanout {
+                break;
+            }
+            let msg = entry.remove();
+            self.deliver(&msg, metrics, hold_limit);
+            self.next_fanout += 1;
+        }
+    }
+
+    /// Sets where fan-out starts, if no head did yet, and fans out what arrived meanwhile.
+    /// `head` must have been requested while this topic was in the table: then every
+    /// append it does not count resolved later and found the topic, so it is in `early`.
+    fn initialize(&mut self, head: &TopicHead, metrics: &Metrics, hold_limit: usize) {
+        let Some(early) = self.early.take() else {
+            return;
+        };
+        self.epoch = head.epoch.clone();
+        self.next_fanout = head.next;
+        for appended in &early {
+            self.accept(appended, metrics, hold_limit);
+        }
     }
 }
 
@@ -289,65 +371,89 @@ impl Broker {
         Ok(appended.messages.iter().map(|m| Published { offset: m.offset, ts: m.ts }).collect())
     }
 
+    /// Held messages count against the same hard bound as a full outbound queue.
+    fn hold_limit(&self) -> usize {
+        self.inner.config.outbound.max_pending_bytes.saturating_mul(2)
+    }
+
     fn fan_out(&self, topic: &TopicName, appended: &Appended) {
         let Some(t) = lock(self.shard(topic)).get(topic).cloned() else {
             return; // nobody subscribed on this node
         };
-        // Held messages count against the same hard bound as a full outbound queue.
-        let hold_limit = self.inner.config.outbound.max_pending_bytes.saturating_mul(2);
-        let metrics = &self.inner.metrics;
-        let mut guard = lock(&t.state);
-        let st = &mut *guard;
-        if st.epoch != appended.epoch {
-            return; // appended before a delete: that history is gone
+        let mut st = lock(&t.state);
+        if let Some(early) = &mut st.early {
+            // No head known yet: where live delivery starts is decided when one arrives.
+            early.push(appended.clone());
+            return;
         }
-        for msg in &appended.messages {
-            if msg.offset == st.next_fanout {
-                st.deliver(msg, metrics, hold_limit);
-                st.next_fanout += 1;
-            } else if msg.offset > st.next_fanout {
-                st.reorder.insert(msg.offset, msg.clone());
-            }
-        }
-        while let Some(entry) = st.reorder.first_entry() {
-            if *entry.key() != st.next_fanout {
-                break;
-            }
-            let msg = entry.remove();
-            st.deliver(&msg, metrics, hold_limit);
-            st.next_fanout += 1;
-        }
+        st.accept(appended, &self.inner.metrics, self.hold_limit());
     }
 
     /// Subscribes `sink` to `topic` from `from`. `epoch` is the epoch the client saw,
     /// checked only when `from` is an offset of 1 or more.
-    pub fn subscribe(
+    ///
+    /// With a head that is ready at once (memory, disk) this completes without waiting.
+    /// With one that answers later, the subscription is registered first, on a topic
+    /// that buffers live messages until a head is known.
+    pub async fn subscribe(
         &self,
         topic: &TopicName,
         from: StartFrom,
         epoch: Option<&str>,
         sink: Arc<dyn Subscriber>,
     ) -> Result<Subscribed, BrokerError> {
-        let mut shard = lock(self.shard(topic));
-        // The head is read under the shard lock: a publisher looks the topic up (under
-        // the same lock) only after its append is visible in the head, so a message is
-        // either before the watermark (replayed) or fanned out to us (live).
-        let head = self.inner.store.head(topic)?;
-        let t = shard
-            .entry(topic.clone())
-            .or_insert_with(|| {
-                Arc::new(Topic {
-                    state: Mutex::new(TopicState {
-                        epoch: head.epoch.clone(),
-                        next_fanout: head.next,
-                        reorder: BTreeMap::new(),
-                        subs: Vec::new(),
-                    }),
-                })
-            })
-            .clone();
+        let metrics = &self.inner.metrics;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (t, head) = {
+            let mut shard = lock(self.shard(topic));
+            // The head is requested under the shard lock: a publisher looks the topic up
+            // (under the same lock) only after its append resolved, so a message is
+            // either counted by this head (replayed, up to the watermark) or finds the
+            // topic in the table and is fanned out to us (live, after it).
+            let mut head = self.inner.store.head(topic);
+            if let Some(head) = futures_now(&mut head) {
+                let head = head?;
+                let t = shard.entry(topic.clone()).or_insert_with(|| Topic::from_head(&head)).clone();
+                let mut st = lock(&t.state);
+                drop(shard);
+                // Another subscriber may still await its head; this one, read with the
+                // topic in the table, serves as well.
+                st.initialize(&head, metrics, self.hold_limit());
+                return Ok(self.attach(topic, &t, &mut st, &head, from, epoch, id, sink));
+            }
+            // The head answers later. Register now, so that every append resolving from
+            // here on finds the topic (and waits in `early` until a head is known).
+            let t = shard.entry(topic.clone()).or_insert_with(Topic::awaiting_head).clone();
+            let mut st = lock(&t.state);
+            let held = Held { awaiting_head: true, ..Held::default() };
+            st.subs.push(Sub { id, sink: sink.clone(), held: Some(held) });
+            metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+            (t.clone(), head)
+        };
+        // Ends the registration if the head fails or the caller gives up waiting.
+        let mut pending = PendingSub { broker: self, topic, id: Some(SubscriptionId(id)) };
+        let head = head.await?;
         let mut st = lock(&t.state);
-        drop(shard);
+        // The first head to arrive sets where fan-out starts; later ones leave it.
+        st.initialize(&head, metrics, self.hold_limit());
+        pending.id = None;
+        Ok(self.attach(topic, &t, &mut st, &head, from, epoch, id, sink))
+    }
+
+    /// Computes the watermark and replay of subscription `id` on an initialized topic
+    /// and makes it live (or held while it replays), adding it if not registered yet.
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
+        &self,
+        topic: &TopicName,
+        t: &Arc<Topic>,
+        st: &mut TopicState,
+        head: &TopicHead,
+        from: StartFrom,
+        epoch: Option<&str>,
+        id: u64,
+        sink: Arc<dyn Subscriber>,
+    ) -> Subscribed {
         let watermark = st.next_fanout - 1;
         let (start, recovered) = match from {
             StartFrom::Latest => (None, true),
@@ -364,12 +470,18 @@ impl Broker {
             }
         };
         let replay = start.filter(|&s| s <= watermark && watermark > 0);
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        st.subs.push(Sub { id, sink, held: replay.map(|_| Held::default()) });
-        self.inner.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+        let held = replay.map(|_| Held::default());
+        match st.subs.iter_mut().find(|s| s.id == id) {
+            // Registered while its head was pending: nothing was kept for it, all that
+            // was fanned out meanwhile is at or below the watermark.
+            Some(sub) => sub.held = held,
+            None => {
+                st.subs.push(Sub { id, sink, held });
+                self.inner.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let epoch = st.epoch.clone();
-        drop(st);
-        Ok(Subscribed {
+        Subscribed {
             id: SubscriptionId(id),
             epoch: epoch.clone(),
             next: watermark + 1,
@@ -377,13 +489,13 @@ impl Broker {
             replay: replay.map(|cursor| Replay {
                 broker: self.clone(),
                 topic_name: topic.clone(),
-                topic: t,
+                topic: t.clone(),
                 id,
                 cursor,
                 end: watermark,
                 epoch,
             }),
-        })
+        }
     }
 
     /// Ends a subscription; false if it was not there (already gone).
@@ -412,7 +524,7 @@ impl Broker {
         let next = match messages.last() {
             Some(m) => m.offset + 1,
             None => {
-                let head = self.inner.store.head(topic)?;
+                let head = self.inner.store.head(topic).await?;
                 // Deleted since the read: the old epoch's offsets are not the new one's.
                 let next = if head.epoch == epoch { head.next } else { 1 };
                 from.max(1).min(next)
@@ -425,7 +537,10 @@ impl Broker {
     pub async fn delete(&self, topic: &TopicName) -> Result<(), BrokerError> {
         let epoch = self.inner.store.delete(topic).await?;
         if let Some(t) = lock(self.shard(topic)).get(topic).cloned() {
-            let mut st = lock(&t.state);
+            let mut guard = lock(&t.state);
+            let st = &mut *guard;
+            // A topic still awaiting its head learns it here: the new epoch starts at 1.
+            let early = st.early.take();
             st.epoch = epoch;
             st.next_fanout = 1;
             st.reorder.clear();
@@ -434,13 +549,17 @@ impl Broker {
             for sub in &st.subs {
                 sub.sink.history_deleted();
             }
+            // Appends of the new epoch that resolved while the head was pending.
+            for appended in early.iter().flatten() {
+                st.accept(appended, &self.inner.metrics, self.hold_limit());
+            }
         }
         Ok(())
     }
 
     /// The topic's head and live subscriber count.
-    pub fn info(&self, topic: &TopicName) -> Result<TopicInfo, BrokerError> {
-        let head = self.inner.store.head(topic)?;
+    pub async fn info(&self, topic: &TopicName) -> Result<TopicInfo, BrokerError> {
+        let head = self.inner.store.head(topic).await?;
         Ok(TopicInfo { head, subscribers: self.subscriber_count(topic) })
     }
 
@@ -450,7 +569,12 @@ impl Broker {
     }
 
     /// Topics with retained messages or live subscribers, by name, after `after`.
-    pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<TopicSummary>, BrokerError> {
+    pub async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TopicSummary>, BrokerError> {
         let mut merged: BTreeMap<TopicName, TopicSummary> = BTreeMap::new();
         for ListedTopic { topic, last } in self.inner.store.list(prefix, after, limit)? {
             merged.insert(topic.clone(), TopicSummary { topic, last, subscribers: 0 });
@@ -475,9 +599,25 @@ impl Broker {
         }
         let mut out: Vec<TopicSummary> = merged.into_values().take(limit).collect();
         for summary in out.iter_mut().filter(|s| s.last == 0) {
-            summary.last = self.inner.store.head(&summary.topic)?.last;
+            summary.last = self.inner.store.head(&summary.topic).await?.last;
         }
         Ok(out)
+    }
+}
+
+/// Ends a subscription registered while its head was pending, unless `id` was taken
+/// (the subscription was attached): on a failed head or a caller that stopped waiting.
+struct PendingSub<'a> {
+    broker: &'a Broker,
+    topic: &'a TopicName,
+    id: Option<SubscriptionId>,
+}
+
+impl Drop for PendingSub<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.broker.unsubscribe(self.topic, id);
+        }
     }
 }
 

@@ -274,16 +274,16 @@ impl Store for MemoryStore {
         ready(Ok(History { epoch: log.epoch.clone(), messages: out }))
     }
 
-    fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError> {
+    fn head(&self, topic: &TopicName) -> StoreFuture<TopicHead> {
         let now = self.inner.clock.now_ms();
         let mut shard = self.inner.shard(topic);
-        Ok(match shard.get_mut(topic) {
+        ready(Ok(match shard.get_mut(topic) {
             Some(log) => {
                 log.trim(now, &self.inner.retention);
                 log.head()
             }
             None => Log::new(self.inner.fresh_epoch.clone(), 0).head(),
-        })
+        }))
     }
 
     fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch> {
@@ -353,11 +353,11 @@ mod tests {
     async fn offsets_start_at_one_and_count_up() -> Result<(), StoreError> {
         let store = MemoryStore::new(RetentionConfig::default());
         let t = TopicName::parse("a").expect("name");
-        assert_eq!(store.head(&t)?.next, 1);
+        assert_eq!(store.head(&t).await?.next, 1);
         let batch = store.append(&t, vec![msg("x"), msg("y")]).await?;
         assert_eq!(batch.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(append(&store, &t, "z").await.offset, 3);
-        let head = store.head(&t)?;
+        let head = store.head(&t).await?;
         assert_eq!((head.first, head.last, head.next, head.retained), (1, 3, 4, 3));
         Ok(())
     }
@@ -371,7 +371,7 @@ mod tests {
         for i in 0..5 {
             append(&store, &t, &i.to_string()).await;
         }
-        assert_eq!(store.head(&t)?.first, 3);
+        assert_eq!(store.head(&t).await?.first, 3);
         let mut ttl = msg("short");
         ttl.ttl_ms = Some(100);
         store.append(&t, vec![ttl]).await?; // offset 6; trims 3
@@ -380,7 +380,7 @@ mod tests {
         let offsets: Vec<u64> = store.read(&t, 0, u64::MAX, 10).await?.messages.iter().map(|m| m.offset).collect();
         assert_eq!(offsets, [4, 5], "expired message skipped");
         clock.advance(10_000);
-        let head = store.head(&t)?;
+        let head = store.head(&t).await?;
         assert_eq!((head.retained, head.next), (0, 7), "aged out, offsets kept");
         Ok(())
     }
@@ -389,7 +389,7 @@ mod tests {
     async fn delete_changes_epoch_and_restarts_offsets() -> Result<(), StoreError> {
         let store = MemoryStore::new(RetentionConfig::default());
         let t = TopicName::parse("a").expect("name");
-        let fresh = store.head(&t)?.epoch;
+        let fresh = store.head(&t).await?.epoch;
         let first = store.append(&t, vec![msg("x")]).await?;
         assert_eq!(first.epoch, fresh, "a fresh topic reports its first message's epoch");
         let epoch = store.delete(&t).await?;

@@ -4,7 +4,8 @@
 //! batches and for durability that completes later: `append` takes many messages and
 //! returns a future that resolves only once they are as durable as the backend promises
 //! (immediately for memory, at the group commit's fsync for disk, at the batched insert's
-//! commit for PostgreSQL).
+//! commit for PostgreSQL). Likewise `head` returns a future: memory and disk keep heads
+//! in memory and resolve at once, a networked store (Redis, PostgreSQL) may answer later.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -114,6 +115,9 @@ pub struct QueueSnapshot {
 /// - Offsets are never reused within an epoch; a new epoch starts at 1.
 /// - `head` and `read` give one consistent view: once an append's offsets are visible in
 ///   `head().next`, `read` returns those messages (unless trimmed or expired).
+/// - `head` is linearizable with `append`: a head requested (`head` called) after an
+///   append's future resolved counts that append in `next`, however late the head's own
+///   future resolves (the broker's subscribe watermark relies on it).
 /// - The future from `append` resolves only when the batch is durable as promised.
 /// - `read` skips messages trimmed by retention or whose TTL passed, and names the epoch
 ///   of what it returns.
@@ -125,8 +129,12 @@ pub trait Store: Send + Sync + 'static {
     /// <= `until`, in offset order, with the epoch they belong to.
     fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History>;
 
-    /// The topic's current head. Cheap and synchronous: backends keep it in memory.
-    fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError>;
+    /// The topic's current head, as of no earlier than this call. Memory and disk keep it
+    /// in memory and return a future that is ready at once (the broker polls it inline
+    /// and takes no extra step); a networked backend (Redis, PostgreSQL) may resolve later,
+    /// and the broker then subscribes through a slower path that buffers live messages
+    /// until the head is known.
+    fn head(&self, topic: &TopicName) -> StoreFuture<TopicHead>;
 
     /// Drops the topic's history and starts a new epoch; resolves with the new epoch.
     fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch>;

@@ -40,7 +40,7 @@ const BATCH: usize = 256;
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 
 /// Subscribes to `topic` and returns the stream that delivers it.
-pub(crate) fn open(
+pub(crate) async fn open(
     state: &GrpcState,
     topic: TopicName,
     from: StartFrom,
@@ -48,7 +48,7 @@ pub(crate) fn open(
 ) -> Result<EventStream, Status> {
     let broker = state.broker().clone();
     let (out, rx) = outbound::<Infallible>(broker.config().outbound);
-    let sub = broker.subscribe(&topic, from, epoch, out.clone()).map_err(from_broker)?;
+    let sub = broker.subscribe(&topic, from, epoch, out.clone()).await.map_err(from_broker)?;
     let first = EncodedEvent::subscribed(&pb::Subscribed {
         topic: topic.as_str().to_owned(),
         epoch: sub.epoch.to_string(),

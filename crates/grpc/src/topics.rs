@@ -110,7 +110,7 @@ impl Topics for TopicsService {
                 Err(_) => return Err(bad_request(format!("start {s} is not a known Start"))),
             },
         };
-        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref())?;
+        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref()).await?;
         Ok(Response::new(stream))
     }
 
@@ -118,7 +118,7 @@ impl Topics for TopicsService {
         self.state.admit()?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
-        let info = self.state.broker().info(&topic).map_err(from_broker)?;
+        let info = self.state.broker().info(&topic).await.map_err(from_broker)?;
         let h = info.head;
         Ok(Response::new(pb::TopicInfo {
             topic: req.topic,
@@ -135,7 +135,7 @@ impl Topics for TopicsService {
         let req = request.into_inner();
         let limit = limit(req.limit)?;
         let after = (!req.after.is_empty()).then_some(req.after.as_str());
-        let topics = self.state.broker().list(&req.prefix, after, limit).map_err(from_broker)?;
+        let topics = self.state.broker().list(&req.prefix, after, limit).await.map_err(from_broker)?;
         let topics = topics
             .into_iter()
             .map(|t| pb::TopicSummary { topic: t.topic.as_str().to_owned(), last: t.last, subscribers: t.subscribers })

@@ -125,7 +125,7 @@ pub(crate) async fn topic_info(
     State(state): State<AppState>,
     TopicPath(topic): TopicPath,
 ) -> Result<Response, ApiError> {
-    let info = state.broker().info(&topic)?;
+    let info = state.broker().info(&topic).await?;
     let h = &info.head;
     let mut body = String::from("{\"topic\":");
     push_json_str(&mut body, topic.as_str());
@@ -146,7 +146,7 @@ pub(crate) async fn list_topics(
     let query = Query::parse(query.as_deref())?;
     let limit = query.number("limit", 1, 1000, 100)?;
     let prefix = query.get("prefix").unwrap_or_default();
-    let topics = state.broker().list(prefix, query.get("after"), limit as usize)?;
+    let topics = state.broker().list(prefix, query.get("after"), limit as usize).await?;
     let mut body = String::from("{\"topics\":[");
     for (i, t) in topics.iter().enumerate() {
         if i > 0 {

@@ -102,7 +102,7 @@ pub(crate) async fn stream(
     };
     let (out, rx) = outbound::<Bytes>(state.broker().config().outbound);
     let broker = state.broker().clone();
-    let sub = broker.subscribe(&topic, from, None, out.clone())?;
+    let sub = broker.subscribe(&topic, from, None, out.clone()).await?;
     let unsubscribe = SubscriptionGuard::new(broker.clone(), topic, sub.id);
     let replay = sub.replay.map(|r| spawn_replay(r, out.clone()));
     let guard = ConnectionGuard::new(&broker);

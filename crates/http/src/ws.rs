@@ -492,7 +492,7 @@ impl JsonSession {
                     ));
                 }
                 let tap = Arc::new(Tap::new(self.out.clone()));
-                match self.state.broker().subscribe(&topic, from, epoch.as_deref(), tap.clone()) {
+                match self.state.broker().subscribe(&topic, from, epoch.as_deref(), tap.clone()).await {
                     Ok(sub) => {
                         self.reply(encode::subscribed(id, topic.as_str(), &sub.epoch, sub.next, sub.recovered));
                         let replay = sub.replay.map(|r| spawn_replay(r, self.out.clone()));
@@ -555,7 +555,8 @@ pub(crate) async fn raw_upgrade(
     // Subscribe before the 101 goes out, so a message published after the client saw
     // the handshake complete is delivered.
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
-    let sub = if mode == Mode::Pub { None } else { Some(state.broker().subscribe(&topic, from, None, out.clone())?) };
+    let sub =
+        if mode == Mode::Pub { None } else { Some(state.broker().subscribe(&topic, from, None, out.clone()).await?) };
     let max = state.broker().config().max_message_bytes;
     let tracker = state.tracker().clone();
     let broker = state.broker().clone();

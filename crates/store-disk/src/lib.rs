@@ -379,7 +379,8 @@ impl Store for DiskStore {
         self.shared.index.read(topic, from, until, limit)
     }
 
-    fn head(&self, topic: &TopicName) -> Result<TopicHead, StoreError> {
+    fn head(&self, topic: &TopicName) -> StoreFuture<TopicHead> {
+        // The index is a memory store: its head is ready at once.
         self.shared.index.head(topic)
     }
 

@@ -71,7 +71,7 @@ async fn topics_survive_a_reopen_with_offsets_epochs_and_timestamps() -> TestRes
         publish(&store, "b", 2).await?;
         store.delete(&topic("b")).await?;
         publish(&store, "b", 1).await?;
-        (store.read(&topic("a"), 0, u64::MAX, 100).await?.messages, store.head(&topic("b"))?)
+        (store.read(&topic("a"), 0, u64::MAX, 100).await?.messages, store.head(&topic("b")).await?)
     };
     let store = DiskStore::open(dir.config())?;
     let after = store.read(&topic("a"), 0, u64::MAX, 100).await?.messages;
@@ -79,7 +79,7 @@ async fn topics_survive_a_reopen_with_offsets_epochs_and_timestamps() -> TestRes
     for (x, y) in before.iter().zip(&after) {
         assert_eq!((x.offset, x.ts, &x.payload, x.kind), (y.offset, y.ts, &y.payload, y.kind));
     }
-    assert_eq!(store.head(&topic("b"))?, head_before, "epoch and offsets after a delete survive");
+    assert_eq!(store.head(&topic("b")).await?, head_before, "epoch and offsets after a delete survive");
     assert_eq!(publish(&store, "a", 1).await?, [6], "offsets continue");
     let delete_epoch = store.delete(&topic("a")).await?;
     assert_ne!(delete_epoch, head_before.epoch, "a new generation, never a reused one");
@@ -101,14 +101,19 @@ async fn interleaved_small_records_replay_exactly() -> TestResult {
                 store.delete(&topic("b")).await?;
             }
         }
-        (payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("a"))?, store.head(&topic("b"))?)
+        (
+            payloads(&store, "a").await?,
+            payloads(&store, "b").await?,
+            store.head(&topic("a")).await?,
+            store.head(&topic("b")).await?,
+        )
     };
     let store = DiskStore::open(dir.config())?;
     let got = (
         payloads(&store, "a").await?,
         payloads(&store, "b").await?,
-        store.head(&topic("a"))?,
-        store.head(&topic("b"))?,
+        store.head(&topic("a")).await?,
+        store.head(&topic("b")).await?,
     );
     assert_eq!(got, expected);
     assert_eq!(expected.0.len(), 4285);
@@ -257,7 +262,7 @@ async fn a_failed_write_acknowledges_nothing_and_makes_the_store_read_only() -> 
     let result = store.append(&topic("t"), vec![text("lost")]).await;
     assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
     assert!(!store.is_ready());
-    assert_eq!(store.head(&topic("t"))?.next, 1, "nothing acknowledged, nothing visible");
+    assert_eq!(store.head(&topic("t")).await?.next, 1, "nothing acknowledged, nothing visible");
     assert!(matches!(store.append(&topic("t"), vec![text("x")]).await, Err(StoreError::Unavailable(_))));
     Ok(())
 }
@@ -287,12 +292,12 @@ async fn messages_whose_only_copy_is_in_a_checkpoint_survive_a_restart() -> Test
         for i in 0..4000 {
             store.append(&topic("b"), vec![text(&format!("{i:0>90}"))]).await?;
         }
-        store.head(&topic("a"))?
+        store.head(&topic("a")).await?
     };
     let first_segment = dir.segments().first().cloned().ok_or("no segment")?;
     assert!(wal::starts_checkpoint(&first_segment), "a checkpoint ran and older segments were deleted");
     let store = DiskStore::open(config)?;
-    assert_eq!(store.head(&topic("a"))?, head_before);
+    assert_eq!(store.head(&topic("a")).await?, head_before);
     let got = payloads(&store, "a").await?;
     assert_eq!(got.len(), 50, "retained messages of `a` after the restart");
     assert_eq!(got[49], (50, "a-49".into()));
@@ -315,12 +320,12 @@ async fn batches_larger_than_a_record_are_split_and_read_back() -> TestResult {
         assert_eq!(a.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
     }
     let store = DiskStore::open(config.clone())?;
-    assert_eq!(store.head(&topic("t"))?.retained, 12);
+    assert_eq!(store.head(&topic("t")).await?.retained, 12);
     // A checkpoint of the same data splits by bytes as well.
     store.append(&topic("u"), batch(30)).await?;
     drop(store);
     let store = DiskStore::open(config)?;
-    assert_eq!(store.head(&topic("u"))?.retained, 30);
+    assert_eq!(store.head(&topic("u")).await?.retained, 30);
     assert_eq!(
         store.read(&topic("u"), 0, u64::MAX, 100).await?.messages.iter().map(|m| m.payload.len()).sum::<usize>(),
         30 * big.len()
@@ -348,7 +353,7 @@ async fn damage_inside_a_checkpoint_is_refused_unless_repair() -> TestResult {
         Err(OpenError::Damaged { file, .. }) => assert_eq!(file, checkpoint),
         Err(e) => return Err(format!("expected Damaged, got {e}").into()),
         Ok(store) => {
-            let head = store.head(&topic("t"))?;
+            let head = store.head(&topic("t")).await?;
             return Err(format!("opened a log whose checkpoint is damaged: {head:?}").into());
         }
     }
@@ -369,7 +374,7 @@ async fn a_damaged_store_id_stops_the_start_instead_of_changing_every_epoch() ->
         publish(&store, "t", 1).await?;
         store.delete(&topic("t")).await?;
         publish(&store, "t", 1).await?;
-        store.head(&topic("t"))?.epoch
+        store.head(&topic("t")).await?.epoch
     };
     let id_path = dir.0.join("store.id");
     let id = std::fs::read(&id_path)?;
@@ -383,7 +388,7 @@ async fn a_damaged_store_id_stops_the_start_instead_of_changing_every_epoch() ->
     }
     std::fs::write(&id_path, &id)?;
     let store = DiskStore::open(dir.config())?;
-    assert_eq!(store.head(&topic("t"))?.epoch, epoch);
+    assert_eq!(store.head(&topic("t")).await?.epoch, epoch);
     assert!(!dir.0.join("store.id.tmp").exists());
     Ok(())
 }
@@ -435,10 +440,10 @@ async fn commits_go_on_during_a_checkpoint_and_a_crash_inside_one_loses_nothing(
         let held = dir.segments().into_iter().filter(|p| wal::starts_checkpoint(p)).collect::<Vec<_>>();
         assert_eq!(held.len(), 1, "one checkpoint in progress: {held:?}");
         drop(gate_tx);
-        (payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("b"))?)
+        (payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("b")).await?)
     };
     let store = DiskStore::open(config.clone())?;
-    assert_eq!((payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("b"))?), expected);
+    assert_eq!((payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("b")).await?), expected);
     assert_eq!(expected.1.len(), 100);
     // With nothing holding it, the next checkpoint completes and the old segments go.
     publish(&store, "b", 20_000).await?;
@@ -447,7 +452,7 @@ async fn commits_go_on_during_a_checkpoint_and_a_crash_inside_one_loses_nothing(
     assert!(wal::starts_checkpoint(&first));
     let store = DiskStore::open(config)?;
     assert_eq!(payloads(&store, "a").await?, expected.0);
-    assert_eq!(store.head(&topic("b"))?.next, 23_001);
+    assert_eq!(store.head(&topic("b")).await?.next, 23_001);
     Ok(())
 }
 

@@ -409,7 +409,7 @@ async fn apply(broker: &Broker, clock: &ManualClock, model: &mut Model, op: Op) 
         Op::Delete { topic } => {
             let t = &mut model.topics[topic];
             broker.delete(&t.name).await.map_err(fail)?;
-            let head = broker.info(&t.name).map_err(fail)?.head;
+            let head = broker.info(&t.name).await.map_err(fail)?.head;
             let epoch = head.epoch.to_string();
             prop_assert!(epoch != t.epoch && !t.earlier.contains(&epoch), "{} reused epoch {}", t.name, epoch);
             prop_assert_eq!((head.next, head.retained), (1, 0), "{} after its delete", t.name);
@@ -689,8 +689,10 @@ async fn recover(
         prop_assert!(s.records.windows(2).all(|w| w[0].id < w[1].id), "duplicate ids in {}", s.queue);
         prop_assert!(s.records.last().is_none_or(|r| r.id < s.next_id), "{} next id below a record", s.queue);
     }
-    let heads: Vec<TopicHead> =
-        model.topics.iter().map(|t| store.head(&t.name)).collect::<Result<_, _>>().map_err(fail)?;
+    let mut heads: Vec<TopicHead> = Vec::with_capacity(model.topics.len());
+    for t in &model.topics {
+        heads.push(store.head(&t.name).await.map_err(fail)?);
+    }
 
     // The unacknowledged writes that survived: a prefix, in the order they were made.
     let present: Vec<bool> = pending

@@ -111,7 +111,7 @@ fn same<T: PartialEq + std::fmt::Debug>(got: T, want: T, step: &str) -> Result {
 pub async fn offsets_are_consecutive_from_one(backend: &dyn Backend) -> Result {
     let mut f = Fixture::new(backend, RetentionConfig::default())?;
     let t = topic("conf.offsets")?;
-    let fresh = f.store.head(&t)?;
+    let fresh = f.store.head(&t).await?;
     same((fresh.first, fresh.last, fresh.next, fresh.retained), (0, 0, 1, 0), "head of a new topic")?;
     let a = f.store.append(&t, vec![text("a"), text("b"), text("c")]).await?;
     same(a.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 2, 3], "first batch")?;
@@ -120,14 +120,14 @@ pub async fn offsets_are_consecutive_from_one(backend: &dyn Backend) -> Result {
     let b = f.store.append(&t, vec![text("d")]).await?;
     same(b.messages[0].offset, 4, "next append")?;
     ensure(b.messages[0].ts >= a.messages[2].ts, || "timestamps decreased".into())?;
-    let head = f.store.head(&t)?;
+    let head = f.store.head(&t).await?;
     same((head.first, head.last, head.next, head.retained), (1, 4, 5, 4), "head after appends")?;
     let before = read_all(&*f.store, &t).await?;
     same(before.1.len(), 4, "read back")?;
     if f.durable() {
         f.restart().await?;
         same(read_all(&*f.store, &t).await?, before.clone(), "history after a restart")?;
-        same(f.store.head(&t)?, head, "head after a restart")?;
+        same(f.store.head(&t).await?, head, "head after a restart")?;
         let c = f.store.append(&t, vec![text("e")]).await?;
         same((c.epoch.clone(), c.messages[0].offset), (before.0, 5), "offsets continue in the same epoch")?;
         ensure(c.messages[0].ts >= b.messages[0].ts, || "timestamps decreased across a restart".into())?;
@@ -193,13 +193,13 @@ pub async fn read_ranges_and_list(backend: &dyn Backend) -> Result {
     let offsets = |h: &herald_core::History| h.messages.iter().map(|m| m.offset).collect::<Vec<_>>();
     let r = f.store.read(&a, 4, 7, 100).await?;
     same(offsets(&r), vec![4, 5, 6, 7], "from 4 until 7")?;
-    same(r.epoch.clone(), f.store.head(&a)?.epoch, "read names the head's epoch")?;
+    same(r.epoch.clone(), f.store.head(&a).await?.epoch, "read names the head's epoch")?;
     same(offsets(&f.store.read(&a, 4, u64::MAX, 2).await?), vec![4, 5], "limit")?;
     same(offsets(&f.store.read(&a, 0, 3, 100).await?), vec![1, 2, 3], "from 0 is the first retained")?;
     same(offsets(&f.store.read(&a, 11, u64::MAX, 100).await?), vec![], "past the end")?;
     let unknown = topic("conf.read.none")?;
     let r = f.store.read(&unknown, 0, u64::MAX, 100).await?;
-    same((r.messages.len(), r.epoch), (0, f.store.head(&unknown)?.epoch), "unknown topic")?;
+    same((r.messages.len(), r.epoch), (0, f.store.head(&unknown).await?.epoch), "unknown topic")?;
     same(
         f.store.list("conf.read.", None, 10)?,
         vec![ListedTopic { topic: a.clone(), last: 10 }, ListedTopic { topic: b.clone(), last: 1 }],
@@ -220,7 +220,7 @@ pub async fn retention_by_count_age_and_ttl(backend: &dyn Backend) -> Result {
     for i in 1..=5 {
         f.store.append(&t, vec![text(&i.to_string())]).await?;
     }
-    same(f.store.head(&t)?.first, 3, "count retention keeps the newest 3")?;
+    same(f.store.head(&t).await?.first, 3, "count retention keeps the newest 3")?;
     let mut short = text("short");
     short.ttl_ms = Some(100);
     f.store.append(&t, vec![short]).await?; // offset 6
@@ -240,11 +240,11 @@ pub async fn retention_by_count_age_and_ttl(backend: &dyn Backend) -> Result {
     }
     f.clock.advance(10_000);
     f.store.sweep();
-    let head = f.store.head(&t)?;
+    let head = f.store.head(&t).await?;
     same((head.retained, head.first, head.last, head.next), (0, 0, 0, 7), "aged out, offsets kept")?;
     if f.durable() {
         f.restart().await?;
-        same(f.store.head(&t)?.next, 7, "offsets kept across a restart with nothing retained")?;
+        same(f.store.head(&t).await?.next, 7, "offsets kept across a restart with nothing retained")?;
     }
     same(f.store.append(&t, vec![text("7")]).await?.messages[0].offset, 7, "no offset reused")?;
     Ok(())
@@ -260,7 +260,7 @@ pub async fn delete_starts_a_new_epoch(backend: &dyn Backend) -> Result {
     epochs.insert(first.epoch.clone());
     let e1 = f.store.delete(&t).await?;
     ensure(epochs.insert(e1.clone()), || "delete reused an epoch".into())?;
-    let head = f.store.head(&t)?;
+    let head = f.store.head(&t).await?;
     same((head.epoch.clone(), head.next, head.retained), (e1.clone(), 1, 0), "head after a delete")?;
     let again = f.store.append(&t, vec![text("c")]).await?;
     same((again.epoch.clone(), again.messages[0].offset), (e1.clone(), 1), "offsets restart at 1")?;
@@ -268,10 +268,10 @@ pub async fn delete_starts_a_new_epoch(backend: &dyn Backend) -> Result {
     let e2 = f.store.delete(&t).await?;
     ensure(epochs.insert(e2.clone()), || "a second delete reused an epoch".into())?;
     f.store.append(&t, vec![text("d"), text("e")]).await?;
-    let before = (f.store.head(&t)?, read_all(&*f.store, &t).await?);
+    let before = (f.store.head(&t).await?, read_all(&*f.store, &t).await?);
     if f.durable() {
         f.restart().await?;
-        same((f.store.head(&t)?, read_all(&*f.store, &t).await?), before.clone(), "after a restart")?;
+        same((f.store.head(&t).await?, read_all(&*f.store, &t).await?), before.clone(), "after a restart")?;
         let e3 = f.store.delete(&t).await?;
         ensure(epochs.insert(e3), || "a delete after a restart reused an epoch".into())?;
     }
@@ -292,11 +292,11 @@ pub async fn quiet_topics_survive_compaction(backend: &dyn Backend) -> Result {
     for _ in 0..300 {
         f.store.append(&busy, (0..10).map(|_| text(&filler)).collect()).await?;
     }
-    let want = (f.store.head(&quiet)?, read_all(&*f.store, &quiet).await?, f.store.head(&busy)?);
+    let want = (f.store.head(&quiet).await?, read_all(&*f.store, &quiet).await?, f.store.head(&busy).await?);
     same(want.1 .1.len(), 50, "retained before the restart")?;
     if f.durable() {
         f.restart().await?;
-        let got = (f.store.head(&quiet)?, read_all(&*f.store, &quiet).await?, f.store.head(&busy)?);
+        let got = (f.store.head(&quiet).await?, read_all(&*f.store, &quiet).await?, f.store.head(&busy).await?);
         same(got, want, "after a restart")?;
         let next = f.store.append(&quiet, vec![text("again")]).await?;
         same(next.messages[0].offset, 51, "offsets continue")?;

@@ -449,7 +449,7 @@ pub fn reopen(engine: Engine, dir: &Path, n: u64) -> Result<Box<dyn Reader>> {
             let rt = herald_runtime()?;
             let store = herald_open(dir)?;
             let topic = herald_topic()?;
-            let last = store.head(&topic)?.last;
+            let last = rt.block_on(store.head(&topic))?.last;
             let msgs = rt.block_on(store.read(&topic, last, last, 1))?;
             let len = msgs.first().map_or(0, |m| m.payload.len());
             check_last(engine, last, len, n)?;

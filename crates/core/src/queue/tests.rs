@@ -440,7 +440,7 @@ impl Store for Scripted {
         self.inner.read(topic, from, until, limit)
     }
 
-    fn head(&self, topic: &crate::name::TopicName) -> Result<crate::store::TopicHead, StoreError> {
+    fn head(&self, topic: &crate::name::TopicName) -> crate::store::StoreFuture<crate::store::TopicHead> {
         self.inner.head(topic)
     }
 
