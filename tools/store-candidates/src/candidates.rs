@@ -177,7 +177,7 @@ struct HeraldReader {
 impl Reader for HeraldReader {
     fn read_range(&self, from: u64, to: u64) -> Result<usize> {
         let limit = usize::try_from(to - from + 1)?;
-        let msgs = self.rt.handle().block_on(self.store.read(&self.topic, from, to, limit))?;
+        let msgs = self.rt.handle().block_on(self.store.read(&self.topic, from, to, limit))?.messages;
         Ok(msgs.len())
     }
 }
@@ -450,7 +450,7 @@ pub fn reopen(engine: Engine, dir: &Path, n: u64) -> Result<Box<dyn Reader>> {
             let store = herald_open(dir)?;
             let topic = herald_topic()?;
             let last = rt.block_on(store.head(&topic))?.last;
-            let msgs = rt.block_on(store.read(&topic, last, last, 1))?;
+            let msgs = rt.block_on(store.read(&topic, last, last, 1))?.messages;
             let len = msgs.first().map_or(0, |m| m.payload.len());
             check_last(engine, last, len, n)?;
             Box::new(HeraldReader { store, topic, rt })
