@@ -109,6 +109,19 @@ impl Shared {
         first
     }
 
+    /// Resolves once the queue is closed (the wake-up is registered before the check).
+    async fn until_closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn reason(&self) -> Option<CloseReason> {
         match self.state.load(Ordering::Acquire) {
             OPEN => None,
@@ -179,15 +192,7 @@ impl<C> Outbound<C> {
 
     /// Resolves once the queue is closed (by any side, or as a slow consumer).
     pub async fn closed(&self) {
-        loop {
-            let notified = self.shared.closed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.shared.reason().is_some() {
-                return;
-            }
-            notified.await;
-        }
+        self.shared.until_closed().await
     }
 
     /// Resolves when the writer next releases written bytes, or the queue closes: the
@@ -302,15 +307,7 @@ impl<C> OutboundRx<C> {
 
     /// Resolves once the queue is closed (by any side, or as a slow consumer).
     pub async fn closed(&self) {
-        loop {
-            let notified = self.shared.closed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.shared.reason().is_some() {
-                return;
-            }
-            notified.await;
-        }
+        self.shared.until_closed().await
     }
 
     /// Closes the queue from the writer's side.
