@@ -92,7 +92,7 @@ local out = {}
 local start = ARGV[5]
 while #out < limit do
   local want = limit - #out
-  local batch = redis.call('XRANGE', log, start, ARGV[6], 'COUNT', want)
+  local batch = redis.call('XRANGE', log, start, ARGV[6], 'COUNT', int(want))
   for _, e in ipairs(batch) do
     local f = e[2]
     if f[6] == '' or now < tonumber(f[6]) then
