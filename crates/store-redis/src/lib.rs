@@ -62,7 +62,8 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// The server, as `redis://[user:password@]host[:port][/db]` (default
-    /// `redis://127.0.0.1:6379/`).
+    /// `redis://127.0.0.1:6379/`); Redis 6.2 or later (the read script uses exclusive
+    /// XRANGE bounds).
     pub url: String,
     /// Prepended to every key and channel (default `herald:`), so that several
     /// deployments or tests share one Redis. It must not contain `{` or `}`: the keys'
