@@ -1,0 +1,625 @@
+//! `RedisStore`: topic histories and queue records in Redis, the first step of
+//! scale-out (issue 10). This step uses Redis as one node's store; several nodes
+//! sharing it (fan-out over pub/sub) is the next step, and the key layout and the
+//! append script are already shaped for it.
+//!
+//! Per topic, every key shares the hash tag `{t:<topic>}`, so a topic lives in one
+//! Redis Cluster slot:
+//! - `<prefix>{t:<topic>}:meta`, a hash: `epoch`, `next` (the next offset), `last_ts`.
+//!   It has no TTL: a topic's epoch is never forgotten while Redis keeps its data.
+//! - `<prefix>{t:<topic>}:log`, a Stream whose entry id is `<offset>-0`, with the fields
+//!   `ts`, `kind`, `expires` ('' for none) and `payload`.
+//! - `<prefix>{t:<topic>}:ch`, the channel each append publishes `a <epoch> <first> <count>`
+//!   to (and each delete `d <epoch>`); nothing subscribes yet.
+//!
+//! One Lua script appends a whole batch atomically (offsets, timestamps, XADD, trimming,
+//! meta, PUBLISH); `head` and `read` are one script each (trimming first, as the memory
+//! store does), so each operation is one round trip. A missing meta is created with a
+//! fresh random epoch by whichever script meets it first (`head` of a never-published
+//! topic included, so the first append keeps the epoch `head` named), and a log found
+//! without its meta (evicted) is deleted: an epoch is never reused over old offsets.
+//!
+//! Queues: `<prefix>{q:<queue>}:records` (id -> encoded record), `:attempts` (id ->
+//! deliveries) and `:next` (the next id). `queue_append` is awaited; `queue_remove` and
+//! `queue_delivered` are lazy. All queue writes go through one task, in the order they
+//! were issued, so a removal never overtakes the append it removes.
+//!
+//! Two trait methods are synchronous and cannot ask Redis without blocking a runtime
+//! thread, so they are served from memory: `queue_load` from the queues read by
+//! [`RedisStore::connect`] and kept up to date by this store's own writes, and `list`
+//! from the topics registry (`<prefix>topics`, a sorted set) read at connect and kept up
+//! to date by this store's appends, heads and deletes. Both are exact for a single node;
+//! another node's writes are not seen until a reconnect (the next step makes `list` ask
+//! Redis).
+
+mod scripts;
+
+use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use herald_core::{
+    Appended, Clock, Epoch, History, Kind, ListedTopic, Message, NewMessage, QueueName, QueueRecord, QueueSnapshot,
+    RetentionConfig, Store, StoreError, StoreFuture, TopicHead, TopicName,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisError};
+use tokio::sync::{mpsc, oneshot};
+
+use scripts::Scripts;
+
+/// Largest number passed to a script (Lua numbers are exact up to 2^53).
+const LUA_MAX: u64 = 1 << 53;
+
+/// How often the connection is probed for [`Store::is_ready`].
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Settings of the Redis store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// The server, as `redis://[user:password@]host[:port][/db]` (default
+    /// `redis://127.0.0.1:6379/`); Redis 6.2 or later (the read script uses exclusive
+    /// XRANGE bounds).
+    pub url: String,
+    /// Prepended to every key and channel (default `herald:`), so that several
+    /// deployments or tests share one Redis. It must not contain `{` or `}`: the keys'
+    /// own hash tags must stay the first braces in each key.
+    pub prefix: String,
+    /// Topic retention, applied by the scripts at append, head and read.
+    pub retention: RetentionConfig,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/".to_owned(),
+            prefix: "herald:".to_owned(),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+/// Why [`RedisStore::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStoreError {
+    /// The prefix holds a brace.
+    #[error("the Redis key prefix {0:?} must not contain '{{' or '}}'")]
+    Prefix(String),
+    /// Redis refused the URL, the connection or a command.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    /// A stored queue record could not be decoded.
+    #[error("damaged queue record {id} in {key}")]
+    Damaged {
+        /// The records hash.
+        key: String,
+        /// The record's id.
+        id: u64,
+    },
+}
+
+/// A [`Store`] on Redis. Cheap to clone; the last clone dropped ends its tasks.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    /// Queue writes, applied in order by one task.
+    queue_ops: mpsc::UnboundedSender<QueueOp>,
+}
+
+struct Inner {
+    con: ConnectionManager,
+    prefix: String,
+    clock: Arc<dyn Clock>,
+    retention: RetentionConfig,
+    scripts: Scripts,
+    ready: AtomicBool,
+    hasher: RandomState,
+    epochs: AtomicU64,
+    /// Topics known to have been appended to, for `list`.
+    topics: Mutex<BTreeMap<TopicName, Listed>>,
+    /// The queues' live records, for `queue_load`.
+    queues: Mutex<BTreeMap<QueueName, QueueMirror>>,
+}
+
+/// What `list` knows of a topic.
+#[derive(Debug, Clone)]
+struct Listed {
+    epoch: Epoch,
+    /// The newest retained offset, 0 when none is.
+    last: u64,
+    /// The newest message's time, to stop listing it once it aged out.
+    last_ts: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct QueueMirror {
+    next_id: u64,
+    records: BTreeMap<u64, QueueRecord>,
+    attempts: BTreeMap<u64, u32>,
+}
+
+enum QueueOp {
+    Append { queue: QueueName, records: Vec<QueueRecord>, done: oneshot::Sender<Result<(), StoreError>> },
+    Remove { queue: QueueName, ids: Vec<u64> },
+    Delivered { queue: QueueName, attempts: Vec<(u64, u32)> },
+    Flush(oneshot::Sender<()>),
+}
+
+impl RedisStore {
+    /// Connects to Redis, reads the topic registry and the queues, and starts the task
+    /// that applies queue writes and the one that probes the connection.
+    pub async fn connect(config: RedisConfig, clock: Arc<dyn Clock>) -> Result<Self, RedisStoreError> {
+        if config.prefix.contains(['{', '}']) {
+            return Err(RedisStoreError::Prefix(config.prefix));
+        }
+        let client = redis::Client::open(config.url.as_str())?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(3);
+        let mut con = ConnectionManager::new_with_config(client, manager).await?;
+        let prefix = config.prefix;
+        let topics = load_topics(&mut con, &prefix).await?;
+        let queues = load_queues(&mut con, &prefix).await?;
+        let inner = Arc::new(Inner {
+            con,
+            prefix,
+            clock,
+            retention: config.retention,
+            scripts: Scripts::new(),
+            ready: AtomicBool::new(true),
+            hasher: RandomState::new(),
+            epochs: AtomicU64::new(0),
+            topics: Mutex::new(topics),
+            queues: Mutex::new(queues),
+        });
+        let (queue_ops, rx) = mpsc::unbounded_channel();
+        tokio::spawn(apply_queue_ops(inner.clone(), rx));
+        tokio::spawn(probe(Arc::downgrade(&inner)));
+        Ok(Self { inner, queue_ops })
+    }
+}
+
+/// The registry of topics with their last offsets (from the meta: `next - 1`).
+async fn load_topics(con: &mut ConnectionManager, prefix: &str) -> Result<BTreeMap<TopicName, Listed>, RedisError> {
+    let names: Vec<String> = con.zrange(format!("{prefix}topics"), 0, -1).await?;
+    let names: Vec<TopicName> = names.iter().filter_map(|n| TopicName::parse(n).ok()).collect();
+    let mut pipe = redis::pipe();
+    for t in &names {
+        pipe.cmd("HMGET").arg(topic_key(prefix, t, "meta")).arg("epoch").arg("next").arg("last_ts");
+    }
+    let metas: Vec<(Option<String>, Option<u64>, Option<u64>)> =
+        if names.is_empty() { Vec::new() } else { pipe.query_async(con).await? };
+    Ok(names
+        .into_iter()
+        .zip(metas)
+        .filter_map(|(t, (epoch, next, last_ts))| {
+            let last = next?.saturating_sub(1);
+            Some((t, Listed { epoch: Arc::from(epoch?), last, last_ts: last_ts.unwrap_or(0) }))
+        })
+        .collect())
+}
+
+/// Every queue's records, attempts and next id.
+async fn load_queues(
+    con: &mut ConnectionManager,
+    prefix: &str,
+) -> Result<BTreeMap<QueueName, QueueMirror>, RedisStoreError> {
+    let names: Vec<String> = con.zrange(format!("{prefix}queues"), 0, -1).await?;
+    let mut out = BTreeMap::new();
+    for name in names {
+        let Ok(q) = QueueName::parse(&name) else { continue };
+        let key = queue_key(prefix, &q, "records");
+        type Stored = (Vec<(u64, Vec<u8>)>, Vec<(u64, u32)>, Option<u64>);
+        let (records, attempts, next): Stored = redis::pipe()
+            .hgetall(&key)
+            .hgetall(queue_key(prefix, &q, "attempts"))
+            .get(queue_key(prefix, &q, "next"))
+            .query_async(con)
+            .await?;
+        let mut mirror = QueueMirror { next_id: next.unwrap_or(1), ..QueueMirror::default() };
+        for (id, raw) in records {
+            let record = decode_record(id, &raw).ok_or_else(|| RedisStoreError::Damaged { key: key.clone(), id })?;
+            mirror.next_id = mirror.next_id.max(id + 1);
+            mirror.records.insert(id, record);
+        }
+        mirror.attempts = attempts.into_iter().filter(|(id, _)| mirror.records.contains_key(id)).collect();
+        out.insert(q, mirror);
+    }
+    Ok(out)
+}
+
+fn topic_key(prefix: &str, topic: &TopicName, what: &str) -> String {
+    format!("{prefix}{{t:{}}}:{what}", topic.as_str())
+}
+
+fn queue_key(prefix: &str, queue: &QueueName, what: &str) -> String {
+    format!("{prefix}{{q:{}}}:{what}", queue.as_str())
+}
+
+fn kind_of(s: &str) -> Option<Kind> {
+    match s {
+        "json" => Some(Kind::Json),
+        "text" => Some(Kind::Text),
+        "binary" => Some(Kind::Binary),
+        _ => None,
+    }
+}
+
+/// `<kind> <ts> <ready_at> <expires_at or -> \n <payload>`.
+fn encode_record(r: &QueueRecord) -> Vec<u8> {
+    let expires = r.expires_at.map_or_else(|| "-".to_owned(), |e| e.to_string());
+    let mut out = format!("{} {} {} {expires}\n", r.kind.as_str(), r.ts, r.ready_at).into_bytes();
+    out.extend_from_slice(&r.payload);
+    out
+}
+
+fn decode_record(id: u64, raw: &[u8]) -> Option<QueueRecord> {
+    let nl = raw.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&raw[..nl]).ok()?;
+    let mut fields = head.split(' ');
+    let kind = kind_of(fields.next()?)?;
+    let ts = fields.next()?.parse().ok()?;
+    let ready_at = fields.next()?.parse().ok()?;
+    let expires_at = match fields.next()? {
+        "-" => None,
+        e => Some(e.parse().ok()?),
+    };
+    Some(QueueRecord { id, kind, payload: Bytes::copy_from_slice(&raw[nl + 1..]), ts, ready_at, expires_at })
+}
+
+/// The offset of a stream id `N-0` ('0' when there is none).
+fn offset_of(id: &str) -> Result<u64, StoreError> {
+    id.split('-').next().and_then(|n| n.parse().ok()).ok_or_else(|| damaged(format!("stream id {id:?}")))
+}
+
+fn damaged(what: String) -> StoreError {
+    StoreError::Unavailable(format!("redis: damaged data: {what}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    /// A new epoch: 12 hex digits of a randomly keyed hash of time, process and counter.
+    fn fresh_epoch(&self) -> String {
+        let n = self.epochs.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let h = self.hasher.hash_one((nanos, n, std::process::id()));
+        format!("{:012x}", h & 0xffff_ffff_ffff)
+    }
+
+    /// Maps a Redis error to the store's, noting a lost connection for `is_ready`.
+    fn failed(&self, e: RedisError) -> StoreError {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+            self.ready.store(false, Ordering::Relaxed);
+        }
+        StoreError::Unavailable(format!("redis: {e}"))
+    }
+
+    fn answered<T>(&self, r: Result<T, RedisError>) -> Result<T, StoreError> {
+        match r {
+            Ok(v) => {
+                self.ready.store(true, Ordering::Relaxed);
+                Ok(v)
+            }
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// A topic script's invocation with the shared keys and arguments.
+    fn topic_call<'a>(&self, script: &'a redis::Script, topic: &TopicName, now: u64) -> redis::ScriptInvocation<'a> {
+        let mut call = script.prepare_invoke();
+        call.key(topic_key(&self.prefix, topic, "meta"))
+            .key(topic_key(&self.prefix, topic, "log"))
+            .arg(self.fresh_epoch())
+            .arg(now)
+            .arg(self.retention.max_messages.min(LUA_MAX))
+            .arg((self.retention.max_age.as_millis() as u64).min(LUA_MAX));
+        call
+    }
+
+    fn note_head(&self, topic: &TopicName, head: &TopicHead) {
+        let mut topics = lock(&self.topics);
+        if let Some(listed) = topics.get_mut(topic) {
+            if listed.epoch == head.epoch {
+                listed.last = head.last;
+            }
+        }
+    }
+
+    async fn apply(&self, op: QueueOp) {
+        let mut con = self.con.clone();
+        let prefix = &self.prefix;
+        match op {
+            QueueOp::Append { queue, records, done } => {
+                let mut call = self.scripts.queue_append.prepare_invoke();
+                call.key(queue_key(prefix, &queue, "records")).key(queue_key(prefix, &queue, "next"));
+                for r in &records {
+                    call.arg(r.id).arg(encode_record(r));
+                }
+                let registered: Result<(), RedisError> = con.zadd(format!("{prefix}queues"), queue.as_str(), 0).await;
+                let result = match registered {
+                    Ok(()) => call.invoke_async::<()>(&mut con).await,
+                    Err(e) => Err(e),
+                };
+                let result = self.answered(result);
+                if result.is_ok() {
+                    let mut queues = lock(&self.queues);
+                    let mirror =
+                        queues.entry(queue).or_insert_with(|| QueueMirror { next_id: 1, ..Default::default() });
+                    for r in records {
+                        mirror.next_id = mirror.next_id.max(r.id + 1);
+                        mirror.records.insert(r.id, r);
+                    }
+                }
+                let _ = done.send(result);
+            }
+            QueueOp::Remove { queue, ids } => {
+                let result = redis::pipe()
+                    .atomic()
+                    .hdel(queue_key(prefix, &queue, "records"), &ids)
+                    .hdel(queue_key(prefix, &queue, "attempts"), &ids)
+                    .query_async::<()>(&mut con)
+                    .await;
+                if let Err(e) = self.answered(result) {
+                    tracing::warn!(queue = queue.as_str(), error = %e, "queue removal not persisted");
+                }
+                if let Some(mirror) = lock(&self.queues).get_mut(&queue) {
+                    for id in ids {
+                        mirror.records.remove(&id);
+                        mirror.attempts.remove(&id);
+                    }
+                }
+            }
+            QueueOp::Delivered { queue, attempts } => {
+                let result = con.hset_multiple::<_, _, _, ()>(queue_key(prefix, &queue, "attempts"), &attempts).await;
+                if let Err(e) = self.answered(result) {
+                    tracing::warn!(queue = queue.as_str(), error = %e, "queue attempts not persisted");
+                }
+                if let Some(mirror) = lock(&self.queues).get_mut(&queue) {
+                    for (id, n) in attempts {
+                        if mirror.records.contains_key(&id) {
+                            mirror.attempts.insert(id, n);
+                        }
+                    }
+                }
+            }
+            QueueOp::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Applies queue writes one at a time, in the order issued; ends with the last store handle.
+async fn apply_queue_ops(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<QueueOp>) {
+    while let Some(op) = rx.recv().await {
+        inner.apply(op).await;
+    }
+}
+
+/// Probes the connection so that `is_ready` follows an outage even when idle.
+async fn probe(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let mut con = inner.con.clone();
+        let result = redis::cmd("PING").query_async::<()>(&mut con).await;
+        let _ = inner.answered(result);
+    }
+}
+
+impl Store for RedisStore {
+    fn append(&self, topic: &TopicName, batch: Vec<NewMessage>) -> StoreFuture<Appended> {
+        let inner = self.inner.clone();
+        let topic = topic.clone();
+        let now = inner.clock.now_ms();
+        Box::pin(async move {
+            if batch.is_empty() {
+                let head = inner.head(&topic, now).await?;
+                return Ok(Appended { epoch: head.epoch, messages: Vec::new() });
+            }
+            let mut con = inner.con.clone();
+            if !lock(&inner.topics).contains_key(&topic) {
+                let registered = con.zadd::<_, _, _, ()>(format!("{}topics", inner.prefix), topic.as_str(), 0).await;
+                inner.answered(registered)?;
+            }
+            let mut call = inner.topic_call(&inner.scripts.append, &topic, now);
+            call.arg(topic_key(&inner.prefix, &topic, "ch"));
+            for m in &batch {
+                let ttl = m.ttl_ms.map_or_else(String::new, |t| t.min(LUA_MAX).to_string());
+                call.arg(m.kind.as_str()).arg(ttl).arg(m.payload.as_ref());
+            }
+            let (epoch, first, ts): (String, u64, u64) = inner.answered(call.invoke_async(&mut con).await)?;
+            let epoch: Epoch = Arc::from(epoch);
+            let messages: Vec<Arc<Message>> = batch
+                .into_iter()
+                .enumerate()
+                .map(|(i, new)| {
+                    let ttl_ms = new.ttl_ms.map(|t| t.min(LUA_MAX));
+                    Arc::new(Message::new(topic.clone(), first + i as u64, ts, NewMessage { ttl_ms, ..new }))
+                })
+                .collect();
+            let last = first + messages.len() as u64 - 1;
+            let mut topics = lock(&inner.topics);
+            let listed = topics.entry(topic).or_insert_with(|| Listed { epoch: epoch.clone(), last: 0, last_ts: 0 });
+            if listed.epoch != epoch {
+                *listed = Listed { epoch: epoch.clone(), last: 0, last_ts: 0 };
+            }
+            listed.last = listed.last.max(last);
+            listed.last_ts = listed.last_ts.max(ts);
+            drop(topics);
+            Ok(Appended { epoch, messages })
+        })
+    }
+
+    fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History> {
+        let inner = self.inner.clone();
+        let topic = topic.clone();
+        let now = inner.clock.now_ms();
+        Box::pin(async move {
+            let start = if from == 0 { "-".to_owned() } else { format!("{from}-0") };
+            let end = if until == u64::MAX { "+".to_owned() } else { format!("{until}-0") };
+            let mut call = inner.topic_call(&inner.scripts.read, &topic, now);
+            call.arg(start).arg(end).arg((limit as u64).min(LUA_MAX));
+            let mut con = inner.con.clone();
+            type Entry = (String, u64, String, String, Vec<u8>);
+            let (epoch, entries): (String, Vec<Entry>) = inner.answered(call.invoke_async(&mut con).await)?;
+            let mut messages = Vec::with_capacity(entries.len());
+            for (id, ts, kind, expires, payload) in entries {
+                let kind = kind_of(&kind).ok_or_else(|| damaged(format!("kind {kind:?} in {topic}")))?;
+                let ttl_ms = match expires.as_str() {
+                    "" => None,
+                    e => Some(e.parse::<u64>().map_err(|_| damaged(format!("expires {e:?} in {topic}")))? - ts),
+                };
+                let new = NewMessage { kind, payload: Bytes::from(payload), ttl_ms };
+                messages.push(Arc::new(Message::new(topic.clone(), offset_of(&id)?, ts, new)));
+            }
+            Ok(History { epoch: Arc::from(epoch), messages })
+        })
+    }
+
+    fn head(&self, topic: &TopicName) -> StoreFuture<TopicHead> {
+        let inner = self.inner.clone();
+        let topic = topic.clone();
+        let now = inner.clock.now_ms();
+        Box::pin(async move { inner.head(&topic, now).await })
+    }
+
+    fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch> {
+        let inner = self.inner.clone();
+        let topic = topic.clone();
+        Box::pin(async move {
+            let mut con = inner.con.clone();
+            let mut call = inner.scripts.delete.prepare_invoke();
+            call.key(topic_key(&inner.prefix, &topic, "meta"))
+                .key(topic_key(&inner.prefix, &topic, "log"))
+                .arg(inner.fresh_epoch())
+                .arg(topic_key(&inner.prefix, &topic, "ch"));
+            let epoch: String = inner.answered(call.invoke_async(&mut con).await)?;
+            lock(&inner.topics).remove(&topic);
+            let unregistered = con.zrem::<_, _, ()>(format!("{}topics", inner.prefix), topic.as_str()).await;
+            inner.answered(unregistered)?;
+            Ok(Arc::from(epoch))
+        })
+    }
+
+    /// Served from memory (the trait's `list` is synchronous): the topics this store
+    /// read from the registry at connect or appended to since, whose newest message is
+    /// retained as far as this store last saw (its head, and retention by age). Another
+    /// node's appends are not seen until a reconnect.
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {
+        let now = self.inner.clock.now_ms();
+        let max_age = self.inner.retention.max_age.as_millis() as u64;
+        let topics = lock(&self.inner.topics);
+        Ok(topics
+            .iter()
+            .filter(|(t, l)| {
+                let s = t.as_str();
+                s.starts_with(prefix)
+                    && after.is_none_or(|a| s > a)
+                    && l.last > 0
+                    && now.saturating_sub(l.last_ts) < max_age
+            })
+            .take(limit)
+            .map(|(t, l)| ListedTopic { topic: t.clone(), last: l.last })
+            .collect())
+    }
+
+    fn queue_append(&self, queue: &QueueName, records: Vec<QueueRecord>) -> StoreFuture<()> {
+        let (done, answer) = oneshot::channel();
+        let sent = self.queue_ops.send(QueueOp::Append { queue: queue.clone(), records, done });
+        Box::pin(async move {
+            sent.map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn queue_remove(&self, queue: &QueueName, ids: Vec<u64>) {
+        let _ = self.queue_ops.send(QueueOp::Remove { queue: queue.clone(), ids });
+    }
+
+    fn queue_delivered(&self, queue: &QueueName, attempts: Vec<(u64, u32)>) {
+        let _ = self.queue_ops.send(QueueOp::Delivered { queue: queue.clone(), attempts });
+    }
+
+    /// The queues read at connect, with this store's writes since applied.
+    fn queue_load(&self) -> Vec<QueueSnapshot> {
+        lock(&self.inner.queues)
+            .iter()
+            .map(|(q, m)| QueueSnapshot {
+                queue: q.clone(),
+                next_id: m.next_id,
+                records: m.records.values().cloned().collect(),
+                attempts: m.attempts.clone(),
+            })
+            .collect()
+    }
+
+    /// Resolves once every queue write issued before it has been answered by Redis
+    /// (topic writes are answered before their own futures resolve).
+    fn flush(&self) -> StoreFuture<()> {
+        let (done, answer) = oneshot::channel();
+        let sent = self.queue_ops.send(QueueOp::Flush(done));
+        Box::pin(async move {
+            sent.map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)
+        })
+    }
+
+    /// A no-op: trimming by count, age and TTL is applied lazily at the front of a
+    /// topic's log by every append, head and read script, so a topic nobody touches
+    /// keeps its aged-out entries until it is touched again.
+    fn sweep(&self) {}
+
+    /// False from a failed command or probe (every second) until one succeeds.
+    fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
+    async fn head(&self, topic: &TopicName, now: u64) -> Result<TopicHead, StoreError> {
+        let call = self.topic_call(&self.scripts.head, topic, now);
+        let mut con = self.con.clone();
+        let (epoch, next, first, last, retained): (String, u64, String, String, u64) =
+            self.answered(call.invoke_async(&mut con).await)?;
+        let head =
+            TopicHead { epoch: Arc::from(epoch), first: offset_of(&first)?, last: offset_of(&last)?, next, retained };
+        self.note_head(topic, &head);
+        Ok(head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_records_round_trip() {
+        let r = QueueRecord {
+            id: 7,
+            kind: Kind::Binary,
+            payload: Bytes::from_static(b"a\nb \x00"),
+            ts: 5,
+            ready_at: 6,
+            expires_at: Some(9),
+        };
+        assert_eq!(decode_record(7, &encode_record(&r)), Some(r.clone()));
+        let r = QueueRecord { expires_at: None, kind: Kind::Json, ..r };
+        assert_eq!(decode_record(7, &encode_record(&r)), Some(r));
+    }
+
+    #[test]
+    fn keys_carry_the_topic_hash_tag() -> Result<(), Box<dyn std::error::Error>> {
+        let t = TopicName::parse("a.b")?;
+        assert_eq!(topic_key("p:", &t, "log"), "p:{t:a.b}:log");
+        Ok(())
+    }
+}

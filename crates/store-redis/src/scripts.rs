@@ -1,0 +1,152 @@
+//! The Lua scripts: each runs atomically in Redis on the keys of one topic or one
+//! queue (one hash tag, so one Redis Cluster slot).
+//!
+//! Numbers cross into Lua as strings and come back as strings: Lua numbers are doubles,
+//! exact up to 2^53, and `string.format('%d', n)` prints them without an exponent. The
+//! caller clamps every limit it passes to that range.
+
+use redis::Script;
+
+/// Shared by the topic scripts. KEYS[1]: the meta hash; KEYS[2]: the log stream.
+/// ARGV[1]: a fresh epoch (used only if the meta is missing); ARGV[2]: now (ms);
+/// ARGV[3]: retention by count; ARGV[4]: retention by age (ms).
+const TOPIC_PRELUDE: &str = r#"
+local meta, log = KEYS[1], KEYS[2]
+local now, max_age = tonumber(ARGV[2]), tonumber(ARGV[4])
+
+local function int(n) return string.format('%d', n) end
+
+-- The topic's epoch, next offset and newest timestamp. A missing meta (never
+-- published, or evicted) is created with the caller's fresh epoch, and a log left
+-- without its meta is deleted first: an epoch is never reborn over old offsets.
+local function meta_or_create()
+  local m = redis.call('HMGET', meta, 'epoch', 'next', 'last_ts')
+  if m[1] then return m[1], tonumber(m[2]), tonumber(m[3]) end
+  redis.call('DEL', log)
+  redis.call('HSET', meta, 'epoch', ARGV[1], 'next', '1', 'last_ts', '0')
+  return ARGV[1], 1, 0
+end
+
+-- Front-only trimming, as the memory store's Log::trim: past the count, then from the
+-- oldest while it is too old or its TTL passed (an expired message behind a live one
+-- stays until it reaches the front; reads skip it).
+local function trim()
+  redis.call('XTRIM', log, 'MAXLEN', ARGV[3])
+  while true do
+    local batch = redis.call('XRANGE', log, '-', '+', 'COUNT', 64)
+    local dead = {}
+    for _, e in ipairs(batch) do
+      local f = e[2] -- ts, kind, expires, payload (field, value, ...)
+      if now - tonumber(f[2]) >= max_age or (f[6] ~= '' and now >= tonumber(f[6])) then
+        dead[#dead + 1] = e[1]
+      else
+        break
+      end
+    end
+    if #dead > 0 then redis.call('XDEL', log, unpack(dead)) end
+    if #dead < 64 then return end
+  end
+end
+"#;
+
+/// Appends a batch. ARGV[5]: the topic's channel; from ARGV[6], per message: kind,
+/// TTL in ms ('' for none), payload. Returns {epoch, first offset, ts}.
+const APPEND: &str = r#"
+local epoch, next_off, last_ts = meta_or_create()
+local ts = math.max(now, last_ts)
+local first = next_off
+for i = 6, #ARGV, 3 do
+  local expires = ''
+  if ARGV[i + 1] ~= '' then expires = int(ts + tonumber(ARGV[i + 1])) end
+  redis.call('XADD', log, int(next_off) .. '-0',
+    'ts', int(ts), 'kind', ARGV[i], 'expires', expires, 'payload', ARGV[i + 2])
+  next_off = next_off + 1
+end
+redis.call('HSET', meta, 'epoch', epoch, 'next', int(next_off), 'last_ts', int(ts))
+trim()
+redis.call('PUBLISH', ARGV[5], 'a ' .. epoch .. ' ' .. int(first) .. ' ' .. int(next_off - first))
+return {epoch, int(first), int(ts)}
+"#;
+
+/// The head after trimming. Returns {epoch, next, first id, last id, retained}
+/// (ids '0' when nothing is retained).
+const HEAD: &str = r#"
+local epoch, next_off = meta_or_create()
+trim()
+local n = redis.call('XLEN', log)
+local first, last = '0', '0'
+if n > 0 then
+  first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1][1]
+  last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1][1]
+end
+return {epoch, int(next_off), first, last, n}
+"#;
+
+/// Live messages after trimming. ARGV[5]: start id ('-' or 'N-0'); ARGV[6]: end id
+/// ('+' or 'N-0'); ARGV[7]: limit. Returns {epoch, {{id, ts, kind, expires, payload}, ...}}.
+const READ: &str = r#"
+local epoch = meta_or_create()
+trim()
+local limit = tonumber(ARGV[7])
+local out = {}
+local start = ARGV[5]
+while #out < limit do
+  local want = limit - #out
+  local batch = redis.call('XRANGE', log, start, ARGV[6], 'COUNT', int(want))
+  for _, e in ipairs(batch) do
+    local f = e[2]
+    if f[6] == '' or now < tonumber(f[6]) then
+      out[#out + 1] = {e[1], f[2], f[4], f[6], f[8]}
+    end
+  end
+  if #batch < want then break end
+  start = '(' .. batch[#batch][1]
+end
+return {epoch, out}
+"#;
+
+/// Deletes the history. ARGV[1]: the new epoch; ARGV[2]: the topic's channel.
+const DELETE: &str = r#"
+local meta, log = KEYS[1], KEYS[2]
+redis.call('DEL', log)
+local last_ts = redis.call('HGET', meta, 'last_ts') or '0'
+redis.call('HSET', meta, 'epoch', ARGV[1], 'next', '1', 'last_ts', last_ts)
+redis.call('PUBLISH', ARGV[2], 'd ' .. ARGV[1])
+return ARGV[1]
+"#;
+
+/// Stores queue records. KEYS[1]: the records hash; KEYS[2]: the next-id string.
+/// ARGV: id, encoded record, ... The next id becomes max(next id, every id + 1).
+const QUEUE_APPEND: &str = r#"
+local top = tonumber(redis.call('GET', KEYS[2]) or '1')
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  local id = tonumber(ARGV[i]) + 1
+  if id > top then top = id end
+end
+redis.call('SET', KEYS[2], string.format('%d', top))
+return 1
+"#;
+
+/// The scripts, hashed once (EVALSHA, loaded again on NOSCRIPT).
+#[derive(Clone)]
+pub(crate) struct Scripts {
+    pub append: Script,
+    pub head: Script,
+    pub read: Script,
+    pub delete: Script,
+    pub queue_append: Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        let topic = |body: &str| Script::new(&format!("{TOPIC_PRELUDE}{body}"));
+        Self {
+            append: topic(APPEND),
+            head: topic(HEAD),
+            read: topic(READ),
+            delete: Script::new(DELETE),
+            queue_append: Script::new(QUEUE_APPEND),
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! A Redis store under a key prefix of its own on the Redis at 127.0.0.1:6379
+//! (`.ci/run` starts one); the prefix's keys are deleted when the backend is dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use herald_core::{Clock, RetentionConfig};
+use herald_store_redis::{RedisConfig, RedisStore};
+
+pub const URL: &str = "redis://127.0.0.1:6379/";
+
+/// A key prefix no other test or run uses.
+pub fn unique_prefix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("herald-test:{}:{nanos}:{n}:", std::process::id())
+}
+
+/// Connects a store with `prefix`, from synchronous code on a multi-threaded runtime.
+pub fn connect_blocking(
+    prefix: &str,
+    retention: RetentionConfig,
+    clock: Arc<dyn Clock>,
+) -> Result<RedisStore, herald_store_redis::RedisStoreError> {
+    let config = RedisConfig { url: URL.to_owned(), prefix: prefix.to_owned(), retention };
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(RedisStore::connect(config, clock)))
+}
+
+/// Deletes every key under `prefix`.
+pub fn delete_prefix(prefix: &str) -> redis::RedisResult<()> {
+    let mut con = redis::Client::open(URL)?.get_connection()?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut con)?;
+    if !keys.is_empty() {
+        redis::cmd("DEL").arg(&keys).query::<()>(&mut con)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! What the conformance suite does not reach: the notification each append and delete
+//! publishes (the next step's fan-out reads it), limits beyond what Lua prints as an
+//! integer, and the errors of `connect`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_core::{Kind, ManualClock, NewMessage, RetentionConfig, Store, SystemClock, TopicName};
+use herald_store_redis::{RedisConfig, RedisStore, RedisStoreError};
+
+type Result = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn text(s: &str) -> NewMessage {
+    NewMessage::new(Kind::Text, Bytes::copy_from_slice(s.as_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_and_deletes_are_published_on_the_topic_channel() -> Result {
+    let prefix = common::unique_prefix();
+    let result = published(&prefix).await;
+    tokio::task::block_in_place(|| common::delete_prefix(&prefix))?;
+    result
+}
+
+async fn published(prefix: &str) -> Result {
+    let store = common::connect_blocking(prefix, RetentionConfig::default(), Arc::new(ManualClock::new(1_000)))?;
+    let mut pubsub = redis::Client::open(common::URL)?.get_async_pubsub().await?;
+    pubsub.subscribe(format!("{prefix}{{t:pub.topic}}:ch")).await?;
+    let mut notes = pubsub.into_on_message();
+    let mut next = async || -> std::result::Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        let msg = tokio::time::timeout(Duration::from_secs(5), notes.next()).await?.ok_or("pub/sub ended")?;
+        Ok(msg.get_payload::<String>()?)
+    };
+    let t = TopicName::parse("pub.topic")?;
+    let a = store.append(&t, vec![text("a"), text("b"), text("c")]).await?;
+    assert_eq!(next().await?, format!("a {} 1 3", a.epoch));
+    let b = store.append(&t, vec![text("d")]).await?;
+    assert_eq!(next().await?, format!("a {} 4 1", b.epoch));
+    let e = store.delete(&t).await?;
+    assert_eq!(next().await?, format!("d {e}"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_limits_and_ttls() -> Result {
+    let prefix = common::unique_prefix();
+    let result = unbounded(&prefix).await;
+    tokio::task::block_in_place(|| common::delete_prefix(&prefix))?;
+    result
+}
+
+async fn unbounded(prefix: &str) -> Result {
+    let retention = RetentionConfig { max_messages: u64::MAX, max_age: Duration::MAX };
+    let store = common::connect_blocking(prefix, retention, Arc::new(ManualClock::new(1_700_000_000_000)))?;
+    let t = TopicName::parse("big.limits")?;
+    let mut long = text("b");
+    long.ttl_ms = Some(u64::MAX);
+    store.append(&t, vec![text("a"), long]).await?;
+    let history = store.read(&t, 0, u64::MAX, usize::MAX).await?;
+    assert_eq!(history.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(history.messages[1].expires_at.is_some_and(|at| at > 1_700_000_000_000));
+    let head = store.head(&t).await?;
+    assert_eq!((head.first, head.last, head.next, head.retained), (1, 2, 3, 2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn connect_refuses_braces_in_the_prefix_and_reports_an_absent_server() {
+    let clock = Arc::new(SystemClock);
+    let braces = RedisConfig { prefix: "a{b}:".to_owned(), ..RedisConfig::default() };
+    assert!(matches!(RedisStore::connect(braces, clock.clone()).await, Err(RedisStoreError::Prefix(_))));
+    // Port 1 on loopback: nothing listens there.
+    let absent = RedisConfig { url: "redis://127.0.0.1:1/".to_owned(), ..RedisConfig::default() };
+    assert!(matches!(RedisStore::connect(absent, clock).await, Err(RedisStoreError::Redis(_))));
+}
