@@ -1,5 +1,5 @@
 //! The gRPC edge of Herald's error table: every failure becomes a `tonic::Status` whose
-//! code follows the HTTP front door's code word (API.md) and whose message starts with
+//! code follows the HTTP front door's code word (docs/protocol.md) and whose message starts with
 //! that word, e.g. `invalid_name: name has an empty segment`.
 
 use herald_core::{BrokerError, NameError, QueueError};

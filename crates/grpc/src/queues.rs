@@ -11,7 +11,7 @@ use crate::error::{bad_request, from_name, from_queue};
 use crate::pb::{self, queues_server::Queues};
 use crate::{kind_of, new_message, GrpcState};
 
-/// Longest a fetch may wait, per API.md.
+/// Longest a fetch may wait, per docs/protocol.md.
 const MAX_WAIT_MS: u64 = 20_000;
 /// Longest lease: 12 hours.
 const MAX_VISIBILITY_MS: u64 = 43_200_000;
@@ -34,7 +34,7 @@ fn queue_name(raw: &str) -> Result<QueueName, Status> {
     QueueName::parse(raw).map_err(from_name)
 }
 
-/// A delivery id as API.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
+/// A delivery id as docs/protocol.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
 fn delivery_id(raw: &str) -> Result<&str, Status> {
     let ok =
         !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');

@@ -1,4 +1,4 @@
-//! `ApiError`: the one error type handlers return, rendered as API.md's
+//! `ApiError`: the one error type handlers return, rendered as docs/protocol.md's
 //! `{"error":{"code","message"}}` with the code's status.
 
 use axum::http::{header, HeaderValue, StatusCode};

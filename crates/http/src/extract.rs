@@ -48,7 +48,7 @@ fn rejection(e: PathRejection) -> ApiError {
     ApiError::bad_request(e.body_text())
 }
 
-/// A delivery id as API.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
+/// A delivery id as docs/protocol.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
 fn delivery_id(raw: String) -> Result<String, ApiError> {
     let ok =
         !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');

@@ -88,7 +88,7 @@ impl AppState {
     }
 }
 
-/// The router with every route of API.md's HTTP and WebSocket sections.
+/// The router with every route of docs/protocol.md's HTTP and WebSocket sections.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/ws", get(ws::json_upgrade))

@@ -16,7 +16,7 @@ use crate::extract::{DeliveryPath, QueuePath};
 use crate::rest::{body_error, kind_of, new_message, Query};
 use crate::{ApiError, AppState};
 
-/// Longest a fetch may wait, per API.md.
+/// Longest a fetch may wait, per docs/protocol.md.
 const MAX_WAIT_MS: u64 = 20_000;
 /// Longest lease: 12 hours.
 const MAX_VISIBILITY_MS: u64 = 43_200_000;

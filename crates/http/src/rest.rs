@@ -42,7 +42,7 @@ fn json(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// The kind a Content-Type selects (API.md's kind table); media types compare
+/// The kind a Content-Type selects (the kind table of docs/protocol.md); media types compare
 /// case-insensitively and parameters are ignored.
 pub(crate) fn kind_of(headers: &HeaderMap) -> Kind {
     match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {

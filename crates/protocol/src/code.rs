@@ -1,4 +1,4 @@
-//! The client-facing error codes (the words of API.md) and WebSocket close codes.
+//! The client-facing error codes (the words of docs/protocol.md) and WebSocket close codes.
 
 /// An error code as clients see it, with its HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,5 +1,5 @@
 //! Herald's wire vocabulary, shared by every front door and the client: the error-code
-//! table of API.md, WebSocket close codes, the parsing of client frames of the JSON
+//! table of docs/protocol.md, WebSocket close codes, the parsing of client frames of the JSON
 //! WebSocket protocol, and the encoding of server frames (message, replies, SSE events).
 //!
 //! It depends on the core only for names and message types; it knows no socket.
