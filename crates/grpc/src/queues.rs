@@ -34,11 +34,9 @@ fn queue_name(raw: &str) -> Result<QueueName, Status> {
     QueueName::parse(raw).map_err(from_name)
 }
 
-/// A delivery id as docs/protocol.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
+/// A delivery id as docs/protocol.md defines it.
 fn delivery_id(raw: &str) -> Result<&str, Status> {
-    let ok =
-        !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    ok.then_some(raw).ok_or_else(|| bad_request("a delivery id is 1 to 64 characters of A-Z a-z 0-9 _ -"))
+    herald_protocol::is_delivery_id(raw).then_some(raw).ok_or_else(|| bad_request(herald_protocol::DELIVERY_ID_RULE))
 }
 
 fn in_range(name: &str, value: u64, min: u64, max: u64) -> Result<u64, Status> {

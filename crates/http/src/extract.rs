@@ -48,11 +48,13 @@ fn rejection(e: PathRejection) -> ApiError {
     ApiError::bad_request(e.body_text())
 }
 
-/// A delivery id as docs/protocol.md defines it: at most 64 characters of `[A-Za-z0-9_-]`.
+/// A delivery id as docs/protocol.md defines it.
 fn delivery_id(raw: String) -> Result<String, ApiError> {
-    let ok =
-        !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    ok.then_some(raw).ok_or_else(|| ApiError::bad_request("a delivery id is 1 to 64 characters of A-Z a-z 0-9 _ -"))
+    if herald_protocol::is_delivery_id(&raw) {
+        Ok(raw)
+    } else {
+        Err(ApiError::bad_request(herald_protocol::DELIVERY_ID_RULE))
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for TopicPath {

@@ -11,4 +11,4 @@ pub mod payload;
 
 pub use code::{close, ErrorCode};
 pub use decode::{parse_client_frame, ClientFrame, FrameError, Op, Payload};
-pub use payload::{check_payload, kind_of_media_type, PayloadError};
+pub use payload::{check_payload, is_delivery_id, kind_of_media_type, PayloadError, DELIVERY_ID_RULE};

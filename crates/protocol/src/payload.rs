@@ -17,6 +17,15 @@ pub enum PayloadError {
     NotJson(serde_json::Error),
 }
 
+/// What a malformed delivery id is told (a `bad_request`).
+pub const DELIVERY_ID_RULE: &str = "a delivery id is 1 to 64 characters of A-Z a-z 0-9 _ -";
+
+/// Whether `raw` can be a delivery id (docs/protocol.md): 1 to 64 characters of
+/// `[A-Za-z0-9_-]`. Checked by every front door before the queue engine sees it.
+pub fn is_delivery_id(raw: &str) -> bool {
+    !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Checks `payload` against the rules of `kind`: text is UTF-8, JSON parses.
 pub fn check_payload(kind: Kind, payload: &[u8]) -> Result<(), PayloadError> {
     match kind {
