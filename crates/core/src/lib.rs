@@ -36,6 +36,7 @@ pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
 pub use queue::{Delivery, QueueCounters, QueueError, QueueStats, Queues};
 pub use store::{
-    Appended, Epoch, History, ListedTopic, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture, TopicHead,
+    Appended, Epoch, History, ListedTopic, LiveQueue, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture,
+    TopicHead,
 };
 pub use writer::{run_writer, SocketWriter, WriterEnd};

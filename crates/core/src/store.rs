@@ -107,6 +107,55 @@ pub struct QueueSnapshot {
     pub attempts: BTreeMap<u64, u32>,
 }
 
+/// A queue's live records as a durable store mirrors them in memory (to answer
+/// [`Store::queue_load`] and to checkpoint): the same bookkeeping for every backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveQueue {
+    /// The next message id (above every id ever stored in this queue).
+    pub next_id: u64,
+    /// The messages not yet removed, by id.
+    pub records: BTreeMap<u64, QueueRecord>,
+    /// Deliveries so far of records in `records` that had any.
+    pub attempts: BTreeMap<u64, u32>,
+}
+
+impl LiveQueue {
+    /// Records stored.
+    pub fn enqueued(&mut self, records: impl IntoIterator<Item = QueueRecord>) {
+        for r in records {
+            self.next_id = self.next_id.max(r.id + 1);
+            self.records.insert(r.id, r);
+        }
+    }
+
+    /// Records removed (acked, expired, dead-lettered), with their attempt counts.
+    pub fn removed(&mut self, ids: impl IntoIterator<Item = u64>) {
+        for id in ids {
+            self.records.remove(&id);
+            self.attempts.remove(&id);
+        }
+    }
+
+    /// Attempt counts, kept only for live records (a removal may have come first).
+    pub fn delivered(&mut self, attempts: impl IntoIterator<Item = (u64, u32)>) {
+        for (id, n) in attempts {
+            if self.records.contains_key(&id) {
+                self.attempts.insert(id, n);
+            }
+        }
+    }
+
+    /// The queue as [`Store::queue_load`] hands it to the engine.
+    pub fn snapshot(&self, queue: &QueueName) -> QueueSnapshot {
+        QueueSnapshot {
+            queue: queue.clone(),
+            next_id: self.next_id,
+            records: self.records.values().cloned().collect(),
+            attempts: self.attempts.clone(),
+        }
+    }
+}
+
 /// A backend for topic histories and queue messages.
 ///
 /// Guarantees every implementation must keep (the conformance tests check them):

@@ -15,14 +15,14 @@
 mod record;
 mod wal;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use herald_core::{
-    Appended, Clock, Epoch, History, ListedTopic, MemoryStore, Message, NewMessage, QueueName, QueueRecord,
+    Appended, Clock, Epoch, History, ListedTopic, LiveQueue, MemoryStore, Message, NewMessage, QueueName, QueueRecord,
     QueueSnapshot, RetentionConfig, Store, StoreError, StoreFuture, SystemClock, TopicHead, TopicName, TopicSnapshot,
 };
 use tokio::sync::oneshot;
@@ -109,15 +109,6 @@ pub enum OpenError {
     },
 }
 
-/// A queue's live records as committed.
-#[derive(Default)]
-struct LiveQueue {
-    next_id: u64,
-    records: BTreeMap<u64, QueueRecord>,
-    /// Deliveries so far of records in `records` that had any.
-    attempts: BTreeMap<u64, u32>,
-}
-
 /// State the writer thread applies commits to, shared with readers.
 pub(crate) struct Shared {
     index: MemoryStore,
@@ -172,31 +163,18 @@ impl Shared {
                 Applied::Done
             }
             Apply::Enqueue { queue, records } => {
-                let mut queues = lock(&self.queues);
-                let q = queues.entry(queue).or_default();
-                for r in records {
-                    q.next_id = q.next_id.max(r.id + 1);
-                    q.records.insert(r.id, r);
-                }
+                lock(&self.queues).entry(queue).or_default().enqueued(records);
                 Applied::Done
             }
             Apply::Remove { queue, ids } => {
                 if let Some(q) = lock(&self.queues).get_mut(&queue) {
-                    for id in ids {
-                        q.records.remove(&id);
-                        q.attempts.remove(&id);
-                    }
+                    q.removed(ids);
                 }
                 Applied::Done
             }
             Apply::Attempts { queue, attempts } => {
                 if let Some(q) = lock(&self.queues).get_mut(&queue) {
-                    for (id, n) in attempts {
-                        // Only for live records: a removal may have been applied first.
-                        if q.records.contains_key(&id) {
-                            q.attempts.insert(id, n);
-                        }
-                    }
+                    q.delivered(attempts);
                 }
                 Applied::Done
             }
@@ -222,15 +200,7 @@ impl Shared {
 
     /// Every queue's live records, next id and attempt counts.
     fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        lock(&self.queues)
-            .iter()
-            .map(|(queue, q)| QueueSnapshot {
-                queue: queue.clone(),
-                next_id: q.next_id,
-                records: q.records.values().cloned().collect(),
-                attempts: q.attempts.clone(),
-            })
-            .collect()
+        lock(&self.queues).iter().map(|(queue, q)| q.snapshot(queue)).collect()
     }
 }
 

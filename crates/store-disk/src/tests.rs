@@ -1,6 +1,7 @@
 //! Write, drop, reopen, verify: the disk store's recovery, damage handling,
 //! checkpoints and failure behaviour.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use bytes::Bytes;

@@ -43,8 +43,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use herald_core::{
-    Appended, Clock, Epoch, History, Kind, ListedTopic, Message, NewMessage, QueueName, QueueRecord, QueueSnapshot,
-    RetentionConfig, Store, StoreError, StoreFuture, TopicHead, TopicName,
+    Appended, Clock, Epoch, History, Kind, ListedTopic, LiveQueue, Message, NewMessage, QueueName, QueueRecord,
+    QueueSnapshot, RetentionConfig, Store, StoreError, StoreFuture, TopicHead, TopicName,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisError};
@@ -122,7 +122,7 @@ struct Inner {
     /// Topics known to have been appended to, for `list`.
     topics: Mutex<BTreeMap<TopicName, Listed>>,
     /// The queues' live records, for `queue_load`.
-    queues: Mutex<BTreeMap<QueueName, QueueMirror>>,
+    queues: Mutex<BTreeMap<QueueName, LiveQueue>>,
 }
 
 /// What `list` knows of a topic.
@@ -133,13 +133,6 @@ struct Listed {
     last: u64,
     /// The newest message's time, to stop listing it once it aged out.
     last_ts: u64,
-}
-
-#[derive(Debug, Clone, Default)]
-struct QueueMirror {
-    next_id: u64,
-    records: BTreeMap<u64, QueueRecord>,
-    attempts: BTreeMap<u64, u32>,
 }
 
 enum QueueOp {
@@ -208,7 +201,7 @@ async fn load_topics(con: &mut ConnectionManager, prefix: &str) -> Result<BTreeM
 async fn load_queues(
     con: &mut ConnectionManager,
     prefix: &str,
-) -> Result<BTreeMap<QueueName, QueueMirror>, RedisStoreError> {
+) -> Result<BTreeMap<QueueName, LiveQueue>, RedisStoreError> {
     let names: Vec<String> = con.zrange(format!("{prefix}queues"), 0, -1).await?;
     let mut out = BTreeMap::new();
     for name in names {
@@ -221,13 +214,13 @@ async fn load_queues(
             .get(queue_key(prefix, &q, "next"))
             .query_async(con)
             .await?;
-        let mut mirror = QueueMirror { next_id: next.unwrap_or(1), ..QueueMirror::default() };
-        for (id, raw) in records {
-            let record = decode_record(id, &raw).ok_or_else(|| RedisStoreError::Damaged { key: key.clone(), id })?;
-            mirror.next_id = mirror.next_id.max(id + 1);
-            mirror.records.insert(id, record);
-        }
-        mirror.attempts = attempts.into_iter().filter(|(id, _)| mirror.records.contains_key(id)).collect();
+        let mut mirror = LiveQueue { next_id: next.unwrap_or(1), ..LiveQueue::default() };
+        let records = records
+            .into_iter()
+            .map(|(id, raw)| decode_record(id, &raw).ok_or_else(|| RedisStoreError::Damaged { key: key.clone(), id }))
+            .collect::<Result<Vec<_>, _>>()?;
+        mirror.enqueued(records);
+        mirror.delivered(attempts);
         out.insert(q, mirror);
     }
     Ok(out)
@@ -343,20 +336,21 @@ impl Inner {
                 for r in &records {
                     call.arg(r.id).arg(encode_record(r));
                 }
-                let registered: Result<(), RedisError> = con.zadd(format!("{prefix}queues"), queue.as_str(), 0).await;
+                // The registry (for `queue_load` at the next connect) needs one ZADD per
+                // queue, not one per enqueue.
+                let known = lock(&self.queues).contains_key(&queue);
+                let registered: Result<(), RedisError> =
+                    if known { Ok(()) } else { con.zadd(format!("{prefix}queues"), queue.as_str(), 0).await };
                 let result = match registered {
                     Ok(()) => call.invoke_async::<()>(&mut con).await,
                     Err(e) => Err(e),
                 };
                 let result = self.answered(result);
                 if result.is_ok() {
-                    let mut queues = lock(&self.queues);
-                    let mirror =
-                        queues.entry(queue).or_insert_with(|| QueueMirror { next_id: 1, ..Default::default() });
-                    for r in records {
-                        mirror.next_id = mirror.next_id.max(r.id + 1);
-                        mirror.records.insert(r.id, r);
-                    }
+                    lock(&self.queues)
+                        .entry(queue)
+                        .or_insert_with(|| LiveQueue { next_id: 1, ..Default::default() })
+                        .enqueued(records);
                 }
                 let _ = done.send(result);
             }
@@ -371,10 +365,7 @@ impl Inner {
                     tracing::warn!(queue = queue.as_str(), error = %e, "queue removal not persisted");
                 }
                 if let Some(mirror) = lock(&self.queues).get_mut(&queue) {
-                    for id in ids {
-                        mirror.records.remove(&id);
-                        mirror.attempts.remove(&id);
-                    }
+                    mirror.removed(ids);
                 }
             }
             QueueOp::Delivered { queue, attempts } => {
@@ -383,11 +374,7 @@ impl Inner {
                     tracing::warn!(queue = queue.as_str(), error = %e, "queue attempts not persisted");
                 }
                 if let Some(mirror) = lock(&self.queues).get_mut(&queue) {
-                    for (id, n) in attempts {
-                        if mirror.records.contains_key(&id) {
-                            mirror.attempts.insert(id, n);
-                        }
-                    }
+                    mirror.delivered(attempts);
                 }
             }
             QueueOp::Flush(done) => {
@@ -551,15 +538,7 @@ impl Store for RedisStore {
 
     /// The queues read at connect, with this store's writes since applied.
     fn queue_load(&self) -> Vec<QueueSnapshot> {
-        lock(&self.inner.queues)
-            .iter()
-            .map(|(q, m)| QueueSnapshot {
-                queue: q.clone(),
-                next_id: m.next_id,
-                records: m.records.values().cloned().collect(),
-                attempts: m.attempts.clone(),
-            })
-            .collect()
+        lock(&self.inner.queues).iter().map(|(q, m)| m.snapshot(q)).collect()
     }
 
     /// Resolves once every queue write issued before it has been answered by Redis
