@@ -6,20 +6,14 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use herald_core::{Kind, ManualClock, NewMessage, RetentionConfig, Store, TopicName};
 
-type Result = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+use herald_core::{ManualClock, RetentionConfig, Store, TopicName};
 
-fn text(s: &str) -> NewMessage {
-    NewMessage::new(Kind::Text, Bytes::copy_from_slice(s.as_bytes()))
-}
+use common::{text, Result};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orphan_log_is_deleted_and_the_epoch_changes() -> Result {
-    let prefix = common::unique_prefix();
-    let result = orphan(&prefix).await;
-    tokio::task::block_in_place(|| common::delete_prefix(&prefix))?;
-    result
+    common::in_fresh_prefix(async |prefix| orphan(&prefix).await).await
 }
 
 async fn orphan(prefix: &str) -> Result {

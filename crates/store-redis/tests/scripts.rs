@@ -7,23 +7,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
-use herald_core::{Kind, ManualClock, NewMessage, RetentionConfig, Store, SystemClock, TopicName};
+use herald_core::{ManualClock, RetentionConfig, Store, SystemClock, TopicName};
 use herald_store_redis::{RedisConfig, RedisStore, RedisStoreError};
 
-type Result = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-fn text(s: &str) -> NewMessage {
-    NewMessage::new(Kind::Text, Bytes::copy_from_slice(s.as_bytes()))
-}
+use common::{text, Result};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_and_deletes_are_published_on_the_topic_channel() -> Result {
-    let prefix = common::unique_prefix();
-    let result = published(&prefix).await;
-    tokio::task::block_in_place(|| common::delete_prefix(&prefix))?;
-    result
+    common::in_fresh_prefix(async |prefix| published(&prefix).await).await
 }
 
 async fn published(prefix: &str) -> Result {
@@ -47,10 +39,7 @@ async fn published(prefix: &str) -> Result {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbounded_limits_and_ttls() -> Result {
-    let prefix = common::unique_prefix();
-    let result = unbounded(&prefix).await;
-    tokio::task::block_in_place(|| common::delete_prefix(&prefix))?;
-    result
+    common::in_fresh_prefix(async |prefix| unbounded(&prefix).await).await
 }
 
 async fn unbounded(prefix: &str) -> Result {

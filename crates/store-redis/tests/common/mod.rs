@@ -1,10 +1,13 @@
 //! A Redis store under a key prefix of its own on the Redis at 127.0.0.1:6379
 //! (`.ci/run` starts one); the prefix's keys are deleted when the backend is dropped.
 
+#![allow(dead_code)] // each test binary uses a different subset
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use herald_core::{Clock, RetentionConfig};
+use bytes::Bytes;
+use herald_core::{Clock, Kind, NewMessage, RetentionConfig};
 use herald_store_redis::{RedisConfig, RedisStore};
 
 pub const URL: &str = "redis://127.0.0.1:6379/";
@@ -22,7 +25,7 @@ pub fn connect_blocking(
     prefix: &str,
     retention: RetentionConfig,
     clock: Arc<dyn Clock>,
-) -> Result<RedisStore, herald_store_redis::RedisStoreError> {
+) -> std::result::Result<RedisStore, herald_store_redis::RedisStoreError> {
     let config = RedisConfig { url: URL.to_owned(), prefix: prefix.to_owned(), retention };
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(RedisStore::connect(config, clock)))
 }
@@ -35,4 +38,21 @@ pub fn delete_prefix(prefix: &str) -> redis::RedisResult<()> {
         redis::cmd("DEL").arg(&keys).query::<()>(&mut con)?;
     }
     Ok(())
+}
+
+/// A test's result.
+pub type Result = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A text message.
+pub fn text(s: &str) -> NewMessage {
+    NewMessage::new(Kind::Text, Bytes::copy_from_slice(s.as_bytes()))
+}
+
+/// Runs `test` under a fresh key prefix, then deletes the prefix's keys whatever it
+/// returned.
+pub async fn in_fresh_prefix<F: std::future::Future<Output = Result>>(test: impl FnOnce(String) -> F) -> Result {
+    let prefix = unique_prefix();
+    let result = test(prefix.clone()).await;
+    tokio::task::block_in_place(|| delete_prefix(&prefix))?;
+    result
 }
