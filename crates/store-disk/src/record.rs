@@ -23,22 +23,32 @@ fn entry_bytes(m: &NewMessage) -> usize {
 }
 
 /// Splits `entries` into runs whose encoding stays under [`SPLIT_BYTES`] (a run holds at
-/// least one entry and at most `max_count`).
-pub(crate) fn split_entries<T>(entries: &[T], size: impl Fn(&T) -> usize, max_count: usize) -> Vec<&[T]> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, e) in entries.iter().enumerate() {
-        let n = size(e);
-        if i > start && (bytes + n > SPLIT_BYTES || i - start >= max_count) {
-            out.push(&entries[start..i]);
-            (start, bytes) = (i, 0);
+/// least one entry and at most `max_count`). Lazy: the common one-run case allocates
+/// nothing on the publish path.
+pub(crate) fn split_entries<T>(
+    entries: &[T],
+    size: impl Fn(&T) -> usize,
+    max_count: usize,
+) -> impl Iterator<Item = &[T]> {
+    let mut rest = entries;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
         }
-        bytes += n;
-    }
-    if start < entries.len() {
-        out.push(&entries[start..]);
-    }
-    out
+        let mut bytes = 0;
+        let mut end = 0;
+        while end < rest.len() && end < max_count {
+            let n = size(&rest[end]);
+            if end > 0 && bytes + n > SPLIT_BYTES {
+                break;
+            }
+            bytes += n;
+            end += 1;
+        }
+        let (run, tail) = rest.split_at(end);
+        rest = tail;
+        Some(run)
+    })
 }
 
 /// Appends framed `TopicAppend` records for `entries` at offsets `first..`, split so that
