@@ -10,14 +10,21 @@
 //! topic first waits for it, buffering every resolved append, and the first head to
 //! arrive sets where fan-out starts (ARCHITECTURE.md, "Subscribe: replay, then live").
 //!
+//! In a cluster ([`Broker::clustered`]) fan-out is driven by the [`Bus`] instead: every
+//! node's appends, this node's included, arrive in the store's order, and a gap in the
+//! offsets (or a bus that lost its connection) is repaired from the store's history
+//! (see `Broker::repair`).
+//!
 //! Locks are `std::sync::Mutex`, held for in-memory work only, never across an await.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
+use crate::bus::{Bus, Role};
 use crate::config::BrokerConfig;
 use crate::message::{Clock, Message, NewMessage, SystemClock};
 use crate::metrics::Metrics;
@@ -40,6 +47,20 @@ pub enum BrokerError {
     /// The store failed; the operation did not happen.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This node's role does not serve the operation (a cluster split into ingest and
+    /// fan-out nodes).
+    #[error("this node's role is {role}: it does not {action}; send it to a node whose role is all or {serves}", role = .role.as_str(), serves = .serves.as_str())]
+    Role {
+        /// This node's role.
+        role: Role,
+        /// What was refused ("publish", "serve subscriptions").
+        action: &'static str,
+        /// The role that serves it.
+        serves: Role,
+    },
+    /// Queue calls on a cluster node: queues are not shared between nodes yet.
+    #[error("queues are not shared between cluster nodes yet; run queue work on a single node (docs/cluster.md)")]
+    QueuesNotShared,
 }
 
 /// Where a subscription starts.
@@ -119,6 +140,8 @@ pub struct Broker {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// Drives fan-out in a cluster; `None` on a single node.
+    bus: Option<Arc<dyn Bus>>,
     queues: Queues,
     config: BrokerConfig,
     shards: Box<[Mutex<TopicTable>]>,
@@ -147,6 +170,10 @@ struct TopicState {
     /// waits here, with its epoch, until a head sets `epoch` and `next_fanout`.
     early: Option<Vec<Appended>>,
     subs: Vec<Sub>,
+    /// A repair task runs for this topic (cluster only).
+    repairing: bool,
+    /// Another gap was seen while it ran: it goes round once more.
+    repair_again: bool,
 }
 
 impl Topic {
@@ -159,6 +186,8 @@ impl Topic {
                 reorder: BTreeMap::new(),
                 early: None,
                 subs: Vec::new(),
+                repairing: false,
+                repair_again: false,
             }),
         })
     }
@@ -172,6 +201,8 @@ impl Topic {
                 reorder: BTreeMap::new(),
                 early: Some(Vec::new()),
                 subs: Vec::new(),
+                repairing: false,
+                repair_again: false,
             }),
         })
     }
@@ -242,14 +273,7 @@ impl TopicState {
                 self.reorder.insert(msg.offset, msg.clone());
             }
         }
-        while let Some(entry) = self.reorder.first_entry() {
-            if *entry.key() != self.next_fanout {
-                break;
-            }
-            let msg = entry.remove();
-            self.deliver(&msg, metrics, hold_limit);
-            self.next_fanout += 1;
-        }
+        self.drain_reorder(metrics, hold_limit);
     }
 
     /// Sets where fan-out starts, if no head did yet, and fans out what arrived meanwhile.
@@ -265,6 +289,65 @@ impl TopicState {
             self.accept(appended, metrics, hold_limit);
         }
     }
+
+    /// The history was deleted: `epoch` starts at offset 1. Tells every subscriber, under
+    /// this lock, so fan-out sends nothing of the old history after it (messages a
+    /// replaying subscription holds back are handed over as they are). A topic still
+    /// awaiting its head learns it here, and fans out what of the new epoch arrived.
+    fn reset(&mut self, epoch: Epoch, metrics: &Metrics, hold_limit: usize) {
+        let early = self.early.take();
+        self.epoch = epoch;
+        self.next_fanout = 1;
+        self.reorder.clear();
+        for sub in &self.subs {
+            sub.sink.history_deleted();
+        }
+        for appended in early.iter().flatten() {
+            self.accept(appended, metrics, hold_limit);
+        }
+    }
+
+    /// Messages up to `offset` (exclusive) can no longer be delivered: every subscriber
+    /// is told it lost them and leaves, and fan-out goes on from `offset`.
+    fn skip_lost(&mut self, offset: u64, metrics: &Metrics) {
+        tracing::warn!(from = self.next_fanout, to = offset, "cluster: messages lost for live subscribers");
+        for sub in self.subs.drain(..) {
+            sub.sink.messages_lost();
+            metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.next_fanout = offset;
+        let stale: Vec<u64> = self.reorder.range(..offset).map(|(&o, _)| o).collect();
+        for o in stale {
+            self.reorder.remove(&o);
+        }
+    }
+
+    /// Fans out `msg` if it is the next offset (a repair filling a gap from the store);
+    /// false if it comes after a gap the store cannot fill.
+    fn fill(&mut self, msg: &Arc<Message>, metrics: &Metrics, hold_limit: usize) -> bool {
+        if msg.offset < self.next_fanout {
+            return true;
+        }
+        if msg.offset > self.next_fanout {
+            return false;
+        }
+        self.reorder.remove(&msg.offset);
+        self.deliver(msg, metrics, hold_limit);
+        self.next_fanout += 1;
+        self.drain_reorder(metrics, hold_limit);
+        true
+    }
+
+    fn drain_reorder(&mut self, metrics: &Metrics, hold_limit: usize) {
+        while let Some(entry) = self.reorder.first_entry() {
+            if *entry.key() != self.next_fanout {
+                break;
+            }
+            let msg = entry.remove();
+            self.deliver(&msg, metrics, hold_limit);
+            self.next_fanout += 1;
+        }
+    }
 }
 
 impl Broker {
@@ -275,11 +358,24 @@ impl Broker {
 
     /// A broker whose queues read time from `clock` (tests drive it by hand).
     pub fn with_clock(store: Arc<dyn Store>, config: BrokerConfig, clock: Arc<dyn Clock>) -> Self {
+        Self::build(store, None, config, clock)
+    }
+
+    /// A node of a cluster: `store` is shared by every node, and fan-out is driven by
+    /// `bus`, which delivers every node's appends (see the module docs).
+    pub fn clustered(store: Arc<dyn Store>, bus: Arc<dyn Bus>, config: BrokerConfig) -> Self {
+        let broker = Self::build(store, Some(bus.clone()), config, Arc::new(SystemClock));
+        bus.attach(BusEvents { inner: Arc::downgrade(&broker.inner) });
+        broker
+    }
+
+    fn build(store: Arc<dyn Store>, bus: Option<Arc<dyn Bus>>, config: BrokerConfig, clock: Arc<dyn Clock>) -> Self {
         let shards = config.shards.max(1);
         let queues = Queues::new(store.clone(), clock, config.queues, config.max_message_bytes);
         Self {
             inner: Arc::new(Inner {
                 store,
+                bus,
                 queues,
                 shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
                 config,
@@ -295,9 +391,18 @@ impl Broker {
         &self.inner.config
     }
 
-    /// The work queues.
+    /// The work queues (the engine itself; tests and metrics use it on any node).
     pub fn queues(&self) -> &Queues {
         &self.inner.queues
+    }
+
+    /// The work queues, for a client's queue call: refused on a cluster node, where
+    /// each node's engine would hand out the same jobs as every other's.
+    pub fn queue_service(&self) -> Result<&Queues, BrokerError> {
+        match self.inner.bus {
+            Some(_) => Err(BrokerError::QueuesNotShared),
+            None => Ok(&self.inner.queues),
+        }
     }
 
     /// The broker's counters and gauges.
@@ -305,9 +410,19 @@ impl Broker {
         &self.inner.metrics
     }
 
-    /// Whether the store answers.
+    /// Whether the store (and the bus, in a cluster) answers.
     pub fn is_ready(&self) -> bool {
-        self.inner.store.is_ready()
+        self.inner.store.is_ready() && self.inner.bus.as_ref().is_none_or(|b| b.is_ready())
+    }
+
+    /// This node's role (always [`Role::All`] on a single node).
+    pub fn role(&self) -> Role {
+        self.inner.config.role
+    }
+
+    /// Whether this node is part of a cluster.
+    pub fn is_clustered(&self) -> bool {
+        self.inner.bus.is_some()
     }
 
     /// Makes everything written so far durable (shutdown calls it last): first waits
@@ -340,11 +455,21 @@ impl Broker {
         topic: &TopicName,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Published>, BrokerError> {
+        let role = self.inner.config.role;
+        if !role.ingests() {
+            return Err(BrokerError::Role { role, action: "accept publishes", serves: Role::Ingest });
+        }
         let max = self.inner.config.max_message_bytes;
         if let Some(big) = batch.iter().find(|m| m.payload.len() > max) {
             return Err(BrokerError::TooLarge { size: big.payload.len(), max });
         }
         let mut append = self.inner.store.append(topic, batch);
+        if self.inner.bus.is_some() {
+            // In a cluster the bus fans out every node's appends, this one's included.
+            let appended = append.await?;
+            Metrics::add(&self.inner.metrics.published, appended.messages.len() as u64);
+            return Ok(appended.messages.iter().map(|m| Published { offset: m.offset, ts: m.ts }).collect());
+        }
         // The memory store resolves at once: fan out inline. A durable store resolves
         // later; finish on a task of its own so that a caller that goes away (an HTTP
         // client hanging up) cannot leave a stored message un-fanned-out, which would
@@ -402,6 +527,10 @@ impl Broker {
         epoch: Option<&str>,
         sink: Arc<dyn Subscriber>,
     ) -> Result<Subscribed, BrokerError> {
+        let role = self.inner.config.role;
+        if !role.fans_out() {
+            return Err(BrokerError::Role { role, action: "serve subscriptions", serves: Role::Fanout });
+        }
         let metrics = &self.inner.metrics;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (t, head) = {
@@ -409,8 +538,21 @@ impl Broker {
             // The head is requested under the shard lock: a publisher looks the topic up
             // (under the same lock) only after its append resolved, so a message is
             // either counted by this head (replayed, up to the watermark) or finds the
-            // topic in the table and is fanned out to us (live, after it).
-            let mut head = self.inner.store.head(topic);
+            // topic in the table and is fanned out to us (live, after it). In a cluster
+            // the head is read once the bus watches the topic: an append is either
+            // counted by it or delivered by the bus after the watch began.
+            let mut head = match &self.inner.bus {
+                None => self.inner.store.head(topic),
+                Some(bus) => {
+                    let watched = bus.watch(topic);
+                    let store = self.inner.store.clone();
+                    let topic = topic.clone();
+                    Box::pin(async move {
+                        watched.await?;
+                        store.head(&topic).await
+                    })
+                }
+            };
             if let Some(head) = futures_now(&mut head) {
                 let head = head?;
                 let t = shard.entry(topic.clone()).or_insert_with(|| Topic::from_head(&head)).clone();
@@ -511,9 +653,12 @@ impl Broker {
         if removed {
             self.inner.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
-        if st.subs.is_empty() && st.reorder.is_empty() {
+        if st.subs.is_empty() && st.reorder.is_empty() && !st.repairing {
             drop(st);
             shard.remove(topic);
+            if let Some(bus) = &self.inner.bus {
+                bus.unwatch(topic);
+            }
         }
         removed
     }
@@ -535,24 +680,16 @@ impl Broker {
 
     /// Deletes a topic's history: a new epoch, offsets from 1; live subscriptions stay.
     pub async fn delete(&self, topic: &TopicName) -> Result<(), BrokerError> {
+        let role = self.inner.config.role;
+        if !role.ingests() {
+            return Err(BrokerError::Role { role, action: "delete topics", serves: Role::Ingest });
+        }
         let epoch = self.inner.store.delete(topic).await?;
+        if self.inner.bus.is_some() {
+            return Ok(()); // the bus tells every node, this one included
+        }
         if let Some(t) = lock(self.shard(topic)).get(topic).cloned() {
-            let mut guard = lock(&t.state);
-            let st = &mut *guard;
-            // A topic still awaiting its head learns it here: the new epoch starts at 1.
-            let early = st.early.take();
-            st.epoch = epoch;
-            st.next_fanout = 1;
-            st.reorder.clear();
-            // Under the topic's lock, so fan-out sends nothing of the old history after it
-            // (messages a replaying subscription holds back are handed over as they are).
-            for sub in &st.subs {
-                sub.sink.history_deleted();
-            }
-            // Appends of the new epoch that resolved while the head was pending.
-            for appended in early.iter().flatten() {
-                st.accept(appended, &self.inner.metrics, self.hold_limit());
-            }
+            lock(&t.state).reset(epoch, &self.inner.metrics, self.hold_limit());
         }
         Ok(())
     }
@@ -563,9 +700,13 @@ impl Broker {
         Ok(TopicInfo { head, subscribers: self.subscriber_count(topic) })
     }
 
+    /// Subscriptions attached (not those still waiting for their head: they have not
+    /// been answered yet, and messages published now may count as before them).
     fn subscriber_count(&self, topic: &TopicName) -> u64 {
         let t = lock(self.shard(topic)).get(topic).cloned();
-        t.map_or(0, |t| lock(&t.state).subs.len() as u64)
+        t.map_or(0, |t| {
+            lock(&t.state).subs.iter().filter(|s| !s.held.as_ref().is_some_and(|h| h.awaiting_head)).count() as u64
+        })
     }
 
     /// Topics with retained messages or live subscribers, by name, after `after`.
@@ -576,7 +717,7 @@ impl Broker {
         limit: usize,
     ) -> Result<Vec<TopicSummary>, BrokerError> {
         let mut merged: BTreeMap<TopicName, TopicSummary> = BTreeMap::new();
-        for ListedTopic { topic, last } in self.inner.store.list(prefix, after, limit)? {
+        for ListedTopic { topic, last } in self.inner.store.list(prefix, after, limit).await? {
             merged.insert(topic.clone(), TopicSummary { topic, last, subscribers: 0 });
         }
         for shard in self.inner.shards.iter() {
@@ -602,6 +743,207 @@ impl Broker {
             summary.last = self.inner.store.head(&summary.topic).await?.last;
         }
         Ok(out)
+    }
+}
+
+/// How long a repair waits after a failed store call before it tries again (doubling).
+const REPAIR_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest wait between a repair's attempts.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Messages a repair reads from the store per call.
+const REPAIR_CHUNK: usize = 1000;
+
+/// The broker's entry points for its [`Bus`]: each topic's events in the store's order.
+/// Holds the broker weakly (the broker owns the bus).
+#[derive(Clone)]
+pub struct BusEvents {
+    inner: Weak<Inner>,
+}
+
+impl BusEvents {
+    fn broker(&self) -> Option<Broker> {
+        self.inner.upgrade().map(|inner| Broker { inner })
+    }
+
+    /// An append on any node, as the store applied it.
+    pub fn appended(&self, topic: &TopicName, appended: Appended) {
+        if let Some(broker) = self.broker() {
+            broker.bus_appended(topic, appended);
+        }
+    }
+
+    /// A delete on any node: the history of epoch `previous` is gone, `epoch` starts at 1.
+    pub fn deleted(&self, topic: &TopicName, previous: &str, epoch: Epoch) {
+        if let Some(broker) = self.broker() {
+            broker.bus_deleted(topic, previous, epoch);
+        }
+    }
+
+    /// Events may have been missed (the bus lost its connection and watches again):
+    /// every topic with local subscribers is checked against the store.
+    pub fn lost(&self) {
+        let Some(broker) = self.broker() else { return };
+        for shard in broker.inner.shards.iter() {
+            let topics: Vec<(TopicName, Arc<Topic>)> =
+                lock(shard).iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+            for (name, t) in topics {
+                broker.repair(&name, t);
+            }
+        }
+    }
+}
+
+impl Broker {
+    fn topic(&self, topic: &TopicName) -> Option<Arc<Topic>> {
+        lock(self.shard(topic)).get(topic).cloned()
+    }
+
+    fn bus_appended(&self, topic: &TopicName, appended: Appended) {
+        let Some(t) = self.topic(topic) else {
+            return; // nobody subscribed on this node
+        };
+        let mut st = lock(&t.state);
+        if let Some(early) = &mut st.early {
+            early.push(appended);
+            return;
+        }
+        if st.epoch != appended.epoch {
+            // A delete this node did not see, or an event older than the head the
+            // topic was set from: the repair tells which.
+            drop(st);
+            return self.repair(topic, t);
+        }
+        st.accept(&appended, &self.inner.metrics, self.hold_limit());
+        // The bus delivers in order: a later offset waiting means earlier ones were lost.
+        let gap = !st.reorder.is_empty();
+        drop(st);
+        if gap {
+            self.repair(topic, t);
+        }
+    }
+
+    fn bus_deleted(&self, topic: &TopicName, previous: &str, epoch: Epoch) {
+        let Some(t) = self.topic(topic) else { return };
+        let mut st = lock(&t.state);
+        if st.early.is_some() || *st.epoch == *previous {
+            return st.reset(epoch, &self.inner.metrics, self.hold_limit());
+        }
+        if st.epoch == epoch {
+            return; // older than the head the topic was set from
+        }
+        drop(st);
+        self.repair(topic, t);
+    }
+
+    /// Brings `t` in line with the store, on a task of its own: reads the head in the
+    /// order of the topic's events ([`Bus::barrier`]), adopts its epoch if a delete was
+    /// missed, and fans out from the history whatever the bus did not deliver. Offsets
+    /// the history no longer holds are lost: their subscribers are told so and leave
+    /// (they resume by offset and learn `recovered: false`). One repair per topic at a
+    /// time; a gap seen meanwhile makes it go round again.
+    fn repair(&self, topic: &TopicName, t: Arc<Topic>) {
+        {
+            let mut st = lock(&t.state);
+            if st.repairing {
+                st.repair_again = true;
+                return;
+            }
+            st.repairing = true;
+            st.repair_again = false;
+        }
+        let broker = self.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut backoff = REPAIR_BACKOFF;
+            loop {
+                let result = broker.repair_once(&topic, &t).await;
+                let failed = {
+                    let mut st = lock(&t.state);
+                    if st.subs.is_empty() {
+                        // Nobody left to deliver to: the next subscriber starts from a head.
+                        st.repairing = false;
+                        st.reorder.clear();
+                        drop(st);
+                        return broker.forget_if_idle(&topic, &t);
+                    }
+                    match result {
+                        Ok(()) if !st.repair_again && st.reorder.is_empty() => {
+                            st.repairing = false;
+                            return;
+                        }
+                        Ok(()) => {
+                            st.repair_again = false;
+                            backoff = REPAIR_BACKOFF;
+                            None
+                        }
+                        Err(e) => Some(e),
+                    }
+                };
+                if let Some(e) = failed {
+                    tracing::warn!(topic = %topic, error = %e, "cluster: repair failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(REPAIR_BACKOFF_MAX);
+                }
+            }
+        });
+    }
+
+    async fn repair_once(&self, topic: &TopicName, t: &Arc<Topic>) -> Result<(), StoreError> {
+        let Some(bus) = &self.inner.bus else { return Ok(()) };
+        let metrics = &self.inner.metrics;
+        let head = bus.barrier(topic).await?;
+        // Every event before `head` has been delivered: what it counts and was not fanned
+        // out is what the bus lost.
+        let (mut cursor, epoch) = {
+            let mut st = lock(&t.state);
+            st.initialize(&head, metrics, self.hold_limit());
+            if st.epoch != head.epoch {
+                st.reset(head.epoch.clone(), metrics, self.hold_limit());
+            }
+            (st.next_fanout, st.epoch.clone())
+        };
+        let until = head.next.saturating_sub(1);
+        while cursor <= until {
+            let History { epoch: read, messages } = self.inner.store.read(topic, cursor, until, REPAIR_CHUNK).await?;
+            let mut st = lock(&t.state);
+            if read != epoch || st.epoch != epoch {
+                return Ok(()); // deleted since: the bus brings the new epoch
+            }
+            for msg in &messages {
+                if !st.fill(msg, metrics, self.hold_limit()) {
+                    st.skip_lost(msg.offset, metrics);
+                    st.fill(msg, metrics, self.hold_limit());
+                }
+            }
+            match messages.last() {
+                Some(last) => cursor = last.offset + 1,
+                None => {
+                    if st.next_fanout <= until {
+                        st.skip_lost(until + 1, metrics);
+                        st.drain_reorder(metrics, self.hold_limit());
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `t` from the table if it has no subscriber left (a repair kept it there).
+    fn forget_if_idle(&self, topic: &TopicName, t: &Arc<Topic>) {
+        let mut shard = lock(self.shard(topic));
+        let Some(current) = shard.get(topic) else { return };
+        if !Arc::ptr_eq(current, t) {
+            return;
+        }
+        let st = lock(&t.state);
+        if st.subs.is_empty() && st.reorder.is_empty() && !st.repairing {
+            drop(st);
+            shard.remove(topic);
+            if let Some(bus) = &self.inner.bus {
+                bus.unwatch(topic);
+            }
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::bus::Role;
+
 /// Shipped default for [`BrokerConfig::max_message_bytes`]: 1 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 
@@ -66,6 +68,8 @@ pub struct BrokerConfig {
     pub shards: usize,
     /// Work-queue limits.
     pub queues: QueueConfig,
+    /// What this node serves in a cluster (default all).
+    pub role: Role,
 }
 
 impl Default for BrokerConfig {
@@ -75,6 +79,7 @@ impl Default for BrokerConfig {
             outbound: OutboundConfig::default(),
             shards: 64,
             queues: QueueConfig::default(),
+            role: Role::All,
         }
     }
 }

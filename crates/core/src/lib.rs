@@ -7,12 +7,14 @@
 //! - [`message`]: messages, their kinds, the encode-once cache, clocks.
 //! - [`store`]: the [`Store`] trait with its guarantees; [`memory`] implements it.
 //! - [`broker`]: the topic table, ordered fan-out, replay-then-live subscriptions.
+//! - [`bus`]: the [`Bus`] a cluster node's fan-out is driven by, and node [`Role`]s.
 //! - [`queue`]: work queues: leases, redelivery, dead letters, long poll.
 //! - [`outbound`]: a connection's byte-bounded send queue and the slow-consumer policy.
 //! - [`writer`]: the one writer discipline that drains it into a socket, for every front door.
 //! - [`config`] and [`metrics`]: typed limits with defaults, and counters.
 
 pub mod broker;
+pub mod bus;
 pub mod config;
 pub mod guards;
 pub mod memory;
@@ -25,8 +27,10 @@ pub mod store;
 pub mod writer;
 
 pub use broker::{
-    Broker, BrokerError, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo, TopicSummary,
+    Broker, BrokerError, BusEvents, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo,
+    TopicSummary,
 };
+pub use bus::{Bus, Role};
 pub use config::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
 pub use guards::{spawn_replay, ConnectionGuard, ReplayTask, SubscriptionGuard};
 pub use memory::{MemoryStore, TopicSnapshot};

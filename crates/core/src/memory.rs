@@ -291,7 +291,7 @@ impl Store for MemoryStore {
         ready(Ok(self.restore_delete(topic, n)))
     }
 
-    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> StoreFuture<Vec<ListedTopic>> {
         let now = self.inner.clock.now_ms();
         let mut out = Vec::new();
         for shard in self.inner.shards.iter() {
@@ -309,7 +309,7 @@ impl Store for MemoryStore {
         }
         out.sort_unstable_by(|a, b| a.topic.cmp(&b.topic));
         out.truncate(limit);
-        Ok(out)
+        ready(Ok(out))
     }
 
     /// Queue messages live in the queue engine itself; there is nothing more to keep.
@@ -412,7 +412,7 @@ mod tests {
         assert_eq!(got, [4, 5, 6, 7]);
         let got: Vec<u64> = store.read(&a, 4, 100, 2).await?.messages.iter().map(|m| m.offset).collect();
         assert_eq!(got, [4, 5]);
-        let listed = store.list("x.", Some("x.a"), 10)?;
+        let listed = store.list("x.", Some("x.a"), 10).await?;
         assert_eq!(listed, vec![ListedTopic { topic: b, last: 1 }]);
         Ok(())
     }

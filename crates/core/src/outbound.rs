@@ -58,6 +58,12 @@ pub trait Subscriber: Send + Sync + 'static {
     fn overflow(&self);
     /// The topic's history was deleted: offsets start again from 1 (a new epoch).
     fn history_deleted(&self) {}
+    /// Messages meant for this subscriber can no longer be delivered (a cluster node
+    /// missed them and the history no longer holds them). Closed as a slow consumer
+    /// would be, so the client resumes by offset and is told `recovered: false`.
+    fn messages_lost(&self) {
+        self.overflow();
+    }
 }
 
 struct Shared {

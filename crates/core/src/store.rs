@@ -190,7 +190,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Topics with retained messages whose name starts with `prefix` and sorts after
     /// `after`, by name, at most `limit`.
-    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError>;
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> StoreFuture<Vec<ListedTopic>>;
 
     /// Persists newly enqueued messages; resolves once they are durable (the 201 to the
     /// producer waits for it).

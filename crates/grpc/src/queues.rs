@@ -7,7 +7,7 @@ use herald_core::QueueName;
 use tonic::{Request, Response, Status};
 
 use crate::encoded::{content_type, pb_kind};
-use crate::error::{bad_request, from_name, from_queue};
+use crate::error::{bad_request, from_broker, from_name, from_queue};
 use crate::pb::{self, queues_server::Queues};
 use crate::{kind_of, new_message, GrpcState};
 
@@ -57,7 +57,8 @@ impl Queues for QueuesService {
         let ttl_ms = req.ttl_ms.map(|t| in_range("ttl_ms", t, 0, MAX_DELAY_MS)).transpose()?;
         let broker = self.state.broker();
         let msg = new_message(broker, kind_of(req.kind, &req.content_type)?, req.data, ttl_ms)?;
-        let message_id = broker.queues().enqueue(&queue, msg, delay_ms).await.map_err(from_queue)?;
+        let message_id =
+            broker.queue_service().map_err(from_broker)?.enqueue(&queue, msg, delay_ms).await.map_err(from_queue)?;
         Ok(Response::new(pb::EnqueueResponse { queue: req.queue, message_id }))
     }
 
@@ -71,7 +72,7 @@ impl Queues for QueuesService {
             v => in_range("visibility_ms", v, 1, MAX_VISIBILITY_MS)?,
         };
         let wait = Duration::from_millis(in_range("wait_ms", req.wait_ms, 0, MAX_WAIT_MS)?);
-        let queues = self.state.broker().queues();
+        let queues = self.state.broker().queue_service().map_err(from_broker)?;
         let deliveries = tokio::select! {
             got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got.map_err(from_queue)?,
             // Shutdown answers a pending long poll with what it has: nothing was taken.
@@ -96,7 +97,12 @@ impl Queues for QueuesService {
         self.state.admit()?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        self.state.broker().queues().ack(&queue, delivery_id(&req.id)?).map_err(from_queue)?;
+        self.state
+            .broker()
+            .queue_service()
+            .map_err(from_broker)?
+            .ack(&queue, delivery_id(&req.id)?)
+            .map_err(from_queue)?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
@@ -105,7 +111,12 @@ impl Queues for QueuesService {
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
         let delay_ms = in_range("delay_ms", req.delay_ms, 0, MAX_DELAY_MS)?;
-        self.state.broker().queues().requeue(&queue, delivery_id(&req.id)?, delay_ms).map_err(from_queue)?;
+        self.state
+            .broker()
+            .queue_service()
+            .map_err(from_broker)?
+            .requeue(&queue, delivery_id(&req.id)?, delay_ms)
+            .map_err(from_queue)?;
         Ok(Response::new(pb::RequeueResponse {}))
     }
 
@@ -114,7 +125,12 @@ impl Queues for QueuesService {
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
         let visibility_ms = in_range("visibility_ms", req.visibility_ms, 1, MAX_VISIBILITY_MS)?;
-        self.state.broker().queues().extend(&queue, delivery_id(&req.id)?, visibility_ms).map_err(from_queue)?;
+        self.state
+            .broker()
+            .queue_service()
+            .map_err(from_broker)?
+            .extend(&queue, delivery_id(&req.id)?, visibility_ms)
+            .map_err(from_queue)?;
         Ok(Response::new(pb::ExtendResponse {}))
     }
 
@@ -122,7 +138,7 @@ impl Queues for QueuesService {
         self.state.admit()?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        let s = self.state.broker().queues().stats(&queue);
+        let s = self.state.broker().queue_service().map_err(from_broker)?.stats(&queue);
         Ok(Response::new(pb::QueueStats {
             queue: req.queue,
             ready: s.ready,

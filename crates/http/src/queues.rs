@@ -47,7 +47,7 @@ pub(crate) async fn enqueue(
     let max = state.broker().config().max_message_bytes;
     let payload = axum::body::to_bytes(body, max).await.map_err(|e| body_error(e, max))?;
     let msg = new_message(kind_of(&headers), payload, ttl_ms)?;
-    let id = state.broker().queues().enqueue(&queue, msg, delay_ms).await?;
+    let id = state.broker().queue_service()?.enqueue(&queue, msg, delay_ms).await?;
     let mut body = String::from("{\"queue\":");
     push_json_str(&mut body, queue.as_str());
     let _ = write!(body, ",\"message_id\":{id}}}");
@@ -63,7 +63,7 @@ pub(crate) async fn fetch(
     let max = query.number("max", 1, 100, 1)? as usize;
     let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 30_000)?;
     let wait = Duration::from_millis(query.number("wait_ms", 0, MAX_WAIT_MS, 0)?);
-    let queues = state.broker().queues();
+    let queues = state.broker().queue_service()?;
     let deliveries = tokio::select! {
         got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got?,
         // Shutdown answers a pending long poll with what it has: nothing was taken.
@@ -89,7 +89,7 @@ pub(crate) async fn ack(
     State(state): State<AppState>,
     DeliveryPath(queue, id): DeliveryPath,
 ) -> Result<StatusCode, ApiError> {
-    state.broker().queues().ack(&queue, &id)?;
+    state.broker().queue_service()?.ack(&queue, &id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -100,7 +100,7 @@ pub(crate) async fn requeue(
 ) -> Result<StatusCode, ApiError> {
     let query = Query::parse(query.as_deref())?;
     let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
-    state.broker().queues().requeue(&queue, &id, delay_ms)?;
+    state.broker().queue_service()?.requeue(&queue, &id, delay_ms)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -114,12 +114,12 @@ pub(crate) async fn extend(
         return Err(ApiError::bad_request("visibility_ms is required"));
     }
     let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 0)?;
-    state.broker().queues().extend(&queue, &id, visibility_ms)?;
+    state.broker().queue_service()?.extend(&queue, &id, visibility_ms)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn stats(State(state): State<AppState>, QueuePath(queue): QueuePath) -> Result<Response, ApiError> {
-    let s = state.broker().queues().stats(&queue);
+    let s = state.broker().queue_service()?.stats(&queue);
     let mut body = String::from("{\"queue\":");
     push_json_str(&mut body, queue.as_str());
     let _ = write!(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use herald_core::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
+use herald_core::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig, Role};
 use herald_grpc::GrpcConfig;
 use herald_http::HttpConfig;
 use herald_store_disk::FsyncPolicy;
@@ -19,8 +19,10 @@ use serde::Deserialize;
 pub enum StoreKind {
     /// In process memory; nothing survives a restart.
     Memory,
-    /// The embedded disk store (not built yet).
+    /// The embedded disk store.
     Disk,
+    /// Redis, shared by the nodes of a cluster (set by `cluster.redis`).
+    Redis,
 }
 
 impl std::str::FromStr for StoreKind {
@@ -29,7 +31,8 @@ impl std::str::FromStr for StoreKind {
         match s {
             "memory" => Ok(StoreKind::Memory),
             "disk" => Ok(StoreKind::Disk),
-            other => Err(format!("store must be memory or disk, not {other:?}")),
+            "redis" => Ok(StoreKind::Redis),
+            other => Err(format!("store must be memory, disk or redis, not {other:?}")),
         }
     }
 }
@@ -39,6 +42,7 @@ impl StoreKind {
         match self {
             StoreKind::Memory => "memory",
             StoreKind::Disk => "disk",
+            StoreKind::Redis => "redis",
         }
     }
 }
@@ -68,6 +72,23 @@ pub struct Config {
     pub grpc: GrpcConfig,
     /// Longest a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
+    /// The cluster this node joins, if any.
+    pub cluster: ClusterConfig,
+}
+
+/// Scale-out over Redis (docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The Redis every node shares (`redis://` or `rediss://`); `None` for a single node.
+    pub redis: Option<String>,
+    /// Prepended to every Redis key and channel, so deployments can share one Redis.
+    pub prefix: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { redis: None, prefix: "herald:".to_owned() }
+    }
 }
 
 impl Default for Config {
@@ -84,6 +105,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             grpc: GrpcConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -100,9 +122,19 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP, WebSocket).
     #[arg(long, env = "HERALD_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Store: disk (default) or memory.
+    /// Store: disk (default) or memory; redis with --cluster.
     #[arg(long, env = "HERALD_STORE")]
     pub store: Option<StoreKind>,
+    /// Join a cluster over this Redis (redis://host:port/ or rediss://...).
+    #[arg(long, env = "HERALD_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Role in the cluster: all (default), ingest (publishes and queues) or fanout
+    /// (subscriptions and history).
+    #[arg(long, env = "HERALD_ROLE")]
+    pub role: Option<Role>,
+    /// Prefix of every Redis key and channel of the cluster (default herald:).
+    #[arg(long, env = "HERALD_CLUSTER_PREFIX")]
+    pub cluster_prefix: Option<String>,
     /// Data directory of the disk store.
     #[arg(long, env = "HERALD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -176,6 +208,16 @@ struct File {
     queues: FileQueues,
     #[serde(default)]
     disk: FileDisk,
+    #[serde(default)]
+    cluster: FileCluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    redis: Option<String>,
+    role: Option<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,6 +310,19 @@ pub fn format_duration(d: Duration) -> String {
     format!("{ms}ms")
 }
 
+/// A Redis URL without its password (`redis://user:***@host/`), for printing.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(parts) => parts,
+        None => return url.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
+    }
+}
+
 fn file_duration(key: &str, value: Option<String>) -> anyhow::Result<Option<Duration>> {
     value.map(|v| parse_duration(&v).map_err(|e| anyhow::anyhow!("config key {key}: {e}"))).transpose()
 }
@@ -285,10 +340,20 @@ impl Config {
             None => File::default(),
         };
         let d = Config::default();
+        let cluster = ClusterConfig {
+            redis: args.cluster.clone().or(file.cluster.redis).filter(|u| !u.is_empty()),
+            prefix: args.cluster_prefix.clone().or(file.cluster.prefix).unwrap_or(d.cluster.prefix),
+        };
         let store = match (args.store, file.store) {
             (Some(s), _) => s,
             (None, Some(s)) => s.parse().map_err(|e| anyhow::anyhow!("config key store: {e}"))?,
+            (None, None) if cluster.redis.is_some() => StoreKind::Redis,
             (None, None) => d.store,
+        };
+        let role = match (args.role, file.cluster.role) {
+            (Some(r), _) => r,
+            (None, Some(r)) => r.parse().map_err(|e| anyhow::anyhow!("config key cluster.role: {e}"))?,
+            (None, None) => Role::All,
         };
         let max_connections = args.max_connections.or(file.limits.max_connections).unwrap_or(d.http.max_connections);
         let config = Config {
@@ -318,6 +383,7 @@ impl Config {
                         .unwrap_or(d.broker.outbound.slow_consumer_timeout),
                 },
                 shards: d.broker.shards,
+                role,
                 queues: QueueConfig {
                     max_attempts: args
                         .queue_max_attempts
@@ -370,6 +436,7 @@ impl Config {
                 .shutdown_timeout
                 .or(file_duration("timeouts.shutdown_timeout", file.timeouts.shutdown_timeout)?)
                 .unwrap_or(d.shutdown_timeout),
+            cluster,
         };
         config.validate()?;
         Ok(config)
@@ -398,6 +465,21 @@ impl Config {
                 bail!("config key {key} is out of range (see docs/configuration.md)");
             }
         }
+        match (&self.cluster.redis, self.store) {
+            (Some(_), StoreKind::Redis) | (None, StoreKind::Memory | StoreKind::Disk) => {}
+            (Some(_), _) => {
+                bail!("config key store: a cluster keeps its history in Redis; leave store unset or set it to redis")
+            }
+            (None, StoreKind::Redis) => {
+                bail!("config key store: redis is the store of a cluster; set cluster.redis (--cluster URL)")
+            }
+        }
+        if self.cluster.redis.is_none() && self.broker.role != Role::All {
+            bail!("config key cluster.role: a single node serves everything; set cluster.redis (--cluster URL) to split roles");
+        }
+        if self.cluster.prefix.contains(['{', '}']) {
+            bail!("config key cluster.prefix must not contain '{{' or '}}' (Redis Cluster hash tags)");
+        }
         let max_disk = herald_store_disk::MAX_MESSAGE_BYTES;
         if self.store == StoreKind::Disk && self.broker.max_message_bytes > max_disk {
             bail!("config key limits.max_message_bytes is over the disk store's limit of {max_disk} bytes");
@@ -405,7 +487,8 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration as a TOML file that [`Config::load`] reads back unchanged.
+    /// The configuration as a TOML file that [`Config::load`] reads back unchanged
+    /// (except a Redis password, printed as `***`).
     pub fn to_toml(&self) -> String {
         format!(
             r#"listen = "{listen}"
@@ -437,6 +520,10 @@ ping_interval = "{ping}"
 pong_timeout = "{pong}"
 slow_consumer_timeout = "{slow}"
 shutdown_timeout = "{shutdown}"
+
+[cluster]
+{redis}role = "{role}"
+prefix = "{prefix}"
 "#,
             listen = self.listen,
             store = self.store.as_str(),
@@ -457,6 +544,12 @@ shutdown_timeout = "{shutdown}"
             pong = format_duration(self.http.pong_timeout),
             slow = format_duration(self.broker.outbound.slow_consumer_timeout),
             shutdown = format_duration(self.shutdown_timeout),
+            redis = match &self.cluster.redis {
+                Some(url) => format!("redis = \"{}\"\n", redact(url)),
+                None => "# redis = \"redis://127.0.0.1:6379/\"\n".to_owned(),
+            },
+            role = self.broker.role.as_str(),
+            prefix = self.cluster.prefix,
         )
     }
 }
@@ -499,6 +592,33 @@ mod tests {
         let err = format!("{:#}", Config::load(&args).expect_err("bad duration refused"));
         assert!(err.contains("retention.max_age"), "{err}");
         std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_together() -> anyhow::Result<()> {
+        let cluster = || ServeArgs { cluster: Some("redis://u:secret@127.0.0.1:6379/".into()), ..Default::default() };
+        let c = Config::load(&cluster())?;
+        assert_eq!(c.store, StoreKind::Redis, "a cluster implies the redis store");
+        assert!(c.to_toml().contains("redis = \"redis://u:***@127.0.0.1:6379/\""), "password redacted");
+        let err =
+            format!("{:#}", Config::load(&ServeArgs { store: Some(StoreKind::Disk), ..cluster() }).expect_err("disk"));
+        assert!(err.contains("config key store"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::load(&ServeArgs { role: Some(Role::Fanout), ..Default::default() }).expect_err("role")
+        );
+        assert!(err.contains("cluster.role"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::load(&ServeArgs { store: Some(StoreKind::Redis), ..Default::default() }).expect_err("redis")
+        );
+        assert!(err.contains("cluster.redis"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::load(&ServeArgs { cluster_prefix: Some("a{b}".into()), ..cluster() }).expect_err("{")
+        );
+        assert!(err.contains("cluster.prefix"), "{err}");
         Ok(())
     }
 

@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use herald_core::{Broker, MemoryStore, Store};
+use herald_core::{Broker, Bus, MemoryStore, Store, SystemClock};
 use herald_grpc::{GrpcConfig, GrpcState};
 use herald_http::AppState;
 use herald_store_disk::{DiskConfig, DiskStore};
+use herald_store_redis::{RedisBus, RedisConfig, RedisStore};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -72,9 +73,33 @@ impl Server {
     }
 }
 
+/// The store, and the bus when the node is part of a cluster.
+pub struct Backend {
+    /// Where history and queue records live.
+    pub store: Arc<dyn Store>,
+    /// Delivers every node's appends (cluster only).
+    pub bus: Option<Arc<dyn Bus>>,
+}
+
+async fn open_backend(config: &Config) -> anyhow::Result<Backend> {
+    if let Some(url) = &config.cluster.redis {
+        let redis =
+            RedisConfig { url: url.clone(), prefix: config.cluster.prefix.clone(), retention: config.retention };
+        let shown = config::redact(url);
+        let store = RedisStore::connect(redis, Arc::new(SystemClock))
+            .await
+            .with_context(|| format!("connecting to the cluster's Redis at {shown}"))?;
+        let bus = RedisBus::start(&store).await.with_context(|| format!("opening pub/sub on {shown}"))?;
+        return Ok(Backend { store: Arc::new(store), bus: Some(Arc::new(bus)) });
+    }
+    let store = open_store(config)?;
+    Ok(Backend { store, bus: None })
+}
+
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.retention))),
+        StoreKind::Redis => anyhow::bail!("the redis store needs cluster.redis (--cluster URL)"),
         StoreKind::Disk => {
             let disk = DiskConfig {
                 dir: config.data_dir.clone(),
@@ -95,19 +120,22 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
-    let store = open_store(&config)?;
-    let task = tokio::spawn(serve(config, store, listener, shutdown.clone()));
+    let backend = open_backend(&config).await?;
+    let task = tokio::spawn(serve(config, backend, listener, shutdown.clone()));
     Ok(Server { addr, shutdown, task })
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then drains in order.
 pub async fn serve(
     config: Config,
-    store: Arc<dyn Store>,
+    backend: Backend,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let broker = Broker::new(store, config.broker.clone());
+    let broker = match backend.bus {
+        Some(bus) => Broker::clustered(backend.store, bus, config.broker.clone()),
+        None => Broker::new(backend.store, config.broker.clone()),
+    };
     let state = AppState::new(broker.clone(), config.http.clone(), shutdown.clone());
     // gRPC shares the HTTP front door's connection limit and task tracker.
     let grpc_config = GrpcConfig { max_connections: config.http.max_connections, ..config.grpc.clone() };
@@ -129,7 +157,7 @@ pub async fn serve(
         })
     };
 
-    tracing::info!(addr = %listener.local_addr()?, store = ?config.store, "herald listening");
+    tracing::info!(addr = %listener.local_addr()?, store = ?config.store, role = config.broker.role.as_str(), "herald listening");
     // Small frames (replies, acks) must not wait for Nagle's algorithm.
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

@@ -375,7 +375,7 @@ impl Store for DiskStore {
         })
     }
 
-    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> StoreFuture<Vec<ListedTopic>> {
         self.shared.index.list(prefix, after, limit)
     }
 

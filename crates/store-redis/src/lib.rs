@@ -1,7 +1,6 @@
-//! `RedisStore`: topic histories and queue records in Redis, the first step of
-//! scale-out (issue 10). This step uses Redis as one node's store; several nodes
-//! sharing it (fan-out over pub/sub) is the next step, and the key layout and the
-//! append script are already shaped for it.
+//! `RedisStore`: topic histories and queue records in Redis, shared by every node of a
+//! cluster, and [`RedisBus`], which delivers every node's appends to each node over
+//! Redis pub/sub (docs/cluster.md).
 //!
 //! Per topic, every key shares the hash tag `{t:<topic>}`, so a topic lives in one
 //! Redis Cluster slot:
@@ -9,8 +8,8 @@
 //!   It has no TTL: a topic's epoch is never forgotten while Redis keeps its data.
 //! - `<prefix>{t:<topic>}:log`, a Stream whose entry id is `<offset>-0`, with the fields
 //!   `ts`, `kind`, `expires` ('' for none) and `payload`.
-//! - `<prefix>{t:<topic>}:ch`, the channel each append publishes `a <epoch> <first> <count>`
-//!   to (and each delete `d <epoch>`); nothing subscribes yet.
+//! - `<prefix>{t:<topic>}:ch`, the channel each append publishes its whole batch to, and
+//!   each delete its epochs (the events [`RedisBus`] reads; format in `bus.rs`).
 //!
 //! One Lua script appends a whole batch atomically (offsets, timestamps, XADD, trimming,
 //! meta, PUBLISH); `head` and `read` are one script each (trimming first, as the memory
@@ -24,18 +23,19 @@
 //! `queue_delivered` are lazy. All queue writes go through one task, in the order they
 //! were issued, so a removal never overtakes the append it removes.
 //!
-//! Two trait methods are synchronous and cannot ask Redis without blocking a runtime
-//! thread, so they are served from memory: `queue_load` from the queues read by
-//! [`RedisStore::connect`] and kept up to date by this store's own writes, and `list`
-//! from the topics registry (`<prefix>topics`, a sorted set) read at connect and kept up
-//! to date by this store's appends, heads and deletes. Both are exact for a single node;
-//! another node's writes are not seen until a reconnect (the next step makes `list` ask
-//! Redis).
+//! `list` reads the topic registry (`<prefix>topics`, a sorted set every append adds its
+//! topic to, once per node, and nothing removes from) and each candidate's head.
+//! `queue_load` is synchronous and served from the queues read by
+//! [`RedisStore::connect`] and kept up to date by this store's own writes: exact for one
+//! node, which is why a cluster does not share queues yet (docs/cluster.md).
 
+mod bus;
 mod scripts;
 
+pub use bus::RedisBus;
+
 use std::collections::hash_map::RandomState;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -54,6 +54,9 @@ use scripts::Scripts;
 
 /// Largest number passed to a script (Lua numbers are exact up to 2^53).
 const LUA_MAX: u64 = 1 << 53;
+
+/// Registry entries `list` reads per round trip.
+const LIST_PAGE: usize = 200;
 
 /// How often the connection is probed for [`Store::is_ready`].
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -112,6 +115,8 @@ pub struct RedisStore {
 
 struct Inner {
     con: ConnectionManager,
+    /// For the bus's own pub/sub connection.
+    client: redis::Client,
     prefix: String,
     clock: Arc<dyn Clock>,
     retention: RetentionConfig,
@@ -119,20 +124,10 @@ struct Inner {
     ready: AtomicBool,
     hasher: RandomState,
     epochs: AtomicU64,
-    /// Topics known to have been appended to, for `list`.
-    topics: Mutex<BTreeMap<TopicName, Listed>>,
+    /// Topics this store added to the registry (which nothing removes from).
+    registered: Mutex<HashSet<TopicName>>,
     /// The queues' live records, for `queue_load`.
     queues: Mutex<BTreeMap<QueueName, LiveQueue>>,
-}
-
-/// What `list` knows of a topic.
-#[derive(Debug, Clone)]
-struct Listed {
-    epoch: Epoch,
-    /// The newest retained offset, 0 when none is.
-    last: u64,
-    /// The newest message's time, to stop listing it once it aged out.
-    last_ts: u64,
 }
 
 enum QueueOp {
@@ -154,20 +149,20 @@ impl RedisStore {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(3);
-        let mut con = ConnectionManager::new_with_config(client, manager).await?;
+        let mut con = ConnectionManager::new_with_config(client.clone(), manager).await?;
         let prefix = config.prefix;
-        let topics = load_topics(&mut con, &prefix).await?;
         let queues = load_queues(&mut con, &prefix).await?;
         let inner = Arc::new(Inner {
             con,
+            client,
             prefix,
             clock,
             retention: config.retention,
-            scripts: Scripts::new(),
+            scripts: Scripts::new("PUBLISH"),
             ready: AtomicBool::new(true),
             hasher: RandomState::new(),
             epochs: AtomicU64::new(0),
-            topics: Mutex::new(topics),
+            registered: Mutex::new(HashSet::new()),
             queues: Mutex::new(queues),
         });
         let (queue_ops, rx) = mpsc::unbounded_channel();
@@ -175,26 +170,6 @@ impl RedisStore {
         tokio::spawn(probe(Arc::downgrade(&inner)));
         Ok(Self { inner, queue_ops })
     }
-}
-
-/// The registry of topics with their last offsets (from the meta: `next - 1`).
-async fn load_topics(con: &mut ConnectionManager, prefix: &str) -> Result<BTreeMap<TopicName, Listed>, RedisError> {
-    let names: Vec<String> = con.zrange(format!("{prefix}topics"), 0, -1).await?;
-    let names: Vec<TopicName> = names.iter().filter_map(|n| TopicName::parse(n).ok()).collect();
-    let mut pipe = redis::pipe();
-    for t in &names {
-        pipe.cmd("HMGET").arg(topic_key(prefix, t, "meta")).arg("epoch").arg("next").arg("last_ts");
-    }
-    let metas: Vec<(Option<String>, Option<u64>, Option<u64>)> =
-        if names.is_empty() { Vec::new() } else { pipe.query_async(con).await? };
-    Ok(names
-        .into_iter()
-        .zip(metas)
-        .filter_map(|(t, (epoch, next, last_ts))| {
-            let last = next?.saturating_sub(1);
-            Some((t, Listed { epoch: Arc::from(epoch?), last, last_ts: last_ts.unwrap_or(0) }))
-        })
-        .collect())
 }
 
 /// Every queue's records, attempts and next id.
@@ -317,15 +292,6 @@ impl Inner {
         call
     }
 
-    fn note_head(&self, topic: &TopicName, head: &TopicHead) {
-        let mut topics = lock(&self.topics);
-        if let Some(listed) = topics.get_mut(topic) {
-            if listed.epoch == head.epoch {
-                listed.last = head.last;
-            }
-        }
-    }
-
     async fn apply(&self, op: QueueOp) {
         let mut con = self.con.clone();
         let prefix = &self.prefix;
@@ -413,9 +379,10 @@ impl Store for RedisStore {
                 return Ok(Appended { epoch: head.epoch, messages: Vec::new() });
             }
             let mut con = inner.con.clone();
-            if !lock(&inner.topics).contains_key(&topic) {
+            if !lock(&inner.registered).contains(&topic) {
                 let registered = con.zadd::<_, _, _, ()>(format!("{}topics", inner.prefix), topic.as_str(), 0).await;
                 inner.answered(registered)?;
+                lock(&inner.registered).insert(topic.clone());
             }
             let mut call = inner.topic_call(&inner.scripts.append, &topic, now);
             call.arg(topic_key(&inner.prefix, &topic, "ch"));
@@ -433,15 +400,6 @@ impl Store for RedisStore {
                     Arc::new(Message::new(topic.clone(), first + i as u64, ts, NewMessage { ttl_ms, ..new }))
                 })
                 .collect();
-            let last = first + messages.len() as u64 - 1;
-            let mut topics = lock(&inner.topics);
-            let listed = topics.entry(topic).or_insert_with(|| Listed { epoch: epoch.clone(), last: 0, last_ts: 0 });
-            if listed.epoch != epoch {
-                *listed = Listed { epoch: epoch.clone(), last: 0, last_ts: 0 };
-            }
-            listed.last = listed.last.max(last);
-            listed.last_ts = listed.last_ts.max(ts);
-            drop(topics);
             Ok(Appended { epoch, messages })
         })
     }
@@ -490,33 +448,56 @@ impl Store for RedisStore {
                 .arg(inner.fresh_epoch())
                 .arg(topic_key(&inner.prefix, &topic, "ch"));
             let epoch: String = inner.answered(call.invoke_async(&mut con).await)?;
-            lock(&inner.topics).remove(&topic);
-            let unregistered = con.zrem::<_, _, ()>(format!("{}topics", inner.prefix), topic.as_str()).await;
-            inner.answered(unregistered)?;
             Ok(Arc::from(epoch))
         })
     }
 
-    /// Served from memory (the trait's `list` is synchronous): the topics this store
-    /// read from the registry at connect or appended to since, whose newest message is
-    /// retained as far as this store last saw (its head, and retention by age). Another
-    /// node's appends are not seen until a reconnect.
-    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<ListedTopic>, StoreError> {
-        let now = self.inner.clock.now_ms();
-        let max_age = self.inner.retention.max_age.as_millis() as u64;
-        let topics = lock(&self.inner.topics);
-        Ok(topics
-            .iter()
-            .filter(|(t, l)| {
-                let s = t.as_str();
-                s.starts_with(prefix)
-                    && after.is_none_or(|a| s > a)
-                    && l.last > 0
-                    && now.saturating_sub(l.last_ts) < max_age
-            })
-            .take(limit)
-            .map(|(t, l)| ListedTopic { topic: t.clone(), last: l.last })
-            .collect())
+    /// Reads the registry by name from `prefix`/`after`, a page at a time, and each
+    /// candidate's head (one pipelined round trip per page): topics with retained
+    /// messages, as of their heads.
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> StoreFuture<Vec<ListedTopic>> {
+        let inner = self.inner.clone();
+        let prefix = prefix.to_owned();
+        let mut cursor = match after {
+            Some(a) if a >= prefix.as_str() => format!("({a}"),
+            _ => format!("[{prefix}"),
+        };
+        let now = inner.clock.now_ms();
+        Box::pin(async move {
+            let mut con = inner.con.clone();
+            let mut out = Vec::new();
+            while out.len() < limit {
+                let page: Vec<String> = redis::cmd("ZRANGE")
+                    .arg(format!("{}topics", inner.prefix))
+                    .arg(&cursor)
+                    .arg("+")
+                    .arg("BYLEX")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(LIST_PAGE)
+                    .query_async(&mut con)
+                    .await
+                    .map_err(|e| inner.failed(e))?;
+                let Some(last) = page.last() else { break };
+                cursor = format!("({last}");
+                let names: Vec<TopicName> = page
+                    .iter()
+                    .take_while(|n| n.starts_with(prefix.as_str()))
+                    .filter_map(|n| TopicName::parse(n).ok())
+                    .collect();
+                let done = names.len() < page.len() || page.len() < LIST_PAGE;
+                let heads = futures_util::future::try_join_all(names.iter().map(|t| inner.head(t, now))).await?;
+                for (topic, head) in names.into_iter().zip(heads) {
+                    if head.retained > 0 && out.len() < limit {
+                        out.push(ListedTopic { topic, last: head.last });
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn queue_append(&self, queue: &QueueName, records: Vec<QueueRecord>) -> StoreFuture<()> {
@@ -569,10 +550,17 @@ impl Inner {
         let mut con = self.con.clone();
         let (epoch, next, first, last, retained): (String, u64, String, String, u64) =
             self.answered(call.invoke_async(&mut con).await)?;
-        let head =
-            TopicHead { epoch: Arc::from(epoch), first: offset_of(&first)?, last: offset_of(&last)?, next, retained };
-        self.note_head(topic, &head);
-        Ok(head)
+        Ok(TopicHead { epoch: Arc::from(epoch), first: offset_of(&first)?, last: offset_of(&last)?, next, retained })
+    }
+
+    /// The head, and a barrier event `h <token>` on the topic's channel in the same step.
+    async fn barrier(&self, topic: &TopicName, token: &str) -> Result<TopicHead, StoreError> {
+        let mut call = self.topic_call(&self.scripts.barrier, topic, self.clock.now_ms());
+        call.arg(topic_key(&self.prefix, topic, "ch")).arg(token);
+        let mut con = self.con.clone();
+        let (epoch, next, first, last, retained): (String, u64, String, String, u64) =
+            self.answered(call.invoke_async(&mut con).await)?;
+        Ok(TopicHead { epoch: Arc::from(epoch), first: offset_of(&first)?, last: offset_of(&last)?, next, retained })
     }
 }
 

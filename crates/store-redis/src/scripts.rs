@@ -49,22 +49,29 @@ local function trim()
 end
 "#;
 
-/// Appends a batch. ARGV[5]: the topic's channel; from ARGV[6], per message: kind,
-/// TTL in ms ('' for none), payload. Returns {epoch, first offset, ts}.
+/// Appends a batch and publishes it whole to the topic's channel (the bus event every
+/// node fans out from; see `bus.rs` for the format). ARGV[5]: the channel; from ARGV[6],
+/// per message: kind, TTL in ms ('' for none), payload. Returns {epoch, first offset, ts}.
 const APPEND: &str = r#"
 local epoch, next_off, last_ts = meta_or_create()
 local ts = math.max(now, last_ts)
 local first = next_off
+local event = {}
 for i = 6, #ARGV, 3 do
   local expires = ''
   if ARGV[i + 1] ~= '' then expires = int(ts + tonumber(ARGV[i + 1])) end
   redis.call('XADD', log, int(next_off) .. '-0',
     'ts', int(ts), 'kind', ARGV[i], 'expires', expires, 'payload', ARGV[i + 2])
+  local e = expires
+  if e == '' then e = '-' end
+  event[#event + 1] = ARGV[i] .. ' ' .. e .. ' ' .. #ARGV[i + 2] .. '\n'
+  event[#event + 1] = ARGV[i + 2]
   next_off = next_off + 1
 end
 redis.call('HSET', meta, 'epoch', epoch, 'next', int(next_off), 'last_ts', int(ts))
 trim()
-redis.call('PUBLISH', ARGV[5], 'a ' .. epoch .. ' ' .. int(first) .. ' ' .. int(next_off - first))
+local header = 'a ' .. epoch .. ' ' .. int(first) .. ' ' .. int(ts) .. ' ' .. int(next_off - first) .. '\n'
+redis.call(PUBLISH, ARGV[5], header .. table.concat(event))
 return {epoch, int(first), int(ts)}
 "#;
 
@@ -79,6 +86,22 @@ if n > 0 then
   first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1][1]
   last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1][1]
 end
+return {epoch, int(next_off), first, last, n}
+"#;
+
+/// The head, as HEAD, and a barrier event `h <token>` on the topic's channel, published
+/// in the same step: a node that receives it has received every event before this head.
+/// ARGV[5]: the channel; ARGV[6]: the token.
+const BARRIER: &str = r#"
+local epoch, next_off = meta_or_create()
+trim()
+local n = redis.call('XLEN', log)
+local first, last = '0', '0'
+if n > 0 then
+  first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1][1]
+  last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1][1]
+end
+redis.call(PUBLISH, ARGV[5], 'h ' .. ARGV[6])
 return {epoch, int(next_off), first, last, n}
 "#;
 
@@ -105,13 +128,14 @@ end
 return {epoch, out}
 "#;
 
-/// Deletes the history. ARGV[1]: the new epoch; ARGV[2]: the topic's channel.
+/// Deletes the history and publishes `d <previous epoch or -> <new epoch>`.
+/// ARGV[1]: the new epoch; ARGV[2]: the topic's channel.
 const DELETE: &str = r#"
 local meta, log = KEYS[1], KEYS[2]
 redis.call('DEL', log)
-local last_ts = redis.call('HGET', meta, 'last_ts') or '0'
-redis.call('HSET', meta, 'epoch', ARGV[1], 'next', '1', 'last_ts', last_ts)
-redis.call('PUBLISH', ARGV[2], 'd ' .. ARGV[1])
+local m = redis.call('HMGET', meta, 'epoch', 'last_ts')
+redis.call('HSET', meta, 'epoch', ARGV[1], 'next', '1', 'last_ts', m[2] or '0')
+redis.call(PUBLISH, ARGV[2], 'd ' .. (m[1] or '-') .. ' ' .. ARGV[1])
 return ARGV[1]
 "#;
 
@@ -133,19 +157,24 @@ return 1
 pub(crate) struct Scripts {
     pub append: Script,
     pub head: Script,
+    pub barrier: Script,
     pub read: Script,
     pub delete: Script,
     pub queue_append: Script,
 }
 
 impl Scripts {
-    pub fn new() -> Self {
-        let topic = |body: &str| Script::new(&format!("{TOPIC_PRELUDE}{body}"));
+    /// The scripts, publishing with `PUBLISH` (standalone Redis) or `SPUBLISH` (sharded
+    /// pub/sub on Redis Cluster, so an event stays on the topic's shard).
+    pub fn new(publish: &str) -> Self {
+        let with = |body: &str| body.replace("PUBLISH,", &format!("'{publish}',"));
+        let topic = |body: &str| Script::new(&format!("{TOPIC_PRELUDE}{}", with(body)));
         Self {
             append: topic(APPEND),
             head: topic(HEAD),
+            barrier: topic(BARRIER),
             read: topic(READ),
-            delete: Script::new(DELETE),
+            delete: Script::new(&with(DELETE)),
             queue_append: Script::new(QUEUE_APPEND),
         }
     }

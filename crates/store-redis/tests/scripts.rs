@@ -1,6 +1,6 @@
-//! What the conformance suite does not reach: the notification each append and delete
-//! publishes (the next step's fan-out reads it), limits beyond what Lua prints as an
-//! integer, and the errors of `connect`.
+//! What the conformance suite does not reach: the event each append and delete
+//! publishes (the cluster bus reads it; format in src/bus.rs), limits beyond what Lua
+//! prints as an integer, and the errors of `connect`.
 
 mod common;
 
@@ -28,12 +28,18 @@ async fn published(prefix: &str) -> Result {
         Ok(msg.get_payload::<String>()?)
     };
     let t = TopicName::parse("pub.topic")?;
-    let a = store.append(&t, vec![text("a"), text("b"), text("c")]).await?;
-    assert_eq!(next().await?, format!("a {} 1 3", a.epoch));
-    let b = store.append(&t, vec![text("d")]).await?;
-    assert_eq!(next().await?, format!("a {} 4 1", b.epoch));
+    let a = store.append(&t, vec![text("a"), text("bb"), text("c\nd")]).await?;
+    let ts = a.messages[0].ts;
+    let event = format!("a {} 1 {ts} 3\ntext - 1\natext - 2\nbbtext - 3\nc\nd", a.epoch);
+    assert_eq!(next().await?, event);
+    let mut expiring = text("e");
+    expiring.ttl_ms = Some(500);
+    let b = store.append(&t, vec![expiring]).await?;
+    assert_eq!(next().await?, format!("a {} 4 {ts} 1\ntext {} 1\ne", b.epoch, ts + 500));
     let e = store.delete(&t).await?;
-    assert_eq!(next().await?, format!("d {e}"));
+    assert_eq!(next().await?, format!("d {} {e}", a.epoch));
+    let again = store.delete(&t).await?;
+    assert_eq!(next().await?, format!("d {e} {again}"));
     Ok(())
 }
 

@@ -201,13 +201,13 @@ pub async fn read_ranges_and_list(backend: &dyn Backend) -> Result {
     let r = f.store.read(&unknown, 0, u64::MAX, 100).await?;
     same((r.messages.len(), r.epoch), (0, f.store.head(&unknown).await?.epoch), "unknown topic")?;
     same(
-        f.store.list("conf.read.", None, 10)?,
+        f.store.list("conf.read.", None, 10).await?,
         vec![ListedTopic { topic: a.clone(), last: 10 }, ListedTopic { topic: b.clone(), last: 1 }],
         "list by prefix",
     )?;
-    same(f.store.list("conf.read.", Some("conf.read.a"), 10)?, vec![ListedTopic { topic: b, last: 1 }], "after")?;
-    same(f.store.list("conf.read.", None, 1)?.len(), 1, "list limit")?;
-    same(f.store.list("nothing.", None, 10)?, vec![], "other prefix")?;
+    same(f.store.list("conf.read.", Some("conf.read.a"), 10).await?, vec![ListedTopic { topic: b, last: 1 }], "after")?;
+    same(f.store.list("conf.read.", None, 1).await?.len(), 1, "list limit")?;
+    same(f.store.list("nothing.", None, 10).await?, vec![], "other prefix")?;
     Ok(())
 }
 

@@ -453,7 +453,7 @@ impl Store for Scripted {
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<crate::store::ListedTopic>, StoreError> {
+    ) -> crate::store::StoreFuture<Vec<crate::store::ListedTopic>> {
         self.inner.list(prefix, after, limit)
     }
 

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod mix;
+
 use std::future::Future;
 use std::time::Duration;
 

@@ -1,0 +1,222 @@
+//! Scale-out over Redis (docs/cluster.md): nodes that share the Redis on 127.0.0.1:6379
+//! (`.ci/run` starts one) under a key prefix of their own, each node a real server on
+//! its own port. One ingest node takes every publish; subscribers on two fan-out nodes,
+//! on every door, receive every message once, in one order, with the same offsets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mix::{from_delivery, from_grpc, from_raw, publish};
+use common::{eventually, raw_next, start, within, Result, TestServer};
+use herald_client::{Delivery, GrpcClient, StartFrom};
+use herald_core::Role;
+
+pub const REDIS: &str = "redis://127.0.0.1:6379/";
+
+/// A key prefix no other test or run uses; its keys are deleted on drop.
+struct Prefix(String);
+
+impl Prefix {
+    fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        Self(format!("herald-test:{name}:{}:{nanos}:", std::process::id()))
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let cleaned = (|| -> redis::RedisResult<()> {
+            let mut con = redis::Client::open(REDIS)?.get_connection()?;
+            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", self.0)).query(&mut con)?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(&keys).query::<()>(&mut con)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = cleaned {
+            eprintln!("could not delete the test keys under {}: {e}", self.0);
+        }
+    }
+}
+
+async fn node(prefix: &Prefix, role: Role) -> Result<TestServer> {
+    start(|c| {
+        c.store = herald_server::StoreKind::Redis;
+        c.cluster.redis = Some(REDIS.to_owned());
+        c.cluster.prefix = prefix.0.clone();
+        c.broker.role = role;
+    })
+    .await
+}
+
+/// One SSE subscriber's events as (offset, digest of the data line).
+async fn sse_events(server: &TestServer, topic: &str, n: usize) -> Result<tokio::task::JoinHandle<Result<Vec<u64>>>> {
+    let mut response = server.http.get(format!("{}/v1/topics/{topic}/sse?from=earliest", server.url)).send().await?;
+    assert_eq!(response.status(), 200);
+    Ok(tokio::spawn(async move {
+        let mut buf = String::new();
+        let mut offsets = Vec::with_capacity(n);
+        while offsets.len() < n {
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                if let Some(id) = block.lines().find_map(|l| l.strip_prefix("id: ")) {
+                    offsets.push(id.parse()?);
+                }
+            }
+            if offsets.len() >= n {
+                break;
+            }
+            let chunk = response.chunk().await?.ok_or("SSE stream ended")?;
+            buf.push_str(std::str::from_utf8(&chunk)?);
+        }
+        Ok(offsets)
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_ingest_and_two_fanout_nodes_deliver_every_message_once_in_one_order() -> Result {
+    const TOPIC: &str = "cluster.mix";
+    const P: usize = 5;
+    const M: usize = 300;
+    const TOTAL: usize = P * M;
+    let prefix = Prefix::new("mix");
+    let ingest = std::sync::Arc::new(node(&prefix, Role::Ingest).await?);
+    let fanout = [node(&prefix, Role::Fanout).await?, node(&prefix, Role::Fanout).await?];
+
+    let mut json_subs = Vec::new();
+    let mut raw_subs = Vec::new();
+    let mut grpc_subs = Vec::new();
+    let mut sse_subs = Vec::new();
+    for server in &fanout {
+        for _ in 0..2 {
+            let mut ws = server.json_ws().await?;
+            let reply = ws.subscribe(TOPIC, StartFrom::Earliest, None).await?;
+            assert_eq!(reply["type"], "subscribed", "{reply}");
+            json_subs.push(tokio::spawn(async move {
+                let mut got = Vec::with_capacity(TOTAL);
+                while got.len() < TOTAL {
+                    let text = ws.recv_text().await?;
+                    if text.starts_with(r#"{"type":"message""#) {
+                        let d = Delivery::parse(&text)?;
+                        got.push((d.offset, from_delivery(&d)));
+                    }
+                }
+                Result::Ok(got)
+            }));
+            let mut raw = server.raw_ws(TOPIC, "mode=sub&from=earliest").await?;
+            raw_subs.push(tokio::spawn(async move {
+                let mut got = Vec::with_capacity(TOTAL);
+                while got.len() < TOTAL {
+                    got.push(from_raw(&raw_next(&mut raw).await?));
+                }
+                Result::Ok(got)
+            }));
+        }
+        let client = GrpcClient::connect(&server.url).await?;
+        let mut sub = client.subscribe(TOPIC, StartFrom::Earliest, None).await?;
+        grpc_subs.push(tokio::spawn(async move {
+            let mut got = Vec::with_capacity(TOTAL);
+            while got.len() < TOTAL {
+                let m = sub.next().await?.ok_or("gRPC stream ended")?;
+                got.push((m.offset, from_grpc(&m)));
+            }
+            Result::Ok(got)
+        }));
+        sse_subs.push(sse_events(server, TOPIC, TOTAL).await?);
+    }
+    for server in &fanout {
+        let counted = async || Ok(server.subscribers(TOPIC).await? == 6);
+        eventually(Duration::from_secs(10), "six subscribers on each fan-out node", counted).await?;
+    }
+
+    let publishers: Vec<_> = (0..P)
+        .map(|p| {
+            let ingest = ingest.clone();
+            tokio::spawn(async move { publish(&ingest, TOPIC, p, M).await })
+        })
+        .collect();
+    let limit = Duration::from_secs(120);
+    let mut sent = Vec::new();
+    for p in publishers {
+        sent.push(within(limit, "publisher", p).await???);
+    }
+    let mut expected: Vec<u64> = sent.iter().flatten().map(|(d, _)| *d).collect();
+    expected.sort_unstable();
+    let dense: Vec<u64> = (1..=TOTAL as u64).collect();
+
+    let mut reference: Option<Vec<u64>> = None;
+    for sub in json_subs {
+        let got = within(limit, "json subscriber", sub).await???;
+        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), dense, "offsets 1..N in order, once each");
+        let sequence: Vec<u64> = got.iter().map(|(_, d)| *d).collect();
+        let mut sorted = sequence.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, expected, "the messages published, each once");
+        match &reference {
+            None => reference = Some(sequence),
+            Some(r) => assert_eq!(r, &sequence, "one order on every node"),
+        }
+    }
+    let reference = reference.ok_or("no subscriber")?;
+    for sub in raw_subs {
+        assert_eq!(within(limit, "raw subscriber", sub).await???, reference, "raw: the same order");
+    }
+    for sub in grpc_subs {
+        let got = within(limit, "gRPC subscriber", sub).await???;
+        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), dense, "gRPC offsets");
+        assert_eq!(got.iter().map(|(_, d)| *d).collect::<Vec<_>>(), reference, "gRPC: the same order");
+    }
+    for sub in sse_subs {
+        assert_eq!(within(limit, "SSE subscriber", sub).await???, dense, "SSE offsets");
+    }
+    // Each publisher's messages keep its order.
+    for p in &sent {
+        let mut rest = reference.iter();
+        assert!(p.iter().all(|(d, _)| rest.any(|x| x == d)), "publisher order kept");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_refuses_what_it_does_not_serve_naming_its_role() -> Result {
+    let prefix = Prefix::new("roles");
+    let ingest = node(&prefix, Role::Ingest).await?;
+    let fanout = node(&prefix, Role::Fanout).await?;
+
+    let (status, body) = fanout.post("/v1/topics/r.t/messages", Some("text/plain"), b"x".to_vec()).await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("role is fanout") && message.contains("ingest"), "{message}");
+    let grpc = GrpcClient::connect(&fanout.url).await?;
+    let refused = grpc.publish("r.t", herald_client::grpc::pb::Kind::Text, b"x".to_vec()).await;
+    assert!(format!("{refused:?}").contains("role is fanout"), "{refused:?}");
+
+    let mut ws = ingest.json_ws().await?;
+    let reply = ws.subscribe("r.t", StartFrom::Latest, None).await?;
+    assert_eq!((reply["type"].as_str(), reply["code"].as_str()), (Some("error"), Some("unavailable")), "{reply}");
+    assert!(reply["message"].as_str().is_some_and(|m| m.contains("role is ingest")), "{reply}");
+    let sse = ingest.http.get(format!("{}/v1/topics/r.t/sse", ingest.url)).send().await?;
+    assert_eq!(sse.status(), 503);
+
+    // Publishing on the ingest node works, and the fan-out node serves the history.
+    let (status, body) = ingest.post("/v1/topics/r.t/messages", Some("text/plain"), b"hello".to_vec()).await?;
+    assert_eq!(status, 201, "{body}");
+    let (status, page) = fanout.get_json("/v1/topics/r.t/messages?from=1").await?;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["messages"][0]["data"], "hello");
+    let (_, list) = fanout.get_json("/v1/topics?prefix=r.").await?;
+    assert_eq!(list["topics"][0]["topic"], "r.t", "{list}");
+
+    // Queues are not shared between nodes yet: refused, never half-served.
+    let (status, body) = ingest.post("/v1/queues/jobs/messages", Some("text/plain"), b"x".to_vec()).await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("not shared")), "{body}");
+
+    for server in [&ingest, &fanout] {
+        let ready = server.http.get(format!("{}/readyz", server.url)).send().await?;
+        assert_eq!(ready.status(), 200);
+    }
+    Ok(())
+}

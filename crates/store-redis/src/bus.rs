@@ -1,0 +1,429 @@
+//! `RedisBus`: a cluster node's [`Bus`], one Redis pub/sub connection that subscribes
+//! to a topic's channel while the node has a subscriber of it, and hands every event
+//! to the broker in the order Redis published it.
+//!
+//! Events on `<prefix>{t:<topic>}:ch` (written by the scripts, in `scripts.rs`):
+//! - `a <epoch> <first> <ts> <count>\n` then, per message, `<kind> <expires or -> <len>\n`
+//!   and `len` payload bytes: a whole appended batch, offsets from `first`.
+//! - `d <previous epoch or -> <epoch>`: the history was deleted.
+//! - `h <token>`: a barrier ([`Bus::barrier`]); the node whose token it is resolves its
+//!   wait, every other node ignores it.
+//!
+//! One task owns the connection. It batches SUBSCRIBE calls (every watch that arrived
+//! since the last call goes in one), unsubscribes a topic [`LINGER`] after its last
+//! subscriber left, pings every [`PING_EVERY`] and drops a connection whose ping does not
+//! come back within [`PING_TIMEOUT`]. After a lost connection it connects again,
+//! subscribes to every watched channel, and tells the broker events may have been missed
+//! ([`BusEvents::lost`]), which repairs each topic from the history.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_core::{
+    Appended, Bus, BusEvents, Epoch, Kind, Message, NewMessage, StoreError, StoreFuture, TopicHead, TopicName,
+};
+use tokio::sync::{oneshot, Notify};
+
+use crate::{kind_of, lock, topic_key, Inner, RedisStore, RedisStoreError};
+
+/// How long a topic stays subscribed after its last local subscriber left.
+const LINGER: Duration = Duration::from_secs(2);
+/// How often the connection is pinged (and lingering topics are unsubscribed).
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// A ping not answered within this ends the connection.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// A watch or barrier not confirmed within this fails (Redis unreachable).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Channels per SUBSCRIBE call.
+const SUBSCRIBE_BATCH: usize = 512;
+/// Pause between connection attempts.
+const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+
+/// The pub/sub bus of a cluster node. Cheap to clone; the task ends with the last clone.
+#[derive(Clone)]
+pub struct RedisBus {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<Inner>,
+    /// This node's barrier tokens start with it.
+    node: String,
+    tokens: AtomicU64,
+    state: Mutex<State>,
+    /// Wakes the task: watches to subscribe.
+    wake: Notify,
+    events: OnceLock<BusEvents>,
+    connected: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    topics: HashMap<TopicName, Watch>,
+    /// Barriers waiting for their event, by token.
+    barriers: HashMap<String, oneshot::Sender<()>>,
+}
+
+enum Watch {
+    /// Not subscribed yet: the waiters resolve at the confirmation.
+    Pending { waiters: Vec<oneshot::Sender<()>>, wanted: bool },
+    /// Subscribed, with local subscribers.
+    Active,
+    /// Subscribed, no local subscriber since this instant.
+    Lingering(Instant),
+}
+
+impl RedisBus {
+    /// Starts the bus of `store`'s Redis: connects its pub/sub connection (the first
+    /// attempt is awaited, so a wrong URL fails the start) and spawns its task.
+    pub async fn start(store: &RedisStore) -> Result<Self, RedisStoreError> {
+        let inner = store.inner.clone();
+        let pubsub = inner.client.get_async_pubsub().await?;
+        let node = inner.fresh_epoch();
+        let shared = Arc::new(Shared {
+            store: inner,
+            node,
+            tokens: AtomicU64::new(0),
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            events: OnceLock::new(),
+            connected: AtomicBool::new(true),
+        });
+        tokio::spawn(run(Arc::downgrade(&shared), Some(pubsub)));
+        Ok(Self { shared })
+    }
+}
+
+impl Bus for RedisBus {
+    fn attach(&self, events: BusEvents) {
+        let _ = self.shared.events.set(events);
+    }
+
+    fn watch(&self, topic: &TopicName) -> StoreFuture<()> {
+        let mut st = lock(&self.shared.state);
+        let waiter = match st.topics.get_mut(topic) {
+            Some(w @ (Watch::Active | Watch::Lingering(_))) => {
+                *w = Watch::Active;
+                None
+            }
+            Some(Watch::Pending { waiters, wanted }) => {
+                *wanted = true;
+                let (tx, rx) = oneshot::channel();
+                waiters.push(tx);
+                Some(rx)
+            }
+            None => {
+                let (tx, rx) = oneshot::channel();
+                st.topics.insert(topic.clone(), Watch::Pending { waiters: vec![tx], wanted: true });
+                self.shared.wake.notify_one();
+                Some(rx)
+            }
+        };
+        drop(st);
+        Box::pin(async move {
+            let Some(rx) = waiter else { return Ok(()) };
+            match tokio::time::timeout(CONFIRM_TIMEOUT, rx).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(StoreError::Unavailable("redis: the topic's channel could not be subscribed".into())),
+            }
+        })
+    }
+
+    fn unwatch(&self, topic: &TopicName) {
+        let mut st = lock(&self.shared.state);
+        match st.topics.get_mut(topic) {
+            Some(w @ Watch::Active) => *w = Watch::Lingering(Instant::now()),
+            Some(Watch::Pending { wanted, .. }) => *wanted = false,
+            _ => {}
+        }
+    }
+
+    fn barrier(&self, topic: &TopicName) -> StoreFuture<TopicHead> {
+        let shared = self.shared.clone();
+        let topic = topic.clone();
+        Box::pin(async move {
+            let n = shared.tokens.fetch_add(1, Ordering::Relaxed);
+            let token = format!("{}:{n}", shared.node);
+            let (tx, rx) = oneshot::channel();
+            lock(&shared.state).barriers.insert(token.clone(), tx);
+            let head = shared.store.barrier(&topic, &token).await;
+            let arrived = match &head {
+                Ok(_) => tokio::time::timeout(CONFIRM_TIMEOUT, rx).await,
+                Err(_) => Ok(Ok(())),
+            };
+            lock(&shared.state).barriers.remove(&token);
+            match arrived {
+                Ok(Ok(())) => head,
+                _ => Err(StoreError::Unavailable("redis: a barrier event did not come back".into())),
+            }
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// The bus task: connects, subscribes, reads events; ends when the bus is dropped.
+async fn run(shared: std::sync::Weak<Shared>, mut first: Option<redis::aio::PubSub>) {
+    let mut reconnected = false;
+    loop {
+        let pubsub = match first.take() {
+            Some(p) => p,
+            None => {
+                let Some(s) = shared.upgrade() else { return };
+                let client = s.store.client.clone();
+                drop(s);
+                match client.get_async_pubsub().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cluster bus: cannot connect to redis");
+                        tokio::time::sleep(RECONNECT_EVERY).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let (sink, stream) = pubsub.split();
+        match serve(&shared, sink, stream, reconnected).await {
+            Ended::Dropped => return,
+            Ended::Lost => {
+                if let Some(s) = shared.upgrade() {
+                    s.connected.store(false, Ordering::Relaxed);
+                    // Subscribe everything again on the next connection; barriers in
+                    // flight will not come back.
+                    let mut st = lock(&s.state);
+                    st.topics.retain(|_, w| !matches!(w, Watch::Lingering(_)));
+                    for w in st.topics.values_mut() {
+                        if matches!(w, Watch::Active) {
+                            *w = Watch::Pending { waiters: Vec::new(), wanted: true };
+                        }
+                    }
+                    st.barriers.clear();
+                }
+                tracing::warn!("cluster bus: lost the redis pub/sub connection; reconnecting");
+                reconnected = true;
+                tokio::time::sleep(RECONNECT_EVERY).await;
+            }
+        }
+    }
+}
+
+enum Ended {
+    /// The bus was dropped.
+    Dropped,
+    /// The connection failed.
+    Lost,
+}
+
+async fn serve(
+    weak: &std::sync::Weak<Shared>,
+    mut sink: redis::aio::PubSubSink,
+    mut stream: redis::aio::PubSubStream,
+    reconnected: bool,
+) -> Ended {
+    let Some(shared) = weak.upgrade() else { return Ended::Dropped };
+    let prefix = shared.store.prefix.clone();
+    if subscribe_pending(&shared, &mut sink).await.is_err() {
+        return Ended::Lost;
+    }
+    shared.connected.store(true, Ordering::Relaxed);
+    if reconnected {
+        if let Some(events) = shared.events.get() {
+            events.lost();
+        }
+    }
+    drop(shared);
+    let (dead_tx, mut dead) = oneshot::channel::<()>();
+    let prober = tokio::spawn(probe(sink.clone(), dead_tx));
+    let mut tick = tokio::time::interval(PING_EVERY);
+    let ended = loop {
+        let Some(shared) = weak.upgrade() else { break Ended::Dropped };
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) => dispatch(&shared, &prefix, msg.get_channel_name(), msg.get_payload_bytes()),
+                None => break Ended::Lost,
+            },
+            () = shared.wake.notified() => {
+                if subscribe_pending(&shared, &mut sink).await.is_err() {
+                    break Ended::Lost;
+                }
+            }
+            _ = tick.tick() => {
+                if unsubscribe_idle(&shared, &mut sink).await.is_err() {
+                    break Ended::Lost;
+                }
+            }
+            _ = &mut dead => break Ended::Lost,
+        }
+    };
+    prober.abort();
+    ended
+}
+
+/// Pings on the pub/sub connection; a ping that fails or does not come back in time
+/// ends the connection (a half-open TCP connection would otherwise look alive).
+async fn probe(mut sink: redis::aio::PubSubSink, dead: oneshot::Sender<()>) {
+    loop {
+        tokio::time::sleep(PING_EVERY).await;
+        match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                let _ = dead.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Subscribes every pending topic, a batch per call, and resolves their watches.
+async fn subscribe_pending(shared: &Shared, sink: &mut redis::aio::PubSubSink) -> redis::RedisResult<()> {
+    loop {
+        let batch: Vec<TopicName> = {
+            let st = lock(&shared.state);
+            st.topics
+                .iter()
+                .filter(|(_, w)| matches!(w, Watch::Pending { .. }))
+                .map(|(t, _)| t.clone())
+                .take(SUBSCRIBE_BATCH)
+                .collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let channels: Vec<String> = batch.iter().map(|t| topic_key(&shared.store.prefix, t, "ch")).collect();
+        sink.subscribe(&channels).await?;
+        let mut st = lock(&shared.state);
+        for t in batch {
+            if let Some(w) = st.topics.get_mut(&t) {
+                if let Watch::Pending { waiters, wanted } = w {
+                    for waiter in waiters.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                    *w = if *wanted { Watch::Active } else { Watch::Lingering(Instant::now()) };
+                }
+            }
+        }
+    }
+}
+
+/// Unsubscribes the topics that have lingered past [`LINGER`], in one call.
+async fn unsubscribe_idle(shared: &Shared, sink: &mut redis::aio::PubSubSink) -> redis::RedisResult<()> {
+    let idle: Vec<TopicName> = {
+        let mut st = lock(&shared.state);
+        let idle: Vec<TopicName> = st
+            .topics
+            .iter()
+            .filter(|(_, w)| matches!(w, Watch::Lingering(since) if since.elapsed() >= LINGER))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &idle {
+            st.topics.remove(t);
+        }
+        idle
+    };
+    if idle.is_empty() {
+        return Ok(());
+    }
+    let channels: Vec<String> = idle.iter().map(|t| topic_key(&shared.store.prefix, t, "ch")).collect();
+    sink.unsubscribe(&channels).await
+}
+
+/// Hands one event to the broker (or resolves a barrier).
+fn dispatch(shared: &Shared, prefix: &str, channel: &str, payload: &[u8]) {
+    let Some(topic) = topic_of(prefix, channel) else {
+        tracing::warn!(channel, "cluster bus: event on an unknown channel");
+        return;
+    };
+    let Some(events) = shared.events.get() else { return };
+    match payload.first() {
+        Some(b'a') => match decode_append(&topic, payload) {
+            Some(appended) => events.appended(&topic, appended),
+            None => tracing::warn!(topic = %topic, "cluster bus: damaged append event"),
+        },
+        Some(b'd') => {
+            let text = std::str::from_utf8(payload).unwrap_or("");
+            let mut words = text.split(' ').skip(1);
+            match (words.next(), words.next()) {
+                (Some(previous), Some(epoch)) => events.deleted(&topic, previous, Epoch::from(epoch)),
+                _ => tracing::warn!(topic = %topic, "cluster bus: damaged delete event"),
+            }
+        }
+        Some(b'h') => {
+            let token = std::str::from_utf8(&payload[payload.len().min(2)..]).unwrap_or("");
+            if let Some(tx) = lock(&shared.state).barriers.remove(token) {
+                let _ = tx.send(());
+            }
+        }
+        _ => tracing::warn!(topic = %topic, "cluster bus: unknown event"),
+    }
+}
+
+/// The topic of a channel `<prefix>{t:<topic>}:ch`.
+fn topic_of(prefix: &str, channel: &str) -> Option<TopicName> {
+    let name = channel.strip_prefix(prefix)?.strip_prefix("{t:")?.strip_suffix("}:ch")?;
+    TopicName::parse(name).ok()
+}
+
+/// Decodes an `a` event (one copy of the whole event; payloads are slices of it).
+fn decode_append(topic: &TopicName, payload: &[u8]) -> Option<Appended> {
+    let event = Bytes::copy_from_slice(payload);
+    let (header, mut rest) = line(&event, 0)?;
+    let mut words = header.split(' ');
+    let (_, epoch, first, ts, count) = (words.next()?, words.next()?, words.next()?, words.next()?, words.next()?);
+    let (first, ts, count): (u64, u64, usize) = (first.parse().ok()?, ts.parse().ok()?, count.parse().ok()?);
+    let mut messages = Vec::with_capacity(count.min(4096));
+    for i in 0..count as u64 {
+        let (head, at) = line(&event, rest)?;
+        let mut words = head.split(' ');
+        let kind: Kind = kind_of(words.next()?)?;
+        let ttl_ms = match words.next()? {
+            "-" => None,
+            e => Some(e.parse::<u64>().ok()?.saturating_sub(ts)),
+        };
+        let len: usize = words.next()?.parse().ok()?;
+        let end = at.checked_add(len).filter(|&e| e <= event.len())?;
+        let new = NewMessage { kind, payload: event.slice(at..end), ttl_ms };
+        messages.push(Arc::new(Message::new(topic.clone(), first + i, ts, new)));
+        rest = end;
+    }
+    (rest == event.len()).then(|| Appended { epoch: Epoch::from(epoch), messages })
+}
+
+/// The text from `at` to the next newline, and the index after it.
+fn line(event: &Bytes, at: usize) -> Option<(&str, usize)> {
+    let nl = event.get(at..)?.iter().position(|&b| b == b'\n')? + at;
+    Some((std::str::from_utf8(&event[at..nl]).ok()?, nl + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_events_decode() -> Result<(), Box<dyn std::error::Error>> {
+        let t = TopicName::parse("a.b")?;
+        let event = b"a e1 7 100 2\njson - 2\n{}binary 150 3\nx\ny";
+        let appended = decode_append(&t, event).ok_or("decode")?;
+        assert_eq!(&*appended.epoch, "e1");
+        let m = &appended.messages;
+        assert_eq!((m[0].offset, m[0].ts, m[0].kind, &m[0].payload[..]), (7, 100, Kind::Json, &b"{}"[..]));
+        assert_eq!(
+            (m[1].offset, m[1].kind, &m[1].payload[..], m[1].expires_at),
+            (8, Kind::Binary, &b"x\ny"[..], Some(150))
+        );
+        assert!(decode_append(&t, b"a e1 7 100 2\njson - 2\n{}").is_none(), "a missing message");
+        assert!(decode_append(&t, b"a e1 7 100 1\njson - 9\n{}").is_none(), "a short payload");
+        Ok(())
+    }
+
+    #[test]
+    fn channels_name_their_topic() {
+        assert_eq!(topic_of("h:", "h:{t:a.b}:ch").map(|t| t.as_str().to_owned()), Some("a.b".to_owned()));
+        assert!(topic_of("h:", "x:{t:a.b}:ch").is_none());
+    }
+}
