@@ -7,48 +7,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::cluster::{node, Prefix};
 use common::mix::{from_delivery, from_grpc, from_raw, publish};
-use common::{eventually, raw_next, start, within, Result, TestServer};
+use common::{eventually, raw_next, within, Result, TestServer};
 use herald_client::{Delivery, GrpcClient, StartFrom};
 use herald_core::Role;
-
-pub const REDIS: &str = "redis://127.0.0.1:6379/";
-
-/// A key prefix no other test or run uses; its keys are deleted on drop.
-struct Prefix(String);
-
-impl Prefix {
-    fn new(name: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        Self(format!("herald-test:{name}:{}:{nanos}:", std::process::id()))
-    }
-}
-
-impl Drop for Prefix {
-    fn drop(&mut self) {
-        let cleaned = (|| -> redis::RedisResult<()> {
-            let mut con = redis::Client::open(REDIS)?.get_connection()?;
-            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", self.0)).query(&mut con)?;
-            if !keys.is_empty() {
-                redis::cmd("DEL").arg(&keys).query::<()>(&mut con)?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = cleaned {
-            eprintln!("could not delete the test keys under {}: {e}", self.0);
-        }
-    }
-}
-
-async fn node(prefix: &Prefix, role: Role) -> Result<TestServer> {
-    start(|c| {
-        c.store = herald_server::StoreKind::Redis;
-        c.cluster.redis = Some(REDIS.to_owned());
-        c.cluster.prefix = prefix.0.clone();
-        c.broker.role = role;
-    })
-    .await
-}
 
 /// One SSE subscriber's events as (offset, digest of the data line).
 async fn sse_events(server: &TestServer, topic: &str, n: usize) -> Result<tokio::task::JoinHandle<Result<Vec<u64>>>> {
