@@ -22,9 +22,9 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use herald_core::{
-    outbound, run_writer, spawn_replay, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage, Outbound,
-    OutboundRx, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName, WireForm,
-    WriterEnd,
+    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage,
+    Outbound, OutboundRx, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName,
+    WireForm, WriterEnd,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op, Payload};
@@ -635,10 +635,15 @@ async fn raw_reader(
             other => Err(other),
         }));
         if let Err(e) = state.broker().publish_batch(topic, batch).await {
+            let refused = matches!(e, BrokerError::Role { .. });
             let api = ApiError::from(e);
             tracing::debug!(code = %api.code, "raw publish failed: {}", api.message);
-            let code = if api.code == ErrorCode::TooLarge { close::TOO_BIG } else { close::INTERNAL_ERROR };
-            out.push_control(Control::Close(code, "publish failed"), 0);
+            let (code, reason) = match api.code {
+                ErrorCode::TooLarge => (close::TOO_BIG, "publish failed"),
+                _ if refused => (close::UNSUPPORTED_DATA, "this node does not accept publishes (role fanout)"),
+                _ => (close::TRY_AGAIN_LATER, "publish failed"),
+            };
+            out.push_control(Control::Close(code, reason), 0);
             return;
         }
     }

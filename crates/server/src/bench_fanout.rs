@@ -4,6 +4,11 @@
 //! messages as fast as the socket takes them. The run ends when every subscriber has
 //! received all N; deliveries/s = S x N / the time from the first publish to the last
 //! delivery. `tools/peer-bench nats-ws-fanout` measures nats-server the same way.
+//!
+//! With `--sub-url` (repeated), subscribers are spread over those nodes round-robin
+//! while the publisher uses `--url`: a cluster's ingest node and its fan-out nodes
+//! (tools/cluster-bench.sh). Subscribers start from the earliest offset of a fresh
+//! topic, so a subscription a cluster node is still setting up misses nothing.
 
 use std::time::{Duration, Instant};
 
@@ -16,9 +21,12 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 /// Flags of `herald bench fanout`.
 #[derive(Debug, Args)]
 pub struct FanoutArgs {
-    /// Server URL.
+    /// Server URL (the publisher's; the subscribers' too without `--sub-url`).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
+    /// Nodes the subscribers connect to, round-robin (repeat the flag); default `--url`.
+    #[arg(long = "sub-url")]
+    pub sub_urls: Vec<String>,
     /// Subscribers, each with its own WebSocket.
     #[arg(long, default_value_t = 1000)]
     pub subscribers: usize,
@@ -50,10 +58,12 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.subscribers >= 1 && args.messages >= 1, "--subscribers and --messages must be at least 1");
     let topic = format!("bench.fanout.{}", std::process::id());
     let config = WebSocketConfig::default().read_buffer_size(64 << 10);
-    let sub_url = ws_url(&args.url, &format!("/v1/topics/{topic}/ws?mode=sub"));
+    let nodes = if args.sub_urls.is_empty() { std::slice::from_ref(&args.url) } else { &args.sub_urls[..] };
+    let sub_urls: Vec<String> =
+        nodes.iter().map(|n| ws_url(n, &format!("/v1/topics/{topic}/ws?mode=sub&from=earliest"))).collect();
     let mut sockets = Vec::with_capacity(args.subscribers);
-    for _ in 0..args.subscribers {
-        // The subscription exists once the handshake completes.
+    for i in 0..args.subscribers {
+        let sub_url = &sub_urls[i % sub_urls.len()];
         let (socket, _) = tokio_tungstenite::connect_async_with_config(sub_url.as_str(), Some(config), false)
             .await
             .with_context(|| format!("subscribing at {sub_url}"))?;

@@ -156,6 +156,10 @@ async fn each_role_refuses_what_it_does_not_serve_naming_its_role() -> Result {
     let refused = grpc.publish("r.t", herald_client::grpc::pb::Kind::Text, b"x".to_vec()).await;
     assert!(format!("{refused:?}").contains("role is fanout"), "{refused:?}");
 
+    let mut raw = fanout.raw_ws("r.t", "mode=pub").await?;
+    common::send_text(&mut raw, "x").await?;
+    assert_eq!(common::close_code(&mut raw).await?, 1003, "a raw publish on a fan-out node");
+
     let mut ws = ingest.json_ws().await?;
     let reply = ws.subscribe("r.t", StartFrom::Latest, None).await?;
     assert_eq!((reply["type"].as_str(), reply["code"].as_str()), (Some("error"), Some("unavailable")), "{reply}");

@@ -117,6 +117,18 @@ async fn killed_pubsub_connections_are_repaired_from_the_history() -> Result {
         // Kill every pub/sub connection of this Redis (both nodes' buses) three times
         // while publishing goes on: what is published until they are back is a gap.
         if offset % 400 == 0 {
+            // Both buses are back (subscribed to the topic's channel again) before the
+            // next kill.
+            let channel = format!("{}{{t:{TOPIC}}}:ch", prefix.0);
+            let both = || {
+                let (mut probe, channel) = (admin.clone(), channel.clone());
+                async move {
+                    let numsub: (String, u64) =
+                        redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).query_async(&mut probe).await?;
+                    Ok(numsub.1 == 2)
+                }
+            };
+            eventually(Duration::from_secs(10), "both nodes subscribed again", both).await?;
             let killed: u64 =
                 redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await?;
             assert!(killed >= 2, "both nodes' pub/sub connections killed, not {killed}");

@@ -13,8 +13,12 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// Small outbound buffers and a 3 s slow-consumer deadline: three seconds of stall would
 /// show in the healthy subscribers' latencies if a stalled one could hold anyone up.
+/// Small enough that 24 MB sent to a stalled subscriber is far past them; large enough
+/// (2 MiB, closed at 4 MiB: 256 messages of 16 KiB, a quarter second of this pace) that a
+/// healthy subscriber in a debug build on a busy 2-core machine never reaches them (at
+/// 256 KiB a 32 ms hiccup was enough to close it).
 fn tight_buffers(c: &mut herald_server::Config) {
-    c.broker.outbound.max_pending_bytes = 256 * 1024;
+    c.broker.outbound.max_pending_bytes = 2 << 20;
     c.broker.outbound.slow_consumer_timeout = Duration::from_secs(3);
 }
 
@@ -67,7 +71,7 @@ async fn a_stalled_subscriber_is_closed_and_slows_nobody() -> Result {
     assert!(slowest_publish < Duration::from_secs(1), "publisher never waits on the stalled subscriber");
     assert!(max < Duration::from_secs(1), "the healthy subscriber stays prompt");
 
-    // 1500 x 16 KiB (24 MB) is far past socket buffers plus 2 x 256 KiB: the stalled
+    // 1500 x 16 KiB (24 MB) is far past socket buffers plus 2 x 2 MiB: the stalled
     // subscriber must be gone, with 1013 waiting at the end of what it was sent.
     eventually(Duration::from_secs(10), "stalled subscriber dropped", || async {
         Ok(server.subscribers("slow").await? == 1)

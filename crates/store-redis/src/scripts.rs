@@ -30,21 +30,24 @@ end
 -- Front-only trimming, as the memory store's Log::trim: past the count, then from the
 -- oldest while it is too old or its TTL passed (an expired message behind a live one
 -- stays until it reaches the front; reads skip it).
+local function dead(e)
+  local f = e[2] -- ts, kind, expires, payload (field, value, ...)
+  return now - tonumber(f[2]) >= max_age or (f[6] ~= '' and now >= tonumber(f[6]))
+end
+
 local function trim()
   redis.call('XTRIM', log, 'MAXLEN', ARGV[3])
+  -- Most calls find a live oldest entry: one entry read, then done.
+  local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
+  if not oldest or not dead(oldest) then return end
   while true do
     local batch = redis.call('XRANGE', log, '-', '+', 'COUNT', 64)
-    local dead = {}
+    local gone = {}
     for _, e in ipairs(batch) do
-      local f = e[2] -- ts, kind, expires, payload (field, value, ...)
-      if now - tonumber(f[2]) >= max_age or (f[6] ~= '' and now >= tonumber(f[6])) then
-        dead[#dead + 1] = e[1]
-      else
-        break
-      end
+      if dead(e) then gone[#gone + 1] = e[1] else break end
     end
-    if #dead > 0 then redis.call('XDEL', log, unpack(dead)) end
-    if #dead < 64 then return end
+    if #gone > 0 then redis.call('XDEL', log, unpack(gone)) end
+    if #gone < 64 then return end
   end
 end
 "#;
