@@ -185,6 +185,55 @@ async fn subscribers_of_a_killed_fanout_node_resume_on_the_survivor() -> Result 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gap_the_history_no_longer_holds_is_reported_not_skipped() -> Result {
+    let _serial = SERIAL.lock().await;
+    const TOPIC: &str = "faults.lost";
+    let prefix = Prefix::new("lost");
+    // Retention of 5 messages: a gap of 50 cannot be filled from the history.
+    let short = |role| {
+        let prefix = prefix.0.clone();
+        common::start(move |c| {
+            c.store = herald_server::StoreKind::Redis;
+            c.cluster.redis = Some(REDIS.to_owned());
+            c.cluster.prefix = prefix;
+            c.broker.role = role;
+            c.retention.max_messages = 5;
+        })
+    };
+    let ingest = short(Role::Ingest).await?;
+    let fanout = short(Role::Fanout).await?;
+    let mut ws = subscribe(&fanout, TOPIC).await?;
+    ingest.client().publish_text(TOPIC, "m0").await?;
+    assert_eq!(next(&mut ws).await?, (1, "m0".to_owned()));
+
+    // The fan-out node's pub/sub connection dies; 50 messages are published (one batch)
+    // before it is back (it reconnects after 200 ms): the history keeps only 5 of them.
+    let mut admin = redis::Client::open(REDIS)?.get_multiplexed_async_connection().await?;
+    let killed: u64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await?;
+    assert!(killed >= 1);
+    let batch: Vec<_> = (1..=50)
+        .map(|i| herald_client::grpc::pb::BatchMessage {
+            data: format!("\"m{i}\"").into_bytes().into(),
+            kind: herald_client::grpc::pb::Kind::Json as i32,
+            ..Default::default()
+        })
+        .collect();
+    herald_client::GrpcClient::connect(&ingest.url).await?.publish_batch(TOPIC, batch).await?;
+
+    // The subscriber is not left behind silently: its connection is closed as a slow
+    // consumer would be, and resuming after offset 1 is refused as not recovered.
+    let ended = within(Duration::from_secs(20), "the lost subscriber closed", next(&mut ws)).await?;
+    let message = format!("{:?}", ended.err());
+    assert!(message.contains("1013"), "closed with 1013, not {message}");
+    let mut again = fanout.json_ws().await?;
+    let info = ingest.get_json(&format!("/v1/topics/{TOPIC}")).await?.1;
+    let epoch = info["epoch"].as_str().ok_or("no epoch")?;
+    let reply = again.subscribe(TOPIC, StartFrom::Offset(2), Some(epoch)).await?;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    Ok(())
+}
+
 /// A private Redis with an append-only file fsynced at every write, so that a SIGKILL
 /// loses nothing it acknowledged; killed when dropped.
 struct PrivateRedis {
