@@ -6,7 +6,7 @@
 #   2-node: an ingest node + one fan-out node (subscribers on the fan-out node)
 #   3-node: an ingest node + two fan-out nodes (subscribers split between them)
 # and the Redis server's CPU per published message (INFO cpu, user + sys, around the
-# fan-out run). Each topology runs RUNS times; every run's figures are printed as
+# fan-out run, and around the publish run: 20 000 publishes plus 500 warm-up ones). Each topology runs RUNS times; every run's figures are printed as
 # JSON lines, then the medians.
 #
 # Usage (from the repository root, Redis on 127.0.0.1:6379):
@@ -55,13 +55,16 @@ run_topology() {
   local fanout
   fanout=$("$BIN" bench fanout --url "$ingest" "${subs[@]}" --subscribers "$SUBS" --messages "$MESSAGES" --json)
   after=$(redis_cpu)
-  local publish
+  local publish pbefore pafter
+  pbefore=$(redis_cpu)
   publish=$("$BIN" bench publish --url "$ingest" --publishers 16 --messages 20000 --json)
+  pafter=$(redis_cpu)
   jq -cn --arg name "$name" --argjson f "$fanout" --argjson p "$publish" \
     --arg cpu "$(echo "$after $before $MESSAGES" | awk '{ printf "%.2f", ($1 - $2) * 1e6 / $3 }')" \
+    --arg pcpu "$(echo "$pafter $pbefore 20500" | awk '{ printf "%.2f", ($1 - $2) * 1e6 / $3 }')" \
     '{topology: $name, deliveries_per_second: $f.deliveries_per_second,
       publish_per_second: $p.per_second, publish_p50_us: $p.p50_us, publish_p99_us: $p.p99_us,
-      redis_cpu_us_per_message: ($cpu | tonumber)}' | tee -a "$WORK/results"
+      redis_cpu_us_per_message: ($cpu | tonumber), redis_cpu_us_per_publish: ($pcpu | tonumber)}' | tee -a "$WORK/results"
 }
 
 stop_nodes() {
@@ -97,4 +100,5 @@ jq -s -c 'group_by(.topology)[] | . as $runs
    deliveries_per_second: median(.deliveries_per_second),
    publish_per_second: median(.publish_per_second),
    publish_p50_us: median(.publish_p50_us), publish_p99_us: median(.publish_p99_us),
-   redis_cpu_us_per_message: median(.redis_cpu_us_per_message)}' "$WORK/results"
+   redis_cpu_us_per_message: median(.redis_cpu_us_per_message),
+   redis_cpu_us_per_publish: median(.redis_cpu_us_per_publish)}' "$WORK/results"

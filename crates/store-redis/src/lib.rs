@@ -35,7 +35,7 @@ mod scripts;
 pub use bus::RedisBus;
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -126,9 +126,25 @@ struct Inner {
     epochs: AtomicU64,
     /// Topics this store added to the registry (which nothing removes from).
     registered: Mutex<HashSet<TopicName>>,
+    /// Appends waiting for their topic's group commit.
+    groups: Mutex<HashMap<TopicName, Group>>,
     /// The queues' live records, for `queue_load`.
     queues: Mutex<BTreeMap<QueueName, LiveQueue>>,
 }
+
+/// A topic's appends waiting for one script call.
+#[derive(Default)]
+struct Group {
+    /// A task is committing this topic's groups.
+    committing: bool,
+    waiting: Vec<Waiting>,
+}
+
+/// One caller's batch and where its result goes.
+type Waiting = (Vec<NewMessage>, oneshot::Sender<Result<Appended, StoreError>>);
+
+/// Most messages one append script takes (more wait for the next call).
+const GROUP_MAX_MESSAGES: usize = 1024;
 
 enum QueueOp {
     Append { queue: QueueName, records: Vec<QueueRecord>, done: oneshot::Sender<Result<(), StoreError>> },
@@ -163,6 +179,7 @@ impl RedisStore {
             hasher: RandomState::new(),
             epochs: AtomicU64::new(0),
             registered: Mutex::new(HashSet::new()),
+            groups: Mutex::new(HashMap::new()),
             queues: Mutex::new(queues),
         });
         let (queue_ops, rx) = mpsc::unbounded_channel();
@@ -350,6 +367,48 @@ impl Inner {
     }
 }
 
+/// Runs one topic's group commits until no append waits: each round takes every batch
+/// that arrived meanwhile (up to [`GROUP_MAX_MESSAGES`]) into one append script.
+async fn commit_groups(inner: Arc<Inner>, topic: TopicName) {
+    loop {
+        let group: Vec<Waiting> = {
+            let mut groups = lock(&inner.groups);
+            let Some(pending) = groups.get_mut(&topic) else { return };
+            // Whole batches, at least one, until the next would pass the cap.
+            let (mut take, mut count) = (0, 0);
+            for (batch, _) in &pending.waiting {
+                if take > 0 && count + batch.len() > GROUP_MAX_MESSAGES {
+                    break;
+                }
+                count += batch.len();
+                take += 1;
+            }
+            let group: Vec<_> = pending.waiting.drain(..take).collect();
+            if group.is_empty() {
+                groups.remove(&topic);
+                return;
+            }
+            group
+        };
+        let sizes: Vec<usize> = group.iter().map(|(b, _)| b.len()).collect();
+        let (batches, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        match inner.append_batch(&topic, batches.into_iter().flatten().collect()).await {
+            Ok(appended) => {
+                let mut messages = appended.messages.into_iter();
+                for (size, answer) in sizes.into_iter().zip(answers) {
+                    let mine: Vec<Arc<Message>> = messages.by_ref().take(size).collect();
+                    let _ = answer.send(Ok(Appended { epoch: appended.epoch.clone(), messages: mine }));
+                }
+            }
+            Err(e) => {
+                for answer in answers {
+                    let _ = answer.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
 /// Applies queue writes one at a time, in the order issued; ends with the last store handle.
 async fn apply_queue_ops(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<QueueOp>) {
     while let Some(op) = rx.recv().await {
@@ -369,39 +428,30 @@ async fn probe(inner: Weak<Inner>) {
 }
 
 impl Store for RedisStore {
+    /// Concurrent appends to one topic from this node share one script call (a group
+    /// commit): while a call is in flight, later batches wait, then go together, each
+    /// caller getting its own consecutive offsets in the order it called.
     fn append(&self, topic: &TopicName, batch: Vec<NewMessage>) -> StoreFuture<Appended> {
         let inner = self.inner.clone();
         let topic = topic.clone();
-        let now = inner.clock.now_ms();
-        Box::pin(async move {
-            if batch.is_empty() {
+        if batch.is_empty() {
+            let now = inner.clock.now_ms();
+            return Box::pin(async move {
                 let head = inner.head(&topic, now).await?;
-                return Ok(Appended { epoch: head.epoch, messages: Vec::new() });
-            }
-            let mut con = inner.con.clone();
-            if !lock(&inner.registered).contains(&topic) {
-                let registered = con.zadd::<_, _, _, ()>(format!("{}topics", inner.prefix), topic.as_str(), 0).await;
-                inner.answered(registered)?;
-                lock(&inner.registered).insert(topic.clone());
-            }
-            let mut call = inner.topic_call(&inner.scripts.append, &topic, now);
-            call.arg(topic_key(&inner.prefix, &topic, "ch"));
-            for m in &batch {
-                let ttl = m.ttl_ms.map_or_else(String::new, |t| t.min(LUA_MAX).to_string());
-                call.arg(m.kind.as_str()).arg(ttl).arg(m.payload.as_ref());
-            }
-            let (epoch, first, ts): (String, u64, u64) = inner.answered(call.invoke_async(&mut con).await)?;
-            let epoch: Epoch = Arc::from(epoch);
-            let messages: Vec<Arc<Message>> = batch
-                .into_iter()
-                .enumerate()
-                .map(|(i, new)| {
-                    let ttl_ms = new.ttl_ms.map(|t| t.min(LUA_MAX));
-                    Arc::new(Message::new(topic.clone(), first + i as u64, ts, NewMessage { ttl_ms, ..new }))
-                })
-                .collect();
-            Ok(Appended { epoch, messages })
-        })
+                Ok(Appended { epoch: head.epoch, messages: Vec::new() })
+            });
+        }
+        let (done, answer) = oneshot::channel();
+        let lead = {
+            let mut groups = lock(&inner.groups);
+            let group = groups.entry(topic.clone()).or_default();
+            group.waiting.push((batch, done));
+            !std::mem::replace(&mut group.committing, true)
+        };
+        if lead {
+            tokio::spawn(commit_groups(inner, topic));
+        }
+        Box::pin(async move { answer.await.map_err(|_| StoreError::Closed)? })
     }
 
     fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History> {
@@ -545,6 +595,32 @@ impl Store for RedisStore {
 }
 
 impl Inner {
+    /// One append script for `batch`: its messages get consecutive offsets.
+    async fn append_batch(&self, topic: &TopicName, batch: Vec<NewMessage>) -> Result<Appended, StoreError> {
+        let mut con = self.con.clone();
+        if !lock(&self.registered).contains(topic) {
+            let registered = con.zadd::<_, _, _, ()>(format!("{}topics", self.prefix), topic.as_str(), 0).await;
+            self.answered(registered)?;
+            lock(&self.registered).insert(topic.clone());
+        }
+        let mut call = self.topic_call(&self.scripts.append, topic, self.clock.now_ms());
+        call.arg(topic_key(&self.prefix, topic, "ch"));
+        for m in &batch {
+            let ttl = m.ttl_ms.map_or_else(String::new, |t| t.min(LUA_MAX).to_string());
+            call.arg(m.kind.as_str()).arg(ttl).arg(m.payload.as_ref());
+        }
+        let (epoch, first, ts): (String, u64, u64) = self.answered(call.invoke_async(&mut con).await)?;
+        let messages = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, new)| {
+                let ttl_ms = new.ttl_ms.map(|t| t.min(LUA_MAX));
+                Arc::new(Message::new(topic.clone(), first + i as u64, ts, NewMessage { ttl_ms, ..new }))
+            })
+            .collect();
+        Ok(Appended { epoch: Arc::from(epoch), messages })
+    }
+
     async fn head(&self, topic: &TopicName, now: u64) -> Result<TopicHead, StoreError> {
         let call = self.topic_call(&self.scripts.head, topic, now);
         let mut con = self.con.clone();

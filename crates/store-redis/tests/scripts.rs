@@ -72,3 +72,43 @@ async fn connect_refuses_braces_in_the_prefix_and_reports_an_absent_server() {
     let absent = RedisConfig { url: "redis://127.0.0.1:1/".to_owned(), ..RedisConfig::default() };
     assert!(matches!(RedisStore::connect(absent, clock).await, Err(RedisStoreError::Redis(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_to_one_topic_share_script_calls() -> Result {
+    common::in_fresh_prefix(async |prefix| grouped(&prefix).await).await
+}
+
+async fn grouped(prefix: &str) -> Result {
+    let store = common::connect_blocking(prefix, RetentionConfig::default(), Arc::new(SystemClock))?;
+    let mut pubsub = redis::Client::open(common::URL)?.get_async_pubsub().await?;
+    pubsub.subscribe(format!("{prefix}{{t:group.topic}}:ch")).await?;
+    let mut events = pubsub.into_on_message();
+    let t = TopicName::parse("group.topic")?;
+    // 64 appends of 2 messages each, issued together.
+    let appends: Vec<_> =
+        (0..64).map(|i| store.append(&t, vec![text(&format!("{i}a")), text(&format!("{i}b"))])).collect();
+    let mut offsets = Vec::new();
+    for (i, append) in appends.into_iter().enumerate() {
+        let appended = append.await?;
+        let got: Vec<(u64, &[u8])> = appended.messages.iter().map(|m| (m.offset, &m.payload[..])).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].0, got[0].0 + 1, "a caller's batch keeps consecutive offsets");
+        assert_eq!((got[0].1, got[1].1), (format!("{i}a").as_bytes(), format!("{i}b").as_bytes()));
+        offsets.extend([got[0].0, got[1].0]);
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=128).collect::<Vec<_>>(), "every message once");
+    // Each script call publishes one event: fewer events than appends means calls were shared.
+    let mut calls = 0;
+    let mut seen = 0;
+    while seen < 128 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), events.next()).await?.ok_or("pub/sub ended")?;
+        let event = msg.get_payload::<Vec<u8>>()?;
+        let header = event.split(|&b| b == b'\n').next().ok_or("empty event")?;
+        let count: u64 = std::str::from_utf8(header)?.rsplit(' ').next().ok_or("no count")?.parse()?;
+        seen += count;
+        calls += 1;
+    }
+    assert!(calls < 64, "64 concurrent appends took {calls} script calls");
+    Ok(())
+}
