@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{node, Prefix};
-use common::mix::{from_delivery, from_grpc, from_raw, publish};
-use common::{eventually, raw_next, within, Result, TestServer};
-use herald_client::{Delivery, GrpcClient, StartFrom};
+use common::mix::{check_one_order, collect_grpc, collect_json, collect_raw, publish_concurrently};
+use common::{eventually, within, Result, TestServer};
+use herald_client::{GrpcClient, StartFrom};
 use herald_core::Role;
 
 /// One SSE subscriber's events as (offset, digest of the data line).
@@ -56,36 +56,11 @@ async fn one_ingest_and_two_fanout_nodes_deliver_every_message_once_in_one_order
             let mut ws = server.json_ws().await?;
             let reply = ws.subscribe(TOPIC, StartFrom::Earliest, None).await?;
             assert_eq!(reply["type"], "subscribed", "{reply}");
-            json_subs.push(tokio::spawn(async move {
-                let mut got = Vec::with_capacity(TOTAL);
-                while got.len() < TOTAL {
-                    let text = ws.recv_text().await?;
-                    if text.starts_with(r#"{"type":"message""#) {
-                        let d = Delivery::parse(&text)?;
-                        got.push((d.offset, from_delivery(&d)));
-                    }
-                }
-                Result::Ok(got)
-            }));
-            let mut raw = server.raw_ws(TOPIC, "mode=sub&from=earliest").await?;
-            raw_subs.push(tokio::spawn(async move {
-                let mut got = Vec::with_capacity(TOTAL);
-                while got.len() < TOTAL {
-                    got.push(from_raw(&raw_next(&mut raw).await?));
-                }
-                Result::Ok(got)
-            }));
+            json_subs.push(collect_json(ws, TOTAL));
+            raw_subs.push(collect_raw(server.raw_ws(TOPIC, "mode=sub&from=earliest").await?, TOTAL));
         }
         let client = GrpcClient::connect(&server.url).await?;
-        let mut sub = client.subscribe(TOPIC, StartFrom::Earliest, None).await?;
-        grpc_subs.push(tokio::spawn(async move {
-            let mut got = Vec::with_capacity(TOTAL);
-            while got.len() < TOTAL {
-                let m = sub.next().await?.ok_or("gRPC stream ended")?;
-                got.push((m.offset, from_grpc(&m)));
-            }
-            Result::Ok(got)
-        }));
+        grpc_subs.push(collect_grpc(client.subscribe(TOPIC, StartFrom::Earliest, None).await?, TOTAL));
         sse_subs.push(sse_events(server, TOPIC, TOTAL).await?);
     }
     for server in &fanout {
@@ -93,50 +68,15 @@ async fn one_ingest_and_two_fanout_nodes_deliver_every_message_once_in_one_order
         eventually(Duration::from_secs(10), "six subscribers on each fan-out node", counted).await?;
     }
 
-    let publishers: Vec<_> = (0..P)
-        .map(|p| {
-            let ingest = ingest.clone();
-            tokio::spawn(async move { publish(&ingest, TOPIC, p, M).await })
-        })
-        .collect();
     let limit = Duration::from_secs(120);
-    let mut sent = Vec::new();
-    for p in publishers {
-        sent.push(within(limit, "publisher", p).await???);
-    }
-    let mut expected: Vec<u64> = sent.iter().flatten().map(|(d, _)| *d).collect();
-    expected.sort_unstable();
-    let dense: Vec<u64> = (1..=TOTAL as u64).collect();
-
-    let mut reference: Option<Vec<u64>> = None;
-    for sub in json_subs {
-        let got = within(limit, "json subscriber", sub).await???;
-        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), dense, "offsets 1..N in order, once each");
-        let sequence: Vec<u64> = got.iter().map(|(_, d)| *d).collect();
-        let mut sorted = sequence.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, expected, "the messages published, each once");
-        match &reference {
-            None => reference = Some(sequence),
-            Some(r) => assert_eq!(r, &sequence, "one order on every node"),
-        }
-    }
-    let reference = reference.ok_or("no subscriber")?;
-    for sub in raw_subs {
-        assert_eq!(within(limit, "raw subscriber", sub).await???, reference, "raw: the same order");
-    }
-    for sub in grpc_subs {
-        let got = within(limit, "gRPC subscriber", sub).await???;
-        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), dense, "gRPC offsets");
-        assert_eq!(got.iter().map(|(_, d)| *d).collect::<Vec<_>>(), reference, "gRPC: the same order");
-    }
+    let sent = publish_concurrently(&ingest, TOPIC, P, M, limit).await?;
+    check_one_order(&sent, json_subs, raw_subs, grpc_subs, limit).await?;
     for sub in sse_subs {
-        assert_eq!(within(limit, "SSE subscriber", sub).await???, dense, "SSE offsets");
-    }
-    // Each publisher's messages keep its order.
-    for p in &sent {
-        let mut rest = reference.iter();
-        assert!(p.iter().all(|(d, _)| rest.any(|x| x == d)), "publisher order kept");
+        assert_eq!(
+            within(limit, "SSE subscriber", sub).await???,
+            (1..=TOTAL as u64).collect::<Vec<_>>(),
+            "SSE offsets"
+        );
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::mix::{from_delivery, from_grpc, from_raw, publish};
+use common::mix::{check_one_order, collect_grpc, collect_json, collect_raw, publish_concurrently};
 use common::{raw_next, start, within, Result, TestServer};
 use futures_util::{SinkExt, StreamExt};
 use herald_client::grpc::pb;
@@ -28,99 +28,30 @@ async fn many_publishers_many_subscribers_every_message_once_in_order() -> Resul
         let mut ws = server.json_ws().await?;
         let reply = ws.subscribe(TOPIC, StartFrom::Latest, None).await?;
         assert_eq!(reply["type"], "subscribed");
-        json_subs.push(tokio::spawn(async move {
-            let mut got = Vec::with_capacity(TOTAL);
-            while got.len() < TOTAL {
-                let d = Delivery::parse(&ws.recv_text().await?)?;
-                got.push((d.offset, from_delivery(&d)));
-            }
-            Result::Ok(got)
-        }));
+        json_subs.push(collect_json(ws, TOTAL));
     }
     let mut raw_subs = Vec::new();
     for _ in 0..8 {
-        let mut raw = server.raw_ws(TOPIC, "mode=sub").await?;
-        raw_subs.push(tokio::spawn(async move {
-            let mut got = Vec::with_capacity(TOTAL);
-            while got.len() < TOTAL {
-                got.push(from_raw(&raw_next(&mut raw).await?));
-            }
-            Result::Ok(got)
-        }));
+        raw_subs.push(collect_raw(server.raw_ws(TOPIC, "mode=sub").await?, TOTAL));
     }
     let mut grpc_subs = Vec::new();
     let shared = GrpcClient::connect(&server.url).await?;
     for i in 0..4 {
         // Two share one connection (two HTTP/2 streams), two have their own.
         let client = if i < 2 { shared.clone() } else { GrpcClient::connect(&server.url).await? };
-        let mut sub = client.subscribe(TOPIC, StartFrom::Latest, None).await?;
-        grpc_subs.push(tokio::spawn(async move {
-            let mut got = Vec::with_capacity(TOTAL);
-            while got.len() < TOTAL {
-                let m = sub.next().await?.ok_or("gRPC stream ended")?;
-                got.push((m.offset, from_grpc(&m)));
-            }
-            Result::Ok(got)
-        }));
+        grpc_subs.push(collect_grpc(client.subscribe(TOPIC, StartFrom::Latest, None).await?, TOTAL));
     }
     assert_eq!(server.subscribers(TOPIC).await?, 20);
 
-    let server = std::sync::Arc::new(server);
-    let publishers: Vec<_> = (0..P)
-        .map(|p| {
-            let server = server.clone();
-            tokio::spawn(async move { publish(&server, TOPIC, p, M).await })
-        })
-        .collect();
     let limit = Duration::from_secs(120);
-    let mut sent = Vec::new();
-    for p in publishers {
-        sent.push(within(limit, "publisher", p).await???);
-    }
-
+    let sent = publish_concurrently(&std::sync::Arc::new(server), TOPIC, P, M, limit).await?;
     // Offsets reported to publishers are distinct and within 1..=TOTAL.
     let mut offsets: Vec<u64> = sent.iter().flatten().filter_map(|(_, o)| *o).collect();
     offsets.sort_unstable();
     offsets.dedup();
     assert_eq!(offsets.len(), TOTAL - M, "publishers 0, 1, 3 and 4 got distinct offsets");
     assert!(offsets.iter().all(|o| (1..=TOTAL as u64).contains(o)));
-
-    let mut expected: Vec<u64> = sent.iter().flatten().map(|(d, _)| *d).collect();
-    expected.sort_unstable();
-
-    let mut reference: Option<Vec<u64>> = None;
-    for sub in json_subs {
-        let got = within(limit, "json subscriber", sub).await???;
-        let got_offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
-        assert_eq!(got_offsets, (1..=TOTAL as u64).collect::<Vec<_>>(), "offsets 1..N in order, once each");
-        let sequence: Vec<u64> = got.iter().map(|(_, d)| *d).collect();
-        let mut sorted = sequence.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, expected, "the same set of messages as published");
-        match &reference {
-            None => reference = Some(sequence),
-            Some(r) => assert_eq!(r, &sequence, "every subscriber sees one order"),
-        }
-    }
-    let reference = reference.ok_or("no subscriber")?;
-    for sub in raw_subs {
-        let got = within(limit, "raw subscriber", sub).await???;
-        assert_eq!(got, reference, "raw subscribers see the same messages in the same order");
-    }
-    for sub in grpc_subs {
-        let got = within(limit, "gRPC subscriber", sub).await???;
-        let got_offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
-        assert_eq!(got_offsets, (1..=TOTAL as u64).collect::<Vec<_>>(), "gRPC: offsets 1..N in order, once each");
-        let sequence: Vec<u64> = got.iter().map(|(_, d)| *d).collect();
-        assert_eq!(sequence, reference, "gRPC subscribers see the same messages in the same order");
-    }
-    // Each publisher's messages keep the order it sent them in: they appear in the
-    // delivered sequence as a subsequence (greedy matching copes with equal payloads).
-    for p in &sent {
-        let mut rest = reference.iter();
-        let in_order = p.iter().all(|(d, _)| rest.any(|x| x == d));
-        assert!(in_order, "publisher order kept");
-    }
+    check_one_order(&sent, json_subs, raw_subs, grpc_subs, limit).await?;
     Ok(())
 }
 

@@ -78,9 +78,9 @@ redis.call(PUBLISH, ARGV[5], header .. table.concat(event))
 return {epoch, int(first), int(ts)}
 "#;
 
-/// The head after trimming. Returns {epoch, next, first id, last id, retained}
-/// (ids '0' when nothing is retained).
-const HEAD: &str = r#"
+/// The head after trimming: `epoch`, `next_off`, `first` and `last` ids ('0' when
+/// nothing is retained) and `n` retained; HEAD returns them, BARRIER publishes first.
+const HEAD_STATE: &str = r#"
 local epoch, next_off = meta_or_create()
 trim()
 local n = redis.call('XLEN', log)
@@ -89,6 +89,10 @@ if n > 0 then
   first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1][1]
   last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1][1]
 end
+"#;
+
+/// Returns {epoch, next, first id, last id, retained}.
+const HEAD: &str = r#"
 return {epoch, int(next_off), first, last, n}
 "#;
 
@@ -96,14 +100,6 @@ return {epoch, int(next_off), first, last, n}
 /// in the same step: a node that receives it has received every event before this head.
 /// ARGV[5]: the channel; ARGV[6]: the token.
 const BARRIER: &str = r#"
-local epoch, next_off = meta_or_create()
-trim()
-local n = redis.call('XLEN', log)
-local first, last = '0', '0'
-if n > 0 then
-  first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1][1]
-  last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1][1]
-end
 redis.call(PUBLISH, ARGV[5], 'h ' .. ARGV[6])
 return {epoch, int(next_off), first, last, n}
 "#;
@@ -174,8 +170,8 @@ impl Scripts {
         let topic = |body: &str| Script::new(&format!("{TOPIC_PRELUDE}{}", with(body)));
         Self {
             append: topic(APPEND),
-            head: topic(HEAD),
-            barrier: topic(BARRIER),
+            head: topic(&format!("{HEAD_STATE}{HEAD}")),
+            barrier: topic(&format!("{HEAD_STATE}{BARRIER}")),
             read: topic(READ),
             delete: Script::new(&with(DELETE)),
             queue_append: Script::new(QUEUE_APPEND),

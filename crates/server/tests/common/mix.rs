@@ -165,3 +165,105 @@ pub async fn publish(server: &TestServer, topic: &str, publisher: usize, n: usiz
     }
     Ok(sent)
 }
+
+/// What one subscriber received: (offset, digest), or digests alone (raw sockets).
+pub type Task<T> = tokio::task::JoinHandle<Result<Vec<T>>>;
+
+/// Collects `total` deliveries of a JSON WebSocket subscription (other frames skipped).
+pub fn collect_json(mut ws: herald_client::WsConnection, total: usize) -> Task<(u64, u64)> {
+    tokio::spawn(async move {
+        let mut got = Vec::with_capacity(total);
+        while got.len() < total {
+            let text = ws.recv_text().await?;
+            if text.starts_with(r#"{"type":"message""#) {
+                let d = Delivery::parse(&text)?;
+                got.push((d.offset, from_delivery(&d)));
+            }
+        }
+        Ok(got)
+    })
+}
+
+/// Collects `total` frames of a raw WebSocket subscription.
+pub fn collect_raw(mut raw: super::RawSocket, total: usize) -> Task<u64> {
+    tokio::spawn(async move {
+        let mut got = Vec::with_capacity(total);
+        while got.len() < total {
+            got.push(from_raw(&super::raw_next(&mut raw).await?));
+        }
+        Ok(got)
+    })
+}
+
+/// Collects `total` messages of a gRPC Subscribe stream.
+pub fn collect_grpc(mut sub: herald_client::grpc::GrpcSubscription, total: usize) -> Task<(u64, u64)> {
+    tokio::spawn(async move {
+        let mut got = Vec::with_capacity(total);
+        while got.len() < total {
+            let m = sub.next().await?.ok_or("gRPC stream ended")?;
+            got.push((m.offset, from_grpc(&m)));
+        }
+        Ok(got)
+    })
+}
+
+/// Runs `publishers` concurrent [`publish`]ers of `each` messages on `server`; returns
+/// what each sent.
+pub async fn publish_concurrently(
+    server: &std::sync::Arc<TestServer>,
+    topic: &'static str,
+    publishers: usize,
+    each: usize,
+    limit: std::time::Duration,
+) -> Result<Vec<Vec<(u64, Option<u64>)>>> {
+    let tasks: Vec<_> = (0..publishers)
+        .map(|p| {
+            let server = server.clone();
+            tokio::spawn(async move { publish(&server, topic, p, each).await })
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for task in tasks {
+        sent.push(super::within(limit, "publisher", task).await???);
+    }
+    Ok(sent)
+}
+
+/// Checks that every subscriber received offsets 1..=total once, in order, the messages
+/// `sent` each once, all in one order that keeps each publisher's; returns that order.
+pub async fn check_one_order(
+    sent: &[Vec<(u64, Option<u64>)>],
+    json: Vec<Task<(u64, u64)>>,
+    raw: Vec<Task<u64>>,
+    grpc: Vec<Task<(u64, u64)>>,
+    limit: std::time::Duration,
+) -> Result<Vec<u64>> {
+    let total = sent.iter().map(Vec::len).sum::<usize>() as u64;
+    let dense: Vec<u64> = (1..=total).collect();
+    let mut expected: Vec<u64> = sent.iter().flatten().map(|(d, _)| *d).collect();
+    expected.sort_unstable();
+    let mut reference: Option<Vec<u64>> = None;
+    for sub in json.into_iter().chain(grpc) {
+        let got = super::within(limit, "subscriber", sub).await???;
+        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), dense, "offsets 1..N in order, once each");
+        let sequence: Vec<u64> = got.iter().map(|(_, d)| *d).collect();
+        let mut sorted = sequence.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, expected, "the messages published, each once");
+        match &reference {
+            None => reference = Some(sequence),
+            Some(r) => assert_eq!(r, &sequence, "every subscriber sees one order"),
+        }
+    }
+    let reference = reference.ok_or("no JSON or gRPC subscriber")?;
+    for sub in raw {
+        assert_eq!(super::within(limit, "raw subscriber", sub).await???, reference, "raw: the same order");
+    }
+    // Each publisher's messages keep the order it sent them in: they appear in the
+    // delivered sequence as a subsequence (greedy matching copes with equal payloads).
+    for p in sent {
+        let mut rest = reference.iter();
+        assert!(p.iter().all(|(d, _)| rest.any(|x| x == d)), "publisher order kept");
+    }
+    Ok(reference)
+}
