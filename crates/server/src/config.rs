@@ -125,7 +125,8 @@ pub struct ServeArgs {
     /// Store: disk (default) or memory; redis with --cluster.
     #[arg(long, env = "HERALD_STORE")]
     pub store: Option<StoreKind>,
-    /// Join a cluster over this Redis (redis://host:port/ or rediss://...).
+    /// Join a cluster over this Redis (redis://host:port/ or rediss://...; for a Redis
+    /// Cluster, seed nodes separated by commas).
     #[arg(long, env = "HERALD_CLUSTER")]
     pub cluster: Option<String>,
     /// Role in the cluster: all (default), ingest (publishes and queues) or fanout

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{node, Prefix};
+use common::cluster::{ensure_redis_cluster, node, node_on, Prefix, REDIS, REDIS_CLUSTER};
 use common::mix::{check_one_order, collect_grpc, collect_json, collect_raw, publish_concurrently};
 use common::{eventually, within, Result, TestServer};
 use herald_client::{GrpcClient, StartFrom};
@@ -39,13 +39,56 @@ async fn sse_events(server: &TestServer, topic: &str, n: usize) -> Result<tokio:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_ingest_and_two_fanout_nodes_deliver_every_message_once_in_one_order() -> Result {
-    const TOPIC: &str = "cluster.mix";
+    ingest_and_fanout(REDIS, "cluster.mix").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_on_a_redis_cluster_of_three_primaries() -> Result {
+    ensure_redis_cluster()?;
+    ingest_and_fanout(REDIS_CLUSTER, "cluster.mix").await?;
+    // Topics spread over the primaries' slots: several topics, each with its own hash
+    // tag, published and read back through the nodes.
+    let prefix = Prefix::new("spread");
+    let ingest = node_on(REDIS_CLUSTER, &prefix, Role::Ingest).await?;
+    let fanout = node_on(REDIS_CLUSTER, &prefix, Role::Fanout).await?;
+    let topics: Vec<String> = (0..12).map(|i| format!("spread.t{i}")).collect();
+    let mut subs = Vec::new();
+    for t in &topics {
+        let mut ws = fanout.json_ws().await?;
+        ws.subscribe(t, StartFrom::Earliest, None).await?;
+        subs.push(collect_json(ws, 3));
+    }
+    for t in &topics {
+        for i in 0..3 {
+            let (status, body) = ingest
+                .post(&format!("/v1/topics/{t}/messages"), Some("text/plain"), format!("{t}/{i}").into_bytes())
+                .await?;
+            assert_eq!(status, 201, "{body}");
+        }
+    }
+    for sub in subs {
+        let got = within(Duration::from_secs(30), "subscriber", sub).await???;
+        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+    let mut holders = 0;
+    for url in REDIS_CLUSTER.split(',') {
+        let mut con = redis::Client::open(url)?.get_connection()?;
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}{{t:spread.*", prefix.0)).query(&mut con)?;
+        holders += usize::from(!keys.is_empty());
+    }
+    assert_eq!(holders, 3, "the topics' keys live on every primary");
+    Ok(())
+}
+
+/// One ingest node and two fan-out nodes on `redis`: subscribers on every door of both
+/// fan-out nodes get every message of five mixed publishers once, in one order.
+async fn ingest_and_fanout(redis: &str, topic: &'static str) -> Result {
     const P: usize = 5;
     const M: usize = 300;
     const TOTAL: usize = P * M;
     let prefix = Prefix::new("mix");
-    let ingest = std::sync::Arc::new(node(&prefix, Role::Ingest).await?);
-    let fanout = [node(&prefix, Role::Fanout).await?, node(&prefix, Role::Fanout).await?];
+    let ingest = std::sync::Arc::new(node_on(redis, &prefix, Role::Ingest).await?);
+    let fanout = [node_on(redis, &prefix, Role::Fanout).await?, node_on(redis, &prefix, Role::Fanout).await?];
 
     let mut json_subs = Vec::new();
     let mut raw_subs = Vec::new();
@@ -54,22 +97,22 @@ async fn one_ingest_and_two_fanout_nodes_deliver_every_message_once_in_one_order
     for server in &fanout {
         for _ in 0..2 {
             let mut ws = server.json_ws().await?;
-            let reply = ws.subscribe(TOPIC, StartFrom::Earliest, None).await?;
+            let reply = ws.subscribe(topic, StartFrom::Earliest, None).await?;
             assert_eq!(reply["type"], "subscribed", "{reply}");
             json_subs.push(collect_json(ws, TOTAL));
-            raw_subs.push(collect_raw(server.raw_ws(TOPIC, "mode=sub&from=earliest").await?, TOTAL));
+            raw_subs.push(collect_raw(server.raw_ws(topic, "mode=sub&from=earliest").await?, TOTAL));
         }
         let client = GrpcClient::connect(&server.url).await?;
-        grpc_subs.push(collect_grpc(client.subscribe(TOPIC, StartFrom::Earliest, None).await?, TOTAL));
-        sse_subs.push(sse_events(server, TOPIC, TOTAL).await?);
+        grpc_subs.push(collect_grpc(client.subscribe(topic, StartFrom::Earliest, None).await?, TOTAL));
+        sse_subs.push(sse_events(server, topic, TOTAL).await?);
     }
     for server in &fanout {
-        let counted = async || Ok(server.subscribers(TOPIC).await? == 6);
+        let counted = async || Ok(server.subscribers(topic).await? == 6);
         eventually(Duration::from_secs(10), "six subscribers on each fan-out node", counted).await?;
     }
 
     let limit = Duration::from_secs(120);
-    let sent = publish_concurrently(&ingest, TOPIC, P, M, limit).await?;
+    let sent = publish_concurrently(&ingest, topic, P, M, limit).await?;
     check_one_order(&sent, json_subs, raw_subs, grpc_subs, limit).await?;
     for sub in sse_subs {
         assert_eq!(

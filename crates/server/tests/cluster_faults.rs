@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cluster::{node, node_on, Prefix, REDIS};
+use common::cluster::{ensure_redis_cluster, node, node_on, Prefix, REDIS, REDIS_CLUSTER};
 use common::{eventually, spawn_herald, within, Result, TestServer};
 use herald_client::{Delivery, Payload, StartFrom, WsConnection};
 use herald_core::Role;
@@ -98,11 +98,24 @@ async fn subscribe(server: &TestServer, topic: &str) -> Result<WsConnection> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_pubsub_connections_are_repaired_from_the_history() -> Result {
     let _serial = SERIAL.lock().await;
+    killed_pubsub_connections(REDIS, false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_sharded_pubsub_connections_of_a_redis_cluster_are_repaired() -> Result {
+    let _serial = SERIAL.lock().await;
+    ensure_redis_cluster()?;
+    killed_pubsub_connections(REDIS_CLUSTER, true).await
+}
+
+/// Kills every pub/sub connection of the Redis (of each primary, on a cluster) three
+/// times while publishing; every subscriber ends with every offset once, in order.
+async fn killed_pubsub_connections(redis: &str, sharded: bool) -> Result {
     const TOPIC: &str = "faults.kill";
     const N: usize = 1500;
     let prefix = Prefix::new("pubsub-kill");
-    let all = Arc::new(node(&prefix, Role::All).await?);
-    let fanout = node(&prefix, Role::Fanout).await?;
+    let all = Arc::new(node_on(redis, &prefix, Role::All).await?);
+    let fanout = node_on(redis, &prefix, Role::Fanout).await?;
     let subs = vec![
         tokio::spawn(collect(subscribe(&fanout, TOPIC).await?, N)),
         tokio::spawn(collect(subscribe(&fanout, TOPIC).await?, N)),
@@ -111,26 +124,35 @@ async fn killed_pubsub_connections_are_repaired_from_the_history() -> Result {
 
     let (acked, mut offsets) = mpsc::unbounded_channel();
     let publisher = tokio::spawn(publish_all(all.clone(), TOPIC, N, acked));
-    let mut admin = redis::Client::open(REDIS)?.get_multiplexed_async_connection().await?;
+    let mut admins = Vec::new();
+    for url in redis.split(',') {
+        admins.push(redis::Client::open(url)?.get_multiplexed_async_connection().await?);
+    }
+    let channel = format!("{}{{t:{TOPIC}}}:ch", prefix.0);
+    let numsub = if sharded { "SHARDNUMSUB" } else { "NUMSUB" };
     let mut kills = 0;
     while let Some(offset) = offsets.recv().await {
-        // Kill every pub/sub connection of this Redis (both nodes' buses) three times
-        // while publishing goes on: what is published until they are back is a gap.
+        // What is published until the connections are back is a gap to repair.
         if offset % 400 == 0 {
-            // Both buses are back (subscribed to the topic's channel again) before the
-            // next kill.
-            let channel = format!("{}{{t:{TOPIC}}}:ch", prefix.0);
+            // Both buses are subscribed to the topic's channel (again) before a kill.
             let both = || {
-                let (mut probe, channel) = (admin.clone(), channel.clone());
+                let (mut admins, channel) = (admins.clone(), channel.clone());
                 async move {
-                    let numsub: (String, u64) =
-                        redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).query_async(&mut probe).await?;
-                    Ok(numsub.1 == 2)
+                    let mut subscribed = 0;
+                    for admin in &mut admins {
+                        let n: (String, u64) =
+                            redis::cmd("PUBSUB").arg(numsub).arg(&channel).query_async(admin).await?;
+                        subscribed += n.1;
+                    }
+                    Ok(subscribed == 2)
                 }
             };
             eventually(Duration::from_secs(10), "both nodes subscribed again", both).await?;
-            let killed: u64 =
-                redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await?;
+            let mut killed = 0;
+            for admin in &mut admins {
+                let n: u64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(admin).await?;
+                killed += n;
+            }
             assert!(killed >= 2, "both nodes' pub/sub connections killed, not {killed}");
             kills += 1;
         }

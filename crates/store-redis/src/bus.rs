@@ -26,8 +26,12 @@ use futures_util::StreamExt;
 use herald_core::{
     Appended, Bus, BusEvents, Epoch, Kind, Message, NewMessage, StoreError, StoreFuture, TopicHead, TopicName,
 };
-use tokio::sync::{oneshot, Notify};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{ProtocolVersion, PushInfo, PushKind};
+use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::con::Target;
 use crate::{kind_of, lock, topic_key, Inner, RedisStore, RedisStoreError};
 
 /// How long a topic stays subscribed after its last local subscriber left.
@@ -82,7 +86,7 @@ impl RedisBus {
     /// attempt is awaited, so a wrong URL fails the start) and spawns its task.
     pub async fn start(store: &RedisStore) -> Result<Self, RedisStoreError> {
         let inner = store.inner.clone();
-        let pubsub = inner.client.get_async_pubsub().await?;
+        let first = connect(&inner.target).await?;
         let node = inner.fresh_epoch();
         let shared = Arc::new(Shared {
             store: inner,
@@ -93,8 +97,102 @@ impl RedisBus {
             events: OnceLock::new(),
             connected: AtomicBool::new(true),
         });
-        tokio::spawn(run(Arc::downgrade(&shared), Some(pubsub)));
+        tokio::spawn(run(Arc::downgrade(&shared), Some(first)));
         Ok(Self { shared })
+    }
+}
+
+/// The subscribing half of the bus's connection: a RESP2 pub/sub connection to one
+/// server, or a RESP3 cluster connection whose sharded subscriptions (SSUBSCRIBE) go to
+/// each channel's shard and are renewed by the client after a reconnect.
+enum Sink {
+    Single(redis::aio::PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+/// What the connection delivers.
+enum Stream {
+    Single(redis::aio::PubSubStream),
+    Cluster(mpsc::UnboundedReceiver<PushInfo>),
+}
+
+enum Incoming {
+    /// An event on a channel.
+    Event(String, Vec<u8>),
+    /// A shard's connection dropped (cluster): events may have been missed.
+    Lost,
+    /// Nothing for us (a subscription confirmation, say).
+    Other,
+}
+
+async fn connect(target: &Target) -> redis::RedisResult<(Sink, Stream)> {
+    if target.cluster {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = ClusterClientBuilder::new(target.urls.clone())
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .build()?;
+        return Ok((Sink::Cluster(client.get_async_connection().await?), Stream::Cluster(rx)));
+    }
+    let (sink, stream) = redis::Client::open(target.urls[0].as_str())?.get_async_pubsub().await?.split();
+    Ok((Sink::Single(sink), Stream::Single(stream)))
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Sink::Single(s) => s.subscribe(channels).await,
+            Sink::Cluster(c) => c.ssubscribe(channels).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Sink::Single(s) => s.unsubscribe(channels).await,
+            Sink::Cluster(c) => c.sunsubscribe(channels).await,
+        }
+    }
+
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        match self {
+            Sink::Single(s) => s.ping::<redis::Value>().await.map(drop),
+            Sink::Cluster(c) => redis::cmd("PING").query_async::<redis::Value>(c).await.map(drop),
+        }
+    }
+
+    fn clone_for_probe(&self) -> Self {
+        match self {
+            Sink::Single(s) => Sink::Single(s.clone()),
+            Sink::Cluster(c) => Sink::Cluster(c.clone()),
+        }
+    }
+}
+
+impl Stream {
+    /// The next delivery; `None` once the connection is gone for good.
+    async fn next(&mut self) -> Option<Incoming> {
+        match self {
+            Stream::Single(s) => {
+                let msg = s.next().await?;
+                Some(Incoming::Event(msg.get_channel_name().to_owned(), msg.get_payload_bytes().to_vec()))
+            }
+            Stream::Cluster(rx) => {
+                let push = rx.recv().await?;
+                Some(match (push.kind, &push.data[..]) {
+                    (PushKind::SMessage, [channel, payload]) => {
+                        match (
+                            redis::from_redis_value_ref::<String>(channel),
+                            redis::from_redis_value_ref::<Vec<u8>>(payload),
+                        ) {
+                            (Ok(channel), Ok(payload)) => Incoming::Event(channel, payload),
+                            _ => Incoming::Other,
+                        }
+                    }
+                    (PushKind::Disconnection, _) => Incoming::Lost,
+                    _ => Incoming::Other,
+                })
+            }
+        }
     }
 }
 
@@ -169,17 +267,17 @@ impl Bus for RedisBus {
 }
 
 /// The bus task: connects, subscribes, reads events; ends when the bus is dropped.
-async fn run(shared: std::sync::Weak<Shared>, mut first: Option<redis::aio::PubSub>) {
+async fn run(shared: std::sync::Weak<Shared>, mut first: Option<(Sink, Stream)>) {
     let mut reconnected = false;
     loop {
-        let pubsub = match first.take() {
-            Some(p) => p,
+        let (sink, stream) = match first.take() {
+            Some(c) => c,
             None => {
                 let Some(s) = shared.upgrade() else { return };
-                let client = s.store.client.clone();
+                let target = s.store.target.clone();
                 drop(s);
-                match client.get_async_pubsub().await {
-                    Ok(p) => p,
+                match connect(&target).await {
+                    Ok(c) => c,
                     Err(e) => {
                         tracing::debug!(error = %e, "cluster bus: cannot connect to redis");
                         tokio::time::sleep(RECONNECT_EVERY).await;
@@ -188,7 +286,6 @@ async fn run(shared: std::sync::Weak<Shared>, mut first: Option<redis::aio::PubS
                 }
             }
         };
-        let (sink, stream) = pubsub.split();
         match serve(&shared, sink, stream, reconnected).await {
             Ended::Dropped => return,
             Ended::Lost => {
@@ -220,12 +317,7 @@ enum Ended {
     Lost,
 }
 
-async fn serve(
-    weak: &std::sync::Weak<Shared>,
-    mut sink: redis::aio::PubSubSink,
-    mut stream: redis::aio::PubSubStream,
-    reconnected: bool,
-) -> Ended {
+async fn serve(weak: &std::sync::Weak<Shared>, mut sink: Sink, mut stream: Stream, reconnected: bool) -> Ended {
     let Some(shared) = weak.upgrade() else { return Ended::Dropped };
     let prefix = shared.store.prefix.clone();
     if subscribe_pending(&shared, &mut sink).await.is_err() {
@@ -239,13 +331,24 @@ async fn serve(
     }
     drop(shared);
     let (dead_tx, mut dead) = oneshot::channel::<()>();
-    let prober = tokio::spawn(probe(sink.clone(), dead_tx));
+    let prober = tokio::spawn(probe(weak.clone(), sink.clone_for_probe(), dead_tx));
     let mut tick = tokio::time::interval(PING_EVERY);
     let ended = loop {
         let Some(shared) = weak.upgrade() else { break Ended::Dropped };
         tokio::select! {
-            msg = stream.next() => match msg {
-                Some(msg) => dispatch(&shared, &prefix, msg.get_channel_name(), msg.get_payload_bytes()),
+            incoming = stream.next() => match incoming {
+                Some(Incoming::Event(channel, payload)) => dispatch(&shared, &prefix, &channel, payload),
+                Some(Incoming::Lost) => {
+                    // A Redis Cluster shard's connection dropped; the client reconnects
+                    // and subscribes again by itself. Repair what may have been missed
+                    // (a repair's barrier comes back once the subscription is renewed).
+                    shared.connected.store(false, Ordering::Relaxed);
+                    tracing::warn!("cluster bus: a Redis Cluster connection dropped; repairing");
+                    if let Some(events) = shared.events.get() {
+                        events.lost();
+                    }
+                }
+                Some(Incoming::Other) => {}
                 None => break Ended::Lost,
             },
             () = shared.wake.notified() => {
@@ -266,12 +369,16 @@ async fn serve(
 }
 
 /// Pings on the pub/sub connection; a ping that fails or does not come back in time
-/// ends the connection (a half-open TCP connection would otherwise look alive).
-async fn probe(mut sink: redis::aio::PubSubSink, dead: oneshot::Sender<()>) {
+/// ends the connection (a half-open TCP connection would otherwise look alive). A ping
+/// that answers marks the bus connected (after a cluster shard's reconnect).
+async fn probe(shared: std::sync::Weak<Shared>, mut sink: Sink, dead: oneshot::Sender<()>) {
     loop {
         tokio::time::sleep(PING_EVERY).await;
-        match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
-            Ok(Ok(_)) => {}
+        match tokio::time::timeout(PING_TIMEOUT, sink.ping()).await {
+            Ok(Ok(())) => match shared.upgrade() {
+                Some(s) => s.connected.store(true, Ordering::Relaxed),
+                None => return,
+            },
             _ => {
                 let _ = dead.send(());
                 return;
@@ -281,7 +388,7 @@ async fn probe(mut sink: redis::aio::PubSubSink, dead: oneshot::Sender<()>) {
 }
 
 /// Subscribes every pending topic, a batch per call, and resolves their watches.
-async fn subscribe_pending(shared: &Shared, sink: &mut redis::aio::PubSubSink) -> redis::RedisResult<()> {
+async fn subscribe_pending(shared: &Shared, sink: &mut Sink) -> redis::RedisResult<()> {
     loop {
         let batch: Vec<TopicName> = {
             let st = lock(&shared.state);
@@ -312,7 +419,7 @@ async fn subscribe_pending(shared: &Shared, sink: &mut redis::aio::PubSubSink) -
 }
 
 /// Unsubscribes the topics that have lingered past [`LINGER`], in one call.
-async fn unsubscribe_idle(shared: &Shared, sink: &mut redis::aio::PubSubSink) -> redis::RedisResult<()> {
+async fn unsubscribe_idle(shared: &Shared, sink: &mut Sink) -> redis::RedisResult<()> {
     let idle: Vec<TopicName> = {
         let mut st = lock(&shared.state);
         let idle: Vec<TopicName> = st
@@ -334,19 +441,19 @@ async fn unsubscribe_idle(shared: &Shared, sink: &mut redis::aio::PubSubSink) ->
 }
 
 /// Hands one event to the broker (or resolves a barrier).
-fn dispatch(shared: &Shared, prefix: &str, channel: &str, payload: &[u8]) {
+fn dispatch(shared: &Shared, prefix: &str, channel: &str, payload: Vec<u8>) {
     let Some(topic) = topic_of(prefix, channel) else {
         tracing::warn!(channel, "cluster bus: event on an unknown channel");
         return;
     };
     let Some(events) = shared.events.get() else { return };
     match payload.first() {
-        Some(b'a') => match decode_append(&topic, payload) {
+        Some(b'a') => match decode_append(&topic, Bytes::from(payload)) {
             Some(appended) => events.appended(&topic, appended),
             None => tracing::warn!(topic = %topic, "cluster bus: damaged append event"),
         },
         Some(b'd') => {
-            let text = std::str::from_utf8(payload).unwrap_or("");
+            let text = std::str::from_utf8(&payload).unwrap_or("");
             let mut words = text.split(' ').skip(1);
             match (words.next(), words.next()) {
                 (Some(previous), Some(epoch)) => events.deleted(&topic, previous, Epoch::from(epoch)),
@@ -369,9 +476,8 @@ fn topic_of(prefix: &str, channel: &str) -> Option<TopicName> {
     TopicName::parse(name).ok()
 }
 
-/// Decodes an `a` event (one copy of the whole event; payloads are slices of it).
-fn decode_append(topic: &TopicName, payload: &[u8]) -> Option<Appended> {
-    let event = Bytes::copy_from_slice(payload);
+/// Decodes an `a` event (payloads are slices of it).
+fn decode_append(topic: &TopicName, event: Bytes) -> Option<Appended> {
     let (header, mut rest) = line(&event, 0)?;
     let mut words = header.split(' ');
     let (_, epoch, first, ts, count) = (words.next()?, words.next()?, words.next()?, words.next()?, words.next()?);
@@ -408,7 +514,7 @@ mod tests {
     fn append_events_decode() -> Result<(), Box<dyn std::error::Error>> {
         let t = TopicName::parse("a.b")?;
         let event = b"a e1 7 100 2\njson - 2\n{}binary 150 3\nx\ny";
-        let appended = decode_append(&t, event).ok_or("decode")?;
+        let appended = decode_append(&t, Bytes::from_static(event)).ok_or("decode")?;
         assert_eq!(&*appended.epoch, "e1");
         let m = &appended.messages;
         assert_eq!((m[0].offset, m[0].ts, m[0].kind, &m[0].payload[..]), (7, 100, Kind::Json, &b"{}"[..]));
@@ -416,8 +522,8 @@ mod tests {
             (m[1].offset, m[1].kind, &m[1].payload[..], m[1].expires_at),
             (8, Kind::Binary, &b"x\ny"[..], Some(150))
         );
-        assert!(decode_append(&t, b"a e1 7 100 2\njson - 2\n{}").is_none(), "a missing message");
-        assert!(decode_append(&t, b"a e1 7 100 1\njson - 9\n{}").is_none(), "a short payload");
+        assert!(decode_append(&t, Bytes::from_static(b"a e1 7 100 2\njson - 2\n{}")).is_none(), "a missing message");
+        assert!(decode_append(&t, Bytes::from_static(b"a e1 7 100 1\njson - 9\n{}")).is_none(), "a short payload");
         Ok(())
     }
 

@@ -11,6 +11,10 @@
 //! - `<prefix>{t:<topic>}:ch`, the channel each append publishes its whole batch to, and
 //!   each delete its epochs (the events [`RedisBus`] reads; format in `bus.rs`).
 //!
+//! The connection (`con.rs`) goes to a standalone Redis or, if the first server says it
+//! is part of one, to a Redis Cluster, where the scripts publish with SPUBLISH (sharded
+//! pub/sub, the event stays on the topic's shard).
+//!
 //! One Lua script appends a whole batch atomically (offsets, timestamps, XADD, trimming,
 //! meta, PUBLISH); `head` and `read` are one script each (trimming first, as the memory
 //! store does), so each operation is one round trip. A missing meta is created with a
@@ -30,6 +34,7 @@
 //! node, which is why a cluster does not share queues yet (docs/cluster.md).
 
 mod bus;
+mod con;
 mod scripts;
 
 pub use bus::RedisBus;
@@ -42,11 +47,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use con::{Con, Target};
 use herald_core::{
     Appended, Clock, Epoch, History, Kind, ListedTopic, LiveQueue, Message, NewMessage, QueueName, QueueRecord,
     QueueSnapshot, RetentionConfig, Store, StoreError, StoreFuture, TopicHead, TopicName,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -65,8 +70,9 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// The server, as `redis://[user:password@]host[:port][/db]` (default
-    /// `redis://127.0.0.1:6379/`); Redis 6.2 or later (the read script uses exclusive
-    /// XRANGE bounds).
+    /// `redis://127.0.0.1:6379/`), or seed nodes of a Redis Cluster separated by commas
+    /// (the first one is asked whether it is part of a cluster); Redis 6.2 or later (the
+    /// read script uses exclusive XRANGE bounds), 7 on a cluster (sharded pub/sub).
     pub url: String,
     /// Prepended to every key and channel (default `herald:`), so that several
     /// deployments or tests share one Redis. It must not contain `{` or `}`: the keys'
@@ -114,9 +120,9 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    con: ConnectionManager,
-    /// For the bus's own pub/sub connection.
-    client: redis::Client,
+    con: Con,
+    /// Where the bus opens its own pub/sub connection.
+    target: Target,
     prefix: String,
     clock: Arc<dyn Clock>,
     retention: RetentionConfig,
@@ -160,21 +166,19 @@ impl RedisStore {
         if config.prefix.contains(['{', '}']) {
             return Err(RedisStoreError::Prefix(config.prefix));
         }
-        let client = redis::Client::open(config.url.as_str())?;
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(3);
-        let mut con = ConnectionManager::new_with_config(client.clone(), manager).await?;
+        let target = Target::discover(&config.url).await?;
+        let mut con = target.connect().await?;
         let prefix = config.prefix;
         let queues = load_queues(&mut con, &prefix).await?;
+        // On Redis Cluster, sharded pub/sub keeps each event on its topic's shard.
+        let scripts = Scripts::new(if target.cluster { "SPUBLISH" } else { "PUBLISH" });
         let inner = Arc::new(Inner {
             con,
-            client,
+            target,
             prefix,
             clock,
             retention: config.retention,
-            scripts: Scripts::new("PUBLISH"),
+            scripts,
             ready: AtomicBool::new(true),
             hasher: RandomState::new(),
             epochs: AtomicU64::new(0),
@@ -190,10 +194,7 @@ impl RedisStore {
 }
 
 /// Every queue's records, attempts and next id.
-async fn load_queues(
-    con: &mut ConnectionManager,
-    prefix: &str,
-) -> Result<BTreeMap<QueueName, LiveQueue>, RedisStoreError> {
+async fn load_queues(con: &mut Con, prefix: &str) -> Result<BTreeMap<QueueName, LiveQueue>, RedisStoreError> {
     let names: Vec<String> = con.zrange(format!("{prefix}queues"), 0, -1).await?;
     let mut out = BTreeMap::new();
     for name in names {
@@ -338,8 +339,9 @@ impl Inner {
                 let _ = done.send(result);
             }
             QueueOp::Remove { queue, ids } => {
+                // Not a transaction (Redis Cluster pipelines have none): a removal lost
+                // halfway only leaves an attempt count behind, ignored at load.
                 let result = redis::pipe()
-                    .atomic()
                     .hdel(queue_key(prefix, &queue, "records"), &ids)
                     .hdel(queue_key(prefix, &queue, "attempts"), &ids)
                     .query_async::<()>(&mut con)

@@ -1,5 +1,8 @@
 //! The Redis store runs the store conformance suite, restarts included (a restart is
-//! a new connection with the same key prefix), against the Redis on 127.0.0.1:6379.
+//! a new connection with the same key prefix), against the Redis on 127.0.0.1:6379 and
+//! against a Redis Cluster of three primaries on 127.0.0.1:7101-7103 (started by
+//! `tools/redis-cluster.sh` if it is not running), where the suite's topics spread over
+//! the primaries' slots.
 
 mod common;
 
@@ -10,19 +13,25 @@ use herald_testkit::conformance::{Backend, Result};
 
 /// A Redis store under a key prefix of its own, whose keys are deleted on drop.
 struct Redis {
+    url: &'static str,
     prefix: String,
 }
 
 impl Redis {
-    fn new() -> Self {
-        Self { prefix: common::unique_prefix() }
+    fn new(url: &'static str) -> Self {
+        if url == common::CLUSTER_URL {
+            if let Err(e) = common::ensure_cluster() {
+                panic!("the local Redis Cluster is needed: {e}");
+            }
+        }
+        Self { url, prefix: common::unique_prefix() }
     }
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        let prefix = self.prefix.clone();
-        let deleted = tokio::task::block_in_place(|| common::delete_prefix(&prefix));
+        let (url, prefix) = (self.url, self.prefix.clone());
+        let deleted = tokio::task::block_in_place(|| common::delete_prefix_at(url, &prefix));
         if let Err(e) = deleted {
             eprintln!("could not delete the keys under {prefix}: {e}");
         }
@@ -31,11 +40,19 @@ impl Drop for Redis {
 
 impl Backend for Redis {
     fn open(&self, retention: RetentionConfig, clock: Arc<ManualClock>) -> Result<Arc<dyn Store>> {
-        Ok(Arc::new(common::connect_blocking(&self.prefix, retention, clock)?))
+        Ok(Arc::new(common::connect_blocking_at(self.url, &self.prefix, retention, clock)?))
     }
     fn durable(&self) -> bool {
         true
     }
 }
 
-herald_testkit::store_conformance!(Redis::new());
+mod standalone {
+    use super::*;
+    herald_testkit::store_conformance!(Redis::new(common::URL));
+}
+
+mod redis_cluster {
+    use super::*;
+    herald_testkit::store_conformance!(Redis::new(common::CLUSTER_URL));
+}

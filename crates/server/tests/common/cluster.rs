@@ -8,6 +8,20 @@ use super::{start, Result, TestServer};
 /// The Redis `.ci/run` starts.
 pub const REDIS: &str = "redis://127.0.0.1:6379/";
 
+/// The seed nodes of the local Redis Cluster (three primaries) `tools/redis-cluster.sh`
+/// starts; [`ensure_redis_cluster`] starts it if needed.
+pub const REDIS_CLUSTER: &str = "redis://127.0.0.1:7101/,redis://127.0.0.1:7102/,redis://127.0.0.1:7103/";
+
+/// Starts the local Redis Cluster unless it answers already.
+pub fn ensure_redis_cluster() -> Result {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/redis-cluster.sh");
+    let status = std::process::Command::new(script).arg("start").status()?;
+    if !status.success() {
+        return Err("tools/redis-cluster.sh start failed".into());
+    }
+    Ok(())
+}
+
 /// A key prefix no other test or run uses; its keys are deleted on drop.
 pub struct Prefix(pub String);
 
@@ -20,16 +34,22 @@ impl Prefix {
 
 impl Drop for Prefix {
     fn drop(&mut self) {
-        let cleaned = (|| -> redis::RedisResult<()> {
-            let mut con = redis::Client::open(REDIS)?.get_connection()?;
-            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", self.0)).query(&mut con)?;
-            if !keys.is_empty() {
-                redis::cmd("DEL").arg(&keys).query::<()>(&mut con)?;
+        // The prefix's keys, on the standalone Redis and on each primary of the cluster
+        // (one key at a time: a cluster refuses a DEL across slots).
+        for url in REDIS.split(',').chain(REDIS_CLUSTER.split(',')) {
+            let cleaned = (|| -> redis::RedisResult<()> {
+                let mut con = redis::Client::open(url)?.get_connection()?;
+                let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", self.0)).query(&mut con)?;
+                for key in keys {
+                    redis::cmd("DEL").arg(&key).query::<()>(&mut con)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = cleaned {
+                if url == REDIS {
+                    eprintln!("could not delete the test keys under {} on {url}: {e}", self.0);
+                }
             }
-            Ok(())
-        })();
-        if let Err(e) = cleaned {
-            eprintln!("could not delete the test keys under {}: {e}", self.0);
         }
     }
 }

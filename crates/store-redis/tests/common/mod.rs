@@ -12,6 +12,24 @@ use herald_store_redis::{RedisConfig, RedisStore};
 
 pub const URL: &str = "redis://127.0.0.1:6379/";
 
+/// The seed nodes of the local Redis Cluster that `tools/redis-cluster.sh` starts.
+pub const CLUSTER_URL: &str = "redis://127.0.0.1:7101/,redis://127.0.0.1:7102/,redis://127.0.0.1:7103/";
+
+/// Starts the local Redis Cluster unless it answers already (the script is idempotent
+/// and serializes concurrent callers).
+pub fn ensure_cluster() -> std::io::Result<()> {
+    static STARTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *STARTED.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/redis-cluster.sh");
+        std::process::Command::new(script).arg("start").status().is_ok_and(|s| s.success())
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("tools/redis-cluster.sh start failed"))
+    }
+}
+
 /// A key prefix no other test or run uses.
 pub fn unique_prefix() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -26,16 +44,34 @@ pub fn connect_blocking(
     retention: RetentionConfig,
     clock: Arc<dyn Clock>,
 ) -> std::result::Result<RedisStore, herald_store_redis::RedisStoreError> {
-    let config = RedisConfig { url: URL.to_owned(), prefix: prefix.to_owned(), retention };
+    connect_blocking_at(URL, prefix, retention, clock)
+}
+
+/// As [`connect_blocking`], to the server (or cluster) at `url`.
+pub fn connect_blocking_at(
+    url: &str,
+    prefix: &str,
+    retention: RetentionConfig,
+    clock: Arc<dyn Clock>,
+) -> std::result::Result<RedisStore, herald_store_redis::RedisStoreError> {
+    let config = RedisConfig { url: url.to_owned(), prefix: prefix.to_owned(), retention };
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(RedisStore::connect(config, clock)))
 }
 
 /// Deletes every key under `prefix`.
 pub fn delete_prefix(prefix: &str) -> redis::RedisResult<()> {
-    let mut con = redis::Client::open(URL)?.get_connection()?;
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut con)?;
-    if !keys.is_empty() {
-        redis::cmd("DEL").arg(&keys).query::<()>(&mut con)?;
+    delete_prefix_at(URL, prefix)
+}
+
+/// Deletes every key under `prefix` on each server of `urls` (comma-separated), one key
+/// at a time (a Redis Cluster refuses a DEL across slots).
+pub fn delete_prefix_at(urls: &str, prefix: &str) -> redis::RedisResult<()> {
+    for url in urls.split(',') {
+        let mut con = redis::Client::open(url)?.get_connection()?;
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut con)?;
+        for key in keys {
+            redis::cmd("DEL").arg(&key).query::<()>(&mut con)?;
+        }
     }
     Ok(())
 }
