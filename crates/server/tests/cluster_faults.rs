@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cluster::{ensure_redis_cluster, node, node_on, Prefix, REDIS, REDIS_CLUSTER};
+use common::cluster::{ensure_redis_cluster, node_on, Prefix, REDIS, REDIS_CLUSTER};
 use common::{eventually, spawn_herald, within, Result, TestServer};
 use herald_client::{Delivery, Payload, StartFrom, WsConnection};
 use herald_core::Role;
@@ -168,11 +168,24 @@ async fn killed_pubsub_connections(redis: &str, sharded: bool) -> Result {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscribers_of_a_killed_fanout_node_resume_on_the_survivor() -> Result {
     let _serial = SERIAL.lock().await;
+    killed_fanout_node(REDIS).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_subscribers_of_a_killed_fanout_node_resume_on_the_survivor() -> Result {
+    let _serial = SERIAL.lock().await;
+    ensure_redis_cluster()?;
+    killed_fanout_node(REDIS_CLUSTER).await
+}
+
+/// Two fan-out node processes and an ingest node on `redis`; one fan-out node is killed
+/// with SIGKILL while publishing.
+async fn killed_fanout_node(redis: &str) -> Result {
     const TOPIC: &str = "faults.node";
     const N: usize = 1500;
     let prefix = Prefix::new("node-kill");
-    let ingest = Arc::new(node(&prefix, Role::Ingest).await?);
-    let args = ["--cluster", REDIS, "--cluster-prefix", prefix.0.as_str(), "--role", "fanout"];
+    let ingest = Arc::new(node_on(redis, &prefix, Role::Ingest).await?);
+    let args = ["--cluster", redis, "--cluster-prefix", prefix.0.as_str(), "--role", "fanout"];
     let (mut doomed, doomed_url) = spawn_herald(&args)?;
     let (_survivor, survivor_url) = spawn_herald(&args)?;
 
