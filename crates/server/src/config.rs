@@ -311,8 +311,13 @@ pub fn format_duration(d: Duration) -> String {
     format!("{ms}ms")
 }
 
-/// A Redis URL without its password (`redis://user:***@host/`), for printing.
-pub fn redact(url: &str) -> String {
+/// Redis URLs (comma-separated) without their passwords (`redis://user:***@host/`), for
+/// printing.
+pub fn redact(urls: &str) -> String {
+    urls.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let (auth, host) = match rest.rsplit_once('@') {
         Some(parts) => parts,
@@ -602,6 +607,10 @@ mod tests {
         let c = Config::load(&cluster())?;
         assert_eq!(c.store, StoreKind::Redis, "a cluster implies the redis store");
         assert!(c.to_toml().contains("redis = \"redis://u:***@127.0.0.1:6379/\""), "password redacted");
+        assert_eq!(
+            redact("redis://a:x@h1/,redis://h2/,rediss://:y@h3/"),
+            "redis://a:***@h1/,redis://h2/,rediss://:***@h3/"
+        );
         let err =
             format!("{:#}", Config::load(&ServeArgs { store: Some(StoreKind::Disk), ..cluster() }).expect_err("disk"));
         assert!(err.contains("config key store"), "{err}");
