@@ -4,8 +4,10 @@
 //!
 //! Per topic, every key shares the hash tag `{t:<topic>}`, so a topic lives in one
 //! Redis Cluster slot:
-//! - `<prefix>{t:<topic>}:meta`, a hash: `epoch`, `next` (the next offset), `last_ts`.
-//!   It has no TTL: a topic's epoch is never forgotten while Redis keeps its data.
+//! - `<prefix>{t:<topic>}:meta`, a hash: `epoch`, `next` (the next offset), `last_ts`,
+//!   and `front_ts` / `front_exp` (the oldest entry's, so that trimming reads the log only
+//!   when it may be due). It has no TTL: a topic's epoch is never forgotten while Redis
+//!   keeps its data.
 //! - `<prefix>{t:<topic>}:log`, a Stream whose entry id is `<offset>-0`, with the fields
 //!   `ts`, `kind`, `expires` ('' for none) and `payload`.
 //! - `<prefix>{t:<topic>}:ch`, the channel each append publishes its whole batch to, and

@@ -16,12 +16,19 @@ local now, max_age = tonumber(ARGV[2]), tonumber(ARGV[4])
 
 local function int(n) return string.format('%d', n) end
 
+-- The oldest entry's ts and expiry as the meta remembers them (nil: unknown), so that
+-- trim() need not read the log while that entry is live.
+local front_ts, front_exp
+
 -- The topic's epoch, next offset and newest timestamp. A missing meta (never
 -- published, or evicted) is created with the caller's fresh epoch, and a log left
 -- without its meta is deleted first: an epoch is never reborn over old offsets.
 local function meta_or_create()
-  local m = redis.call('HMGET', meta, 'epoch', 'next', 'last_ts')
-  if m[1] then return m[1], tonumber(m[2]), tonumber(m[3]) end
+  local m = redis.call('HMGET', meta, 'epoch', 'next', 'last_ts', 'front_ts', 'front_exp')
+  if m[1] then
+    front_ts, front_exp = tonumber(m[4]), m[5]
+    return m[1], tonumber(m[2]), tonumber(m[3])
+  end
   redis.call('DEL', log)
   redis.call('HSET', meta, 'epoch', ARGV[1], 'next', '1', 'last_ts', '0')
   return ARGV[1], 1, 0
@@ -35,19 +42,28 @@ local function dead(e)
   return now - tonumber(f[2]) >= max_age or (f[6] ~= '' and now >= tonumber(f[6]))
 end
 
+-- The front only moves by trimming (entries are added at the back), so while nothing
+-- was trimmed by count and the remembered front is live, there is nothing to read.
 local function trim()
-  redis.call('XTRIM', log, 'MAXLEN', ARGV[3])
-  -- Most calls find a live oldest entry: one entry read, then done.
+  local cut = redis.call('XTRIM', log, 'MAXLEN', ARGV[3])
+  if cut == 0 and front_ts and now - front_ts < max_age
+      and (front_exp == nil or front_exp == '' or now < tonumber(front_exp)) then
+    return
+  end
   local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
-  if not oldest or not dead(oldest) then return end
-  while true do
+  while oldest and dead(oldest) do
     local batch = redis.call('XRANGE', log, '-', '+', 'COUNT', 64)
     local gone = {}
     for _, e in ipairs(batch) do
       if dead(e) then gone[#gone + 1] = e[1] else break end
     end
     if #gone > 0 then redis.call('XDEL', log, unpack(gone)) end
-    if #gone < 64 then return end
+    oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
+  end
+  if oldest then
+    redis.call('HSET', meta, 'front_ts', oldest[2][2], 'front_exp', oldest[2][6])
+  else
+    redis.call('HDEL', meta, 'front_ts', 'front_exp')
   end
 end
 "#;
@@ -133,6 +149,7 @@ const DELETE: &str = r#"
 local meta, log = KEYS[1], KEYS[2]
 redis.call('DEL', log)
 local m = redis.call('HMGET', meta, 'epoch', 'last_ts')
+redis.call('HDEL', meta, 'front_ts', 'front_exp')
 redis.call('HSET', meta, 'epoch', ARGV[1], 'next', '1', 'last_ts', m[2] or '0')
 redis.call(PUBLISH, ARGV[2], 'd ' .. (m[1] or '-') .. ' ' .. ARGV[1])
 return ARGV[1]
