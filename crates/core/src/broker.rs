@@ -314,6 +314,7 @@ impl TopicState {
         for sub in self.subs.drain(..) {
             sub.sink.messages_lost();
             metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            Metrics::add(&metrics.cluster_lost_subscriptions, 1);
         }
         self.next_fanout = offset;
         let stale: Vec<u64> = self.reorder.range(..offset).map(|(&o, _)| o).collect();
@@ -331,7 +332,9 @@ impl TopicState {
         if msg.offset > self.next_fanout {
             return false;
         }
-        self.reorder.remove(&msg.offset);
+        if self.reorder.remove(&msg.offset).is_none() {
+            Metrics::add(&metrics.cluster_filled, 1);
+        }
         self.deliver(msg, metrics, hold_limit);
         self.next_fanout += 1;
         self.drain_reorder(metrics, hold_limit);
@@ -851,6 +854,7 @@ impl Broker {
             st.repairing = true;
             st.repair_again = false;
         }
+        Metrics::add(&self.inner.metrics.cluster_repairs, 1);
         let broker = self.clone();
         let topic = topic.clone();
         tokio::spawn(async move {

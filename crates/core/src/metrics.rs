@@ -20,6 +20,12 @@ pub struct Metrics {
     pub connections: AtomicI64,
     /// Encodings performed per wire form, indexed by `WireForm as usize`.
     pub encodes: [AtomicU64; 4],
+    /// Cluster: topic repairs started (a gap, an unknown epoch, a reconnected bus).
+    pub cluster_repairs: AtomicU64,
+    /// Cluster: messages a repair fanned out from the history (the bus had lost them).
+    pub cluster_filled: AtomicU64,
+    /// Cluster: subscriptions ended because messages meant for them were gone.
+    pub cluster_lost_subscriptions: AtomicU64,
 }
 
 impl Metrics {

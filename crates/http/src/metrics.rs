@@ -46,6 +46,24 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         "Open WebSocket and SSE connections and gRPC Subscribe streams.",
         m.connections.load(Ordering::Relaxed).to_string(),
     );
+    metric(
+        "cluster_repairs_total",
+        "counter",
+        "Cluster: topic repairs started (offset gap, unknown epoch, reconnected bus).",
+        m.cluster_repairs.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "cluster_filled_total",
+        "counter",
+        "Cluster: messages the bus lost, fanned out from the history by a repair.",
+        m.cluster_filled.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "cluster_lost_subscriptions_total",
+        "counter",
+        "Cluster: subscriptions ended because messages meant for them were no longer in the history.",
+        m.cluster_lost_subscriptions.load(Ordering::Relaxed).to_string(),
+    );
     let q = state.broker().queues().counters();
     metric(
         "queue_enqueued_total",

@@ -162,6 +162,11 @@ async fn killed_pubsub_connections(redis: &str, sharded: bool) -> Result {
     for sub in subs {
         assert_every_offset_once(&within(Duration::from_secs(60), "subscriber", sub).await???, N);
     }
+    // Each reconnect repaired the watched topic; nobody was told messages were lost.
+    for server in [&*all, &fanout] {
+        assert!(server.metric("herald_cluster_repairs_total").await? >= 1);
+        assert_eq!(server.metric("herald_cluster_lost_subscriptions_total").await?, 0);
+    }
     Ok(())
 }
 
@@ -266,6 +271,7 @@ async fn a_gap_the_history_no_longer_holds_is_reported_not_skipped() -> Result {
     let epoch = info["epoch"].as_str().ok_or("no epoch")?;
     let reply = again.subscribe(TOPIC, StartFrom::Offset(2), Some(epoch)).await?;
     assert_eq!(reply["recovered"], false, "{reply}");
+    assert_eq!(fanout.metric("herald_cluster_lost_subscriptions_total").await?, 1);
     Ok(())
 }
 
