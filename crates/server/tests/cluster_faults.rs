@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cluster::{ensure_redis_cluster, node_on, Prefix, REDIS, REDIS_CLUSTER};
+use common::cluster::{ensure_redis_cluster, node_on, tuned_node_on, Prefix, REDIS, REDIS_CLUSTER};
 use common::{eventually, spawn_herald, within, Result, TestServer};
 use herald_client::{Delivery, Payload, StartFrom, WsConnection};
 use herald_core::Role;
@@ -231,18 +231,9 @@ async fn a_gap_the_history_no_longer_holds_is_reported_not_skipped() -> Result {
     const TOPIC: &str = "faults.lost";
     let prefix = Prefix::new("lost");
     // Retention of 5 messages: a gap of 50 cannot be filled from the history.
-    let short = |role| {
-        let prefix = prefix.0.clone();
-        common::start(move |c| {
-            c.store = herald_server::StoreKind::Redis;
-            c.cluster.redis = Some(REDIS.to_owned());
-            c.cluster.prefix = prefix;
-            c.broker.role = role;
-            c.retention.max_messages = 5;
-        })
-    };
-    let ingest = short(Role::Ingest).await?;
-    let fanout = short(Role::Fanout).await?;
+    let short = |c: &mut herald_server::Config| c.retention.max_messages = 5;
+    let ingest = tuned_node_on(REDIS, &prefix, Role::Ingest, short).await?;
+    let fanout = tuned_node_on(REDIS, &prefix, Role::Fanout, short).await?;
     let mut ws = subscribe(&fanout, TOPIC).await?;
     ingest.client().publish_text(TOPIC, "m0").await?;
     assert_eq!(next(&mut ws).await?, (1, "m0".to_owned()));

@@ -626,17 +626,18 @@ impl Inner {
     }
 
     async fn head(&self, topic: &TopicName, now: u64) -> Result<TopicHead, StoreError> {
-        let call = self.topic_call(&self.scripts.head, topic, now);
-        let mut con = self.con.clone();
-        let (epoch, next, first, last, retained): (String, u64, String, String, u64) =
-            self.answered(call.invoke_async(&mut con).await)?;
-        Ok(TopicHead { epoch: Arc::from(epoch), first: offset_of(&first)?, last: offset_of(&last)?, next, retained })
+        self.head_script(self.topic_call(&self.scripts.head, topic, now)).await
     }
 
     /// The head, and a barrier event `h <token>` on the topic's channel in the same step.
     async fn barrier(&self, topic: &TopicName, token: &str) -> Result<TopicHead, StoreError> {
         let mut call = self.topic_call(&self.scripts.barrier, topic, self.clock.now_ms());
         call.arg(topic_key(&self.prefix, topic, "ch")).arg(token);
+        self.head_script(call).await
+    }
+
+    /// Runs HEAD or BARRIER: {epoch, next, first id, last id, retained}.
+    async fn head_script(&self, call: redis::ScriptInvocation<'_>) -> Result<TopicHead, StoreError> {
         let mut con = self.con.clone();
         let (epoch, next, first, last, retained): (String, u64, String, String, u64) =
             self.answered(call.invoke_async(&mut con).await)?;

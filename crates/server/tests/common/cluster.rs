@@ -61,11 +61,22 @@ pub async fn node(prefix: &Prefix, role: Role) -> Result<TestServer> {
 
 /// A node of the cluster on the Redis at `url`, under `prefix`.
 pub async fn node_on(url: &str, prefix: &Prefix, role: Role) -> Result<TestServer> {
+    tuned_node_on(url, prefix, role, |_| {}).await
+}
+
+/// As [`node_on`], after `tune` adjusts the rest of the config.
+pub async fn tuned_node_on(
+    url: &str,
+    prefix: &Prefix,
+    role: Role,
+    tune: impl FnOnce(&mut herald_server::Config),
+) -> Result<TestServer> {
     start(|c| {
         c.store = herald_server::StoreKind::Redis;
         c.cluster.redis = Some(url.to_owned());
         c.cluster.prefix = prefix.0.clone();
         c.broker.role = role;
+        tune(c);
     })
     .await
 }
