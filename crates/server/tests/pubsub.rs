@@ -44,7 +44,9 @@ async fn many_publishers_many_subscribers_every_message_once_in_order() -> Resul
     assert_eq!(server.subscribers(TOPIC).await?, 20);
 
     let limit = Duration::from_secs(120);
-    let sent = publish_concurrently(&std::sync::Arc::new(server), TOPIC, P, M, limit).await?;
+    // Held to the end: a server dropped here would close the sockets still being read.
+    let server = std::sync::Arc::new(server);
+    let sent = publish_concurrently(&server, TOPIC, P, M, limit).await?;
     // Offsets reported to publishers are distinct and within 1..=TOTAL.
     let mut offsets: Vec<u64> = sent.iter().flatten().filter_map(|(_, o)| *o).collect();
     offsets.sort_unstable();

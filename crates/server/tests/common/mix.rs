@@ -189,7 +189,10 @@ pub fn collect_raw(mut raw: super::RawSocket, total: usize) -> Task<u64> {
     tokio::spawn(async move {
         let mut got = Vec::with_capacity(total);
         while got.len() < total {
-            got.push(from_raw(&super::raw_next(&mut raw).await?));
+            match super::raw_next(&mut raw).await? {
+                WsMessage::Close(frame) => return Err(format!("closed after {} frames: {frame:?}", got.len()).into()),
+                frame => got.push(from_raw(&frame)),
+            }
         }
         Ok(got)
     })
