@@ -30,7 +30,7 @@ use crate::message::{Clock, Message, NewMessage, SystemClock};
 use crate::metrics::Metrics;
 use crate::name::TopicName;
 use crate::outbound::Subscriber;
-use crate::queue::Queues;
+use crate::queue::{QueueCounters, QueueService, Queues};
 use crate::store::{Appended, Epoch, History, ListedTopic, Store, StoreError, TopicHead};
 
 /// Errors of broker operations; each maps to one client-facing code.
@@ -58,9 +58,6 @@ pub enum BrokerError {
         /// The role that serves it.
         serves: Role,
     },
-    /// Queue calls on a cluster node: queues are not shared between nodes yet.
-    #[error("queues are not shared between cluster nodes yet; run queue work on a single node (docs/cluster.md)")]
-    QueuesNotShared,
 }
 
 /// Where a subscription starts.
@@ -142,7 +139,10 @@ struct Inner {
     store: Arc<dyn Store>,
     /// Drives fan-out in a cluster; `None` on a single node.
     bus: Option<Arc<dyn Bus>>,
+    /// This node's queue engine (a single node's queues).
     queues: Queues,
+    /// The queues every node shares (a cluster's); client calls go here when set.
+    shared_queues: Option<Arc<dyn QueueService>>,
     config: BrokerConfig,
     shards: Box<[Mutex<TopicTable>]>,
     hasher: RandomState,
@@ -364,10 +364,19 @@ impl Broker {
         Self::build(store, None, config, clock)
     }
 
-    /// A node of a cluster: `store` is shared by every node, and fan-out is driven by
-    /// `bus`, which delivers every node's appends (see the module docs).
-    pub fn clustered(store: Arc<dyn Store>, bus: Arc<dyn Bus>, config: BrokerConfig) -> Self {
-        let broker = Self::build(store, Some(bus.clone()), config, Arc::new(SystemClock));
+    /// A node of a cluster: `store` is shared by every node, fan-out is driven by `bus`,
+    /// which delivers every node's appends (see the module docs), and queue calls go to
+    /// `queues`, which every node shares.
+    pub fn clustered(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        queues: Arc<dyn QueueService>,
+        config: BrokerConfig,
+    ) -> Self {
+        let mut broker = Self::build(store, Some(bus.clone()), config, Arc::new(SystemClock));
+        if let Some(inner) = Arc::get_mut(&mut broker.inner) {
+            inner.shared_queues = Some(queues);
+        }
         bus.attach(BusEvents { inner: Arc::downgrade(&broker.inner) });
         broker
     }
@@ -380,6 +389,7 @@ impl Broker {
                 store,
                 bus,
                 queues,
+                shared_queues: None,
                 shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
                 config,
                 hasher: RandomState::new(),
@@ -394,18 +404,32 @@ impl Broker {
         &self.inner.config
     }
 
-    /// The work queues (the engine itself; tests and metrics use it on any node).
+    /// This node's own queue engine (tests drive it directly; a cluster node's client
+    /// calls go to [`Broker::queue_service`]).
     pub fn queues(&self) -> &Queues {
         &self.inner.queues
     }
 
-    /// The work queues, for a client's queue call: refused on a cluster node, where
-    /// each node's engine would hand out the same jobs as every other's.
-    pub fn queue_service(&self) -> Result<&Queues, BrokerError> {
-        match self.inner.bus {
-            Some(_) => Err(BrokerError::QueuesNotShared),
-            None => Ok(&self.inner.queues),
+    /// The work queues, for a client's queue call: this node's engine, or on a cluster
+    /// node the queues every node shares. Refused on a fan-out node.
+    pub fn queue_service(&self) -> Result<&dyn QueueService, BrokerError> {
+        let role = self.inner.config.role;
+        if !role.ingests() {
+            return Err(BrokerError::Role { role, action: "serve queue calls", serves: Role::Ingest });
         }
+        Ok(self.queue_backend())
+    }
+
+    fn queue_backend(&self) -> &dyn QueueService {
+        match &self.inner.shared_queues {
+            Some(shared) => &**shared,
+            None => &self.inner.queues,
+        }
+    }
+
+    /// Queue counters and gauges of the queues client calls go to.
+    pub fn queue_counters(&self) -> &QueueCounters {
+        self.queue_backend().counters()
     }
 
     /// The broker's counters and gauges.

@@ -38,7 +38,7 @@ pub use message::{Clock, Kind, ManualClock, Message, NewMessage, SystemClock, Wi
 pub use metrics::Metrics;
 pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
-pub use queue::{Delivery, QueueCounters, QueueError, QueueStats, Queues};
+pub use queue::{Delivery, QueueCounters, QueueError, QueueFuture, QueueService, QueueStats, Queues};
 pub use store::{
     Appended, Epoch, History, ListedTopic, LiveQueue, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture,
     TopicHead,

@@ -14,7 +14,9 @@
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::future::Future;
 use std::hash::BuildHasher;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -89,6 +91,80 @@ pub struct QueueStats {
     pub delayed: u64,
     /// Messages in the queue's dead-letter queue, whatever their state there.
     pub dead: u64,
+}
+
+/// A boxed future of a queue operation.
+pub type QueueFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, QueueError>> + Send + 'a>>;
+
+/// Work queues as the front doors call them: this node's own engine ([`Queues`]) on a
+/// single node, or queues every node of a cluster shares (kept in the cluster's Redis).
+/// Both keep the semantics of the module docs; the queue conformance suite in
+/// `herald-testkit` checks every implementation against them.
+pub trait QueueService: Send + Sync + 'static {
+    /// Enqueues `msg`; resolves with its message id once it is durable.
+    fn enqueue<'a>(&'a self, name: &'a QueueName, msg: NewMessage, delay_ms: u64) -> QueueFuture<'a, u64>;
+
+    /// Takes up to `max` ready messages, leasing each for `visibility_ms`; waits up to
+    /// `wait` for one to become ready.
+    fn fetch_wait<'a>(
+        &'a self,
+        name: &'a QueueName,
+        max: usize,
+        visibility_ms: u64,
+        wait: Duration,
+    ) -> QueueFuture<'a, Vec<Delivery>>;
+
+    /// Acknowledges a delivery: the message is done.
+    fn ack<'a>(&'a self, name: &'a QueueName, delivery: &'a str) -> QueueFuture<'a, ()>;
+
+    /// Gives a delivery back: ready again (after `delay_ms`), or dead-lettered once the
+    /// message had `max_attempts` deliveries.
+    fn requeue<'a>(&'a self, name: &'a QueueName, delivery: &'a str, delay_ms: u64) -> QueueFuture<'a, ()>;
+
+    /// Extends a delivery's lease: it now ends `visibility_ms` from now.
+    fn extend<'a>(&'a self, name: &'a QueueName, delivery: &'a str, visibility_ms: u64) -> QueueFuture<'a, ()>;
+
+    /// The queue's counts (all 0 for a queue never used).
+    fn stats<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, QueueStats>;
+
+    /// This node's queue counters and gauges.
+    fn counters(&self) -> &QueueCounters;
+}
+
+impl QueueService for Queues {
+    fn enqueue<'a>(&'a self, name: &'a QueueName, msg: NewMessage, delay_ms: u64) -> QueueFuture<'a, u64> {
+        Box::pin(Queues::enqueue(self, name, msg, delay_ms))
+    }
+
+    fn fetch_wait<'a>(
+        &'a self,
+        name: &'a QueueName,
+        max: usize,
+        visibility_ms: u64,
+        wait: Duration,
+    ) -> QueueFuture<'a, Vec<Delivery>> {
+        Box::pin(Queues::fetch_wait(self, name, max, visibility_ms, wait))
+    }
+
+    fn ack<'a>(&'a self, name: &'a QueueName, delivery: &'a str) -> QueueFuture<'a, ()> {
+        Box::pin(std::future::ready(Queues::ack(self, name, delivery)))
+    }
+
+    fn requeue<'a>(&'a self, name: &'a QueueName, delivery: &'a str, delay_ms: u64) -> QueueFuture<'a, ()> {
+        Box::pin(std::future::ready(Queues::requeue(self, name, delivery, delay_ms)))
+    }
+
+    fn extend<'a>(&'a self, name: &'a QueueName, delivery: &'a str, visibility_ms: u64) -> QueueFuture<'a, ()> {
+        Box::pin(std::future::ready(Queues::extend(self, name, delivery, visibility_ms)))
+    }
+
+    fn stats<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, QueueStats> {
+        Box::pin(std::future::ready(Ok(Queues::stats(self, name))))
+    }
+
+    fn counters(&self) -> &QueueCounters {
+        Queues::counters(self)
+    }
 }
 
 /// The queues of one broker.

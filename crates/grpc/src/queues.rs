@@ -102,6 +102,7 @@ impl Queues for QueuesService {
             .queue_service()
             .map_err(from_broker)?
             .ack(&queue, delivery_id(&req.id)?)
+            .await
             .map_err(from_queue)?;
         Ok(Response::new(pb::AckResponse {}))
     }
@@ -116,6 +117,7 @@ impl Queues for QueuesService {
             .queue_service()
             .map_err(from_broker)?
             .requeue(&queue, delivery_id(&req.id)?, delay_ms)
+            .await
             .map_err(from_queue)?;
         Ok(Response::new(pb::RequeueResponse {}))
     }
@@ -130,6 +132,7 @@ impl Queues for QueuesService {
             .queue_service()
             .map_err(from_broker)?
             .extend(&queue, delivery_id(&req.id)?, visibility_ms)
+            .await
             .map_err(from_queue)?;
         Ok(Response::new(pb::ExtendResponse {}))
     }
@@ -138,7 +141,7 @@ impl Queues for QueuesService {
         self.state.admit()?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        let s = self.state.broker().queue_service().map_err(from_broker)?.stats(&queue);
+        let s = self.state.broker().queue_service().map_err(from_broker)?.stats(&queue).await.map_err(from_queue)?;
         Ok(Response::new(pb::QueueStats {
             queue: req.queue,
             ready: s.ready,

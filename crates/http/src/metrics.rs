@@ -64,7 +64,7 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         "Cluster: subscriptions ended because messages meant for them were no longer in the history.",
         m.cluster_lost_subscriptions.load(Ordering::Relaxed).to_string(),
     );
-    let q = state.broker().queues().counters();
+    let q = state.broker().queue_counters();
     metric(
         "queue_enqueued_total",
         "counter",

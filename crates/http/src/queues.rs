@@ -89,7 +89,7 @@ pub(crate) async fn ack(
     State(state): State<AppState>,
     DeliveryPath(queue, id): DeliveryPath,
 ) -> Result<StatusCode, ApiError> {
-    state.broker().queue_service()?.ack(&queue, &id)?;
+    state.broker().queue_service()?.ack(&queue, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -100,7 +100,7 @@ pub(crate) async fn requeue(
 ) -> Result<StatusCode, ApiError> {
     let query = Query::parse(query.as_deref())?;
     let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
-    state.broker().queue_service()?.requeue(&queue, &id, delay_ms)?;
+    state.broker().queue_service()?.requeue(&queue, &id, delay_ms).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -114,12 +114,12 @@ pub(crate) async fn extend(
         return Err(ApiError::bad_request("visibility_ms is required"));
     }
     let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 0)?;
-    state.broker().queue_service()?.extend(&queue, &id, visibility_ms)?;
+    state.broker().queue_service()?.extend(&queue, &id, visibility_ms).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn stats(State(state): State<AppState>, QueuePath(queue): QueuePath) -> Result<Response, ApiError> {
-    let s = state.broker().queue_service()?.stats(&queue);
+    let s = state.broker().queue_service()?.stats(&queue).await?;
     let mut body = String::from("{\"queue\":");
     push_json_str(&mut body, queue.as_str());
     let _ = write!(

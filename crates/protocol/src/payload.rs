@@ -56,7 +56,7 @@ impl From<&BrokerError> for ErrorCode {
     fn from(e: &BrokerError) -> Self {
         match e {
             BrokerError::TooLarge { .. } => ErrorCode::TooLarge,
-            BrokerError::Store(_) | BrokerError::Role { .. } | BrokerError::QueuesNotShared => ErrorCode::Unavailable,
+            BrokerError::Store(_) | BrokerError::Role { .. } => ErrorCode::Unavailable,
         }
     }
 }

@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use herald_core::{Broker, Bus, MemoryStore, Store, SystemClock};
+use herald_core::{Broker, Bus, MemoryStore, QueueService, Store, SystemClock};
 use herald_grpc::{GrpcConfig, GrpcState};
 use herald_http::AppState;
 use herald_store_disk::{DiskConfig, DiskStore};
-use herald_store_redis::{RedisBus, RedisConfig, RedisStore};
+use herald_store_redis::{RedisBus, RedisConfig, RedisQueues, RedisStore};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -77,8 +77,8 @@ impl Server {
 pub struct Backend {
     /// Where history and queue records live.
     pub store: Arc<dyn Store>,
-    /// Delivers every node's appends (cluster only).
-    pub bus: Option<Arc<dyn Bus>>,
+    /// Delivers every node's appends, and the queues every node shares (cluster only).
+    pub cluster: Option<(Arc<dyn Bus>, Arc<dyn QueueService>)>,
 }
 
 async fn open_backend(config: &Config) -> anyhow::Result<Backend> {
@@ -90,10 +90,12 @@ async fn open_backend(config: &Config) -> anyhow::Result<Backend> {
             .await
             .with_context(|| format!("connecting to the cluster's Redis at {shown}"))?;
         let bus = RedisBus::start(&store).await.with_context(|| format!("opening pub/sub on {shown}"))?;
-        return Ok(Backend { store: Arc::new(store), bus: Some(Arc::new(bus)) });
+        let b = &config.broker;
+        let queues = RedisQueues::new(&store, &bus, Arc::new(SystemClock), b.queues, b.max_message_bytes);
+        return Ok(Backend { store: Arc::new(store), cluster: Some((Arc::new(bus), Arc::new(queues))) });
     }
     let store = open_store(config)?;
-    Ok(Backend { store, bus: None })
+    Ok(Backend { store, cluster: None })
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
@@ -132,8 +134,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let broker = match backend.bus {
-        Some(bus) => Broker::clustered(backend.store, bus, config.broker.clone()),
+    let broker = match backend.cluster {
+        Some((bus, queues)) => Broker::clustered(backend.store, bus, queues, config.broker.clone()),
         None => Broker::new(backend.store, config.broker.clone()),
     };
     let state = AppState::new(broker.clone(), config.http.clone(), shutdown.clone());

@@ -159,10 +159,14 @@ async fn each_role_refuses_what_it_does_not_serve_naming_its_role() -> Result {
     let (_, list) = fanout.get_json("/v1/topics?prefix=r.").await?;
     assert_eq!(list["topics"][0]["topic"], "r.t", "{list}");
 
-    // Queues are not shared between nodes yet: refused, never half-served.
+    // Queue calls are the ingest side's: served there (tests/queues.rs runs them all on
+    // two nodes), refused on the fan-out node with its role named.
     let (status, body) = ingest.post("/v1/queues/jobs/messages", Some("text/plain"), b"x".to_vec()).await?;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = fanout.post("/v1/queues/jobs/fetch", None, Vec::new()).await?;
     assert_eq!(status, 503, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("not shared")), "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("role is fanout") && message.contains("queue calls"), "{message}");
 
     for server in [&ingest, &fanout] {
         let ready = server.http.get(format!("{}/readyz", server.url)).send().await?;

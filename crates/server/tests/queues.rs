@@ -1,5 +1,8 @@
 //! Work queues over HTTP: many workers, at-least-once with a failing worker, long poll,
-//! dead letters, stale delivery ids, delays, limits and errors.
+//! dead letters, stale delivery ids, delays, limits and errors. Every case runs on one
+//! node, and on two cluster nodes sharing their queues through Redis (an ingest node and
+//! an `all` node, on the standalone Redis and on the 3-primary Redis Cluster), with
+//! producers, workers and calls spread over both.
 
 mod common;
 
@@ -7,8 +10,55 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::cluster::{ensure_redis_cluster, tuned_node_on, Prefix, REDIS, REDIS_CLUSTER};
 use common::{eventually, start, within, Result, TestServer};
+use herald_core::Role;
 use serde_json::{json, Value};
+
+/// Where a case runs.
+#[derive(Clone, Copy)]
+enum Setup {
+    /// One server with the memory store.
+    Single,
+    /// Two cluster nodes on the Redis (or Redis Cluster) at this URL.
+    Cluster(&'static str),
+}
+
+/// A case's two nodes (one server twice on a single node), producers and workers
+/// alternate between them.
+struct Nodes {
+    a: Arc<TestServer>,
+    b: Arc<TestServer>,
+    _prefix: Option<Prefix>,
+}
+
+impl Nodes {
+    async fn start(setup: Setup, tune: impl Fn(&mut herald_server::Config)) -> Result<Self> {
+        match setup {
+            Setup::Single => {
+                let a = Arc::new(start(&tune).await?);
+                Ok(Self { b: a.clone(), a, _prefix: None })
+            }
+            Setup::Cluster(url) => {
+                if url == REDIS_CLUSTER {
+                    ensure_redis_cluster()?;
+                }
+                let prefix = Prefix::new("queues");
+                let a = Arc::new(tuned_node_on(url, &prefix, Role::Ingest, &tune).await?);
+                let b = Arc::new(tuned_node_on(url, &prefix, Role::All, &tune).await?);
+                Ok(Self { a, b, _prefix: Some(prefix) })
+            }
+        }
+    }
+
+    fn at(&self, i: usize) -> &Arc<TestServer> {
+        if i.is_multiple_of(2) {
+            &self.a
+        } else {
+            &self.b
+        }
+    }
+}
 
 async fn enqueue(server: &TestServer, queue: &str, body: String) -> Result<u64> {
     let (status, reply) =
@@ -33,10 +83,10 @@ async fn stats(server: &TestServer, queue: &str) -> Result<Value> {
 
 const N: usize = 10_000;
 
-async fn fill(server: &Arc<TestServer>, queue: &str) -> Result {
+async fn fill(nodes: &Nodes, queue: &str) -> Result {
     let producers: Vec<_> = (0..4)
         .map(|p| {
-            let (server, queue) = (server.clone(), queue.to_owned());
+            let (server, queue) = (nodes.at(p).clone(), queue.to_owned());
             tokio::spawn(async move {
                 for i in (p..N).step_by(4) {
                     enqueue(&server, &queue, format!("job-{i}")).await?;
@@ -53,12 +103,13 @@ async fn fill(server: &Arc<TestServer>, queue: &str) -> Result {
 
 /// Runs `workers` acking workers until `N` distinct jobs are done; returns every
 /// processed (job, attempt).
-async fn work(server: &Arc<TestServer>, queue: &str, workers: usize) -> Result<Vec<(String, u64)>> {
+async fn work(nodes: &Nodes, queue: &str, workers: usize) -> Result<Vec<(String, u64)>> {
     let done = Arc::new(std::sync::Mutex::new(HashMap::<String, u64>::new()));
     let processed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let tasks: Vec<_> = (0..workers)
-        .map(|_| {
-            let (server, queue, done, processed) = (server.clone(), queue.to_owned(), done.clone(), processed.clone());
+        .map(|w| {
+            let (server, queue, done, processed) =
+                (nodes.at(w).clone(), queue.to_owned(), done.clone(), processed.clone());
             tokio::spawn(async move {
                 loop {
                     if done.lock().map_err(|_| "poisoned")?.len() >= N {
@@ -83,35 +134,33 @@ async fn work(server: &Arc<TestServer>, queue: &str, workers: usize) -> Result<V
     Ok(processed)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn eight_workers_process_every_message_exactly_once() -> Result {
-    let server = Arc::new(start(|_| {}).await?);
-    fill(&server, "jobs").await?;
-    assert_eq!(stats(&server, "jobs").await?["ready"], N);
-    let processed = work(&server, "jobs", 8).await?;
+async fn eight_workers_process_every_message_exactly_once(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |_| {}).await?;
+    fill(&nodes, "jobs").await?;
+    assert_eq!(stats(&nodes.b, "jobs").await?["ready"], N);
+    let processed = work(&nodes, "jobs", 8).await?;
     assert_eq!(processed.len(), N, "no message processed twice");
     let mut jobs: Vec<&str> = processed.iter().map(|(j, _)| j.as_str()).collect();
     jobs.sort_unstable();
     jobs.dedup();
     assert_eq!(jobs.len(), N);
     assert!(processed.iter().all(|(_, attempt)| *attempt == 1));
-    assert_eq!(stats(&server, "jobs").await?, json!({"queue":"jobs","ready":0,"in_flight":0,"delayed":0,"dead":0}));
+    assert_eq!(stats(&nodes.a, "jobs").await?, json!({"queue":"jobs","ready":0,"in_flight":0,"delayed":0,"dead":0}));
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_worker_that_never_acks_loses_nothing() -> Result {
-    let server = Arc::new(start(|_| {}).await?);
-    fill(&server, "flaky").await?;
+async fn a_worker_that_never_acks_loses_nothing(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |_| {}).await?;
+    fill(&nodes, "flaky").await?;
     // The bad worker takes 200 messages with a short lease and walks away.
     let mut abandoned = Vec::new();
-    for _ in 0..20 {
-        for m in fetch(&server, "flaky", "max=10&visibility_ms=300").await? {
+    for i in 0..20 {
+        for m in fetch(nodes.at(i), "flaky", "max=10&visibility_ms=300").await? {
             abandoned.push(m["data"].as_str().ok_or("data")?.to_owned());
         }
     }
     assert_eq!(abandoned.len(), 200);
-    let processed = work(&server, "flaky", 8).await?;
+    let processed = work(&nodes, "flaky", 8).await?;
     let attempts: HashMap<&str, u64> = processed.iter().map(|(j, a)| (j.as_str(), *a)).collect();
     assert_eq!(attempts.len(), N, "every message processed");
     for job in &abandoned {
@@ -122,12 +171,12 @@ async fn a_worker_that_never_acks_loses_nothing() -> Result {
     Ok(())
 }
 
-#[tokio::test]
-async fn long_poll_returns_on_enqueue_and_empty_at_wait_ms() -> Result {
-    let server = Arc::new(start(|_| {}).await?);
+async fn long_poll_returns_on_enqueue_and_empty_at_wait_ms(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |_| {}).await?;
+    let server = &nodes.b;
     // Empty at wait_ms.
     let t0 = Instant::now();
-    assert!(fetch(&server, "lp", "wait_ms=300").await?.is_empty());
+    assert!(fetch(server, "lp", "wait_ms=300").await?.is_empty());
     let waited = t0.elapsed();
     assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "{waited:?}");
     // Woken by an enqueue.
@@ -145,7 +194,7 @@ async fn long_poll_returns_on_enqueue_and_empty_at_wait_ms() -> Result {
         })
         .await?;
         let sent = Instant::now();
-        enqueue(&server, "lp", format!("m{i}")).await?;
+        enqueue(&nodes.a, "lp", format!("m{i}")).await?;
         let (got, at) = within(Duration::from_secs(10), "long poll", poll).await???;
         assert_eq!(got.len(), 1);
         lags.push(at.saturating_duration_since(sent));
@@ -156,66 +205,65 @@ async fn long_poll_returns_on_enqueue_and_empty_at_wait_ms() -> Result {
     Ok(())
 }
 
-#[tokio::test]
-async fn dead_letters_stale_ids_and_delays_over_http() -> Result {
-    let server = start(|c| c.broker.queues.max_attempts = 2).await?;
-    let id = enqueue(&server, "work", "poison".into()).await?;
-    let first = fetch(&server, "work", "").await?;
+async fn dead_letters_stale_ids_and_delays_over_http(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |c| c.broker.queues.max_attempts = 2).await?;
+    let (server, other) = (&nodes.a, &nodes.b);
+    let id = enqueue(server, "work", "poison".into()).await?;
+    let first = fetch(other, "work", "").await?;
     assert_eq!((first[0]["message_id"].as_u64(), first[0]["attempt"].as_u64()), (Some(id), Some(1)));
     let first_id = first[0]["id"].as_str().ok_or("id")?.to_owned();
     assert!(first_id.len() <= 64 && first_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-    assert_eq!(call(&server, &format!("/v1/queues/work/requeue/{first_id}")).await?, 204);
-    assert_eq!(call(&server, &format!("/v1/queues/work/ack/{first_id}")).await?, 404, "stale after requeue");
-    let second = fetch(&server, "work", "").await?;
+    assert_eq!(call(server, &format!("/v1/queues/work/requeue/{first_id}")).await?, 204);
+    assert_eq!(call(other, &format!("/v1/queues/work/ack/{first_id}")).await?, 404, "stale after requeue");
+    let second = fetch(other, "work", "").await?;
     assert_eq!(second[0]["attempt"], 2);
     let second_id = second[0]["id"].as_str().ok_or("id")?.to_owned();
-    assert_eq!(call(&server, &format!("/v1/queues/work/extend/{second_id}?visibility_ms=60000")).await?, 204);
-    assert_eq!(call(&server, &format!("/v1/queues/work/requeue/{second_id}")).await?, 204);
-    assert_eq!(stats(&server, "work").await?, json!({"queue":"work","ready":0,"in_flight":0,"delayed":0,"dead":1}));
-    let dead = fetch(&server, "work.dlq", "").await?;
+    assert_eq!(call(server, &format!("/v1/queues/work/extend/{second_id}?visibility_ms=60000")).await?, 204);
+    assert_eq!(call(other, &format!("/v1/queues/work/requeue/{second_id}")).await?, 204);
+    assert_eq!(stats(server, "work").await?, json!({"queue":"work","ready":0,"in_flight":0,"delayed":0,"dead":1}));
+    let dead = fetch(other, "work.dlq", "").await?;
     assert_eq!((dead[0]["data"].as_str(), dead[0]["attempt"].as_u64()), (Some("poison"), Some(1)));
     let dead_id = dead[0]["id"].as_str().ok_or("id")?;
-    assert_eq!(call(&server, &format!("/v1/queues/work.dlq/ack/{dead_id}")).await?, 204);
-    assert_eq!(stats(&server, "work").await?["dead"], 0);
+    assert_eq!(call(server, &format!("/v1/queues/work.dlq/ack/{dead_id}")).await?, 204);
+    assert_eq!(stats(server, "work").await?["dead"], 0);
 
     // A delayed message is not fetchable before its delay.
     let (status, _) =
         server.post("/v1/queues/later/messages?delay_ms=60000", Some("text/plain"), b"x".to_vec()).await?;
     assert_eq!(status, 201);
-    assert_eq!(stats(&server, "later").await?["delayed"], 1);
-    assert!(fetch(&server, "later", "").await?.is_empty());
+    assert_eq!(stats(server, "later").await?["delayed"], 1);
+    assert!(fetch(server, "later", "").await?.is_empty());
     // A message whose TTL passed is dropped.
     let (status, _) = server.post("/v1/queues/brief/messages?ttl_ms=0", Some("text/plain"), b"x".to_vec()).await?;
     assert_eq!(status, 201);
-    assert!(fetch(&server, "brief", "").await?.is_empty());
+    assert!(fetch(server, "brief", "").await?.is_empty());
     assert_eq!(
-        stats(&server, "never-used").await?,
+        stats(server, "never-used").await?,
         json!({"queue":"never-used","ready":0,"in_flight":0,"delayed":0,"dead":0})
     );
     Ok(())
 }
 
-#[tokio::test]
-async fn a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue() -> Result {
-    let server = Arc::new(start(|c| c.broker.queues.max_attempts = 1).await?);
-    enqueue(&server, "idle", "poison".into()).await?;
+async fn a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |c| c.broker.queues.max_attempts = 1).await?;
+    enqueue(&nodes.a, "idle", "poison".into()).await?;
     // The only allowed delivery; its worker dies. Nothing touches `idle` after this.
-    assert_eq!(fetch(&server, "idle", "visibility_ms=200").await?.len(), 1);
+    assert_eq!(fetch(&nodes.a, "idle", "visibility_ms=200").await?.len(), 1);
     let t0 = Instant::now();
-    let dead = fetch(&server, "idle.dlq", "wait_ms=10000").await?;
+    let dead = fetch(&nodes.b, "idle.dlq", "wait_ms=10000").await?;
     let waited = t0.elapsed();
     assert_eq!(dead.first().map(|m| m["data"].clone()), Some("poison".into()), "after {waited:?}");
     assert!(waited < Duration::from_secs(3), "returned at the lease end, not at wait_ms: {waited:?}");
     Ok(())
 }
 
-#[tokio::test]
-async fn queue_errors() -> Result {
-    let server = start(|c| {
+async fn queue_errors(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |c| {
         c.broker.queues.max_queue_messages = 1;
         c.broker.max_message_bytes = 16;
     })
     .await?;
+    let server = &nodes.a;
     let code = |v: &Value| v["error"]["code"].as_str().unwrap_or_default().to_owned();
     let post = |path: &'static str, body: &'static [u8]| server.post(path, Some("text/plain"), body.to_vec());
     let (s, v) = post("/v1/queues/jobs.dlq/messages", b"x").await?;
@@ -226,24 +274,25 @@ async fn queue_errors() -> Result {
     assert_eq!((s, code(&v)), (413, "too_large".into()));
     let (s, _) = post("/v1/queues/jobs/messages", b"x").await?;
     assert_eq!(s, 201);
-    let (s, v) = post("/v1/queues/jobs/messages", b"y").await?;
-    assert_eq!((s, code(&v)), (429, "rate_limited".into()), "queue full");
+    let (s, v) = nodes.b.post("/v1/queues/jobs/messages", Some("text/plain"), b"y".to_vec()).await?;
+    assert_eq!((s, code(&v)), (429, "rate_limited".into()), "queue full, on the other node too");
     for q in ["max=0", "max=101", "visibility_ms=0", "visibility_ms=43200001", "wait_ms=20001", "max=x"] {
         let (s, v) = server.post(&format!("/v1/queues/jobs/fetch?{q}"), None, Vec::new()).await?;
         assert_eq!((s, code(&v)), (400, "bad_request".into()), "{q}");
     }
     let (s, v) = server.post("/v1/queues/jobs/ack/not*valid", None, Vec::new()).await?;
     assert_eq!((s, code(&v)), (400, "bad_request".into()));
-    let (s, v) = server.post("/v1/queues/jobs/ack/1-1-abc", None, Vec::new()).await?;
+    let (s, v) = nodes.b.post("/v1/queues/jobs/ack/1-1-abc", None, Vec::new()).await?;
     assert_eq!((s, code(&v)), (404, "not_found".into()));
     let (s, v) = server.post("/v1/queues/jobs/extend/1-1-abc", None, Vec::new()).await?;
     assert_eq!((s, code(&v)), (400, "bad_request".into()), "visibility_ms required");
     Ok(())
 }
 
-#[tokio::test]
-async fn shutdown_answers_a_pending_long_poll() -> Result {
-    let mut server = start(|_| {}).await?;
+async fn shutdown_answers_a_pending_long_poll(setup: Setup) -> Result {
+    let Nodes { a, b, _prefix } = Nodes::start(setup, |_| {}).await?;
+    drop(a);
+    let mut server = Arc::try_unwrap(b).map_err(|_| "the node is still shared")?;
     let poll = {
         let (http, url) = (server.http.clone(), server.url.clone());
         tokio::spawn(async move {
@@ -261,4 +310,42 @@ async fn shutdown_answers_a_pending_long_poll() -> Result {
     assert_eq!((status, body.as_str()), (200, r#"{"messages":[]}"#));
     within(Duration::from_secs(10), "server stopped", running.wait()).await??;
     Ok(())
+}
+
+/// One test per case and setup.
+macro_rules! cases {
+    ($setup:expr) => {
+        cases!(@each $setup;
+            eight_workers_process_every_message_exactly_once,
+            a_worker_that_never_acks_loses_nothing,
+            long_poll_returns_on_enqueue_and_empty_at_wait_ms,
+            dead_letters_stale_ids_and_delays_over_http,
+            a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue,
+            queue_errors,
+            shutdown_answers_a_pending_long_poll
+        );
+    };
+    (@each $setup:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() -> Result {
+                super::$case($setup).await
+            }
+        )*
+    };
+}
+
+mod single {
+    use super::*;
+    cases!(Setup::Single);
+}
+
+mod cluster {
+    use super::*;
+    cases!(Setup::Cluster(REDIS));
+}
+
+mod redis_cluster {
+    use super::*;
+    cases!(Setup::Cluster(REDIS_CLUSTER));
 }

@@ -1,19 +1,23 @@
 //! The disk store runs the store conformance suite, restarts included: once with the
 //! default segment size, and once with 4 KiB segments so that segment switches and
-//! checkpoints happen inside the cases.
+//! checkpoints happen inside the cases. The queue engine over it runs the queue
+//! conformance suite (one node: its "two nodes" are the same engine).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use herald_core::{ManualClock, RetentionConfig, Store};
+use herald_core::{ManualClock, QueueConfig, Queues, RetentionConfig, Store};
 use herald_store_disk::{DiskConfig, DiskStore};
 use herald_testkit::conformance::{Backend, Result};
+use herald_testkit::queues::{Node, QueueBackend};
 
 /// A disk store in a directory of its own, removed when the backend is dropped.
 struct Disk {
     dir: PathBuf,
     segment_bytes: u64,
+    /// The queue engine every "node" of the queue suite shares.
+    engine: Mutex<Option<Node>>,
 }
 
 impl Disk {
@@ -22,7 +26,7 @@ impl Disk {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("herald-conformance-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        Self { dir, segment_bytes }
+        Self { dir, segment_bytes, engine: Mutex::new(None) }
     }
 }
 
@@ -50,4 +54,29 @@ mod default_segments {
 mod tiny_segments {
     use super::Disk;
     herald_testkit::store_conformance!(Disk::new(4096));
+}
+
+impl QueueBackend for Disk {
+    fn open<'a>(
+        &'a self,
+        config: QueueConfig,
+        max_message_bytes: usize,
+        clock: Arc<ManualClock>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Node>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut engine = self.engine.lock().map_err(|_| "poisoned")?;
+            if let Some(node) = &*engine {
+                return Ok(node.clone());
+            }
+            let store = Backend::open(self, RetentionConfig::default(), clock.clone())?;
+            let node: Node = Arc::new(Queues::new(store, clock, config, max_message_bytes));
+            *engine = Some(node.clone());
+            Ok(node)
+        })
+    }
+}
+
+mod queue_engine {
+    use super::Disk;
+    herald_testkit::queue_conformance!(Disk::new(64 << 20));
 }

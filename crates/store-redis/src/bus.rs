@@ -9,6 +9,11 @@
 //! - `h <token>`: a barrier ([`Bus::barrier`]); the node whose token it is resolves its
 //!   wait, every other node ignores it.
 //!
+//! It also carries the wake-ups of shared queues (`queues.rs`): while a node has a long
+//! poll waiting on a queue, it subscribes to the queue family's channel
+//! `<prefix>{sq:<queue>}:wake`, where the queue script publishes `m` (the queue) or `d`
+//! (its dead-letter queue) whenever messages became ready there.
+//!
 //! One task owns the connection. It batches SUBSCRIBE calls (every watch that arrived
 //! since the last call goes in one), unsubscribes a topic [`LINGER`] after its last
 //! subscriber left, pings every [`PING_EVERY`] and drops a connection whose ping does not
@@ -24,7 +29,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use herald_core::{
-    Appended, Bus, BusEvents, Epoch, Kind, Message, NewMessage, StoreError, StoreFuture, TopicHead, TopicName,
+    Appended, Bus, BusEvents, Epoch, Kind, Message, NewMessage, QueueName, StoreError, StoreFuture, TopicHead,
+    TopicName,
 };
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -32,7 +38,7 @@ use redis::{ProtocolVersion, PushInfo, PushKind};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::con::Target;
-use crate::{kind_of, lock, topic_key, Inner, RedisStore, RedisStoreError};
+use crate::{family_key, kind_of, lock, topic_key, Inner, RedisStore, RedisStoreError};
 
 /// How long a topic stays subscribed after its last local subscriber left.
 const LINGER: Duration = Duration::from_secs(2);
@@ -62,12 +68,36 @@ struct Shared {
     /// Wakes the task: watches to subscribe.
     wake: Notify,
     events: OnceLock<BusEvents>,
+    /// Where queue wake-ups go (the node's shared queues, once they exist).
+    queue_wake: OnceLock<QueueWake>,
     connected: AtomicBool,
+}
+
+/// Told that messages became ready in a queue family (`Some((queue family, in its
+/// dead-letter queue))`), or that wake-ups may have been missed (`None`).
+pub(crate) type QueueWake = Box<dyn Fn(Option<(&QueueName, bool)>) + Send + Sync>;
+
+/// A channel the bus subscribes to.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Channel {
+    /// A topic's events.
+    Topic(TopicName),
+    /// A queue family's wake-ups (named by the queue whose dead-letter queue is in it).
+    Queue(QueueName),
+}
+
+impl Channel {
+    fn name(&self, prefix: &str) -> String {
+        match self {
+            Channel::Topic(t) => topic_key(prefix, t, "ch"),
+            Channel::Queue(q) => family_key(prefix, q, "wake"),
+        }
+    }
 }
 
 #[derive(Default)]
 struct State {
-    topics: HashMap<TopicName, Watch>,
+    topics: HashMap<Channel, Watch>,
     /// Barriers waiting for their event, by token.
     barriers: HashMap<String, oneshot::Sender<()>>,
 }
@@ -95,10 +125,66 @@ impl RedisBus {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             events: OnceLock::new(),
+            queue_wake: OnceLock::new(),
             connected: AtomicBool::new(true),
         });
         tokio::spawn(run(Arc::downgrade(&shared), Some(first)));
         Ok(Self { shared })
+    }
+
+    /// Where queue wake-ups go (set once, by the node's shared queues).
+    pub(crate) fn on_queue_wake(&self, wake: QueueWake) {
+        let _ = self.shared.queue_wake.set(wake);
+    }
+
+    /// Subscribes to `channel`; resolves once Redis confirmed it (see [`Bus::watch`]).
+    pub(crate) fn watch_channel(&self, channel: Channel) -> StoreFuture<()> {
+        let mut st = lock(&self.shared.state);
+        let waiter = match st.topics.get_mut(&channel) {
+            Some(w @ (Watch::Active | Watch::Lingering(_))) => {
+                *w = Watch::Active;
+                None
+            }
+            Some(Watch::Pending { waiters, wanted }) => {
+                *wanted = true;
+                let (tx, rx) = oneshot::channel();
+                waiters.push(tx);
+                Some(rx)
+            }
+            None => {
+                let (tx, rx) = oneshot::channel();
+                st.topics.insert(channel, Watch::Pending { waiters: vec![tx], wanted: true });
+                self.shared.wake.notify_one();
+                Some(rx)
+            }
+        };
+        drop(st);
+        Box::pin(async move {
+            let Some(rx) = waiter else { return Ok(()) };
+            match tokio::time::timeout(CONFIRM_TIMEOUT, rx).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(StoreError::Unavailable("redis: a pub/sub channel could not be subscribed".into())),
+            }
+        })
+    }
+
+    /// The node no longer needs `channel`: unsubscribed [`LINGER`] later unless watched again.
+    pub(crate) fn unwatch_channel(&self, channel: &Channel) {
+        let mut st = lock(&self.shared.state);
+        match st.topics.get_mut(channel) {
+            Some(w @ Watch::Active) => *w = Watch::Lingering(Instant::now()),
+            Some(Watch::Pending { wanted, .. }) => *wanted = false,
+            _ => {}
+        }
+    }
+
+    fn lost(shared: &Shared) {
+        if let Some(events) = shared.events.get() {
+            events.lost();
+        }
+        if let Some(wake) = shared.queue_wake.get() {
+            wake(None);
+        }
     }
 }
 
@@ -202,42 +288,11 @@ impl Bus for RedisBus {
     }
 
     fn watch(&self, topic: &TopicName) -> StoreFuture<()> {
-        let mut st = lock(&self.shared.state);
-        let waiter = match st.topics.get_mut(topic) {
-            Some(w @ (Watch::Active | Watch::Lingering(_))) => {
-                *w = Watch::Active;
-                None
-            }
-            Some(Watch::Pending { waiters, wanted }) => {
-                *wanted = true;
-                let (tx, rx) = oneshot::channel();
-                waiters.push(tx);
-                Some(rx)
-            }
-            None => {
-                let (tx, rx) = oneshot::channel();
-                st.topics.insert(topic.clone(), Watch::Pending { waiters: vec![tx], wanted: true });
-                self.shared.wake.notify_one();
-                Some(rx)
-            }
-        };
-        drop(st);
-        Box::pin(async move {
-            let Some(rx) = waiter else { return Ok(()) };
-            match tokio::time::timeout(CONFIRM_TIMEOUT, rx).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(StoreError::Unavailable("redis: the topic's channel could not be subscribed".into())),
-            }
-        })
+        self.watch_channel(Channel::Topic(topic.clone()))
     }
 
     fn unwatch(&self, topic: &TopicName) {
-        let mut st = lock(&self.shared.state);
-        match st.topics.get_mut(topic) {
-            Some(w @ Watch::Active) => *w = Watch::Lingering(Instant::now()),
-            Some(Watch::Pending { wanted, .. }) => *wanted = false,
-            _ => {}
-        }
+        self.unwatch_channel(&Channel::Topic(topic.clone()));
     }
 
     fn barrier(&self, topic: &TopicName) -> StoreFuture<TopicHead> {
@@ -325,9 +380,7 @@ async fn serve(weak: &std::sync::Weak<Shared>, mut sink: Sink, mut stream: Strea
     }
     shared.connected.store(true, Ordering::Relaxed);
     if reconnected {
-        if let Some(events) = shared.events.get() {
-            events.lost();
-        }
+        RedisBus::lost(&shared);
     }
     drop(shared);
     let (dead_tx, mut dead) = oneshot::channel::<()>();
@@ -344,9 +397,7 @@ async fn serve(weak: &std::sync::Weak<Shared>, mut sink: Sink, mut stream: Strea
                     // (a repair's barrier comes back once the subscription is renewed).
                     shared.connected.store(false, Ordering::Relaxed);
                     tracing::warn!("cluster bus: a Redis Cluster connection dropped; repairing");
-                    if let Some(events) = shared.events.get() {
-                        events.lost();
-                    }
+                    RedisBus::lost(&shared);
                 }
                 Some(Incoming::Other) => {}
                 None => break Ended::Lost,
@@ -390,7 +441,7 @@ async fn probe(shared: std::sync::Weak<Shared>, mut sink: Sink, dead: oneshot::S
 /// Subscribes every pending topic, a batch per call, and resolves their watches.
 async fn subscribe_pending(shared: &Shared, sink: &mut Sink) -> redis::RedisResult<()> {
     loop {
-        let batch: Vec<TopicName> = {
+        let batch: Vec<Channel> = {
             let st = lock(&shared.state);
             st.topics
                 .iter()
@@ -402,7 +453,7 @@ async fn subscribe_pending(shared: &Shared, sink: &mut Sink) -> redis::RedisResu
         if batch.is_empty() {
             return Ok(());
         }
-        let channels: Vec<String> = batch.iter().map(|t| topic_key(&shared.store.prefix, t, "ch")).collect();
+        let channels: Vec<String> = batch.iter().map(|c| c.name(&shared.store.prefix)).collect();
         sink.subscribe(&channels).await?;
         let mut st = lock(&shared.state);
         for t in batch {
@@ -420,9 +471,9 @@ async fn subscribe_pending(shared: &Shared, sink: &mut Sink) -> redis::RedisResu
 
 /// Unsubscribes the topics that have lingered past [`LINGER`], in one call.
 async fn unsubscribe_idle(shared: &Shared, sink: &mut Sink) -> redis::RedisResult<()> {
-    let idle: Vec<TopicName> = {
+    let idle: Vec<Channel> = {
         let mut st = lock(&shared.state);
-        let idle: Vec<TopicName> = st
+        let idle: Vec<Channel> = st
             .topics
             .iter()
             .filter(|(_, w)| matches!(w, Watch::Lingering(since) if since.elapsed() >= LINGER))
@@ -436,12 +487,18 @@ async fn unsubscribe_idle(shared: &Shared, sink: &mut Sink) -> redis::RedisResul
     if idle.is_empty() {
         return Ok(());
     }
-    let channels: Vec<String> = idle.iter().map(|t| topic_key(&shared.store.prefix, t, "ch")).collect();
+    let channels: Vec<String> = idle.iter().map(|c| c.name(&shared.store.prefix)).collect();
     sink.unsubscribe(&channels).await
 }
 
-/// Hands one event to the broker (or resolves a barrier).
+/// Hands one event to the broker (or resolves a barrier, or wakes a queue's long polls).
 fn dispatch(shared: &Shared, prefix: &str, channel: &str, payload: Vec<u8>) {
+    if let Some(family) = family_of(prefix, channel) {
+        if let Some(wake) = shared.queue_wake.get() {
+            wake(Some((&family, payload.first() == Some(&b'd'))));
+        }
+        return;
+    }
     let Some(topic) = topic_of(prefix, channel) else {
         tracing::warn!(channel, "cluster bus: event on an unknown channel");
         return;
@@ -474,6 +531,12 @@ fn dispatch(shared: &Shared, prefix: &str, channel: &str, payload: Vec<u8>) {
 fn topic_of(prefix: &str, channel: &str) -> Option<TopicName> {
     let name = channel.strip_prefix(prefix)?.strip_prefix("{t:")?.strip_suffix("}:ch")?;
     TopicName::parse(name).ok()
+}
+
+/// The queue family of a channel `<prefix>{sq:<queue>}:wake`.
+fn family_of(prefix: &str, channel: &str) -> Option<QueueName> {
+    let name = channel.strip_prefix(prefix)?.strip_prefix("{sq:")?.strip_suffix("}:wake")?;
+    QueueName::parse(name).ok()
 }
 
 /// Decodes an `a` event (payloads are slices of it).
@@ -531,5 +594,7 @@ mod tests {
     fn channels_name_their_topic() {
         assert_eq!(topic_of("h:", "h:{t:a.b}:ch").map(|t| t.as_str().to_owned()), Some("a.b".to_owned()));
         assert!(topic_of("h:", "x:{t:a.b}:ch").is_none());
+        assert_eq!(family_of("h:", "h:{sq:jobs}:wake").map(|q| q.as_str().to_owned()), Some("jobs".to_owned()));
+        assert!(topic_of("h:", "h:{sq:jobs}:wake").is_none());
     }
 }

@@ -37,9 +37,11 @@
 
 mod bus;
 mod con;
+mod queues;
 mod scripts;
 
 pub use bus::RedisBus;
+pub use queues::RedisQueues;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -223,6 +225,12 @@ async fn load_queues(con: &mut Con, prefix: &str) -> Result<BTreeMap<QueueName, 
 
 fn topic_key(prefix: &str, topic: &TopicName, what: &str) -> String {
     format!("{prefix}{{t:{}}}:{what}", topic.as_str())
+}
+
+/// A key (or the channel) of a shared queue family: the queue and its dead-letter
+/// queue share the hash tag `{sq:<queue>}` (`queues.rs`).
+fn family_key(prefix: &str, family: &QueueName, what: &str) -> String {
+    format!("{prefix}{{sq:{}}}:{what}", family.as_str())
 }
 
 fn queue_key(prefix: &str, queue: &QueueName, what: &str) -> String {

@@ -1,15 +1,19 @@
 //! The Redis store runs the store conformance suite, restarts included (a restart is
-//! a new connection with the same key prefix), against the Redis on 127.0.0.1:6379 and
+//! a new connection with the same key prefix), and the queues the nodes of a cluster
+//! share (`RedisQueues`) run the queue conformance suite with two nodes (two stores,
+//! buses and queue services on one key prefix), against the Redis on 127.0.0.1:6379 and
 //! against a Redis Cluster of three primaries on 127.0.0.1:7101-7103 (started by
-//! `tools/redis-cluster.sh` if it is not running), where the suite's topics spread over
-//! the primaries' slots.
+//! `tools/redis-cluster.sh` if it is not running), where the suites' topics and queues
+//! spread over the primaries' slots.
 
 mod common;
 
 use std::sync::Arc;
 
-use herald_core::{ManualClock, RetentionConfig, Store};
+use herald_core::{ManualClock, QueueConfig, RetentionConfig, Store};
+use herald_store_redis::{RedisBus, RedisConfig, RedisQueues, RedisStore};
 use herald_testkit::conformance::{Backend, Result};
+use herald_testkit::queues::{Node, QueueBackend};
 
 /// A Redis store under a key prefix of its own, whose keys are deleted on drop.
 struct Redis {
@@ -47,12 +51,41 @@ impl Backend for Redis {
     }
 }
 
+impl QueueBackend for Redis {
+    fn open<'a>(
+        &'a self,
+        config: QueueConfig,
+        max_message_bytes: usize,
+        clock: Arc<ManualClock>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Node>> + Send + 'a>> {
+        Box::pin(async move {
+            let redis = RedisConfig {
+                url: self.url.to_owned(),
+                prefix: self.prefix.clone(),
+                retention: RetentionConfig::default(),
+            };
+            let store = RedisStore::connect(redis, clock.clone()).await?;
+            let bus = RedisBus::start(&store).await?;
+            let node: Node = Arc::new(RedisQueues::new(&store, &bus, clock, config, max_message_bytes));
+            Ok(node)
+        })
+    }
+}
+
 mod standalone {
     use super::*;
     herald_testkit::store_conformance!(Redis::new(common::URL));
+    mod queues {
+        use super::*;
+        herald_testkit::queue_conformance!(Redis::new(common::URL));
+    }
 }
 
 mod redis_cluster {
     use super::*;
     herald_testkit::store_conformance!(Redis::new(common::CLUSTER_URL));
+    mod queues {
+        use super::*;
+        herald_testkit::queue_conformance!(Redis::new(common::CLUSTER_URL));
+    }
 }

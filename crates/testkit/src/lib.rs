@@ -1,8 +1,11 @@
-//! Dev-only test kit for Herald's crates. Its one resident is the store conformance
-//! suite ([`conformance`]): the guarantees of the `Store` trait, and of the queue engine
-//! over a store, written once and run against every backend (memory here, disk in
-//! `herald-store-disk`, and every later one) through [`store_conformance!`].
+//! Dev-only test kit for Herald's crates: the store conformance suite ([`conformance`]),
+//! the guarantees of the `Store` trait and of the queue engine over a store, and the
+//! queue conformance suite ([`queues`]), the semantics of every `QueueService` (one
+//! node's engine, or queues the nodes of a cluster share). Each is written once and run
+//! against every backend (memory here, disk in `herald-store-disk`, Redis in
+//! `herald-store-redis`) through [`store_conformance!`] and [`queue_conformance!`].
 //!
 //! It depends on `herald-core` only and is never a dependency of a shipped crate.
 
 pub mod conformance;
+pub mod queues;

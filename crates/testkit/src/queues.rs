@@ -1,0 +1,269 @@
+//! The queue conformance suite: the semantics every [`QueueService`] keeps (docs/protocol.md,
+//! "Queues"), checked the same way against a single node's engine and against queues
+//! shared by the nodes of a cluster.
+//!
+//! A [`QueueBackend`] opens nodes; every node opened from one backend shares its queues
+//! (a single node's engine is its only node), and all of them read one [`ManualClock`],
+//! so leases, delays and TTLs end exactly when a case moves the clock. Cases alternate
+//! their calls between two nodes. [`queue_conformance!`] turns the list into one test
+//! per case.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_core::{
+    Delivery, Kind, ManualClock, NewMessage, QueueConfig, QueueError, QueueName, QueueService, QueueStats,
+};
+
+use crate::conformance::Result;
+
+/// A node's queues, opened.
+pub type Node = Arc<dyn QueueService>;
+
+/// Queue services under test.
+pub trait QueueBackend: Send + Sync {
+    /// Opens one node's queues with `config` on `clock`. Nodes opened from one backend
+    /// share their queues.
+    fn open<'a>(
+        &'a self,
+        config: QueueConfig,
+        max_message_bytes: usize,
+        clock: Arc<ManualClock>,
+    ) -> Pin<Box<dyn Future<Output = Result<Node>> + Send + 'a>>;
+}
+
+/// The time every case starts at (ms since the Unix epoch).
+const START_MS: u64 = 1_700_000_000_000;
+
+async fn nodes(
+    backend: &dyn QueueBackend,
+    config: QueueConfig,
+    max_bytes: usize,
+) -> Result<(Node, Node, Arc<ManualClock>)> {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let a = backend.open(config, max_bytes, clock.clone()).await?;
+    let b = backend.open(config, max_bytes, clock.clone()).await?;
+    Ok((a, b, clock))
+}
+
+fn queue(name: &str) -> Result<QueueName> {
+    Ok(QueueName::parse(name)?)
+}
+
+fn text(s: &str) -> NewMessage {
+    NewMessage::new(Kind::Text, Bytes::copy_from_slice(s.as_bytes()))
+}
+
+fn payload(d: &Delivery) -> String {
+    String::from_utf8_lossy(&d.payload).into_owned()
+}
+
+fn ensure(ok: bool, what: impl FnOnce() -> String) -> Result {
+    if ok {
+        Ok(())
+    } else {
+        Err(what().into())
+    }
+}
+
+fn same<T: PartialEq + std::fmt::Debug>(got: T, want: T, step: &str) -> Result {
+    ensure(got == want, || format!("{step}: got {got:?}, want {want:?}"))
+}
+
+async fn fetch(node: &Node, q: &QueueName, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>> {
+    Ok(node.fetch_wait(q, max, visibility_ms, Duration::ZERO).await?)
+}
+
+fn stats(ready: u64, in_flight: u64, delayed: u64, dead: u64) -> QueueStats {
+    QueueStats { ready, in_flight, delayed, dead }
+}
+
+/// Enqueue, lease, ack, requeue with a delay, extend, redelivery at a lease end,
+/// attempts counted across nodes, dead letters after `max_attempts`, the dead-letter
+/// queue served like any queue; each step on the other node than the one before.
+pub async fn leases_requeues_and_dead_letters(backend: &dyn QueueBackend) -> Result {
+    let config = QueueConfig { max_attempts: 2, ..QueueConfig::default() };
+    let (a, b, clock) = nodes(backend, config, 1 << 20).await?;
+    let (q, dlq) = (queue("conf.jobs")?, queue("conf.jobs.dlq")?);
+    let mut ids = Vec::new();
+    for job in ["a", "b", "c"] {
+        ids.push(a.enqueue(&q, text(job), 0).await?);
+    }
+    ensure(ids.windows(2).all(|w| w[0] < w[1]), || format!("ids grow: {ids:?}"))?;
+    same(b.stats(&q).await?, stats(3, 0, 0, 0), "three ready")?;
+    let first = fetch(&b, &q, 1, 1000).await?;
+    same(first.iter().map(payload).collect::<Vec<_>>(), vec!["a".to_owned()], "fetch takes the oldest")?;
+    same((first[0].message_id, first[0].attempt, first[0].ts), (ids[0], 1, START_MS), "id, attempt, time")?;
+    a.ack(&q, &first[0].id).await?;
+    same(
+        b.ack(&q, &first[0].id).await.map_err(|e| e.to_string()),
+        Err(QueueError::NotFound(first[0].id.clone()).to_string()),
+        "a second ack of one delivery",
+    )?;
+    let bj = fetch(&a, &q, 1, 1000).await?;
+    same((payload(&bj[0]), bj[0].attempt), ("b".to_owned(), 1), "second job, first attempt")?;
+    b.requeue(&q, &bj[0].id, 500).await?;
+    same(a.stats(&q).await?, stats(1, 0, 1, 0), "requeued with a delay")?;
+    let c = fetch(&b, &q, 1, 1000).await?;
+    same(payload(&c[0]), "c".to_owned(), "third job")?;
+    a.extend(&q, &c[0].id, 3000).await?;
+    clock.advance(499);
+    same(fetch(&a, &q, 5, 1000).await?.len(), 0, "nothing ready before b's delay ends")?;
+    clock.advance(501);
+    same(b.stats(&q).await?, stats(1, 1, 0, 0), "b ready after its delay; c's extended lease holds")?;
+    let b2 = fetch(&a, &q, 1, 1000).await?;
+    same((payload(&b2[0]), b2[0].attempt), ("b".to_owned(), 2), "b again, second attempt")?;
+    clock.advance(2000); // c's extended lease and b's second lease end
+    same(a.stats(&q).await?, stats(1, 0, 0, 1), "c ready again, b dead-lettered after max_attempts")?;
+    let c2 = fetch(&b, &q, 1, 1000).await?;
+    same((payload(&c2[0]), c2[0].attempt), ("c".to_owned(), 2), "c redelivered with its attempts")?;
+    same(
+        a.extend(&q, &c[0].id, 1000).await.map_err(|e| e.to_string()),
+        Err(QueueError::NotFound(c[0].id.clone()).to_string()),
+        "a delivery whose lease ended is not current",
+    )?;
+    let dead = fetch(&a, &dlq, 10, 1000).await?;
+    same(dead.iter().map(payload).collect::<Vec<_>>(), vec!["b".to_owned()], "the dead letter")?;
+    same((dead[0].attempt, dead[0].ts), (1, START_MS + 2000), "a dead letter starts over, dated when b's lease ended")?;
+    b.requeue(&dlq, &dead[0].id, 0).await?;
+    same(a.stats(&dlq).await?, stats(1, 0, 0, 0), "a requeued dead letter stays in the dead-letter queue")?;
+    b.requeue(&q, &c2[0].id, 0).await?;
+    same(b.stats(&q).await?, stats(0, 0, 0, 2), "c dead-lettered by its requeue")?;
+    let dead = fetch(&b, &dlq, 10, 1000).await?;
+    same(dead.iter().map(payload).collect::<Vec<_>>(), vec!["b".to_owned(), "c".to_owned()], "dead letters in order")?;
+    for d in &dead {
+        a.ack(&dlq, &d.id).await?;
+    }
+    same(b.stats(&q).await?, stats(0, 0, 0, 0), "all done")?;
+    let id = a.enqueue(&q, text("d"), 0).await?;
+    ensure(id > ids[2], || format!("a new job reused id {id}"))?;
+    Ok(())
+}
+
+/// TTLs (ready or leased), delays, a dead letter at a lease end on an idle queue, and
+/// the refusals: full queue, too large, enqueue into a dead-letter queue, unknown and
+/// malformed delivery ids. A queue never used counts zero.
+pub async fn ttls_delays_and_refusals(backend: &dyn QueueBackend) -> Result {
+    let config = QueueConfig { max_attempts: 1, max_queue_messages: 3, ..QueueConfig::default() };
+    let (a, b, clock) = nodes(backend, config, 16).await?;
+    let q = queue("conf.limits")?;
+    same(a.stats(&queue("conf.never")?).await?, stats(0, 0, 0, 0), "a queue never used")?;
+    let brief = NewMessage { ttl_ms: Some(100), ..text("brief") };
+    a.enqueue(&q, brief.clone(), 0).await?;
+    a.enqueue(&q, brief, 0).await?;
+    let leased = fetch(&b, &q, 1, 1000).await?;
+    a.enqueue(&q, text("later"), 200).await?;
+    let full = b.enqueue(&q, text("x"), 0).await;
+    ensure(matches!(full, Err(QueueError::Full { max: 3, .. })), || format!("a fourth message: {full:?}"))?;
+    same(a.stats(&q).await?, stats(1, 1, 1, 0), "one ready, one leased, one delayed")?;
+    clock.advance(100);
+    same(b.stats(&q).await?, stats(0, 0, 1, 0), "both TTLs passed, the leased one's too")?;
+    ensure(matches!(a.ack(&q, &leased[0].id).await, Err(QueueError::NotFound(_))), || "ack after the TTL".into())?;
+    clock.advance(100);
+    let later = fetch(&a, &q, 5, 500).await?;
+    same(later.iter().map(payload).collect::<Vec<_>>(), vec!["later".to_owned()], "ready when its delay ended")?;
+    clock.advance(500); // its only allowed lease ends, on an idle queue
+    let dead = fetch(&b, &queue("conf.limits.dlq")?, 5, 500).await?;
+    same(dead.iter().map(payload).collect::<Vec<_>>(), vec!["later".to_owned()], "dead-lettered at its lease end")?;
+    let big = a.enqueue(&q, text("seventeen bytes!!"), 0).await;
+    ensure(matches!(big, Err(QueueError::TooLarge { size: 17, max: 16 })), || format!("too large: {big:?}"))?;
+    let into_dlq = a.enqueue(&queue("conf.limits.dlq")?, text("x"), 0).await;
+    ensure(matches!(into_dlq, Err(QueueError::DeadLetterQueue(_))), || format!("into a DLQ: {into_dlq:?}"))?;
+    for bad in ["1-1-abc", "zz-1-1", "", "-"] {
+        let got = b.requeue(&q, bad, 0).await;
+        ensure(matches!(got, Err(QueueError::NotFound(_))), || format!("requeue {bad:?}: {got:?}"))?;
+    }
+    Ok(())
+}
+
+/// Four workers, two per node, fetching in batches: every job delivered exactly once.
+pub async fn workers_on_two_nodes_take_each_job_once(backend: &dyn QueueBackend) -> Result {
+    const JOBS: usize = 300;
+    let (a, b, _clock) = nodes(backend, QueueConfig::default(), 1 << 20).await?;
+    let q = queue("conf.work")?;
+    for i in 0..JOBS {
+        let node = if i % 2 == 0 { &a } else { &b };
+        node.enqueue(&q, text(&format!("job-{i}")), 0).await?;
+    }
+    let seen = Arc::new(Mutex::new(BTreeMap::<String, u32>::new()));
+    let workers: Vec<_> = [&a, &b, &a, &b]
+        .into_iter()
+        .map(|node| {
+            let (node, q, seen) = (node.clone(), q.clone(), seen.clone());
+            tokio::spawn(async move {
+                loop {
+                    let got = node.fetch_wait(&q, 7, 60_000, Duration::ZERO).await?;
+                    if got.is_empty() {
+                        return Result::Ok(());
+                    }
+                    for d in got {
+                        *seen.lock().map_err(|_| "poisoned")?.entry(payload(&d)).or_default() += 1;
+                        node.ack(&q, &d.id).await?;
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await??;
+    }
+    let seen = seen.lock().map_err(|_| "poisoned")?.clone();
+    same(seen.len(), JOBS, "every job delivered")?;
+    ensure(seen.values().all(|&n| n == 1), || "a job was delivered twice".into())?;
+    same(a.stats(&q).await?, stats(0, 0, 0, 0), "all acked")?;
+    let acked = |n: &Node| n.counters().acked.load(Ordering::Relaxed);
+    // Each node counts its own acks (one engine serving as both nodes counts them once).
+    let counted = if std::ptr::eq(a.counters(), b.counters()) { acked(&a) } else { acked(&a) + acked(&b) };
+    same(counted, JOBS as u64, "acks counted")?;
+    Ok(())
+}
+
+/// A long poll on one node returns as soon as a message is enqueued on the other.
+pub async fn a_long_poll_wakes_on_enqueue_from_another_node(backend: &dyn QueueBackend) -> Result {
+    let (a, b, _clock) = nodes(backend, QueueConfig::default(), 1 << 20).await?;
+    let q = queue("conf.poll")?;
+    for round in 0..3 {
+        let poll = {
+            let (b, q) = (b.clone(), q.clone());
+            tokio::spawn(async move { b.fetch_wait(&q, 1, 1000, Duration::from_secs(30)).await })
+        };
+        // Wait until the poll is parked (its counter is up), then enqueue elsewhere.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while b.counters().waiting.load(Ordering::Acquire) == 0 {
+            ensure(tokio::time::Instant::now() < deadline, || "the long poll never waited".into())?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        a.enqueue(&q, text(&format!("wake-{round}")), 0).await?;
+        let got = tokio::time::timeout(Duration::from_secs(10), poll).await.map_err(|_| "not woken")???;
+        same(got.iter().map(payload).collect::<Vec<_>>(), vec![format!("wake-{round}")], "woken with the job")?;
+        b.ack(&q, &got[0].id).await?;
+    }
+    Ok(())
+}
+
+/// One `#[tokio::test]` per queue conformance case for the backend `$make` builds.
+#[macro_export]
+macro_rules! queue_conformance {
+    ($make:expr) => {
+        $crate::queue_conformance!(@cases $make;
+            leases_requeues_and_dead_letters,
+            ttls_delays_and_refusals,
+            workers_on_two_nodes_take_each_job_once,
+            a_long_poll_wakes_on_enqueue_from_another_node
+        );
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() -> $crate::conformance::Result {
+                let backend = $make;
+                $crate::queues::$case(&backend).await
+            }
+        )*
+    };
+}
