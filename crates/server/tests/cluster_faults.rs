@@ -343,9 +343,21 @@ impl Drop for TempDir {
 
 impl PrivateRedis {
     fn start(port: u16, dir: &std::path::Path) -> Result<Self> {
+        Self::start_with(port, dir, &[])
+    }
+
+    /// A primary of a Redis Cluster (its `nodes.conf` in `dir`, so a restart rejoins).
+    fn start_clustered(port: u16, dir: &std::path::Path) -> Result<Self> {
+        let cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+        Self::start_with(port, dir, &[&cluster[..], &["--cluster-node-timeout", "2000"]].concat())
+    }
+
+    fn start_with(port: u16, dir: &std::path::Path, extra: &[&str]) -> Result<Self> {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(extra)
+            .arg("--dir")
             .arg(dir)
             .stdout(std::process::Stdio::null())
             .spawn()?;
@@ -455,5 +467,112 @@ async fn a_redis_restart_loses_nothing_acknowledged_and_readiness_follows_it() -
             );
         }
     }
+    Ok(())
+}
+
+/// The port of the primary that serves `key`'s slot, from `CLUSTER NODES`.
+async fn primary_of(seed: &str, key: &str) -> Result<u16> {
+    let mut con = redis::Client::open(seed)?.get_multiplexed_async_connection().await?;
+    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut con).await?;
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut con).await?;
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let owns = fields.iter().skip(8).any(|range| {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+        });
+        if owns {
+            let port = fields.get(1).and_then(|a| a.split(['@', ':']).nth(1)).ok_or("no address")?;
+            return Ok(port.parse()?);
+        }
+    }
+    Err(format!("no primary serves slot {slot}").into())
+}
+
+async fn cluster_ok(port: u16) -> Result<bool> {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else { return Ok(false) };
+    let Ok(mut con) = client.get_multiplexed_async_connection().await else { return Ok(false) };
+    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut con).await.unwrap_or_default();
+    Ok(info.contains("cluster_state:ok"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_cluster_primary_restart_loses_nothing_acknowledged() -> Result {
+    let _serial = SERIAL.lock().await;
+    const TOPIC: &str = "faults.primary";
+    const N: usize = 1200;
+    // A private 3-primary cluster with fsynced AOFs, so the killed primary comes back
+    // with what it acknowledged and its slots (nodes.conf).
+    let dir = TempDir(std::env::temp_dir().join(format!("herald-rc-{}-{}", std::process::id(), free_port()?)));
+    let ports = [free_port()?, free_port()?, free_port()?];
+    let mut primaries = Vec::new();
+    for port in ports {
+        let d = dir.0.join(port.to_string());
+        std::fs::create_dir_all(&d)?;
+        let primary = PrivateRedis::start_clustered(port, &d)?;
+        primary.wait_ready().await?;
+        primaries.push(primary);
+    }
+    let created = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    assert!(created.success(), "redis-cli --cluster create");
+    for port in ports {
+        eventually(Duration::from_secs(20), "cluster_state:ok", async || cluster_ok(port).await).await?;
+    }
+    let seeds = ports.iter().map(|p| format!("redis://127.0.0.1:{p}/")).collect::<Vec<_>>().join(",");
+    let prefix = Prefix::new("primary-restart");
+    let all = Arc::new(node_on(&seeds, &prefix, Role::All).await?);
+    let fanout = node_on(&seeds, &prefix, Role::Fanout).await?;
+    let (status, body) = all.post("/v1/queues/faults.primary/messages", Some("text/plain"), b"job".to_vec()).await?;
+    assert_eq!(status, 201, "{body}");
+    let (last_tx, last_rx) = watch::channel(0);
+    let subs = vec![
+        tokio::spawn(collect_until(subscribe(&fanout, TOPIC).await?, last_rx.clone())),
+        tokio::spawn(collect_until(subscribe(&all, TOPIC).await?, last_rx)),
+    ];
+    // The primary that holds the topic (and, killed, its pub/sub shard).
+    let doomed_port = primary_of(&primaries[0].url(), &format!("{}{{t:{TOPIC}}}:meta", prefix.0)).await?;
+    let doomed = ports.iter().position(|p| *p == doomed_port).ok_or("not one of ours")?;
+
+    let (acked, mut offsets) = mpsc::unbounded_channel();
+    let publisher = tokio::spawn(publish_all(all.clone(), TOPIC, N, acked));
+    let mut acknowledged = Vec::new();
+    while let Some(offset) = offsets.recv().await {
+        acknowledged.push(offset);
+        if acknowledged.len() == N / 2 {
+            primaries[doomed].kill()?;
+            let (status, _) =
+                all.post(&format!("/v1/topics/{TOPIC}/messages"), Some("text/plain"), b"x".to_vec()).await?;
+            assert_eq!(status, 503, "a publish to the topic of a primary that is down");
+            let d = dir.0.join(doomed_port.to_string());
+            primaries[doomed] = PrivateRedis::start_clustered(doomed_port, &d)?;
+            primaries[doomed].wait_ready().await?;
+            eventually(Duration::from_secs(20), "cluster_state:ok again", async || cluster_ok(doomed_port).await)
+                .await?;
+        }
+    }
+    within(Duration::from_secs(60), "publisher", publisher).await???;
+    assert!(acknowledged.windows(2).all(|w| w[0] < w[1]), "acknowledged offsets increase");
+    let last = *acknowledged.last().ok_or("nothing acknowledged")?;
+    assert!(last <= N as u64 + 1, "at most the one publish in flight stored twice: {last}");
+    last_tx.send(last)?;
+    for sub in subs {
+        let got = within(Duration::from_secs(60), "subscriber", sub).await???;
+        assert_eq!(
+            got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            (1..=last).collect::<Vec<_>>(),
+            "every offset once"
+        );
+        for (i, offset) in acknowledged.iter().enumerate() {
+            assert_eq!(got[*offset as usize - 1].1, format!("m{i}"), "acknowledged message {i} at its offset");
+        }
+    }
+    let (_, jobs) = all.post("/v1/queues/faults.primary/fetch?max=10", None, Vec::new()).await?;
+    let jobs: Vec<_> = jobs["messages"].as_array().ok_or("messages")?.iter().map(|m| m["data"].clone()).collect();
+    assert_eq!(jobs, vec![serde_json::json!("job")], "the job enqueued before the restart");
     Ok(())
 }

@@ -24,16 +24,17 @@
 //! topic included, so the first append keeps the epoch `head` named), and a log found
 //! without its meta (evicted) is deleted: an epoch is never reused over old offsets.
 //!
-//! Queues: `<prefix>{q:<queue>}:records` (id -> encoded record), `:attempts` (id ->
-//! deliveries) and `:next` (the next id). `queue_append` is awaited; `queue_remove` and
-//! `queue_delivered` are lazy. All queue writes go through one task, in the order they
-//! were issued, so a removal never overtakes the append it removes.
+//! Queue records (the `Store` half of one node's queue engine): `<prefix>{q:<queue>}:records`
+//! (id -> encoded record), `:attempts` (id -> deliveries) and `:next` (the next id).
+//! `queue_append` is awaited; `queue_remove` and `queue_delivered` are lazy. All queue
+//! writes go through one task, in the order they were issued, so a removal never
+//! overtakes the append it removes. `queue_load` is synchronous and served from the
+//! queues read by [`RedisStore::connect`] and kept up to date by this store's own
+//! writes: exact for one node. A cluster does not use them: its nodes share queues
+//! through [`RedisQueues`] (`queues.rs`), whose state lives in Redis alone.
 //!
 //! `list` reads the topic registry (`<prefix>topics`, a sorted set every append adds its
 //! topic to, once per node, and nothing removes from) and each candidate's head.
-//! `queue_load` is synchronous and served from the queues read by
-//! [`RedisStore::connect`] and kept up to date by this store's own writes: exact for one
-//! node, which is why a cluster does not share queues yet (docs/cluster.md).
 
 mod bus;
 mod con;
