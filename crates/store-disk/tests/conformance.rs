@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use herald_core::{ManualClock, QueueConfig, Queues, RetentionConfig, Store};
 use herald_store_disk::{DiskConfig, DiskStore};
 use herald_testkit::conformance::{Backend, Result};
-use herald_testkit::queues::{Node, QueueBackend};
+use herald_testkit::queues::{Node, Opening, QueueBackend};
 
 /// A disk store in a directory of its own, removed when the backend is dropped.
 struct Disk {
@@ -57,12 +57,7 @@ mod tiny_segments {
 }
 
 impl QueueBackend for Disk {
-    fn open<'a>(
-        &'a self,
-        config: QueueConfig,
-        max_message_bytes: usize,
-        clock: Arc<ManualClock>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Node>> + Send + 'a>> {
+    fn open<'a>(&'a self, config: QueueConfig, max_message_bytes: usize, clock: Arc<ManualClock>) -> Opening<'a> {
         Box::pin(async move {
             let mut engine = self.engine.lock().map_err(|_| "poisoned")?;
             if let Some(node) = &*engine {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use herald_core::{ManualClock, QueueConfig, RetentionConfig, Store};
 use herald_store_redis::{RedisBus, RedisConfig, RedisQueues, RedisStore};
 use herald_testkit::conformance::{Backend, Result};
-use herald_testkit::queues::{Node, QueueBackend};
+use herald_testkit::queues::{Node, Opening, QueueBackend};
 
 /// A Redis store under a key prefix of its own, whose keys are deleted on drop.
 struct Redis {
@@ -52,12 +52,7 @@ impl Backend for Redis {
 }
 
 impl QueueBackend for Redis {
-    fn open<'a>(
-        &'a self,
-        config: QueueConfig,
-        max_message_bytes: usize,
-        clock: Arc<ManualClock>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Node>> + Send + 'a>> {
+    fn open<'a>(&'a self, config: QueueConfig, max_message_bytes: usize, clock: Arc<ManualClock>) -> Opening<'a> {
         Box::pin(async move {
             let redis = RedisConfig {
                 url: self.url.to_owned(),

@@ -25,16 +25,14 @@ use crate::conformance::Result;
 /// A node's queues, opened.
 pub type Node = Arc<dyn QueueService>;
 
+/// What [`QueueBackend::open`] returns.
+pub type Opening<'a> = Pin<Box<dyn Future<Output = Result<Node>> + Send + 'a>>;
+
 /// Queue services under test.
 pub trait QueueBackend: Send + Sync {
     /// Opens one node's queues with `config` on `clock`. Nodes opened from one backend
     /// share their queues.
-    fn open<'a>(
-        &'a self,
-        config: QueueConfig,
-        max_message_bytes: usize,
-        clock: Arc<ManualClock>,
-    ) -> Pin<Box<dyn Future<Output = Result<Node>> + Send + 'a>>;
+    fn open<'a>(&'a self, config: QueueConfig, max_message_bytes: usize, clock: Arc<ManualClock>) -> Opening<'a>;
 }
 
 /// The time every case starts at (ms since the Unix epoch).

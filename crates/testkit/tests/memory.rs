@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use herald_core::{ManualClock, MemoryStore, QueueConfig, Queues, RetentionConfig, Store};
 use herald_testkit::conformance::{Backend, Result};
-use herald_testkit::queues::{Node, QueueBackend};
+use herald_testkit::queues::{Node, Opening, QueueBackend};
 
 struct Memory;
 
@@ -26,12 +26,7 @@ herald_testkit::store_conformance!(Memory);
 struct Engine(Mutex<Option<Node>>);
 
 impl QueueBackend for Engine {
-    fn open<'a>(
-        &'a self,
-        config: QueueConfig,
-        max_message_bytes: usize,
-        clock: Arc<ManualClock>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Node>> + Send + 'a>> {
+    fn open<'a>(&'a self, config: QueueConfig, max_message_bytes: usize, clock: Arc<ManualClock>) -> Opening<'a> {
         Box::pin(async move {
             let mut node = self.0.lock().map_err(|_| "poisoned")?;
             let store = Arc::new(MemoryStore::with_clock(RetentionConfig::default(), clock.clone()));
