@@ -78,6 +78,10 @@ pub struct QueueArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
     pub size: usize,
+    /// The queue (default `bench.queue.<pid>`, one of its own; name one to share it
+    /// with load generators on other cluster nodes).
+    #[arg(long)]
+    pub queue: Option<String>,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -220,7 +224,7 @@ fn round_trip<'a>(w: &'a mut QueueWorker, _units: u64, latencies: &'a mut Vec<u6
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1 && args.messages >= 1, "--workers and --messages must be at least 1");
     let client = Client::new(&args.url);
-    let queue = format!("bench.queue.{}", std::process::id());
+    let queue = args.queue.unwrap_or_else(|| format!("bench.queue.{}", std::process::id()));
     let payload = "x".repeat(args.size);
     let workers = (0..args.workers)
         .map(|_| QueueWorker { client: client.clone(), queue: queue.clone(), payload: payload.clone() })
