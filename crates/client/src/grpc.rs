@@ -41,7 +41,7 @@ pub use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 use tonic::Streaming;
 
-use crate::{ClientError, Published, StartFrom};
+use crate::{ClientError, Published, StartFrom, TlsConfig};
 
 /// The generated protobuf types and tonic clients of `herald.v1`.
 #[allow(missing_docs, clippy::all)]
@@ -61,10 +61,19 @@ pub struct GrpcClient {
 }
 
 impl GrpcClient {
-    /// Connects to `url` (`http://host:port`, the same URL as for HTTP).
+    /// Connects to `url` (`http://host:port`, the same URL as for HTTP; `https://` is
+    /// checked against the system's certificate store).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let channel = Endpoint::from_shared(url.to_owned())?.tcp_nodelay(true).connect().await?;
-        Ok(Self::from_channel(channel))
+        Self::connect_with(url, &TlsConfig::system()).await
+    }
+
+    /// As [`GrpcClient::connect`], trusting `tls` for `https://`.
+    pub async fn connect_with(url: &str, tls: &TlsConfig) -> Result<Self, ClientError> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())?.tcp_nodelay(true);
+        if url.starts_with("https://") {
+            endpoint = endpoint.tls_config(tls.tonic())?;
+        }
+        Ok(Self::from_channel(endpoint.connect().await?))
     }
 
     /// Uses an existing channel (to tune windows, timeouts or TLS).

@@ -3,13 +3,14 @@
 use serde::Deserialize;
 
 use crate::ws::{Delivery, Payload};
-use crate::ClientError;
+use crate::{ClientError, TlsConfig};
 
 /// A Herald server's address plus a pooled HTTP client; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    tls: TlsConfig,
 }
 
 /// A publish acknowledgement.
@@ -78,9 +79,28 @@ struct RawFetched {
 }
 
 impl Client {
-    /// A client for the server at `base` (e.g. `http://127.0.0.1:7070`).
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:7070`, or `https://...`
+    /// checked against the system's certificate store).
     pub fn new(base: impl Into<String>) -> Self {
-        Self { http: reqwest::Client::new(), base: base.into().trim_end_matches('/').to_owned() }
+        Self::with_tls(base, TlsConfig::system())
+    }
+
+    /// A client whose `https://` and `wss://` connections trust `tls`.
+    pub fn with_tls(base: impl Into<String>, tls: TlsConfig) -> Self {
+        // With a rustls configuration given, reqwest builds no TLS backend of its own,
+        // the one step of `build` that can fail.
+        crate::tls::install_crypto_provider();
+        #[allow(clippy::expect_used)]
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls.rustls(&[b"http/1.1"]))
+            .build()
+            .expect("a reqwest client with a preconfigured rustls backend builds");
+        Self { http, base: base.into().trim_end_matches('/').to_owned(), tls }
+    }
+
+    /// The CAs this client trusts.
+    pub fn tls(&self) -> &TlsConfig {
+        &self.tls
     }
 
     pub(crate) fn http(&self) -> &reqwest::Client {

@@ -9,16 +9,20 @@
 //! - [`WsConnection`]: the JSON WebSocket protocol frame by frame, for tools and tests.
 //! - [`GrpcClient`]: gRPC (`herald.v1`): publish, batch publish, subscribe, and the raw
 //!   tonic clients for every RPC; generated types in [`grpc::pb`].
+//! - [`TlsConfig`]: which CAs `https://`, `wss://` and gRPC over TLS trust (the system's
+//!   store by default, or a private CA's PEM file).
 
 pub mod grpc;
 mod http;
 mod queue;
+mod tls;
 mod ws;
 
 pub use grpc::{GrpcClient, GrpcSubscription};
 pub use http::{Client, Page, Published, TopicInfo};
 pub use queue::{FetchOptions, Job, QueueStats};
-pub use ws::{Delivery, Event, Payload, Subscription, WsConnection};
+pub use tls::{install_crypto_provider, TlsConfig};
+pub use ws::{connect_socket, Delivery, Event, Payload, Subscription, WsConnection};
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,9 @@ pub enum ClientError {
     /// The gRPC connection could not be made.
     #[error("grpc transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A TLS setting could not be used (a CA file unreadable or without certificates).
+    #[error("tls: {0}")]
+    Tls(String),
     /// The server closed the connection.
     #[error("connection closed{}", .0.as_ref().map(|(c, r)| format!(" with {c} {r}")).unwrap_or_default())]
     Closed(Option<(u16, String)>),

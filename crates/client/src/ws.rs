@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::{ws_base, Client, ClientError, StartFrom};
+use crate::{ws_base, Client, ClientError, StartFrom, TlsConfig};
 
 /// A payload as delivered in the JSON views.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +84,16 @@ impl Delivery {
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Opens a WebSocket to `url` (`ws://` or `wss://`, the latter trusting `tls`).
+pub async fn connect_socket(
+    url: &str,
+    config: WebSocketConfig,
+    tls: &TlsConfig,
+) -> Result<(Socket, tokio_tungstenite::tungstenite::handshake::client::Response), ClientError> {
+    let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls.rustls(&[b"http/1.1"])));
+    Ok(tokio_tungstenite::connect_async_tls_with_config(url, Some(config), false, Some(connector)).await?)
+}
+
 /// One WebSocket connection speaking the JSON protocol.
 pub struct WsConnection {
     socket: Socket,
@@ -93,13 +103,19 @@ pub struct WsConnection {
 }
 
 impl WsConnection {
-    /// Connects to `{base}/v1/ws` (`base` as given to [`Client::new`]).
+    /// Connects to `{base}/v1/ws` (`base` as given to [`Client::new`]; an `https://`
+    /// base connects with `wss://`, checked against the system's certificate store).
     pub async fn connect(base: &str) -> Result<Self, ClientError> {
+        Self::connect_with(base, &TlsConfig::system()).await
+    }
+
+    /// As [`WsConnection::connect`], trusting `tls` for `wss://`.
+    pub async fn connect_with(base: &str, tls: &TlsConfig) -> Result<Self, ClientError> {
         let url = format!("{}/v1/ws", ws_base(base.trim_end_matches('/')));
         // tungstenite zeroes its whole read chunk before every read: keep it small (its
         // default, 128 KiB, made each small frame cost a 128 KiB memset).
         let config = WebSocketConfig::default().read_buffer_size(8 << 10);
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), false).await?;
+        let (socket, _) = connect_socket(&url, config, tls).await?;
         Ok(Self { socket, next_id: 1, backlog: VecDeque::new() })
     }
 
@@ -235,11 +251,12 @@ impl Client {
     fn subscription(&self, topic: &str, mut resume: Resume) -> Subscription {
         let (tx, events) = mpsc::channel(1024);
         let base = self.base().to_owned();
+        let tls = self.tls().clone();
         let topic = topic.to_owned();
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                let error = match session(&base, &topic, &mut resume, &tx, &mut backoff).await {
+                let error = match session(&base, &tls, &topic, &mut resume, &tx, &mut backoff).await {
                     Ok(()) => return, // the receiver is gone
                     Err(e) => e,
                 };
@@ -262,12 +279,13 @@ struct Resume {
 /// One connection's life; `Ok` when the consumer went away, `Err` when it broke.
 async fn session(
     base: &str,
+    tls: &TlsConfig,
     topic: &str,
     resume: &mut Resume,
     tx: &mpsc::Sender<Event>,
     backoff: &mut Duration,
 ) -> Result<(), ClientError> {
-    let mut conn = WsConnection::connect(base).await?;
+    let mut conn = WsConnection::connect_with(base, tls).await?;
     let epoch = match resume.from {
         StartFrom::Offset(n) if n > 0 => resume.epoch.clone(),
         _ => None,

@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Args;
 use herald_client::grpc::pb;
-use herald_client::{Client, Event, GrpcClient, StartFrom};
+use herald_client::{Client, Event, GrpcClient, StartFrom, TlsConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// Flags of `herald pub`.
@@ -25,9 +25,21 @@ pub struct PubArgs {
     /// Publish over gRPC instead of HTTP (same URL).
     #[arg(long)]
     pub grpc: bool,
-    /// Server URL.
+    /// Server URL (`https://` for TLS).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
+    /// Trust only the CA certificates in this PEM file for `https://` (a private CA);
+    /// without it, the system's certificate store.
+    #[arg(long, env = "HERALD_CA")]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// The trust `--ca` names, or the system's.
+fn trust(ca: &Option<std::path::PathBuf>) -> anyhow::Result<TlsConfig> {
+    Ok(match ca {
+        Some(path) => TlsConfig::with_ca_file(path)?,
+        None => TlsConfig::system(),
+    })
 }
 
 /// Flags of `herald sub`.
@@ -48,9 +60,13 @@ pub struct SubArgs {
     /// interrupted).
     #[arg(long, short = 'n', value_name = "N")]
     pub count: Option<u64>,
-    /// Server URL.
+    /// Server URL (`https://` for TLS).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
+    /// Trust only the CA certificates in this PEM file for `https://` (a private CA);
+    /// without it, the system's certificate store.
+    #[arg(long, env = "HERALD_CA")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// Messages `herald sub` may still print: `--count`, or unbounded.
@@ -78,7 +94,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     if args.grpc {
         return publish_grpc(args).await;
     }
-    let client = Client::new(&args.url);
+    let client = Client::with_tls(&args.url, trust(&args.ca)?);
     let content_type = if args.json { "application/json" } else { "text/plain; charset=utf-8" };
     if args.binary {
         let mut body = Vec::new();
@@ -102,7 +118,9 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
 
 /// `herald pub --grpc`: the same inputs, published with `Topics.Publish`.
 async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
-    let client = GrpcClient::connect(&args.url).await.with_context(|| format!("connecting to {}", args.url))?;
+    let client = GrpcClient::connect_with(&args.url, &trust(&args.ca)?)
+        .await
+        .with_context(|| format!("connecting to {}", args.url))?;
     if args.binary {
         let mut body = Vec::new();
         tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
@@ -131,7 +149,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     if args.grpc {
         return subscribe_grpc(args, remaining).await;
     }
-    let client = Client::new(&args.url);
+    let client = Client::with_tls(&args.url, trust(&args.ca)?);
     let mut subscription = client.subscribe(&args.topic, args.from);
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = subscription.next().await {
@@ -182,7 +200,7 @@ async fn subscribe_grpc_once(
     epoch: &mut Option<String>,
     remaining: &mut Remaining,
 ) -> anyhow::Result<()> {
-    let client = GrpcClient::connect(&args.url).await?;
+    let client = GrpcClient::connect_with(&args.url, &trust(&args.ca)?).await?;
     let mut subscription = client.subscribe(&args.topic, *from, epoch.clone()).await?;
     let subscribed = &subscription.subscribed;
     if !subscribed.recovered {

@@ -74,6 +74,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// The cluster this node joins, if any.
     pub cluster: ClusterConfig,
+    /// TLS on the listener (certificate and key files), if set.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Scale-out over Redis (docs/cluster.md).
@@ -106,6 +108,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
             cluster: ClusterConfig::default(),
+            tls: None,
         }
     }
 }
@@ -139,6 +142,12 @@ pub struct ServeArgs {
     /// Data directory of the disk store.
     #[arg(long, env = "HERALD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, env = "HERALD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "HERALD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Disk store fsync policy: always, never, or an interval such as 100ms.
     #[arg(long, env = "HERALD_FSYNC", value_parser = parse_fsync)]
     pub fsync: Option<FsyncPolicy>,
@@ -211,6 +220,15 @@ struct File {
     disk: FileDisk,
     #[serde(default)]
     cluster: FileCluster,
+    #[serde(default)]
+    tls: FileTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -346,6 +364,12 @@ impl Config {
             None => File::default(),
         };
         let d = Config::default();
+        let tls = match (args.tls_cert.clone().or(file.tls.cert), args.tls_key.clone().or(file.tls.key)) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => bail!("config key tls.cert is set without tls.key (--tls-key)"),
+            (None, Some(_)) => bail!("config key tls.key is set without tls.cert (--tls-cert)"),
+        };
         let cluster = ClusterConfig {
             redis: args.cluster.clone().or(file.cluster.redis).filter(|u| !u.is_empty()),
             prefix: args.cluster_prefix.clone().or(file.cluster.prefix).unwrap_or(d.cluster.prefix),
@@ -443,6 +467,7 @@ impl Config {
                 .or(file_duration("timeouts.shutdown_timeout", file.timeouts.shutdown_timeout)?)
                 .unwrap_or(d.shutdown_timeout),
             cluster,
+            tls,
         };
         config.validate()?;
         Ok(config)
@@ -530,7 +555,9 @@ shutdown_timeout = "{shutdown}"
 [cluster]
 {redis}role = "{role}"
 prefix = "{prefix}"
-"#,
+
+[tls]
+{tls}"#,
             listen = self.listen,
             store = self.store.as_str(),
             data_dir = self.data_dir.display(),
@@ -556,6 +583,10 @@ prefix = "{prefix}"
             },
             role = self.broker.role.as_str(),
             prefix = self.cluster.prefix,
+            tls = match &self.tls {
+                Some(files) => format!("cert = \"{}\"\nkey = \"{}\"\n", files.cert.display(), files.key.display()),
+                None => "# cert = \"/etc/herald/tls/cert.pem\"\n# key = \"/etc/herald/tls/key.pem\"\n".to_owned(),
+            },
         )
     }
 }
@@ -629,6 +660,31 @@ mod tests {
             Config::load(&ServeArgs { cluster_prefix: Some("a{b}".into()), ..cluster() }).expect_err("{")
         );
         assert!(err.contains("cluster.prefix"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn tls_takes_both_files_and_round_trips() -> anyhow::Result<()> {
+        let err = format!(
+            "{:#}",
+            Config::load(&ServeArgs { tls_cert: Some("c.pem".into()), ..Default::default() }).expect_err("no key")
+        );
+        assert!(err.contains("tls.key"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::load(&ServeArgs { tls_key: Some("k.pem".into()), ..Default::default() }).expect_err("no cert")
+        );
+        assert!(err.contains("tls.cert"), "{err}");
+        let args = ServeArgs { tls_cert: Some("c.pem".into()), tls_key: Some("k.pem".into()), ..Default::default() };
+        let c = Config::load(&args)?;
+        assert_eq!(c.tls, Some(crate::tls::TlsFiles { cert: "c.pem".into(), key: "k.pem".into() }));
+        let dir = std::env::temp_dir().join(format!("herald-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("herald.toml");
+        std::fs::write(&path, c.to_toml())?;
+        let again = Config::load(&ServeArgs { config: Some(path), ..Default::default() })?;
+        std::fs::remove_dir_all(&dir)?;
+        assert_eq!(again, c);
         Ok(())
     }
 

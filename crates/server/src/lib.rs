@@ -1,8 +1,9 @@
 //! The `herald` binary's library half: configuration, wiring of store, broker and front
 //! doors, and the shutdown order. The only crate that names every other one.
 //!
-//! One listener serves HTTP/1 (REST, SSE, WebSocket) and HTTP/2 cleartext (gRPC): the
-//! HTTP and gRPC routers are merged into one axum app.
+//! One listener serves HTTP/1 (REST, SSE, WebSocket) and HTTP/2 (gRPC): the HTTP and
+//! gRPC routers are merged into one axum app, served in cleartext or over TLS (`tls`,
+//! where ALPN picks HTTP/2 or HTTP/1.1).
 //!
 //! Shutdown order: stop accepting, close every WebSocket with 1001, end SSE streams and
 //! gRPC Subscribe streams (UNAVAILABLE), finish in-flight requests, then the store; all
@@ -13,7 +14,9 @@ pub mod bench_fanout;
 pub mod bench_grpc;
 pub mod cli;
 pub mod config;
+pub mod tls;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, StoreKind};
+use tls::{Tls, TlsListener};
 
 /// How often retention by age and TTL is applied to idle topics.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -37,6 +41,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// A running server: its address and the means to stop it.
 pub struct Server {
     addr: SocketAddr,
+    /// Whether it serves TLS.
+    tls: bool,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -47,9 +53,10 @@ impl Server {
         self.addr
     }
 
-    /// `http://` URL of the server.
+    /// `http://` (or with TLS `https://`) URL of the server.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Begins a graceful shutdown.
@@ -122,16 +129,33 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
+    let tls = config.tls.clone().map(Tls::new).transpose()?;
     let backend = open_backend(&config).await?;
-    let task = tokio::spawn(serve(config, backend, listener, shutdown.clone()));
-    Ok(Server { addr, shutdown, task })
+    let served = tls.is_some();
+    let task = tokio::spawn(serve_with(config, backend, listener, tls, shutdown.clone()));
+    Ok(Server { addr, tls: served, shutdown, task })
 }
 
-/// Serves on `listener` until `shutdown` is cancelled, then drains in order.
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves on `listener` until `shutdown` is cancelled, then drains in order (with TLS
+/// if `config.tls` is set).
 pub async fn serve(
     config: Config,
     backend: Backend,
     listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls = config.tls.clone().map(Tls::new).transpose()?;
+    serve_with(config, backend, listener, tls, shutdown).await
+}
+
+async fn serve_with(
+    config: Config,
+    backend: Backend,
+    listener: TcpListener,
+    tls: Option<Tls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let broker = match backend.cluster {
@@ -159,14 +183,25 @@ pub async fn serve(
         })
     };
 
-    tracing::info!(addr = %listener.local_addr()?, store = ?config.store, role = config.broker.role.as_str(), "herald listening");
-    // Small frames (replies, acks) must not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), store = ?config.store, role = config.broker.role.as_str(), "herald listening");
+    let stopped = shutdown.clone().cancelled_owned();
+    let http: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
+        Some(tls) => {
+            let tls = Arc::new(tls);
+            state.tracker().spawn(tls.clone().watch(shutdown.clone()));
+            let listener = TlsListener::new(listener, &tls, TLS_HANDSHAKE_TIMEOUT)?;
+            Box::pin(axum::serve(listener, app).with_graceful_shutdown(stopped).into_future())
         }
-    });
-    let http = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        None => {
+            // Small frames (replies, acks) must not wait for Nagle's algorithm.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            });
+            Box::pin(axum::serve(listener, app).with_graceful_shutdown(stopped).into_future())
+        }
+    };
     let drained = async {
         http.await.context("http server")?;
         // WebSocket and gRPC stream tasks were told by the same token; wait for them.

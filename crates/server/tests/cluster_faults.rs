@@ -235,7 +235,7 @@ async fn jobs_leased_on_a_killed_node_are_redelivered_by_the_survivor() -> Resul
     let args = ["--cluster", REDIS, "--cluster-prefix", prefix.0.as_str()];
     let (mut doomed, doomed_url) = spawn_herald(&args)?;
     let survivor = node_on(REDIS, &prefix, Role::All).await?;
-    let http = reqwest::Client::new();
+    let http = common::http();
     for i in 0..N {
         let url = format!("{doomed_url}/v1/queues/faults.jobs/messages");
         let r = http.post(url).header("content-type", "text/plain").body(format!("job-{i}")).send().await?;

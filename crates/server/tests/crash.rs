@@ -29,7 +29,7 @@ async fn body(r: reqwest::Response) -> Result<serde_json::Value> {
 }
 
 async fn load(url: String, round: u64, acked: Arc<Mutex<Acked>>) {
-    let http = reqwest::Client::new();
+    let http = common::http();
     let mut tasks = Vec::new();
     for p in 0..2 {
         let (h, u, a) = (http.clone(), url.clone(), acked.clone());
@@ -116,7 +116,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged() -> Result {
     let args = ["--store", "disk", "--data-dir", data_dir.as_str(), "--segment-bytes", "16384"];
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut rng = Rng::new(42);
-    let http = reqwest::Client::new();
+    let http = common::http();
     // A topic written once, before every crash: after the first rounds its only copy
     // is in checkpoints.
     let old: Vec<String> = (0..30).map(|i| format!("old-{i}")).collect();
@@ -245,7 +245,7 @@ async fn damaged_segments_torn_tail_is_cut_middle_damage_stops_the_start_unless_
     let _ = std::fs::remove_dir_all(&dir);
     let data_dir = dir.to_string_lossy().into_owned();
     let args = ["--store", "disk", "--data-dir", data_dir.as_str()];
-    let http = reqwest::Client::new();
+    let http = common::http();
 
     let (mut child, url) = spawn_herald(&args)?;
     publish_n(&http, &url, 20).await?;
@@ -303,7 +303,7 @@ async fn a_full_disk_answers_503_and_acknowledges_nothing() -> Result {
     std::os::unix::fs::symlink("/dev/full", dir.join(format!("{:020}.log", 1)))?;
     let data_dir = dir.to_string_lossy().into_owned();
     let (child, url) = spawn_herald(&["--store", "disk", "--data-dir", data_dir.as_str()])?;
-    let http = reqwest::Client::new();
+    let http = common::http();
 
     let r = http.post(format!("{url}/v1/topics/t/messages")).body("lost").send().await?;
     assert_eq!(r.status(), 503);
@@ -331,7 +331,7 @@ async fn attempts_count_across_crashes_and_the_last_one_dead_letters() -> Result
     let _ = std::fs::remove_dir_all(&dir);
     let data_dir = dir.to_string_lossy().into_owned();
     let args = ["--store", "disk", "--data-dir", data_dir.as_str(), "--queue-max-attempts", "2"];
-    let http = reqwest::Client::new();
+    let http = common::http();
     let fetch = |url: String, queue: &'static str| {
         let http = http.clone();
         async move {
@@ -393,7 +393,7 @@ async fn retained_history_survives_checkpoints_and_a_restart() -> Result {
         "--retention-max-messages",
         "100",
     ];
-    let http = reqwest::Client::new();
+    let http = common::http();
     let (child, url) = spawn_herald(&args)?;
     for i in 0..50 {
         let r = http

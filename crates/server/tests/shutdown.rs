@@ -16,7 +16,7 @@ async fn sigterm_closes_websockets_with_1001_and_exits_0() -> Result {
     let mut json = herald_client::WsConnection::connect(&url).await?;
     json.subscribe("s", herald_client::StartFrom::Latest, None).await?;
     let (mut raw, _) = tokio_tungstenite::connect_async(format!("{ws_url}/v1/topics/s/ws")).await?;
-    let mut sse = reqwest::get(format!("{url}/v1/topics/s/sse")).await?;
+    let mut sse = common::http().get(format!("{url}/v1/topics/s/sse")).send().await?;
     assert_eq!(sse.status(), 200);
     assert!(sse.chunk().await?.is_some(), "SSE stream open");
     let mut grpc =

@@ -42,7 +42,13 @@ pub async fn start(tune: impl FnOnce(&mut Config)) -> Result<TestServer> {
     let server = herald_server::start(config).await?;
     let url = server.url();
     let ws = url.replacen("http://", "ws://", 1);
-    Ok(TestServer { server: Some(server), url, ws, http: reqwest::Client::new() })
+    Ok(TestServer { server: Some(server), url, ws, http: http() })
+}
+
+/// A plain reqwest client (reqwest is built without a crypto provider of its own).
+pub fn http() -> reqwest::Client {
+    herald_client::install_crypto_provider();
+    reqwest::Client::new()
 }
 
 impl TestServer {

@@ -1,0 +1,99 @@
+//! How the client checks a server's certificate for `https://`, `wss://` and gRPC over
+//! TLS: rustls (ring), trusting either the system's certificate store (the default) or
+//! only the CAs of one PEM file (`--ca FILE`, for a private CA, as curl's `--cacert`).
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::ClientError;
+
+/// Makes ring the process's default rustls crypto provider, unless one is installed
+/// already. reqwest is built here without a provider of its own ("rustls-no-provider",
+/// sparing a second crypto library) and needs one to build any client, even for plain
+/// `http://`: [`crate::Client`] calls this itself; a program that builds reqwest
+/// clients directly calls it first.
+pub fn install_crypto_provider() {
+    // An error only says a provider is installed already, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Which certificate authorities the client trusts. Cheap to clone.
+#[derive(Clone)]
+pub struct TlsConfig {
+    roots: Arc<RootCertStore>,
+    /// The CA file's PEM, when one was given (tonic takes it as PEM).
+    ca_pem: Option<Arc<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("roots", &self.roots.len())
+            .field("private_ca", &self.ca_pem.is_some())
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    /// The system's certificate store (read once per process; certificates it cannot
+    /// parse are skipped).
+    pub fn system() -> Self {
+        static SYSTEM: OnceLock<TlsConfig> = OnceLock::new();
+        SYSTEM
+            .get_or_init(|| {
+                let found = rustls_native_certs::load_native_certs();
+                for e in &found.errors {
+                    tracing::debug!(error = %e, "skipping a system certificate");
+                }
+                let mut roots = RootCertStore::empty();
+                let (added, ignored) = roots.add_parsable_certificates(found.certs);
+                tracing::debug!(added, ignored, "system certificate store read");
+                TlsConfig { roots: Arc::new(roots), ca_pem: None }
+            })
+            .clone()
+    }
+
+    /// Trusts only the CA certificates in the PEM file at `path`.
+    pub fn with_ca_file(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let pem = std::fs::read(path).map_err(|e| ClientError::Tls(format!("reading {}: {e}", path.display())))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(ClientError::Tls(format!("no certificate in {}", path.display())));
+        }
+        let mut roots = RootCertStore::empty();
+        for cert in certs {
+            roots.add(cert).map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
+        }
+        Ok(TlsConfig { roots: Arc::new(roots), ca_pem: Some(Arc::new(pem)) })
+    }
+
+    /// A rustls configuration offering `alpn`.
+    pub(crate) fn rustls(&self, alpn: &[&[u8]]) -> ClientConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Fails only for a provider without the default protocol versions' cipher
+        // suites; ring's default provider has them all.
+        #[allow(clippy::expect_used)]
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring's default provider supports TLS 1.2 and 1.3");
+        let mut config = builder.with_root_certificates(self.roots.clone()).with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config
+    }
+
+    /// tonic's form of the same trust, for gRPC over TLS (ALPN h2).
+    pub(crate) fn tonic(&self) -> tonic::transport::ClientTlsConfig {
+        let config = tonic::transport::ClientTlsConfig::new();
+        match &self.ca_pem {
+            Some(pem) => config.ca_certificate(tonic::transport::Certificate::from_pem(pem.as_slice())),
+            None => config.with_native_roots(),
+        }
+    }
+}
