@@ -1,0 +1,340 @@
+//! Who a caller is, and what it may do: Herald's authentication and authorization, the
+//! same for every door (REST, SSE, WebSocket, gRPC; docs/security.md).
+//!
+//! - [`grants`]: actions over name patterns (`*`, `>`, `{user}`), deny wins.
+//! - [`Authenticator`]: turns credentials into a [`Principal`]: Basic auth against
+//!   configured users (argon2 or bcrypt hashes; verified once, then remembered for a
+//!   while so that a REST client does not pay a hash per request), or a JWT bearer
+//!   token checked against the configured keys, with the algorithm pinned by the
+//!   configuration, `exp` required, `iss` / `aud` checked when configured, and the
+//!   rights taken from a claim.
+//!
+//! The doors ask [`Authenticator::authenticate`] once per connection (or request) and
+//! [`Principal::allows`] per action, caching decisions per connection.
+
+pub mod grants;
+mod jwt;
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use serde::Deserialize;
+
+pub use grants::{Action, Grants, GrantsSpec, Pattern, PatternError};
+pub use jwt::{JwtConfig, JwtError};
+
+/// How long a verified Basic password is remembered (a changed configuration drops it).
+const VERIFIED_FOR: Duration = Duration::from_secs(300);
+/// Verified Basic credentials remembered at most (then the memory starts over).
+const VERIFIED_MAX: usize = 10_000;
+
+/// The `[auth]` section: users for Basic auth, JWT settings, or both.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Users that log in with Basic auth.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Bearer tokens.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// One `[[auth.users]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The user name (also what `{user}` expands to).
+    pub name: String,
+    /// An argon2 (`$argon2id$...`) or bcrypt (`$2b$...`) hash; `herald passwd` makes one.
+    pub password_hash: Option<String>,
+    /// Refused: a plain-text password (present only to say so clearly).
+    pub password: Option<String>,
+    /// What the user may do.
+    #[serde(default)]
+    pub grants: GrantsSpec,
+}
+
+/// Why the `[auth]` section cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    /// A user entry is wrong.
+    #[error("auth.users {name:?}: {why}")]
+    User {
+        /// The user.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A grant pattern does not parse.
+    #[error("{0}")]
+    Pattern(#[from] PatternError),
+    /// The JWT settings are wrong.
+    #[error("auth.jwt: {0}")]
+    Jwt(#[from] JwtError),
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The user name (Basic) or the token's `sub`.
+    pub name: Arc<str>,
+    /// What it may do.
+    pub grants: Arc<Grants>,
+    /// When its credentials expire (a token's `exp`), in seconds since the Unix epoch.
+    pub expires_at: Option<u64>,
+}
+
+impl Principal {
+    /// Whether the caller may do `action` on the topic or queue `name`.
+    pub fn allows(&self, action: Action, name: &str) -> bool {
+        self.grants.allows(&self.name, action, name)
+    }
+}
+
+/// Credentials as a request carries them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// `Authorization: Basic`.
+    Basic {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// `Authorization: Bearer`, or a token given in-band.
+    Bearer(String),
+}
+
+impl Credentials {
+    /// Parses an `Authorization` header value (`Basic ...` or `Bearer ...`, scheme
+    /// case-insensitive); `None` for anything else.
+    pub fn from_header(value: &str) -> Option<Self> {
+        let (scheme, rest) = value.trim().split_once(' ')?;
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
+            return Some(Credentials::Bearer(rest.to_owned()));
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (user, password) = text.split_once(':')?;
+        Some(Credentials::Basic { user: user.to_owned(), password: password.to_owned() })
+    }
+}
+
+/// Why credentials were refused (each reaches the client as `unauthorized`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials were given.
+    #[error("credentials required: send Authorization: Basic or Bearer")]
+    Missing,
+    /// The user is unknown or the password wrong (never saying which).
+    #[error("wrong user name or password")]
+    BadPassword,
+    /// Basic auth is not configured (no users).
+    #[error("Basic auth is not enabled on this server; use a bearer token")]
+    NoBasic,
+    /// Bearer tokens are not configured.
+    #[error("bearer tokens are not enabled on this server; use Basic auth")]
+    NoBearer,
+    /// The token was refused.
+    #[error("token refused: {0}")]
+    BadToken(String),
+}
+
+struct User {
+    hash: String,
+    grants: Arc<Grants>,
+}
+
+/// Checks credentials against the configuration. Cheap to share (`Arc`).
+pub struct Authenticator {
+    users: HashMap<String, User>,
+    jwt: Option<jwt::Jwt>,
+    /// Basic credentials verified recently: keyed hash of (user, password) -> when.
+    verified: Mutex<HashMap<u64, Instant>>,
+    hasher: RandomState,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").field("users", &self.users.len()).field("jwt", &self.jwt.is_some()).finish()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Authenticator {
+    /// Checks the configuration: every hash parses as argon2 or bcrypt (a plain-text
+    /// password is refused), every pattern parses, the JWT keys load.
+    pub fn new(config: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let mut users = HashMap::new();
+        for u in &config.users {
+            let fail = |why: &str| AuthConfigError::User { name: u.name.clone(), why: why.to_owned() };
+            if u.name.is_empty() || u.name.contains(':') {
+                return Err(fail("a user name must be non-empty and without ':'"));
+            }
+            if u.password.is_some() {
+                return Err(fail(
+                    "plain-text passwords are refused; put the output of `herald passwd` in password_hash",
+                ));
+            }
+            let hash = u.password_hash.clone().ok_or_else(|| fail("password_hash is missing (see `herald passwd`)"))?;
+            if !is_known_hash(&hash) {
+                return Err(fail("password_hash is neither an argon2 ($argon2id$...) nor a bcrypt ($2b$...) hash"));
+            }
+            if users.insert(u.name.clone(), User { hash, grants: Arc::new(u.grants.build()?) }).is_some() {
+                return Err(fail("the user is listed twice"));
+            }
+        }
+        let jwt = config.jwt.as_ref().map(jwt::Jwt::new).transpose()?;
+        Ok(Self { users, jwt, verified: Mutex::new(HashMap::new()), hasher: RandomState::new() })
+    }
+
+    /// Checks `credentials`. A Basic password is verified with its hash once (CPU-heavy
+    /// by design: call this off the async workers, e.g. in `spawn_blocking`), then
+    /// remembered for a few minutes.
+    pub fn authenticate(&self, credentials: &Credentials) -> Result<Principal, AuthError> {
+        match credentials {
+            Credentials::Basic { user, password } => {
+                if self.users.is_empty() {
+                    return Err(AuthError::NoBasic);
+                }
+                let Some(u) = self.users.get(user) else {
+                    return Err(AuthError::BadPassword);
+                };
+                let key = self.hasher.hash_one((user, password));
+                let remembered = lock(&self.verified).get(&key).is_some_and(|at| at.elapsed() < VERIFIED_FOR);
+                if !remembered {
+                    if !verify_password(password, &u.hash) {
+                        return Err(AuthError::BadPassword);
+                    }
+                    let mut verified = lock(&self.verified);
+                    if verified.len() >= VERIFIED_MAX {
+                        verified.clear();
+                    }
+                    verified.insert(key, Instant::now());
+                }
+                Ok(Principal { name: Arc::from(user.as_str()), grants: u.grants.clone(), expires_at: None })
+            }
+            Credentials::Bearer(token) => match &self.jwt {
+                Some(jwt) => jwt.check(token, now_secs()).map_err(|e| AuthError::BadToken(e.to_string())),
+                None => Err(AuthError::NoBearer),
+            },
+        }
+    }
+
+    /// Whether Basic credentials are verified already (so checking them is cheap).
+    pub fn is_cheap(&self, credentials: &Credentials) -> bool {
+        match credentials {
+            Credentials::Basic { user, password } => {
+                let key = self.hasher.hash_one((user, password));
+                lock(&self.verified).get(&key).is_some_and(|at| at.elapsed() < VERIFIED_FOR)
+            }
+            Credentials::Bearer(_) => true,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn is_known_hash(hash: &str) -> bool {
+    if hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$") {
+        return hash.parse::<bcrypt::HashParts>().is_ok();
+    }
+    hash.starts_with("$argon2") && argon2::PasswordHash::new(hash).is_ok()
+}
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    if hash.starts_with("$2") {
+        return bcrypt::verify(password, hash).unwrap_or(false);
+    }
+    use argon2::PasswordVerifier;
+    match argon2::PasswordHash::new(hash) {
+        Ok(parsed) => argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// An argon2id hash of `password` with a random salt, for `password_hash`.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::rand_core::OsRng;
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Where a secret comes from: a file, or an environment variable.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// A file holding the secret (trailing newline ignored).
+    pub file: Option<PathBuf>,
+    /// The name of an environment variable holding it.
+    pub env: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str, password: &str, publish: &[&str]) -> UserConfig {
+        UserConfig {
+            name: name.into(),
+            password_hash: Some(hash_password(password).unwrap_or_default()),
+            password: None,
+            grants: GrantsSpec { publish: publish.iter().map(|s| s.to_string()).collect(), ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn basic_users_verify_and_plain_text_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let auth = Authenticator::new(&AuthConfig { users: vec![user("alice", "s3cret", &["a.>"])], jwt: None })?;
+        let ok = Credentials::Basic { user: "alice".into(), password: "s3cret".into() };
+        let p = auth.authenticate(&ok)?;
+        assert!(p.allows(Action::Publish, "a.b") && !p.allows(Action::Publish, "b.c"));
+        assert!(auth.is_cheap(&ok), "remembered once verified");
+        let wrong = Credentials::Basic { user: "alice".into(), password: "nope".into() };
+        assert_eq!(auth.authenticate(&wrong), Err(AuthError::BadPassword));
+        let unknown = Credentials::Basic { user: "mallory".into(), password: "s3cret".into() };
+        assert_eq!(auth.authenticate(&unknown), Err(AuthError::BadPassword));
+        assert_eq!(auth.authenticate(&Credentials::Bearer("x".into())), Err(AuthError::NoBearer));
+
+        let plain = UserConfig { password: Some("s3cret".into()), password_hash: None, ..user("bob", "x", &[]) };
+        let err = Authenticator::new(&AuthConfig { users: vec![plain], jwt: None }).err().ok_or("accepted")?;
+        assert!(err.to_string().contains("plain-text passwords are refused"), "{err}");
+        let junk = UserConfig { password_hash: Some("hunter2".into()), ..user("bob", "x", &[]) };
+        assert!(Authenticator::new(&AuthConfig { users: vec![junk], jwt: None }).is_err());
+        let bcrypt = UserConfig { password_hash: Some(bcrypt::hash("pw", 4)?), ..user("carol", "x", &[">"]) };
+        let auth = Authenticator::new(&AuthConfig { users: vec![bcrypt], jwt: None })?;
+        assert!(auth.authenticate(&Credentials::Basic { user: "carol".into(), password: "pw".into() }).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn headers_parse() {
+        assert_eq!(
+            Credentials::from_header("Basic YWxpY2U6czNjcmV0"),
+            Some(Credentials::Basic { user: "alice".into(), password: "s3cret".into() })
+        );
+        assert_eq!(Credentials::from_header("bearer abc.def"), Some(Credentials::Bearer("abc.def".into())));
+        assert_eq!(Credentials::from_header("Basic !!!"), None);
+        assert_eq!(Credentials::from_header("Digest x"), None);
+        assert_eq!(Credentials::from_header("Bearer "), None);
+    }
+}
