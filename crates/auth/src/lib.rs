@@ -234,6 +234,30 @@ impl Authenticator {
         }
     }
 
+    /// The `WWW-Authenticate` schemes this server takes (`Basic`, `Bearer`).
+    pub fn schemes(&self) -> Vec<&'static str> {
+        let mut schemes = Vec::new();
+        if !self.users.is_empty() {
+            schemes.push("Basic");
+        }
+        if self.jwt.is_some() {
+            schemes.push("Bearer");
+        }
+        schemes
+    }
+
+    /// [`Authenticator::authenticate`] for async callers: a Basic password not verified
+    /// yet is hashed on a blocking thread, never on an async worker.
+    pub async fn check(self: &Arc<Self>, credentials: Credentials) -> Result<Principal, AuthError> {
+        if self.is_cheap(&credentials) {
+            return self.authenticate(&credentials);
+        }
+        let auth = self.clone();
+        tokio::task::spawn_blocking(move || auth.authenticate(&credentials))
+            .await
+            .unwrap_or(Err(AuthError::BadPassword))
+    }
+
     /// Whether Basic credentials are verified already (so checking them is cheap).
     pub fn is_cheap(&self, credentials: &Credentials) -> bool {
         match credentials {

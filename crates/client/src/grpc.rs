@@ -58,6 +58,8 @@ const MAX_RESPONSE_BYTES: usize = 256 << 20;
 #[derive(Debug, Clone)]
 pub struct GrpcClient {
     channel: Channel,
+    /// The `authorization` metadata this client's own calls carry.
+    auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl GrpcClient {
@@ -78,7 +80,27 @@ impl GrpcClient {
 
     /// Uses an existing channel (to tune windows, timeouts or TLS).
     pub fn from_channel(channel: Channel) -> Self {
-        Self { channel }
+        Self { channel, auth: None }
+    }
+
+    /// This client, sending `authorization` (as for HTTP: `Basic ...` or `Bearer ...`)
+    /// with the calls it makes itself (publish, publish_batch, subscribe); requests made
+    /// through [`GrpcClient::topics`] and [`GrpcClient::queues`] go through
+    /// [`GrpcClient::request`].
+    pub fn authorized(self, authorization: &str) -> Result<Self, ClientError> {
+        let value = authorization
+            .parse()
+            .map_err(|_| ClientError::Protocol("the Authorization value is not valid metadata".into()))?;
+        Ok(Self { auth: Some(value), ..self })
+    }
+
+    /// `message` as a request carrying this client's credentials.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(auth) = &self.auth {
+            request.metadata_mut().insert("authorization", auth.clone());
+        }
+        request
     }
 
     /// The `herald.v1.Topics` client.
@@ -95,7 +117,7 @@ impl GrpcClient {
     pub async fn publish(&self, topic: &str, kind: pb::Kind, data: impl Into<Bytes>) -> Result<Published, ClientError> {
         let request =
             pb::PublishRequest { topic: topic.to_owned(), data: data.into(), kind: kind as i32, ..Default::default() };
-        let r = self.topics().publish(request).await?.into_inner();
+        let r = self.topics().publish(self.request(request)).await?.into_inner();
         Ok(Published { topic: r.topic, offset: r.offset, ts: r.ts })
     }
 
@@ -106,7 +128,7 @@ impl GrpcClient {
         messages: Vec<pb::BatchMessage>,
     ) -> Result<Vec<pb::Published>, ClientError> {
         let request = pb::PublishBatchRequest { topic: topic.to_owned(), messages };
-        Ok(self.topics().publish_batch(request).await?.into_inner().published)
+        Ok(self.topics().publish_batch(self.request(request)).await?.into_inner().published)
     }
 
     /// Subscribes to `topic` from `from`; `epoch` is the epoch seen before, checked when
@@ -124,7 +146,7 @@ impl GrpcClient {
             StartFrom::Offset(n) => Some(From::Offset(n)),
         };
         let request = pb::SubscribeRequest { topic: topic.to_owned(), from, epoch };
-        let mut stream = self.topics().subscribe(request).await?.into_inner();
+        let mut stream = self.topics().subscribe(self.request(request)).await?.into_inner();
         match stream.message().await?.and_then(|e| e.event) {
             Some(pb::subscribe_event::Event::Subscribed(subscribed)) => Ok(GrpcSubscription { subscribed, stream }),
             other => Err(ClientError::Protocol(format!("expected a subscribed event first, got {other:?}"))),

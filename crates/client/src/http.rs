@@ -11,6 +11,35 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     tls: TlsConfig,
+    /// The `Authorization` header value every request (and WebSocket) carries.
+    auth: Option<String>,
+}
+
+/// An `Authorization` header value for Basic auth.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
+/// An `Authorization` header value for a bearer token.
+pub fn bearer_auth(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// A reqwest client trusting `tls`, sending `auth` with every request.
+fn http_client(tls: &TlsConfig, auth: Option<&str>) -> Result<reqwest::Client, ClientError> {
+    crate::tls::install_crypto_provider();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(auth) = auth {
+        let mut value = reqwest::header::HeaderValue::from_str(auth)
+            .map_err(|_| ClientError::Protocol("the Authorization value is not a valid header".into()))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls.rustls(&[b"http/1.1"]))
+        .default_headers(headers)
+        .build()?)
 }
 
 /// A publish acknowledgement.
@@ -87,15 +116,24 @@ impl Client {
 
     /// A client whose `https://` and `wss://` connections trust `tls`.
     pub fn with_tls(base: impl Into<String>, tls: TlsConfig) -> Self {
-        // With a rustls configuration given, reqwest builds no TLS backend of its own,
-        // the one step of `build` that can fail.
-        crate::tls::install_crypto_provider();
+        // With a rustls configuration given and no headers, reqwest builds no TLS
+        // backend of its own nor parses anything: `build` cannot fail.
         #[allow(clippy::expect_used)]
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls.rustls(&[b"http/1.1"]))
-            .build()
-            .expect("a reqwest client with a preconfigured rustls backend builds");
-        Self { http, base: base.into().trim_end_matches('/').to_owned(), tls }
+        let http = http_client(&tls, None).expect("a reqwest client with a preconfigured rustls backend builds");
+        Self { http, base: base.into().trim_end_matches('/').to_owned(), tls, auth: None }
+    }
+
+    /// This client, sending `authorization` (see [`basic_auth`], [`bearer_auth`]) with
+    /// every request and WebSocket upgrade.
+    pub fn authorized(self, authorization: impl Into<String>) -> Result<Self, ClientError> {
+        let auth = authorization.into();
+        let http = http_client(&self.tls, Some(&auth))?;
+        Ok(Self { http, auth: Some(auth), ..self })
+    }
+
+    /// The `Authorization` value this client sends, if any.
+    pub fn authorization(&self) -> Option<&str> {
+        self.auth.as_deref()
     }
 
     /// The CAs this client trusts.

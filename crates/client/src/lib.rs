@@ -19,7 +19,7 @@ mod tls;
 mod ws;
 
 pub use grpc::{GrpcClient, GrpcSubscription};
-pub use http::{Client, Page, Published, TopicInfo};
+pub use http::{basic_auth, bearer_auth, Client, Page, Published, TopicInfo};
 pub use queue::{FetchOptions, Job, QueueStats};
 pub use tls::{install_crypto_provider, TlsConfig};
 pub use ws::{connect_socket, Delivery, Event, Payload, Subscription, WsConnection};

@@ -84,14 +84,23 @@ impl Delivery {
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Opens a WebSocket to `url` (`ws://` or `wss://`, the latter trusting `tls`).
+/// Opens a WebSocket to `url` (`ws://` or `wss://`, the latter trusting `tls`), sending
+/// `authorization` with the upgrade when given.
 pub async fn connect_socket(
     url: &str,
     config: WebSocketConfig,
     tls: &TlsConfig,
+    authorization: Option<&str>,
 ) -> Result<(Socket, tokio_tungstenite::tungstenite::handshake::client::Response), ClientError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request()?;
+    if let Some(auth) = authorization {
+        let value =
+            auth.parse().map_err(|_| ClientError::Protocol("the Authorization value is not a valid header".into()))?;
+        request.headers_mut().insert("authorization", value);
+    }
     let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls.rustls(&[b"http/1.1"])));
-    Ok(tokio_tungstenite::connect_async_tls_with_config(url, Some(config), false, Some(connector)).await?)
+    Ok(tokio_tungstenite::connect_async_tls_with_config(request, Some(config), false, Some(connector)).await?)
 }
 
 /// One WebSocket connection speaking the JSON protocol.
@@ -111,11 +120,16 @@ impl WsConnection {
 
     /// As [`WsConnection::connect`], trusting `tls` for `wss://`.
     pub async fn connect_with(base: &str, tls: &TlsConfig) -> Result<Self, ClientError> {
+        Self::connect_as(base, tls, None).await
+    }
+
+    /// As [`WsConnection::connect_with`], sending `authorization` with the upgrade.
+    pub async fn connect_as(base: &str, tls: &TlsConfig, authorization: Option<&str>) -> Result<Self, ClientError> {
         let url = format!("{}/v1/ws", ws_base(base.trim_end_matches('/')));
         // tungstenite zeroes its whole read chunk before every read: keep it small (its
         // default, 128 KiB, made each small frame cost a 128 KiB memset).
         let config = WebSocketConfig::default().read_buffer_size(8 << 10);
-        let (socket, _) = connect_socket(&url, config, tls).await?;
+        let (socket, _) = connect_socket(&url, config, tls, authorization).await?;
         Ok(Self { socket, next_id: 1, backlog: VecDeque::new() })
     }
 
@@ -252,11 +266,12 @@ impl Client {
         let (tx, events) = mpsc::channel(1024);
         let base = self.base().to_owned();
         let tls = self.tls().clone();
+        let auth = self.authorization().map(str::to_owned);
         let topic = topic.to_owned();
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                let error = match session(&base, &tls, &topic, &mut resume, &tx, &mut backoff).await {
+                let error = match session(&base, &tls, auth.as_deref(), &topic, &mut resume, &tx, &mut backoff).await {
                     Ok(()) => return, // the receiver is gone
                     Err(e) => e,
                 };
@@ -280,12 +295,13 @@ struct Resume {
 async fn session(
     base: &str,
     tls: &TlsConfig,
+    auth: Option<&str>,
     topic: &str,
     resume: &mut Resume,
     tx: &mpsc::Sender<Event>,
     backoff: &mut Duration,
 ) -> Result<(), ClientError> {
-    let mut conn = WsConnection::connect_with(base, tls).await?;
+    let mut conn = WsConnection::connect_as(base, tls, auth).await?;
     let epoch = match resume.from {
         StartFrom::Offset(n) if n > 0 => resume.epoch.clone(),
         _ => None,

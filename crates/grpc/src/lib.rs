@@ -22,6 +22,7 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use herald_auth::{Action, Authenticator, Credentials, Principal};
 use herald_core::{Broker, Kind};
 use herald_protocol::ErrorCode;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +68,21 @@ struct StateInner {
     config: GrpcConfig,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Checks credentials; `None`: every caller may do everything.
+    auth: Option<Arc<Authenticator>>,
+}
+
+/// Who is calling: `None` when the server does not authenticate.
+pub(crate) type Caller = Option<Arc<Principal>>;
+
+/// `Ok` if `caller` may do `action` on `name`, else PERMISSION_DENIED (`forbidden`).
+pub(crate) fn permit(caller: &Caller, action: Action, name: &str) -> Result<(), Status> {
+    match caller {
+        Some(p) if !p.allows(action, name) => {
+            Err(error::status(ErrorCode::Forbidden, format!("{} may not {action} on {name}", p.name)))
+        }
+        _ => Ok(()),
+    }
 }
 
 impl GrpcState {
@@ -74,16 +90,46 @@ impl GrpcState {
     /// UNAVAILABLE and refuses new calls; stream tasks run on `tracker`, which shutdown
     /// waits on.
     pub fn new(broker: Broker, config: GrpcConfig, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
-        Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker }) }
+        Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker, auth: None }) }
+    }
+
+    /// This state, authenticating every call with `auth` (the `authorization` metadata,
+    /// Basic or Bearer, as the HTTP header).
+    pub fn with_auth(self, auth: Option<Arc<Authenticator>>) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(StateInner {
+                broker: inner.broker.clone(),
+                config: inner.config.clone(),
+                shutdown: inner.shutdown.clone(),
+                tracker: inner.tracker.clone(),
+                auth,
+            }),
+        }
     }
 
     fn broker(&self) -> &Broker {
         &self.inner.broker
     }
 
+    /// Admits a call ([`GrpcState::admit_load`]) and authenticates its caller:
+    /// UNAUTHENTICATED (`unauthorized`) without valid credentials when auth is on.
+    async fn admit<T>(&self, request: &tonic::Request<T>) -> Result<Caller, Status> {
+        self.admit_load()?;
+        let Some(auth) = &self.inner.auth else { return Ok(None) };
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let credentials = header.and_then(Credentials::from_header).ok_or_else(|| {
+            error::status(ErrorCode::Unauthorized, "credentials required: send authorization metadata, Basic or Bearer")
+        })?;
+        match auth.check(credentials).await {
+            Ok(p) => Ok(Some(Arc::new(p))),
+            Err(e) => Err(error::status(ErrorCode::Unauthorized, e)),
+        }
+    }
+
     /// Refuses a call once shutdown began or while `max_connections` long-lived
     /// connections are open, as the HTTP front door does for every `/v1` request.
-    fn admit(&self) -> Result<(), Status> {
+    fn admit_load(&self) -> Result<(), Status> {
         if self.inner.shutdown.is_cancelled() {
             return Err(error::status(ErrorCode::Unavailable, "server is shutting down"));
         }

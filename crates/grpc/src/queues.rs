@@ -50,9 +50,10 @@ fn in_range(name: &str, value: u64, min: u64, max: u64) -> Result<u64, Status> {
 #[tonic::async_trait]
 impl Queues for QueuesService {
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
+        crate::permit(&caller, herald_auth::Action::Enqueue, queue.as_str())?;
         let delay_ms = in_range("delay_ms", req.delay_ms, 0, MAX_DELAY_MS)?;
         let ttl_ms = req.ttl_ms.map(|t| in_range("ttl_ms", t, 0, MAX_DELAY_MS)).transpose()?;
         let broker = self.state.broker();
@@ -63,9 +64,10 @@ impl Queues for QueuesService {
     }
 
     async fn fetch(&self, request: Request<pb::QueueFetchRequest>) -> Result<Response<pb::QueueFetchResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
+        crate::permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         let max = if req.max == 0 { 1 } else { in_range("max", req.max.into(), 1, MAX_FETCH.into())? as usize };
         let visibility_ms = match req.visibility_ms {
             0 => DEFAULT_VISIBILITY_MS,
@@ -94,9 +96,10 @@ impl Queues for QueuesService {
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
+        crate::permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         self.state
             .broker()
             .queue_service()
@@ -108,9 +111,10 @@ impl Queues for QueuesService {
     }
 
     async fn requeue(&self, request: Request<pb::RequeueRequest>) -> Result<Response<pb::RequeueResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
+        crate::permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         let delay_ms = in_range("delay_ms", req.delay_ms, 0, MAX_DELAY_MS)?;
         self.state
             .broker()
@@ -123,9 +127,10 @@ impl Queues for QueuesService {
     }
 
     async fn extend(&self, request: Request<pb::ExtendRequest>) -> Result<Response<pb::ExtendResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
+        crate::permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         let visibility_ms = in_range("visibility_ms", req.visibility_ms, 1, MAX_VISIBILITY_MS)?;
         self.state
             .broker()
@@ -138,9 +143,10 @@ impl Queues for QueuesService {
     }
 
     async fn stats(&self, request: Request<pb::QueueStatsRequest>) -> Result<Response<pb::QueueStats>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
+        crate::permit(&caller, herald_auth::Action::Admin, queue.as_str())?;
         let s = self.state.broker().queue_service().map_err(from_broker)?.stats(&queue).await.map_err(from_queue)?;
         Ok(Response::new(pb::QueueStats {
             queue: req.queue,

@@ -45,9 +45,10 @@ fn limit(raw: u32) -> Result<usize, Status> {
 #[tonic::async_trait]
 impl Topics for TopicsService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
+        crate::permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
         let broker = self.state.broker();
         let msg = new_message(broker, kind_of(req.kind, &req.content_type)?, req.data, req.ttl_ms)?;
         let p = broker.publish(&topic, msg).await.map_err(from_broker)?;
@@ -58,9 +59,10 @@ impl Topics for TopicsService {
         &self,
         request: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
+        crate::permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
         if req.messages.is_empty() || req.messages.len() > MAX_BATCH {
             return Err(bad_request(format!("a batch holds 1 to {MAX_BATCH} messages, not {}", req.messages.len())));
         }
@@ -76,9 +78,10 @@ impl Topics for TopicsService {
     }
 
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
+        crate::permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
         let limit = limit(req.limit)?;
         let page = self.state.broker().fetch(&topic, req.from, limit).await.map_err(from_broker)?;
         let mut next = page.next;
@@ -98,9 +101,10 @@ impl Topics for TopicsService {
     type SubscribeStream = EventStream;
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
+        crate::permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
         let from = match req.from {
             None => StartFrom::Latest,
             Some(FromPosition::Offset(n)) => StartFrom::Offset(n),
@@ -115,9 +119,10 @@ impl Topics for TopicsService {
     }
 
     async fn info(&self, request: Request<pb::TopicInfoRequest>) -> Result<Response<pb::TopicInfo>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
+        crate::permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
         let info = self.state.broker().info(&topic).await.map_err(from_broker)?;
         let h = info.head;
         Ok(Response::new(pb::TopicInfo {
@@ -131,13 +136,15 @@ impl Topics for TopicsService {
     }
 
     async fn list(&self, request: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let limit = limit(req.limit)?;
         let after = (!req.after.is_empty()).then_some(req.after.as_str());
         let topics = self.state.broker().list(&req.prefix, after, limit).await.map_err(from_broker)?;
+        // The topics the caller may administer (all of them without auth).
         let topics = topics
             .into_iter()
+            .filter(|t| caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, t.topic.as_str())))
             .map(|t| pb::TopicSummary { topic: t.topic.as_str().to_owned(), last: t.last, subscribers: t.subscribers })
             .collect();
         Ok(Response::new(pb::ListTopicsResponse { topics }))
@@ -147,8 +154,9 @@ impl Topics for TopicsService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
-        self.state.admit()?;
+        let caller = self.state.admit(&request).await?;
         let topic = topic_name(&request.into_inner().topic)?;
+        crate::permit(&caller, herald_auth::Action::Admin, topic.as_str())?;
         self.state.broker().delete(&topic).await.map_err(from_broker)?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }

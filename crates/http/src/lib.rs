@@ -5,6 +5,7 @@
 //! no handler talks to a store. Long-lived connections are tracked so shutdown can close
 //! them with 1001 and wait for them.
 
+mod auth;
 mod error;
 mod extract;
 mod metrics;
@@ -24,6 +25,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use herald_auth::Authenticator;
 use herald_core::Broker;
 use herald_protocol::ErrorCode;
 use tokio_util::sync::CancellationToken;
@@ -66,12 +68,28 @@ struct StateInner {
     config: HttpConfig,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Checks credentials; `None`: every caller may do everything.
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl AppState {
     /// State over `broker`; cancelling `shutdown` closes every long-lived connection.
     pub fn new(broker: Broker, config: HttpConfig, shutdown: CancellationToken) -> Self {
-        Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker: TaskTracker::new() }) }
+        Self::with_auth(broker, config, shutdown, None)
+    }
+
+    /// As [`AppState::new`], authenticating every `/v1` request with `auth`.
+    pub fn with_auth(
+        broker: Broker,
+        config: HttpConfig,
+        shutdown: CancellationToken,
+        auth: Option<Arc<Authenticator>>,
+    ) -> Self {
+        Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker: TaskTracker::new(), auth }) }
+    }
+
+    fn auth(&self) -> Option<&Arc<Authenticator>> {
+        self.inner.auth.as_ref()
     }
 
     fn broker(&self) -> &Broker {
@@ -103,6 +121,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/ack/{id}", post(queues::ack))
         .route("/v1/queues/{queue}/requeue/{id}", post(queues::requeue))
         .route("/v1/queues/{queue}/extend/{id}", post(queues::extend))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(axum::middleware::from_fn_with_state(state.clone(), connection_limit));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

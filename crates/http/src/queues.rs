@@ -1,5 +1,5 @@
 //! REST endpoints for work queues: enqueue, fetch (with long poll), ack, requeue,
-//! extend, stats. Thin: every rule lives in the core's [`herald_core::Queues`].
+//! extend, stats. Thin: every rule lives in the core's queue service.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -8,10 +8,13 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use herald_auth::Action;
 use herald_core::QueueError;
 use herald_protocol::encode::{push_json_str, push_kind_payload};
 use herald_protocol::ErrorCode;
 
+use crate::auth::Caller;
 use crate::extract::{DeliveryPath, QueuePath};
 use crate::rest::{body_error, kind_of, new_message, Query};
 use crate::{ApiError, AppState};
@@ -36,11 +39,13 @@ fn json(status: StatusCode, body: String) -> Response {
 
 pub(crate) async fn enqueue(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     QueuePath(queue): QueuePath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    caller.permit(Action::Enqueue, queue.as_str())?;
     let query = Query::parse(query.as_deref())?;
     let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
     let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX / 2, 0)).transpose()?;
@@ -56,9 +61,11 @@ pub(crate) async fn enqueue(
 
 pub(crate) async fn fetch(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     QueuePath(queue): QueuePath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    caller.permit(Action::Consume, queue.as_str())?;
     let query = Query::parse(query.as_deref())?;
     let max = query.number("max", 1, 100, 1)? as usize;
     let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 30_000)?;
@@ -87,17 +94,21 @@ pub(crate) async fn fetch(
 
 pub(crate) async fn ack(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     DeliveryPath(queue, id): DeliveryPath,
 ) -> Result<StatusCode, ApiError> {
+    caller.permit(Action::Consume, queue.as_str())?;
     state.broker().queue_service()?.ack(&queue, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn requeue(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     DeliveryPath(queue, id): DeliveryPath,
     RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
+    caller.permit(Action::Consume, queue.as_str())?;
     let query = Query::parse(query.as_deref())?;
     let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
     state.broker().queue_service()?.requeue(&queue, &id, delay_ms).await?;
@@ -106,9 +117,11 @@ pub(crate) async fn requeue(
 
 pub(crate) async fn extend(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     DeliveryPath(queue, id): DeliveryPath,
     RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
+    caller.permit(Action::Consume, queue.as_str())?;
     let query = Query::parse(query.as_deref())?;
     if query.get("visibility_ms").is_none() {
         return Err(ApiError::bad_request("visibility_ms is required"));
@@ -118,7 +131,12 @@ pub(crate) async fn extend(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(crate) async fn stats(State(state): State<AppState>, QueuePath(queue): QueuePath) -> Result<Response, ApiError> {
+pub(crate) async fn stats(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    QueuePath(queue): QueuePath,
+) -> Result<Response, ApiError> {
+    caller.permit(Action::Admin, queue.as_str())?;
     let s = state.broker().queue_service()?.stats(&queue).await?;
     let mut body = String::from("{\"queue\":");
     push_json_str(&mut body, queue.as_str());

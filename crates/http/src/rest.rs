@@ -4,11 +4,14 @@ use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use herald_auth::Action;
 use herald_core::{Kind, NewMessage};
 use herald_protocol::encode::{push_fetched, push_json_str};
 use herald_protocol::ErrorCode;
 use std::fmt::Write;
 
+use crate::auth::Caller;
 use crate::extract::TopicPath;
 use crate::{ApiError, AppState};
 
@@ -71,11 +74,13 @@ pub(crate) fn body_error(e: axum::Error, max: usize) -> ApiError {
 
 pub(crate) async fn publish(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    caller.permit(Action::Publish, topic.as_str())?;
     let query = Query::parse(query.as_deref())?;
     let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX, 0)).transpose()?;
     let max = state.broker().config().max_message_bytes;
@@ -90,9 +95,11 @@ pub(crate) async fn publish(
 
 pub(crate) async fn fetch(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    caller.permit(Action::Subscribe, topic.as_str())?;
     let query = Query::parse(query.as_deref())?;
     let from = query.number("from", 0, u64::MAX, 0)?;
     let limit = query.number("limit", 1, 1000, 100)?;
@@ -115,16 +122,20 @@ pub(crate) async fn fetch(
 
 pub(crate) async fn delete_topic(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     TopicPath(topic): TopicPath,
 ) -> Result<StatusCode, ApiError> {
+    caller.permit(Action::Admin, topic.as_str())?;
     state.broker().delete(&topic).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn topic_info(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     TopicPath(topic): TopicPath,
 ) -> Result<Response, ApiError> {
+    caller.permit(Action::Subscribe, topic.as_str())?;
     let info = state.broker().info(&topic).await?;
     let h = &info.head;
     let mut body = String::from("{\"topic\":");
@@ -139,8 +150,10 @@ pub(crate) async fn topic_info(
     Ok(json(StatusCode::OK, body))
 }
 
+/// Lists the topics the caller may administer (all of them without auth).
 pub(crate) async fn list_topics(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(query.as_deref())?;
@@ -148,6 +161,7 @@ pub(crate) async fn list_topics(
     let prefix = query.get("prefix").unwrap_or_default();
     let topics = state.broker().list(prefix, query.get("after"), limit as usize).await?;
     let mut body = String::from("{\"topics\":[");
+    let topics: Vec<_> = topics.into_iter().filter(|t| caller.allows(Action::Admin, t.topic.as_str())).collect();
     for (i, t) in topics.iter().enumerate() {
         if i > 0 {
             body.push(',');

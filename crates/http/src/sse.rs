@@ -82,10 +82,12 @@ impl SocketWriter<Bytes> for SseWriter<'_> {
 
 pub(crate) async fn stream(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    caller.permit(herald_auth::Action::Subscribe, topic.as_str())?;
     let query = Query::parse(query.as_deref())?;
     let from = match headers.get("last-event-id") {
         // Resume after the last event seen.

@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use herald_auth::Action;
 use herald_core::{
     outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage,
     Outbound, OutboundRx, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName,
@@ -31,6 +32,7 @@ use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode,
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{forbidden, Caller};
 use crate::extract::TopicPath;
 use crate::rest::Query;
 use crate::tap::Tap;
@@ -250,6 +252,7 @@ const READ_BUFFER_BYTES: usize = 8 << 10;
 
 pub(crate) async fn json_upgrade(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(not_an_upgrade)?;
@@ -259,7 +262,7 @@ pub(crate) async fn json_upgrade(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
-        .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state))))
+        .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state, caller))))
 }
 
 struct JsonSub {
@@ -315,9 +318,10 @@ impl<'a> Incoming<'a> {
     }
 }
 
-async fn json_connection(socket: WebSocket, state: AppState) {
+async fn json_connection(socket: WebSocket, state: AppState, caller: Caller) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
-    let mut session = JsonSession { state: state.clone(), out: out.clone(), subs: HashMap::new() };
+    let mut session =
+        JsonSession { state: state.clone(), out: out.clone(), subs: HashMap::new(), caller, decisions: HashMap::new() };
     run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| {
         let mut incoming = Incoming::new(&mut stream);
         loop {
@@ -382,9 +386,37 @@ struct JsonSession {
     state: AppState,
     out: Arc<Outbound<Control>>,
     subs: HashMap<TopicName, JsonSub>,
+    /// Who is connected, and the decisions taken for it on this connection.
+    caller: Caller,
+    decisions: HashMap<(Action, TopicName), bool>,
 }
 
+/// Decisions one connection remembers at most (then it starts over).
+const MAX_DECISIONS: usize = 4096;
+
 impl JsonSession {
+    /// `None` if the caller may do `action` on `topic`, else the `forbidden` error frame
+    /// (the connection stays). Decisions are cached per connection.
+    fn refused(&mut self, id: Option<u64>, action: Action, topic: &TopicName) -> Option<FrameError> {
+        let principal = self.caller.0.as_ref()?;
+        let key = (action, topic.clone());
+        let allowed = match self.decisions.get(&key) {
+            Some(allowed) => *allowed,
+            None => {
+                let allowed = principal.allows(action, topic.as_str());
+                if self.decisions.len() >= MAX_DECISIONS {
+                    self.decisions.clear();
+                }
+                self.decisions.insert(key, allowed);
+                allowed
+            }
+        };
+        (!allowed).then(|| {
+            let e = forbidden(principal, action, topic.as_str());
+            FrameError { id, code: e.code, message: e.message }
+        })
+    }
+
     fn reply(&self, text: String) {
         let size = text_size(&text);
         self.out.push_control(Control::Text(text), size);
@@ -411,6 +443,15 @@ impl JsonSession {
                     continue;
                 }
             };
+            if let Some(e) = match &frame.op {
+                Op::Publish { topic, .. } => self.refused(frame.id, Action::Publish, topic),
+                Op::Subscribe { topic, .. } => self.refused(frame.id, Action::Subscribe, topic),
+                Op::Unsubscribe { .. } | Op::Ping => None,
+            } {
+                self.publish_run(run.take()).await;
+                self.error(&e);
+                continue;
+            }
             match frame.op {
                 // Too large ones are refused on their own, below.
                 Op::Publish { topic, payload, ttl_ms }
@@ -535,6 +576,7 @@ enum Mode {
 
 pub(crate) async fn raw_upgrade(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -547,6 +589,13 @@ pub(crate) async fn raw_upgrade(
         Some("sub") => Mode::Sub,
         Some(other) => return Err(ApiError::bad_request(format!("mode must be both, pub or sub, not {other:?}"))),
     };
+    // The socket does what its mode says for its whole life: every action is checked now.
+    if mode != Mode::Sub {
+        caller.permit(Action::Publish, topic.as_str())?;
+    }
+    if mode != Mode::Pub {
+        caller.permit(Action::Subscribe, topic.as_str())?;
+    }
     let from = match query.get("from") {
         None => StartFrom::Latest,
         Some(s) => parse_from_query(s)

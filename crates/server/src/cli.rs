@@ -32,6 +32,52 @@ pub struct PubArgs {
     /// without it, the system's certificate store.
     #[arg(long, env = "HERALD_CA")]
     pub ca: Option<std::path::PathBuf>,
+    /// Basic auth as USER:PASSWORD (for a server with [auth]).
+    #[arg(long, env = "HERALD_USER", conflicts_with = "token")]
+    pub user: Option<String>,
+    /// A bearer token (JWT) (for a server with [auth]).
+    #[arg(long, env = "HERALD_TOKEN")]
+    pub token: Option<String>,
+}
+
+/// The `Authorization` value `--user` or `--token` give.
+fn authorization(user: &Option<String>, token: &Option<String>) -> anyhow::Result<Option<String>> {
+    Ok(match (user, token) {
+        (Some(user), _) => {
+            let (name, password) = user.split_once(':').ok_or_else(|| anyhow::anyhow!("--user takes USER:PASSWORD"))?;
+            Some(herald_client::basic_auth(name, password))
+        }
+        (None, Some(token)) => Some(herald_client::bearer_auth(token)),
+        (None, None) => None,
+    })
+}
+
+/// An HTTP client for `url` with the trust and credentials the flags give.
+fn http_client(
+    url: &str,
+    ca: &Option<std::path::PathBuf>,
+    user: &Option<String>,
+    token: &Option<String>,
+) -> anyhow::Result<Client> {
+    let client = Client::with_tls(url, trust(ca)?);
+    Ok(match authorization(user, token)? {
+        Some(auth) => client.authorized(auth)?,
+        None => client,
+    })
+}
+
+/// A gRPC client for `url` with the trust and credentials the flags give.
+async fn grpc_client(
+    url: &str,
+    ca: &Option<std::path::PathBuf>,
+    user: &Option<String>,
+    token: &Option<String>,
+) -> anyhow::Result<GrpcClient> {
+    let client = GrpcClient::connect_with(url, &trust(ca)?).await.with_context(|| format!("connecting to {url}"))?;
+    Ok(match authorization(user, token)? {
+        Some(auth) => client.authorized(&auth)?,
+        None => client,
+    })
 }
 
 /// The trust `--ca` names, or the system's.
@@ -67,6 +113,12 @@ pub struct SubArgs {
     /// without it, the system's certificate store.
     #[arg(long, env = "HERALD_CA")]
     pub ca: Option<std::path::PathBuf>,
+    /// Basic auth as USER:PASSWORD (for a server with [auth]).
+    #[arg(long, env = "HERALD_USER", conflicts_with = "token")]
+    pub user: Option<String>,
+    /// A bearer token (JWT) (for a server with [auth]).
+    #[arg(long, env = "HERALD_TOKEN")]
+    pub token: Option<String>,
 }
 
 /// Messages `herald sub` may still print: `--count`, or unbounded.
@@ -94,7 +146,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     if args.grpc {
         return publish_grpc(args).await;
     }
-    let client = Client::with_tls(&args.url, trust(&args.ca)?);
+    let client = http_client(&args.url, &args.ca, &args.user, &args.token)?;
     let content_type = if args.json { "application/json" } else { "text/plain; charset=utf-8" };
     if args.binary {
         let mut body = Vec::new();
@@ -118,9 +170,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
 
 /// `herald pub --grpc`: the same inputs, published with `Topics.Publish`.
 async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
-    let client = GrpcClient::connect_with(&args.url, &trust(&args.ca)?)
-        .await
-        .with_context(|| format!("connecting to {}", args.url))?;
+    let client = grpc_client(&args.url, &args.ca, &args.user, &args.token).await?;
     if args.binary {
         let mut body = Vec::new();
         tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
@@ -149,7 +199,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     if args.grpc {
         return subscribe_grpc(args, remaining).await;
     }
-    let client = Client::with_tls(&args.url, trust(&args.ca)?);
+    let client = http_client(&args.url, &args.ca, &args.user, &args.token)?;
     let mut subscription = client.subscribe(&args.topic, args.from);
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = subscription.next().await {
@@ -200,7 +250,7 @@ async fn subscribe_grpc_once(
     epoch: &mut Option<String>,
     remaining: &mut Remaining,
 ) -> anyhow::Result<()> {
-    let client = GrpcClient::connect_with(&args.url, &trust(&args.ca)?).await?;
+    let client = grpc_client(&args.url, &args.ca, &args.user, &args.token).await?;
     let mut subscription = client.subscribe(&args.topic, *from, epoch.clone()).await?;
     let subscribed = &subscription.subscribed;
     if !subscribed.recovered {

@@ -76,6 +76,9 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// TLS on the listener (certificate and key files), if set.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Authentication and grants (`[auth]` in the config file), if set: then every
+    /// `/v1` request and gRPC call must authenticate.
+    pub auth: Option<herald_auth::AuthConfig>,
 }
 
 /// Scale-out over Redis (docs/cluster.md).
@@ -109,6 +112,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             cluster: ClusterConfig::default(),
             tls: None,
+            auth: None,
         }
     }
 }
@@ -222,6 +226,7 @@ struct File {
     cluster: FileCluster,
     #[serde(default)]
     tls: FileTls,
+    auth: Option<herald_auth::AuthConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -468,6 +473,7 @@ impl Config {
                 .unwrap_or(d.shutdown_timeout),
             cluster,
             tls,
+            auth: file.auth,
         };
         config.validate()?;
         Ok(config)
@@ -557,7 +563,7 @@ shutdown_timeout = "{shutdown}"
 prefix = "{prefix}"
 
 [tls]
-{tls}"#,
+{tls}{auth}"#,
             listen = self.listen,
             store = self.store.as_str(),
             data_dir = self.data_dir.display(),
@@ -586,6 +592,14 @@ prefix = "{prefix}"
             tls = match &self.tls {
                 Some(files) => format!("cert = \"{}\"\nkey = \"{}\"\n", files.cert.display(), files.key.display()),
                 None => "# cert = \"/etc/herald/tls/cert.pem\"\n# key = \"/etc/herald/tls/key.pem\"\n".to_owned(),
+            },
+            auth = match &self.auth {
+                Some(a) => format!(
+                    "\n# [auth] is set in the config file ({} users, jwt {}); not printed here\n",
+                    a.users.len(),
+                    if a.jwt.is_some() { "on" } else { "off" }
+                ),
+                None => String::new(),
             },
         )
     }

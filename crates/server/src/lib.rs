@@ -130,6 +130,10 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let tls = config.tls.clone().map(Tls::new).transpose()?;
+    // A wrong [auth] section fails the start here, before anything is opened.
+    if let Some(a) = &config.auth {
+        herald_auth::Authenticator::new(a).map_err(|e| anyhow::anyhow!("config section [auth]: {e}"))?;
+    }
     let backend = open_backend(&config).await?;
     let served = tls.is_some();
     let task = tokio::spawn(serve_with(config, backend, listener, tls, shutdown.clone()));
@@ -162,10 +166,16 @@ async fn serve_with(
         Some((bus, queues)) => Broker::clustered(backend.store, bus, queues, config.broker.clone()),
         None => Broker::new(backend.store, config.broker.clone()),
     };
-    let state = AppState::new(broker.clone(), config.http.clone(), shutdown.clone());
+    let auth = match &config.auth {
+        Some(a) => Some(Arc::new(
+            herald_auth::Authenticator::new(a).map_err(|e| anyhow::anyhow!("config section [auth]: {e}"))?,
+        )),
+        None => None,
+    };
+    let state = AppState::with_auth(broker.clone(), config.http.clone(), shutdown.clone(), auth.clone());
     // gRPC shares the HTTP front door's connection limit and task tracker.
     let grpc_config = GrpcConfig { max_connections: config.http.max_connections, ..config.grpc.clone() };
-    let grpc = GrpcState::new(broker.clone(), grpc_config, shutdown.clone(), state.tracker().clone());
+    let grpc = GrpcState::new(broker.clone(), grpc_config, shutdown.clone(), state.tracker().clone()).with_auth(auth);
     let grpc = herald_grpc::router(grpc).context("building the gRPC services")?;
     let app = herald_http::router(state.clone()).merge(grpc);
 

@@ -27,6 +27,8 @@ enum Command {
     /// Load generators: throughput and latency against a running broker.
     #[command(subcommand)]
     Bench(herald_server::bench::BenchCommand),
+    /// Print an argon2id hash of a password (read from stdin) for `password_hash`.
+    Passwd,
 }
 
 #[tokio::main]
@@ -41,6 +43,7 @@ async fn main() -> std::process::ExitCode {
         Command::Pub(args) => herald_server::cli::publish(args).await,
         Command::Sub(args) => herald_server::cli::subscribe(args).await,
         Command::Bench(command) => herald_server::bench::run(command).await,
+        Command::Passwd => passwd(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -50,6 +53,21 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `herald passwd`: reads one line (the password) from stdin, prints its hash.
+fn passwd() -> anyhow::Result<()> {
+    use anyhow::Context;
+    if std::io::stdin().is_terminal() {
+        eprintln!("password (input is shown; pipe it in to hide it):");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    anyhow::ensure!(!password.is_empty(), "an empty password is not allowed");
+    let hash = herald_auth::hash_password(password).map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
+    println!("{hash}");
+    Ok(())
 }
 
 async fn serve(args: Box<ServeArgs>) -> anyhow::Result<()> {

@@ -1,0 +1,433 @@
+//! Authentication and grants on every door (docs/security.md): REST, WebSocket JSON, raw
+//! WebSocket, SSE and gRPC refuse a caller without valid credentials (401 with
+//! `WWW-Authenticate`, a refused upgrade, UNAUTHENTICATED), refuse an action not granted
+//! (403 `forbidden`, an error frame on a connection that stays, PERMISSION_DENIED) with
+//! nothing published or consumed, and serve what is granted. Basic users have argon2 or
+//! bcrypt hashes; bearer tokens are JWTs with a pinned algorithm, `exp`, `iss`, `aud`.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::{start, within, Result, TestServer};
+use futures_util::{SinkExt, StreamExt};
+use herald_auth::{AuthConfig, GrantsSpec, JwtConfig, SecretSource, UserConfig};
+use herald_client::grpc::pb;
+use herald_client::GrpcClient;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const SECRET: &str = "the test secret, at least thirty-two bytes long";
+const ISSUER: &str = "https://auth.test";
+const AUDIENCE: &str = "herald";
+
+fn list(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// alice may do everything on `chat.>` and `jobs.*`, except publish to `chat.announce`;
+/// bob may only read `chat.public`; tokens carry their own grants.
+async fn server() -> Result<TestServer> {
+    let dir =
+        std::env::temp_dir().join(format!("herald-auth-{}-{:?}", std::process::id(), std::thread::current().id()));
+    std::fs::create_dir_all(&dir)?;
+    let secret = dir.join("jwt.secret");
+    std::fs::write(&secret, format!("{SECRET}\n"))?;
+    let alice = UserConfig {
+        name: "alice".into(),
+        password_hash: Some(herald_auth::hash_password("alice-pw").map_err(|e| e.to_string())?),
+        password: None,
+        grants: GrantsSpec {
+            publish: list(&["chat.>"]),
+            subscribe: list(&["chat.>"]),
+            enqueue: list(&["jobs.*"]),
+            consume: list(&["jobs.*"]),
+            admin: list(&["chat.>", "jobs.*"]),
+            deny: Some(Box::new(GrantsSpec { publish: list(&["chat.announce"]), ..Default::default() })),
+        },
+    };
+    let bob = UserConfig {
+        name: "bob".into(),
+        password_hash: Some(bcrypt::hash("bob-pw", 4)?),
+        password: None,
+        grants: GrantsSpec { subscribe: list(&["chat.public"]), ..Default::default() },
+    };
+    let jwt = JwtConfig {
+        algorithm: "HS256".into(),
+        secret: Some(SecretSource { file: Some(secret), env: None }),
+        previous_secret: None,
+        previous_until: None,
+        public_key_file: None,
+        jwks_file: None,
+        issuer: Some(ISSUER.into()),
+        audience: Some(AUDIENCE.into()),
+        claim: None,
+        leeway_secs: Some(0),
+    };
+    let auth = AuthConfig { users: vec![alice, bob], jwt: Some(jwt) };
+    start(move |c| c.auth = Some(auth)).await
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
+fn token_with(alg: Algorithm, secret: &str, claims: Value) -> String {
+    let token = encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap_or_default();
+    format!("Bearer {token}")
+}
+
+fn now() -> u64 {
+    herald_auth::now_secs()
+}
+
+/// carol's token: publish and subscribe on `chat.>`.
+fn claims() -> Value {
+    json!({"sub": "carol", "exp": now() + 600, "iss": ISSUER, "aud": AUDIENCE,
+           "herald": {"publish": ["chat.>"], "subscribe": ["chat.>"]}})
+}
+
+async fn call(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> Result<(u16, Value, Vec<String>)> {
+    let url = format!("{}{path}", server.url);
+    let mut req = match method {
+        "GET" => server.http.get(url),
+        "DELETE" => server.http.delete(url),
+        _ => server.http.post(url).header("content-type", "text/plain").body(body.to_owned()),
+    };
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let r = req.send().await?;
+    let status = r.status().as_u16();
+    let challenges =
+        r.headers().get_all("www-authenticate").iter().filter_map(|v| v.to_str().ok()).map(str::to_owned).collect();
+    let bytes = r.bytes().await?;
+    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes)? };
+    Ok((status, body, challenges))
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_refuses_missing_and_bad_credentials_and_what_is_not_granted() -> Result {
+    let server = server().await?;
+    let (alice, bob) = (basic("alice", "alice-pw"), basic("bob", "bob-pw"));
+
+    let (s, v, challenges) = call(&server, "POST", "/v1/topics/chat.room/messages", None, "x").await?;
+    assert_eq!((s, code(&v)), (401, "unauthorized"), "{v}");
+    assert_eq!(challenges, vec![r#"Basic realm="herald""#, r#"Bearer realm="herald""#]);
+    let wrong = basic("alice", "guess");
+    assert_eq!(call(&server, "POST", "/v1/topics/chat.room/messages", Some(&wrong), "x").await?.0, 401);
+    assert_eq!(call(&server, "POST", "/v1/topics/chat.room/messages", Some("Digest x"), "x").await?.0, 401);
+    // Health and metrics stay open (probes carry no credentials).
+    assert_eq!(common::http().get(format!("{}/readyz", server.url)).send().await?.status(), 200);
+
+    let (s, v, _) = call(&server, "POST", "/v1/topics/chat.room/messages", Some(&alice), "hello").await?;
+    assert_eq!((s, v["offset"].as_u64()), (201, Some(1)), "{v}");
+    let (s, v, _) = call(&server, "POST", "/v1/topics/chat.announce/messages", Some(&alice), "x").await?;
+    assert_eq!((s, code(&v)), (403, "forbidden"), "deny wins: {v}");
+    let (s, v, _) = call(&server, "POST", "/v1/topics/chat.room/messages", Some(&bob), "x").await?;
+    assert_eq!((s, code(&v)), (403, "forbidden"), "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("bob may not publish on chat.room")), "{v}");
+    let (_, info, _) = call(&server, "GET", "/v1/topics/chat.room", Some(&alice), "").await?;
+    assert_eq!(info["last"], 1, "nothing published by the refused calls");
+    assert_eq!(call(&server, "GET", "/v1/topics/chat.room/messages", Some(&bob), "").await?.0, 403);
+    assert_eq!(call(&server, "GET", "/v1/topics/chat.public/messages", Some(&bob), "").await?.0, 200);
+    assert_eq!(call(&server, "DELETE", "/v1/topics/chat.room", Some(&bob), "").await?.0, 403);
+    let (_, listed, _) = call(&server, "GET", "/v1/topics", Some(&bob), "").await?;
+    assert_eq!(listed["topics"], json!([]), "bob administers no topic: {listed}");
+
+    // Queues: enqueue and consume are separate rights; a refused fetch takes nothing.
+    assert_eq!(call(&server, "POST", "/v1/queues/jobs.a/messages", Some(&alice), "job").await?.0, 201);
+    assert_eq!(call(&server, "POST", "/v1/queues/jobs.a/messages", Some(&bob), "job").await?.0, 403);
+    assert_eq!(call(&server, "POST", "/v1/queues/jobs.a/fetch", Some(&bob), "").await?.0, 403);
+    let (_, stats, _) = call(&server, "GET", "/v1/queues/jobs.a", Some(&alice), "").await?;
+    assert_eq!((stats["ready"].as_u64(), stats["in_flight"].as_u64()), (Some(1), Some(0)), "{stats}");
+    let (s, fetched, _) = call(&server, "POST", "/v1/queues/jobs.a/fetch", Some(&alice), "").await?;
+    assert_eq!((s, fetched["messages"][0]["data"].as_str()), (200, Some("job")));
+    let id = fetched["messages"][0]["id"].as_str().ok_or("id")?;
+    assert_eq!(call(&server, "POST", &format!("/v1/queues/jobs.a/ack/{id}"), Some(&bob), "").await?.0, 403);
+    assert_eq!(call(&server, "POST", &format!("/v1/queues/jobs.a/ack/{id}"), Some(&alice), "").await?.0, 204);
+    assert_eq!(call(&server, "GET", "/v1/queues/jobs.a", Some(&bob), "").await?.0, 403);
+
+    // Bearer tokens: good, and every way of being wrong.
+    let good = token_with(Algorithm::HS256, SECRET, claims());
+    assert_eq!(call(&server, "POST", "/v1/topics/chat.room/messages", Some(&good), "from carol").await?.0, 201);
+    assert_eq!(call(&server, "POST", "/v1/queues/jobs.a/messages", Some(&good), "x").await?.0, 403);
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 5);
+    let mut audience = claims();
+    audience["aud"] = json!("someone-else");
+    let mut issuer = claims();
+    issuer["iss"] = json!("https://evil.test");
+    let refused = [
+        ("expired", token_with(Algorithm::HS256, SECRET, expired)),
+        ("badly signed", token_with(Algorithm::HS256, "not the secret, but also thirty-two+ bytes", claims())),
+        ("another algorithm", token_with(Algorithm::HS384, SECRET, claims())),
+        ("wrong audience", token_with(Algorithm::HS256, SECRET, audience)),
+        ("wrong issuer", token_with(Algorithm::HS256, SECRET, issuer)),
+        ("garbage", "Bearer not.a.token".to_owned()),
+    ];
+    for (what, token) in refused {
+        let (s, v, _) = call(&server, "POST", "/v1/topics/chat.room/messages", Some(&token), "x").await?;
+        assert_eq!((s, code(&v)), (401, "unauthorized"), "{what}: {v}");
+    }
+    let (_, info, _) = call(&server, "GET", "/v1/topics/chat.room", Some(&alice), "").await?;
+    assert_eq!(info["last"], 2, "only alice's and carol's good publishes are stored");
+    Ok(())
+}
+
+/// A WebSocket to `path` with an optional Authorization header.
+async fn ws(
+    server: &TestServer,
+    path: &str,
+    auth: Option<&str>,
+) -> std::result::Result<common::RawSocket, tokio_tungstenite::tungstenite::Error> {
+    let mut request = format!("{}{path}", server.ws).into_client_request()?;
+    if let Some(a) = auth {
+        request.headers_mut().insert(
+            "authorization",
+            a.parse().map_err(|_| tokio_tungstenite::tungstenite::Error::Utf8("header".into()))?,
+        );
+    }
+    Ok(tokio_tungstenite::connect_async(request).await?.0)
+}
+
+fn refused_status(e: tokio_tungstenite::tungstenite::Error) -> u16 {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(r) => r.status().as_u16(),
+        _ => 0,
+    }
+}
+
+async fn next_json(socket: &mut common::RawSocket) -> Result<Value> {
+    loop {
+        match within(Duration::from_secs(5), "a frame", socket.next()).await?.ok_or("closed")?? {
+            WsMessage::Text(t) => return Ok(serde_json::from_str(t.as_str())?),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => {}
+            other => return Err(format!("unexpected {other:?}").into()),
+        }
+    }
+}
+
+async fn send(socket: &mut common::RawSocket, frame: Value) -> Result {
+    socket.send(WsMessage::text(frame.to_string())).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_json_refuses_frames_not_granted_and_keeps_the_connection() -> Result {
+    let server = server().await?;
+    let refused = ws(&server, "/v1/ws", None).await.err().ok_or("an upgrade without credentials was accepted")?;
+    assert_eq!(refused_status(refused), 401);
+    let refused =
+        ws(&server, "/v1/ws", Some(&basic("bob", "nope"))).await.err().ok_or("a wrong password was accepted")?;
+    assert_eq!(refused_status(refused), 401);
+
+    let mut bob = ws(&server, "/v1/ws", Some(&basic("bob", "bob-pw"))).await?;
+    send(&mut bob, json!({"op": "subscribe", "id": 1, "topic": "chat.room", "from": "earliest"})).await?;
+    let reply = next_json(&mut bob).await?;
+    assert_eq!(
+        (reply["type"].as_str(), reply["id"].as_u64(), reply["code"].as_str()),
+        (Some("error"), Some(1), Some("forbidden")),
+        "{reply}"
+    );
+    send(&mut bob, json!({"op": "publish", "id": 2, "topic": "chat.public", "data": "x"})).await?;
+    let reply = next_json(&mut bob).await?;
+    assert_eq!((reply["id"].as_u64(), reply["code"].as_str()), (Some(2), Some("forbidden")), "{reply}");
+    send(&mut bob, json!({"op": "subscribe", "id": 3, "topic": "chat.public", "from": "earliest"})).await?;
+    assert_eq!(next_json(&mut bob).await?["type"], "subscribed", "the connection stays and serves what is granted");
+
+    let mut carol = ws(&server, "/v1/ws", Some(&token_with(Algorithm::HS256, SECRET, claims()))).await?;
+    send(&mut carol, json!({"op": "publish", "id": 7, "topic": "chat.public", "data": "hi bob"})).await?;
+    assert_eq!(next_json(&mut carol).await?["type"], "published");
+    let delivered = next_json(&mut bob).await?;
+    assert_eq!(
+        (delivered["type"].as_str(), delivered["data"].as_str()),
+        (Some("message"), Some("hi bob")),
+        "{delivered}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_websocket_and_sse_check_the_rights_of_their_mode() -> Result {
+    let server = server().await?;
+    let bob = basic("bob", "bob-pw");
+    assert_eq!(refused_status(ws(&server, "/v1/topics/chat.public/ws?mode=sub", None).await.err().ok_or("open")?), 401);
+    assert_eq!(
+        refused_status(ws(&server, "/v1/topics/chat.room/ws?mode=sub", Some(&bob)).await.err().ok_or("open")?),
+        403
+    );
+    assert_eq!(
+        refused_status(ws(&server, "/v1/topics/chat.public/ws?mode=pub", Some(&bob)).await.err().ok_or("open")?),
+        403
+    );
+    assert_eq!(
+        refused_status(ws(&server, "/v1/topics/chat.public/ws", Some(&bob)).await.err().ok_or("open")?),
+        403,
+        "both needs publish too"
+    );
+    let mut raw = ws(&server, "/v1/topics/chat.public/ws?mode=sub&from=earliest", Some(&bob)).await?;
+
+    assert_eq!(call(&server, "GET", "/v1/topics/chat.public/sse", None, "").await?.0, 401);
+    assert_eq!(call(&server, "GET", "/v1/topics/chat.room/sse", Some(&bob), "").await?.0, 403);
+    let mut sse = server
+        .http
+        .get(format!("{}/v1/topics/chat.public/sse?from=earliest", server.url))
+        .header("authorization", &bob)
+        .send()
+        .await?;
+    assert_eq!(sse.status(), 200);
+
+    let alice = basic("alice", "alice-pw");
+    assert_eq!(call(&server, "POST", "/v1/topics/chat.public/messages", Some(&alice), "for bob").await?.0, 201);
+    let frame = within(Duration::from_secs(5), "raw frame", raw.next()).await?.ok_or("closed")??;
+    assert_eq!(frame.into_text()?.as_str(), "for bob");
+    let mut seen = String::new();
+    while !seen.contains("for bob") {
+        let chunk = within(Duration::from_secs(5), "sse", sse.chunk()).await??.ok_or("sse ended")?;
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    Ok(())
+}
+
+fn with_auth<T>(message: T, auth: Option<&str>) -> Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(a) = auth {
+        request.metadata_mut().insert("authorization", a.parse()?);
+    }
+    Ok(request)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_answers_unauthenticated_and_permission_denied() -> Result {
+    let server = server().await?;
+    let client = GrpcClient::connect(&server.url).await?;
+    let publish = |topic: &str| pb::PublishRequest {
+        topic: topic.into(),
+        data: b"x".to_vec().into(),
+        kind: pb::Kind::Text as i32,
+        ..Default::default()
+    };
+    let (alice, bob) = (basic("alice", "alice-pw"), basic("bob", "bob-pw"));
+
+    let e = client.topics().publish(with_auth(publish("chat.room"), None)?).await.err().ok_or("accepted")?;
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = client
+        .topics()
+        .publish(with_auth(publish("chat.room"), Some(&basic("bob", "x")))?)
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let e = client.topics().publish(with_auth(publish("chat.room"), Some(&bob))?).await.err().ok_or("accepted")?;
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().starts_with("forbidden:"), "{e:?}");
+    let ok = client.topics().publish(with_auth(publish("chat.room"), Some(&alice))?).await?.into_inner();
+    assert_eq!(ok.offset, 1);
+    let token = token_with(Algorithm::HS256, SECRET, claims());
+    assert_eq!(client.topics().publish(with_auth(publish("chat.room"), Some(&token))?).await?.into_inner().offset, 2);
+
+    let subscribe = |topic: &str| pb::SubscribeRequest {
+        topic: topic.into(),
+        from: Some(pb::subscribe_request::From::Offset(0)),
+        ..Default::default()
+    };
+    let e = client.topics().subscribe(with_auth(subscribe("chat.room"), Some(&bob))?).await.err().ok_or("accepted")?;
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let e = client
+        .queues()
+        .enqueue(with_auth(
+            pb::EnqueueRequest { queue: "jobs.a".into(), data: b"j".to_vec().into(), ..Default::default() },
+            Some(&bob),
+        )?)
+        .await
+        .err()
+        .ok_or("accepted")?;
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let mut stream = client.topics().subscribe(with_auth(subscribe("chat.room"), Some(&alice))?).await?.into_inner();
+    let first = within(Duration::from_secs(5), "subscribed", stream.message()).await??.ok_or("ended")?;
+    assert!(first.event.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn plain_text_passwords_are_refused_at_start_and_passwd_makes_a_hash() -> Result {
+    let plain = UserConfig { name: "eve".into(), password: Some("hunter2".into()), ..Default::default() };
+    let auth = AuthConfig { users: vec![plain], jwt: None };
+    let err = start(move |c| c.auth = Some(auth)).await.err().ok_or("started with a plain-text password")?;
+    let err = format!("{err:#}");
+    assert!(err.contains("plain-text passwords are refused") && err.contains("herald passwd"), "{err}");
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("passwd")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    use std::io::Write;
+    child.stdin.take().ok_or("stdin")?.write_all(b"correct horse\n")?;
+    let out = child.wait_with_output()?;
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout)?.trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let user = UserConfig { name: "dave".into(), password_hash: Some(hash), ..Default::default() };
+    let auth = herald_auth::Authenticator::new(&AuthConfig { users: vec![user], jwt: None })?;
+    let ok = herald_auth::Credentials::Basic { user: "dave".into(), password: "correct horse".into() };
+    assert!(auth.authenticate(&ok).is_ok());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_credentials_from_user_or_token() -> Result {
+    let dir = std::env::temp_dir().join(format!("herald-auth-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let hash = herald_auth::hash_password("pw").map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("jwt.secret"), SECRET)?;
+    let config = format!(
+        r#"[auth.jwt]
+algorithm = "HS256"
+secret = {{ file = "{secret}" }}
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+
+[[auth.users]]
+name = "alice"
+password_hash = "{hash}"
+grants = {{ publish = ["chat.>"], subscribe = ["chat.>"] }}
+"#,
+        secret = dir.join("jwt.secret").display()
+    );
+    let path = dir.join("herald.toml");
+    std::fs::write(&path, config)?;
+    let (_server, url) = common::spawn_herald(&["--store", "memory", "--config", path.to_str().ok_or("path")?])?;
+    let herald = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald")).args(args).env("HERALD_URL", &url).output()
+    };
+    let out = herald(&["pub", "chat.room", "nobody"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401 unauthorized"), "{out:?}");
+    let out = herald(&["pub", "--user", "alice:pw", "chat.room", "from alice"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n", "{out:?}");
+    let token = token_with(Algorithm::HS256, SECRET, claims());
+    let token = token.trim_start_matches("Bearer ");
+    let out = herald(&["pub", "--grpc", "--token", token, "chat.room", "from carol"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n", "{out:?}");
+    let out = herald(&["sub", "--user", "alice:pw", "--from", "earliest", "-n", "2", "chat.room"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from alice\nfrom carol\n", "{out:?}");
+    let out = herald(&["sub", "--grpc", "--token", token, "--from", "earliest", "-n", "1", "chat.room"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from alice\n", "{out:?}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
