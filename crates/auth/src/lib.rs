@@ -234,6 +234,11 @@ impl Authenticator {
         }
     }
 
+    /// Whether bearer tokens are configured.
+    pub fn takes_bearer(&self) -> bool {
+        self.jwt.is_some()
+    }
+
     /// The `WWW-Authenticate` schemes this server takes (`Basic`, `Bearer`).
     pub fn schemes(&self) -> Vec<&'static str> {
         let mut schemes = Vec::new();

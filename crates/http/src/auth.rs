@@ -15,22 +15,32 @@ use herald_protocol::ErrorCode;
 
 use crate::{ApiError, AppState};
 
-/// Who is calling: `None` when the server does not authenticate.
+/// Who is calling.
 #[derive(Debug, Clone)]
-pub(crate) struct Caller(pub(crate) Option<Arc<Principal>>);
+pub(crate) enum Caller {
+    /// The server does not authenticate: anyone may do anything.
+    Anyone,
+    /// A JSON WebSocket opened without credentials: it must send an `auth` frame first.
+    Pending,
+    /// An authenticated caller.
+    User(Arc<Principal>),
+}
 
 impl Caller {
-    /// `Ok` if the caller may do `action` on `name`, else a 403 `forbidden`.
+    /// `Ok` if the caller may do `action` on `name`, else a 403 `forbidden` (401 before
+    /// it authenticated).
     pub(crate) fn permit(&self, action: Action, name: &str) -> Result<(), ApiError> {
-        match &self.0 {
-            Some(p) if !p.allows(action, name) => Err(forbidden(p, action, name)),
-            _ => Ok(()),
+        match self {
+            Caller::Anyone => Ok(()),
+            Caller::User(p) if p.allows(action, name) => Ok(()),
+            Caller::User(p) => Err(forbidden(p, action, name)),
+            Caller::Pending => Err(ApiError::new(ErrorCode::Unauthorized, "authenticate first")),
         }
     }
 
     /// Whether the caller may do `action` on `name`.
     pub(crate) fn allows(&self, action: Action, name: &str) -> bool {
-        self.0.as_ref().is_none_or(|p| p.allows(action, name))
+        self.permit(action, name).is_ok()
     }
 }
 
@@ -54,10 +64,16 @@ fn unauthorized(auth: &Authenticator, error: &AuthError) -> Response {
 /// The middleware of the `/v1` routes.
 pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(auth) = state.auth() else {
-        req.extensions_mut().insert(Caller(None));
+        req.extensions_mut().insert(Caller::Anyone);
         return next.run(req).await;
     };
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    // Browsers cannot set headers on a WebSocket: the JSON protocol's connection opens
+    // and authenticates with its first frame (ws.rs).
+    if header.is_none() && req.uri().path() == "/v1/ws" && auth.takes_bearer() {
+        req.extensions_mut().insert(Caller::Pending);
+        return next.run(req).await;
+    }
     let credentials = match header.map(Credentials::from_header) {
         None => return unauthorized(auth, &AuthError::Missing),
         Some(None) => {
@@ -70,7 +86,7 @@ pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request
     };
     match auth.check(credentials).await {
         Ok(principal) => {
-            req.extensions_mut().insert(Caller(Some(Arc::new(principal))));
+            req.extensions_mut().insert(Caller::User(Arc::new(principal)));
             next.run(req).await
         }
         Err(e) => unauthorized(auth, &e),

@@ -320,12 +320,33 @@ impl<'a> Incoming<'a> {
 
 async fn json_connection(socket: WebSocket, state: AppState, caller: Caller) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
-    let mut session =
-        JsonSession { state: state.clone(), out: out.clone(), subs: HashMap::new(), caller, decisions: HashMap::new() };
+    let deadline = deadline_of(&caller);
+    let mut session = JsonSession {
+        state: state.clone(),
+        out: out.clone(),
+        subs: HashMap::new(),
+        caller,
+        decisions: HashMap::new(),
+        deadline,
+        closed: false,
+    };
     run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| {
         let mut incoming = Incoming::new(&mut stream);
         loop {
-            let Some(frame) = incoming.next(stop).await else { break };
+            if session.closed {
+                break;
+            }
+            let frame = match session.deadline {
+                Some((at, why)) => tokio::select! {
+                    frame = incoming.next(stop) => frame,
+                    _ = tokio::time::sleep_until(at) => {
+                        session.close_unauthorized(why);
+                        break;
+                    }
+                },
+                None => incoming.next(stop).await,
+            };
+            let Some(frame) = frame else { break };
             last_seen.touch();
             match frame {
                 Some(Ok(WsMessage::Text(text))) => {
@@ -389,6 +410,26 @@ struct JsonSession {
     /// Who is connected, and the decisions taken for it on this connection.
     caller: Caller,
     decisions: HashMap<(Action, TopicName), bool>,
+    /// When the connection is closed with 4401 unless it (re)authenticates: the end of
+    /// the time allowed for the `auth` frame, or its token's expiry.
+    deadline: Option<(tokio::time::Instant, &'static str)>,
+    /// A close was queued: read nothing more.
+    closed: bool,
+}
+
+/// How long a JSON WebSocket opened without credentials has to send its `auth` frame.
+pub(crate) const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// When a connection of `caller` must (re)authenticate by.
+fn deadline_of(caller: &Caller) -> Option<(tokio::time::Instant, &'static str)> {
+    match caller {
+        Caller::Anyone => None,
+        Caller::Pending => Some((tokio::time::Instant::now() + AUTH_TIMEOUT, "authentication required")),
+        Caller::User(p) => p.expires_at.map(|exp| {
+            let left = Duration::from_secs(exp.saturating_sub(herald_auth::now_secs()));
+            (tokio::time::Instant::now() + left, "token expired")
+        }),
+    }
 }
 
 /// Decisions one connection remembers at most (then it starts over).
@@ -398,7 +439,13 @@ impl JsonSession {
     /// `None` if the caller may do `action` on `topic`, else the `forbidden` error frame
     /// (the connection stays). Decisions are cached per connection.
     fn refused(&mut self, id: Option<u64>, action: Action, topic: &TopicName) -> Option<FrameError> {
-        let principal = self.caller.0.as_ref()?;
+        let principal = match &self.caller {
+            Caller::Anyone => return None,
+            Caller::Pending => {
+                return Some(FrameError { id, code: ErrorCode::Unauthorized, message: "authenticate first".into() })
+            }
+            Caller::User(p) => p.clone(),
+        };
         let key = (action, topic.clone());
         let allowed = match self.decisions.get(&key) {
             Some(allowed) => *allowed,
@@ -412,9 +459,62 @@ impl JsonSession {
             }
         };
         (!allowed).then(|| {
-            let e = forbidden(principal, action, topic.as_str());
+            let e = forbidden(&principal, action, topic.as_str());
             FrameError { id, code: e.code, message: e.message }
         })
+    }
+
+    /// Queues a 4401 close; nothing more is read.
+    fn close_unauthorized(&mut self, why: &'static str) {
+        self.out.push_control(Control::Close(close::UNAUTHORIZED, why), 0);
+        self.closed = true;
+    }
+
+    /// An `auth` frame: authenticates a pending connection, or refreshes the token of an
+    /// authenticated one (same user). Subscriptions the new grants no longer allow end
+    /// with a `forbidden` error frame naming the topic.
+    async fn authenticate(&mut self, id: Option<u64>, token: String) {
+        let Some(auth) = self.state.auth().cloned() else {
+            return self.error(&FrameError {
+                id,
+                code: ErrorCode::BadRequest,
+                message: "this server does not authenticate; no auth frame is needed".into(),
+            });
+        };
+        let pending = matches!(self.caller, Caller::Pending);
+        let principal = match auth.check(herald_auth::Credentials::Bearer(token)).await {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                self.error(&FrameError { id, code: ErrorCode::Unauthorized, message: e.to_string() });
+                if pending {
+                    self.close_unauthorized("authentication failed");
+                }
+                return;
+            }
+        };
+        if let Caller::User(old) = &self.caller {
+            if old.name != principal.name {
+                return self.error(&FrameError {
+                    id,
+                    code: ErrorCode::BadRequest,
+                    message: format!("a refresh must be for {}, not {}", old.name, principal.name),
+                });
+            }
+        }
+        self.caller = Caller::User(principal.clone());
+        self.decisions.clear();
+        self.deadline = deadline_of(&self.caller);
+        let lost: Vec<TopicName> =
+            self.subs.keys().filter(|t| !principal.allows(Action::Subscribe, t.as_str())).cloned().collect();
+        for topic in lost {
+            if let Some(sub) = self.subs.remove(&topic) {
+                drop(sub._replay);
+                self.state.broker().unsubscribe(&topic, sub.id);
+            }
+            let e = forbidden(&principal, Action::Subscribe, topic.as_str());
+            self.error(&FrameError { id: None, code: e.code, message: format!("subscription ended: {}", e.message) });
+        }
+        self.reply(encode::authenticated(id, &principal.name, principal.expires_at));
     }
 
     fn reply(&self, text: String) {
@@ -443,10 +543,23 @@ impl JsonSession {
                     continue;
                 }
             };
+            if self.closed {
+                break;
+            }
+            if matches!(self.caller, Caller::Pending) && !matches!(frame.op, Op::Auth { .. }) {
+                self.publish_run(run.take()).await;
+                self.error(&FrameError {
+                    id: frame.id,
+                    code: ErrorCode::Unauthorized,
+                    message: "send {\"op\":\"auth\",\"token\":...} first".into(),
+                });
+                self.close_unauthorized("authentication required");
+                break;
+            }
             if let Some(e) = match &frame.op {
                 Op::Publish { topic, .. } => self.refused(frame.id, Action::Publish, topic),
                 Op::Subscribe { topic, .. } => self.refused(frame.id, Action::Subscribe, topic),
-                Op::Unsubscribe { .. } | Op::Ping => None,
+                Op::Unsubscribe { .. } | Op::Ping | Op::Auth { .. } => None,
             } {
                 self.publish_run(run.take()).await;
                 self.error(&e);
@@ -501,6 +614,7 @@ impl JsonSession {
         let fail = |code, message: String| FrameError { id, code, message };
         match frame.op {
             Op::Ping => self.reply(encode::pong(id)),
+            Op::Auth { token } => self.authenticate(id, token).await,
             Op::Publish { topic, payload, ttl_ms } => {
                 let own = self.subs.get(&topic).map(|sub| (sub.tap.clone(), sub.tap.mark()));
                 match self.state.broker().publish(&topic, new_message(payload, ttl_ms)).await {

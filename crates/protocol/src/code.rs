@@ -85,4 +85,7 @@ pub mod close {
     pub const INTERNAL_ERROR: u16 = 1011;
     /// The outbound buffer stayed full: slow consumer.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// JSON WebSocket with auth on: no valid `auth` frame within the time allowed, a
+    /// frame before it, refused credentials in it, or the token expired.
+    pub const UNAUTHORIZED: u16 = 4401;
 }

@@ -52,6 +52,12 @@ pub enum Op {
     },
     /// Liveness check.
     Ping,
+    /// Authenticate the connection with a bearer token (first frame of a connection
+    /// opened without credentials), or refresh its token.
+    Auth {
+        /// The token (a JWT).
+        token: String,
+    },
 }
 
 /// A payload from a JSON frame.
@@ -94,6 +100,8 @@ struct RawFrame<'a> {
     data_b64: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     ttl_ms: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 /// A field that is present is `Some`, even when its value is `null`.
@@ -162,6 +170,11 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
             Op::Publish { topic, payload, ttl_ms }
         }
         "ping" => Op::Ping,
+        "auth" => Op::Auth {
+            token: field::<String>(id, "token", raw.token)?
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| bad(id, "missing field token"))?,
+        },
         other => return Err(bad(id, &format!("unknown op {other:?}"))),
     };
     Ok(ClientFrame { id, op })
@@ -232,6 +245,9 @@ mod tests {
         let f = parse_client_frame(r#"{"op":"publish","topic":"n","data_b64":"aGk=","ttl_ms":5}"#)?;
         assert!(matches!(f.op, Op::Publish { payload: Payload::Binary(ref b), ttl_ms: Some(5), .. } if b == b"hi"));
         assert_eq!(parse_client_frame(r#"{"op":"ping","id":4}"#)?.op, Op::Ping);
+        assert_eq!(parse_client_frame(r#"{"op":"auth","token":"a.b.c"}"#)?.op, Op::Auth { token: "a.b.c".into() });
+        assert!(parse_client_frame(r#"{"op":"auth"}"#).is_err());
+        assert!(parse_client_frame(r#"{"op":"auth","token":7}"#).is_err());
         Ok(())
     }
 

@@ -155,6 +155,20 @@ pub fn pong(id: Option<u64>) -> String {
     buf
 }
 
+/// `{"type":"authenticated","id":..,"user":..,"expires":..}` (`expires`: the token's
+/// `exp`, seconds since the Unix epoch).
+pub fn authenticated(id: Option<u64>, user: &str, expires: Option<u64>) -> String {
+    let mut buf = String::from("{\"type\":\"authenticated\"");
+    push_id(&mut buf, id);
+    buf.push_str(",\"user\":");
+    push_json_str(&mut buf, user);
+    if let Some(exp) = expires {
+        let _ = write!(buf, ",\"expires\":{exp}");
+    }
+    buf.push('}');
+    buf
+}
+
 /// `{"type":"error","id":..,"code":..,"message":..}`
 pub fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
     let mut buf = String::from("{\"type\":\"error\"");

@@ -229,8 +229,12 @@ async fn send(socket: &mut common::RawSocket, frame: Value) -> Result {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_json_refuses_frames_not_granted_and_keeps_the_connection() -> Result {
     let server = server().await?;
-    let refused = ws(&server, "/v1/ws", None).await.err().ok_or("an upgrade without credentials was accepted")?;
-    assert_eq!(refused_status(refused), 401);
+    // Without credentials the upgrade opens (a browser authenticates in its first frame)
+    // but nothing else is served: a subscribe is refused and the socket closed with 4401.
+    let mut anonymous = ws(&server, "/v1/ws", None).await?;
+    send(&mut anonymous, json!({"op": "subscribe", "id": 1, "topic": "chat.public"})).await?;
+    assert_eq!(next_json(&mut anonymous).await?["code"], "unauthorized");
+    assert_eq!(close_of(&mut anonymous, Duration::from_secs(5)).await?.0, 4401);
     let refused =
         ws(&server, "/v1/ws", Some(&basic("bob", "nope"))).await.err().ok_or("a wrong password was accepted")?;
     assert_eq!(refused_status(refused), 401);
@@ -429,5 +433,76 @@ grants = {{ publish = ["chat.>"], subscribe = ["chat.>"] }}
     let out = herald(&["sub", "--grpc", "--token", token, "--from", "earliest", "-n", "1", "chat.room"])?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from alice\n", "{out:?}");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The close code and reason that end `socket`, skipping frames before it.
+async fn close_of(socket: &mut common::RawSocket, limit: Duration) -> Result<(u16, String)> {
+    loop {
+        match within(limit, "the close", socket.next()).await? {
+            Some(Ok(WsMessage::Close(Some(frame)))) => return Ok((u16::from(frame.code), frame.reason.to_string())),
+            Some(Ok(_)) => {}
+            other => return Err(format!("ended without a close frame: {other:?}").into()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_socket_authenticates_in_band_refreshes_and_is_closed_when_its_token_expires() -> Result {
+    let server = server().await?;
+    // Opened without credentials (as a browser does), then an auth frame.
+    let mut socket = ws(&server, "/v1/ws", None).await?;
+    let token = token_with(Algorithm::HS256, SECRET, claims());
+    send(&mut socket, json!({"op": "auth", "id": 1, "token": token.trim_start_matches("Bearer ")})).await?;
+    let reply = next_json(&mut socket).await?;
+    assert_eq!((reply["type"].as_str(), reply["user"].as_str()), (Some("authenticated"), Some("carol")), "{reply}");
+    assert!(reply["expires"].as_u64().is_some_and(|e| e > now()), "{reply}");
+    send(&mut socket, json!({"op": "subscribe", "id": 2, "topic": "chat.a", "from": "earliest"})).await?;
+    assert_eq!(next_json(&mut socket).await?["type"], "subscribed");
+    send(&mut socket, json!({"op": "subscribe", "id": 3, "topic": "chat.b", "from": "earliest"})).await?;
+    assert_eq!(next_json(&mut socket).await?["type"], "subscribed");
+
+    // A refresh whose grants no longer cover chat.b ends that subscription only.
+    let mut fewer = claims();
+    fewer["herald"] = json!({"subscribe": ["chat.a"]});
+    let refreshed = token_with(Algorithm::HS256, SECRET, fewer);
+    send(&mut socket, json!({"op": "auth", "id": 4, "token": refreshed.trim_start_matches("Bearer ")})).await?;
+    let ended = next_json(&mut socket).await?;
+    assert_eq!(ended["code"], "forbidden", "{ended}");
+    assert!(ended["message"].as_str().is_some_and(|m| m.contains("chat.b")), "{ended}");
+    assert_eq!(next_json(&mut socket).await?["type"], "authenticated");
+    let alice = basic("alice", "alice-pw");
+    call(&server, "POST", "/v1/topics/chat.b/messages", Some(&alice), "b").await?;
+    call(&server, "POST", "/v1/topics/chat.a/messages", Some(&alice), "a").await?;
+    let delivered = next_json(&mut socket).await?;
+    assert_eq!(
+        (delivered["topic"].as_str(), delivered["data"].as_str()),
+        (Some("chat.a"), Some("a")),
+        "chat.b ended: {delivered}"
+    );
+
+    // A frame before the auth frame: refused, and the socket closed with 4401.
+    let mut early = ws(&server, "/v1/ws", None).await?;
+    send(&mut early, json!({"op": "subscribe", "id": 1, "topic": "chat.a"})).await?;
+    assert_eq!(next_json(&mut early).await?["code"], "unauthorized");
+    assert_eq!(close_of(&mut early, Duration::from_secs(5)).await?.0, 4401);
+    // A bad token in the auth frame: the same.
+    let mut forged = ws(&server, "/v1/ws", None).await?;
+    let bad = token_with(Algorithm::HS256, "not the secret, though over thirty-two bytes", claims());
+    send(&mut forged, json!({"op": "auth", "token": bad.trim_start_matches("Bearer ")})).await?;
+    assert_eq!(next_json(&mut forged).await?["code"], "unauthorized");
+    assert_eq!(close_of(&mut forged, Duration::from_secs(5)).await?.0, 4401);
+    // No auth frame at all: closed once the time allowed has passed.
+    let mut silent = ws(&server, "/v1/ws", None).await?;
+    assert_eq!(close_of(&mut silent, Duration::from_secs(10)).await?, (4401, "authentication required".to_owned()));
+
+    // A token that expires while connected: the connection is closed with 4401.
+    let mut brief = claims();
+    brief["exp"] = json!(now() + 2);
+    let brief = token_with(Algorithm::HS256, SECRET, brief);
+    let mut expiring = ws(&server, "/v1/ws", Some(&brief)).await?;
+    send(&mut expiring, json!({"op": "subscribe", "id": 1, "topic": "chat.a"})).await?;
+    assert_eq!(next_json(&mut expiring).await?["type"], "subscribed");
+    assert_eq!(close_of(&mut expiring, Duration::from_secs(10)).await?, (4401, "token expired".to_owned()));
     Ok(())
 }
