@@ -169,6 +169,39 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
+/// The server's current [`Authenticator`], replaced by a configuration reload; every
+/// live connection watches [`LiveAuth::changes`] to check its caller again.
+pub struct LiveAuth {
+    current: std::sync::RwLock<Arc<Authenticator>>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl LiveAuth {
+    /// Starts with `auth`.
+    pub fn new(auth: Authenticator) -> Self {
+        Self { current: std::sync::RwLock::new(Arc::new(auth)), changes: tokio::sync::watch::Sender::new(0) }
+    }
+
+    /// The authenticator in force.
+    pub fn get(&self) -> Arc<Authenticator> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Checks `config` and puts it in force; live connections are told. A wrong
+    /// configuration changes nothing.
+    pub fn reload(&self, config: &AuthConfig) -> Result<(), AuthConfigError> {
+        let auth = Authenticator::new(config)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(auth);
+        self.changes.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Notified at every reload.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())

@@ -22,7 +22,7 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use herald_auth::{Action, Authenticator, Credentials, Principal};
+use herald_auth::{Action, Credentials, LiveAuth, Principal};
 use herald_core::{Broker, Kind};
 use herald_protocol::ErrorCode;
 use tokio_util::sync::CancellationToken;
@@ -69,7 +69,7 @@ struct StateInner {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     /// Checks credentials; `None`: every caller may do everything.
-    auth: Option<Arc<Authenticator>>,
+    auth: Option<Arc<LiveAuth>>,
 }
 
 /// Who is calling: `None` when the server does not authenticate.
@@ -95,7 +95,7 @@ impl GrpcState {
 
     /// This state, authenticating every call with `auth` (the `authorization` metadata,
     /// Basic or Bearer, as the HTTP header).
-    pub fn with_auth(self, auth: Option<Arc<Authenticator>>) -> Self {
+    pub fn with_auth(self, auth: Option<Arc<LiveAuth>>) -> Self {
         let inner = &self.inner;
         Self {
             inner: Arc::new(StateInner {
@@ -116,7 +116,7 @@ impl GrpcState {
     /// UNAUTHENTICATED (`unauthorized`) without valid credentials when auth is on.
     async fn admit<T>(&self, request: &tonic::Request<T>) -> Result<Caller, Status> {
         self.admit_load()?;
-        let Some(auth) = &self.inner.auth else { return Ok(None) };
+        let Some(auth) = self.inner.auth.as_ref().map(|live| live.get()) else { return Ok(None) };
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let credentials = header.and_then(Credentials::from_header).ok_or_else(|| {
             error::status(ErrorCode::Unauthorized, "credentials required: send authorization metadata, Basic or Bearer")

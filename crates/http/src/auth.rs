@@ -63,7 +63,7 @@ fn unauthorized(auth: &Authenticator, error: &AuthError) -> Response {
 
 /// The middleware of the `/v1` routes.
 pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let Some(auth) = state.auth() else {
+    let Some(auth) = state.auth().map(|live| live.get()) else {
         req.extensions_mut().insert(Caller::Anyone);
         return next.run(req).await;
     };
@@ -75,10 +75,10 @@ pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request
         return next.run(req).await;
     }
     let credentials = match header.map(Credentials::from_header) {
-        None => return unauthorized(auth, &AuthError::Missing),
+        None => return unauthorized(&auth, &AuthError::Missing),
         Some(None) => {
             return unauthorized(
-                auth,
+                &auth,
                 &AuthError::BadToken("the Authorization header is neither Basic nor Bearer".into()),
             )
         }
@@ -89,6 +89,6 @@ pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request
             req.extensions_mut().insert(Caller::User(Arc::new(principal)));
             next.run(req).await
         }
-        Err(e) => unauthorized(auth, &e),
+        Err(e) => unauthorized(&auth, &e),
     }
 }

@@ -25,7 +25,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use herald_auth::Authenticator;
+use herald_auth::LiveAuth;
 use herald_core::Broker;
 use herald_protocol::ErrorCode;
 use tokio_util::sync::CancellationToken;
@@ -69,7 +69,7 @@ struct StateInner {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     /// Checks credentials; `None`: every caller may do everything.
-    auth: Option<Arc<Authenticator>>,
+    auth: Option<Arc<LiveAuth>>,
 }
 
 impl AppState {
@@ -83,12 +83,12 @@ impl AppState {
         broker: Broker,
         config: HttpConfig,
         shutdown: CancellationToken,
-        auth: Option<Arc<Authenticator>>,
+        auth: Option<Arc<LiveAuth>>,
     ) -> Self {
         Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker: TaskTracker::new(), auth }) }
     }
 
-    fn auth(&self) -> Option<&Arc<Authenticator>> {
+    fn auth(&self) -> Option<&Arc<LiveAuth>> {
         self.inner.auth.as_ref()
     }
 

@@ -253,8 +253,14 @@ const READ_BUFFER_BYTES: usize = 8 << 10;
 pub(crate) async fn json_upgrade(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
+    headers: axum::http::HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // Kept to check the caller again when the configuration is reloaded.
+    let credentials = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(herald_auth::Credentials::from_header);
     let upgrade = upgrade.map_err(not_an_upgrade)?;
     let frame_limit = state.broker().config().max_message_bytes.saturating_mul(2);
     let tracker = state.tracker().clone();
@@ -262,7 +268,7 @@ pub(crate) async fn json_upgrade(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
-        .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state, caller))))
+        .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state, caller, credentials))))
 }
 
 struct JsonSub {
@@ -318,9 +324,15 @@ impl<'a> Incoming<'a> {
     }
 }
 
-async fn json_connection(socket: WebSocket, state: AppState, caller: Caller) {
+async fn json_connection(
+    socket: WebSocket,
+    state: AppState,
+    caller: Caller,
+    credentials: Option<herald_auth::Credentials>,
+) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
     let deadline = deadline_of(&caller);
+    let mut reloads = state.auth().map(|live| live.changes());
     let mut session = JsonSession {
         state: state.clone(),
         out: out.clone(),
@@ -329,6 +341,7 @@ async fn json_connection(socket: WebSocket, state: AppState, caller: Caller) {
         decisions: HashMap::new(),
         deadline,
         closed: false,
+        credentials,
     };
     run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| {
         let mut incoming = Incoming::new(&mut stream);
@@ -336,15 +349,29 @@ async fn json_connection(socket: WebSocket, state: AppState, caller: Caller) {
             if session.closed {
                 break;
             }
-            let frame = match session.deadline {
-                Some((at, why)) => tokio::select! {
-                    frame = incoming.next(stop) => frame,
-                    _ = tokio::time::sleep_until(at) => {
-                        session.close_unauthorized(why);
-                        break;
-                    }
-                },
-                None => incoming.next(stop).await,
+            let deadline = session.deadline;
+            let expired = async {
+                match deadline {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let reloaded = async {
+                match &mut reloads {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let frame = tokio::select! {
+                frame = incoming.next(stop) => frame,
+                () = expired => {
+                    session.close_unauthorized(deadline.map_or("token expired", |(_, why)| why));
+                    break;
+                }
+                true = reloaded => {
+                    session.recheck().await;
+                    continue;
+                }
             };
             let Some(frame) = frame else { break };
             last_seen.touch();
@@ -415,6 +442,8 @@ struct JsonSession {
     deadline: Option<(tokio::time::Instant, &'static str)>,
     /// A close was queued: read nothing more.
     closed: bool,
+    /// The credentials the caller authenticated with, to check again after a reload.
+    credentials: Option<herald_auth::Credentials>,
 }
 
 /// How long a JSON WebSocket opened without credentials has to send its `auth` frame.
@@ -474,7 +503,7 @@ impl JsonSession {
     /// authenticated one (same user). Subscriptions the new grants no longer allow end
     /// with a `forbidden` error frame naming the topic.
     async fn authenticate(&mut self, id: Option<u64>, token: String) {
-        let Some(auth) = self.state.auth().cloned() else {
+        let Some(auth) = self.state.auth().map(|live| live.get()) else {
             return self.error(&FrameError {
                 id,
                 code: ErrorCode::BadRequest,
@@ -482,7 +511,8 @@ impl JsonSession {
             });
         };
         let pending = matches!(self.caller, Caller::Pending);
-        let principal = match auth.check(herald_auth::Credentials::Bearer(token)).await {
+        let credentials = herald_auth::Credentials::Bearer(token);
+        let principal = match auth.check(credentials.clone()).await {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 self.error(&FrameError { id, code: ErrorCode::Unauthorized, message: e.to_string() });
@@ -501,6 +531,15 @@ impl JsonSession {
                 });
             }
         }
+        self.credentials = Some(credentials);
+        self.adopt(principal.clone());
+        self.reply(encode::authenticated(id, &principal.name, principal.expires_at));
+    }
+
+    /// Makes `principal` the connection's caller: its decisions start over, its
+    /// deadline is its token's expiry, and subscriptions it may no longer hold end with
+    /// a `forbidden` error frame naming the topic (the others go on).
+    fn adopt(&mut self, principal: Arc<herald_auth::Principal>) {
         self.caller = Caller::User(principal.clone());
         self.decisions.clear();
         self.deadline = deadline_of(&self.caller);
@@ -514,7 +553,17 @@ impl JsonSession {
             let e = forbidden(&principal, Action::Subscribe, topic.as_str());
             self.error(&FrameError { id: None, code: e.code, message: format!("subscription ended: {}", e.message) });
         }
-        self.reply(encode::authenticated(id, &principal.name, principal.expires_at));
+    }
+
+    /// The configuration was reloaded: the caller's credentials are checked again
+    /// against it. Refused now: closed with 4401; accepted: its grants are the new ones.
+    async fn recheck(&mut self) {
+        let (Some(live), Some(credentials)) = (self.state.auth(), self.credentials.clone()) else { return };
+        let auth = live.get();
+        match auth.check(credentials).await {
+            Ok(principal) => self.adopt(Arc::new(principal)),
+            Err(_) => self.close_unauthorized("credentials no longer accepted"),
+        }
     }
 
     fn reply(&self, text: String) {

@@ -118,7 +118,7 @@ impl Default for Config {
 }
 
 /// Flags of `herald serve`; each also reads its `HERALD_*` env var.
-#[derive(Debug, Default, Args)]
+#[derive(Debug, Default, Clone, Args)]
 pub struct ServeArgs {
     /// TOML config file.
     #[arg(long, env = "HERALD_CONFIG")]

@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, StoreKind};
+use herald_auth::LiveAuth;
 use tls::{Tls, TlsListener};
 
 /// How often retention by age and TTL is applied to idle topics.
@@ -43,6 +44,8 @@ pub struct Server {
     addr: SocketAddr,
     /// Whether it serves TLS.
     tls: bool,
+    /// Reloads the authentication in force.
+    auth: AuthReloader,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -57,6 +60,11 @@ impl Server {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// What reloads this server's `[auth]` (see [`AuthReloader::reload`]).
+    pub fn auth_reloader(&self) -> AuthReloader {
+        self.auth.clone()
     }
 
     /// Begins a graceful shutdown.
@@ -131,13 +139,44 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let shutdown = CancellationToken::new();
     let tls = config.tls.clone().map(Tls::new).transpose()?;
     // A wrong [auth] section fails the start here, before anything is opened.
-    if let Some(a) = &config.auth {
-        herald_auth::Authenticator::new(a).map_err(|e| anyhow::anyhow!("config section [auth]: {e}"))?;
-    }
+    let auth = live_auth(&config)?;
     let backend = open_backend(&config).await?;
     let served = tls.is_some();
-    let task = tokio::spawn(serve_with(config, backend, listener, tls, shutdown.clone()));
-    Ok(Server { addr, tls: served, shutdown, task })
+    let task = tokio::spawn(serve_with(config, backend, listener, tls, auth.clone(), shutdown.clone()));
+    Ok(Server { addr, tls: served, auth: AuthReloader(auth), shutdown, task })
+}
+
+/// Reloads a running server's `[auth]` section. Cheap to clone.
+#[derive(Clone)]
+pub struct AuthReloader(Option<Arc<LiveAuth>>);
+
+impl AuthReloader {
+    /// Puts a reloaded `[auth]` section in force: new requests use it at once, and every
+    /// live JSON WebSocket checks its caller again (subscriptions no longer granted end,
+    /// refused credentials close it with 4401). A wrong section changes nothing;
+    /// `[auth]` cannot be turned on or off without a restart.
+    pub fn reload(&self, config: Option<&herald_auth::AuthConfig>) -> anyhow::Result<()> {
+        match (&self.0, config) {
+            (Some(live), Some(config)) => {
+                live.reload(config).map_err(|e| anyhow::anyhow!("config section [auth]: {e}"))
+            }
+            (None, None) => Ok(()),
+            _ => anyhow::bail!("[auth] cannot be turned on or off by a reload; restart the server"),
+        }
+    }
+}
+
+/// The `[auth]` section, checked, as the live authenticator the doors share.
+fn live_auth(config: &Config) -> anyhow::Result<Option<Arc<LiveAuth>>> {
+    config
+        .auth
+        .as_ref()
+        .map(|a| {
+            herald_auth::Authenticator::new(a)
+                .map(|auth| Arc::new(LiveAuth::new(auth)))
+                .map_err(|e| anyhow::anyhow!("config section [auth]: {e}"))
+        })
+        .transpose()
 }
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -152,7 +191,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tls = config.tls.clone().map(Tls::new).transpose()?;
-    serve_with(config, backend, listener, tls, shutdown).await
+    let auth = live_auth(&config)?;
+    serve_with(config, backend, listener, tls, auth, shutdown).await
 }
 
 async fn serve_with(
@@ -160,17 +200,12 @@ async fn serve_with(
     backend: Backend,
     listener: TcpListener,
     tls: Option<Tls>,
+    auth: Option<Arc<LiveAuth>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let broker = match backend.cluster {
         Some((bus, queues)) => Broker::clustered(backend.store, bus, queues, config.broker.clone()),
         None => Broker::new(backend.store, config.broker.clone()),
-    };
-    let auth = match &config.auth {
-        Some(a) => Some(Arc::new(
-            herald_auth::Authenticator::new(a).map_err(|e| anyhow::anyhow!("config section [auth]: {e}"))?,
-        )),
-        None => None,
     };
     let state = AppState::with_auth(broker.clone(), config.http.clone(), shutdown.clone(), auth.clone());
     // gRPC shares the HTTP front door's connection limit and task tracker.

@@ -81,7 +81,25 @@ async fn serve(args: Box<ServeArgs>) -> anyhow::Result<()> {
         return Ok(());
     }
     tracing::info!(listen = %config.listen, store = ?config.store, "starting");
-    herald_server::start(config).await?.run_until(stop.recv()).await
+    let server = herald_server::start(config).await?;
+    match signal(SignalKind::hangup()) {
+        Ok(hangup) => {
+            tokio::spawn(reload_on_hangup(hangup, server.auth_reloader(), *args));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; [auth] reloads need a restart"),
+    }
+    server.run_until(stop.recv()).await
+}
+
+/// SIGHUP reloads the configuration's `[auth]` section (the TLS certificate watches
+/// SIGHUP on its own). A configuration that does not load changes nothing.
+async fn reload_on_hangup(mut hangup: Signal, reloader: herald_server::AuthReloader, args: ServeArgs) {
+    while hangup.recv().await.is_some() {
+        match Config::load(&args).and_then(|config| reloader.reload(config.auth.as_ref())) {
+            Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: configuration not reloaded; nothing changed"),
+        }
+    }
 }
 
 /// SIGTERM and SIGINT, each caught from the moment [`StopSignals::install`] returns.

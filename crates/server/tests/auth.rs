@@ -506,3 +506,91 @@ async fn a_browser_socket_authenticates_in_band_refreshes_and_is_closed_when_its
     assert_eq!(close_of(&mut expiring, Duration::from_secs(10)).await?, (4401, "token expired".to_owned()));
     Ok(())
 }
+
+/// A config file with alice (`subscribe` grants as given) and, if `with_bob`, bob.
+fn users_config(alice_subscribe: &[&str], with_bob: bool, alice_hash: &str, bob_hash: &str) -> String {
+    let quoted: Vec<String> = alice_subscribe.iter().map(|p| format!("\"{p}\"")).collect();
+    let mut config = format!(
+        "[[auth.users]]\nname = \"alice\"\npassword_hash = \"{alice_hash}\"\ngrants = {{ publish = [\"chat.>\"], subscribe = [{}] }}\n",
+        quoted.join(", ")
+    );
+    if with_bob {
+        config.push_str(&format!(
+            "\n[[auth.users]]\nname = \"bob\"\npassword_hash = \"{bob_hash}\"\ngrants = {{ subscribe = [\"chat.>\"] }}\n"
+        ));
+    }
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_ends_subscriptions_no_longer_granted_and_keeps_the_socket() -> Result {
+    let dir = std::env::temp_dir().join(format!("herald-auth-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let alice_hash = herald_auth::hash_password("alice-pw").map_err(|e| e.to_string())?;
+    let bob_hash = herald_auth::hash_password("bob-pw").map_err(|e| e.to_string())?;
+    let path = dir.join("herald.toml");
+    std::fs::write(&path, users_config(&["chat.a", "chat.b"], true, &alice_hash, &bob_hash))?;
+    let (process, url) = common::spawn_herald(&["--store", "memory", "--config", path.to_str().ok_or("path")?])?;
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let open = |auth: String| {
+        let ws_url = ws_url.clone();
+        async move {
+            let mut request = format!("{ws_url}/v1/ws").into_client_request()?;
+            request.headers_mut().insert("authorization", auth.parse()?);
+            Result::Ok(tokio_tungstenite::connect_async(request).await?.0)
+        }
+    };
+    let mut alice = open(basic("alice", "alice-pw")).await?;
+    for (id, topic) in [(1, "chat.a"), (2, "chat.b")] {
+        send(&mut alice, json!({"op": "subscribe", "id": id, "topic": topic})).await?;
+        assert_eq!(next_json(&mut alice).await?["type"], "subscribed");
+    }
+    let mut bob = open(basic("bob", "bob-pw")).await?;
+    send(&mut bob, json!({"op": "subscribe", "id": 1, "topic": "chat.a"})).await?;
+    assert_eq!(next_json(&mut bob).await?["type"], "subscribed");
+
+    // The operator takes chat.b from alice and removes bob, then sends SIGHUP.
+    std::fs::write(&path, users_config(&["chat.a"], false, &alice_hash, &bob_hash))?;
+    let hup = std::process::Command::new("kill").args(["-HUP", &process.id().to_string()]).status()?;
+    assert!(hup.success());
+    let t0 = std::time::Instant::now();
+    let ended = next_json(&mut alice).await?;
+    assert_eq!(ended["code"], "forbidden", "{ended}");
+    assert!(ended["message"].as_str().is_some_and(|m| m.contains("chat.b")), "{ended}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "ended within a second: {:?}", t0.elapsed());
+    assert_eq!(close_of(&mut bob, Duration::from_secs(5)).await?, (4401, "credentials no longer accepted".to_owned()));
+
+    // alice's socket and its chat.a subscription go on; chat.b is no longer delivered.
+    let http = common::http();
+    for topic in ["chat.b", "chat.a"] {
+        let r = http
+            .post(format!("{url}/v1/topics/{topic}/messages"))
+            .header("authorization", basic("alice", "alice-pw"))
+            .header("content-type", "text/plain")
+            .body(format!("to {topic}"))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 201);
+    }
+    let delivered = next_json(&mut alice).await?;
+    assert_eq!(
+        (delivered["topic"].as_str(), delivered["data"].as_str()),
+        (Some("chat.a"), Some("to chat.a")),
+        "{delivered}"
+    );
+    // A broken file on the next SIGHUP changes nothing.
+    std::fs::write(&path, "[[auth.users]]\nname = \"alice\"\npassword = \"plain\"\n")?;
+    std::process::Command::new("kill").args(["-HUP", &process.id().to_string()]).status()?;
+    send(&mut alice, json!({"op": "ping", "id": 9})).await?;
+    assert_eq!(next_json(&mut alice).await?["type"], "pong");
+    let r = http
+        .post(format!("{url}/v1/topics/chat.a/messages"))
+        .header("authorization", basic("alice", "alice-pw"))
+        .header("content-type", "text/plain")
+        .body("still")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 201, "the previous [auth] stays in force");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
