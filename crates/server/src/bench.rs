@@ -58,6 +58,9 @@ pub struct PublishArgs {
     /// Publishes each publisher keeps in flight (1: wait for each ack before the next).
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
+    /// TLS trust and credentials (as for `herald pub`).
+    #[command(flatten)]
+    pub conn: crate::cli::ConnArgs,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +85,9 @@ pub struct QueueArgs {
     /// with load generators on other cluster nodes).
     #[arg(long)]
     pub queue: Option<String>,
+    /// TLS trust and credentials (as for `herald pub`).
+    #[command(flatten)]
+    pub conn: crate::cli::ConnArgs,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -223,7 +229,7 @@ fn round_trip<'a>(w: &'a mut QueueWorker, _units: u64, latencies: &'a mut Vec<u6
 
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1 && args.messages >= 1, "--workers and --messages must be at least 1");
-    let client = Client::new(&args.url);
+    let client = args.conn.http(&args.url)?;
     let queue = args.queue.unwrap_or_else(|| format!("bench.queue.{}", std::process::id()));
     let payload = "x".repeat(args.size);
     let workers = (0..args.workers)
@@ -267,9 +273,10 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.pipeline >= 1, "--pipeline must be at least 1");
     let topic = args.topic.clone().unwrap_or_else(|| format!("bench.publish.{}", std::process::id()));
     let payload = Value::String("x".repeat(args.size.saturating_sub(2)));
+    let (tls, auth) = (args.conn.tls()?, args.conn.authorization()?);
     let mut publishers = Vec::with_capacity(args.publishers);
     for _ in 0..args.publishers {
-        let ws = WsConnection::connect(&args.url).await?;
+        let ws = WsConnection::connect_as(&args.url, &tls, auth.as_deref()).await?;
         // Ids apart from the ones WsConnection gives its own requests.
         publishers.push(Publisher { ws, topic: topic.clone(), payload: payload.clone(), next_id: 1 << 40 });
     }
@@ -281,7 +288,9 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     }
     if !args.keep {
         // The benchmark's history is of no further use.
-        let _ = Client::new(&args.url).delete(&topic).await;
+        if let Ok(client) = args.conn.http(&args.url) {
+            let _ = client.delete(&topic).await;
+        }
     }
     let params =
         [("publishers", args.publishers.into()), ("size", args.size.into()), ("pipeline", args.pipeline.into())];

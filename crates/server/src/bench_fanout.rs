@@ -39,6 +39,9 @@ pub struct FanoutArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// TLS trust and credentials (as for `herald pub`).
+    #[command(flatten)]
+    pub conn: crate::cli::ConnArgs,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -61,10 +64,11 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let nodes = if args.sub_urls.is_empty() { std::slice::from_ref(&args.url) } else { &args.sub_urls[..] };
     let sub_urls: Vec<String> =
         nodes.iter().map(|n| ws_url(n, &format!("/v1/topics/{topic}/ws?mode=sub&from=earliest"))).collect();
+    let (tls, auth) = (args.conn.tls()?, args.conn.authorization()?);
     let mut sockets = Vec::with_capacity(args.subscribers);
     for i in 0..args.subscribers {
         let sub_url = &sub_urls[i % sub_urls.len()];
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(sub_url.as_str(), Some(config), false)
+        let (socket, _) = herald_client::connect_socket(sub_url, config, &tls, auth.as_deref())
             .await
             .with_context(|| format!("subscribing at {sub_url}"))?;
         sockets.push(socket);
@@ -89,7 +93,10 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         .collect();
 
     let pub_url = ws_url(&args.url, &format!("/v1/topics/{topic}/ws?mode=pub"));
-    let (mut publisher, _) = tokio_tungstenite::connect_async(pub_url.as_str()).await.context("publisher")?;
+    let (mut publisher, _) =
+        herald_client::connect_socket(&pub_url, WebSocketConfig::default(), &tls, auth.as_deref())
+            .await
+            .context("publisher")?;
     let payload = "x".repeat(args.size);
     let started = Instant::now();
     for _ in 0..args.messages {

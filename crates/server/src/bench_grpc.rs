@@ -35,6 +35,9 @@ pub struct GrpcPublishArgs {
     /// Topics to spread the publishers over (publisher i uses topic i mod N).
     #[arg(long, default_value_t = 1)]
     pub topics: usize,
+    /// TLS trust and credentials (as for `herald pub`).
+    #[command(flatten)]
+    pub conn: crate::cli::ConnArgs,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -43,6 +46,7 @@ pub struct GrpcPublishArgs {
 /// A gRPC publisher: one call per step, unary for a step of one unit when `--batch` is
 /// 1, else `PublishBatch` of the step's units.
 struct Publisher {
+    client: GrpcClient,
     topics: pb::topics_client::TopicsClient<herald_client::grpc::Channel>,
     topic: String,
     payload: Bytes,
@@ -59,12 +63,12 @@ fn publish_step<'a>(p: &'a mut Publisher, units: u64, latencies: &'a mut Vec<u64
                 kind: pb::Kind::Text as i32,
                 ..Default::default()
             };
-            p.topics.publish(request).await?;
+            p.topics.publish(p.client.request(request)).await?;
         } else {
             let message =
                 pb::BatchMessage { data: p.payload.clone(), kind: pb::Kind::Text as i32, ..Default::default() };
             let request = pb::PublishBatchRequest { topic: p.topic.clone(), messages: vec![message; units as usize] };
-            let published = p.topics.publish_batch(request).await?.into_inner().published;
+            let published = p.topics.publish_batch(p.client.request(request)).await?.into_inner().published;
             anyhow::ensure!(published.len() as u64 == units, "batch of {units} got {} offsets", published.len());
         }
         latencies.push(t0.elapsed().as_micros() as u64);
@@ -79,9 +83,10 @@ pub async fn run(args: GrpcPublishArgs) -> anyhow::Result<()> {
     let payload = Bytes::from("x".repeat(args.size));
     let mut publishers = Vec::with_capacity(args.publishers);
     for i in 0..args.publishers {
-        let client = GrpcClient::connect(&args.url).await?;
+        let client = args.conn.grpc(&args.url).await?;
         let topic = format!("bench.grpc.{}.{}", std::process::id(), i % args.topics.max(1));
-        publishers.push(Publisher { topics: client.topics(), topic, payload: payload.clone(), unary: args.batch == 1 });
+        let topics = client.topics();
+        publishers.push(Publisher { client, topics, topic, payload: payload.clone(), unary: args.batch == 1 });
     }
     let batch = args.batch as u64;
     let (publishers, _) = measure(publishers, 1000, batch, publish_step).await?;

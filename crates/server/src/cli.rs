@@ -28,6 +28,15 @@ pub struct PubArgs {
     /// Server URL (`https://` for TLS).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
+    /// TLS trust and credentials.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// How a client command connects: TLS trust and credentials (`herald pub`, `herald
+/// sub`, `herald bench`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConnArgs {
     /// Trust only the CA certificates in this PEM file for `https://` (a private CA);
     /// without it, the system's certificate store.
     #[arg(long, env = "HERALD_CA")]
@@ -40,53 +49,48 @@ pub struct PubArgs {
     pub token: Option<String>,
 }
 
-/// The `Authorization` value `--user` or `--token` give.
-fn authorization(user: &Option<String>, token: &Option<String>) -> anyhow::Result<Option<String>> {
-    Ok(match (user, token) {
-        (Some(user), _) => {
-            let (name, password) = user.split_once(':').ok_or_else(|| anyhow::anyhow!("--user takes USER:PASSWORD"))?;
-            Some(herald_client::basic_auth(name, password))
-        }
-        (None, Some(token)) => Some(herald_client::bearer_auth(token)),
-        (None, None) => None,
-    })
+impl ConnArgs {
+    /// The trust `--ca` names, or the system's.
+    pub fn tls(&self) -> anyhow::Result<TlsConfig> {
+        Ok(match &self.ca {
+            Some(path) => TlsConfig::with_ca_file(path)?,
+            None => TlsConfig::system(),
+        })
+    }
+
+    /// The `Authorization` value `--user` or `--token` give.
+    pub fn authorization(&self) -> anyhow::Result<Option<String>> {
+        Ok(match (&self.user, &self.token) {
+            (Some(user), _) => {
+                let (name, password) =
+                    user.split_once(':').ok_or_else(|| anyhow::anyhow!("--user takes USER:PASSWORD"))?;
+                Some(herald_client::basic_auth(name, password))
+            }
+            (None, Some(token)) => Some(herald_client::bearer_auth(token)),
+            (None, None) => None,
+        })
+    }
+
+    /// An HTTP (and WebSocket) client for `url`.
+    pub fn http(&self, url: &str) -> anyhow::Result<Client> {
+        let client = Client::with_tls(url, self.tls()?);
+        Ok(match self.authorization()? {
+            Some(auth) => client.authorized(auth)?,
+            None => client,
+        })
+    }
+
+    /// A gRPC client for `url`.
+    pub async fn grpc(&self, url: &str) -> anyhow::Result<GrpcClient> {
+        let client =
+            GrpcClient::connect_with(url, &self.tls()?).await.with_context(|| format!("connecting to {url}"))?;
+        Ok(match self.authorization()? {
+            Some(auth) => client.authorized(&auth)?,
+            None => client,
+        })
+    }
 }
 
-/// An HTTP client for `url` with the trust and credentials the flags give.
-fn http_client(
-    url: &str,
-    ca: &Option<std::path::PathBuf>,
-    user: &Option<String>,
-    token: &Option<String>,
-) -> anyhow::Result<Client> {
-    let client = Client::with_tls(url, trust(ca)?);
-    Ok(match authorization(user, token)? {
-        Some(auth) => client.authorized(auth)?,
-        None => client,
-    })
-}
-
-/// A gRPC client for `url` with the trust and credentials the flags give.
-async fn grpc_client(
-    url: &str,
-    ca: &Option<std::path::PathBuf>,
-    user: &Option<String>,
-    token: &Option<String>,
-) -> anyhow::Result<GrpcClient> {
-    let client = GrpcClient::connect_with(url, &trust(ca)?).await.with_context(|| format!("connecting to {url}"))?;
-    Ok(match authorization(user, token)? {
-        Some(auth) => client.authorized(&auth)?,
-        None => client,
-    })
-}
-
-/// The trust `--ca` names, or the system's.
-fn trust(ca: &Option<std::path::PathBuf>) -> anyhow::Result<TlsConfig> {
-    Ok(match ca {
-        Some(path) => TlsConfig::with_ca_file(path)?,
-        None => TlsConfig::system(),
-    })
-}
 
 /// Flags of `herald sub`.
 #[derive(Debug, Args)]
@@ -109,16 +113,9 @@ pub struct SubArgs {
     /// Server URL (`https://` for TLS).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
-    /// Trust only the CA certificates in this PEM file for `https://` (a private CA);
-    /// without it, the system's certificate store.
-    #[arg(long, env = "HERALD_CA")]
-    pub ca: Option<std::path::PathBuf>,
-    /// Basic auth as USER:PASSWORD (for a server with [auth]).
-    #[arg(long, env = "HERALD_USER", conflicts_with = "token")]
-    pub user: Option<String>,
-    /// A bearer token (JWT) (for a server with [auth]).
-    #[arg(long, env = "HERALD_TOKEN")]
-    pub token: Option<String>,
+    /// TLS trust and credentials.
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 /// Messages `herald sub` may still print: `--count`, or unbounded.
@@ -146,7 +143,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     if args.grpc {
         return publish_grpc(args).await;
     }
-    let client = http_client(&args.url, &args.ca, &args.user, &args.token)?;
+    let client = args.conn.http(&args.url)?;
     let content_type = if args.json { "application/json" } else { "text/plain; charset=utf-8" };
     if args.binary {
         let mut body = Vec::new();
@@ -170,7 +167,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
 
 /// `herald pub --grpc`: the same inputs, published with `Topics.Publish`.
 async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
-    let client = grpc_client(&args.url, &args.ca, &args.user, &args.token).await?;
+    let client = args.conn.grpc(&args.url).await?;
     if args.binary {
         let mut body = Vec::new();
         tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
@@ -199,7 +196,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     if args.grpc {
         return subscribe_grpc(args, remaining).await;
     }
-    let client = http_client(&args.url, &args.ca, &args.user, &args.token)?;
+    let client = args.conn.http(&args.url)?;
     let mut subscription = client.subscribe(&args.topic, args.from);
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = subscription.next().await {
@@ -250,7 +247,7 @@ async fn subscribe_grpc_once(
     epoch: &mut Option<String>,
     remaining: &mut Remaining,
 ) -> anyhow::Result<()> {
-    let client = grpc_client(&args.url, &args.ca, &args.user, &args.token).await?;
+    let client = args.conn.grpc(&args.url).await?;
     let mut subscription = client.subscribe(&args.topic, *from, epoch.clone()).await?;
     let subscribed = &subscription.subscribed;
     if !subscribed.recovered {
