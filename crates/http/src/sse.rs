@@ -88,6 +88,14 @@ pub(crate) async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.permit(herald_auth::Action::Subscribe, topic.as_str())?;
+    // Ends the stream when the token expires or a reload takes the grant away.
+    let watch = crate::auth::Watch::new(
+        &state,
+        &caller,
+        crate::auth::credentials_of(&headers),
+        vec![herald_auth::Action::Subscribe],
+        topic.as_str(),
+    );
     let query = Query::parse(query.as_deref())?;
     let from = match headers.get("last-event-id") {
         // Resume after the last event seen.
@@ -115,8 +123,15 @@ pub(crate) async fn stream(
         // Everything the stream owns lives here and ends with it.
         let _owned = (guard, unsubscribe, replay, out);
         let mut socket = SseWriter { tx, metrics: &metrics, idle_until: Instant::now() + KEEPALIVE_EVERY };
-        // However it ends (shutdown, slow consumer, client gone), the stream just ends.
-        let _ = run_writer(rx, &mut socket, shutdown.cancelled(), &metrics, WRITE_BATCH).await;
+        // However it ends (shutdown, slow consumer, client gone, credentials expired or
+        // refused by a reload), the stream just ends.
+        let stop = async {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                _ = watch.ended() => {}
+            }
+        };
+        let _ = run_writer(rx, &mut socket, stop, &metrics, WRITE_BATCH).await;
     });
     Ok((
         [

@@ -32,7 +32,7 @@ use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode,
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{forbidden, Caller};
+use crate::auth::{credentials_of, forbidden, Caller, Watch};
 use crate::extract::TopicPath;
 use crate::rest::Query;
 use crate::tap::Tap;
@@ -740,6 +740,7 @@ enum Mode {
 pub(crate) async fn raw_upgrade(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
+    headers: axum::http::HeaderMap,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -759,6 +760,12 @@ pub(crate) async fn raw_upgrade(
     if mode != Mode::Pub {
         caller.permit(Action::Subscribe, topic.as_str())?;
     }
+    let actions = match mode {
+        Mode::Both => vec![Action::Publish, Action::Subscribe],
+        Mode::Pub => vec![Action::Publish],
+        Mode::Sub => vec![Action::Subscribe],
+    };
+    let watch = Watch::new(&state, &caller, credentials_of(&headers), actions, topic.as_str());
     let from = match query.get("from") {
         None => StartFrom::Latest,
         Some(s) => parse_from_query(s)
@@ -779,7 +786,7 @@ pub(crate) async fn raw_upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let replay = sub.and_then(|s| s.replay);
-            tracker.track_future(raw_connection(socket, state, topic, mode, replay, (out, rx), unsubscribe))
+            tracker.track_future(raw_connection(socket, state, topic, mode, replay, (out, rx), unsubscribe, watch))
         })
         .into_response())
 }
@@ -792,11 +799,19 @@ async fn raw_connection(
     replay: Option<Replay>,
     (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
     unsubscribe: SubscriptionGuard,
+    watch: Watch,
 ) {
     let replay = replay.map(|r| spawn_replay(r, out.clone()));
     let queue = out.clone();
     run_connection(socket, &state, Framing::Raw, (queue, rx), async |mut stream, last_seen, stop| {
-        raw_reader(&state, &topic, mode, &out, &mut stream, last_seen, stop).await;
+        let ended = watch.ended();
+        tokio::pin!(ended);
+        tokio::select! {
+            () = raw_reader(&state, &topic, mode, &out, &mut stream, last_seen, stop) => {}
+            (code, reason) = &mut ended => {
+                out.push_control(Control::Close(code, reason), 0);
+            }
+        }
         drop(replay);
         drop(unsubscribe);
     })

@@ -88,4 +88,6 @@ pub mod close {
     /// JSON WebSocket with auth on: no valid `auth` frame within the time allowed, a
     /// frame before it, refused credentials in it, or the token expired.
     pub const UNAUTHORIZED: u16 = 4401;
+    /// Raw WebSocket with auth on: a configuration reload took away the grant its mode needs.
+    pub const FORBIDDEN: u16 = 4403;
 }

@@ -93,10 +93,9 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         .collect();
 
     let pub_url = ws_url(&args.url, &format!("/v1/topics/{topic}/ws?mode=pub"));
-    let (mut publisher, _) =
-        herald_client::connect_socket(&pub_url, WebSocketConfig::default(), &tls, auth.as_deref())
-            .await
-            .context("publisher")?;
+    let (mut publisher, _) = herald_client::connect_socket(&pub_url, WebSocketConfig::default(), &tls, auth.as_deref())
+        .await
+        .context("publisher")?;
     let payload = "x".repeat(args.size);
     let started = Instant::now();
     for _ in 0..args.messages {

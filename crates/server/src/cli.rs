@@ -91,7 +91,6 @@ impl ConnArgs {
     }
 }
 
-
 /// Flags of `herald sub`.
 #[derive(Debug, Args)]
 pub struct SubArgs {

@@ -548,6 +548,18 @@ async fn sighup_reload_ends_subscriptions_no_longer_granted_and_keeps_the_socket
     let mut bob = open(basic("bob", "bob-pw")).await?;
     send(&mut bob, json!({"op": "subscribe", "id": 1, "topic": "chat.a"})).await?;
     assert_eq!(next_json(&mut bob).await?["type"], "subscribed");
+    // A raw socket and an SSE stream of alice on chat.b: their one topic's grant goes.
+    let mut raw = {
+        let mut request = format!("{ws_url}/v1/topics/chat.b/ws?mode=sub").into_client_request()?;
+        request.headers_mut().insert("authorization", basic("alice", "alice-pw").parse()?);
+        tokio_tungstenite::connect_async(request).await?.0
+    };
+    let mut sse = common::http()
+        .get(format!("{url}/v1/topics/chat.b/sse"))
+        .header("authorization", basic("alice", "alice-pw"))
+        .send()
+        .await?;
+    assert_eq!(sse.status(), 200);
 
     // The operator takes chat.b from alice and removes bob, then sends SIGHUP.
     std::fs::write(&path, users_config(&["chat.a"], false, &alice_hash, &bob_hash))?;
@@ -559,6 +571,8 @@ async fn sighup_reload_ends_subscriptions_no_longer_granted_and_keeps_the_socket
     assert!(ended["message"].as_str().is_some_and(|m| m.contains("chat.b")), "{ended}");
     assert!(t0.elapsed() < Duration::from_secs(1), "ended within a second: {:?}", t0.elapsed());
     assert_eq!(close_of(&mut bob, Duration::from_secs(5)).await?, (4401, "credentials no longer accepted".to_owned()));
+    assert_eq!(close_of(&mut raw, Duration::from_secs(5)).await?, (4403, "grant withdrawn".to_owned()));
+    while within(Duration::from_secs(5), "the SSE stream to end", sse.chunk()).await??.is_some() {}
 
     // alice's socket and its chat.a subscription go on; chat.b is no longer delivered.
     let http = common::http();
@@ -592,5 +606,20 @@ async fn sighup_reload_ends_subscriptions_no_longer_granted_and_keeps_the_socket
         .await?;
     assert_eq!(r.status(), 201, "the previous [auth] stays in force");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_sockets_and_sse_streams_end_when_their_token_expires() -> Result {
+    let server = server().await?;
+    let mut brief = claims();
+    brief["exp"] = json!(now() + 2);
+    let brief = token_with(Algorithm::HS256, SECRET, brief);
+    let mut raw = ws(&server, "/v1/topics/chat.a/ws?mode=sub", Some(&brief)).await?;
+    let mut sse =
+        server.http.get(format!("{}/v1/topics/chat.a/sse", server.url)).header("authorization", &brief).send().await?;
+    assert_eq!(sse.status(), 200);
+    assert_eq!(close_of(&mut raw, Duration::from_secs(10)).await?, (4401, "token expired".to_owned()));
+    while within(Duration::from_secs(10), "the SSE stream to end", sse.chunk()).await??.is_some() {}
     Ok(())
 }
