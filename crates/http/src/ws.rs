@@ -786,7 +786,7 @@ pub(crate) async fn raw_upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let replay = sub.and_then(|s| s.replay);
-            tracker.track_future(raw_connection(socket, state, topic, mode, replay, (out, rx), unsubscribe, watch))
+            tracker.track_future(raw_connection(socket, state, topic, mode, replay, (out, rx), (unsubscribe, watch)))
         })
         .into_response())
 }
@@ -798,8 +798,7 @@ async fn raw_connection(
     mode: Mode,
     replay: Option<Replay>,
     (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
-    unsubscribe: SubscriptionGuard,
-    watch: Watch,
+    (unsubscribe, watch): (SubscriptionGuard, Watch),
 ) {
     let replay = replay.map(|r| spawn_replay(r, out.clone()));
     let queue = out.clone();
