@@ -202,6 +202,82 @@ impl LiveAuth {
     }
 }
 
+/// Why a watched connection must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Its token expired.
+    Expired,
+    /// A reload no longer accepts its credentials.
+    Refused,
+    /// A reload took away one of its actions.
+    Withdrawn,
+}
+
+/// Watches an authenticated long-lived connection that does fixed actions on one name
+/// (a raw WebSocket, an SSE stream, a gRPC Subscribe stream): [`Watch::ended`]
+/// resolves when its token expires, or when a reload refuses its credentials or takes
+/// away one of its actions.
+pub struct Watch {
+    live: Option<(Arc<LiveAuth>, tokio::sync::watch::Receiver<u64>)>,
+    principal: Option<Arc<Principal>>,
+    credentials: Option<Credentials>,
+    actions: Vec<Action>,
+    name: String,
+}
+
+impl Watch {
+    /// A watch over `principal` (none: nothing to watch, it never ends), authenticated
+    /// with `credentials` under `live`, doing `actions` on `name`.
+    pub fn new(
+        live: Option<&Arc<LiveAuth>>,
+        principal: Option<Arc<Principal>>,
+        credentials: Option<Credentials>,
+        actions: Vec<Action>,
+        name: &str,
+    ) -> Self {
+        let live = live.filter(|_| principal.is_some()).map(|l| (l.clone(), l.changes()));
+        Self { live, principal, credentials, actions, name: name.to_owned() }
+    }
+
+    /// Resolves when the connection must end (never without a principal). Pin it once
+    /// and poll it beside the connection's work, so a reload being checked is not lost.
+    pub async fn ended(mut self) -> Ended {
+        loop {
+            let expiry = self
+                .principal
+                .as_ref()
+                .and_then(|p| p.expires_at)
+                .map(|exp| tokio::time::Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs())));
+            let expired = async {
+                match expiry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let reloaded = async {
+                match &mut self.live {
+                    Some((_, changes)) => {
+                        if changes.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = expired => return Ended::Expired,
+                () = reloaded => {}
+            }
+            let (Some((live, _)), Some(credentials)) = (&self.live, self.credentials.clone()) else { continue };
+            match live.get().check(credentials).await {
+                Err(_) => return Ended::Refused,
+                Ok(p) if self.actions.iter().any(|a| !p.allows(*a, &self.name)) => return Ended::Withdrawn,
+                Ok(p) => self.principal = Some(Arc::new(p)),
+            }
+        }
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())

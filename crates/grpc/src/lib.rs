@@ -112,6 +112,10 @@ impl GrpcState {
         &self.inner.broker
     }
 
+    fn auth(&self) -> Option<&Arc<LiveAuth>> {
+        self.inner.auth.as_ref()
+    }
+
     /// Admits a call ([`GrpcState::admit_load`]) and authenticates its caller:
     /// UNAUTHENTICATED (`unauthorized`) without valid credentials when auth is on.
     async fn admit<T>(&self, request: &tonic::Request<T>) -> Result<Caller, Status> {

@@ -45,6 +45,7 @@ pub(crate) async fn open(
     topic: TopicName,
     from: StartFrom,
     epoch: Option<&str>,
+    watch: herald_auth::Watch,
 ) -> Result<EventStream, Status> {
     let broker = state.broker().clone();
     let (out, rx) = outbound::<Infallible>(broker.config().outbound);
@@ -68,7 +69,17 @@ pub(crate) async fn open(
     let metrics = broker.metrics().clone();
     let task = state.inner.tracker.spawn(async move {
         let _owned = owned;
-        if let Some(end) = produce(first, rx, &batch_tx, &shutdown, &metrics).await {
+        let ended = watch.ended();
+        tokio::pin!(ended);
+        let end = tokio::select! {
+            end = produce(first, rx, &batch_tx, &shutdown, &metrics) => end,
+            why = &mut ended => Some(match why {
+                herald_auth::Ended::Expired => status(ErrorCode::Unauthorized, "token expired"),
+                herald_auth::Ended::Refused => status(ErrorCode::Unauthorized, "credentials no longer accepted"),
+                herald_auth::Ended::Withdrawn => status(ErrorCode::Forbidden, "grant withdrawn"),
+            }),
+        };
+        if let Some(end) = end {
             // Sent before `batch_tx` drops, so the stream finds it once drained.
             let _ = end_tx.send(end);
         }

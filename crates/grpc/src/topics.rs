@@ -102,6 +102,11 @@ impl Topics for TopicsService {
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
         let caller = self.state.admit(&request).await?;
+        let credentials = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(herald_auth::Credentials::from_header);
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
         crate::permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
@@ -114,7 +119,15 @@ impl Topics for TopicsService {
                 Err(_) => return Err(bad_request(format!("start {s} is not a known Start"))),
             },
         };
-        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref()).await?;
+        // Ends the stream when the token expires or a reload takes the grant away.
+        let watch = herald_auth::Watch::new(
+            self.state.auth(),
+            caller,
+            credentials,
+            vec![herald_auth::Action::Subscribe],
+            topic.as_str(),
+        );
+        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref(), watch).await?;
         Ok(Response::new(stream))
     }
 

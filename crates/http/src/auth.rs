@@ -10,9 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::time::Duration;
-
-use herald_auth::{Action, AuthError, Authenticator, Credentials, LiveAuth, Principal};
+use herald_auth::{Action, AuthError, Authenticator, Credentials, Ended, Principal, Watch};
 use herald_protocol::ErrorCode;
 
 use crate::{ApiError, AppState};
@@ -51,72 +49,28 @@ pub(crate) fn forbidden(principal: &Principal, action: Action, name: &str) -> Ap
     ApiError::new(ErrorCode::Forbidden, format!("{} may not {action} on {name}", principal.name))
 }
 
-/// Watches an authenticated long-lived connection that serves fixed actions on one
-/// name (a raw WebSocket, an SSE stream): [`Watch::ended`] resolves with the close code
-/// and reason when its token expires, or when a configuration reload refuses its
-/// credentials or takes away one of its actions.
-pub(crate) struct Watch {
-    live: Option<(Arc<LiveAuth>, tokio::sync::watch::Receiver<u64>)>,
-    principal: Option<Arc<Principal>>,
+/// The watch of a long-lived connection of `caller` doing `actions` on `name`.
+pub(crate) fn watch(
+    state: &AppState,
+    caller: &Caller,
     credentials: Option<Credentials>,
     actions: Vec<Action>,
-    name: String,
+    name: &str,
+) -> Watch {
+    let principal = match caller {
+        Caller::User(p) => Some(p.clone()),
+        Caller::Anyone | Caller::Pending => None,
+    };
+    Watch::new(state.auth(), principal, credentials, actions, name)
 }
 
-impl Watch {
-    /// A watch over `caller`, authenticated with `credentials`, doing `actions` on `name`.
-    pub(crate) fn new(
-        state: &AppState,
-        caller: &Caller,
-        credentials: Option<Credentials>,
-        actions: Vec<Action>,
-        name: &str,
-    ) -> Self {
-        let principal = match caller {
-            Caller::User(p) => Some(p.clone()),
-            Caller::Anyone | Caller::Pending => None,
-        };
-        let live = state.auth().filter(|_| principal.is_some()).map(|l| (l.clone(), l.changes()));
-        Self { live, principal, credentials, actions, name: name.to_owned() }
-    }
-
-    /// Resolves when the connection must end (never without auth). Pin it once and
-    /// poll it beside the connection's reads: a reload it is checking is not lost.
-    pub(crate) async fn ended(mut self) -> (u16, &'static str) {
-        use herald_protocol::close;
-        loop {
-            let expiry = self.principal.as_ref().and_then(|p| p.expires_at).map(|exp| {
-                tokio::time::Instant::now() + Duration::from_secs(exp.saturating_sub(herald_auth::now_secs()))
-            });
-            let expired = async {
-                match expiry {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let reloaded = async {
-                match &mut self.live {
-                    Some((_, changes)) => {
-                        if changes.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = expired => return (close::UNAUTHORIZED, "token expired"),
-                () = reloaded => {}
-            }
-            let (Some((live, _)), Some(credentials)) = (&self.live, self.credentials.clone()) else { continue };
-            match live.get().check(credentials).await {
-                Err(_) => return (close::UNAUTHORIZED, "credentials no longer accepted"),
-                Ok(p) if self.actions.iter().any(|a| !p.allows(*a, &self.name)) => {
-                    return (close::FORBIDDEN, "grant withdrawn")
-                }
-                Ok(p) => self.principal = Some(Arc::new(p)),
-            }
-        }
+/// The WebSocket close for why a watched connection ended.
+pub(crate) fn close_for(ended: Ended) -> (u16, &'static str) {
+    use herald_protocol::close;
+    match ended {
+        Ended::Expired => (close::UNAUTHORIZED, "token expired"),
+        Ended::Refused => (close::UNAUTHORIZED, "credentials no longer accepted"),
+        Ended::Withdrawn => (close::FORBIDDEN, "grant withdrawn"),
     }
 }
 

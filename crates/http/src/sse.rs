@@ -89,7 +89,7 @@ pub(crate) async fn stream(
 ) -> Result<Response, ApiError> {
     caller.permit(herald_auth::Action::Subscribe, topic.as_str())?;
     // Ends the stream when the token expires or a reload takes the grant away.
-    let watch = crate::auth::Watch::new(
+    let watch = crate::auth::watch(
         &state,
         &caller,
         crate::auth::credentials_of(&headers),

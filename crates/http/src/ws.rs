@@ -32,11 +32,12 @@ use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode,
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{credentials_of, forbidden, Caller, Watch};
+use crate::auth::{close_for, credentials_of, forbidden, watch, Caller};
 use crate::extract::TopicPath;
 use crate::rest::Query;
 use crate::tap::Tap;
 use crate::{ApiError, AppState};
+use herald_auth::Watch;
 
 /// Frames a reader asks the writer to send, besides topic messages.
 pub(crate) enum Control {
@@ -765,7 +766,7 @@ pub(crate) async fn raw_upgrade(
         Mode::Pub => vec![Action::Publish],
         Mode::Sub => vec![Action::Subscribe],
     };
-    let watch = Watch::new(&state, &caller, credentials_of(&headers), actions, topic.as_str());
+    let watch = watch(&state, &caller, credentials_of(&headers), actions, topic.as_str());
     let from = match query.get("from") {
         None => StartFrom::Latest,
         Some(s) => parse_from_query(s)
@@ -807,7 +808,8 @@ async fn raw_connection(
         tokio::pin!(ended);
         tokio::select! {
             () = raw_reader(&state, &topic, mode, &out, &mut stream, last_seen, stop) => {}
-            (code, reason) = &mut ended => {
+            why = &mut ended => {
+                let (code, reason) = close_for(why);
                 out.push_control(Control::Close(code, reason), 0);
             }
         }

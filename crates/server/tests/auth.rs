@@ -610,7 +610,7 @@ async fn sighup_reload_ends_subscriptions_no_longer_granted_and_keeps_the_socket
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_sockets_and_sse_streams_end_when_their_token_expires() -> Result {
+async fn raw_sockets_sse_and_grpc_streams_end_when_their_token_expires() -> Result {
     let server = server().await?;
     let mut brief = claims();
     brief["exp"] = json!(now() + 2);
@@ -619,7 +619,16 @@ async fn raw_sockets_and_sse_streams_end_when_their_token_expires() -> Result {
     let mut sse =
         server.http.get(format!("{}/v1/topics/chat.a/sse", server.url)).header("authorization", &brief).send().await?;
     assert_eq!(sse.status(), 200);
+    let grpc = GrpcClient::connect(&server.url).await?.authorized(&brief)?;
+    let mut stream = grpc.subscribe("chat.a", herald_client::StartFrom::Latest, None).await?;
     assert_eq!(close_of(&mut raw, Duration::from_secs(10)).await?, (4401, "token expired".to_owned()));
     while within(Duration::from_secs(10), "the SSE stream to end", sse.chunk()).await??.is_some() {}
+    match within(Duration::from_secs(10), "the gRPC stream to end", stream.next()).await? {
+        Err(herald_client::ClientError::Grpc(status)) => {
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+            assert!(status.message().contains("token expired"), "{status:?}");
+        }
+        other => return Err(format!("the gRPC stream went on: {other:?}").into()),
+    }
     Ok(())
 }
