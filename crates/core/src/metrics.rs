@@ -26,6 +26,12 @@ pub struct Metrics {
     pub cluster_filled: AtomicU64,
     /// Cluster: subscriptions ended because messages meant for them were gone.
     pub cluster_lost_subscriptions: AtomicU64,
+    /// Requests, upgrades, calls and `auth` frames refused for missing or bad
+    /// credentials (401 / 4401 / UNAUTHENTICATED).
+    pub auth_refused: AtomicU64,
+    /// Actions refused because the caller's grants do not allow them (403 / forbidden
+    /// frames / PERMISSION_DENIED).
+    pub forbidden: AtomicU64,
 }
 
 impl Metrics {

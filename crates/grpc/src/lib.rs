@@ -75,13 +75,16 @@ struct StateInner {
 /// Who is calling: `None` when the server does not authenticate.
 pub(crate) type Caller = Option<Arc<Principal>>;
 
-/// `Ok` if `caller` may do `action` on `name`, else PERMISSION_DENIED (`forbidden`).
-pub(crate) fn permit(caller: &Caller, action: Action, name: &str) -> Result<(), Status> {
-    match caller {
-        Some(p) if !p.allows(action, name) => {
-            Err(error::status(ErrorCode::Forbidden, format!("{} may not {action} on {name}", p.name)))
+impl GrpcState {
+    /// `Ok` if `caller` may do `action` on `name`, else PERMISSION_DENIED (`forbidden`).
+    pub(crate) fn permit(&self, caller: &Caller, action: Action, name: &str) -> Result<(), Status> {
+        match caller {
+            Some(p) if !p.allows(action, name) => {
+                herald_core::Metrics::add(&self.broker().metrics().forbidden, 1);
+                Err(error::status(ErrorCode::Forbidden, format!("{} may not {action} on {name}", p.name)))
+            }
+            _ => Ok(()),
         }
-        _ => Ok(()),
     }
 }
 
@@ -122,12 +125,16 @@ impl GrpcState {
         self.admit_load()?;
         let Some(auth) = self.inner.auth.as_ref().map(|live| live.get()) else { return Ok(None) };
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        let credentials = header.and_then(Credentials::from_header).ok_or_else(|| {
-            error::status(ErrorCode::Unauthorized, "credentials required: send authorization metadata, Basic or Bearer")
-        })?;
+        let refused = |message: String| {
+            herald_core::Metrics::add(&self.broker().metrics().auth_refused, 1);
+            error::status(ErrorCode::Unauthorized, message)
+        };
+        let credentials = header
+            .and_then(Credentials::from_header)
+            .ok_or_else(|| refused("credentials required: send authorization metadata, Basic or Bearer".to_owned()))?;
         match auth.check(credentials).await {
             Ok(p) => Ok(Some(Arc::new(p))),
-            Err(e) => Err(error::status(ErrorCode::Unauthorized, e)),
+            Err(e) => Err(refused(e.to_string())),
         }
     }
 

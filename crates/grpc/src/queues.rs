@@ -53,7 +53,7 @@ impl Queues for QueuesService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        crate::permit(&caller, herald_auth::Action::Enqueue, queue.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Enqueue, queue.as_str())?;
         let delay_ms = in_range("delay_ms", req.delay_ms, 0, MAX_DELAY_MS)?;
         let ttl_ms = req.ttl_ms.map(|t| in_range("ttl_ms", t, 0, MAX_DELAY_MS)).transpose()?;
         let broker = self.state.broker();
@@ -67,7 +67,7 @@ impl Queues for QueuesService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        crate::permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         let max = if req.max == 0 { 1 } else { in_range("max", req.max.into(), 1, MAX_FETCH.into())? as usize };
         let visibility_ms = match req.visibility_ms {
             0 => DEFAULT_VISIBILITY_MS,
@@ -99,7 +99,7 @@ impl Queues for QueuesService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        crate::permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         self.state
             .broker()
             .queue_service()
@@ -114,7 +114,7 @@ impl Queues for QueuesService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        crate::permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         let delay_ms = in_range("delay_ms", req.delay_ms, 0, MAX_DELAY_MS)?;
         self.state
             .broker()
@@ -130,7 +130,7 @@ impl Queues for QueuesService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        crate::permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         let visibility_ms = in_range("visibility_ms", req.visibility_ms, 1, MAX_VISIBILITY_MS)?;
         self.state
             .broker()
@@ -146,7 +146,7 @@ impl Queues for QueuesService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
-        crate::permit(&caller, herald_auth::Action::Admin, queue.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Admin, queue.as_str())?;
         let s = self.state.broker().queue_service().map_err(from_broker)?.stats(&queue).await.map_err(from_queue)?;
         Ok(Response::new(pb::QueueStats {
             queue: req.queue,

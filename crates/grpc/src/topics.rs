@@ -48,7 +48,7 @@ impl Topics for TopicsService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
-        crate::permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
         let broker = self.state.broker();
         let msg = new_message(broker, kind_of(req.kind, &req.content_type)?, req.data, req.ttl_ms)?;
         let p = broker.publish(&topic, msg).await.map_err(from_broker)?;
@@ -62,7 +62,7 @@ impl Topics for TopicsService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
-        crate::permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
         if req.messages.is_empty() || req.messages.len() > MAX_BATCH {
             return Err(bad_request(format!("a batch holds 1 to {MAX_BATCH} messages, not {}", req.messages.len())));
         }
@@ -81,7 +81,7 @@ impl Topics for TopicsService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
-        crate::permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
         let limit = limit(req.limit)?;
         let page = self.state.broker().fetch(&topic, req.from, limit).await.map_err(from_broker)?;
         let mut next = page.next;
@@ -109,7 +109,7 @@ impl Topics for TopicsService {
             .and_then(herald_auth::Credentials::from_header);
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
-        crate::permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
         let from = match req.from {
             None => StartFrom::Latest,
             Some(FromPosition::Offset(n)) => StartFrom::Offset(n),
@@ -135,7 +135,7 @@ impl Topics for TopicsService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
-        crate::permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
         let info = self.state.broker().info(&topic).await.map_err(from_broker)?;
         let h = info.head;
         Ok(Response::new(pb::TopicInfo {
@@ -169,7 +169,7 @@ impl Topics for TopicsService {
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         let caller = self.state.admit(&request).await?;
         let topic = topic_name(&request.into_inner().topic)?;
-        crate::permit(&caller, herald_auth::Action::Admin, topic.as_str())?;
+        self.state.permit(&caller, herald_auth::Action::Admin, topic.as_str())?;
         self.state.broker().delete(&topic).await.map_err(from_broker)?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }

@@ -97,6 +97,11 @@ pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request
         req.extensions_mut().insert(Caller::Anyone);
         return next.run(req).await;
     };
+    let metrics = state.broker().metrics().clone();
+    let refused = |response: Response| {
+        herald_core::Metrics::add(&metrics.auth_refused, 1);
+        response
+    };
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     // Browsers cannot set headers on a WebSocket: the JSON protocol's connection opens
     // and authenticates with its first frame (ws.rs).
@@ -105,20 +110,24 @@ pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request
         return next.run(req).await;
     }
     let credentials = match header.map(Credentials::from_header) {
-        None => return unauthorized(&auth, &AuthError::Missing),
+        None => return refused(unauthorized(&auth, &AuthError::Missing)),
         Some(None) => {
-            return unauthorized(
+            return refused(unauthorized(
                 &auth,
                 &AuthError::BadToken("the Authorization header is neither Basic nor Bearer".into()),
-            )
+            ))
         }
         Some(Some(c)) => c,
     };
     match auth.check(credentials).await {
         Ok(principal) => {
             req.extensions_mut().insert(Caller::User(Arc::new(principal)));
-            next.run(req).await
+            let response = next.run(req).await;
+            if response.status() == axum::http::StatusCode::FORBIDDEN {
+                herald_core::Metrics::add(&metrics.forbidden, 1);
+            }
+            response
         }
-        Err(e) => unauthorized(&auth, &e),
+        Err(e) => refused(unauthorized(&auth, &e)),
     }
 }

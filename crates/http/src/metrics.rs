@@ -64,6 +64,18 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         "Cluster: subscriptions ended because messages meant for them were no longer in the history.",
         m.cluster_lost_subscriptions.load(Ordering::Relaxed).to_string(),
     );
+    metric(
+        "auth_refused_total",
+        "counter",
+        "Requests, upgrades, calls and auth frames refused for missing or bad credentials.",
+        m.auth_refused.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "forbidden_total",
+        "counter",
+        "Actions refused because the caller's grants do not allow them.",
+        m.forbidden.load(Ordering::Relaxed).to_string(),
+    );
     let q = state.broker().queue_counters();
     metric(
         "queue_enqueued_total",

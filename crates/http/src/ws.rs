@@ -489,6 +489,7 @@ impl JsonSession {
             }
         };
         (!allowed).then(|| {
+            herald_core::Metrics::add(&self.state.broker().metrics().forbidden, 1);
             let e = forbidden(&principal, action, topic.as_str());
             FrameError { id, code: e.code, message: e.message }
         })
@@ -496,6 +497,7 @@ impl JsonSession {
 
     /// Queues a 4401 close; nothing more is read.
     fn close_unauthorized(&mut self, why: &'static str) {
+        herald_core::Metrics::add(&self.state.broker().metrics().auth_refused, 1);
         self.out.push_control(Control::Close(close::UNAUTHORIZED, why), 0);
         self.closed = true;
     }

@@ -75,6 +75,8 @@ async fn serve(args: Box<ServeArgs>) -> anyhow::Result<()> {
     // port is bound or the store opened must still stop the server cleanly, rather than
     // kill it by the default action.
     let stop = StopSignals::install();
+    // SIGHUP too, before the port is bound: its default action would end the process.
+    let hangup = signal(SignalKind::hangup());
     let config = Config::load(&args)?;
     if args.print_config {
         print!("{}", config.to_toml());
@@ -82,7 +84,7 @@ async fn serve(args: Box<ServeArgs>) -> anyhow::Result<()> {
     }
     tracing::info!(listen = %config.listen, store = ?config.store, "starting");
     let server = herald_server::start(config).await?;
-    match signal(SignalKind::hangup()) {
+    match hangup {
         Ok(hangup) => {
             tokio::spawn(reload_on_hangup(hangup, server.auth_reloader(), *args));
         }

@@ -185,6 +185,9 @@ async fn rest_refuses_missing_and_bad_credentials_and_what_is_not_granted() -> R
     }
     let (_, info, _) = call(&server, "GET", "/v1/topics/chat.room", Some(&alice), "").await?;
     assert_eq!(info["last"], 2, "only alice's and carol's good publishes are stored");
+    // Each refusal above counted once: 3 + 6 without valid credentials, 9 not granted.
+    assert_eq!(server.metric("herald_auth_refused_total").await?, 9);
+    assert_eq!(server.metric("herald_forbidden_total").await?, 9);
     Ok(())
 }
 
