@@ -4,8 +4,9 @@
 //! below are replayed on every run (the committed corpus); the generated cases run
 //! `PROPTEST_CASES` times (256 by default; docs/security.md has the longer run).
 
+use herald_core::Kind;
 use herald_protocol::decode::parse_from_query;
-use herald_protocol::{is_delivery_id, parse_client_frame, ErrorCode};
+use herald_protocol::{check_payload, is_delivery_id, kind_of_media_type, parse_client_frame, ErrorCode};
 use proptest::prelude::*;
 
 /// Inputs that once were, or could be, trouble.
@@ -108,5 +109,17 @@ proptest! {
     #[test]
     fn any_delivery_id_is_judged(text in ".{0,80}") {
         let _ = is_delivery_id(&text);
+    }
+
+    /// REST and gRPC bodies: any bytes under any kind, any Content-Type.
+    #[test]
+    fn any_body_is_checked_against_any_kind(body in prop::collection::vec(any::<u8>(), 0..256), content_type in ".{0,60}") {
+        for kind in [Kind::Json, Kind::Text, Kind::Binary] {
+            let checked = check_payload(kind, &body);
+            if kind == Kind::Binary {
+                prop_assert!(checked.is_ok());
+            }
+        }
+        let _ = kind_of_media_type(&content_type);
     }
 }
