@@ -41,54 +41,6 @@ impl Query {
     }
 }
 
-#[cfg(test)]
-mod fuzz {
-    //! Fuzz harness (proptest, stable Rust) for query strings, which every client
-    //! controls: any string parses or is refused as `bad_request`; any parameter value
-    //! is a number in range or a `bad_request`; never a panic.
-    use super::Query;
-    use herald_protocol::ErrorCode;
-    use proptest::prelude::*;
-
-    const SEEDS: &[&str] =
-        &["", "&", "=", "a=%", "a=%zz", "from=-1", "from=99999999999999999999", "a=1&a=2", "%00=%00"];
-
-    fn check(raw: &str) -> Result<(), TestCaseError> {
-        match Query::parse(Some(raw)) {
-            Ok(q) => {
-                for name in ["from", "limit", "max", "wait_ms"] {
-                    if let Err(e) = q.number(name, 1, 1000, 1) {
-                        prop_assert_eq!(e.code, ErrorCode::BadRequest);
-                    }
-                }
-            }
-            Err(e) => prop_assert_eq!(e.code, ErrorCode::BadRequest),
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn the_seed_corpus_parses_or_is_refused() {
-        for seed in SEEDS {
-            if let Err(e) = check(seed) {
-                panic!("{seed:?}: {e}");
-            }
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn any_query_string_parses_or_is_refused(raw in ".{0,120}") {
-            check(&raw)?;
-        }
-
-        #[test]
-        fn any_query_shaped_string_parses_or_is_refused(raw in "([a-z_]{1,8}=[0-9a-z%+-]{0,24}&?){0,6}") {
-            check(&raw)?;
-        }
-    }
-}
-
 fn json(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
@@ -220,4 +172,52 @@ pub(crate) async fn list_topics(
     }
     body.push_str("]}");
     Ok(json(StatusCode::OK, body))
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Fuzz harness (proptest, stable Rust) for query strings, which every client
+    //! controls: any string parses or is refused as `bad_request`; any parameter value
+    //! is a number in range or a `bad_request`; never a panic.
+    use super::Query;
+    use herald_protocol::ErrorCode;
+    use proptest::prelude::*;
+
+    const SEEDS: &[&str] =
+        &["", "&", "=", "a=%", "a=%zz", "from=-1", "from=99999999999999999999", "a=1&a=2", "%00=%00"];
+
+    fn check(raw: &str) -> Result<(), TestCaseError> {
+        match Query::parse(Some(raw)) {
+            Ok(q) => {
+                for name in ["from", "limit", "max", "wait_ms"] {
+                    if let Err(e) = q.number(name, 1, 1000, 1) {
+                        prop_assert_eq!(e.code, ErrorCode::BadRequest);
+                    }
+                }
+            }
+            Err(e) => prop_assert_eq!(e.code, ErrorCode::BadRequest),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_seed_corpus_parses_or_is_refused() {
+        for seed in SEEDS {
+            if let Err(e) = check(seed) {
+                panic!("{seed:?}: {e}");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_query_string_parses_or_is_refused(raw in ".{0,120}") {
+            check(&raw)?;
+        }
+
+        #[test]
+        fn any_query_shaped_string_parses_or_is_refused(raw in "([a-z_]{1,8}=[0-9a-z%+-]{0,24}&?){0,6}") {
+            check(&raw)?;
+        }
+    }
 }
