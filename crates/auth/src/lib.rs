@@ -14,6 +14,7 @@
 
 pub mod grants;
 mod jwt;
+pub mod limits;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -108,6 +109,9 @@ pub enum Credentials {
     },
     /// `Authorization: Bearer`, or a token given in-band.
     Bearer(String),
+    /// A TLS client certificate the server verified against `tls.client_ca`: the name
+    /// of its subject (Common Name), a user of `[[auth.users]]`.
+    Certificate(String),
 }
 
 impl Credentials {
@@ -129,6 +133,12 @@ impl Credentials {
     }
 }
 
+/// The TLS client certificate a connection presented and the server verified against
+/// `tls.client_ca`: its subject's Common Name. The listener puts it on every request
+/// of the connection; the doors turn it into [`Credentials::Certificate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert(pub Arc<str>);
+
 /// Why credentials were refused (each reaches the client as `unauthorized`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -147,10 +157,14 @@ pub enum AuthError {
     /// The token was refused.
     #[error("token refused: {0}")]
     BadToken(String),
+    /// A verified client certificate names no configured user.
+    #[error("the client certificate's name {0:?} is not a user of this server")]
+    UnknownCertificate(String),
 }
 
 struct User {
-    hash: String,
+    /// `None`: a user who logs in with a client certificate only.
+    hash: Option<String>,
     grants: Arc<Grants>,
 }
 
@@ -298,8 +312,9 @@ impl Authenticator {
                     "plain-text passwords are refused; put the output of `herald passwd` in password_hash",
                 ));
             }
-            let hash = u.password_hash.clone().ok_or_else(|| fail("password_hash is missing (see `herald passwd`)"))?;
-            if !is_known_hash(&hash) {
+            // Without a hash the user logs in with a client certificate only.
+            let hash = u.password_hash.clone();
+            if hash.as_deref().is_some_and(|h| !is_known_hash(h)) {
                 return Err(fail("password_hash is neither an argon2 ($argon2id$...) nor a bcrypt ($2b$...) hash"));
             }
             if users.insert(u.name.clone(), User { hash, grants: Arc::new(u.grants.build()?) }).is_some() {
@@ -319,13 +334,13 @@ impl Authenticator {
                 if self.users.is_empty() {
                     return Err(AuthError::NoBasic);
                 }
-                let Some(u) = self.users.get(user) else {
+                let Some((u, hash)) = self.users.get(user).and_then(|u| Some((u, u.hash.as_deref()?))) else {
                     return Err(AuthError::BadPassword);
                 };
                 let key = self.hasher.hash_one((user, password));
                 let remembered = lock(&self.verified).get(&key).is_some_and(|at| at.elapsed() < VERIFIED_FOR);
                 if !remembered {
-                    if !verify_password(password, &u.hash) {
+                    if !verify_password(password, hash) {
                         return Err(AuthError::BadPassword);
                     }
                     let mut verified = lock(&self.verified);
@@ -339,6 +354,10 @@ impl Authenticator {
             Credentials::Bearer(token) => match &self.jwt {
                 Some(jwt) => jwt.check(token, now_secs()).map_err(|e| AuthError::BadToken(e.to_string())),
                 None => Err(AuthError::NoBearer),
+            },
+            Credentials::Certificate(name) => match self.users.get(name) {
+                Some(u) => Ok(Principal { name: Arc::from(name.as_str()), grants: u.grants.clone(), expires_at: None }),
+                None => Err(AuthError::UnknownCertificate(name.clone())),
             },
         }
     }
@@ -379,7 +398,7 @@ impl Authenticator {
                 let key = self.hasher.hash_one((user, password));
                 lock(&self.verified).get(&key).is_some_and(|at| at.elapsed() < VERIFIED_FOR)
             }
-            Credentials::Bearer(_) => true,
+            Credentials::Bearer(_) | Credentials::Certificate(_) => true,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::ClientError;
@@ -27,6 +27,16 @@ pub struct TlsConfig {
     roots: Arc<RootCertStore>,
     /// The CA file's PEM, when one was given (tonic takes it as PEM).
     ca_pem: Option<Arc<Vec<u8>>>,
+    /// A client certificate to log in with (`with_client_cert`).
+    identity: Option<Arc<Identity>>,
+}
+
+/// A client certificate chain and its key, parsed (for rustls) and as PEM (for tonic).
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -34,6 +44,7 @@ impl std::fmt::Debug for TlsConfig {
         f.debug_struct("TlsConfig")
             .field("roots", &self.roots.len())
             .field("private_ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.identity.is_some())
             .finish()
     }
 }
@@ -52,7 +63,7 @@ impl TlsConfig {
                 let mut roots = RootCertStore::empty();
                 let (added, ignored) = roots.add_parsable_certificates(found.certs);
                 tracing::debug!(added, ignored, "system certificate store read");
-                TlsConfig { roots: Arc::new(roots), ca_pem: None }
+                TlsConfig { roots: Arc::new(roots), ca_pem: None, identity: None }
             })
             .clone()
     }
@@ -71,10 +82,44 @@ impl TlsConfig {
         for cert in certs {
             roots.add(cert).map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
         }
-        Ok(TlsConfig { roots: Arc::new(roots), ca_pem: Some(Arc::new(pem)) })
+        Ok(TlsConfig { roots: Arc::new(roots), ca_pem: Some(Arc::new(pem)), identity: None })
     }
 
     /// A rustls configuration offering `alpn`.
+    /// The same trust, presenting the client certificate chain `cert` (PEM, leaf first)
+    /// with its private `key` (PEM) to servers that ask for one (a server with
+    /// `tls.client_ca` logs the client in as the certificate's Common Name).
+    pub fn with_client_cert(mut self, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let (cert, key) = (cert.as_ref(), key.as_ref());
+        let read =
+            |path: &Path| std::fs::read(path).map_err(|e| ClientError::Tls(format!("reading {}: {e}", path.display())));
+        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Tls(format!("{}: {e}", cert.display())))?;
+        if chain.is_empty() {
+            return Err(ClientError::Tls(format!("no certificate in {}", cert.display())));
+        }
+        let parsed =
+            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| ClientError::Tls(format!("{}: {e}", key.display())))?;
+        let identity = Identity { chain, key: parsed, cert_pem, key_pem };
+        // Checked once here, so building a configuration with it cannot fail later.
+        Self::builder()
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+            .map_err(|e| ClientError::Tls(format!("{} and {}: {e}", cert.display(), key.display())))?;
+        self.identity = Some(Arc::new(identity));
+        Ok(self)
+    }
+
+    fn builder() -> rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        #[allow(clippy::expect_used)]
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring's default provider supports TLS 1.2 and 1.3")
+    }
+
     pub(crate) fn rustls(&self, alpn: &[&[u8]]) -> ClientConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // Fails only for a provider without the default protocol versions' cipher
@@ -90,7 +135,10 @@ impl TlsConfig {
 
     /// tonic's form of the same trust, for gRPC over TLS (ALPN h2).
     pub(crate) fn tonic(&self) -> tonic::transport::ClientTlsConfig {
-        let config = tonic::transport::ClientTlsConfig::new();
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        if let Some(id) = &self.identity {
+            config = config.identity(tonic::transport::Identity::from_pem(&id.cert_pem, &id.key_pem));
+        }
         match &self.ca_pem {
             Some(pem) => config.ca_certificate(tonic::transport::Certificate::from_pem(pem.as_slice())),
             None => config.with_native_roots(),

@@ -22,7 +22,8 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use herald_auth::{Action, Credentials, LiveAuth, Principal};
+use herald_auth::limits::Peer;
+use herald_auth::{Action, ClientCert, Credentials, LiveAuth, Principal};
 use herald_core::{Broker, Kind};
 use herald_protocol::ErrorCode;
 use tokio_util::sync::CancellationToken;
@@ -124,18 +125,30 @@ impl GrpcState {
     async fn admit<T>(&self, request: &tonic::Request<T>) -> Result<Caller, Status> {
         self.admit_load()?;
         let Some(auth) = self.inner.auth.as_ref().map(|live| live.get()) else { return Ok(None) };
-        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let refused = |message: String| {
             herald_core::Metrics::add(&self.broker().metrics().auth_refused, 1);
             error::status(ErrorCode::Unauthorized, message)
         };
-        let credentials = header
-            .and_then(Credentials::from_header)
+        let credentials = credentials_of(request)
             .ok_or_else(|| refused("credentials required: send authorization metadata, Basic or Bearer".to_owned()))?;
         match auth.check(credentials).await {
             Ok(p) => Ok(Some(Arc::new(p))),
             Err(e) => Err(refused(e.to_string())),
         }
+    }
+
+    /// Takes `messages` messages of `bytes` bytes of a call from its connection's and
+    /// its user's buckets (`peer`: from the request's extensions, taken before the
+    /// request is consumed), or the `rate_limited` status that refuses it.
+    pub(crate) fn pace(
+        &self,
+        peer: Option<&Peer>,
+        caller: &Caller,
+        messages: usize,
+        bytes: usize,
+    ) -> Result<(), Status> {
+        let Some(peer) = peer else { return Ok(()) };
+        peer.admit_request(caller.as_deref().map(|p| &*p.name), messages, bytes).map_err(error::rate_limited)
     }
 
     /// Refuses a call once shutdown began or while `max_connections` long-lived
@@ -154,6 +167,15 @@ impl GrpcState {
     fn max_request_bytes(&self) -> usize {
         let floor = self.broker().config().max_message_bytes.saturating_add(64 << 10);
         self.inner.config.max_request_bytes.max(floor)
+    }
+}
+
+/// A call's credentials: its `authorization` metadata or, without it, the verified
+/// TLS client certificate of its connection.
+pub(crate) fn credentials_of<T>(request: &tonic::Request<T>) -> Option<Credentials> {
+    match request.metadata().get("authorization") {
+        Some(value) => value.to_str().ok().and_then(Credentials::from_header),
+        None => request.extensions().get::<ClientCert>().map(|c| Credentials::Certificate(c.0.to_string())),
     }
 }
 

@@ -1,8 +1,10 @@
 //! The `herald.v1.Queues` service: enqueue, fetch (with long poll), ack, requeue,
 //! extend and stats. Thin, like the HTTP one: every rule lives in the core's queues.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use herald_auth::limits::Peer;
 use herald_core::QueueName;
 use tonic::{Request, Response, Status};
 
@@ -51,6 +53,7 @@ fn in_range(name: &str, value: u64, min: u64, max: u64) -> Result<u64, Status> {
 impl Queues for QueuesService {
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
         let caller = self.state.admit(&request).await?;
+        let peer = request.extensions().get::<Arc<Peer>>().cloned();
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
         self.state.permit(&caller, herald_auth::Action::Enqueue, queue.as_str())?;
@@ -58,6 +61,7 @@ impl Queues for QueuesService {
         let ttl_ms = req.ttl_ms.map(|t| in_range("ttl_ms", t, 0, MAX_DELAY_MS)).transpose()?;
         let broker = self.state.broker();
         let msg = new_message(broker, kind_of(req.kind, &req.content_type)?, req.data, ttl_ms)?;
+        self.state.pace(peer.as_deref(), &caller, 1, msg.payload.len())?;
         let message_id =
             broker.queue_service().map_err(from_broker)?.enqueue(&queue, msg, delay_ms).await.map_err(from_queue)?;
         Ok(Response::new(pb::EnqueueResponse { queue: req.queue, message_id }))

@@ -1,6 +1,9 @@
 //! The `herald.v1.Topics` service: publish (one or a batch), fetch, subscribe, info,
 //! list and delete, with the HTTP front door's semantics, limits and error codes.
 
+use std::sync::Arc;
+
+use herald_auth::limits::Peer;
 use herald_core::{StartFrom, TopicName};
 use tonic::{Request, Response, Status};
 
@@ -46,11 +49,13 @@ fn limit(raw: u32) -> Result<usize, Status> {
 impl Topics for TopicsService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let caller = self.state.admit(&request).await?;
+        let peer = request.extensions().get::<Arc<Peer>>().cloned();
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
         self.state.permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
         let broker = self.state.broker();
         let msg = new_message(broker, kind_of(req.kind, &req.content_type)?, req.data, req.ttl_ms)?;
+        self.state.pace(peer.as_deref(), &caller, 1, msg.payload.len())?;
         let p = broker.publish(&topic, msg).await.map_err(from_broker)?;
         Ok(Response::new(pb::PublishResponse { topic: req.topic, offset: p.offset, ts: p.ts }))
     }
@@ -60,6 +65,7 @@ impl Topics for TopicsService {
         request: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
         let caller = self.state.admit(&request).await?;
+        let peer = request.extensions().get::<Arc<Peer>>().cloned();
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
         self.state.permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
@@ -72,6 +78,8 @@ impl Topics for TopicsService {
             .into_iter()
             .map(|m| new_message(broker, kind_of(m.kind, &m.content_type)?, m.data, m.ttl_ms))
             .collect::<Result<Vec<_>, Status>>()?;
+        let bytes = batch.iter().map(|m| m.payload.len()).sum();
+        self.state.pace(peer.as_deref(), &caller, batch.len(), bytes)?;
         let published = broker.publish_batch(&topic, batch).await.map_err(from_broker)?;
         let published = published.into_iter().map(|p| pb::Published { offset: p.offset, ts: p.ts }).collect();
         Ok(Response::new(pb::PublishBatchResponse { topic: req.topic, published }))
@@ -102,11 +110,7 @@ impl Topics for TopicsService {
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
         let caller = self.state.admit(&request).await?;
-        let credentials = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(herald_auth::Credentials::from_header);
+        let credentials = crate::credentials_of(&request);
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
         self.state.permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;

@@ -8,6 +8,7 @@
 mod auth;
 mod error;
 mod extract;
+mod limits;
 mod metrics;
 mod queues;
 mod rest;
@@ -25,6 +26,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use herald_auth::limits::Limits;
 use herald_auth::LiveAuth;
 use herald_core::Broker;
 use herald_protocol::ErrorCode;
@@ -63,6 +65,7 @@ pub struct AppState {
     inner: Arc<StateInner>,
 }
 
+#[derive(Clone)]
 struct StateInner {
     broker: Broker,
     config: HttpConfig,
@@ -70,6 +73,8 @@ struct StateInner {
     tracker: TaskTracker,
     /// Checks credentials; `None`: every caller may do everything.
     auth: Option<Arc<LiveAuth>>,
+    /// The abuse limits, for `/metrics` (each connection carries its own buckets).
+    limits: Arc<Limits>,
 }
 
 impl AppState {
@@ -85,7 +90,19 @@ impl AppState {
         shutdown: CancellationToken,
         auth: Option<Arc<LiveAuth>>,
     ) -> Self {
-        Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker: TaskTracker::new(), auth }) }
+        let limits = Arc::default();
+        Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker: TaskTracker::new(), auth, limits }) }
+    }
+
+    /// The state with `limits`, the ones the server's listener gives each connection.
+    pub fn with_limits(self, limits: Arc<Limits>) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.limits = limits;
+        Self { inner: Arc::new(inner) }
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     fn auth(&self) -> Option<&Arc<LiveAuth>> {
@@ -122,6 +139,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/requeue/{id}", post(queues::requeue))
         .route("/v1/queues/{queue}/extend/{id}", post(queues::extend))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
+        .layer(axum::middleware::from_fn(limits::error_budget))
         .layer(axum::middleware::from_fn_with_state(state.clone(), connection_limit));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

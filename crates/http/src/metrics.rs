@@ -111,5 +111,20 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     {
         let _ = writeln!(out, "herald_encodes_total{{form=\"{label}\"}} {}", m.encodes_of(form));
     }
+    let l = state.limits().counters();
+    let _ = write!(
+        out,
+        "# HELP herald_limited_total Clients refused, slowed or closed by an abuse limit, by limit.\n# TYPE herald_limited_total counter\n"
+    );
+    for (limit, counter) in [
+        ("connection_rate", &l.connections_refused),
+        ("paused", &l.paused),
+        ("rate", &l.refused),
+        ("error_budget", &l.error_closes),
+        ("header_timeout", &l.header_timeouts),
+        ("handshake_timeout", &l.handshake_timeouts),
+    ] {
+        let _ = writeln!(out, "herald_limited_total{{limit=\"{limit}\"}} {}", counter.load(Ordering::Relaxed));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

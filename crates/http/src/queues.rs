@@ -16,6 +16,7 @@ use herald_protocol::ErrorCode;
 
 use crate::auth::Caller;
 use crate::extract::{DeliveryPath, QueuePath};
+use crate::limits::{self, PeerOf};
 use crate::rest::{body_error, kind_of, new_message, Query};
 use crate::{ApiError, AppState};
 
@@ -40,6 +41,7 @@ fn json(status: StatusCode, body: String) -> Response {
 pub(crate) async fn enqueue(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    peer: PeerOf,
     QueuePath(queue): QueuePath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -52,6 +54,7 @@ pub(crate) async fn enqueue(
     let max = state.broker().config().max_message_bytes;
     let payload = axum::body::to_bytes(body, max).await.map_err(|e| body_error(e, max))?;
     let msg = new_message(kind_of(&headers), payload, ttl_ms)?;
+    limits::admit(&peer, &caller, 1, msg.payload.len())?;
     let id = state.broker().queue_service()?.enqueue(&queue, msg, delay_ms).await?;
     let mut body = String::from("{\"queue\":");
     push_json_str(&mut body, queue.as_str());

@@ -13,6 +13,7 @@ use std::fmt::Write;
 
 use crate::auth::Caller;
 use crate::extract::TopicPath;
+use crate::limits::{self, PeerOf};
 use crate::{ApiError, AppState};
 
 /// Query parameters as name/value pairs, with precise errors for malformed ones.
@@ -75,6 +76,7 @@ pub(crate) fn body_error(e: axum::Error, max: usize) -> ApiError {
 pub(crate) async fn publish(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    peer: PeerOf,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -86,6 +88,7 @@ pub(crate) async fn publish(
     let max = state.broker().config().max_message_bytes;
     let payload = axum::body::to_bytes(body, max).await.map_err(|e| body_error(e, max))?;
     let msg = new_message(kind_of(&headers), payload, ttl_ms)?;
+    limits::admit(&peer, &caller, 1, msg.payload.len())?;
     let published = state.broker().publish(&topic, msg).await?;
     let mut body = String::from("{\"topic\":");
     push_json_str(&mut body, topic.as_str());

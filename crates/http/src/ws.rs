@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use herald_auth::limits::Peer;
 use herald_auth::Action;
 use herald_core::{
     outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage,
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{close_for, credentials_of, forbidden, watch, Caller};
 use crate::extract::TopicPath;
+use crate::limits::{self, PeerOf};
 use crate::rest::Query;
 use crate::tap::Tap;
 use crate::{ApiError, AppState};
@@ -254,6 +256,7 @@ const READ_BUFFER_BYTES: usize = 8 << 10;
 pub(crate) async fn json_upgrade(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
+    peer: PeerOf,
     headers: axum::http::HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -269,7 +272,10 @@ pub(crate) async fn json_upgrade(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
-        .on_upgrade(move |socket| tracker.track_future(json_connection(socket, state, caller, credentials))))
+        .on_upgrade(move |socket| {
+            let peer = peer.map(|axum::Extension(p)| p);
+            tracker.track_future(json_connection(socket, state, caller, credentials, peer))
+        }))
 }
 
 struct JsonSub {
@@ -330,6 +336,7 @@ async fn json_connection(
     state: AppState,
     caller: Caller,
     credentials: Option<herald_auth::Credentials>,
+    peer: Option<Arc<Peer>>,
 ) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
     let deadline = deadline_of(&caller);
@@ -343,6 +350,7 @@ async fn json_connection(
         deadline,
         closed: false,
         credentials,
+        peer,
     };
     run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| {
         let mut incoming = Incoming::new(&mut stream);
@@ -445,6 +453,8 @@ struct JsonSession {
     closed: bool,
     /// The credentials the caller authenticated with, to check again after a reload.
     credentials: Option<herald_auth::Credentials>,
+    /// The connection's buckets and error budget.
+    peer: Option<Arc<Peer>>,
 }
 
 /// How long a JSON WebSocket opened without credentials has to send its `auth` frame.
@@ -574,8 +584,22 @@ impl JsonSession {
         self.out.push_control(Control::Text(text), size);
     }
 
-    fn error(&self, e: &FrameError) {
+    /// Answers an error frame, spending one error of the connection's budget; once it
+    /// is spent the connection is closed with 1008 and nothing more is read.
+    fn error(&mut self, e: &FrameError) {
         self.reply(encode::error(e.id, e.code, &e.message));
+        if !self.closed && self.peer.as_ref().is_some_and(|p| p.error()) {
+            self.out.push_control(Control::Close(close::POLICY_VIOLATION, "too many errors"), 0);
+            self.closed = true;
+        }
+    }
+
+    /// Waits until a publish of `bytes` fits the connection's and the user's buckets;
+    /// meanwhile nothing is read from the socket, which slows the sender through TCP.
+    async fn pace(&self, bytes: usize) {
+        if let Some(peer) = &self.peer {
+            peer.admit_stream(limits::user_of(&self.caller), bytes).await;
+        }
     }
 
     /// Handles frames in order; runs of publishes to one topic are published as one
@@ -607,6 +631,9 @@ impl JsonSession {
                 });
                 self.close_unauthorized("authentication required");
                 break;
+            }
+            if let Op::Publish { payload, .. } = &frame.op {
+                self.pace(payload_len(payload)).await;
             }
             if let Some(e) = match &frame.op {
                 Op::Publish { topic, .. } => self.refused(frame.id, Action::Publish, topic),
@@ -743,6 +770,7 @@ enum Mode {
 pub(crate) async fn raw_upgrade(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
+    peer: PeerOf,
     headers: axum::http::HeaderMap,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
@@ -789,7 +817,10 @@ pub(crate) async fn raw_upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let replay = sub.and_then(|s| s.replay);
-            tracker.track_future(raw_connection(socket, state, topic, mode, replay, (out, rx), (unsubscribe, watch)))
+            let peer = peer.map(|axum::Extension(p)| p);
+            let pacer = Pacer { mode, peer, user: limits::user_of(&caller).map(str::to_owned) };
+            let guards = (unsubscribe, watch, pacer);
+            tracker.track_future(raw_connection(socket, state, topic, replay, (out, rx), guards))
         })
         .into_response())
 }
@@ -798,10 +829,9 @@ async fn raw_connection(
     socket: WebSocket,
     state: AppState,
     topic: TopicName,
-    mode: Mode,
     replay: Option<Replay>,
     (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
-    (unsubscribe, watch): (SubscriptionGuard, Watch),
+    (unsubscribe, watch, pacer): (SubscriptionGuard, Watch, Pacer),
 ) {
     let replay = replay.map(|r| spawn_replay(r, out.clone()));
     let queue = out.clone();
@@ -809,7 +839,7 @@ async fn raw_connection(
         let ended = watch.ended();
         tokio::pin!(ended);
         tokio::select! {
-            () = raw_reader(&state, &topic, mode, &out, &mut stream, last_seen, stop) => {}
+            () = raw_reader(&state, &topic, &pacer, &out, &mut stream, last_seen, stop) => {}
             why = &mut ended => {
                 let (code, reason) = close_for(why);
                 out.push_control(Control::Close(code, reason), 0);
@@ -819,6 +849,14 @@ async fn raw_connection(
         drop(unsubscribe);
     })
     .await;
+}
+
+/// What a raw socket may send: its mode, and who its publishes are paced as (its
+/// connection's buckets and its user).
+struct Pacer {
+    mode: Mode,
+    peer: Option<Arc<Peer>>,
+    user: Option<String>,
 }
 
 /// Most data frames of a raw socket published as one batch.
@@ -831,7 +869,7 @@ const RAW_BATCH: usize = 256;
 async fn raw_reader(
     state: &AppState,
     topic: &TopicName,
-    mode: Mode,
+    pacer: &Pacer,
     out: &Outbound<Control>,
     stream: &mut SplitStream<WebSocket>,
     last_seen: &LastSeen,
@@ -853,7 +891,7 @@ async fn raw_reader(
                 return;
             }
         };
-        if mode == Mode::Sub {
+        if pacer.mode == Mode::Sub {
             out.push_control(Control::Close(close::UNSUPPORTED_DATA, "mode=sub takes no data frames"), 0);
             return;
         }
@@ -864,6 +902,11 @@ async fn raw_reader(
             WsMessage::Ping(_) | WsMessage::Pong(_) => Ok(None),
             other => Err(other),
         }));
+        if let Some(peer) = &pacer.peer {
+            for msg in &batch {
+                peer.admit_stream(pacer.user.as_deref(), msg.payload.len()).await;
+            }
+        }
         if let Err(e) = state.broker().publish_batch(topic, batch).await {
             let refused = matches!(e, BrokerError::Role { .. });
             let api = ApiError::from(e);

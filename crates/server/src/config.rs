@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use herald_auth::limits::LimitsConfig;
 use herald_core::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig, Role};
 use herald_grpc::GrpcConfig;
 use herald_http::HttpConfig;
@@ -79,6 +80,9 @@ pub struct Config {
     /// Authentication and grants (`[auth]` in the config file), if set: then every
     /// `/v1` request and gRPC call must authenticate.
     pub auth: Option<herald_auth::AuthConfig>,
+    /// Abuse limits: rates per connection, user and address, error budget, header and
+    /// handshake timeouts (`[limits]`, `[timeouts]`).
+    pub limits: LimitsConfig,
 }
 
 /// Scale-out over Redis (docs/cluster.md).
@@ -113,6 +117,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             tls: None,
             auth: None,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -152,6 +157,10 @@ pub struct ServeArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, env = "HERALD_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) of client certificates: clients may log in with one; its
+    /// Common Name is the user name.
+    #[arg(long, env = "HERALD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Disk store fsync policy: always, never, or an interval such as 100ms.
     #[arg(long, env = "HERALD_FSYNC", value_parser = parse_fsync)]
     pub fsync: Option<FsyncPolicy>,
@@ -234,6 +243,7 @@ struct File {
 struct FileTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -267,6 +277,13 @@ struct FileLimits {
     max_subscriptions_per_connection: Option<usize>,
     max_pending_bytes: Option<usize>,
     max_grpc_request_bytes: Option<usize>,
+    messages_per_second: Option<u32>,
+    bytes_per_second: Option<u32>,
+    user_messages_per_second: Option<u32>,
+    user_bytes_per_second: Option<u32>,
+    connections_per_second_per_ip: Option<u32>,
+    errors_per_minute: Option<u32>,
+    trusted_networks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -283,6 +300,8 @@ struct FileTimeouts {
     pong_timeout: Option<String>,
     slow_consumer_timeout: Option<String>,
     shutdown_timeout: Option<String>,
+    header_timeout: Option<String>,
+    handshake_timeout: Option<String>,
 }
 
 /// Parses an fsync policy: `always`, `never`, or an interval such as `100ms`.
@@ -370,7 +389,13 @@ impl Config {
         };
         let d = Config::default();
         let tls = match (args.tls_cert.clone().or(file.tls.cert), args.tls_key.clone().or(file.tls.key)) {
-            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+            (Some(cert), Some(key)) => {
+                let client_ca = args.tls_client_ca.clone().or(file.tls.client_ca);
+                Some(crate::tls::TlsFiles { cert, key, client_ca })
+            }
+            (None, None) if args.tls_client_ca.is_some() || file.tls.client_ca.is_some() => {
+                bail!("config key tls.client_ca is set without tls.cert and tls.key (client certificates need TLS)")
+            }
             (None, None) => None,
             (Some(_), None) => bail!("config key tls.cert is set without tls.key (--tls-key)"),
             (None, Some(_)) => bail!("config key tls.key is set without tls.cert (--tls-cert)"),
@@ -391,6 +416,24 @@ impl Config {
             (None, None) => Role::All,
         };
         let max_connections = args.max_connections.or(file.limits.max_connections).unwrap_or(d.http.max_connections);
+        let l = &file.limits;
+        let dl = &d.limits;
+        let limits = LimitsConfig {
+            messages_per_second: l.messages_per_second.unwrap_or(dl.messages_per_second),
+            bytes_per_second: l.bytes_per_second.unwrap_or(dl.bytes_per_second),
+            user_messages_per_second: l.user_messages_per_second.unwrap_or(dl.user_messages_per_second),
+            user_bytes_per_second: l.user_bytes_per_second.unwrap_or(dl.user_bytes_per_second),
+            connections_per_second_per_ip: l.connections_per_second_per_ip.unwrap_or(dl.connections_per_second_per_ip),
+            errors_per_minute: l.errors_per_minute.unwrap_or(dl.errors_per_minute),
+            trusted_networks: match &l.trusted_networks {
+                Some(nets) => herald_auth::limits::parse_networks(nets)?,
+                None => dl.trusted_networks.clone(),
+            },
+            header_timeout: file_duration("timeouts.header_timeout", file.timeouts.header_timeout.clone())?
+                .unwrap_or(dl.header_timeout),
+            handshake_timeout: file_duration("timeouts.handshake_timeout", file.timeouts.handshake_timeout.clone())?
+                .unwrap_or(dl.handshake_timeout),
+        };
         let config = Config {
             listen: args.listen.or(file.listen).unwrap_or(d.listen),
             store,
@@ -474,6 +517,7 @@ impl Config {
             cluster,
             tls,
             auth: file.auth,
+            limits,
         };
         config.validate()?;
         Ok(config)
@@ -517,6 +561,7 @@ impl Config {
         if self.cluster.prefix.contains(['{', '}']) {
             bail!("config key cluster.prefix must not contain '{{' or '}}' (Redis Cluster hash tags)");
         }
+        self.limits.validate(self.broker.max_message_bytes)?;
         let max_disk = herald_store_disk::MAX_MESSAGE_BYTES;
         if self.store == StoreKind::Disk && self.broker.max_message_bytes > max_disk {
             bail!("config key limits.max_message_bytes is over the disk store's limit of {max_disk} bytes");
@@ -542,6 +587,13 @@ max_connections = {max_connections}
 max_subscriptions_per_connection = {max_subs}
 max_pending_bytes = {max_pending_bytes}
 max_grpc_request_bytes = {max_grpc_request_bytes}
+messages_per_second = {messages_per_second}
+bytes_per_second = {bytes_per_second}
+user_messages_per_second = {user_messages_per_second}
+user_bytes_per_second = {user_bytes_per_second}
+connections_per_second_per_ip = {connections_per_second_per_ip}
+errors_per_minute = {errors_per_minute}
+trusted_networks = [{trusted_networks}]
 
 [retention]
 max_messages = {max_messages}
@@ -557,6 +609,8 @@ ping_interval = "{ping}"
 pong_timeout = "{pong}"
 slow_consumer_timeout = "{slow}"
 shutdown_timeout = "{shutdown}"
+header_timeout = "{header_timeout}"
+handshake_timeout = "{handshake_timeout}"
 
 [cluster]
 {redis}role = "{role}"
@@ -574,6 +628,16 @@ prefix = "{prefix}"
             max_subs = self.http.max_subscriptions_per_connection,
             max_pending_bytes = self.broker.outbound.max_pending_bytes,
             max_grpc_request_bytes = self.grpc.max_request_bytes,
+            messages_per_second = self.limits.messages_per_second,
+            bytes_per_second = self.limits.bytes_per_second,
+            user_messages_per_second = self.limits.user_messages_per_second,
+            user_bytes_per_second = self.limits.user_bytes_per_second,
+            connections_per_second_per_ip = self.limits.connections_per_second_per_ip,
+            errors_per_minute = self.limits.errors_per_minute,
+            trusted_networks =
+                self.limits.trusted_networks.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+            header_timeout = format_duration(self.limits.header_timeout),
+            handshake_timeout = format_duration(self.limits.handshake_timeout),
             max_messages = self.retention.max_messages,
             max_age = format_duration(self.retention.max_age),
             max_attempts = self.broker.queues.max_attempts,
@@ -590,7 +654,15 @@ prefix = "{prefix}"
             role = self.broker.role.as_str(),
             prefix = self.cluster.prefix,
             tls = match &self.tls {
-                Some(files) => format!("cert = \"{}\"\nkey = \"{}\"\n", files.cert.display(), files.key.display()),
+                Some(files) => format!(
+                    "cert = \"{}\"\nkey = \"{}\"\n{}",
+                    files.cert.display(),
+                    files.key.display(),
+                    match &files.client_ca {
+                        Some(ca) => format!("client_ca = \"{}\"\n", ca.display()),
+                        None => String::new(),
+                    }
+                ),
                 None => "# cert = \"/etc/herald/tls/cert.pem\"\n# key = \"/etc/herald/tls/key.pem\"\n".to_owned(),
             },
             auth = match &self.auth {
@@ -618,6 +690,31 @@ mod tests {
         assert!(parse_duration("30").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn abuse_limits_are_read_and_checked() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("herald-config-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("herald.toml");
+        let args = ServeArgs { config: Some(path.clone()), ..Default::default() };
+        std::fs::write(
+            &path,
+            "[limits]\nmessages_per_second = 5\ntrusted_networks = [\"10.0.0.0/8\", \"192.0.2.7\"]\n[timeouts]\nheader_timeout = \"2s\"\n",
+        )?;
+        let c = Config::load(&args)?;
+        assert_eq!(c.limits.messages_per_second, 5);
+        assert_eq!(c.limits.bytes_per_second, LimitsConfig::default().bytes_per_second, "default");
+        assert_eq!(c.limits.trusted_networks.len(), 2);
+        assert_eq!(c.limits.header_timeout, Duration::from_secs(2));
+        std::fs::write(&path, "[limits]\ntrusted_networks = [\"10.0.0.0/33\"]\n")?;
+        let err = format!("{:#}", Config::load(&args).expect_err("bad network refused"));
+        assert!(err.contains("trusted_networks") && err.contains("10.0.0.0/33"), "{err}");
+        std::fs::write(&path, "[limits]\nbytes_per_second = 1000\n")?;
+        let err = format!("{:#}", Config::load(&args).expect_err("a byte rate below the largest message refused"));
+        assert!(err.contains("limits.bytes_per_second"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 
@@ -691,7 +788,7 @@ mod tests {
         assert!(err.contains("tls.cert"), "{err}");
         let args = ServeArgs { tls_cert: Some("c.pem".into()), tls_key: Some("k.pem".into()), ..Default::default() };
         let c = Config::load(&args)?;
-        assert_eq!(c.tls, Some(crate::tls::TlsFiles { cert: "c.pem".into(), key: "k.pem".into() }));
+        assert_eq!(c.tls, Some(crate::tls::TlsFiles { cert: "c.pem".into(), key: "k.pem".into(), client_ca: None }));
         let dir = std::env::temp_dir().join(format!("herald-config-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("herald.toml");

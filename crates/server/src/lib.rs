@@ -14,15 +14,14 @@ pub mod bench_fanout;
 pub mod bench_grpc;
 pub mod cli;
 pub mod config;
+pub mod listen;
 pub mod tls;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use herald_core::{Broker, Bus, MemoryStore, QueueService, Store, SystemClock};
 use herald_grpc::{GrpcConfig, GrpcState};
 use herald_http::AppState;
@@ -33,8 +32,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, StoreKind};
+use herald_auth::limits::Limits;
 use herald_auth::LiveAuth;
-use tls::{Tls, TlsListener};
+use tls::Tls;
 
 /// How often retention by age and TTL is applied to idle topics.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -179,9 +179,6 @@ fn live_auth(config: &Config) -> anyhow::Result<Option<Arc<LiveAuth>>> {
         .transpose()
 }
 
-/// How long a TLS handshake may take before the connection is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serves on `listener` until `shutdown` is cancelled, then drains in order (with TLS
 /// if `config.tls` is set).
 pub async fn serve(
@@ -207,7 +204,9 @@ async fn serve_with(
         Some((bus, queues)) => Broker::clustered(backend.store, bus, queues, config.broker.clone()),
         None => Broker::new(backend.store, config.broker.clone()),
     };
-    let state = AppState::with_auth(broker.clone(), config.http.clone(), shutdown.clone(), auth.clone());
+    let limits = Arc::new(Limits::new(config.limits.clone()));
+    let state = AppState::with_auth(broker.clone(), config.http.clone(), shutdown.clone(), auth.clone())
+        .with_limits(limits.clone());
     // gRPC shares the HTTP front door's connection limit and task tracker.
     let grpc_config = GrpcConfig { max_connections: config.http.max_connections, ..config.grpc.clone() };
     let grpc = GrpcState::new(broker.clone(), grpc_config, shutdown.clone(), state.tracker().clone()).with_auth(auth);
@@ -216,37 +215,28 @@ async fn serve_with(
 
     let sweeper = {
         let broker = broker.clone();
+        let limits = limits.clone();
         let shutdown = shutdown.clone();
         state.tracker().spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => broker.sweep(),
+                    _ = tick.tick() => {
+                        broker.sweep();
+                        limits.sweep();
+                    }
                 }
             }
         })
     };
 
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), store = ?config.store, role = config.broker.role.as_str(), "herald listening");
-    let stopped = shutdown.clone().cancelled_owned();
-    let http: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
-        Some(tls) => {
-            let tls = Arc::new(tls);
-            state.tracker().spawn(tls.clone().watch(shutdown.clone()));
-            let listener = TlsListener::new(listener, &tls, TLS_HANDSHAKE_TIMEOUT)?;
-            Box::pin(axum::serve(listener, app).with_graceful_shutdown(stopped).into_future())
-        }
-        None => {
-            // Small frames (replies, acks) must not wait for Nagle's algorithm.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
-            });
-            Box::pin(axum::serve(listener, app).with_graceful_shutdown(stopped).into_future())
-        }
-    };
+    let tls = tls.map(Arc::new);
+    if let Some(tls) = &tls {
+        state.tracker().spawn(tls.clone().watch(shutdown.clone()));
+    }
+    let http = listen::serve(listener, tls, app, limits, shutdown.clone());
     let drained = async {
         http.await.context("http server")?;
         // WebSocket and gRPC stream tasks were told by the same token; wait for them.

@@ -1,19 +1,20 @@
 //! TLS on the one listener: rustls (ring), ALPN `h2` and `http/1.1`, so HTTP/1.1,
 //! WebSocket, SSE and HTTP/2 + gRPC share one port as they do without TLS.
 //!
-//! The certificate is replaced without a restart: the files are checked every
+//! With `client_ca`, clients may present a certificate signed by it (verified in the
+//! handshake); its subject's Common Name is the client's user name ([`client_user`]).
+//!
+//! The certificate (and the client CA) is replaced without a restart: the files are checked every
 //! [`WATCH_EVERY`] (modification time and size) and on SIGHUP; a changed pair is loaded,
 //! checked (the key must match the certificate) and served to every new handshake, while
 //! connections already open keep the session they have. A pair that fails to load (a
 //! half-written file, a key that does not match) is refused with an error in the log and
 //! the current certificate stays.
 //!
-//! Handshakes run on tasks of their own, at most [`MAX_HANDSHAKES`] at once, each
-//! bounded by a timeout, so a client that opens a socket and never finishes its
-//! handshake holds nothing for long and never delays another client's.
+//! Handshakes are the listener's business (`crate::listen`): each on the connection's
+//! own task, bounded by `timeouts.handshake_timeout`.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -21,19 +22,14 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
-use tokio_rustls::server::TlsStream;
+use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// How often the certificate and key files are checked for a change.
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
-/// Handshakes in progress at once; past it, new connections wait in the kernel's backlog.
-pub const MAX_HANDSHAKES: usize = 1024;
 
 /// Where the certificate chain and its private key are (PEM files).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,13 +38,18 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// The private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// CA certificates (PEM) that sign client certificates: with it, the server asks
+    /// each client for a certificate (optional) and verifies one that is presented; its
+    /// subject's Common Name is the client's user name.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The server's TLS configuration and its current certificate.
 pub struct Tls {
     files: TlsFiles,
     resolver: Arc<Resolver>,
-    config: Arc<ServerConfig>,
+    /// Replaced when the client CA file changes.
+    config: RwLock<Arc<ServerConfig>>,
 }
 
 /// Hands every handshake the current certificate.
@@ -93,30 +94,74 @@ fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
     Ok(Arc::new(certified))
 }
 
+/// The server configuration: `resolver`'s certificate, ALPN, and client certificates
+/// verified against `client_ca` when set.
+fn server_config(files: &TlsFiles, resolver: Arc<Resolver>) -> anyhow::Result<Arc<ServerConfig>> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("reading the client CA {}", path.display()))?;
+            for cert in certs {
+                roots.add(cert).with_context(|| format!("a certificate of the client CA {}", path.display()))?;
+            }
+            if roots.is_empty() {
+                bail!("no certificate in the client CA {}", path.display());
+            }
+            // Optional: a client without a certificate goes on to other credentials.
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .with_context(|| format!("the client CA {}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The user name of a connection's verified client certificate: its subject's Common
+/// Name (`None` without a certificate, or without a readable Common Name).
+pub fn client_user(connection: &rustls::ServerConnection) -> Option<Arc<str>> {
+    let leaf = connection.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(Arc::from(name))
+}
+
 impl Tls {
-    /// Loads the pair (a start with a bad pair fails, naming the file).
+    /// Loads the pair and the client CA (a start with a bad file fails, naming it).
     pub fn new(files: TlsFiles) -> anyhow::Result<Self> {
         let resolver = Arc::new(Resolver { current: RwLock::new(load(&files)?) });
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Self { files, resolver, config: Arc::new(config) })
+        let config = server_config(&files, resolver.clone())?;
+        Ok(Self { files, resolver, config: RwLock::new(config) })
     }
 
-    /// Loads the pair again; on success new handshakes get it, on failure nothing changes.
+    /// What completes handshakes with the current certificate and client CA.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Loads the pair and the client CA again; on success new handshakes get them, on
+    /// failure nothing changes.
     pub fn reload(&self) -> anyhow::Result<()> {
         let certified = load(&self.files)?;
+        let config = server_config(&self.files, self.resolver.clone())?;
         *self.resolver.current.write().unwrap_or_else(|e| e.into_inner()) = certified;
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
         Ok(())
     }
 
     /// Reloads when the files change or on SIGHUP, until `shutdown`.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
         let stamp = |path: &Path| std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len()));
-        let stamps = |files: &TlsFiles| (stamp(&files.cert), stamp(&files.key));
+        let stamps = |files: &TlsFiles| (stamp(&files.cert), stamp(&files.key), files.client_ca.as_deref().map(stamp));
         let mut seen = stamps(&self.files);
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
@@ -152,83 +197,5 @@ impl Tls {
                 }
             }
         }
-    }
-}
-
-/// Accepts TCP connections and completes their TLS handshakes on tasks of their own;
-/// yields finished streams to `axum::serve`.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    accepting: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    /// Serves TLS with `tls` on `listener`; a handshake not done within `timeout` is dropped.
-    pub fn new(listener: TcpListener, tls: &Tls, timeout: Duration) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(tls.config.clone());
-        let accepting = tokio::spawn(accept(listener, acceptor, timeout, tx));
-        Ok(Self { ready, local, accepting })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.accepting.abort();
-    }
-}
-
-async fn accept(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    timeout: Duration,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    loop {
-        let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors, say: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Small frames (replies, acks) must not wait for Nagle's algorithm.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-        let (acceptor, tx) = (acceptor.clone(), tx.clone());
-        tokio::spawn(async move {
-            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    drop(permit);
-                    let _ = tx.send((stream, peer)).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The accepting task ended (its listener failed for good): accept nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }

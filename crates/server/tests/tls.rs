@@ -61,7 +61,7 @@ impl Pki {
         params.distinguished_name.push(DnType::CommonName, cn);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca)?;
-        let files = TlsFiles { cert: self.dir.0.join("cert.pem"), key: self.dir.0.join("key.pem") };
+        let files = TlsFiles { cert: self.dir.0.join("cert.pem"), key: self.dir.0.join("key.pem"), client_ca: None };
         // Key first, then the certificate: the server reloads once both changed, and a
         // pair caught half-written is refused and retried at the next change.
         write_atomically(&files.key, key.serialize_pem().as_bytes())?;
@@ -200,11 +200,19 @@ async fn a_renewed_certificate_is_served_to_new_connections_while_old_ones_stay(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_never_finishes_its_handshake_delays_nobody() -> Result {
     let pki = Pki::new("stall")?;
-    let server = tls_server(&pki.issue("herald")?).await?;
+    let files = pki.issue("herald")?;
+    let timeout = Duration::from_secs(2);
+    let server = start(|c| {
+        c.tls = Some(files.clone());
+        c.limits.handshake_timeout = timeout;
+    })
+    .await?;
     let addr = server.url.trim_start_matches("https://").to_owned();
-    // 100 connections that send nothing: their handshakes wait on tasks of their own.
+    // 1000 connections that never send a ClientHello: their handshakes wait on tasks of
+    // their own, so a new client is served at once.
+    let opened = std::time::Instant::now();
     let mut stalled = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..1000 {
         stalled.push(tokio::net::TcpStream::connect(&addr).await?);
     }
     let client = Client::with_tls(&server.url, TlsConfig::with_ca_file(pki.ca_file())?);
@@ -212,7 +220,27 @@ async fn a_client_that_never_finishes_its_handshake_delays_nobody() -> Result {
         within(Duration::from_secs(5), "a publish past stalled handshakes", client.publish("tls.s", "text/plain", "x"))
             .await??;
     assert_eq!(published.offset, 1);
-    drop(stalled);
+    assert!(opened.elapsed() < timeout, "served only after {:?}", opened.elapsed());
+    // Each is dropped once the handshake timeout passes.
+    let reads = stalled.into_iter().map(|mut tcp| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    within(timeout + Duration::from_secs(5), "every stalled handshake dropped", futures_util::future::join_all(reads))
+        .await?;
+    let https =
+        reqwest::Client::builder().tls_backend_preconfigured(client_config(&pki.ca_file(), &[b"http/1.1"])?).build()?;
+    let text = https.get(format!("{}/metrics", server.url)).send().await?.text().await?;
+    let dropped = text
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_limited_total{limit=\"handshake_timeout\"} "))
+        .ok_or("no handshake_timeout count")?;
+    assert!(dropped.parse::<u64>()? >= 1000, "{dropped}");
     Ok(())
 }
 
