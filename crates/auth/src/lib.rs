@@ -7,7 +7,8 @@
 //!   while so that a REST client does not pay a hash per request), or a JWT bearer
 //!   token checked against the configured keys, with the algorithm pinned by the
 //!   configuration, `exp` required, `iss` / `aud` checked when configured, and the
-//!   rights taken from a claim.
+//!   rights taken from a claim. The same token may come in a cookie (`auth.cookie`,
+//!   for browsers), accepted only from the pages of `auth.allowed_origins`.
 //!
 //! The doors ask [`Authenticator::authenticate`] once per connection (or request) and
 //! [`Principal::allows`] per action, caching decisions per connection.
@@ -43,6 +44,12 @@ pub struct AuthConfig {
     pub users: Vec<UserConfig>,
     /// Bearer tokens.
     pub jwt: Option<JwtConfig>,
+    /// The name of a cookie carrying a bearer token, taken by browsers' long-lived GET
+    /// routes (WebSocket, SSE); needs `jwt` and `allowed_origins`.
+    pub cookie: Option<String>,
+    /// The origins (`https://app.example.com`) whose pages may use the cookie.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 /// One `[[auth.users]]` entry.
@@ -77,6 +84,17 @@ pub enum AuthConfigError {
     /// The JWT settings are wrong.
     #[error("auth.jwt: {0}")]
     Jwt(#[from] JwtError),
+    /// The cookie settings are wrong (the message names the key).
+    #[error("{0}")]
+    Cookie(String),
+    /// An allowed origin is not an origin.
+    #[error("auth.allowed_origins {origin:?}: {why}")]
+    Origin {
+        /// The origin as configured.
+        origin: String,
+        /// What is wrong.
+        why: String,
+    },
 }
 
 /// An authenticated caller.
@@ -112,6 +130,15 @@ pub enum Credentials {
     /// A TLS client certificate the server verified against `tls.client_ca`: the name
     /// of its subject (Common Name), a user of `[[auth.users]]`.
     Certificate(String),
+    /// A bearer token from the configured cookie, with the `Origin` of the request that
+    /// carried it (none: the request had no `Origin`). Checked as a bearer token, and
+    /// only while cookies are configured and the origin is allowed.
+    Cookie {
+        /// The token.
+        token: String,
+        /// The request's `Origin`.
+        origin: Option<String>,
+    },
 }
 
 impl Credentials {
@@ -160,6 +187,13 @@ pub enum AuthError {
     /// A verified client certificate names no configured user.
     #[error("the client certificate's name {0:?} is not a user of this server")]
     UnknownCertificate(String),
+    /// A token came in a cookie, and cookies are not configured.
+    #[error("cookies are not enabled on this server; send Authorization: Bearer")]
+    NoCookie,
+    /// A cookie came from a page whose origin is not allowed (the HTTP doors check the
+    /// origin first and answer 403; this is what a reload that drops the origin finds).
+    #[error("origin {0} not allowed")]
+    Origin(String),
 }
 
 struct User {
@@ -172,6 +206,10 @@ struct User {
 pub struct Authenticator {
     users: HashMap<String, User>,
     jwt: Option<jwt::Jwt>,
+    /// The cookie carrying a token, if any.
+    cookie: Option<String>,
+    /// The origins allowed to use it, as [`parse_origin`] writes them.
+    origins: Vec<String>,
     /// Basic credentials verified recently: keyed hash of (user, password) -> when.
     verified: Mutex<HashMap<u64, Instant>>,
     hasher: RandomState,
@@ -322,7 +360,55 @@ impl Authenticator {
             }
         }
         let jwt = config.jwt.as_ref().map(jwt::Jwt::new).transpose()?;
-        Ok(Self { users, jwt, verified: Mutex::new(HashMap::new()), hasher: RandomState::new() })
+        let origins = config
+            .allowed_origins
+            .iter()
+            .map(|o| parse_origin(o).map_err(|why| AuthConfigError::Origin { origin: o.clone(), why: why.to_owned() }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cookie_error = |why: &str| AuthConfigError::Cookie(why.to_owned());
+        match &config.cookie {
+            Some(name) => {
+                if !is_cookie_name(name) {
+                    return Err(cookie_error(&format!(
+                        "auth.cookie {name:?} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)"
+                    )));
+                }
+                if jwt.is_none() {
+                    return Err(cookie_error("auth.cookie needs [auth.jwt]: the cookie carries a bearer token"));
+                }
+                if origins.is_empty() {
+                    return Err(cookie_error(
+                        "auth.cookie is set but auth.allowed_origins is empty: list the origins of the pages that may use the cookie, \
+                         e.g. allowed_origins = [\"https://app.example.com\"]",
+                    ));
+                }
+            }
+            None if !origins.is_empty() => {
+                return Err(cookie_error(
+                    "auth.allowed_origins is set without auth.cookie: origins are checked only for \
+                     requests authenticated by the cookie; set cookie = \"herald_token\" or remove them",
+                ))
+            }
+            None => {}
+        }
+        Ok(Self {
+            users,
+            jwt,
+            cookie: config.cookie.clone(),
+            origins,
+            verified: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
+        })
+    }
+
+    /// The name of the cookie that carries a bearer token, if cookies are configured.
+    pub fn cookie(&self) -> Option<&str> {
+        self.cookie.as_deref()
+    }
+
+    /// Whether `origin` (an `Origin` header's value) is one of `allowed_origins`.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
     }
 
     /// Checks `credentials`. A Basic password is verified with its hash once (CPU-heavy
@@ -351,14 +437,27 @@ impl Authenticator {
                 }
                 Ok(Principal { name: Arc::from(user.as_str()), grants: u.grants.clone(), expires_at: None })
             }
-            Credentials::Bearer(token) => match &self.jwt {
-                Some(jwt) => jwt.check(token, now_secs()).map_err(|e| AuthError::BadToken(e.to_string())),
-                None => Err(AuthError::NoBearer),
-            },
             Credentials::Certificate(name) => match self.users.get(name) {
                 Some(u) => Ok(Principal { name: Arc::from(name.as_str()), grants: u.grants.clone(), expires_at: None }),
                 None => Err(AuthError::UnknownCertificate(name.clone())),
             },
+            Credentials::Bearer(token) => self.check_token(token),
+            Credentials::Cookie { token, origin } => {
+                if self.cookie.is_none() {
+                    return Err(AuthError::NoCookie);
+                }
+                if let Some(origin) = origin.as_deref().filter(|o| !self.allows_origin(o)) {
+                    return Err(AuthError::Origin(origin.to_owned()));
+                }
+                self.check_token(token)
+            }
+        }
+    }
+
+    fn check_token(&self, token: &str) -> Result<Principal, AuthError> {
+        match &self.jwt {
+            Some(jwt) => jwt.check(token, now_secs()).map_err(|e| AuthError::BadToken(e.to_string())),
+            None => Err(AuthError::NoBearer),
         }
     }
 
@@ -398,9 +497,77 @@ impl Authenticator {
                 let key = self.hasher.hash_one((user, password));
                 lock(&self.verified).get(&key).is_some_and(|at| at.elapsed() < VERIFIED_FOR)
             }
-            Credentials::Bearer(_) | Credentials::Certificate(_) => true,
+            Credentials::Bearer(_) | Credentials::Certificate(_) | Credentials::Cookie { .. } => true,
         }
     }
+}
+
+/// Whether `name` is a cookie name: an HTTP token (RFC 6265 section 4.1.1), visible
+/// ASCII without separators.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| (0x21..0x7f).contains(&b) && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+/// An allowed origin as a browser writes it in `Origin`: `scheme://host[:port]`, scheme
+/// `http` or `https`, lower case, without a default port (`:443`, `:80`); no path
+/// (not even `/`), query, user or wildcard.
+fn parse_origin(origin: &str) -> Result<String, &'static str> {
+    if origin == "null" {
+        return Err(
+            "\"null\" is the origin of sandboxed and file:// pages, which anyone can make; it cannot be allowed",
+        );
+    }
+    if origin.contains('*') {
+        return Err("exact origins only, no wildcards");
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Err("expected scheme://host[:port], e.g. https://app.example.com");
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => "443",
+        "http" => "80",
+        _ => return Err("the scheme of a web page's origin is http or https"),
+    };
+    if rest.contains(['/', '?', '#', '@']) || rest.chars().any(char::is_whitespace) {
+        return Err("an origin is scheme://host[:port], without a path (not even a trailing /), query or user");
+    }
+    let (host, port) = match rest.strip_prefix('[') {
+        // An IPv6 address.
+        Some(inner) => {
+            let (address, after) = inner.split_once(']').ok_or("an IPv6 host needs its closing ]")?;
+            if address.is_empty() || !address.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.') {
+                return Err("not an IPv6 address between [ ]");
+            }
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or("only :port may follow the host")?),
+            };
+            (&rest[..address.len() + 2], port)
+        }
+        None => {
+            let (host, port) = match rest.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            };
+            if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+                return Err("the host must be a DNS name (IDNs in their xn-- form) or an IP address");
+            }
+            (host, port)
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n > 0) => {
+            Some(p.trim_start_matches('0'))
+        }
+        Some(_) => return Err("the port must be a number from 1 to 65535"),
+    };
+    let host = host.to_ascii_lowercase();
+    Ok(match port {
+        Some(p) if p != default_port => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -461,7 +628,11 @@ mod tests {
 
     #[test]
     fn basic_users_verify_and_plain_text_is_refused() -> Result<(), Box<dyn std::error::Error>> {
-        let auth = Authenticator::new(&AuthConfig { users: vec![user("alice", "s3cret", &["a.>"])], jwt: None })?;
+        let auth = Authenticator::new(&AuthConfig {
+            users: vec![user("alice", "s3cret", &["a.>"])],
+            jwt: None,
+            ..Default::default()
+        })?;
         let ok = Credentials::Basic { user: "alice".into(), password: "s3cret".into() };
         let p = auth.authenticate(&ok)?;
         assert!(p.allows(Action::Publish, "a.b") && !p.allows(Action::Publish, "b.c"));
@@ -473,12 +644,14 @@ mod tests {
         assert_eq!(auth.authenticate(&Credentials::Bearer("x".into())), Err(AuthError::NoBearer));
 
         let plain = UserConfig { password: Some("s3cret".into()), password_hash: None, ..user("bob", "x", &[]) };
-        let err = Authenticator::new(&AuthConfig { users: vec![plain], jwt: None }).err().ok_or("accepted")?;
+        let err = Authenticator::new(&AuthConfig { users: vec![plain], jwt: None, ..Default::default() })
+            .err()
+            .ok_or("accepted")?;
         assert!(err.to_string().contains("plain-text passwords are refused"), "{err}");
         let junk = UserConfig { password_hash: Some("hunter2".into()), ..user("bob", "x", &[]) };
-        assert!(Authenticator::new(&AuthConfig { users: vec![junk], jwt: None }).is_err());
+        assert!(Authenticator::new(&AuthConfig { users: vec![junk], jwt: None, ..Default::default() }).is_err());
         let bcrypt = UserConfig { password_hash: Some(bcrypt::hash("pw", 4)?), ..user("carol", "x", &[">"]) };
-        let auth = Authenticator::new(&AuthConfig { users: vec![bcrypt], jwt: None })?;
+        let auth = Authenticator::new(&AuthConfig { users: vec![bcrypt], jwt: None, ..Default::default() })?;
         assert!(auth.authenticate(&Credentials::Basic { user: "carol".into(), password: "pw".into() }).is_ok());
         Ok(())
     }
@@ -493,5 +666,110 @@ mod tests {
         assert_eq!(Credentials::from_header("Basic !!!"), None);
         assert_eq!(Credentials::from_header("Digest x"), None);
         assert_eq!(Credentials::from_header("Bearer "), None);
+    }
+
+    fn jwt_config(var: &str) -> JwtConfig {
+        std::env::set_var(var, "a secret of at least thirty-two bytes!!");
+        JwtConfig {
+            algorithm: "HS256".into(),
+            secret: Some(SecretSource { file: None, env: Some(var.into()) }),
+            previous_secret: None,
+            previous_until: None,
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            claim: None,
+            leeway_secs: Some(0),
+        }
+    }
+
+    fn cookie_config(cookie: Option<&str>, origins: &[&str], jwt: bool) -> AuthConfig {
+        AuthConfig {
+            jwt: jwt.then(|| jwt_config("HERALD_TEST_JWT_COOKIE")),
+            cookie: cookie.map(str::to_owned),
+            allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn refused(config: &AuthConfig) -> String {
+        Authenticator::new(config).err().map(|e| e.to_string()).unwrap_or_else(|| "accepted".into())
+    }
+
+    #[test]
+    fn cookie_settings_are_checked_at_start() {
+        let ok = cookie_config(Some("herald_token"), &["https://app.example.com"], true);
+        assert!(Authenticator::new(&ok).is_ok());
+        let err = refused(&cookie_config(Some("herald_token"), &[], true));
+        assert!(err.contains("auth.cookie is set but auth.allowed_origins is empty"), "{err}");
+        let err = refused(&cookie_config(Some("herald_token"), &["https://app.example.com"], false));
+        assert!(err.contains("auth.cookie needs [auth.jwt]"), "{err}");
+        for bad in ["", "herald token", "a=b", "a;b", "tok\u{e9}n"] {
+            let err = refused(&cookie_config(Some(bad), &["https://app.example.com"], true));
+            assert!(err.contains("is not a cookie name"), "{bad:?}: {err}");
+        }
+        let err = refused(&cookie_config(None, &["https://app.example.com"], true));
+        assert!(err.contains("auth.allowed_origins is set without auth.cookie"), "{err}");
+        let err = refused(&cookie_config(Some("herald_token"), &["https://app.example.com/"], true));
+        assert!(err.contains(r#"auth.allowed_origins "https://app.example.com/": an origin is"#), "{err}");
+    }
+
+    #[test]
+    fn origins_parse_as_browsers_write_them() {
+        let parsed = |o: &str| parse_origin(o).map_err(|e| format!("{o}: {e}"));
+        assert_eq!(parsed("https://app.example.com"), Ok("https://app.example.com".into()));
+        assert_eq!(parsed("HTTPS://App.Example.COM:443"), Ok("https://app.example.com".into()));
+        assert_eq!(parsed("http://localhost:8080"), Ok("http://localhost:8080".into()));
+        assert_eq!(parsed("http://127.0.0.1:80"), Ok("http://127.0.0.1".into()));
+        assert_eq!(parsed("http://[::1]:3000"), Ok("http://[::1]:3000".into()));
+        assert_eq!(parsed("https://xn--bcher-kva.example"), Ok("https://xn--bcher-kva.example".into()));
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/app",
+            "https://app.example.com?x",
+            "https://user@app.example.com",
+            "https://*.example.com",
+            "*",
+            "null",
+            "ftp://app.example.com",
+            "https://",
+            "https://app.example.com:0",
+            "https://app.example.com:65536",
+            "https://app.example.com:x",
+            "https://app example.com",
+            "https://[::1",
+            "https://[zz]",
+            "https://[::1]x",
+        ] {
+            assert!(parse_origin(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_cookie_token_is_checked_as_a_bearer_token_from_allowed_origins() -> Result<(), Box<dyn std::error::Error>> {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let config = cookie_config(Some("herald_token"), &["https://app.example.com"], true);
+        let auth = Authenticator::new(&config)?;
+        assert_eq!(auth.cookie(), Some("herald_token"));
+        assert!(auth.allows_origin("https://app.example.com") && !auth.allows_origin("https://evil.example"));
+        let claims = serde_json::json!({"sub": "carol", "exp": now_secs() + 600, "herald": {"subscribe": [">"]}});
+        let key = EncodingKey::from_secret(b"a secret of at least thirty-two bytes!!");
+        let token = encode(&Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key)?;
+        let cookie =
+            |origin: Option<&str>| Credentials::Cookie { token: token.clone(), origin: origin.map(Into::into) };
+        assert_eq!(&*auth.authenticate(&cookie(Some("https://app.example.com")))?.name, "carol");
+        assert_eq!(&*auth.authenticate(&cookie(None))?.name, "carol", "an SSE request may come without Origin");
+        assert_eq!(
+            auth.authenticate(&cookie(Some("https://evil.example"))),
+            Err(AuthError::Origin("https://evil.example".into()))
+        );
+        let forged = Credentials::Cookie { token: format!("{token}x"), origin: None };
+        assert!(matches!(auth.authenticate(&forged), Err(AuthError::BadToken(_))));
+        // A configuration without the cookie (after a reload) refuses it.
+        let without = Authenticator::new(&cookie_config(None, &[], true))?;
+        assert_eq!(without.authenticate(&cookie(None)), Err(AuthError::NoCookie));
+        Ok(())
     }
 }

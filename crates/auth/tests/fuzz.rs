@@ -25,7 +25,7 @@ fn authenticator() -> Arc<Authenticator> {
         claim: None,
         leeway_secs: None,
     };
-    match Authenticator::new(&AuthConfig { users: Vec::new(), jwt: Some(jwt) }) {
+    match Authenticator::new(&AuthConfig { users: Vec::new(), jwt: Some(jwt), ..Default::default() }) {
         Ok(a) => Arc::new(a),
         Err(e) => panic!("{e}"),
     }

@@ -114,6 +114,8 @@ impl TlsConfig {
 
     fn builder() -> rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Fails only for a provider without the default protocol versions' cipher
+        // suites; ring's default provider has them all.
         #[allow(clippy::expect_used)]
         ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -121,14 +123,16 @@ impl TlsConfig {
     }
 
     pub(crate) fn rustls(&self, alpn: &[&[u8]]) -> ClientConfig {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        // Fails only for a provider without the default protocol versions' cipher
-        // suites; ring's default provider has them all.
-        #[allow(clippy::expect_used)]
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("ring's default provider supports TLS 1.2 and 1.3");
-        let mut config = builder.with_root_certificates(self.roots.clone()).with_no_client_auth();
+        let builder = Self::builder().with_root_certificates(self.roots.clone());
+        let mut config = match &self.identity {
+            // Checked by `with_client_cert`, so this does not fail; if it did, the client
+            // would go on without its certificate and the server would say 401.
+            Some(id) => builder
+                .clone()
+                .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                .unwrap_or_else(|_| builder.with_no_client_auth()),
+            None => builder.with_no_client_auth(),
+        };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config
     }

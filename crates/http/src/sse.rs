@@ -5,6 +5,9 @@
 //! same writer discipline ([`herald_core::writer`]): a batch's bytes are released only
 //! once all of it was handed to the response body. Events are encoded once per message
 //! and shared. A client that stops reading is ended by the slow-consumer policy.
+//!
+//! A request from a page of one of `auth.allowed_origins` is answered with CORS headers
+//! for that origin (with credentials), so a browser's `EventSource` may read the stream.
 
 use std::time::Duration;
 
@@ -83,6 +86,7 @@ impl SocketWriter<Bytes> for SseWriter<'_> {
 pub(crate) async fn stream(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    presented: Option<axum::Extension<crate::auth::Presented>>,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -92,7 +96,7 @@ pub(crate) async fn stream(
     let watch = crate::auth::watch(
         &state,
         &caller,
-        crate::auth::credentials_of(&headers),
+        crate::auth::credentials_of(presented),
         vec![herald_auth::Action::Subscribe],
         topic.as_str(),
     );
@@ -133,7 +137,7 @@ pub(crate) async fn stream(
         };
         let _ = run_writer(rx, &mut socket, stop, &metrics, WRITE_BATCH).await;
     });
-    Ok((
+    let mut response = (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
@@ -141,7 +145,21 @@ pub(crate) async fn stream(
         ],
         Body::from_stream(events),
     )
-        .into_response())
+        .into_response();
+    allow_origin(&state, &headers, response.headers_mut());
+    Ok(response)
+}
+
+/// CORS for a browser's `EventSource` (`withCredentials`) on a page of an allowed origin
+/// (`auth.allowed_origins`): that origin, with credentials. Nothing for other requests.
+fn allow_origin(state: &AppState, request: &HeaderMap, response: &mut HeaderMap) {
+    let Some(origin) = request.get(header::ORIGIN) else { return };
+    let allowed = state.auth().is_some_and(|live| origin.to_str().is_ok_and(|o| live.get().allows_origin(o)));
+    if allowed {
+        response.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        response.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, header::HeaderValue::from_static("true"));
+        response.append(header::VARY, header::HeaderValue::from_static("Origin"));
+    }
 }
 
 /// A body stream fed by a producer task through a one-slot channel: the producer runs

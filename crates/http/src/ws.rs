@@ -33,7 +33,7 @@ use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode,
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{close_for, credentials_of, forbidden, watch, Caller};
+use crate::auth::{close_for, credentials_of, forbidden, watch, Caller, Presented};
 use crate::extract::TopicPath;
 use crate::limits::{self, PeerOf};
 use crate::rest::Query;
@@ -257,14 +257,13 @@ pub(crate) async fn json_upgrade(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
     peer: PeerOf,
-    headers: axum::http::HeaderMap,
+    presented: Option<axum::Extension<Presented>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    // Kept to check the caller again when the configuration is reloaded.
-    let credentials = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(herald_auth::Credentials::from_header);
+    // Kept to check the caller again when the configuration is reloaded; reloads are
+    // watched from now on, so one before the connection's task starts is not missed.
+    let credentials = credentials_of(presented);
+    let reloads = state.auth().map(|live| live.changes());
     let upgrade = upgrade.map_err(not_an_upgrade)?;
     let frame_limit = state.broker().config().max_message_bytes.saturating_mul(2);
     let tracker = state.tracker().clone();
@@ -274,7 +273,7 @@ pub(crate) async fn json_upgrade(
         .max_frame_size(frame_limit)
         .on_upgrade(move |socket| {
             let peer = peer.map(|axum::Extension(p)| p);
-            tracker.track_future(json_connection(socket, state, caller, credentials, peer))
+            tracker.track_future(json_connection(socket, state, caller, (credentials, reloads), peer))
         }))
 }
 
@@ -335,12 +334,11 @@ async fn json_connection(
     socket: WebSocket,
     state: AppState,
     caller: Caller,
-    credentials: Option<herald_auth::Credentials>,
+    (credentials, mut reloads): (Option<herald_auth::Credentials>, Option<tokio::sync::watch::Receiver<u64>>),
     peer: Option<Arc<Peer>>,
 ) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
     let deadline = deadline_of(&caller);
-    let mut reloads = state.auth().map(|live| live.changes());
     let mut session = JsonSession {
         state: state.clone(),
         out: out.clone(),
@@ -771,7 +769,7 @@ pub(crate) async fn raw_upgrade(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
     peer: PeerOf,
-    headers: axum::http::HeaderMap,
+    presented: Option<axum::Extension<Presented>>,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -796,7 +794,7 @@ pub(crate) async fn raw_upgrade(
         Mode::Pub => vec![Action::Publish],
         Mode::Sub => vec![Action::Subscribe],
     };
-    let watch = watch(&state, &caller, credentials_of(&headers), actions, topic.as_str());
+    let watch = watch(&state, &caller, credentials_of(presented), actions, topic.as_str());
     let from = match query.get("from") {
         None => StartFrom::Latest,
         Some(s) => parse_from_query(s)

@@ -47,14 +47,25 @@ pub struct ConnArgs {
     /// A bearer token (JWT) (for a server with [auth]).
     #[arg(long, env = "HERALD_TOKEN")]
     pub token: Option<String>,
+    /// A client certificate (PEM, leaf first) to log in with, for a server with
+    /// `tls.client_ca`; needs --key.
+    #[arg(long, env = "HERALD_CERT", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, env = "HERALD_KEY", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl ConnArgs {
-    /// The trust `--ca` names, or the system's.
+    /// The trust `--ca` names, or the system's, with the client certificate of `--cert`.
     pub fn tls(&self) -> anyhow::Result<TlsConfig> {
-        Ok(match &self.ca {
+        let tls = match &self.ca {
             Some(path) => TlsConfig::with_ca_file(path)?,
             None => TlsConfig::system(),
+        };
+        Ok(match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => tls.with_client_cert(cert, key)?,
+            _ => tls,
         })
     }
 

@@ -786,6 +786,12 @@ mod tests {
             Config::load(&ServeArgs { tls_key: Some("k.pem".into()), ..Default::default() }).expect_err("no cert")
         );
         assert!(err.contains("tls.cert"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::load(&ServeArgs { tls_client_ca: Some("ca.pem".into()), ..Default::default() })
+                .expect_err("a client CA without TLS")
+        );
+        assert!(err.contains("tls.client_ca"), "{err}");
         let args = ServeArgs { tls_cert: Some("c.pem".into()), tls_key: Some("k.pem".into()), ..Default::default() };
         let c = Config::load(&args)?;
         assert_eq!(c.tls, Some(crate::tls::TlsFiles { cert: "c.pem".into(), key: "k.pem".into(), client_ca: None }));

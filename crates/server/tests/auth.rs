@@ -4,6 +4,8 @@
 //! (403 `forbidden`, an error frame on a connection that stays, PERMISSION_DENIED) with
 //! nothing published or consumed, and serve what is granted. Basic users have argon2 or
 //! bcrypt hashes; bearer tokens are JWTs with a pinned algorithm, `exp`, `iss`, `aud`.
+//! Browsers' SSE streams and WebSockets may carry the token in a cookie, taken only from
+//! the pages of the allowed origins.
 
 mod common;
 
@@ -31,6 +33,12 @@ fn list(items: &[&str]) -> Vec<String> {
 /// alice may do everything on `chat.>` and `jobs.*`, except publish to `chat.announce`;
 /// bob may only read `chat.public`; tokens carry their own grants.
 async fn server() -> Result<TestServer> {
+    let auth = auth_config()?;
+    start(move |c| c.auth = Some(auth)).await
+}
+
+/// The `[auth]` of [`server`].
+fn auth_config() -> Result<AuthConfig> {
     let dir =
         std::env::temp_dir().join(format!("herald-auth-{}-{:?}", std::process::id(), std::thread::current().id()));
     std::fs::create_dir_all(&dir)?;
@@ -67,8 +75,7 @@ async fn server() -> Result<TestServer> {
         claim: None,
         leeway_secs: Some(0),
     };
-    let auth = AuthConfig { users: vec![alice, bob], jwt: Some(jwt) };
-    start(move |c| c.auth = Some(auth)).await
+    Ok(AuthConfig { users: vec![alice, bob], jwt: Some(jwt), ..Default::default() })
 }
 
 fn basic(user: &str, password: &str) -> String {
@@ -373,7 +380,7 @@ async fn grpc_answers_unauthenticated_and_permission_denied() -> Result {
 #[tokio::test]
 async fn plain_text_passwords_are_refused_at_start_and_passwd_makes_a_hash() -> Result {
     let plain = UserConfig { name: "eve".into(), password: Some("hunter2".into()), ..Default::default() };
-    let auth = AuthConfig { users: vec![plain], jwt: None };
+    let auth = AuthConfig { users: vec![plain], jwt: None, ..Default::default() };
     let err = start(move |c| c.auth = Some(auth)).await.err().ok_or("started with a plain-text password")?;
     let err = format!("{err:#}");
     assert!(err.contains("plain-text passwords are refused") && err.contains("herald passwd"), "{err}");
@@ -390,7 +397,7 @@ async fn plain_text_passwords_are_refused_at_start_and_passwd_makes_a_hash() -> 
     let hash = String::from_utf8(out.stdout)?.trim().to_owned();
     assert!(hash.starts_with("$argon2id$"), "{hash}");
     let user = UserConfig { name: "dave".into(), password_hash: Some(hash), ..Default::default() };
-    let auth = herald_auth::Authenticator::new(&AuthConfig { users: vec![user], jwt: None })?;
+    let auth = herald_auth::Authenticator::new(&AuthConfig { users: vec![user], jwt: None, ..Default::default() })?;
     let ok = herald_auth::Credentials::Basic { user: "dave".into(), password: "correct horse".into() };
     assert!(auth.authenticate(&ok).is_ok());
     Ok(())
@@ -633,5 +640,309 @@ async fn raw_sockets_sse_and_grpc_streams_end_when_their_token_expires() -> Resu
         }
         other => return Err(format!("the gRPC stream went on: {other:?}").into()),
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Browsers: the token in an HttpOnly cookie, with an Origin check
+
+const APP: &str = "https://app.example.com";
+const EVIL: &str = "https://evil.example";
+
+/// [`server`] with `cookie = "herald_token"` and `allowed_origins = [APP]`.
+async fn cookie_server() -> Result<TestServer> {
+    let mut auth = auth_config()?;
+    auth.cookie = Some("herald_token".into());
+    auth.allowed_origins = vec![APP.into()];
+    start(move |c| c.auth = Some(auth)).await
+}
+
+/// A `Cookie` header as a browser sends it: the token among the page's other cookies.
+fn cookie_header(claims: Value) -> String {
+    let token = token_with(Algorithm::HS256, SECRET, claims);
+    format!("theme=dark; herald_token={}; lang=en", token.trim_start_matches("Bearer "))
+}
+
+/// A WebSocket to `path` as a browser opens it: with a `Cookie` and an `Origin`, if given.
+async fn browser_ws(
+    server: &TestServer,
+    path: &str,
+    cookie: Option<&str>,
+    origin: Option<&str>,
+) -> std::result::Result<common::RawSocket, tokio_tungstenite::tungstenite::Error> {
+    let mut request = format!("{}{path}", server.ws).into_client_request()?;
+    let bad = |_| tokio_tungstenite::tungstenite::Error::Utf8("header".into());
+    if let Some(c) = cookie {
+        request.headers_mut().insert("cookie", c.parse().map_err(bad)?);
+    }
+    if let Some(o) = origin {
+        request.headers_mut().insert("origin", o.parse().map_err(bad)?);
+    }
+    Ok(tokio_tungstenite::connect_async(request).await?.0)
+}
+
+/// An SSE request as a browser's `EventSource` (`withCredentials`) sends it.
+async fn browser_sse(
+    server: &TestServer,
+    topic: &str,
+    cookie: Option<&str>,
+    origin: Option<&str>,
+) -> Result<reqwest::Response> {
+    let mut request = server.http.get(format!("{}/v1/topics/{topic}/sse?from=earliest", server.url));
+    if let Some(c) = cookie {
+        request = request.header("cookie", c);
+    }
+    if let Some(o) = origin {
+        request = request.header("origin", o);
+    }
+    Ok(request.send().await?)
+}
+
+/// Reads an SSE stream until `text` came.
+async fn sse_until(sse: &mut reqwest::Response, text: &str) -> Result {
+    let mut seen = String::new();
+    while !seen.contains(text) {
+        let chunk = within(Duration::from_secs(5), "an SSE event", sse.chunk()).await??.ok_or("sse ended")?;
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    Ok(())
+}
+
+/// The error code and message of a refused request's JSON body.
+async fn refusal(response: reqwest::Response) -> Result<(u16, String, String)> {
+    let status = response.status().as_u16();
+    let body: Value = serde_json::from_slice(&within(Duration::from_secs(5), "the body", response.bytes()).await??)?;
+    Ok((status, code(&body).to_owned(), body["error"]["message"].as_str().unwrap_or_default().to_owned()))
+}
+
+fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_streams_sse_with_its_cookie_and_gets_cors_for_an_allowed_origin() -> Result {
+    let server = cookie_server().await?;
+    let cookie = cookie_header(claims());
+    let alice = basic("alice", "alice-pw");
+
+    // From a page of the allowed origin: streamed, with CORS for that origin.
+    let mut from_app = browser_sse(&server, "chat.room", Some(&cookie), Some(APP)).await?;
+    assert_eq!(from_app.status(), 200);
+    assert_eq!(header(&from_app, "access-control-allow-origin"), Some(APP));
+    assert_eq!(header(&from_app, "access-control-allow-credentials"), Some("true"));
+    assert_eq!(header(&from_app, "vary"), Some("Origin"));
+    // Without Origin (a same-origin EventSource may send none): streamed, without CORS.
+    let mut no_origin = browser_sse(&server, "chat.room", Some(&cookie), None).await?;
+    assert_eq!(no_origin.status(), 200);
+    assert_eq!(header(&no_origin, "access-control-allow-origin"), None);
+    assert_eq!(header(&no_origin, "vary"), None);
+    assert_eq!(call(&server, "POST", "/v1/topics/chat.room/messages", Some(&alice), "to the page").await?.0, 201);
+    sse_until(&mut from_app, "to the page").await?;
+    sse_until(&mut no_origin, "to the page").await?;
+
+    // A page of another site: 403, and no subscription was made.
+    let (status, code, message) = refusal(browser_sse(&server, "chat.room", Some(&cookie), Some(EVIL)).await?).await?;
+    assert_eq!((status, code.as_str()), (403, "forbidden"), "{message}");
+    assert_eq!(message, format!("origin {EVIL} not allowed"));
+    let (_, info, _) = call(&server, "GET", "/v1/topics/chat.room", Some(&alice), "").await?;
+    assert_eq!(info["subscribers"], 2, "only the two streams above: {info}");
+
+    // Expired or forged tokens in the cookie: 401, as in a header.
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 5);
+    let forged = format!(
+        "herald_token={}",
+        token_with(Algorithm::HS256, "not the secret, though over thirty-two bytes", claims())
+            .trim_start_matches("Bearer ")
+    );
+    for (what, cookie) in [("expired", cookie_header(expired)), ("forged", forged)] {
+        let (status, code, message) =
+            refusal(browser_sse(&server, "chat.room", Some(&cookie), Some(APP)).await?).await?;
+        assert_eq!((status, code.as_str()), (401, "unauthorized"), "{what}: {message}");
+    }
+    // A token whose grants do not include the topic: 403.
+    let mut elsewhere = claims();
+    elsewhere["herald"] = json!({"subscribe": ["news.>"]});
+    let (status, _, message) =
+        refusal(browser_sse(&server, "chat.room", Some(&cookie_header(elsewhere)), Some(APP)).await?).await?;
+    assert_eq!(status, 403, "{message}");
+    assert!(message.contains("carol may not subscribe on chat.room"), "{message}");
+
+    // REST never takes the cookie: 401, nothing published.
+    for (method, path) in [("POST", "/v1/topics/chat.room/messages"), ("GET", "/v1/topics/chat.room/messages")] {
+        let url = format!("{}{path}", server.url);
+        let request = if method == "POST" { server.http.post(url).body("x") } else { server.http.get(url) };
+        let response = request.header("cookie", &cookie).header("origin", APP).send().await?;
+        assert_eq!(response.status(), 401, "{method} {path}");
+    }
+    let (_, info, _) = call(&server, "GET", "/v1/topics/chat.room", Some(&alice), "").await?;
+    assert_eq!(info["last"], 1, "{info}");
+
+    // The Authorization header wins over the cookie: bob may not read chat.room, and a
+    // bad header is not rescued by a good cookie.
+    let as_bob = server
+        .http
+        .get(format!("{}/v1/topics/chat.room/sse", server.url))
+        .header("authorization", basic("bob", "bob-pw"))
+        .header("cookie", &cookie)
+        .header("origin", APP)
+        .send()
+        .await?;
+    assert_eq!(as_bob.status(), 403);
+    let bad_header = server
+        .http
+        .get(format!("{}/v1/topics/chat.room/sse", server.url))
+        .header("authorization", basic("bob", "wrong"))
+        .header("cookie", &cookie)
+        .send()
+        .await?;
+    assert_eq!(bad_header.status(), 401);
+    // A header-authenticated stream from an allowed origin gets CORS too; a foreign
+    // origin none (and is not refused: the header cannot come from another site's page).
+    let with_header = |origin: &'static str| {
+        server
+            .http
+            .get(format!("{}/v1/topics/chat.public/sse", server.url))
+            .header("authorization", basic("bob", "bob-pw"))
+            .header("origin", origin)
+            .send()
+    };
+    let r = with_header(APP).await?;
+    assert_eq!((r.status().as_u16(), header(&r, "access-control-allow-origin")), (200, Some(APP)));
+    let r = with_header(EVIL).await?;
+    assert_eq!((r.status().as_u16(), header(&r, "access-control-allow-origin")), (200, None));
+
+    // Refusals counted: 1 foreign origin, 1 ungranted topic, bob's 403: forbidden; 2 bad
+    // cookies, 2 REST calls with the cookie only, bob's bad password: unauthorized.
+    assert_eq!(server.metric("herald_forbidden_total").await?, 3);
+    assert_eq!(server.metric("herald_auth_refused_total").await?, 5);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_websockets_take_the_cookie_from_allowed_origins_only() -> Result {
+    let server = cookie_server().await?;
+    let cookie = cookie_header(claims());
+    let alice = basic("alice", "alice-pw");
+
+    // A raw socket and a JSON socket from a page of the allowed origin.
+    let mut raw = browser_ws(&server, "/v1/topics/chat.room/ws?mode=sub", Some(&cookie), Some(APP)).await?;
+    let mut json = browser_ws(&server, "/v1/ws", Some(&cookie), Some(APP)).await?;
+    send(&mut json, json!({"op": "subscribe", "id": 1, "topic": "chat.room"})).await?;
+    assert_eq!(next_json(&mut json).await?["type"], "subscribed");
+    send(&mut json, json!({"op": "publish", "id": 2, "topic": "chat.other", "data": "from the page"})).await?;
+    assert_eq!(next_json(&mut json).await?["type"], "published", "carol's grants, from the cookie's token");
+    assert_eq!(call(&server, "POST", "/v1/topics/chat.room/messages", Some(&alice), "to the page").await?.0, 201);
+    let frame = within(Duration::from_secs(5), "raw frame", common::raw_next(&mut raw)).await??;
+    assert_eq!(frame.into_text()?.as_str(), "to the page");
+    let delivered = next_json(&mut json).await?;
+    assert_eq!((delivered["type"].as_str(), delivered["data"].as_str()), (Some("message"), Some("to the page")));
+
+    // Another site's page, or no Origin at all (not a browser's page): 403.
+    for origin in [Some(EVIL), Some("null"), None] {
+        for path in ["/v1/ws", "/v1/topics/chat.room/ws?mode=sub"] {
+            let e = browser_ws(&server, path, Some(&cookie), origin).await.err().ok_or("opened")?;
+            assert_eq!(refused_status(e), 403, "{path} from {origin:?}");
+        }
+    }
+    let (_, info, _) = call(&server, "GET", "/v1/topics/chat.room", Some(&alice), "").await?;
+    assert_eq!(info["subscribers"], 2, "only the two sockets above: {info}");
+
+    // Expired or forged tokens in the cookie: 401.
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 5);
+    let forged = format!("herald_token={}", "e30.e30.c2lnbmF0dXJl");
+    for cookie in [cookie_header(expired), forged] {
+        for path in ["/v1/ws", "/v1/topics/chat.room/ws?mode=sub"] {
+            let e = browser_ws(&server, path, Some(&cookie), Some(APP)).await.err().ok_or("opened")?;
+            assert_eq!(refused_status(e), 401, "{path} with {cookie}");
+        }
+    }
+    // A token not granted the topic: the raw socket is refused with 403.
+    let mut elsewhere = claims();
+    elsewhere["herald"] = json!({"subscribe": ["news.>"]});
+    let e = browser_ws(&server, "/v1/topics/chat.room/ws?mode=sub", Some(&cookie_header(elsewhere)), Some(APP))
+        .await
+        .err()
+        .ok_or("opened")?;
+    assert_eq!(refused_status(e), 403);
+
+    // Without the cookie, /v1/ws still opens and waits for an auth frame.
+    let mut pending = browser_ws(&server, "/v1/ws", None, Some(APP)).await?;
+    let token = token_with(Algorithm::HS256, SECRET, claims());
+    send(&mut pending, json!({"op": "auth", "id": 1, "token": token.trim_start_matches("Bearer ")})).await?;
+    assert_eq!(next_json(&mut pending).await?["type"], "authenticated");
+
+    // 6 origin refusals and 1 ungranted topic; 4 bad cookies.
+    assert_eq!(server.metric("herald_forbidden_total").await?, 7);
+    assert_eq!(server.metric("herald_auth_refused_total").await?, 4);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_connections_end_when_their_token_expires_or_a_reload_drops_their_origin() -> Result {
+    let server = cookie_server().await?;
+    // Expiry: each long-lived door closes a cookie connection as it does a header's.
+    let mut brief = claims();
+    brief["exp"] = json!(now() + 2);
+    let brief = cookie_header(brief);
+    let mut raw = browser_ws(&server, "/v1/topics/chat.a/ws?mode=sub", Some(&brief), Some(APP)).await?;
+    let mut json = browser_ws(&server, "/v1/ws", Some(&brief), Some(APP)).await?;
+    let mut sse = browser_sse(&server, "chat.a", Some(&brief), Some(APP)).await?;
+    assert_eq!(sse.status(), 200);
+    assert_eq!(close_of(&mut raw, Duration::from_secs(10)).await?, (4401, "token expired".to_owned()));
+    assert_eq!(close_of(&mut json, Duration::from_secs(10)).await?, (4401, "token expired".to_owned()));
+    while within(Duration::from_secs(10), "the SSE stream to end", sse.chunk()).await??.is_some() {}
+
+    // A reload that no longer allows the page's origin ends its cookie connections; a
+    // connection authenticated by header goes on.
+    let cookie = cookie_header(claims());
+    let mut raw = browser_ws(&server, "/v1/topics/chat.a/ws?mode=sub", Some(&cookie), Some(APP)).await?;
+    let mut json = browser_ws(&server, "/v1/ws", Some(&cookie), Some(APP)).await?;
+    send(&mut json, json!({"op": "subscribe", "id": 1, "topic": "chat.a"})).await?;
+    assert_eq!(next_json(&mut json).await?["type"], "subscribed");
+    let mut sse = browser_sse(&server, "chat.a", Some(&cookie), Some(APP)).await?;
+    assert_eq!(sse.status(), 200);
+    let alice = basic("alice", "alice-pw");
+    let mut by_header = ws(&server, "/v1/topics/chat.a/ws?mode=sub", Some(&alice)).await?;
+    let mut moved = auth_config()?;
+    moved.cookie = Some("herald_token".into());
+    moved.allowed_origins = vec!["https://new.example.com".into()];
+    server.server.as_ref().ok_or("server")?.auth_reloader().reload(Some(&moved))?;
+    let refused = (4401, "credentials no longer accepted".to_owned());
+    assert_eq!(close_of(&mut raw, Duration::from_secs(5)).await?, refused);
+    assert_eq!(close_of(&mut json, Duration::from_secs(5)).await?, refused);
+    while within(Duration::from_secs(5), "the SSE stream to end", sse.chunk()).await??.is_some() {}
+    assert_eq!(call(&server, "POST", "/v1/topics/chat.a/messages", Some(&alice), "still here").await?.0, 201);
+    let frame = within(Duration::from_secs(5), "raw frame", common::raw_next(&mut by_header)).await??;
+    assert_eq!(frame.into_text()?.as_str(), "still here");
+    let e = browser_ws(&server, "/v1/ws", Some(&cookie), Some(APP)).await.err().ok_or("opened")?;
+    assert_eq!(refused_status(e), 403, "new requests from the old origin are refused too");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cookie_settings_are_refused_at_start_with_a_clear_message() -> Result {
+    let refused = |cookie: Option<&str>, origins: &[&str]| {
+        let mut auth = auth_config();
+        if let Ok(a) = &mut auth {
+            a.cookie = cookie.map(str::to_owned);
+            a.allowed_origins = list(origins);
+        }
+        async move {
+            let auth = auth?;
+            let err = start(move |c| c.auth = Some(auth)).await.err().ok_or("started")?;
+            Result::Ok(format!("{err:#}"))
+        }
+    };
+    let err = refused(Some("herald_token"), &[]).await?;
+    assert!(err.contains("auth.cookie is set but auth.allowed_origins is empty"), "{err}");
+    let err = refused(Some("herald_token"), &["https://app.example.com/app"]).await?;
+    assert!(err.contains(r#"auth.allowed_origins "https://app.example.com/app""#), "{err}");
+    assert!(err.contains("without a path"), "{err}");
+    let err = refused(Some("herald token"), &[APP]).await?;
+    assert!(err.contains("is not a cookie name"), "{err}");
+    let err = refused(None, &[APP]).await?;
+    assert!(err.contains("auth.allowed_origins is set without auth.cookie"), "{err}");
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, start, within, Result, TestServer};
+use herald_auth::{AuthConfig, GrantsSpec, UserConfig};
 use herald_client::grpc::pb;
 use herald_client::{Client, GrpcClient, StartFrom, TlsConfig, WsConnection};
 use herald_server::tls::{Tls, TlsFiles};
@@ -67,6 +68,21 @@ impl Pki {
         write_atomically(&files.key, key.serialize_pem().as_bytes())?;
         write_atomically(&files.cert, cert.pem().as_bytes())?;
         Ok(files)
+    }
+}
+
+impl Pki {
+    /// A client certificate for the user `cn` and its key, as files `{cn}.pem` and
+    /// `{cn}.key`.
+    fn issue_client(&self, cn: &str) -> Result<(PathBuf, PathBuf)> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca)?;
+        let (cert_file, key_file) = (self.dir.0.join(format!("{cn}.pem")), self.dir.0.join(format!("{cn}.key")));
+        std::fs::write(&cert_file, cert.pem())?;
+        std::fs::write(&key_file, key.serialize_pem())?;
+        Ok((cert_file, key_file))
     }
 }
 
@@ -241,6 +257,72 @@ async fn a_client_that_never_finishes_its_handshake_delays_nobody() -> Result {
         .find_map(|l| l.strip_prefix("herald_limited_total{limit=\"handshake_timeout\"} "))
         .ok_or("no handshake_timeout count")?;
     assert!(dropped.parse::<u64>()? >= 1000, "{dropped}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_certificate_logs_in_as_its_common_name() -> Result {
+    let pki = Pki::new("mtls")?;
+    let mut files = pki.issue("herald")?;
+    files.client_ca = Some(pki.ca_file());
+    let alice = pki.issue_client("alice")?;
+    let mallory = pki.issue_client("mallory")?;
+    let stranger = Pki::new("mtls-stranger")?;
+    let forged = stranger.issue_client("alice")?;
+    // alice logs in with her certificate only (no password_hash); bob with a password.
+    let granted = vec!["certs.>".to_owned()];
+    let users = vec![
+        UserConfig {
+            name: "alice".into(),
+            grants: GrantsSpec { publish: granted.clone(), subscribe: granted, ..Default::default() },
+            ..Default::default()
+        },
+        UserConfig {
+            name: "bob".into(),
+            password_hash: Some(herald_auth::hash_password("bob-pw").map_err(|e| e.to_string())?),
+            ..Default::default()
+        },
+    ];
+    let server = start(|c| {
+        c.tls = Some(files.clone());
+        c.auth = Some(AuthConfig { users, ..Default::default() });
+    })
+    .await?;
+    let with_cert =
+        |(cert, key): &(PathBuf, PathBuf)| TlsConfig::with_ca_file(pki.ca_file())?.with_client_cert(cert, key);
+
+    // REST, WebSocket and gRPC: the certificate is the credential, the grants alice's.
+    let rest = Client::with_tls(&server.url, with_cert(&alice)?);
+    assert_eq!(rest.publish("certs.a", "text/plain", "by certificate").await?.offset, 1);
+    let refused = rest.publish("other.a", "text/plain", "x").await.err().ok_or("a topic not granted was accepted")?;
+    assert!(refused.to_string().contains("403 forbidden"), "{refused}");
+    let mut ws = WsConnection::connect_with(&server.url, &with_cert(&alice)?).await?;
+    let reply = ws.subscribe("certs.a", StartFrom::Earliest, None).await?;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(ws.recv().await?["data"], "by certificate");
+    let grpc = GrpcClient::connect_with(&server.url, &with_cert(&alice)?).await?;
+    assert_eq!(grpc.publish("certs.a", pb::Kind::Text, b"over grpc".to_vec()).await?.offset, 2);
+    assert_eq!(ws.recv().await?["data"], "over grpc");
+
+    // A certificate of the CA naming no user: 401; no certificate and no header: 401.
+    let e = Client::with_tls(&server.url, with_cert(&mallory)?).publish("certs.a", "text/plain", "x").await.err();
+    let e = e.ok_or("an unknown user's certificate was accepted")?.to_string();
+    assert!(e.contains("401 unauthorized") && e.contains("mallory"), "{e}");
+    let e = Client::with_tls(&server.url, TlsConfig::with_ca_file(pki.ca_file())?)
+        .publish("certs.a", "text/plain", "x")
+        .await
+        .err()
+        .ok_or("a client without credentials was accepted")?;
+    assert!(e.to_string().contains("401 unauthorized"), "{e}");
+    // A certificate another CA signed fails the handshake itself.
+    let e = Client::with_tls(&server.url, with_cert(&forged)?).publish("certs.a", "text/plain", "x").await.err();
+    assert!(matches!(e, Some(herald_client::ClientError::Http(_))), "{e:?}");
+    // A password still works beside certificates; nothing refused was stored.
+    let bob = Client::with_tls(&server.url, TlsConfig::with_ca_file(pki.ca_file())?)
+        .authorized(herald_client::basic_auth("bob", "bob-pw"))?;
+    let e = bob.publish("certs.a", "text/plain", "x").await.err().ok_or("bob has no grant")?;
+    assert!(e.to_string().contains("403 forbidden"), "{e}");
+    assert_eq!(rest.info("certs.a").await?.last, 2);
     Ok(())
 }
 
