@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::{GrantsSpec, Principal, SecretSource};
 
 /// The `[auth.jwt]` section.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// The one algorithm accepted: HS256, HS384, HS512, RS256, RS384, RS512, PS256,
@@ -263,14 +263,10 @@ mod tests {
         JwtConfig {
             algorithm: "HS256".into(),
             secret: Some(SecretSource { file: None, env: Some(var.into()) }),
-            previous_secret: None,
-            previous_until: None,
-            public_key_file: None,
-            jwks_file: None,
             issuer: Some("https://auth.example".into()),
             audience: Some("herald".into()),
-            claim: None,
             leeway_secs: Some(0),
+            ..Default::default()
         }
     }
 

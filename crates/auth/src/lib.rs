@@ -673,14 +673,8 @@ mod tests {
         JwtConfig {
             algorithm: "HS256".into(),
             secret: Some(SecretSource { file: None, env: Some(var.into()) }),
-            previous_secret: None,
-            previous_until: None,
-            public_key_file: None,
-            jwks_file: None,
-            issuer: None,
-            audience: None,
-            claim: None,
             leeway_secs: Some(0),
+            ..Default::default()
         }
     }
 

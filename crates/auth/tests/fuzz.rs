@@ -16,14 +16,7 @@ fn authenticator() -> Arc<Authenticator> {
     let jwt = JwtConfig {
         algorithm: "HS256".into(),
         secret: Some(SecretSource { file: None, env: Some("HERALD_FUZZ_SECRET".into()) }),
-        previous_secret: None,
-        previous_until: None,
-        public_key_file: None,
-        jwks_file: None,
-        issuer: None,
-        audience: None,
-        claim: None,
-        leeway_secs: None,
+        ..Default::default()
     };
     match Authenticator::new(&AuthConfig { users: Vec::new(), jwt: Some(jwt), ..Default::default() }) {
         Ok(a) => Arc::new(a),
