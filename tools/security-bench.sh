@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The cost of security (docs/BENCHMARKS.md, "TLS and auth"): the same fan-out and publish
-# runs against a plain node and against a node with TLS and [auth] (Basic auth, grants on
+# runs against a plain node, a node with the abuse limits applied to loopback (default
+# rates, trusted_networks emptied), and a node with TLS and [auth] (Basic auth, grants on
 # every topic), alternating, RUNS times each; prints every run as a JSON line, then the
 # medians. Makes its own CA and certificate (openssl) and password hash (herald passwd).
 #
@@ -36,6 +37,12 @@ password_hash = "$HASH"
 grants = { publish = [">"], subscribe = [">"], admin = [">"] }
 TOML
 
+cat > "$WORK/limits.toml" <<TOML
+[limits]
+trusted_networks = []
+connections_per_second_per_ip = 0   # the fan-out bench opens its 1000 sockets at once
+TOML
+
 wait_ready() {
   for _ in $(seq 200); do
     curl -sf -o /dev/null --cacert "$WORK/ca.pem" "$1/readyz" && return 0
@@ -66,6 +73,11 @@ for _ in $(seq "$RUNS"); do
   "$BIN" serve --listen 127.0.0.1:17501 --store memory 2>>"$WORK/log" &
   wait_ready http://127.0.0.1:17501
   measure plain http://127.0.0.1:17501
+  stop_nodes
+
+  "$BIN" serve --listen 127.0.0.1:17503 --store memory --config "$WORK/limits.toml" 2>>"$WORK/log" &
+  wait_ready http://127.0.0.1:17503
+  measure limits http://127.0.0.1:17503
   stop_nodes
 
   "$BIN" serve --listen 127.0.0.1:17502 --store memory --config "$WORK/secure.toml" 2>>"$WORK/log" &
