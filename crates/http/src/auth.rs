@@ -278,4 +278,36 @@ mod tests {
         assert_eq!(find(&["herald_token", ";;;", "=", "herald_token="]), None);
         assert_eq!(find(&[]), None);
     }
+
+    proptest::proptest! {
+        /// Fuzz harness (proptest, stable Rust) for `Cookie` headers, which every client
+        /// controls: any header values give the cookie or nothing, never a panic, and a
+        /// value found is a non-empty part of what was sent.
+        #[test]
+        fn any_cookie_header_gives_the_cookie_or_nothing(values in proptest::collection::vec("[ -~]{0,80}", 0..4)) {
+            let mut headers = HeaderMap::new();
+            for v in &values {
+                if let Ok(value) = HeaderValue::from_str(v) {
+                    headers.append(header::COOKIE, value);
+                }
+            }
+            if let Some(found) = cookie(&headers, "herald_token") {
+                proptest::prop_assert!(!found.is_empty());
+                proptest::prop_assert!(values.iter().any(|v| v.contains(found.as_str())));
+            }
+        }
+
+        #[test]
+        fn cookie_shaped_headers_give_the_cookie_or_nothing(v in "((herald_token|x|y)=\"?[a-zA-Z0-9._-]{0,20}\"?; ?){0,4}") {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_str(&v) {
+                headers.append(header::COOKIE, value);
+            }
+            if let Some(found) = cookie(&headers, "herald_token") {
+                let plain = format!("herald_token={found}");
+                let quoted = format!("herald_token=\"{found}\"");
+                proptest::prop_assert!(v.contains(&plain) || v.contains(&quoted), "{} in {}", found, v);
+            }
+        }
+    }
 }
