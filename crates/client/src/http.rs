@@ -37,7 +37,7 @@ fn http_client(tls: &TlsConfig, auth: Option<&str>) -> Result<reqwest::Client, C
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
     Ok(reqwest::Client::builder()
-        .tls_backend_preconfigured(tls.rustls(&[b"http/1.1"]))
+        .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls.http1()))
         .default_headers(headers)
         .build()?)
 }

@@ -1,6 +1,9 @@
 //! How the client checks a server's certificate for `https://`, `wss://` and gRPC over
 //! TLS: rustls (ring), trusting either the system's certificate store (the default) or
-//! only the CAs of one PEM file (`--ca FILE`, for a private CA, as curl's `--cacert`).
+//! only the CAs of one PEM file (`--ca FILE`, for a private CA, as curl's `--cacert`),
+//! and optionally presenting a client certificate (`--cert`/`--key`). A [`TlsConfig`]
+//! builds its rustls configuration once; every connection made with it (and its clones)
+//! shares it, TLS session cache included.
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -29,6 +32,9 @@ pub struct TlsConfig {
     ca_pem: Option<Arc<Vec<u8>>>,
     /// A client certificate to log in with (`with_client_cert`).
     identity: Option<Arc<Identity>>,
+    /// The HTTP/1.1 configuration (REST, WebSocket), built once and shared by every
+    /// connection made with this value, so they share its TLS session cache.
+    http1: Arc<OnceLock<Arc<ClientConfig>>>,
 }
 
 /// A client certificate chain and its key, parsed (for rustls) and as PEM (for tonic).
@@ -63,7 +69,7 @@ impl TlsConfig {
                 let mut roots = RootCertStore::empty();
                 let (added, ignored) = roots.add_parsable_certificates(found.certs);
                 tracing::debug!(added, ignored, "system certificate store read");
-                TlsConfig { roots: Arc::new(roots), ca_pem: None, identity: None }
+                TlsConfig { roots: Arc::new(roots), ca_pem: None, identity: None, http1: Arc::default() }
             })
             .clone()
     }
@@ -82,7 +88,7 @@ impl TlsConfig {
         for cert in certs {
             roots.add(cert).map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
         }
-        Ok(TlsConfig { roots: Arc::new(roots), ca_pem: Some(Arc::new(pem)), identity: None })
+        Ok(TlsConfig { roots: Arc::new(roots), ca_pem: Some(Arc::new(pem)), identity: None, http1: Arc::default() })
     }
 
     /// A rustls configuration offering `alpn`.
@@ -109,6 +115,7 @@ impl TlsConfig {
             .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
             .map_err(|e| ClientError::Tls(format!("{} and {}: {e}", cert.display(), key.display())))?;
         self.identity = Some(Arc::new(identity));
+        self.http1 = Arc::default();
         Ok(self)
     }
 
@@ -122,7 +129,12 @@ impl TlsConfig {
             .expect("ring's default provider supports TLS 1.2 and 1.3")
     }
 
-    pub(crate) fn rustls(&self, alpn: &[&[u8]]) -> ClientConfig {
+    /// The configuration of HTTP/1.1 connections (REST, WebSocket): built once, shared.
+    pub(crate) fn http1(&self) -> Arc<ClientConfig> {
+        self.http1.get_or_init(|| Arc::new(self.rustls(&[b"http/1.1"]))).clone()
+    }
+
+    fn rustls(&self, alpn: &[&[u8]]) -> ClientConfig {
         let builder = Self::builder().with_root_certificates(self.roots.clone());
         let mut config = match &self.identity {
             // Checked by `with_client_cert`, so this does not fail; if it did, the client

@@ -99,7 +99,7 @@ pub async fn connect_socket(
             auth.parse().map_err(|_| ClientError::Protocol("the Authorization value is not a valid header".into()))?;
         request.headers_mut().insert("authorization", value);
     }
-    let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls.rustls(&[b"http/1.1"])));
+    let connector = tokio_tungstenite::Connector::Rustls(tls.http1());
     Ok(tokio_tungstenite::connect_async_tls_with_config(request, Some(config), false, Some(connector)).await?)
 }
 
