@@ -152,8 +152,17 @@ impl LimitCounters {
 /// the server does not authenticate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum UserKey {
-    Name(String),
+    Name(Arc<str>),
     Address(IpAddr),
+}
+
+/// One bucket a message is taken from.
+#[derive(Clone, Copy)]
+enum Bucket<'a> {
+    /// The connection's own.
+    Direct(&'a DefaultDirectRateLimiter),
+    /// The user's (or the address's), shared by its connections.
+    Keyed(&'a DefaultKeyedRateLimiter<UserKey>),
 }
 
 /// A bucket of `rate` per second with a burst of one second's worth.
@@ -249,21 +258,6 @@ impl Limits {
             connections.shrink_to_fit();
         }
     }
-
-    fn take_keyed(
-        &self,
-        limiter: &Option<DefaultKeyedRateLimiter<UserKey>>,
-        key: &UserKey,
-        n: usize,
-    ) -> Result<(), Over> {
-        let Some(limiter) = limiter else { return Ok(()) };
-        let Some(n) = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else { return Ok(()) };
-        match limiter.check_key_n(key, n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Over::Wait(not_until.wait_time_from(self.clock.now()))),
-            Err(_) => Err(Over::Never),
-        }
-    }
 }
 
 /// One connection's buckets and address (an HTTP/1 connection, an HTTP/2 connection
@@ -302,74 +296,78 @@ impl Peer {
         }
     }
 
-    /// A peer with no limits (for doors served without the server's listener).
-    pub fn unlimited(addr: SocketAddr) -> Arc<Self> {
-        Arc::new(Self { limits: Arc::default(), addr, trusted: true, messages: None, bytes: None, errors: None })
-    }
-
     /// The client's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// The server's limits.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// The buckets a message is taken from, in order, each with how much of it it
+    /// takes: the connection's messages and bytes, then its user's.
+    fn buckets(&self, messages: usize, bytes: usize) -> [(Option<Bucket<'_>>, usize); 4] {
+        let l = &self.limits;
+        [
+            (self.messages.as_ref().map(Bucket::Direct), messages),
+            (self.bytes.as_ref().map(Bucket::Direct), bytes),
+            (l.user_messages.as_ref().map(Bucket::Keyed), messages),
+            (l.user_bytes.as_ref().map(Bucket::Keyed), bytes),
+        ]
+    }
+
+    /// Takes `n` from `bucket` (keyed by `user`, or by this connection's address for an
+    /// anonymous caller), or says when it could.
+    fn take(&self, bucket: Bucket<'_>, user: Option<&Arc<str>>, n: usize) -> Result<(), Over> {
+        let Some(n) = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else { return Ok(()) };
+        let taken = match bucket {
+            Bucket::Direct(limiter) => limiter.check_n(n),
+            Bucket::Keyed(limiter) => {
+                let key = match user {
+                    Some(name) => UserKey::Name(name.clone()),
+                    None => UserKey::Address(self.addr.ip().to_canonical()),
+                };
+                limiter.check_key_n(&key, n)
+            }
+        };
+        match taken {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Over::Wait(not_until.wait_time_from(self.limits.clock.now()))),
+            Err(_) => Err(Over::Never),
+        }
     }
 
     /// Takes `messages` messages of `bytes` payload bytes in all from this connection's
     /// and `user`'s buckets (`None`: an anonymous caller, limited by its address), or
-    /// says when they could pass. Tokens taken from the connection's bucket before the
-    /// user's refused are spent: a client over its user's rate is held a little longer.
-    pub fn try_admit(&self, user: Option<&str>, messages: usize, bytes: usize) -> Result<(), Over> {
+    /// says when they could pass. Tokens taken from a bucket before a later one refused
+    /// are spent: a client over its user's rate is held a little longer.
+    pub fn try_admit(&self, user: Option<&Arc<str>>, messages: usize, bytes: usize) -> Result<(), Over> {
         if self.trusted {
             return Ok(());
         }
-        let now = self.limits.clock.now();
-        let take = |limiter: &Option<DefaultDirectRateLimiter>, n: usize| -> Result<(), Over> {
-            let Some(limiter) = limiter else { return Ok(()) };
-            let Some(n) = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else { return Ok(()) };
-            match limiter.check_n(n) {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(not_until)) => Err(Over::Wait(not_until.wait_time_from(now))),
-                Err(_) => Err(Over::Never),
+        for (bucket, n) in self.buckets(messages, bytes) {
+            if let Some(bucket) = bucket {
+                self.take(bucket, user, n)?;
             }
-        };
-        take(&self.messages, messages)?;
-        take(&self.bytes, bytes)?;
-        let limits = &self.limits;
-        if limits.user_messages.is_some() || limits.user_bytes.is_some() {
-            let key = match user {
-                Some(name) => UserKey::Name(name.to_owned()),
-                None => UserKey::Address(self.addr.ip().to_canonical()),
-            };
-            limits.take_keyed(&limits.user_messages, &key, messages)?;
-            limits.take_keyed(&limits.user_bytes, &key, bytes)?;
         }
         Ok(())
     }
 
     /// As [`Peer::try_admit`] for a request: `Err` is counted as a refusal.
-    pub fn admit_request(&self, user: Option<&str>, messages: usize, bytes: usize) -> Result<(), Over> {
+    pub fn admit_request(&self, user: Option<&Arc<str>>, messages: usize, bytes: usize) -> Result<(), Over> {
         self.try_admit(user, messages, bytes).inspect_err(|_| LimitCounters::bump(&self.limits.counters.refused))
     }
 
-    /// Waits until one message of `bytes` read from a stream fits the buckets: the
-    /// caller stops reading meanwhile, which is how a stream's sender is slowed. Each
-    /// wait is counted as a pause.
-    pub async fn admit_stream(&self, user: Option<&str>, bytes: usize) {
+    /// Waits until one message of `bytes` read from a stream fits the buckets, taking
+    /// from each in turn (nothing is taken twice): the caller stops reading meanwhile,
+    /// which is how a stream's sender is slowed. Each wait is counted as a pause.
+    pub async fn admit_stream(&self, user: Option<&Arc<str>>, bytes: usize) {
         if self.trusted {
             return;
         }
-        loop {
-            match self.try_admit(user, 1, bytes) {
-                Ok(()) => return,
-                Err(Over::Wait(wait)) => {
-                    LimitCounters::bump(&self.limits.counters.paused);
-                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
-                }
-                // Cannot happen once validated (every message fits a burst); let it pass.
-                Err(Over::Never) => return,
+        for (bucket, n) in self.buckets(1, bytes) {
+            let Some(bucket) = bucket else { continue };
+            // `Never` cannot happen once validated (every message fits a burst): let it pass.
+            while let Err(Over::Wait(wait)) = self.take(bucket, user, n) {
+                LimitCounters::bump(&self.limits.counters.paused);
+                tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
             }
         }
     }
@@ -450,10 +448,11 @@ mod tests {
         let limits = Arc::new(Limits::new(LimitsConfig { user_messages_per_second: 5, ..config() }));
         let a = limits.connect(addr("192.0.2.1")).expect("admitted");
         let b = limits.connect(addr("192.0.2.2")).expect("admitted");
+        let (alice, bob): (Arc<str>, Arc<str>) = ("alice".into(), "bob".into());
         let passed =
-            (0..10).filter(|i| (if i % 2 == 0 { &a } else { &b }).try_admit(Some("alice"), 1, 1).is_ok()).count();
+            (0..10).filter(|i| (if i % 2 == 0 { &a } else { &b }).try_admit(Some(&alice), 1, 1).is_ok()).count();
         assert_eq!(passed, 5);
-        assert_eq!(a.try_admit(Some("bob"), 1, 1), Ok(()), "bob has his own bucket");
+        assert_eq!(a.try_admit(Some(&bob), 1, 1), Ok(()), "bob has his own bucket");
         // Anonymous callers are limited by address.
         assert!(b.try_admit(None, 1, 1).is_ok());
     }

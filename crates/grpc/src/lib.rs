@@ -148,7 +148,7 @@ impl GrpcState {
         bytes: usize,
     ) -> Result<(), Status> {
         let Some(peer) = peer else { return Ok(()) };
-        peer.admit_request(caller.as_deref().map(|p| &*p.name), messages, bytes).map_err(error::rate_limited)
+        peer.admit_request(caller.as_deref().map(|p| &p.name), messages, bytes).map_err(error::rate_limited)
     }
 
     /// Refuses a call once shutdown began or while `max_connections` long-lived

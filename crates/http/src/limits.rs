@@ -23,7 +23,7 @@ use crate::ApiError;
 pub(crate) type PeerOf = Option<Extension<Arc<Peer>>>;
 
 /// The name a caller's user bucket is keyed by (`None`: by the client's address).
-pub(crate) fn user_of(caller: &Caller) -> Option<&str> {
+pub(crate) fn user_of(caller: &Caller) -> Option<&Arc<str>> {
     match caller {
         Caller::User(p) => Some(&p.name),
         Caller::Anyone | Caller::Pending => None,

@@ -816,7 +816,7 @@ pub(crate) async fn raw_upgrade(
         .on_upgrade(move |socket| {
             let replay = sub.and_then(|s| s.replay);
             let peer = peer.map(|axum::Extension(p)| p);
-            let pacer = Pacer { mode, peer, user: limits::user_of(&caller).map(str::to_owned) };
+            let pacer = Pacer { mode, peer, user: limits::user_of(&caller).cloned() };
             let guards = (unsubscribe, watch, pacer);
             tracker.track_future(raw_connection(socket, state, topic, replay, (out, rx), guards))
         })
@@ -854,7 +854,7 @@ async fn raw_connection(
 struct Pacer {
     mode: Mode,
     peer: Option<Arc<Peer>>,
-    user: Option<String>,
+    user: Option<Arc<str>>,
 }
 
 /// Most data frames of a raw socket published as one batch.
@@ -902,7 +902,7 @@ async fn raw_reader(
         }));
         if let Some(peer) = &pacer.peer {
             for msg in &batch {
-                peer.admit_stream(pacer.user.as_deref(), msg.payload.len()).await;
+                peer.admit_stream(pacer.user.as_ref(), msg.payload.len()).await;
             }
         }
         if let Err(e) = state.broker().publish_batch(topic, batch).await {
