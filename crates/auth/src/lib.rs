@@ -415,19 +415,28 @@ impl Authenticator {
     /// by design: call this off the async workers, e.g. in `spawn_blocking`), then
     /// remembered for a few minutes.
     pub fn authenticate(&self, credentials: &Credentials) -> Result<Principal, AuthError> {
-        match credentials {
+        self.verify(credentials, true).unwrap_or(Err(AuthError::BadPassword))
+    }
+
+    /// [`Authenticator::authenticate`], or `None` when that would hash a password and
+    /// `may_hash` is false.
+    fn verify(&self, credentials: &Credentials, may_hash: bool) -> Option<Result<Principal, AuthError>> {
+        Some(match credentials {
             Credentials::Basic { user, password } => {
                 if self.users.is_empty() {
-                    return Err(AuthError::NoBasic);
+                    return Some(Err(AuthError::NoBasic));
                 }
                 let Some((u, hash)) = self.users.get(user).and_then(|u| Some((u, u.hash.as_deref()?))) else {
-                    return Err(AuthError::BadPassword);
+                    return Some(Err(AuthError::BadPassword));
                 };
                 let key = self.hasher.hash_one((user, password));
                 let remembered = lock(&self.verified).get(&key).is_some_and(|at| at.elapsed() < VERIFIED_FOR);
                 if !remembered {
+                    if !may_hash {
+                        return None;
+                    }
                     if !verify_password(password, hash) {
-                        return Err(AuthError::BadPassword);
+                        return Some(Err(AuthError::BadPassword));
                     }
                     let mut verified = lock(&self.verified);
                     if verified.len() >= VERIFIED_MAX {
@@ -444,14 +453,14 @@ impl Authenticator {
             Credentials::Bearer(token) => self.check_token(token),
             Credentials::Cookie { token, origin } => {
                 if self.cookie.is_none() {
-                    return Err(AuthError::NoCookie);
+                    return Some(Err(AuthError::NoCookie));
                 }
                 if let Some(origin) = origin.as_deref().filter(|o| !self.allows_origin(o)) {
-                    return Err(AuthError::Origin(origin.to_owned()));
+                    return Some(Err(AuthError::Origin(origin.to_owned())));
                 }
                 self.check_token(token)
             }
-        }
+        })
     }
 
     fn check_token(&self, token: &str) -> Result<Principal, AuthError> {
@@ -481,24 +490,13 @@ impl Authenticator {
     /// [`Authenticator::authenticate`] for async callers: a Basic password not verified
     /// yet is hashed on a blocking thread, never on an async worker.
     pub async fn check(self: &Arc<Self>, credentials: Credentials) -> Result<Principal, AuthError> {
-        if self.is_cheap(&credentials) {
-            return self.authenticate(&credentials);
+        if let Some(checked) = self.verify(&credentials, false) {
+            return checked;
         }
         let auth = self.clone();
         tokio::task::spawn_blocking(move || auth.authenticate(&credentials))
             .await
             .unwrap_or(Err(AuthError::BadPassword))
-    }
-
-    /// Whether Basic credentials are verified already (so checking them is cheap).
-    pub fn is_cheap(&self, credentials: &Credentials) -> bool {
-        match credentials {
-            Credentials::Basic { user, password } => {
-                let key = self.hasher.hash_one((user, password));
-                lock(&self.verified).get(&key).is_some_and(|at| at.elapsed() < VERIFIED_FOR)
-            }
-            Credentials::Bearer(_) | Credentials::Certificate(_) | Credentials::Cookie { .. } => true,
-        }
     }
 }
 
@@ -636,7 +634,7 @@ mod tests {
         let ok = Credentials::Basic { user: "alice".into(), password: "s3cret".into() };
         let p = auth.authenticate(&ok)?;
         assert!(p.allows(Action::Publish, "a.b") && !p.allows(Action::Publish, "b.c"));
-        assert!(auth.is_cheap(&ok), "remembered once verified");
+        assert!(auth.verify(&ok, false).is_some(), "remembered once verified: no hash the second time");
         let wrong = Credentials::Basic { user: "alice".into(), password: "nope".into() };
         assert_eq!(auth.authenticate(&wrong), Err(AuthError::BadPassword));
         let unknown = Credentials::Basic { user: "mallory".into(), password: "s3cret".into() };
