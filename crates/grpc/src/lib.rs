@@ -64,6 +64,7 @@ pub struct GrpcState {
     inner: Arc<StateInner>,
 }
 
+#[derive(Clone)]
 struct StateInner {
     broker: Broker,
     config: GrpcConfig,
@@ -100,16 +101,9 @@ impl GrpcState {
     /// This state, authenticating every call with `auth` (the `authorization` metadata,
     /// Basic or Bearer, as the HTTP header).
     pub fn with_auth(self, auth: Option<Arc<LiveAuth>>) -> Self {
-        let inner = &self.inner;
-        Self {
-            inner: Arc::new(StateInner {
-                broker: inner.broker.clone(),
-                config: inner.config.clone(),
-                shutdown: inner.shutdown.clone(),
-                tracker: inner.tracker.clone(),
-                auth,
-            }),
-        }
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.auth = auth;
+        Self { inner: Arc::new(inner) }
     }
 
     fn broker(&self) -> &Broker {
@@ -138,8 +132,8 @@ impl GrpcState {
     }
 
     /// Takes `messages` messages of `bytes` bytes of a call from its connection's and
-    /// its user's buckets (`peer`: from the request's extensions, taken before the
-    /// request is consumed), or the `rate_limited` status that refuses it.
+    /// its user's buckets (`peer`: [`peer_of`] the request, taken before the request is
+    /// consumed), or the `rate_limited` status that refuses it.
     pub(crate) fn pace(
         &self,
         peer: Option<&Peer>,
@@ -168,6 +162,11 @@ impl GrpcState {
         let floor = self.broker().config().max_message_bytes.saturating_add(64 << 10);
         self.inner.config.max_request_bytes.max(floor)
     }
+}
+
+/// The limits of a call's connection (set by the server's listener; none without it).
+pub(crate) fn peer_of<T>(request: &tonic::Request<T>) -> Option<Arc<Peer>> {
+    request.extensions().get::<Arc<Peer>>().cloned()
 }
 
 /// A call's credentials: its `authorization` metadata or, without it, the verified

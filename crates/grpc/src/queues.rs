@@ -1,10 +1,8 @@
 //! The `herald.v1.Queues` service: enqueue, fetch (with long poll), ack, requeue,
 //! extend and stats. Thin, like the HTTP one: every rule lives in the core's queues.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use herald_auth::limits::Peer;
 use herald_core::QueueName;
 use tonic::{Request, Response, Status};
 
@@ -53,7 +51,7 @@ fn in_range(name: &str, value: u64, min: u64, max: u64) -> Result<u64, Status> {
 impl Queues for QueuesService {
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
         let caller = self.state.admit(&request).await?;
-        let peer = request.extensions().get::<Arc<Peer>>().cloned();
+        let peer = crate::peer_of(&request);
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
         self.state.permit(&caller, herald_auth::Action::Enqueue, queue.as_str())?;

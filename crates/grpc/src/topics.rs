@@ -1,9 +1,6 @@
 //! The `herald.v1.Topics` service: publish (one or a batch), fetch, subscribe, info,
 //! list and delete, with the HTTP front door's semantics, limits and error codes.
 
-use std::sync::Arc;
-
-use herald_auth::limits::Peer;
 use herald_core::{StartFrom, TopicName};
 use tonic::{Request, Response, Status};
 
@@ -49,7 +46,7 @@ fn limit(raw: u32) -> Result<usize, Status> {
 impl Topics for TopicsService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let caller = self.state.admit(&request).await?;
-        let peer = request.extensions().get::<Arc<Peer>>().cloned();
+        let peer = crate::peer_of(&request);
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
         self.state.permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
@@ -65,7 +62,7 @@ impl Topics for TopicsService {
         request: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
         let caller = self.state.admit(&request).await?;
-        let peer = request.extensions().get::<Arc<Peer>>().cloned();
+        let peer = crate::peer_of(&request);
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
         self.state.permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
