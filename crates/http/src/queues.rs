@@ -17,7 +17,7 @@ use herald_protocol::ErrorCode;
 use crate::auth::Caller;
 use crate::extract::{DeliveryPath, QueuePath};
 use crate::limits::{self, PeerOf};
-use crate::rest::{body_error, kind_of, new_message, Query};
+use crate::rest::{read_message, Query};
 use crate::{ApiError, AppState};
 
 /// Longest a fetch may wait, per docs/protocol.md.
@@ -51,9 +51,7 @@ pub(crate) async fn enqueue(
     let query = Query::parse(query.as_deref())?;
     let delay_ms = query.number("delay_ms", 0, u64::MAX / 2, 0)?;
     let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX / 2, 0)).transpose()?;
-    let max = state.broker().config().max_message_bytes;
-    let payload = axum::body::to_bytes(body, max).await.map_err(|e| body_error(e, max))?;
-    let msg = new_message(kind_of(&headers), payload, ttl_ms)?;
+    let msg = read_message(&state, &headers, body, ttl_ms).await?;
     limits::admit(&peer, &caller, 1, msg.payload.len())?;
     let id = state.broker().queue_service()?.enqueue(&queue, msg, delay_ms).await?;
     let mut body = String::from("{\"queue\":");

@@ -1,6 +1,6 @@
 //! REST endpoints for topics: publish, fetch, delete, info and list.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -48,21 +48,30 @@ fn json(status: StatusCode, body: String) -> Response {
 
 /// The kind a Content-Type selects (the kind table of docs/protocol.md); media types compare
 /// case-insensitively and parameters are ignored.
-pub(crate) fn kind_of(headers: &HeaderMap) -> Kind {
+fn kind_of(headers: &HeaderMap) -> Kind {
     match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
         Some(content_type) => herald_protocol::kind_of_media_type(content_type),
         None => Kind::Binary,
     }
 }
 
-/// Validates a body against its kind and builds the message.
-pub(crate) fn new_message(kind: Kind, payload: Bytes, ttl_ms: Option<u64>) -> Result<NewMessage, ApiError> {
+/// The message a publish or enqueue request carries: its body (at most
+/// `max_message_bytes`), of the kind its `Content-Type` says, checked against it.
+pub(crate) async fn read_message(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    ttl_ms: Option<u64>,
+) -> Result<NewMessage, ApiError> {
+    let max = state.broker().config().max_message_bytes;
+    let payload = axum::body::to_bytes(body, max).await.map_err(|e| body_error(e, max))?;
+    let kind = kind_of(headers);
     herald_protocol::check_payload(kind, &payload).map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(NewMessage { kind, payload, ttl_ms })
 }
 
 /// A body that could not be read: over the limit (`too_large`) or broken off.
-pub(crate) fn body_error(e: axum::Error, max: usize) -> ApiError {
+fn body_error(e: axum::Error, max: usize) -> ApiError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = source {
         if err.is::<http_body_util::LengthLimitError>() {
@@ -85,9 +94,7 @@ pub(crate) async fn publish(
     caller.permit(Action::Publish, topic.as_str())?;
     let query = Query::parse(query.as_deref())?;
     let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX, 0)).transpose()?;
-    let max = state.broker().config().max_message_bytes;
-    let payload = axum::body::to_bytes(body, max).await.map_err(|e| body_error(e, max))?;
-    let msg = new_message(kind_of(&headers), payload, ttl_ms)?;
+    let msg = read_message(&state, &headers, body, ttl_ms).await?;
     limits::admit(&peer, &caller, 1, msg.payload.len())?;
     let published = state.broker().publish(&topic, msg).await?;
     let mut body = String::from("{\"topic\":");
