@@ -13,10 +13,10 @@
 //! slowloris client nor a thousand half-open sockets delay anyone else's accept.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use axum::Router;
 use herald_auth::limits::{LimitCounters, Limits};
 use herald_auth::ClientCert;
@@ -96,7 +96,6 @@ pub async fn serve(
             let app = server.app.clone();
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(peer.clone());
-                req.extensions_mut().insert(ConnectInfo(addr));
                 if let Some(cert) = &cert {
                     req.extensions_mut().insert(cert.clone());
                 }
@@ -148,33 +147,42 @@ impl Serving {
         let config = self.limits.config();
         let counters = self.limits.counters();
         match &self.tls {
-            Some(tls) => match tokio::time::timeout(config.handshake_timeout, tls.acceptor().accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    Some(Opened::Tls(if h2 { Http::Two } else { Http::One }, Box::new(stream)))
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, error = %e, "TLS handshake failed");
-                    None
-                }
-                Err(_) => {
-                    tracing::debug!(%addr, "TLS handshake timed out");
-                    LimitCounters::bump(&counters.handshake_timeouts);
-                    None
-                }
-            },
-            None => match tokio::time::timeout(config.header_timeout, sniff(&tcp)).await {
-                Ok(Ok(http)) => Some(Opened::Plain(http, tcp)),
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, error = %e, "connection closed before its first request");
-                    None
-                }
-                Err(_) => {
-                    tracing::debug!(%addr, "connection dropped: nothing sent in time");
-                    LimitCounters::bump(&counters.header_timeouts);
-                    None
-                }
-            },
+            Some(tls) => {
+                let accept = tls.acceptor().accept(tcp);
+                let stream =
+                    in_time(addr, "TLS handshake", config.handshake_timeout, &counters.handshake_timeouts, accept)
+                        .await?;
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                Some(Opened::Tls(if h2 { Http::Two } else { Http::One }, Box::new(stream)))
+            }
+            None => {
+                let http =
+                    in_time(addr, "first bytes", config.header_timeout, &counters.header_timeouts, sniff(&tcp)).await?;
+                Some(Opened::Plain(http, tcp))
+            }
+        }
+    }
+}
+
+/// What `step` gives if it finishes within `limit`; `None` if it fails or times out
+/// (a timeout counted in `timeouts`).
+async fn in_time<T>(
+    addr: SocketAddr,
+    step: &str,
+    limit: Duration,
+    timeouts: &AtomicU64,
+    work: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Option<T> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, error = %e, "connection dropped: {step} failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "connection dropped: {step} not done in time");
+            LimitCounters::bump(timeouts);
+            None
         }
     }
 }
