@@ -113,6 +113,12 @@ impl Principal {
     pub fn allows(&self, action: Action, name: &str) -> bool {
         self.grants.allows(&self.name, action, name)
     }
+
+    /// When its credentials expire, on tokio's clock (`None`: they do not).
+    pub fn expiry(&self) -> Option<tokio::time::Instant> {
+        let left = |exp: u64| Duration::from_secs(exp.saturating_sub(now_secs()));
+        self.expires_at.map(|exp| tokio::time::Instant::now() + left(exp))
+    }
 }
 
 /// Credentials as a request carries them.
@@ -295,11 +301,7 @@ impl Watch {
     /// and poll it beside the connection's work, so a reload being checked is not lost.
     pub async fn ended(mut self) -> Ended {
         loop {
-            let expiry = self
-                .principal
-                .as_ref()
-                .and_then(|p| p.expires_at)
-                .map(|exp| tokio::time::Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs())));
+            let expiry = self.principal.as_ref().and_then(|p| p.expiry());
             let expired = async {
                 match expiry {
                     Some(at) => tokio::time::sleep_until(at).await,

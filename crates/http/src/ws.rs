@@ -463,10 +463,7 @@ fn deadline_of(caller: &Caller) -> Option<(tokio::time::Instant, &'static str)> 
     match caller {
         Caller::Anyone => None,
         Caller::Pending => Some((tokio::time::Instant::now() + AUTH_TIMEOUT, "authentication required")),
-        Caller::User(p) => p.expires_at.map(|exp| {
-            let left = Duration::from_secs(exp.saturating_sub(herald_auth::now_secs()));
-            (tokio::time::Instant::now() + left, "token expired")
-        }),
+        Caller::User(p) => p.expiry().map(|at| (at, "token expired")),
     }
 }
 
@@ -630,9 +627,6 @@ impl JsonSession {
                 self.close_unauthorized("authentication required");
                 break;
             }
-            if let Op::Publish { payload, .. } = &frame.op {
-                self.pace(payload_len(payload)).await;
-            }
             if let Some(e) = match &frame.op {
                 Op::Publish { topic, .. } => self.refused(frame.id, Action::Publish, topic),
                 Op::Subscribe { topic, .. } => self.refused(frame.id, Action::Subscribe, topic),
@@ -641,6 +635,10 @@ impl JsonSession {
                 self.publish_run(run.take()).await;
                 self.error(&e);
                 continue;
+            }
+            // Only publishes that may go ahead take from the rate.
+            if let Op::Publish { payload, .. } = &frame.op {
+                self.pace(payload_len(payload)).await;
             }
             match frame.op {
                 // Too large ones are refused on their own, below.
