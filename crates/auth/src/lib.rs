@@ -322,7 +322,7 @@ impl Watch {
                 () = expired => return Ended::Expired,
                 () = reloaded => {}
             }
-            let (Some((live, _)), Some(credentials)) = (&self.live, self.credentials.clone()) else { continue };
+            let (Some((live, _)), Some(credentials)) = (&self.live, &self.credentials) else { continue };
             match live.get().check(credentials).await {
                 Err(_) => return Ended::Refused,
                 Ok(p) if self.actions.iter().any(|a| !p.allows(*a, &self.name)) => return Ended::Withdrawn,
@@ -491,11 +491,11 @@ impl Authenticator {
 
     /// [`Authenticator::authenticate`] for async callers: a Basic password not verified
     /// yet is hashed on a blocking thread, never on an async worker.
-    pub async fn check(self: &Arc<Self>, credentials: Credentials) -> Result<Principal, AuthError> {
-        if let Some(checked) = self.verify(&credentials, false) {
+    pub async fn check(self: &Arc<Self>, credentials: &Credentials) -> Result<Principal, AuthError> {
+        if let Some(checked) = self.verify(credentials, false) {
             return checked;
         }
-        let auth = self.clone();
+        let (auth, credentials) = (self.clone(), credentials.clone());
         tokio::task::spawn_blocking(move || auth.authenticate(&credentials))
             .await
             .unwrap_or(Err(AuthError::BadPassword))

@@ -125,7 +125,7 @@ impl GrpcState {
         };
         let credentials = credentials_of(request)
             .ok_or_else(|| refused("credentials required: send authorization metadata, Basic or Bearer".to_owned()))?;
-        match auth.check(credentials).await {
+        match auth.check(&credentials).await {
             Ok(p) => Ok(Some(Arc::new(p))),
             Err(e) => Err(refused(e.to_string())),
         }

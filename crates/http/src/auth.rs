@@ -213,7 +213,7 @@ pub(crate) async fn authenticate(State(state): State<AppState>, mut req: Request
             }
         }
     };
-    match auth.check(credentials.clone()).await {
+    match auth.check(&credentials).await {
         Ok(principal) => {
             req.extensions_mut().insert(Caller::User(Arc::new(principal)));
             req.extensions_mut().insert(Presented(credentials));

@@ -520,7 +520,7 @@ impl JsonSession {
         };
         let pending = matches!(self.caller, Caller::Pending);
         let credentials = herald_auth::Credentials::Bearer(token);
-        let principal = match auth.check(credentials.clone()).await {
+        let principal = match auth.check(&credentials).await {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 self.error(&FrameError { id, code: ErrorCode::Unauthorized, message: e.to_string() });
@@ -566,8 +566,8 @@ impl JsonSession {
     /// The configuration was reloaded: the caller's credentials are checked again
     /// against it. Refused now: closed with 4401; accepted: its grants are the new ones.
     async fn recheck(&mut self) {
-        let (Some(live), Some(credentials)) = (self.state.auth(), self.credentials.clone()) else { return };
-        let auth = live.get();
+        let Some(auth) = self.state.auth().map(|live| live.get()) else { return };
+        let Some(credentials) = &self.credentials else { return };
         match auth.check(credentials).await {
             Ok(principal) => self.adopt(Arc::new(principal)),
             Err(_) => self.close_unauthorized("credentials no longer accepted"),
