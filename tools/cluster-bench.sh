@@ -12,6 +12,7 @@
 # Usage (from the repository root, Redis on 127.0.0.1:6379):
 #   cargo build --release && RUNS=3 tools/cluster-bench.sh
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 BIN=${BIN:-target/release/herald}
 RUNS=${RUNS:-3}
@@ -22,15 +23,6 @@ PREFIX="herald-bench:$$:"
 WORK=$(mktemp -d /tmp/herald-cluster-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; redis-cli --scan --pattern "${PREFIX}*" | xargs -r redis-cli del >/dev/null; rm -rf "$WORK"' EXIT
 
-wait_ready() {
-  for _ in $(seq 200); do
-    curl -sf -o /dev/null "http://127.0.0.1:$1/readyz" && return 0
-    sleep 0.05
-  done
-  echo "node on $1 did not become ready" >&2
-  return 1
-}
-
 # node PORT ROLE: a cluster node (or, with ROLE=single, a memory-store node).
 node() {
   if [ "$2" = single ]; then
@@ -38,7 +30,7 @@ node() {
   else
     "$BIN" serve --listen "127.0.0.1:$1" --cluster "$REDIS" --cluster-prefix "$PREFIX" --role "$2" 2>>"$WORK/log" &
   fi
-  wait_ready "$1"
+  wait_ready "http://127.0.0.1:$1"
 }
 
 redis_cpu() {
@@ -65,11 +57,6 @@ run_topology() {
     '{topology: $name, deliveries_per_second: $f.deliveries_per_second,
       publish_per_second: $p.per_second, publish_p50_us: $p.p50_us, publish_p99_us: $p.p99_us,
       redis_cpu_us_per_message: ($cpu | tonumber), redis_cpu_us_per_publish: ($pcpu | tonumber)}' | tee -a "$WORK/results"
-}
-
-stop_nodes() {
-  kill $(jobs -p) 2>/dev/null || true
-  wait 2>/dev/null || true
 }
 
 for _ in $(seq "$RUNS"); do

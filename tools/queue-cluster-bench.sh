@@ -14,6 +14,7 @@
 # Usage (from the repository root, Redis on 127.0.0.1:6379):
 #   cargo build --release && RUNS=3 tools/queue-cluster-bench.sh
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 BIN=${BIN:-target/release/herald}
 RUNS=${RUNS:-3}
@@ -24,15 +25,6 @@ PREFIX="herald-qbench:$$:"
 WORK=$(mktemp -d /tmp/herald-queue-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; redis-cli --scan --pattern "${PREFIX}*" | xargs -r redis-cli del >/dev/null; rm -rf "$WORK"' EXIT
 
-wait_ready() {
-  for _ in $(seq 200); do
-    curl -sf -o /dev/null "http://127.0.0.1:$1/readyz" && return 0
-    sleep 0.05
-  done
-  echo "node on $1 did not become ready" >&2
-  return 1
-}
-
 # node PORT KIND: KIND is memory, disk or redis.
 node() {
   case "$2" in
@@ -40,16 +32,11 @@ node() {
     disk) "$BIN" serve --listen "127.0.0.1:$1" --data-dir "$WORK/data-$1" 2>>"$WORK/log" & ;;
     redis) "$BIN" serve --listen "127.0.0.1:$1" --cluster "$REDIS" --cluster-prefix "$PREFIX" 2>>"$WORK/log" & ;;
   esac
-  wait_ready "$1"
+  wait_ready "http://127.0.0.1:$1"
 }
 
 redis_cpu() {
   redis-cli info cpu | awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { printf "%.6f", s }'
-}
-
-stop_nodes() {
-  kill $(jobs -p) 2>/dev/null || true
-  wait 2>/dev/null || true
 }
 
 # measure NAME WORKERS URL...: the workers split evenly over the URLs, all at once.

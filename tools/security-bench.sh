@@ -8,6 +8,7 @@
 # Usage (from the repository root):
 #   cargo build --release && RUNS=3 tools/security-bench.sh
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 BIN=${BIN:-target/release/herald}
 RUNS=${RUNS:-3}
@@ -43,20 +44,6 @@ trusted_networks = []
 connections_per_second_per_ip = 0   # the fan-out bench opens its 1000 sockets at once
 TOML
 
-wait_ready() {
-  for _ in $(seq 200); do
-    curl -sf -o /dev/null --cacert "$WORK/ca.pem" "$1/readyz" && return 0
-    sleep 0.05
-  done
-  echo "node at $1 did not become ready" >&2
-  return 1
-}
-
-stop_nodes() {
-  kill $(jobs -p) 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-
 # measure NAME URL [flags...]
 measure() {
   local name=$1 url=$2
@@ -81,7 +68,7 @@ for _ in $(seq "$RUNS"); do
   stop_nodes
 
   "$BIN" serve --listen 127.0.0.1:17502 --store memory --config "$WORK/secure.toml" 2>>"$WORK/log" &
-  wait_ready https://127.0.0.1:17502
+  wait_ready https://127.0.0.1:17502 --cacert "$WORK/ca.pem"
   measure tls+auth https://127.0.0.1:17502 --ca "$WORK/ca.pem" --user bench:bench-pw
   stop_nodes
 done
