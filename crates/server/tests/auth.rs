@@ -97,6 +97,13 @@ fn claims() -> Value {
            "herald": {"publish": ["chat.>"], "subscribe": ["chat.>"]}})
 }
 
+/// carol's claims, expiring in two seconds.
+fn brief_claims() -> Value {
+    let mut brief = claims();
+    brief["exp"] = json!(now() + 2);
+    brief
+}
+
 async fn call(
     server: &TestServer,
     method: &str,
@@ -507,9 +514,7 @@ async fn a_browser_socket_authenticates_in_band_refreshes_and_is_closed_when_its
     assert_eq!(close_of(&mut silent, Duration::from_secs(10)).await?, (4401, "authentication required".to_owned()));
 
     // A token that expires while connected: the connection is closed with 4401.
-    let mut brief = claims();
-    brief["exp"] = json!(now() + 2);
-    let brief = token_with(Algorithm::HS256, SECRET, brief);
+    let brief = token_with(Algorithm::HS256, SECRET, brief_claims());
     let mut expiring = ws(&server, "/v1/ws", Some(&brief)).await?;
     send(&mut expiring, json!({"op": "subscribe", "id": 1, "topic": "chat.a"})).await?;
     assert_eq!(next_json(&mut expiring).await?["type"], "subscribed");
@@ -622,9 +627,7 @@ async fn sighup_reload_ends_subscriptions_no_longer_granted_and_keeps_the_socket
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_sockets_sse_and_grpc_streams_end_when_their_token_expires() -> Result {
     let server = server().await?;
-    let mut brief = claims();
-    brief["exp"] = json!(now() + 2);
-    let brief = token_with(Algorithm::HS256, SECRET, brief);
+    let brief = token_with(Algorithm::HS256, SECRET, brief_claims());
     let mut raw = ws(&server, "/v1/topics/chat.a/ws?mode=sub", Some(&brief)).await?;
     let mut sse =
         server.http.get(format!("{}/v1/topics/chat.a/sse", server.url)).header("authorization", &brief).send().await?;
@@ -883,9 +886,7 @@ async fn browser_websockets_take_the_cookie_from_allowed_origins_only() -> Resul
 async fn cookie_connections_end_when_their_token_expires_or_a_reload_drops_their_origin() -> Result {
     let server = cookie_server().await?;
     // Expiry: each long-lived door closes a cookie connection as it does a header's.
-    let mut brief = claims();
-    brief["exp"] = json!(now() + 2);
-    let brief = cookie_header(brief);
+    let brief = cookie_header(brief_claims());
     let mut raw = browser_ws(&server, "/v1/topics/chat.a/ws?mode=sub", Some(&brief), Some(APP)).await?;
     let mut json = browser_ws(&server, "/v1/ws", Some(&brief), Some(APP)).await?;
     let mut sse = browser_sse(&server, "chat.a", Some(&brief), Some(APP)).await?;
