@@ -14,7 +14,6 @@
 //! Handshakes are the listener's business (`crate::listen`): each on the connection's
 //! own task, bounded by `timeouts.handshake_timeout`.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -22,8 +21,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -44,43 +43,31 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-/// The server's TLS configuration and its current certificate.
+/// The server's TLS configuration: its files, and the configuration built from them,
+/// replaced as a whole when they change.
 pub struct Tls {
     files: TlsFiles,
-    resolver: Arc<Resolver>,
-    /// Replaced when the client CA file changes.
     config: RwLock<Arc<ServerConfig>>,
-}
-
-/// Hands every handshake the current certificate.
-struct Resolver {
-    current: RwLock<Arc<CertifiedKey>>,
-}
-
-impl fmt::Debug for Resolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Resolver")
-    }
-}
-
-impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
-    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Loads and checks a certificate chain and its key.
-fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
-    let chain = CertificateDer::pem_file_iter(&files.cert)
+/// The certificates of a PEM file (at least one); `what` names the file in errors.
+fn certificates(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading the certificate chain {}", files.cert.display()))?;
-    if chain.is_empty() {
-        bail!("no certificate in {}", files.cert.display());
+        .with_context(|| format!("reading {what} {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("no certificate in {}", path.display());
     }
+    Ok(certs)
+}
+
+/// Loads and checks a certificate chain and its key.
+fn load(files: &TlsFiles) -> anyhow::Result<CertifiedKey> {
+    let chain = certificates(&files.cert, "the certificate chain")?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("reading the private key {}", files.key.display()))?;
     let signing = provider()
@@ -91,12 +78,13 @@ fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
     certified.keys_match().with_context(|| {
         format!("the private key {} does not match the certificate {}", files.key.display(), files.cert.display())
     })?;
-    Ok(Arc::new(certified))
+    Ok(certified)
 }
 
-/// The server configuration: `resolver`'s certificate, ALPN, and client certificates
-/// verified against `client_ca` when set.
-fn server_config(files: &TlsFiles, resolver: Arc<Resolver>) -> anyhow::Result<Arc<ServerConfig>> {
+/// The server configuration of `files`: the certificate pair, loaded and checked; ALPN;
+/// and client certificates verified against `client_ca` when set.
+fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
+    let certified = load(files)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
@@ -104,14 +92,8 @@ fn server_config(files: &TlsFiles, resolver: Arc<Resolver>) -> anyhow::Result<Ar
         None => builder.with_no_client_auth(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .with_context(|| format!("reading the client CA {}", path.display()))?;
-            for cert in certs {
+            for cert in certificates(path, "the client CA")? {
                 roots.add(cert).with_context(|| format!("a certificate of the client CA {}", path.display()))?;
-            }
-            if roots.is_empty() {
-                bail!("no certificate in the client CA {}", path.display());
             }
             // Optional: a client without a certificate goes on to other credentials.
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
@@ -121,7 +103,7 @@ fn server_config(files: &TlsFiles, resolver: Arc<Resolver>) -> anyhow::Result<Ar
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_cert_resolver(resolver);
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -138,9 +120,8 @@ pub fn client_user(connection: &rustls::ServerConnection) -> Option<Arc<str>> {
 impl Tls {
     /// Loads the pair and the client CA (a start with a bad file fails, naming it).
     pub fn new(files: TlsFiles) -> anyhow::Result<Self> {
-        let resolver = Arc::new(Resolver { current: RwLock::new(load(&files)?) });
-        let config = server_config(&files, resolver.clone())?;
-        Ok(Self { files, resolver, config: RwLock::new(config) })
+        let config = server_config(&files)?;
+        Ok(Self { files, config: RwLock::new(config) })
     }
 
     /// What completes handshakes with the current certificate and client CA.
@@ -151,9 +132,7 @@ impl Tls {
     /// Loads the pair and the client CA again; on success new handshakes get them, on
     /// failure nothing changes.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let certified = load(&self.files)?;
-        let config = server_config(&self.files, self.resolver.clone())?;
-        *self.resolver.current.write().unwrap_or_else(|e| e.into_inner()) = certified;
+        let config = server_config(&self.files)?;
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
         Ok(())
     }
