@@ -8,6 +8,11 @@
 //! `jetstream-publish` mirrors `herald bench publish`: concurrent publishers, each on
 //! its own connection, publish one message and await the stream's acknowledgement
 //! (PubAck) before the next, into a JetStream stream with file storage.
+//!
+//! `idle` holds many idle WebSocket subscribers on Herald, nats-server or an MQTT
+//! broker, for `tools/idle-bench.sh` to read the broker's memory (see idle.rs).
+
+mod idle;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,6 +48,8 @@ enum Command {
     JetstreamPublish(PublishArgs),
     /// Core NATS fan-out to WebSocket subscribers: one publisher, many subscribers.
     NatsWsFanout(FanoutArgs),
+    /// Idle WebSocket subscribers (Herald, NATS or MQTT), held open until stdin closes or SIGTERM.
+    Idle(idle::IdleArgs),
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +207,7 @@ async fn main() -> std::process::ExitCode {
         Command::RabbitmqQueue(args) => rabbitmq_queue(args).await,
         Command::JetstreamPublish(args) => jetstream_publish(args).await,
         Command::NatsWsFanout(args) => nats_ws_fanout(args).await,
+        Command::Idle(args) => idle::idle(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
