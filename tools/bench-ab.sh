@@ -3,9 +3,11 @@
 # (fsync always and never, 16 and 256 publishers awaiting each ack, and 64 publishers
 # on 64 KiB segments so that checkpoints run during the measurement), and fan-out to
 # 1000 WebSocket subscribers on the memory store. The builds alternate, RUNS times
-# each; the medians are printed at the end (per_second, p50 and p99 in microseconds).
+# each; the medians are printed at the end (per_second, p50 and p99 in microseconds, and
+# the server's CPU time per delivery or acknowledged publish, connection set-up included).
 #
-# ONLY=name runs one scenario.
+# ONLY=name runs one scenario (memory-256: WebSocket publishers on the memory store,
+# where the cost of reading frames shows most).
 #
 # Usage (from the repository root), e.g. to compare with an older commit:
 #   git worktree add /tmp/herald-old <commit> && (cd /tmp/herald-old && cargo build --release)
@@ -36,6 +38,7 @@ scenarios=(
   "always-256|publish --publishers 256 --messages 20000|--fsync always"
   "checkpoints-64|publish --publishers 64 --messages 20000|--fsync always --segment-bytes 65536 --retention-max-messages 1000"
   "fanout-1000|fanout --subscribers 1000 --messages 5000|--store memory"
+  "memory-256|publish --publishers 256 --messages 40000|--store memory"
 )
 
 if [ -n "${ONLY:-}" ]; then
@@ -55,8 +58,13 @@ for run in $(seq "$RUNS"); do
       "$bin" serve --listen "127.0.0.1:$PORT" --data-dir "$dir" $serve >"$WORK/server.log" 2>&1 &
       pid=$!
       wait_ready
+      cpu0=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
       # shellcheck disable=SC2086
       result=$("$NEW" bench $bench --url "http://127.0.0.1:$PORT" --json)
+      cpu1=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+      # The server's CPU time over the run (connection set-up included), per item.
+      result=$(jq -c --argjson ticks $((cpu1 - cpu0)) --argjson hz "$(getconf CLK_TCK)" \
+        '. + {server_cpu_ns: ($ticks * 1e9 / $hz / (.deliveries // .count) | floor)}' <<<"$result")
       echo "$run $name $which $result" >>"$WORK/results"
       kill "$pid"
       wait "$pid" 2>/dev/null || true
@@ -64,11 +72,11 @@ for run in $(seq "$RUNS"); do
   done
 done
 
-echo "scenario build median_per_second median_p50_us median_p99_us"
+echo "scenario build median_per_second median_p50_us median_p99_us median_server_cpu_ns_per_item"
 while read -r name; do
   for which in old new; do
     grep " $name $which " "$WORK/results" | cut -d' ' -f4- | jq -s -r --arg n "$name" --arg w "$which" '
       def median: sort | .[(length - 1) / 2 | floor];
-      [$n, $w, (map(.per_second // .deliveries_per_second) | median), (map(.p50_us // 0) | median), (map(.p99_us // 0) | median)] | @tsv'
+      [$n, $w, (map(.per_second // .deliveries_per_second) | median), (map(.p50_us // 0) | median), (map(.p99_us // 0) | median), (map(.server_cpu_ns) | median)] | @tsv'
   done
 done < <(printf '%s\n' "${scenarios[@]}" | cut -d'|' -f1)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use herald_core::{
-    outbound, Broker, BrokerConfig, Item, Kind, MemoryStore, Message, NewMessage, OutboundRx, RetentionConfig,
+    outbound, Broker, BrokerConfig, Item, Kind, MemoryStore, NewMessage, OutboundRx, Outgoing, RetentionConfig,
     StartFrom, Subscriber, TopicName,
 };
 
@@ -17,7 +17,7 @@ const SUBSCRIBERS: usize = 1000;
 struct Counter(AtomicU64);
 
 impl Subscriber for Counter {
-    fn deliver(&self, _msg: &Arc<Message>) -> bool {
+    fn deliver(&self, _msg: &Outgoing) -> bool {
         self.0.fetch_add(1, Ordering::Relaxed);
         true
     }

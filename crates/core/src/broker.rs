@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use crate::bus::{Bus, Role};
 use crate::config::BrokerConfig;
-use crate::message::{Clock, Message, NewMessage, SystemClock};
+use crate::message::{Clock, Message, NewMessage, Outgoing, SystemClock};
 use crate::metrics::Metrics;
 use crate::name::TopicName;
 use crate::outbound::Subscriber;
@@ -217,7 +217,7 @@ struct Sub {
 
 #[derive(Default)]
 struct Held {
-    messages: Vec<Arc<Message>>,
+    messages: Vec<Outgoing>,
     bytes: usize,
     /// The subscription still awaits its head: it keeps nothing, since its watermark
     /// will be at least the last offset fanned out when the head arrives, so all that
@@ -234,6 +234,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl TopicState {
     /// Delivers `msg` to every subscriber, dropping those that are gone.
     fn deliver(&mut self, msg: &Arc<Message>, metrics: &Metrics, hold_limit: usize) {
+        if self.subs.is_empty() {
+            return;
+        }
+        // One set of encoded forms for this fan-out, freed with the last queue holding it.
+        let msg = Outgoing::new(msg.clone());
         let before = self.subs.len();
         let mut held_back = 0;
         self.subs.retain_mut(|sub| match &mut sub.held {
@@ -250,7 +255,7 @@ impl TopicState {
                 }
                 true
             }
-            None => sub.sink.deliver(msg),
+            None => sub.sink.deliver(&msg),
         });
         let kept = self.subs.len();
         // Held messages are counted when `Replay::finish` hands them over.

@@ -34,7 +34,7 @@ pub use bus::{Bus, Role};
 pub use config::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
 pub use guards::{spawn_replay, ConnectionGuard, ReplayTask, SubscriptionGuard};
 pub use memory::{MemoryStore, TopicSnapshot};
-pub use message::{Clock, Kind, ManualClock, Message, NewMessage, SystemClock, WireForm};
+pub use message::{Clock, Kind, ManualClock, Message, NewMessage, Outgoing, SystemClock, WireForm};
 pub use metrics::Metrics;
 pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};

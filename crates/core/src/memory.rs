@@ -9,11 +9,14 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+
 use crate::config::RetentionConfig;
-use crate::message::{Clock, Message, NewMessage, SystemClock};
+use crate::message::{Clock, Kind, Message, NewMessage, SystemClock};
 use crate::name::{QueueName, TopicName};
 use crate::store::{Appended, Epoch, History, ListedTopic, QueueRecord, Store, StoreError, StoreFuture, TopicHead};
 
@@ -43,34 +46,99 @@ struct Log {
     generation: u64,
     next: u64,
     last_ts: u64,
-    messages: VecDeque<Arc<Message>>,
+    /// Offset of `entries[0]`: the retained messages have consecutive offsets.
+    first: u64,
+    entries: VecDeque<Entry>,
+}
+
+/// A retained message, compact: its offset is its place in the log and its topic the
+/// log's, so it holds no more than its time, kind and payload (about 56 bytes beside
+/// the payload). Reads build full [`Message`]s from it.
+struct Entry {
+    ts: u64,
+    /// Milliseconds since the Unix epoch after which it is skipped; `None` for never.
+    expires_at: Option<NonZeroU64>,
+    kind: Kind,
+    /// Its own allocation of exactly the payload: a payload sliced from a larger buffer
+    /// (a WebSocket frame, a gRPC batch) would otherwise keep all of it alive.
+    payload: Bytes,
+}
+
+impl Entry {
+    fn of(msg: &Message) -> Self {
+        Self {
+            ts: msg.ts,
+            // An expiry at 0 and one at 1 are both long past.
+            expires_at: msg.expires_at.map(|at| NonZeroU64::MIN.saturating_add(at.saturating_sub(1))),
+            kind: msg.kind,
+            payload: Bytes::copy_from_slice(&msg.payload),
+        }
+    }
+
+    fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at.is_some_and(|at| now_ms >= at.get())
+    }
+
+    fn message(&self, topic: &TopicName, offset: u64) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.clone(),
+            offset,
+            ts: self.ts,
+            kind: self.kind,
+            payload: self.payload.clone(),
+            expires_at: self.expires_at.map(NonZeroU64::get),
+        })
+    }
 }
 
 impl Log {
     fn new(epoch: Epoch, generation: u64) -> Self {
-        Self { epoch, generation, next: 1, last_ts: 0, messages: VecDeque::new() }
+        Self { epoch, generation, next: 1, last_ts: 0, first: 1, entries: VecDeque::new() }
+    }
+
+    /// Retains `msg`, whose offset must be the one after the newest retained (or, in an
+    /// empty log, any offset: the log then starts there).
+    fn push(&mut self, msg: &Message) {
+        if self.entries.is_empty() {
+            self.first = msg.offset;
+        }
+        debug_assert_eq!(msg.offset, self.first + self.entries.len() as u64);
+        self.entries.push_back(Entry::of(msg));
+    }
+
+    /// Offset of the newest retained message, if any.
+    fn newest(&self) -> Option<u64> {
+        (!self.entries.is_empty()).then(|| self.first + self.entries.len() as u64 - 1)
     }
 
     /// Drops messages from the head past the count or age limit, or whose TTL passed.
     fn trim(&mut self, now: u64, retention: &RetentionConfig) {
         let max_age = retention.max_age.as_millis() as u64;
-        while let Some(front) = self.messages.front() {
-            let over_count = self.messages.len() as u64 > retention.max_messages;
+        while let Some(front) = self.entries.front() {
+            let over_count = self.entries.len() as u64 > retention.max_messages;
             let too_old = now.saturating_sub(front.ts) >= max_age;
             if over_count || too_old || front.is_expired(now) {
-                self.messages.pop_front();
+                self.entries.pop_front();
+                self.first += 1;
             } else {
                 break;
             }
         }
     }
 
+    /// The retained messages from offset `from` on, as full messages.
+    fn messages_from(&self, topic: &TopicName, from: u64) -> impl Iterator<Item = Arc<Message>> + '_ {
+        let skip = from.saturating_sub(self.first) as usize;
+        let topic = topic.clone();
+        self.entries.iter().enumerate().skip(skip).map(move |(i, e)| e.message(&topic, self.first + i as u64))
+    }
+
     fn head(&self) -> TopicHead {
-        let (first, last) = match (self.messages.front(), self.messages.back()) {
-            (Some(f), Some(l)) => (f.offset, l.offset),
-            _ => (0, 0),
+        let (first, last) = match self.newest() {
+            Some(last) => (self.first, last),
+            None => (0, 0),
         };
-        TopicHead { epoch: self.epoch.clone(), first, last, next: self.next, retained: self.messages.len() as u64 }
+        TopicHead { epoch: self.epoch.clone(), first, last, next: self.next, retained: self.entries.len() as u64 }
     }
 }
 
@@ -150,21 +218,25 @@ impl MemoryStore {
             *log = Log::new(self.epoch_of(generation), generation);
         }
         if first > log.next {
-            log.messages.clear();
+            log.entries.clear();
             log.next = first;
         }
         // A checkpoint records a topic's head before its messages, so `next` may already
         // be past them: what decides whether an entry is new is the newest offset held.
-        let mut newest = log.messages.back().map_or(0, |m| m.offset);
+        let mut newest = log.newest().unwrap_or(0);
         let mut messages = Vec::with_capacity(entries.len());
         for (ts, new) in entries {
             let offset = first + messages.len() as u64;
             let msg = Arc::new(Message::new(topic.clone(), offset, ts, new));
             if offset > newest {
+                if offset != newest + 1 {
+                    // Offsets between were trimmed: the log restarts here, consecutive.
+                    log.entries.clear();
+                }
                 newest = offset;
                 log.next = log.next.max(offset + 1);
                 log.last_ts = log.last_ts.max(ts);
-                log.messages.push_back(msg.clone());
+                log.push(&msg);
             }
             messages.push(msg);
         }
@@ -213,7 +285,7 @@ impl MemoryStore {
                     generation: log.generation,
                     next: log.next,
                     last_ts: log.last_ts,
-                    messages: log.messages.iter().cloned().collect(),
+                    messages: log.messages_from(topic, 0).collect(),
                 });
             }
         }
@@ -246,7 +318,7 @@ impl Store for MemoryStore {
             let msg = Arc::new(Message::new(topic.clone(), log.next, ts, new));
             log.next += 1;
             log.last_ts = ts;
-            log.messages.push_back(msg.clone());
+            log.push(&msg);
             messages.push(msg);
         }
         log.trim(now, &inner.retention);
@@ -260,16 +332,11 @@ impl Store for MemoryStore {
             return ready(Ok(History { epoch: self.inner.fresh_epoch.clone(), messages: Vec::new() }));
         };
         log.trim(now, &self.inner.retention);
-        let first = log.messages.front().map_or(0, |m| m.offset);
-        let skip = from.saturating_sub(first) as usize;
         let out = log
-            .messages
-            .iter()
-            .skip(skip)
+            .messages_from(topic, from)
             .take_while(|m| m.offset <= until)
             .filter(|m| !m.is_expired(now))
             .take(limit)
-            .cloned()
             .collect();
         ready(Ok(History { epoch: log.epoch.clone(), messages: out }))
     }
@@ -302,8 +369,8 @@ impl Store for MemoryStore {
                     continue;
                 }
                 log.trim(now, &self.inner.retention);
-                if let Some(last) = log.messages.back() {
-                    out.push(ListedTopic { topic: name.clone(), last: last.offset });
+                if let Some(last) = log.newest() {
+                    out.push(ListedTopic { topic: name.clone(), last });
                 }
             }
         }
@@ -337,7 +404,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Kind, ManualClock};
+    use crate::message::ManualClock;
     use std::time::Duration;
 
     fn msg(s: &str) -> NewMessage {
@@ -414,6 +481,31 @@ mod tests {
         assert_eq!(got, [4, 5]);
         let listed = store.list("x.", Some("x.a"), 10).await?;
         assert_eq!(listed, vec![ListedTopic { topic: b, last: 1 }]);
+        Ok(())
+    }
+
+    /// A buffer that counts the owners alive.
+    struct Buffer(Vec<u8>, #[allow(dead_code, reason = "held for its count")] Arc<()>);
+
+    impl AsRef<[u8]> for Buffer {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retained_payload_does_not_keep_the_buffer_it_was_sliced_from() -> Result<(), StoreError> {
+        let store = MemoryStore::new(RetentionConfig::default());
+        let t = TopicName::parse("a").expect("name");
+        let alive = Arc::new(());
+        // A 64 KiB read buffer (a WebSocket frame, a gRPC batch) holding a 5-byte payload.
+        let buffer = Bytes::from_owner(Buffer(vec![b'x'; 64 * 1024], alive.clone()));
+        let appended = store.append(&t, vec![NewMessage::new(Kind::Text, buffer.slice(100..105))]).await?;
+        drop((buffer, appended));
+        assert_eq!(Arc::strong_count(&alive), 1, "the buffer is freed once fan-out is done");
+        let read = store.read(&t, 1, 1, 1).await?;
+        assert_eq!(read.messages[0].payload, "xxxxx");
+        assert_eq!((read.messages[0].offset, &read.messages[0].topic), (1, &t));
         Ok(())
     }
 }

@@ -1,12 +1,14 @@
-//! Messages: what a publisher hands in ([`NewMessage`]) and what the store hands back
-//! with its offset and timestamp ([`Message`]), plus the per-message cache of encoded
-//! wire forms that makes fan-out cost one encoding per form, not one per subscriber.
+//! Messages: what a publisher hands in ([`NewMessage`]), what the store hands back with
+//! its offset and timestamp ([`Message`]), and a message on its way out ([`Outgoing`]):
+//! the cache of encoded wire forms that makes fan-out cost one encoding per form, not
+//! one per subscriber, shared by the subscribers of one fan-out and freed with the last
+//! of them, so a retained message keeps no encoded copy of itself.
 //!
 //! The core never looks inside a payload; front doors validate JSON and UTF-8 before
 //! building a message of that kind.
 
 use std::any::Any;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -82,7 +84,6 @@ pub struct Message {
     pub payload: Bytes,
     /// Milliseconds since the Unix epoch after which fetch and replay skip it.
     pub expires_at: Option<u64>,
-    encoded: [OnceLock<Box<dyn Any + Send + Sync>>; FORMS],
 }
 
 impl Message {
@@ -95,30 +96,12 @@ impl Message {
             kind: new.kind,
             expires_at: new.ttl_ms.map(|ttl| ts.saturating_add(ttl)),
             payload: new.payload,
-            encoded: Default::default(),
         }
     }
 
     /// Whether the TTL has passed at `now_ms`.
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at.is_some_and(|at| now_ms >= at)
-    }
-
-    /// The message in wire form `form`, encoding it on first use and sharing the result
-    /// with every later caller. `T` is the front door's frame type (cheap to clone: it
-    /// wraps `Bytes`); `encode` runs at most once per message and form.
-    pub fn encoded<T>(&self, form: WireForm, encode: impl FnOnce(&Message) -> T) -> T
-    where
-        T: Clone + Send + Sync + 'static,
-    {
-        let slot = &self.encoded[form as usize];
-        let cached = slot.get_or_init(|| Box::new(encode(self)));
-        match cached.downcast_ref::<T>() {
-            Some(frame) => frame.clone(),
-            // Two front doors asked for one form with different frame types: a wiring
-            // bug, not a client's doing. Stay correct; the cache just does not help.
-            None => unreachable_form(form),
-        }
     }
 
     /// Bytes this message is expected to take in an outbound buffer, for accounting.
@@ -129,6 +112,69 @@ impl Message {
             _ => self.payload.len(),
         };
         payload + 96
+    }
+}
+
+/// A message being fanned out: the stored message plus the wire forms it has been
+/// encoded in so far. Cloned (one reference count) into every subscriber's outbound
+/// queue; the encoded forms live as long as some queue still holds it, not as long as
+/// the history retains the message.
+#[derive(Clone)]
+pub struct Outgoing(Arc<Encodings>);
+
+type Form = OnceLock<Box<dyn Any + Send + Sync>>;
+
+struct Encodings {
+    message: Arc<Message>,
+    forms: [Form; FORMS],
+}
+
+impl Outgoing {
+    /// Starts the delivery of `message`, with nothing encoded yet.
+    pub fn new(message: Arc<Message>) -> Self {
+        Self(Arc::new(Encodings { message, forms: Default::default() }))
+    }
+
+    /// The stored message.
+    pub fn message(&self) -> &Arc<Message> {
+        &self.0.message
+    }
+
+    /// The message in wire form `form`, encoding it on first use and sharing the result
+    /// with every later caller. `T` is the front door's frame type (cheap to clone: it
+    /// wraps `Bytes`); `encode` runs at most once per fan-out and form.
+    pub fn encoded<T>(&self, form: WireForm, encode: impl FnOnce(&Message) -> T) -> T
+    where
+        T: Clone + Send + Sync + 'static,
+    {
+        let slot = &self.0.forms[form as usize];
+        let cached = slot.get_or_init(|| Box::new(encode(&self.0.message)));
+        match cached.downcast_ref::<T>() {
+            Some(frame) => frame.clone(),
+            // Two front doors asked for one form with different frame types: a wiring
+            // bug, not a client's doing.
+            None => unreachable_form(form),
+        }
+    }
+}
+
+impl From<Arc<Message>> for Outgoing {
+    fn from(message: Arc<Message>) -> Self {
+        Self::new(message)
+    }
+}
+
+impl std::ops::Deref for Outgoing {
+    type Target = Message;
+
+    fn deref(&self) -> &Message {
+        &self.0.message
+    }
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.message.fmt(f)
     }
 }
 
@@ -184,5 +230,43 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame that holds a count of the frames alive.
+    #[derive(Clone)]
+    struct Frame(#[allow(dead_code, reason = "held for its count")] Arc<()>);
+
+    #[test]
+    fn encoded_forms_live_as_long_as_the_fan_out_not_the_message() -> Result<(), crate::NameError> {
+        let stored = Arc::new(Message::new(TopicName::parse("t")?, 1, 0, NewMessage::new(Kind::Text, "x")));
+        let alive = Arc::new(());
+        let mut encodes = 0;
+        let fan_out = Outgoing::new(stored.clone());
+        let queued = fan_out.clone();
+        let a = fan_out.encoded(WireForm::WsJson, |_| {
+            encodes += 1;
+            Frame(alive.clone())
+        });
+        let b = queued.encoded(WireForm::WsJson, |_| {
+            encodes += 1;
+            Frame(alive.clone())
+        });
+        assert_eq!(encodes, 1, "encoded once per fan-out");
+        drop((a, b, fan_out));
+        assert_eq!(Arc::strong_count(&alive), 2, "cached while a queue still holds the fan-out");
+        drop(queued);
+        assert_eq!(Arc::strong_count(&alive), 1, "freed with the last holder; the stored message keeps none");
+        let again = Outgoing::new(stored);
+        again.encoded(WireForm::WsJson, |_| {
+            encodes += 1;
+            Frame(alive.clone())
+        });
+        assert_eq!(encodes, 2, "a later fan-out of the stored message encodes afresh");
+        Ok(())
     }
 }

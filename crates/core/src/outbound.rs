@@ -9,14 +9,15 @@
 //! silently skipped over: the connection ends, so no subscriber ever sees a gap).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::OutboundConfig;
-use crate::message::Message;
+use crate::message::Outgoing;
 
 /// Why an outbound queue closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +35,8 @@ const CLOSED: u8 = 2;
 /// One item queued for a connection.
 #[derive(Debug)]
 pub enum Item<C> {
-    /// A topic message, encoded by the writer through the message's shared cache.
-    Message(Arc<Message>),
+    /// A topic message, encoded by the writer through the fan-out's shared cache.
+    Message(Outgoing),
     /// A front-door specific frame (a reply, an error) and its size in bytes.
     Control(C, usize),
 }
@@ -53,7 +54,7 @@ impl<C> Item<C> {
 /// A sink that fan-out delivers topic messages into.
 pub trait Subscriber: Send + Sync + 'static {
     /// Queues `msg`; false when the subscriber is gone and should be dropped.
-    fn deliver(&self, msg: &Arc<Message>) -> bool;
+    fn deliver(&self, msg: &Outgoing) -> bool;
     /// The subscriber fell too far behind while catching up: close it as slow.
     fn overflow(&self);
     /// The topic's history was deleted: offsets start again from 1 (a new epoch).
@@ -66,7 +67,14 @@ pub trait Subscriber: Send + Sync + 'static {
     }
 }
 
-struct Shared {
+struct Shared<C> {
+    /// What is queued, and whether the sending side is gone. A lock held only to push
+    /// one item or take a batch; an empty queue holds no allocation (an idle
+    /// connection costs no slots).
+    queue: Mutex<Queue<C>>,
+    /// A push made the queue non-empty, or the sending side went away. `notify_one`
+    /// keeps a permit for a writer not waiting yet.
+    ready: Notify,
     pending: AtomicUsize,
     /// 0 while not full; else milliseconds since `base` when it became full, plus one.
     full_since: AtomicU64,
@@ -77,22 +85,26 @@ struct Shared {
     config: OutboundConfig,
 }
 
+struct Queue<C> {
+    items: VecDeque<Item<C>>,
+    senders_gone: bool,
+}
+
 /// The sending side: shared by every subscription of one connection.
 pub struct Outbound<C> {
-    tx: mpsc::UnboundedSender<Item<C>>,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<C>>,
 }
 
 /// The receiving side, owned by the connection's writer.
 pub struct OutboundRx<C> {
-    rx: mpsc::UnboundedReceiver<Item<C>>,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<C>>,
 }
 
 /// Creates a connection's outbound queue.
 pub fn outbound<C>(config: OutboundConfig) -> (Arc<Outbound<C>>, OutboundRx<C>) {
-    let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue { items: VecDeque::new(), senders_gone: false }),
+        ready: Notify::new(),
         pending: AtomicUsize::new(0),
         full_since: AtomicU64::new(0),
         state: AtomicU8::new(OPEN),
@@ -101,10 +113,16 @@ pub fn outbound<C>(config: OutboundConfig) -> (Arc<Outbound<C>>, OutboundRx<C>) 
         base: Instant::now(),
         config,
     });
-    (Arc::new(Outbound { tx, shared: shared.clone() }), OutboundRx { rx, shared })
+    (Arc::new(Outbound { shared: shared.clone() }), OutboundRx { shared })
 }
 
-impl Shared {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning means a panic mid-push or mid-take of plain data; the queue is whole
+    // between statements, so keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<C> Shared<C> {
     fn close(&self, reason: CloseReason) -> bool {
         let code = if reason == CloseReason::SlowConsumer { SLOW } else { CLOSED };
         let first = self.state.compare_exchange(OPEN, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
@@ -143,7 +161,8 @@ impl Shared {
 
 impl<C> Outbound<C> {
     /// Queues a topic message; false if the queue is closed (now or by this push).
-    pub fn push_message(&self, msg: Arc<Message>) -> bool {
+    pub fn push_message(&self, msg: impl Into<Outgoing>) -> bool {
+        let msg = msg.into();
         let size = msg.size_hint();
         self.push(Item::Message(msg), size)
     }
@@ -173,7 +192,14 @@ impl<C> Outbound<C> {
                 }
             }
         }
-        self.tx.send(item).is_ok()
+        let mut queue = lock(&s.queue);
+        let was_empty = queue.items.is_empty();
+        queue.items.push_back(item);
+        drop(queue);
+        if was_empty {
+            s.ready.notify_one();
+        }
+        true
     }
 
     /// Closes the queue; the writer sees `reason` and ends the connection.
@@ -227,8 +253,25 @@ impl<C> Outbound<C> {
     }
 }
 
+impl<C> Drop for Outbound<C> {
+    /// The sending side is gone: the writer takes what is left, then ends.
+    fn drop(&mut self) {
+        lock(&self.shared.queue).senders_gone = true;
+        self.shared.ready.notify_one();
+    }
+}
+
+impl<C> Drop for OutboundRx<C> {
+    /// Nobody will write what is queued: later pushes are refused, queued items freed.
+    fn drop(&mut self) {
+        self.shared.close(CloseReason::Closed);
+        let items = std::mem::take(&mut lock(&self.shared.queue).items);
+        drop(items);
+    }
+}
+
 impl<C: Send + 'static> Subscriber for Outbound<C> {
-    fn deliver(&self, msg: &Arc<Message>) -> bool {
+    fn deliver(&self, msg: &Outgoing) -> bool {
         self.push_message(msg.clone())
     }
 
@@ -239,21 +282,44 @@ impl<C: Send + 'static> Subscriber for Outbound<C> {
 
 impl<C> OutboundRx<C> {
     /// Receives up to `limit` ready items into `buf` (waiting for at least one); 0 when
-    /// the queue closed. Closing wins over items still queued.
+    /// the queue closed, or the sending side is gone and nothing is left. Closing wins
+    /// over items still queued.
     pub async fn recv_many(&mut self, buf: &mut Vec<Item<C>>, limit: usize) -> usize {
-        if self.shared.reason().is_some() {
-            return 0;
+        let s = &self.shared;
+        loop {
+            // Both wake-ups registered before the checks, so none is missed.
+            let ready = s.ready.notified();
+            let closed = s.closed.notified();
+            tokio::pin!(ready, closed);
+            closed.as_mut().enable();
+            if s.reason().is_some() {
+                return 0;
+            }
+            {
+                let mut queue = lock(&s.queue);
+                if !queue.items.is_empty() {
+                    let n = queue.items.len().min(limit.max(1));
+                    buf.extend(queue.items.drain(..n));
+                    if queue.items.is_empty() {
+                        // Give back what a burst grew.
+                        queue.items = VecDeque::new();
+                    }
+                    return n;
+                }
+                if queue.senders_gone {
+                    return 0;
+                }
+            }
+            tokio::select! {
+                _ = ready => {}
+                _ = closed => return 0,
+            }
         }
-        let closed = self.shared.closed.notified();
-        tokio::pin!(closed);
-        closed.as_mut().enable();
-        if self.shared.reason().is_some() {
-            return 0;
-        }
-        tokio::select! {
-            n = self.rx.recv_many(buf, limit) => n,
-            _ = closed => 0,
-        }
+    }
+
+    /// Whether nothing is queued right now.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.shared.queue).items.is_empty()
     }
 
     /// Releases `bytes` after they were written to the socket.
@@ -325,7 +391,7 @@ impl<C> OutboundRx<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Kind, NewMessage};
+    use crate::message::{Kind, Message, NewMessage};
     use crate::name::TopicName;
 
     fn message(len: usize) -> Arc<Message> {
@@ -383,5 +449,46 @@ mod tests {
         assert_eq!(n, 2);
         rx.written(buf[0].size());
         assert_eq!(rx.slow_deadline(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_push_reaches_the_writer_in_order_and_an_idle_queue_holds_nothing() {
+        let (tx, mut rx) = outbound::<u32>(config(1 << 30));
+        let pusher = tokio::spawn({
+            let tx = tx.clone();
+            async move {
+                for i in 0..10_000u32 {
+                    assert!(tx.push_control(i, 1));
+                    if i % 100 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = Vec::new();
+        while got.len() < 10_000 {
+            let n = rx.recv_many(&mut buf, 512).await;
+            assert!(n > 0 && n <= 512);
+            got.extend(buf.drain(..).map(|item| match item {
+                Item::Control(i, _) => i,
+                Item::Message(_) => u32::MAX,
+            }));
+        }
+        assert_eq!(got, (0..10_000).collect::<Vec<_>>(), "none lost, none reordered");
+        assert_eq!(lock(&rx.shared.queue).items.capacity(), 0, "drained: no slots held");
+        pusher.await.expect("pusher");
+        // What was queued before the sending side went away is still written; then the end.
+        tx.push_control(7, 1);
+        drop(tx);
+        assert_eq!(rx.recv_many(&mut buf, 8).await, 1);
+        assert_eq!(rx.recv_many(&mut buf, 8).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_queue_whose_writer_is_gone_takes_nothing() {
+        let (tx, rx) = outbound::<()>(config(1000));
+        drop(rx);
+        assert!(!tx.push_message(message(1)));
     }
 }

@@ -108,10 +108,15 @@ where
     W: SocketWriter<C>,
     F: Future<Output = ()>,
 {
-    if let Err(end) = guarded(rx, socket.start(), shutdown.as_mut()).await {
+    // Every wait but the idle one is boxed (an allocation per batch or timer): the
+    // future of an idle connection then holds only what it waits on, not the larger
+    // states of a batch in flight.
+    if let Err(end) = Box::pin(guarded(rx, socket.start(), shutdown.as_mut())).await {
         return end;
     }
-    let mut batch: Vec<Item<C>> = Vec::with_capacity(batch_limit);
+    // Allocated as items arrive and freed when the queue runs dry: an idle connection
+    // holds no batch (512 slots would be 20 KiB per connection).
+    let mut batch: Vec<Item<C>> = Vec::new();
     loop {
         let slow = rx.slow_deadline();
         let timer = socket.next_timer();
@@ -123,7 +128,7 @@ where
                     return ended(rx.close_reason().unwrap_or(CloseReason::Closed));
                 }
                 let bytes: usize = batch.iter().map(Item::size).sum();
-                let written = guarded(rx, socket.write_batch(&mut batch), shutdown.as_mut()).await;
+                let written = Box::pin(guarded(rx, socket.write_batch(&mut batch), shutdown.as_mut())).await;
                 // A socket side that stopped early leaves items behind: never resend them.
                 batch.clear();
                 if let Err(end) = written {
@@ -131,9 +136,12 @@ where
                 }
                 // Written and flushed: only now do these bytes leave the bound.
                 rx.written(bytes);
+                if rx.is_empty() {
+                    batch = Vec::new();
+                }
             }
             _ = sleep_until(timer) => {
-                if let Err(end) = guarded(rx, socket.on_timer(), shutdown.as_mut()).await {
+                if let Err(end) = Box::pin(guarded(rx, socket.on_timer(), shutdown.as_mut())).await {
                     return end;
                 }
             }

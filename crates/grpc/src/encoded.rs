@@ -6,12 +6,12 @@
 //! the bytes on the wire are the same. Its [`prost::Message`] impl writes the stored
 //! bytes as they are and reports their length, so tonic's codec frames it like any
 //! message. The bytes of a topic message are built once per message through
-//! [`Message::encoded`] with [`WireForm::Grpc`] (counted by `Metrics::encoded`) and
+//! [`Outgoing::encoded`] with [`WireForm::Grpc`] (counted by `Metrics::encoded`) and
 //! shared as `Bytes` by every subscriber; the codec then copies them into the HTTP/2
 //! frame buffer, as a WebSocket writer copies a shared frame into its socket buffer.
 
 use bytes::{Buf, BufMut, Bytes};
-use herald_core::{Kind, Message, Metrics, WireForm};
+use herald_core::{Kind, Message, Metrics, Outgoing, WireForm};
 use prost::encoding::{DecodeContext, WireType};
 use prost::DecodeError;
 
@@ -41,7 +41,7 @@ impl EncodedEvent {
     }
 
     /// `msg` as a `SubscribeEvent`, serialised on first use and shared afterwards.
-    pub fn message(metrics: &Metrics, msg: &Message) -> Self {
+    pub fn message(metrics: &Metrics, msg: &Outgoing) -> Self {
         msg.encoded(WireForm::Grpc, |m| {
             metrics.encoded(WireForm::Grpc);
             let event = topic_message(m);
@@ -123,6 +123,7 @@ mod tests {
     fn matches_the_generated_encoding() -> Result<(), Box<dyn std::error::Error>> {
         let topic = TopicName::parse("news")?;
         let msg = Message::new(topic, 7, 1234, NewMessage::new(Kind::Json, &b"{\"a\":1}"[..]));
+        let msg = Outgoing::new(std::sync::Arc::new(msg));
         let metrics = Metrics::default();
         let first = EncodedEvent::message(&metrics, &msg);
         let again = EncodedEvent::message(&metrics, &msg);

@@ -217,7 +217,7 @@ mod tests {
         };
         assert_eq!(batches.recv().await, Some(vec![first]), "subscribed comes first, alone");
         let batch = batches.recv().await.expect("a batch");
-        assert_eq!(batch, vec![EncodedEvent::message(&metrics, &message(1))]);
+        assert_eq!(batch, vec![EncodedEvent::message(&metrics, &message(1).into())]);
         assert_eq!(out.pending_bytes(), 0, "handed-over bytes are released");
 
         // Idle: a keepalive after 15 s, not before.

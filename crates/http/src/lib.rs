@@ -14,6 +14,7 @@ mod queues;
 mod rest;
 mod sse;
 mod tap;
+mod upgrade;
 mod ws;
 
 use std::sync::atomic::Ordering;

@@ -17,7 +17,7 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use herald_core::{
-    outbound, run_writer, spawn_replay, ConnectionGuard, Item, Message, Metrics, SocketWriter, StartFrom,
+    outbound, run_writer, spawn_replay, ConnectionGuard, Item, Metrics, Outgoing, SocketWriter, StartFrom,
     SubscriptionGuard, WireForm,
 };
 use herald_protocol::decode::parse_from_query;
@@ -33,7 +33,7 @@ use crate::{ApiError, AppState};
 const KEEPALIVE: Bytes = Bytes::from_static(b": keepalive\n\n");
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 
-fn encode_sse(metrics: &Metrics, msg: &Message) -> Bytes {
+fn encode_sse(metrics: &Metrics, msg: &Outgoing) -> Bytes {
     msg.encoded(WireForm::Sse, |m| {
         metrics.encoded(WireForm::Sse);
         Bytes::from(encode::sse_event(m))

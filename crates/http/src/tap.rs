@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use herald_core::{CloseReason, Message, Outbound, Subscriber};
+use herald_core::{CloseReason, Outbound, Outgoing, Subscriber};
 use tokio::sync::Notify;
 
 /// A subscription's sink that records how far it has delivered.
@@ -86,7 +86,7 @@ impl<C: Send + 'static> Tap<C> {
 }
 
 impl<C: Send + 'static> Subscriber for Tap<C> {
-    fn deliver(&self, msg: &Arc<Message>) -> bool {
+    fn deliver(&self, msg: &Outgoing) -> bool {
         let queued = self.out.push_message(msg.clone());
         self.delivered.store(msg.offset, Ordering::SeqCst);
         self.wake();
@@ -108,15 +108,15 @@ impl<C: Send + 'static> Subscriber for Tap<C> {
 mod tests {
     use std::time::Duration;
 
-    use herald_core::{outbound, Kind, NewMessage, OutboundConfig, TopicName};
+    use herald_core::{outbound, Kind, Message, NewMessage, OutboundConfig, TopicName};
 
     use super::*;
 
     type Result = std::result::Result<(), Box<dyn std::error::Error>>;
 
-    fn message(offset: u64) -> std::result::Result<Arc<Message>, Box<dyn std::error::Error>> {
+    fn message(offset: u64) -> std::result::Result<Outgoing, Box<dyn std::error::Error>> {
         let topic = TopicName::parse("t")?;
-        Ok(Arc::new(Message::new(topic, offset, 0, NewMessage::new(Kind::Text, "x"))))
+        Ok(Arc::new(Message::new(topic, offset, 0, NewMessage::new(Kind::Text, "x"))).into())
     }
 
     /// Runs `event` on another task while the tap waits for offset 2; the wait must end.

@@ -7,15 +7,15 @@
 //! batches (feed all, flush once) under the core's one writer discipline
 //! ([`herald_core::writer`]), as SSE and gRPC do. The writer also sends keepalive Pings;
 //! every wait on the socket, a Ping's too, races shutdown (close 1001) and the
-//! slow-consumer policy (close 1013).
+//! slow-consumer policy (close 1013). The socket comes from Herald's own upgrade
+//! ([`crate::upgrade`]), whose byte stream holds no buffer while the connection is idle;
+//! every wait of the reader but the idle one is boxed for the same reason.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -24,20 +24,23 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use herald_auth::limits::Peer;
 use herald_auth::Action;
 use herald_core::{
-    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, Item, Kind, Message, Metrics, NewMessage,
-    Outbound, OutboundRx, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName,
+    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, Item, Kind, Metrics, NewMessage, Outbound,
+    OutboundRx, Outgoing, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName,
     WireForm, WriterEnd,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op, Payload};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message as WsMessage, Utf8Bytes};
 
 use crate::auth::{close_for, credentials_of, forbidden, watch, Caller, Presented};
 use crate::extract::TopicPath;
 use crate::limits::{self, PeerOf};
 use crate::rest::Query;
 use crate::tap::Tap;
+use crate::upgrade::{NotAnUpgrade, Socket as WebSocket, WsUpgrade};
 use crate::{ApiError, AppState};
 use herald_auth::Watch;
 
@@ -59,14 +62,14 @@ enum Framing {
     Raw,
 }
 
-fn encode_json(metrics: &Metrics, msg: &Message) -> WsMessage {
+fn encode_json(metrics: &Metrics, msg: &Outgoing) -> WsMessage {
     msg.encoded(WireForm::WsJson, |m| {
         metrics.encoded(WireForm::WsJson);
         WsMessage::Text(Utf8Bytes::from(encode::message_frame(m)))
     })
 }
 
-fn encode_raw(metrics: &Metrics, msg: &Message) -> WsMessage {
+fn encode_raw(metrics: &Metrics, msg: &Outgoing) -> WsMessage {
     msg.encoded(WireForm::WsRaw, |m| {
         metrics.encoded(WireForm::WsRaw);
         match m.kind {
@@ -212,10 +215,10 @@ async fn run_connection<R>(
     };
     let ((), close) = tokio::join!(reader, writer);
     if let Some((code, reason)) = close {
-        let frame = WsMessage::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
+        let frame = WsMessage::Close(Some(CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) }));
         // The peer may not be reading at all (a slow consumer): bounded wait. Shutdown
         // cuts short any close but its own, which gets the same bound.
-        let send = tokio::time::timeout(config.pong_timeout, sink.send(frame));
+        let send = Box::pin(tokio::time::timeout(config.pong_timeout, sink.send(frame)));
         if code == close::GOING_AWAY {
             let _ = send.await;
         } else {
@@ -228,11 +231,8 @@ async fn run_connection<R>(
 }
 
 /// What a read error means for the connection.
-fn read_error_close(e: axum::Error) -> Option<Control> {
-    let too_big = e
-        .into_inner()
-        .downcast_ref::<tungstenite::Error>()
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
+fn read_error_close(e: tungstenite::Error) -> Option<Control> {
+    let too_big = matches!(e, tungstenite::Error::Capacity(_));
     too_big.then_some(Control::Close(close::TOO_BIG, "frame too large"))
 }
 
@@ -244,21 +244,16 @@ fn text_size(t: &str) -> usize {
 // JSON protocol
 
 /// A request to a WebSocket route that is not a valid upgrade.
-fn not_an_upgrade(e: WebSocketUpgradeRejection) -> ApiError {
+pub(crate) fn not_an_upgrade(e: NotAnUpgrade) -> ApiError {
     ApiError::bad_request(format!("expected a WebSocket upgrade: {e}"))
 }
-
-/// Bytes a WebSocket reads per call. tungstenite zeroes this much of its buffer before
-/// every read, so its default (128 KiB) cost a 128 KiB memset per small frame: 19% of
-/// the server's CPU with 256 publishers. Larger frames just take more reads.
-const READ_BUFFER_BYTES: usize = 8 << 10;
 
 pub(crate) async fn json_upgrade(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
     peer: PeerOf,
     presented: Option<axum::Extension<Presented>>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<WsUpgrade, NotAnUpgrade>,
 ) -> Result<Response, ApiError> {
     // Kept to check the caller again when the configuration is reloaded; reloads are
     // watched from now on, so one before the connection's task starts is not missed.
@@ -267,14 +262,10 @@ pub(crate) async fn json_upgrade(
     let upgrade = upgrade.map_err(not_an_upgrade)?;
     let frame_limit = state.broker().config().max_message_bytes.saturating_mul(2);
     let tracker = state.tracker().clone();
-    Ok(upgrade
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(frame_limit)
-        .max_frame_size(frame_limit)
-        .on_upgrade(move |socket| {
-            let peer = peer.map(|axum::Extension(p)| p);
-            tracker.track_future(json_connection(socket, state, caller, (credentials, reloads), peer))
-        }))
+    Ok(upgrade.max_message_size(frame_limit).on_upgrade(move |socket| {
+        let peer = peer.map(|axum::Extension(p)| p);
+        tracker.track_future(json_connection(socket, state, caller, (credentials, reloads), peer))
+    }))
 }
 
 struct JsonSub {
@@ -285,7 +276,7 @@ struct JsonSub {
 }
 
 /// What a socket's reader gets from the stream: a frame, or `None` when it ended.
-type Frame = Option<Result<WsMessage, axum::Error>>;
+type Frame = Option<Result<WsMessage, tungstenite::Error>>;
 
 /// A socket's incoming frames with a look-ahead of one, so a reader can take the frames
 /// that have already arrived as one batch and keep the first one that does not belong.
@@ -376,7 +367,7 @@ async fn json_connection(
                     break;
                 }
                 true = reloaded => {
-                    session.recheck().await;
+                    Box::pin(session.recheck()).await;
                     continue;
                 }
             };
@@ -391,14 +382,15 @@ async fn json_connection(
                         WsMessage::Text(text) => Ok(Some(text)),
                         other => Err(other),
                     }));
-                    session.handle_all(texts, last_seen).await;
+                    // Boxed, as every wait but the idle one: see `run_connection`.
+                    Box::pin(session.handle_all(texts, last_seen)).await;
                 }
                 Some(Ok(WsMessage::Binary(_))) => session.error(&FrameError {
                     id: None,
                     code: ErrorCode::BadRequest,
                     message: "binary frames are not part of the JSON protocol; use data_b64".into(),
                 }),
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
                 Some(Ok(WsMessage::Close(_))) | None => break,
                 Some(Err(e)) => {
                     if let Some(close) = read_error_close(e) {
@@ -770,7 +762,7 @@ pub(crate) async fn raw_upgrade(
     presented: Option<axum::Extension<Presented>>,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<WsUpgrade, NotAnUpgrade>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(not_an_upgrade)?;
     let query = Query::parse(query.as_deref())?;
@@ -808,9 +800,7 @@ pub(crate) async fn raw_upgrade(
     let broker = state.broker().clone();
     let unsubscribe = sub.as_ref().map(|s| SubscriptionGuard::new(broker, topic.clone(), s.id)).unwrap_or_default();
     Ok(upgrade
-        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(max)
-        .max_frame_size(max)
         .on_upgrade(move |socket| {
             let replay = sub.and_then(|s| s.replay);
             let peer = peer.map(|axum::Extension(p)| p);
@@ -878,7 +868,7 @@ async fn raw_reader(
         let first = match frame {
             Some(Ok(WsMessage::Text(t))) => NewMessage::new(Kind::Text, Bytes::from(t)),
             Some(Ok(WsMessage::Binary(b))) => NewMessage::new(Kind::Binary, b),
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
             Some(Ok(WsMessage::Close(_))) | None => return,
             Some(Err(e)) => {
                 if let Some(close) = read_error_close(e) {
@@ -895,7 +885,7 @@ async fn raw_reader(
         batch.extend(incoming.ready(RAW_BATCH - 1, |m| match m {
             WsMessage::Text(t) => Ok(Some(NewMessage::new(Kind::Text, Bytes::from(t)))),
             WsMessage::Binary(b) => Ok(Some(NewMessage::new(Kind::Binary, b))),
-            WsMessage::Ping(_) | WsMessage::Pong(_) => Ok(None),
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => Ok(None),
             other => Err(other),
         }));
         if let Some(peer) = &pacer.peer {

@@ -35,6 +35,10 @@ pub struct GrpcPublishArgs {
     /// Topics to spread the publishers over (publisher i uses topic i mod N).
     #[arg(long, default_value_t = 1)]
     pub topics: usize,
+    /// Topic to publish to (with `--topics` N: `TOPIC.0` to `TOPIC.<N-1>`); default
+    /// `bench.grpc.<pid>.<i>`. Lets a subscriber started beforehand follow the run.
+    #[arg(long)]
+    pub topic: Option<String>,
     /// TLS trust and credentials (as for `herald pub`).
     #[command(flatten)]
     pub conn: crate::cli::ConnArgs,
@@ -84,7 +88,12 @@ pub async fn run(args: GrpcPublishArgs) -> anyhow::Result<()> {
     let mut publishers = Vec::with_capacity(args.publishers);
     for i in 0..args.publishers {
         let client = args.conn.grpc(&args.url).await?;
-        let topic = format!("bench.grpc.{}.{}", std::process::id(), i % args.topics.max(1));
+        let n = i % args.topics.max(1);
+        let topic = match &args.topic {
+            Some(topic) if args.topics <= 1 => topic.clone(),
+            Some(prefix) => format!("{prefix}.{n}"),
+            None => format!("bench.grpc.{}.{n}", std::process::id()),
+        };
         let topics = client.topics();
         publishers.push(Publisher { client, topics, topic, payload: payload.clone(), unary: args.batch == 1 });
     }

@@ -7,7 +7,7 @@ use crate::message::Kind;
 struct Collect(Mutex<Vec<u64>>);
 
 impl Subscriber for Collect {
-    fn deliver(&self, msg: &Arc<Message>) -> bool {
+    fn deliver(&self, msg: &Outgoing) -> bool {
         lock(&self.0).push(msg.offset);
         true
     }
