@@ -8,8 +8,8 @@
 //! reaches twice the limit, is closed and stops taking messages (a closed queue is never
 //! silently skipped over: the connection ends, so no subscriber ever sees a gap).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -129,6 +129,8 @@ impl<C> Shared<C> {
         if first {
             self.closed.notify_waiters();
             self.drained.notify_waiters();
+            // A writer waiting for items wakes and sees the queue closed.
+            self.ready.notify_one();
         }
         first
     }
@@ -287,11 +289,9 @@ impl<C> OutboundRx<C> {
     pub async fn recv_many(&mut self, buf: &mut Vec<Item<C>>, limit: usize) -> usize {
         let s = &self.shared;
         loop {
-            // Both wake-ups registered before the checks, so none is missed.
+            // Registered before the checks: a push or a close after them leaves a
+            // permit (`notify_one`), so neither is missed.
             let ready = s.ready.notified();
-            let closed = s.closed.notified();
-            tokio::pin!(ready, closed);
-            closed.as_mut().enable();
             if s.reason().is_some() {
                 return 0;
             }
@@ -310,10 +310,7 @@ impl<C> OutboundRx<C> {
                     return 0;
                 }
             }
-            tokio::select! {
-                _ = ready => {}
-                _ = closed => return 0,
-            }
+            ready.await;
         }
     }
 

@@ -140,15 +140,16 @@ where
                     batch = Vec::new();
                 }
             }
-            _ = sleep_until(timer) => {
-                if let Err(end) = Box::pin(guarded(rx, socket.on_timer(), shutdown.as_mut())).await {
-                    return end;
-                }
-            }
-            // Full and not drained by a write in time: closed as a slow consumer.
-            _ = sleep_until(slow.unwrap_or(timer)), if slow.is_some() => {
-                if rx.check_slow() {
+            // One timer for both deadlines (one fewer in an idle connection's future).
+            _ = sleep_until(slow.map_or(timer, |slow| slow.min(timer))) => {
+                // Full and not drained by a write in time: closed as a slow consumer.
+                if slow.is_some() && rx.check_slow() {
                     return WriterEnd::SlowConsumer;
+                }
+                if Instant::now() >= timer {
+                    if let Err(end) = Box::pin(guarded(rx, socket.on_timer(), shutdown.as_mut())).await {
+                        return end;
+                    }
                 }
             }
         }

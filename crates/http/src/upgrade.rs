@@ -19,6 +19,8 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,17 +28,20 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-/// A server-side WebSocket of the HTTP doors.
-pub(crate) type Socket = WebSocketStream<LeanIo<TokioIo<Upgraded>>>;
+/// A server-side WebSocket of the HTTP doors. Boxed: it is handed down through a few
+/// async functions before it is split, and each would keep a copy of it (400 bytes) in
+/// its future for the life of the connection.
+pub(crate) type Socket = Box<WebSocketStream<LeanIo<TokioIo<Upgraded>>>>;
 
 /// Bytes read from the socket at once: many small frames per read.
 const READ_CHUNK: usize = 8 << 10;
 
-/// tungstenite's own read buffer: big enough for a frame header and a small frame; a
-/// larger frame grows it for as long as it takes to read. (tungstenite zeroes this much
-/// before every read: its 128 KiB default once cost 19% of the server's CPU with 256
-/// publishers of small frames.)
-const CODEC_READ_BUFFER: usize = 256;
+/// tungstenite's own read buffer: room for a frame header (at most 14 bytes) and a
+/// little; it grows to each frame's length while that frame is read, and those reads
+/// are copies out of [`LeanIo`]'s chunk, not system calls. (tungstenite zeroes this
+/// much before every read: its 128 KiB default once cost 19% of the server's CPU with
+/// 256 publishers of small frames.)
+const CODEC_READ_BUFFER: usize = 32;
 
 /// Written bytes kept back before they go to the socket in one write (or at a flush).
 const WRITE_COALESCE: usize = 64 << 10;
@@ -115,17 +120,21 @@ impl WsUpgrade {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Self { key, on_upgrade, config } = self;
-        tokio::spawn(async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(e) => {
-                    tracing::debug!(error = %e, "WebSocket upgrade failed");
-                    return;
-                }
-            };
-            let io = LeanIo::new(TokioIo::new(upgraded));
-            callback(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await).await;
+        // Combinators, not an async block: each step's state replaces the last one's in
+        // the task, where an async block would keep `callback`'s captures beside the
+        // connection's future for the connection's life.
+        let connection = on_upgrade.then(move |upgraded| match upgraded {
+            Ok(upgraded) => {
+                let io = LeanIo::new(TokioIo::new(upgraded));
+                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config));
+                Either::Left(socket.then(move |socket| callback(Box::new(socket))))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                Either::Right(std::future::ready(()))
+            }
         });
+        tokio::spawn(connection);
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();

@@ -31,7 +31,6 @@ use herald_core::{
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op, Payload};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message as WsMessage, Utf8Bytes};
 
@@ -168,8 +167,8 @@ impl SocketWriter<Control> for WsWriter<'_> {
 }
 
 /// Runs one connection: `reader` and the writer, until either ends it. The reader gets
-/// the stream, the arrival stamp to touch on every frame, and a token cancelled when the
-/// writer stopped.
+/// the stream, the arrival stamp to touch on every frame, and the outbound queue, which
+/// is closed once the writer stopped (or as it stops: a slow consumer, a failed replay).
 async fn run_connection<R>(
     socket: WebSocket,
     state: &AppState,
@@ -177,12 +176,11 @@ async fn run_connection<R>(
     (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
     reader: R,
 ) where
-    R: AsyncFnOnce(SplitStream<WebSocket>, &LastSeen, &CancellationToken),
+    R: AsyncFnOnce(SplitStream<WebSocket>, &LastSeen, &Outbound<Control>),
 {
     let _guard = ConnectionGuard::new(state.broker());
     let (mut sink, stream) = socket.split();
     let last_seen = LastSeen::new();
-    let stop = CancellationToken::new();
     let shutdown = &state.inner.shutdown;
     let config = state.config();
     let writer = async {
@@ -196,8 +194,8 @@ async fn run_connection<R>(
             next_ping: Instant::now() + config.ping_interval,
             pong_check: None,
         };
+        // It closes the queue as it returns, which stops the reader.
         let end = run_writer(rx, &mut socket, shutdown.cancelled(), state.broker().metrics(), WRITE_BATCH).await;
-        stop.cancel();
         match end {
             WriterEnd::Shutdown => Some((close::GOING_AWAY, "server shutting down")),
             WriterEnd::SlowConsumer => Some((close::TRY_AGAIN_LATER, "slow consumer")),
@@ -207,7 +205,7 @@ async fn run_connection<R>(
     };
     let reader = async {
         // The reader ends its subscriptions before it returns.
-        reader(stream, &last_seen, &stop).await;
+        reader(stream, &last_seen, &out).await;
         // Let the writer drain what is queued (replies, a close frame), then close.
         if out.close_reason().is_none() {
             out.push_control(Control::Close(close::NORMAL, ""), 0);
@@ -275,6 +273,51 @@ struct JsonSub {
     _replay: Option<ReplayTask>,
 }
 
+/// A JSON connection's subscriptions by topic: a vector sorted by name, grown one slot
+/// at a time while small (most connections hold one or a few, and a hash map's
+/// smallest table is four slots), looked up by binary search.
+#[derive(Default)]
+struct Subs(Vec<(TopicName, JsonSub)>);
+
+impl Subs {
+    fn find(&self, topic: &TopicName) -> Result<usize, usize> {
+        self.0.binary_search_by(|(t, _)| t.cmp(topic))
+    }
+
+    fn get(&self, topic: &TopicName) -> Option<&JsonSub> {
+        self.find(topic).ok().map(|i| &self.0[i].1)
+    }
+
+    fn contains_key(&self, topic: &TopicName) -> bool {
+        self.find(topic).is_ok()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &TopicName> {
+        self.0.iter().map(|(t, _)| t)
+    }
+
+    /// Adds `sub` for `topic`, which must not be there yet.
+    fn insert(&mut self, topic: TopicName, sub: JsonSub) {
+        let Err(at) = self.find(&topic) else { return };
+        if self.0.len() == self.0.capacity() && self.0.len() < 4 {
+            self.0.reserve_exact(1);
+        }
+        self.0.insert(at, (topic, sub));
+    }
+
+    fn remove(&mut self, topic: &TopicName) -> Option<JsonSub> {
+        self.find(topic).ok().map(|i| self.0.remove(i).1)
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (TopicName, JsonSub)> + '_ {
+        self.0.drain(..)
+    }
+}
+
 /// What a socket's reader gets from the stream: a frame, or `None` when it ended.
 type Frame = Option<Result<WsMessage, tungstenite::Error>>;
 
@@ -290,13 +333,13 @@ impl<'a> Incoming<'a> {
         Self { stream, pending: None }
     }
 
-    /// The next frame; `None` once `stop` is cancelled.
-    async fn next(&mut self, stop: &CancellationToken) -> Option<Frame> {
+    /// The next frame; `None` once `stop` (the connection's queue) is closed.
+    async fn next(&mut self, stop: &Outbound<Control>) -> Option<Frame> {
         if let Some(frame) = self.pending.take() {
             return Some(frame);
         }
         tokio::select! {
-            _ = stop.cancelled() => None,
+            () = stop.closed() => None,
             frame = self.stream.next() => Some(frame),
         }
     }
@@ -333,7 +376,7 @@ async fn json_connection(
     let mut session = JsonSession {
         state: state.clone(),
         out: out.clone(),
-        subs: HashMap::new(),
+        subs: Subs::default(),
         caller,
         decisions: HashMap::new(),
         deadline,
@@ -348,15 +391,17 @@ async fn json_connection(
                 break;
             }
             let deadline = session.deadline;
+            // Boxed when there is something to wait for, as every wait but the idle one:
+            // most connections have neither a deadline nor a configuration to watch.
             let expired = async {
                 match deadline {
-                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    Some((at, _)) => Box::pin(tokio::time::sleep_until(at)).await,
                     None => std::future::pending().await,
                 }
             };
             let reloaded = async {
                 match &mut reloads {
-                    Some(r) => r.changed().await.is_ok(),
+                    Some(r) => Box::pin(r.changed()).await.is_ok(),
                     None => std::future::pending().await,
                 }
             };
@@ -432,7 +477,7 @@ fn new_message(payload: Payload, ttl_ms: Option<u64>) -> NewMessage {
 struct JsonSession {
     state: AppState,
     out: Arc<Outbound<Control>>,
-    subs: HashMap<TopicName, JsonSub>,
+    subs: Subs,
     /// Who is connected, and the decisions taken for it on this connection.
     caller: Caller,
     decisions: HashMap<(Action, TopicName), bool>,
@@ -859,7 +904,7 @@ async fn raw_reader(
     out: &Outbound<Control>,
     stream: &mut SplitStream<WebSocket>,
     last_seen: &LastSeen,
-    stop: &CancellationToken,
+    stop: &Outbound<Control>,
 ) {
     let mut incoming = Incoming::new(stream);
     loop {
