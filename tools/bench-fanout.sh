@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# End-to-end fan-out over WebSocket, Herald beside nats-server, in one run: one
-# publisher, S subscribers on WebSockets, 128-byte messages, deliveries per second to
-# the last delivery, and each server's CPU time per delivery over the run. Herald and
-# NATS runs alternate, RUNS times each; every result is a JSON line in $OUT and the
-# medians are printed at the end.
+# End-to-end fan-out over WebSocket, Herald beside nats-server and rumqttd, in one run:
+# one publisher, S subscribers on WebSockets, 128-byte messages, deliveries per second
+# to the last delivery, and each server's CPU time per delivery over the run. Herald,
+# NATS and rumqttd runs alternate, RUNS times each; every result is a JSON line in $OUT
+# and the medians are printed at the end.
 #
 # Usage (from the repository root):
 #   cargo build --release
 #   (cd tools/peer-bench && cargo build --release)
+#   cargo install rumqttd --version 0.20.0 --locked --root /work/.peers   # optional; skipped if absent
 #   RUNS=3 tools/bench-fanout.sh
 #
 # Starts its own servers: Herald on the memory store and on the disk store (fsync
-# always, the default), and a nats-server with a WebSocket listener (the machine's
-# own nats-server has none).
+# always, the default), a nats-server with a WebSocket listener (the machine's own
+# nats-server has none), and rumqttd ($RUMQTTD) with only a WebSocket listener, measured
+# with MQTT 3.1.1 at QoS 0 (`peer-bench mqtt-ws-fanout`: subscribers and publisher all
+# on WebSockets; the NATS publisher uses the client port).
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -21,6 +24,7 @@ OUT=${OUT:-/tmp/herald-bench-fanout.jsonl}
 HERALD=${HERALD:-target/release/herald}
 PEER=${PEER:-tools/peer-bench/target/release/peer-bench}
 NATS_SERVER=${NATS_SERVER:-nats-server}
+RUMQTTD=${RUMQTTD:-/work/.peers/bin/rumqttd}
 WORK=$(mktemp -d /tmp/herald-fanout.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 : >"$OUT"
@@ -42,6 +46,53 @@ for port in 7181 7182; do
     until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.05; done
 done
 until (exec 3<>/dev/tcp/127.0.0.1/8225) 2>/dev/null; do sleep 0.05; done
+
+# rumqttd: its own default config (`rumqttd generate-config`, and the [ws.1] section of
+# its example rumqttd.toml) with only a WebSocket listener, no console or prometheus.
+# Checked against 1000 subscribers and a publisher at full speed (rumqttd 0.20.0 source):
+# - router max_connections 10010 (default): above 1000 subscribers + 1 publisher;
+# - max_outgoing_packet_count 200 (default): QoS 0 messages read from the topic's log per
+#   connection per sweep; a subscriber behind is served in more sweeps, never dropped;
+# - max_segment_size 100 MiB x max_segment_count 10 (default): the log a slow QoS 0
+#   subscriber reads from; a run publishes at most a few MB, far from wrapping it;
+# - max_payload_size 20480 (default): above a 128-byte message;
+# - max_inflight_count 500 (the ws default): QoS 1/2 window; for QoS 0 only the most
+#   packets read from one connection in a batch (the publisher is back-pressured, not
+#   dropped); the router's per-connection outgoing queue (200) is a constant.
+# Changed: next_connection_delay_ms 0 instead of 1 (a 1 ms sleep after each accept; the
+# subscribers connect one after another, so it would only add ~1 s per 1000 to set-up).
+rumqttd_pid=
+if [ -x "$RUMQTTD" ]; then
+    RUMQTTD_WS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    cat >"$WORK/rumqttd.toml" <<EOF
+id = 0
+
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[ws.1]
+name = "ws-1"
+listen = "127.0.0.1:$RUMQTTD_WS_PORT"
+next_connection_delay_ms = 0
+    [ws.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 20480
+    max_inflight_count = 500
+    dynamic_filters = true
+EOF
+    "$RUMQTTD" -q -c "$WORK/rumqttd.toml" >"$WORK/rumqttd.log" 2>&1 &
+    rumqttd_pid=$!
+    until (exec 3<>"/dev/tcp/127.0.0.1/$RUMQTTD_WS_PORT") 2>/dev/null; do
+        kill -0 "$rumqttd_pid" 2>/dev/null || { echo "rumqttd did not start:" >&2; cat "$WORK/rumqttd.log" >&2; exit 1; }
+        sleep 0.05
+    done
+else
+    echo "skipping rumqttd: no $RUMQTTD (see Usage)" >&2
+fi
 
 # cpu PID: the process's user + system CPU time so far, in clock ticks.
 cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -67,6 +118,10 @@ for run in $(seq 1 "$RUNS"); do
     for subscribers in 100 1000; do
         measure memory "$memory_pid" "$HERALD" bench fanout --url http://127.0.0.1:7181 --subscribers $subscribers --messages "$MESSAGES" --json
         measure nats "$nats_pid" "$PEER" nats-ws-fanout --subscribers $subscribers --messages "$MESSAGES" --json
+        if [ -n "$rumqttd_pid" ]; then
+            measure rumqttd "$rumqttd_pid" "$PEER" mqtt-ws-fanout --url "ws://127.0.0.1:$RUMQTTD_WS_PORT/mqtt" \
+                --subscribers $subscribers --messages "$MESSAGES" --json
+        fi
         measure disk "$disk_pid" "$HERALD" bench fanout --url http://127.0.0.1:7182 --subscribers $subscribers --messages "$MESSAGES" --json
     done
 done

@@ -9,7 +9,8 @@
 //! - `nats`: the NATS protocol over nats-server's WebSocket listener: INFO, then
 //!   CONNECT + SUB + PING, answered by PONG (sent after the SUB is registered);
 //! - `mqtt`: MQTT 3.1.1 over WebSocket (subprotocol `mqtt`, binary frames): CONNECT
-//!   (clean session, unique client id) answered by CONNACK, SUBSCRIBE QoS 0 by SUBACK.
+//!   (clean session, unique client id) answered by CONNACK, SUBSCRIBE QoS 0 by SUBACK
+//!   (src/mqtt.rs).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -22,14 +23,11 @@ use clap::{Args, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-/// MQTT keep-alive in the CONNECT, in seconds: the largest there is, so that nobody
-/// pings during a run. Not 0 ("no keep-alive"): rumqttd refuses a CONNECT with 0.
-const MQTT_KEEP_ALIVE: u16 = u16::MAX;
+use crate::mqtt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Target {
@@ -215,10 +213,10 @@ async fn open(plan: &Plan, i: usize) -> anyhow::Result<Ws> {
     }
     let stream = socket.connect(plan.server).await.with_context(|| format!("cannot connect to {}", plan.server))?;
     stream.set_nodelay(true)?;
-    let mut request = plan.url.as_str().into_client_request()?;
-    if plan.target == Target::Mqtt {
-        request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
-    }
+    let request = match plan.target {
+        Target::Mqtt => mqtt::request(&plan.url)?,
+        _ => plan.url.as_str().into_client_request()?,
+    };
     // Small buffers: this process holds up to ~20,000 sockets (tungstenite's default
     // read buffer is 128 KiB each).
     let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
@@ -293,79 +291,10 @@ async fn subscribe_nats(ws: &mut Ws, subject: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Reads whole MQTT packets (a packet may span WebSocket frames, a frame may hold
-/// several): returns the next one's type byte and body.
-async fn next_mqtt_packet(ws: &mut Ws, buffer: &mut Vec<u8>) -> anyhow::Result<(u8, Vec<u8>)> {
-    loop {
-        // Fixed header: type byte, then the remaining length in 1-4 bytes of 7 bits.
-        let mut length = 0usize;
-        let mut header = None;
-        for (k, byte) in buffer.iter().enumerate().skip(1).take(4) {
-            length |= ((byte & 0x7f) as usize) << (7 * (k - 1));
-            if byte & 0x80 == 0 {
-                header = Some(k + 1);
-                break;
-            }
-        }
-        if let Some(start) = header {
-            if buffer.len() >= start + length {
-                let packet_type = buffer[0];
-                let body = buffer[start..start + length].to_vec();
-                buffer.drain(..start + length);
-                return Ok((packet_type, body));
-            }
-        }
-        buffer.extend(next_data(ws).await?);
-    }
-}
-
-fn mqtt_packet(packet_type: u8, body: &[u8]) -> Vec<u8> {
-    let mut packet = vec![packet_type];
-    let mut length = body.len();
-    loop {
-        let byte = (length % 128) as u8;
-        length /= 128;
-        packet.push(if length > 0 { byte | 0x80 } else { byte });
-        if length == 0 {
-            break;
-        }
-    }
-    packet.extend_from_slice(body);
-    packet
-}
-
-fn mqtt_string(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
 async fn subscribe_mqtt(ws: &mut Ws, topic: &str, client_id: &str) -> anyhow::Result<()> {
-    let mut connect = Vec::new();
-    mqtt_string(&mut connect, "MQTT");
-    connect.push(4); // protocol level: 3.1.1
-    connect.push(0x02); // flags: clean session, no will, no user name or password
-    connect.extend_from_slice(&MQTT_KEEP_ALIVE.to_be_bytes());
-    mqtt_string(&mut connect, client_id);
-    ws.send(Message::binary(mqtt_packet(0x10, &connect))).await.context("cannot send CONNECT")?;
-    let mut buffer = Vec::new();
-    let (packet_type, body) = next_mqtt_packet(ws, &mut buffer).await?;
-    ensure!(packet_type >> 4 == 2 && body.len() >= 2, "expected CONNACK, got packet type {}", packet_type >> 4);
-    ensure!(body[1] == 0, "broker refused the connection: CONNACK return code {}", body[1]);
-
-    let mut subscribe = Vec::new();
-    subscribe.extend_from_slice(&1u16.to_be_bytes()); // packet identifier
-    mqtt_string(&mut subscribe, topic);
-    subscribe.push(0); // QoS 0
-    ws.send(Message::binary(mqtt_packet(0x82, &subscribe))).await.context("cannot send SUBSCRIBE")?;
-    loop {
-        let (packet_type, body) = next_mqtt_packet(ws, &mut buffer).await?;
-        if packet_type >> 4 != 9 {
-            continue; // not a SUBACK (nothing else is expected; ignore it)
-        }
-        ensure!(body.len() >= 3, "short SUBACK");
-        ensure!(body[2] != 0x80, "broker refused the subscription (SUBACK 0x80)");
-        return Ok(());
-    }
+    let mut reader = mqtt::Reader::default();
+    mqtt::connect(ws, &mut reader, client_id).await?;
+    mqtt::subscribe(ws, &mut reader, topic).await
 }
 
 /// Keeps reading one socket, so that WebSocket pings are answered (by tungstenite) and

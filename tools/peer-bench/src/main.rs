@@ -11,8 +11,13 @@
 //!
 //! `idle` holds many idle WebSocket subscribers on Herald, nats-server or an MQTT
 //! broker, for `tools/idle-bench.sh` to read the broker's memory (see idle.rs).
+//!
+//! `nats-ws-fanout` and `mqtt-ws-fanout` (mqtt_fanout.rs) mirror `herald bench fanout`
+//! for nats-server and an MQTT broker (rumqttd) over WebSocket.
 
 mod idle;
+mod mqtt;
+mod mqtt_fanout;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -48,6 +53,8 @@ enum Command {
     JetstreamPublish(PublishArgs),
     /// Core NATS fan-out to WebSocket subscribers: one publisher, many subscribers.
     NatsWsFanout(FanoutArgs),
+    /// MQTT fan-out to WebSocket subscribers (QoS 0): one publisher, many subscribers, all over WebSocket.
+    MqttWsFanout(mqtt_fanout::MqttFanoutArgs),
     /// Idle WebSocket subscribers (Herald, NATS or MQTT), held open until stdin closes or SIGTERM.
     Idle(idle::IdleArgs),
 }
@@ -207,6 +214,7 @@ async fn main() -> std::process::ExitCode {
         Command::RabbitmqQueue(args) => rabbitmq_queue(args).await,
         Command::JetstreamPublish(args) => jetstream_publish(args).await,
         Command::NatsWsFanout(args) => nats_ws_fanout(args).await,
+        Command::MqttWsFanout(args) => mqtt_fanout::mqtt_ws_fanout(args).await,
         Command::Idle(args) => idle::idle(args).await,
     };
     match result {

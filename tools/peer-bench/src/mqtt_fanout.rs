@@ -1,0 +1,220 @@
+//! `mqtt-ws-fanout` mirrors `herald bench fanout` and `nats-ws-fanout` for an MQTT broker
+//! (rumqttd in `tools/bench-fanout.sh`): S subscribers, each on its own WebSocket (MQTT
+//! 3.1.1, subprotocol `mqtt`, clean session, unique client id), subscribe at QoS 0 to
+//! `bench/fanout/<pid>` and are all confirmed (SUBACK) before anything is published; then
+//! one publisher, on a WebSocket too, publishes M QoS 0 messages as fast as the socket
+//! takes them (frames fed, flushed every `PUBLISH_BATCH`). Each subscriber cuts what it
+//! receives into MQTT packets (several may share a frame, one may span frames) and counts
+//! the PUBLISH packets. The run ends when every subscriber has M; deliveries/s = S x M /
+//! the time from the first publish to the last delivery.
+//!
+//! QoS 0 lets a broker drop messages. A message dropped never arrives, so the run fails
+//! (with the counts that did arrive) when no delivery came for `--stall` seconds after the
+//! last publish, or after `--timeout` seconds in all, rather than hang.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use clap::Args;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::mqtt;
+
+/// PUBLISH frames fed to the publisher's socket between two flushes.
+const PUBLISH_BATCH: u64 = 256;
+
+#[derive(Debug, Args)]
+pub struct MqttFanoutArgs {
+    /// The broker's MQTT-over-WebSocket listener (rumqttd: a `[ws.N]` listener, any path).
+    #[arg(long, default_value = "ws://127.0.0.1:8083/mqtt")]
+    url: String,
+    /// Subscribers, each with its own WebSocket.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Messages published.
+    #[arg(long, default_value_t = 2000)]
+    messages: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// Give up this many seconds after the first publish.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Give up when nothing arrived for this many seconds after the last publish
+    /// (messages the broker dropped never come).
+    #[arg(long, default_value_t = 10)]
+    stall: u64,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    json: bool,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn open(url: &str, config: WebSocketConfig, client_id: &str) -> anyhow::Result<(Ws, mqtt::Reader)> {
+    let request = mqtt::request(url)?;
+    let host = request.uri().host().context("--url has no host")?.trim_start_matches('[').trim_end_matches(']');
+    let port = request.uri().port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((host, port)).await.with_context(|| format!("cannot connect to {host}:{port}"))?;
+    stream.set_nodelay(true)?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .with_context(|| format!("WebSocket handshake with {url} failed"))?;
+    let mut reader = mqtt::Reader::default();
+    mqtt::connect(&mut ws, &mut reader, client_id).await?;
+    Ok((ws, reader))
+}
+
+/// Counts the PUBLISH packets one subscriber receives into `got` until it has `messages`;
+/// returns when the last one came.
+async fn count(
+    mut ws: Ws,
+    mut reader: mqtt::Reader,
+    body_len: usize,
+    messages: u64,
+    got: Arc<AtomicU64>,
+) -> anyhow::Result<Instant> {
+    let mut n = 0u64;
+    loop {
+        while let Some(packet) = reader.next()? {
+            if packet.kind() == mqtt::PUBLISH {
+                ensure!(
+                    packet.body.len() == body_len,
+                    "a PUBLISH of {} bytes after the fixed header, not {body_len}",
+                    packet.body.len()
+                );
+                n += 1;
+            }
+        }
+        got.store(n, Ordering::Relaxed);
+        if n >= messages {
+            ensure!(n == messages, "received {n} messages, more than the {messages} published");
+            return Ok(Instant::now());
+        }
+        let frame = mqtt::next_frame(&mut ws).await?;
+        reader.extend(&frame);
+    }
+}
+
+/// What arrived so far, for an error message.
+fn tally(counts: &[Arc<AtomicU64>], messages: u64) -> String {
+    let got: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let total: u64 = got.iter().sum();
+    let complete = got.iter().filter(|&&n| n >= messages).count();
+    format!(
+        "{total} of {} deliveries arrived; {complete} of {} subscribers got all {messages}, the others between {} and {} \
+         (QoS 0: messages a broker drops never arrive)",
+        messages * got.len() as u64,
+        got.len(),
+        got.iter().min().unwrap_or(&0),
+        got.iter().max().unwrap_or(&0),
+    )
+}
+
+pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
+    ensure!(args.subscribers >= 1 && args.messages >= 1, "--subscribers and --messages must be at least 1");
+    let run = std::process::id();
+    let topic = format!("bench/fanout/{run}");
+    let body_len = mqtt::publish_body_len(&topic, args.size);
+
+    // Subscribers one after the other, each subscribed before the next, as the other
+    // fan-out benchmarks do; 64 KiB read buffers as `herald bench fanout`'s.
+    let config = WebSocketConfig::default().read_buffer_size(64 << 10);
+    let mut counts = Vec::with_capacity(args.subscribers);
+    let mut subscribers = FuturesUnordered::new();
+    for i in 0..args.subscribers {
+        let (mut ws, mut reader) =
+            open(&args.url, config, &format!("pb{run}-{i}")).await.with_context(|| format!("subscriber {i}"))?;
+        mqtt::subscribe(&mut ws, &mut reader, &topic).await.with_context(|| format!("subscriber {i}"))?;
+        let got = Arc::new(AtomicU64::new(0));
+        counts.push(got.clone());
+        let task = tokio::spawn(count(ws, reader, body_len, args.messages, got));
+        subscribers.push(async move { (i, task.await) });
+    }
+
+    let (mut publisher, _) =
+        open(&args.url, WebSocketConfig::default(), &format!("pb{run}-pub")).await.context("publisher")?;
+    let publish = bytes::Bytes::from(mqtt::publish_packet(&topic, &vec![b'x'; args.size]));
+    let timeout = Duration::from_secs(args.timeout);
+    let started = Instant::now();
+    let publishing = async {
+        for k in 1..=args.messages {
+            // feed: frames are written in batches, flushed every PUBLISH_BATCH.
+            publisher.feed(Message::Binary(publish.clone())).await?;
+            if k % PUBLISH_BATCH == 0 {
+                publisher.flush().await?;
+            }
+        }
+        publisher.flush().await
+    };
+    match tokio::time::timeout(timeout, publishing).await {
+        Ok(result) => result.context("publishing failed")?,
+        Err(_) => bail!("publishing took over {} s; {}", args.timeout, tally(&counts, args.messages)),
+    }
+    let published = started.elapsed();
+
+    // Wait for every subscriber, watching progress: fail with the counts on a subscriber's
+    // error, on --timeout, or when nothing more arrived for --stall seconds.
+    let mut last = started;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let (mut arrived, mut progress_at) = (0u64, Instant::now());
+    while !subscribers.is_empty() {
+        tokio::select! {
+            Some((i, done)) = subscribers.next() => {
+                let done = done.with_context(|| format!("subscriber {i} panicked"))?;
+                match done {
+                    Ok(at) => last = last.max(at),
+                    Err(e) => bail!("subscriber {i} failed: {e:#}; {}", tally(&counts, args.messages)),
+                }
+            }
+            _ = tick.tick() => {
+                let now: u64 = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+                if now != arrived {
+                    (arrived, progress_at) = (now, Instant::now());
+                }
+                if started.elapsed() > timeout {
+                    bail!("timed out after {} s: {}", args.timeout, tally(&counts, args.messages));
+                }
+                if progress_at.elapsed() > Duration::from_secs(args.stall) {
+                    bail!("nothing arrived for {} s after the last publish: {}", args.stall, tally(&counts, args.messages));
+                }
+            }
+        }
+    }
+    let elapsed = last.duration_since(started);
+    let _ = publisher.send(Message::binary(mqtt::disconnect_packet())).await;
+    let _ = publisher.close(None).await;
+
+    let deliveries = args.subscribers as u64 * args.messages;
+    let per_second = deliveries as f64 / elapsed.as_secs_f64();
+    let publish_rate = args.messages as f64 / published.as_secs_f64();
+    if args.json {
+        let report = serde_json::json!({
+            "scenario": "mqtt-ws-fanout",
+            "subscribers": args.subscribers,
+            "messages": args.messages,
+            "size": args.size,
+            "deliveries": deliveries,
+            "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            "deliveries_per_second": per_second.round() as u64,
+            "publish_per_second": publish_rate.round() as u64,
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "mqtt-ws-fanout subscribers={} messages={} size={}: {deliveries} deliveries in {:.2} s = {per_second:.0}/s (published at {publish_rate:.0}/s)",
+            args.subscribers,
+            args.messages,
+            args.size,
+            elapsed.as_secs_f64()
+        );
+    }
+    Ok(())
+}
