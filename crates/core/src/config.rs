@@ -16,11 +16,14 @@ pub struct RetentionConfig {
     pub max_messages: u64,
     /// Messages older than this are trimmed (default 24 h).
     pub max_age: Duration,
+    /// At most this many payload bytes per topic; the oldest messages are trimmed past
+    /// it, though the newest is always kept (default 0: no limit by bytes).
+    pub max_bytes: u64,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        Self { max_messages: 100_000, max_age: Duration::from_secs(24 * 3600) }
+        Self { max_messages: 100_000, max_age: Duration::from_secs(24 * 3600), max_bytes: 0 }
     }
 }
 

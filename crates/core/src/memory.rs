@@ -49,6 +49,8 @@ struct Log {
     /// Offset of `entries[0]`: the retained messages have consecutive offsets.
     first: u64,
     entries: VecDeque<Entry>,
+    /// Payload bytes of `entries`, for `retention.max_bytes`.
+    bytes: u64,
 }
 
 /// A retained message, compact: its offset is its place in the log and its topic the
@@ -93,7 +95,7 @@ impl Entry {
 
 impl Log {
     fn new(epoch: Epoch, generation: u64) -> Self {
-        Self { epoch, generation, next: 1, last_ts: 0, first: 1, entries: VecDeque::new() }
+        Self { epoch, generation, next: 1, last_ts: 0, first: 1, entries: VecDeque::new(), bytes: 0 }
     }
 
     /// Retains `msg`, whose offset must be the one after the newest retained (or, in an
@@ -103,7 +105,14 @@ impl Log {
             self.first = msg.offset;
         }
         debug_assert_eq!(msg.offset, self.first + self.entries.len() as u64);
+        self.bytes += msg.payload.len() as u64;
         self.entries.push_back(Entry::of(msg));
+    }
+
+    /// Forgets every retained message (offsets go on from `next`).
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
     }
 
     /// Offset of the newest retained message, if any.
@@ -111,13 +120,16 @@ impl Log {
         (!self.entries.is_empty()).then(|| self.first + self.entries.len() as u64 - 1)
     }
 
-    /// Drops messages from the head past the count or age limit, or whose TTL passed.
+    /// Drops messages from the head past the count, age or bytes limit (the newest is
+    /// kept whatever its size), or whose TTL passed.
     fn trim(&mut self, now: u64, retention: &RetentionConfig) {
         let max_age = retention.max_age.as_millis() as u64;
         while let Some(front) = self.entries.front() {
             let over_count = self.entries.len() as u64 > retention.max_messages;
+            let over_bytes = retention.max_bytes > 0 && self.bytes > retention.max_bytes && self.entries.len() > 1;
             let too_old = now.saturating_sub(front.ts) >= max_age;
-            if over_count || too_old || front.is_expired(now) {
+            if over_count || over_bytes || too_old || front.is_expired(now) {
+                self.bytes -= front.payload.len() as u64;
                 self.entries.pop_front();
                 self.first += 1;
             } else {
@@ -218,7 +230,7 @@ impl MemoryStore {
             *log = Log::new(self.epoch_of(generation), generation);
         }
         if first > log.next {
-            log.entries.clear();
+            log.clear();
             log.next = first;
         }
         // A checkpoint records a topic's head before its messages, so `next` may already
@@ -231,7 +243,7 @@ impl MemoryStore {
             if offset > newest {
                 if offset != newest + 1 {
                     // Offsets between were trimmed: the log restarts here, consecutive.
-                    log.entries.clear();
+                    log.clear();
                 }
                 newest = offset;
                 log.next = log.next.max(offset + 1);
@@ -432,7 +444,7 @@ mod tests {
     #[tokio::test]
     async fn retention_by_count_and_age_and_ttl() -> Result<(), StoreError> {
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let retention = RetentionConfig { max_messages: 3, max_age: Duration::from_secs(10) };
+        let retention = RetentionConfig { max_messages: 3, max_age: Duration::from_secs(10), max_bytes: 0 };
         let store = MemoryStore::with_clock(retention, clock.clone());
         let t = TopicName::parse("a").expect("name");
         for i in 0..5 {
@@ -506,6 +518,27 @@ mod tests {
         let read = store.read(&t, 1, 1, 1).await?;
         assert_eq!(read.messages[0].payload, "xxxxx");
         assert_eq!((read.messages[0].offset, &read.messages[0].topic), (1, &t));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn retention_by_bytes_trims_the_oldest_and_keeps_the_newest() -> Result<(), StoreError> {
+        let retention = RetentionConfig { max_bytes: 10, ..RetentionConfig::default() };
+        let store = MemoryStore::new(retention);
+        let t = TopicName::parse("a").expect("name");
+        append(&store, &t, "aaaa").await;
+        append(&store, &t, "bbbb").await;
+        assert_eq!(store.head(&t).await?.retained, 2, "8 bytes fit in 10");
+        append(&store, &t, "cccc").await;
+        let head = store.head(&t).await?;
+        assert_eq!((head.first, head.retained), (2, 2), "12 bytes: the oldest goes");
+        append(&store, &t, &"d".repeat(25)).await;
+        let head = store.head(&t).await?;
+        assert_eq!((head.first, head.last, head.retained), (4, 4, 1), "alone over the limit, the newest stays");
+        append(&store, &t, "ee").await;
+        let read = store.read(&t, 0, u64::MAX, 10).await?;
+        let offsets: Vec<u64> = read.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, [5], "27 bytes: the big one goes once it is not the newest");
         Ok(())
     }
 }

@@ -191,6 +191,9 @@ pub struct ServeArgs {
     /// Age after which messages are trimmed (e.g. 24h).
     #[arg(long, env = "HERALD_RETENTION_MAX_AGE", value_parser = parse_duration)]
     pub retention_max_age: Option<Duration>,
+    /// Payload bytes kept per topic, the newest message always kept (0: no limit).
+    #[arg(long, env = "HERALD_RETENTION_MAX_BYTES")]
+    pub retention_max_bytes: Option<u64>,
     /// Interval between WebSocket Pings (e.g. 25s).
     #[arg(long, env = "HERALD_PING_INTERVAL", value_parser = parse_duration)]
     pub ping_interval: Option<Duration>,
@@ -291,6 +294,7 @@ struct FileLimits {
 struct FileRetention {
     max_messages: Option<u64>,
     max_age: Option<String>,
+    max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -486,6 +490,7 @@ impl Config {
                     .retention_max_age
                     .or(file_duration("retention.max_age", file.retention.max_age)?)
                     .unwrap_or(d.retention.max_age),
+                max_bytes: args.retention_max_bytes.or(file.retention.max_bytes).unwrap_or(d.retention.max_bytes),
             },
             http: HttpConfig {
                 max_connections,
@@ -555,6 +560,9 @@ impl Config {
                 bail!("config key store: redis is the store of a cluster; set cluster.redis (--cluster URL)")
             }
         }
+        if self.cluster.redis.is_some() && self.retention.max_bytes > 0 {
+            bail!("config key retention.max_bytes: a cluster's history in Redis is trimmed by count and age only; leave it 0");
+        }
         if self.cluster.redis.is_none() && self.broker.role != Role::All {
             bail!("config key cluster.role: a single node serves everything; set cluster.redis (--cluster URL) to split roles");
         }
@@ -598,6 +606,7 @@ trusted_networks = [{trusted_networks}]
 [retention]
 max_messages = {max_messages}
 max_age = "{max_age}"
+max_bytes = {max_bytes}
 
 [queues]
 max_attempts = {max_attempts}
@@ -640,6 +649,7 @@ prefix = "{prefix}"
             handshake_timeout = format_duration(self.limits.handshake_timeout),
             max_messages = self.retention.max_messages,
             max_age = format_duration(self.retention.max_age),
+            max_bytes = self.retention.max_bytes,
             max_attempts = self.broker.queues.max_attempts,
             max_queue_messages = self.broker.queues.max_queue_messages,
             max_waiters = self.broker.queues.max_waiters_per_queue,
@@ -736,6 +746,10 @@ mod tests {
         std::fs::write(&path, "[limits]\nmax_mesage_bytes = 1\n")?;
         let err = format!("{:#}", Config::load(&args).expect_err("typo refused"));
         assert!(err.contains("max_mesage_bytes"), "{err}");
+        std::fs::write(&path, "[retention]\nmax_bytes = 1048576\n")?;
+        assert_eq!(Config::load(&args)?.retention.max_bytes, 1 << 20);
+        let flag = ServeArgs { retention_max_bytes: Some(7), ..args.clone() };
+        assert_eq!(Config::load(&flag)?.retention.max_bytes, 7, "flag beats file");
         std::fs::write(&path, "[retention]\nmax_age = \"forever\"\n")?;
         let err = format!("{:#}", Config::load(&args).expect_err("bad duration refused"));
         assert!(err.contains("retention.max_age"), "{err}");
@@ -771,6 +785,11 @@ mod tests {
             Config::load(&ServeArgs { cluster_prefix: Some("a{b}".into()), ..cluster() }).expect_err("{")
         );
         assert!(err.contains("cluster.prefix"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::load(&ServeArgs { retention_max_bytes: Some(1 << 20), ..cluster() }).expect_err("max_bytes")
+        );
+        assert!(err.contains("retention.max_bytes"), "{err}");
         Ok(())
     }
 

@@ -306,6 +306,25 @@ async fn messages_whose_only_copy_is_in_a_checkpoint_survive_a_restart() -> Test
     Ok(())
 }
 
+/// Retention by bytes applies the same on recovery: a restart keeps what was retained.
+#[tokio::test]
+async fn retention_by_bytes_holds_across_a_restart() -> TestResult {
+    let dir = TempDir::new("max-bytes");
+    // Payloads `a-0` to `a-9` are 3 bytes, `a-10` on 4: 20 bytes keep the last five.
+    let config =
+        DiskConfig { retention: RetentionConfig { max_bytes: 20, ..RetentionConfig::default() }, ..dir.config() };
+    let before = {
+        let store = DiskStore::open(config.clone())?;
+        publish(&store, "a", 30).await?;
+        payloads(&store, "a").await?
+    };
+    assert_eq!(before.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [26, 27, 28, 29, 30]);
+    let store = DiskStore::open(config)?;
+    assert_eq!(payloads(&store, "a").await?, before);
+    assert_eq!(publish(&store, "a", 1).await?, [31]);
+    Ok(())
+}
+
 /// Issue 9, item 7: a batch larger than one record can hold is split into records the
 /// reader accepts, in the log and in checkpoints.
 #[tokio::test]

@@ -554,7 +554,11 @@ fn disk_config(dir: &Path) -> DiskConfig {
         fsync: FsyncPolicy::Always,
         segment_bytes: SEGMENT_BYTES,
         repair: false,
-        retention: RetentionConfig { max_messages: RETAIN as u64, max_age: Duration::from_secs(24 * 3600) },
+        retention: RetentionConfig {
+            max_messages: RETAIN as u64,
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: 0,
+        },
     }
 }
 

@@ -49,7 +49,7 @@ async fn unbounded_limits_and_ttls() -> Result {
 }
 
 async fn unbounded(prefix: &str) -> Result {
-    let retention = RetentionConfig { max_messages: u64::MAX, max_age: Duration::MAX };
+    let retention = RetentionConfig { max_messages: u64::MAX, max_age: Duration::MAX, max_bytes: 0 };
     let store = common::connect_blocking(prefix, retention, Arc::new(ManualClock::new(1_700_000_000_000)))?;
     let t = TopicName::parse("big.limits")?;
     let mut long = text("b");

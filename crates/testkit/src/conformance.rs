@@ -214,7 +214,7 @@ pub async fn read_ranges_and_list(backend: &dyn Backend) -> Result {
 /// Retention by count and by age, and per-message TTL: `read` and `head` skip what
 /// they removed, offsets are kept, and a restart keeps exactly the same history.
 pub async fn retention_by_count_age_and_ttl(backend: &dyn Backend) -> Result {
-    let retention = RetentionConfig { max_messages: 3, max_age: Duration::from_secs(10) };
+    let retention = RetentionConfig { max_messages: 3, max_age: Duration::from_secs(10), max_bytes: 0 };
     let mut f = Fixture::new(backend, retention)?;
     let t = topic("conf.retention")?;
     for i in 1..=5 {
