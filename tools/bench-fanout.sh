@@ -17,6 +17,7 @@
 # with MQTT 3.1.1 at QoS 0 (`peer-bench mqtt-ws-fanout`: subscribers and publisher all
 # on WebSockets; the NATS publisher uses the client port).
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 RUNS=${RUNS:-3}
 MESSAGES=${MESSAGES:-5000}
@@ -47,10 +48,12 @@ for port in 7181 7182; do
 done
 until (exec 3<>/dev/tcp/127.0.0.1/8225) 2>/dev/null; do sleep 0.05; done
 
-# rumqttd: its own default config (`rumqttd generate-config`, and the [ws.1] section of
-# its example rumqttd.toml) with only a WebSocket listener, no console or prometheus.
+# rumqttd, configured by lib.sh's rumqttd_config: its own default config (`rumqttd
+# generate-config`, and the [ws.1] section of its example rumqttd.toml) with only a
+# WebSocket listener, no console or prometheus.
 # Checked against 1000 subscribers and a publisher at full speed (rumqttd 0.20.0 source):
-# - router max_connections 10010 (default): above 1000 subscribers + 1 publisher;
+# - router max_connections 20010 (default 10010, raised for idle-bench.sh): above 1000
+#   subscribers + 1 publisher;
 # - max_outgoing_packet_count 200 (default): QoS 0 messages read from the topic's log per
 #   connection per sweep; a subscriber behind is served in more sweeps, never dropped;
 # - max_segment_size 100 MiB x max_segment_count 10 (default): the log a slow QoS 0
@@ -64,26 +67,7 @@ until (exec 3<>/dev/tcp/127.0.0.1/8225) 2>/dev/null; do sleep 0.05; done
 rumqttd_pid=
 if [ -x "$RUMQTTD" ]; then
     RUMQTTD_WS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    cat >"$WORK/rumqttd.toml" <<EOF
-id = 0
-
-[router]
-id = 0
-max_connections = 10010
-max_outgoing_packet_count = 200
-max_segment_size = 104857600
-max_segment_count = 10
-
-[ws.1]
-name = "ws-1"
-listen = "127.0.0.1:$RUMQTTD_WS_PORT"
-next_connection_delay_ms = 0
-    [ws.1.connections]
-    connection_timeout_ms = 60000
-    max_payload_size = 20480
-    max_inflight_count = 500
-    dynamic_filters = true
-EOF
+    rumqttd_config "$WORK/rumqttd.toml" "$RUMQTTD_WS_PORT"
     "$RUMQTTD" -q -c "$WORK/rumqttd.toml" >"$WORK/rumqttd.log" 2>&1 &
     rumqttd_pid=$!
     until (exec 3<>"/dev/tcp/127.0.0.1/$RUMQTTD_WS_PORT") 2>/dev/null; do

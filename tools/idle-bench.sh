@@ -131,28 +131,7 @@ protocol websockets
 max_connections -1
 EOF
 
-# rumqttd's own default config (`rumqttd generate-config`) with only a ws listener, no
-# console or prometheus, a higher max_connections and no delay between accepts.
-cat >"$WORK/rumqttd.toml" <<EOF
-id = 0
-
-[router]
-id = 0
-max_connections = 20010
-max_outgoing_packet_count = 200
-max_segment_size = 104857600
-max_segment_count = 10
-
-[ws.1]
-name = "ws-1"
-listen = "127.0.0.1:$RUMQTTD_WS_PORT"
-next_connection_delay_ms = 0
-    [ws.1.connections]
-    connection_timeout_ms = 60000
-    max_payload_size = 20480
-    max_inflight_count = 500
-    dynamic_filters = true
-EOF
+rumqttd_config "$WORK/rumqttd.toml" "$RUMQTTD_WS_PORT"
 
 # start SERVER: starts a fresh server in the background, waits until it listens and
 # sets PID, TARGET, URL and PORT (the port the subscribers connect to).

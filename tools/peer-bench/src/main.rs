@@ -450,15 +450,28 @@ async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
         last = last.max(done);
     }
     let elapsed = last.duration_since(started);
-    let deliveries = args.subscribers as u64 * args.messages;
+    print_fanout("nats-ws-fanout", (args.subscribers, args.messages, args.size), elapsed, published, args.json);
+    Ok(())
+}
+
+/// Prints a fan-out run's result, as a line or (with `json`) one JSON object with the
+/// keys `tools/bench-fanout.sh` reads; `(subscribers, messages, size)` as run.
+pub(crate) fn print_fanout(
+    scenario: &str,
+    (subscribers, messages, size): (usize, u64, usize),
+    elapsed: Duration,
+    published: Duration,
+    json: bool,
+) {
+    let deliveries = subscribers as u64 * messages;
     let per_second = deliveries as f64 / elapsed.as_secs_f64();
-    let publish_rate = args.messages as f64 / published.as_secs_f64();
-    if args.json {
+    let publish_rate = messages as f64 / published.as_secs_f64();
+    if json {
         let report = serde_json::json!({
-            "scenario": "nats-ws-fanout",
-            "subscribers": args.subscribers,
-            "messages": args.messages,
-            "size": args.size,
+            "scenario": scenario,
+            "subscribers": subscribers,
+            "messages": messages,
+            "size": size,
             "deliveries": deliveries,
             "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             "deliveries_per_second": per_second.round() as u64,
@@ -467,12 +480,8 @@ async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
         println!("{report}");
     } else {
         println!(
-            "nats-ws-fanout subscribers={} messages={} size={}: {deliveries} deliveries in {:.2} s = {per_second:.0}/s (published at {publish_rate:.0}/s)",
-            args.subscribers,
-            args.messages,
-            args.size,
+            "{scenario} subscribers={subscribers} messages={messages} size={size}: {deliveries} deliveries in {:.2} s = {per_second:.0}/s (published at {publish_rate:.0}/s)",
             elapsed.as_secs_f64()
         );
     }
-    Ok(())
 }

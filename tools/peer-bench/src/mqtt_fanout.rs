@@ -192,29 +192,6 @@ pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
     let _ = publisher.send(Message::binary(mqtt::disconnect_packet())).await;
     let _ = publisher.close(None).await;
 
-    let deliveries = args.subscribers as u64 * args.messages;
-    let per_second = deliveries as f64 / elapsed.as_secs_f64();
-    let publish_rate = args.messages as f64 / published.as_secs_f64();
-    if args.json {
-        let report = serde_json::json!({
-            "scenario": "mqtt-ws-fanout",
-            "subscribers": args.subscribers,
-            "messages": args.messages,
-            "size": args.size,
-            "deliveries": deliveries,
-            "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
-            "deliveries_per_second": per_second.round() as u64,
-            "publish_per_second": publish_rate.round() as u64,
-        });
-        println!("{report}");
-    } else {
-        println!(
-            "mqtt-ws-fanout subscribers={} messages={} size={}: {deliveries} deliveries in {:.2} s = {per_second:.0}/s (published at {publish_rate:.0}/s)",
-            args.subscribers,
-            args.messages,
-            args.size,
-            elapsed.as_secs_f64()
-        );
-    }
+    crate::print_fanout("mqtt-ws-fanout", (args.subscribers, args.messages, args.size), elapsed, published, args.json);
     Ok(())
 }
