@@ -67,18 +67,26 @@ struct FanoutArgs {
     /// nats-server's client port, for the publisher.
     #[arg(long, default_value = "nats://127.0.0.1:4225")]
     url: String,
+    #[command(flatten)]
+    shape: FanoutShape,
+}
+
+/// What every fan-out run takes: how many subscribers, messages and bytes, and how to
+/// print the result.
+#[derive(Debug, Args)]
+pub(crate) struct FanoutShape {
     /// Subscribers, each with its own WebSocket.
     #[arg(long, default_value_t = 1000)]
-    subscribers: usize,
+    pub subscribers: usize,
     /// Messages published.
     #[arg(long, default_value_t = 2000)]
-    messages: u64,
+    pub messages: u64,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
-    size: usize,
+    pub size: usize,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -394,13 +402,13 @@ async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-    ensure!(args.subscribers >= 1 && args.messages >= 1, "--subscribers and --messages must be at least 1");
+    ensure!(args.shape.subscribers >= 1 && args.shape.messages >= 1, "--subscribers and --messages must be at least 1");
     let subject = format!("bench.fanout.{}", std::process::id());
     // What one delivery costs on the wire: `MSG <subject> <sid> <size>\r\n<payload>\r\n`.
-    let per_message = format!("MSG {subject} 1 {}\r\n", args.size).len() + args.size + 2;
-    let expected = per_message as u64 * args.messages;
-    let mut sockets = Vec::with_capacity(args.subscribers);
-    for _ in 0..args.subscribers {
+    let per_message = format!("MSG {subject} 1 {}\r\n", args.shape.size).len() + args.shape.size + 2;
+    let expected = per_message as u64 * args.shape.messages;
+    let mut sockets = Vec::with_capacity(args.shape.subscribers);
+    for _ in 0..args.shape.subscribers {
         let (mut socket, _) = tokio_tungstenite::connect_async(args.ws_url.as_str())
             .await
             .with_context(|| format!("cannot connect to {}", args.ws_url))?;
@@ -437,9 +445,9 @@ async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
         })
         .collect();
     let client = async_nats::connect(&args.url).await.with_context(|| format!("cannot connect to {}", args.url))?;
-    let payload = bytes::Bytes::from(vec![b'x'; args.size]);
+    let payload = bytes::Bytes::from(vec![b'x'; args.shape.size]);
     let started = Instant::now();
-    for _ in 0..args.messages {
+    for _ in 0..args.shape.messages {
         client.publish(subject.clone(), payload.clone()).await.context("publish failed")?;
     }
     client.flush().await.context("flush failed")?;
@@ -450,19 +458,14 @@ async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
         last = last.max(done);
     }
     let elapsed = last.duration_since(started);
-    print_fanout("nats-ws-fanout", (args.subscribers, args.messages, args.size), elapsed, published, args.json);
+    print_fanout("nats-ws-fanout", &args.shape, elapsed, published);
     Ok(())
 }
 
-/// Prints a fan-out run's result, as a line or (with `json`) one JSON object with the
-/// keys `tools/bench-fanout.sh` reads; `(subscribers, messages, size)` as run.
-pub(crate) fn print_fanout(
-    scenario: &str,
-    (subscribers, messages, size): (usize, u64, usize),
-    elapsed: Duration,
-    published: Duration,
-    json: bool,
-) {
+/// Prints a fan-out run's result, as a line or (with `--json`) one JSON object with the
+/// keys `tools/bench-fanout.sh` reads.
+pub(crate) fn print_fanout(scenario: &str, shape: &FanoutShape, elapsed: Duration, published: Duration) {
+    let FanoutShape { subscribers, messages, size, json } = *shape;
     let deliveries = subscribers as u64 * messages;
     let per_second = deliveries as f64 / elapsed.as_secs_f64();
     let publish_rate = messages as f64 / published.as_secs_f64();

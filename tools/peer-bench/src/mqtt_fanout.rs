@@ -35,15 +35,8 @@ pub struct MqttFanoutArgs {
     /// The broker's MQTT-over-WebSocket listener (rumqttd: a `[ws.N]` listener, any path).
     #[arg(long, default_value = "ws://127.0.0.1:8083/mqtt")]
     url: String,
-    /// Subscribers, each with its own WebSocket.
-    #[arg(long, default_value_t = 1000)]
-    subscribers: usize,
-    /// Messages published.
-    #[arg(long, default_value_t = 2000)]
-    messages: u64,
-    /// Payload size in bytes.
-    #[arg(long, default_value_t = 128)]
-    size: usize,
+    #[command(flatten)]
+    shape: crate::FanoutShape,
     /// Give up this many seconds after the first publish.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -51,9 +44,6 @@ pub struct MqttFanoutArgs {
     /// (messages the broker dropped never come).
     #[arg(long, default_value_t = 10)]
     stall: u64,
-    /// Print one JSON object instead of a line of text.
-    #[arg(long)]
-    json: bool,
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -119,33 +109,33 @@ fn tally(counts: &[Arc<AtomicU64>], messages: u64) -> String {
 }
 
 pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
-    ensure!(args.subscribers >= 1 && args.messages >= 1, "--subscribers and --messages must be at least 1");
+    ensure!(args.shape.subscribers >= 1 && args.shape.messages >= 1, "--subscribers and --messages must be at least 1");
     let run = std::process::id();
     let topic = format!("bench/fanout/{run}");
-    let body_len = mqtt::publish_body_len(&topic, args.size);
+    let body_len = mqtt::publish_body_len(&topic, args.shape.size);
 
     // Subscribers one after the other, each subscribed before the next, as the other
     // fan-out benchmarks do; 64 KiB read buffers as `herald bench fanout`'s.
     let config = WebSocketConfig::default().read_buffer_size(64 << 10);
-    let mut counts = Vec::with_capacity(args.subscribers);
+    let mut counts = Vec::with_capacity(args.shape.subscribers);
     let mut subscribers = FuturesUnordered::new();
-    for i in 0..args.subscribers {
+    for i in 0..args.shape.subscribers {
         let (mut ws, mut reader) =
             open(&args.url, config, &format!("pb{run}-{i}")).await.with_context(|| format!("subscriber {i}"))?;
         mqtt::subscribe(&mut ws, &mut reader, &topic).await.with_context(|| format!("subscriber {i}"))?;
         let got = Arc::new(AtomicU64::new(0));
         counts.push(got.clone());
-        let task = tokio::spawn(count(ws, reader, body_len, args.messages, got));
+        let task = tokio::spawn(count(ws, reader, body_len, args.shape.messages, got));
         subscribers.push(async move { (i, task.await) });
     }
 
     let (mut publisher, _) =
         open(&args.url, WebSocketConfig::default(), &format!("pb{run}-pub")).await.context("publisher")?;
-    let publish = bytes::Bytes::from(mqtt::publish_packet(&topic, &vec![b'x'; args.size]));
+    let publish = bytes::Bytes::from(mqtt::publish_packet(&topic, &vec![b'x'; args.shape.size]));
     let timeout = Duration::from_secs(args.timeout);
     let started = Instant::now();
     let publishing = async {
-        for k in 1..=args.messages {
+        for k in 1..=args.shape.messages {
             // feed: frames are written in batches, flushed every PUBLISH_BATCH.
             publisher.feed(Message::Binary(publish.clone())).await?;
             if k % PUBLISH_BATCH == 0 {
@@ -156,7 +146,7 @@ pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
     };
     match tokio::time::timeout(timeout, publishing).await {
         Ok(result) => result.context("publishing failed")?,
-        Err(_) => bail!("publishing took over {} s; {}", args.timeout, tally(&counts, args.messages)),
+        Err(_) => bail!("publishing took over {} s; {}", args.timeout, tally(&counts, args.shape.messages)),
     }
     let published = started.elapsed();
 
@@ -171,7 +161,7 @@ pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
                 let done = done.with_context(|| format!("subscriber {i} panicked"))?;
                 match done {
                     Ok(at) => last = last.max(at),
-                    Err(e) => bail!("subscriber {i} failed: {e:#}; {}", tally(&counts, args.messages)),
+                    Err(e) => bail!("subscriber {i} failed: {e:#}; {}", tally(&counts, args.shape.messages)),
                 }
             }
             _ = tick.tick() => {
@@ -180,10 +170,10 @@ pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
                     (arrived, progress_at) = (now, Instant::now());
                 }
                 if started.elapsed() > timeout {
-                    bail!("timed out after {} s: {}", args.timeout, tally(&counts, args.messages));
+                    bail!("timed out after {} s: {}", args.timeout, tally(&counts, args.shape.messages));
                 }
                 if progress_at.elapsed() > Duration::from_secs(args.stall) {
-                    bail!("nothing arrived for {} s after the last publish: {}", args.stall, tally(&counts, args.messages));
+                    bail!("nothing arrived for {} s after the last publish: {}", args.stall, tally(&counts, args.shape.messages));
                 }
             }
         }
@@ -192,6 +182,6 @@ pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
     let _ = publisher.send(Message::binary(mqtt::disconnect_packet())).await;
     let _ = publisher.close(None).await;
 
-    crate::print_fanout("mqtt-ws-fanout", (args.subscribers, args.messages, args.size), elapsed, published, args.json);
+    crate::print_fanout("mqtt-ws-fanout", &args.shape, elapsed, published);
     Ok(())
 }
