@@ -71,7 +71,7 @@ impl Entry {
         Self {
             ts: msg.ts,
             // An expiry at 0 and one at 1 are both long past.
-            expires_at: msg.expires_at.map(|at| NonZeroU64::MIN.saturating_add(at.saturating_sub(1))),
+            expires_at: msg.expires_at.map(|at| NonZeroU64::new(at).unwrap_or(NonZeroU64::MIN)),
             kind: msg.kind,
             payload: Bytes::copy_from_slice(&msg.payload),
         }
@@ -138,11 +138,10 @@ impl Log {
         }
     }
 
-    /// The retained messages from offset `from` on, as full messages.
-    fn messages_from(&self, topic: &TopicName, from: u64) -> impl Iterator<Item = Arc<Message>> + '_ {
+    /// The retained entries from offset `from` on, with their offsets.
+    fn entries_from(&self, from: u64) -> impl Iterator<Item = (u64, &Entry)> + '_ {
         let skip = from.saturating_sub(self.first) as usize;
-        let topic = topic.clone();
-        self.entries.iter().enumerate().skip(skip).map(move |(i, e)| e.message(&topic, self.first + i as u64))
+        self.entries.iter().enumerate().skip(skip).map(|(i, e)| (self.first + i as u64, e))
     }
 
     fn head(&self) -> TopicHead {
@@ -297,7 +296,7 @@ impl MemoryStore {
                     generation: log.generation,
                     next: log.next,
                     last_ts: log.last_ts,
-                    messages: log.messages_from(topic, 0).collect(),
+                    messages: log.entries_from(0).map(|(offset, e)| e.message(topic, offset)).collect(),
                 });
             }
         }
@@ -344,11 +343,13 @@ impl Store for MemoryStore {
             return ready(Ok(History { epoch: self.inner.fresh_epoch.clone(), messages: Vec::new() }));
         };
         log.trim(now, &self.inner.retention);
+        // A message is built only for what is returned, not for what is skipped.
         let out = log
-            .messages_from(topic, from)
-            .take_while(|m| m.offset <= until)
-            .filter(|m| !m.is_expired(now))
+            .entries_from(from)
+            .take_while(|(offset, _)| *offset <= until)
+            .filter(|(_, e)| !e.is_expired(now))
             .take(limit)
+            .map(|(offset, e)| e.message(topic, offset))
             .collect();
         ready(Ok(History { epoch: log.epoch.clone(), messages: out }))
     }

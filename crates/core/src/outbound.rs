@@ -264,7 +264,8 @@ impl<C> Drop for Outbound<C> {
 }
 
 impl<C> Drop for OutboundRx<C> {
-    /// Nobody will write what is queued: later pushes are refused, queued items freed.
+    /// Nobody will write what is queued: later pushes are refused, queued items freed
+    /// (outside the lock: they may be the last holders of large fan-outs).
     fn drop(&mut self) {
         self.shared.close(CloseReason::Closed);
         let items = std::mem::take(&mut lock(&self.shared.queue).items);
