@@ -61,6 +61,9 @@ pub struct Config {
     pub fsync: FsyncPolicy,
     /// Size at which the disk store starts a new log segment.
     pub segment_bytes: u64,
+    /// Bytes of recent messages the disk store keeps in memory (older history is read
+    /// from disk).
+    pub cache_bytes: u64,
     /// Cut a damaged disk log at the damage instead of refusing to start.
     pub repair: bool,
     /// Core limits.
@@ -108,6 +111,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./herald-data"),
             fsync: FsyncPolicy::Always,
             segment_bytes: 64 << 20,
+            cache_bytes: 128 << 20,
             repair: false,
             broker: BrokerConfig::default(),
             retention: RetentionConfig::default(),
@@ -167,6 +171,9 @@ pub struct ServeArgs {
     /// Disk store segment size in bytes.
     #[arg(long, env = "HERALD_SEGMENT_BYTES")]
     pub segment_bytes: Option<u64>,
+    /// Disk store: bytes of recent messages kept in memory; older history is read from disk.
+    #[arg(long, env = "HERALD_DISK_CACHE_BYTES")]
+    pub disk_cache_bytes: Option<u64>,
     /// Cut a damaged disk log at the damage (losing what follows) instead of refusing to start.
     #[arg(long)]
     pub repair: bool,
@@ -262,6 +269,7 @@ struct FileCluster {
 struct FileDisk {
     fsync: Option<String>,
     segment_bytes: Option<u64>,
+    cache_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -448,6 +456,7 @@ impl Config {
                 (None, None) => d.fsync,
             },
             segment_bytes: args.segment_bytes.or(file.disk.segment_bytes).unwrap_or(d.segment_bytes),
+            cache_bytes: args.disk_cache_bytes.or(file.disk.cache_bytes).unwrap_or(d.cache_bytes),
             repair: args.repair,
             broker: BrokerConfig {
                 max_message_bytes: args
@@ -588,6 +597,7 @@ data_dir = "{data_dir}"
 [disk]
 fsync = "{fsync}"
 segment_bytes = {segment_bytes}
+cache_bytes = {cache_bytes}
 
 [limits]
 max_message_bytes = {max_message_bytes}
@@ -632,6 +642,7 @@ prefix = "{prefix}"
             data_dir = self.data_dir.display(),
             fsync = format_fsync(self.fsync),
             segment_bytes = self.segment_bytes,
+            cache_bytes = self.cache_bytes,
             max_message_bytes = self.broker.max_message_bytes,
             max_connections = self.http.max_connections,
             max_subs = self.http.max_subscriptions_per_connection,

@@ -124,6 +124,7 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 segment_bytes: config.segment_bytes,
                 repair: config.repair,
                 retention: config.retention,
+                cache_bytes: config.cache_bytes,
             };
             let store = DiskStore::open(disk)
                 .with_context(|| format!("opening the disk store in {}", config.data_dir.display()))?;

@@ -2,17 +2,25 @@
 //! deletes, queue enqueues and removals) is a checksummed record in a write-ahead log of
 //! numbered segment files; one writer thread batches concurrent requests into one write
 //! and one fsync (group commit) and completes each request only after the commit that
-//! holds it. What is committed is mirrored in memory (a [`MemoryStore`] used as the
-//! index, and the live queue records), which serves reads. When the log grows well past
-//! the live data, a checkpoint rewrites the live state into a fresh segment and deletes
-//! the older ones, reclaiming the space of trimmed, expired and acked messages.
+//! holds it.
+//!
+//! Topic history is cold: the log is where retained messages live. The index (`index.rs`)
+//! keeps each topic's head, where its messages lie in the log (positions of sealed
+//! segments in sidecar files, `sidecar.rs`) and a bounded cache of the newest messages;
+//! reads of older history go to the log on a blocking thread. Queues are mirrored in
+//! memory. A checkpoint writes every topic's head and every queue's state into a segment
+//! of its own; a segment older than the newest checkpoint is deleted once no retained
+//! message is in it. So memory is bounded by the cache, disk by retention, and a start-up
+//! reads the sidecars' run tables, the checkpoint and the segments after it.
 //!
 //! Recovery replays the log from the newest complete checkpoint. A torn record at the
 //! very end (a crash mid-write) is cut; damage anywhere else stops the start with the
 //! file and byte offset, unless `repair` is set. A failed write or fsync poisons the
 //! store: it answers every later write with `Unavailable` and acknowledges nothing more.
 
+mod index;
 mod record;
+mod sidecar;
 mod wal;
 
 use std::collections::HashMap;
@@ -22,11 +30,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use herald_core::{
-    Appended, Clock, Epoch, History, ListedTopic, LiveQueue, MemoryStore, Message, NewMessage, QueueName, QueueRecord,
-    QueueSnapshot, RetentionConfig, Store, StoreError, StoreFuture, SystemClock, TopicHead, TopicName, TopicSnapshot,
+    Appended, Clock, Epoch, History, ListedTopic, LiveQueue, NewMessage, QueueName, QueueRecord, QueueSnapshot,
+    RetentionConfig, Store, StoreError, StoreFuture, SystemClock, TopicHead, TopicName,
 };
 use tokio::sync::oneshot;
 
+use index::{HeadSnapshot, Index, Part, Step, Written};
 pub use record::{DecodeError, Record, MAX_MESSAGE_BYTES};
 use wal::{Applied, Apply, Request};
 
@@ -54,8 +63,11 @@ pub struct DiskConfig {
     pub segment_bytes: u64,
     /// Cut damaged data instead of refusing to start (losing what follows the damage).
     pub repair: bool,
-    /// Topic retention, applied in memory and at checkpoints.
+    /// Topic retention.
     pub retention: RetentionConfig,
+    /// Bytes of recent messages kept in memory to answer reads without the disk
+    /// (default 128 MiB; each message counts 64 bytes beside its payload).
+    pub cache_bytes: u64,
 }
 
 impl DiskConfig {
@@ -67,6 +79,7 @@ impl DiskConfig {
             segment_bytes: 64 << 20,
             repair: false,
             retention: RetentionConfig::default(),
+            cache_bytes: 128 << 20,
         }
     }
 }
@@ -111,13 +124,19 @@ pub enum OpenError {
 
 /// State the writer thread applies commits to, shared with readers.
 pub(crate) struct Shared {
-    index: MemoryStore,
+    index: Index,
+    dir: PathBuf,
+    /// Position blocks of sidecars read lately (cold reads).
+    blocks: sidecar::BlockCache,
     queues: Mutex<HashMap<QueueName, LiveQueue>>,
     poisoned: AtomicBool,
     /// Tests hold a checkpoint open here: it waits for a message (or gives up when the
     /// sender is dropped, leaving an incomplete checkpoint as a crash would).
     #[cfg(test)]
     checkpoint_gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// Records the last recovery replayed.
+    #[cfg(test)]
+    replayed: std::sync::atomic::AtomicU64,
 }
 
 /// The per-topic assignment of offsets and times, ahead of what is committed.
@@ -151,15 +170,27 @@ fn unavailable() -> StoreError {
 }
 
 impl Shared {
-    /// Applies one committed change to the in-memory mirror.
-    pub(crate) fn apply(&self, apply: Apply) -> Applied {
+    /// Applies one committed change, written in segment `seg` from byte `pos`, to the
+    /// index and the queues. An append's stored messages are built when `build` (the
+    /// writer answers with them; a replay does not).
+    pub(crate) fn apply(&self, apply: Apply, seg: u64, pos: u64, build: bool) -> Applied {
         match apply {
-            Apply::Topic { topic, generation, first, entries } => {
-                Applied::Appended(self.index.restore_append(&topic, generation, first, entries))
+            Apply::Topic { topic, generation, first, entries, parts } => {
+                let mut at = pos;
+                let parts: Vec<Part> = parts
+                    .iter()
+                    .map(|&(len, count)| {
+                        let part = Part { pos: at, len, count };
+                        at += u64::from(len);
+                        part
+                    })
+                    .collect();
+                let at = Written { seg, parts: &parts };
+                Applied::Appended(self.index.append(&topic, generation, first, entries, at, build))
             }
-            Apply::Delete { topic, generation } => Applied::Deleted(self.index.restore_delete(&topic, generation)),
-            Apply::Head { topic, generation, next, last_ts } => {
-                self.index.restore_head(&topic, generation, next, last_ts);
+            Apply::Delete { topic, generation } => Applied::Deleted(self.index.delete(&topic, generation)),
+            Apply::Head { topic, generation, first, next, last_ts } => {
+                self.index.restore_head(HeadSnapshot { topic, generation, first, next, last_ts });
                 Applied::Done
             }
             Apply::Enqueue { queue, records } => {
@@ -192,10 +223,9 @@ impl Shared {
         }
     }
 
-    /// The live state as of the last applied commit, for a checkpoint: shared pointers
-    /// to messages and payloads, nothing copied.
+    /// The state as of the last applied commit, for a checkpoint: topic heads and queues.
     pub(crate) fn checkpoint_state(&self) -> CheckpointState {
-        CheckpointState { topics: self.index.snapshot(), queues: self.queue_snapshots() }
+        CheckpointState { heads: self.index.heads(), queues: self.queue_snapshots() }
     }
 
     /// Every queue's live records, next id and attempt counts.
@@ -204,10 +234,10 @@ impl Shared {
     }
 }
 
-/// What a checkpoint writes: every topic's head and retained messages, every queue's
-/// head, records and attempt counts.
+/// What a checkpoint writes: every topic's head (its messages stay where they are in
+/// the log), every queue's head, records and attempt counts.
 pub(crate) struct CheckpointState {
-    topics: Vec<TopicSnapshot>,
+    heads: Vec<HeadSnapshot>,
     queues: Vec<QueueSnapshot>,
 }
 
@@ -228,23 +258,17 @@ impl CheckpointState {
             }
             Ok::<_, std::io::Error>(())
         };
-        Record::CheckpointBegin.encode(&mut buf);
-        for t in &self.topics {
+        Record::CheckpointBegin { heads_only: true }.encode(&mut buf);
+        for h in &self.heads {
             let head = Record::TopicHead {
-                topic: t.topic.clone(),
-                generation: t.generation,
-                next: t.next,
-                last_ts: t.last_ts,
+                topic: h.topic.clone(),
+                generation: h.generation,
+                first: h.first,
+                next: h.next,
+                last_ts: h.last_ts,
             };
             head.encode(&mut buf);
-            for run in t.messages.chunk_by(|a, b| a.offset + 1 == b.offset) {
-                for part in run.chunks(Self::RECORD_MESSAGES) {
-                    let entries: Vec<(u64, NewMessage)> = part.iter().map(|m| (m.ts, to_new(m))).collect();
-                    let (topic, generation) = (&t.topic, t.generation);
-                    record::encode_topic_appends(topic, generation, part[0].offset, &entries, usize::MAX, &mut buf);
-                    drain(&mut buf, out, false)?;
-                }
-            }
+            drain(&mut buf, out, false)?;
         }
         for q in &self.queues {
             Record::QueueHead { queue: q.queue.clone(), next_id: q.next_id }.encode(&mut buf);
@@ -263,10 +287,6 @@ impl CheckpointState {
     }
 }
 
-fn to_new(m: &Message) -> NewMessage {
-    NewMessage { kind: m.kind, payload: m.payload.clone(), ttl_ms: m.expires_at.map(|at| at.saturating_sub(m.ts)) }
-}
-
 impl DiskStore {
     /// Opens (or creates) the store in `config.dir`, recovering what it holds.
     pub fn open(config: DiskConfig) -> Result<Self, OpenError> {
@@ -276,13 +296,17 @@ impl DiskStore {
     /// [`DiskStore::open`] with an injected clock.
     pub fn open_with_clock(config: DiskConfig, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
         let (identity, dir_lock) = wal::prepare_dir(&config.dir, config.repair)?;
-        let index = MemoryStore::with_identity(config.retention, clock.clone(), identity);
+        let index = Index::new(config.retention, clock.clone(), identity, config.cache_bytes);
         let shared = Arc::new(Shared {
             index,
+            dir: config.dir.clone(),
+            blocks: sidecar::BlockCache::default(),
             queues: Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
             #[cfg(test)]
             checkpoint_gate: Mutex::new(None),
+            #[cfg(test)]
+            replayed: std::sync::atomic::AtomicU64::new(0),
         });
         let writer = wal::Writer::recover(&config, shared.clone(), dir_lock)?;
         let assign = Assign { topics: HashMap::new(), generation: shared.index.generation() };
@@ -302,6 +326,45 @@ impl DiskStore {
             Ok(())
         }
     }
+}
+
+/// A read that reached history no longer cached: run by run from the log, then from the
+/// cache if the read gets there, up to `limit` messages.
+fn read_cold(
+    shared: &Shared,
+    topic: &TopicName,
+    generation: u64,
+    mut step: Step,
+    until: u64,
+    limit: usize,
+) -> Result<Vec<Arc<herald_core::Message>>, StoreError> {
+    let index = &shared.index;
+    let reader = sidecar::ColdRead {
+        dir: &shared.dir,
+        blocks: &shared.blocks,
+        topic,
+        generation,
+        now: index.now(),
+        max_age_ms: index.retention.max_age.as_millis() as u64,
+    };
+    let mut out = Vec::new();
+    loop {
+        match step {
+            Step::Done => break,
+            Step::Hot(messages) => {
+                out.extend(messages);
+                break;
+            }
+            Step::Cold { seg, locs, from, end } => {
+                reader.run(seg, locs, from, end, limit, &mut out)?;
+                if out.len() >= limit || end > until {
+                    break;
+                }
+                step = index.step(topic, generation, end, until, limit - out.len());
+            }
+        }
+    }
+    Ok(out)
 }
 
 async fn completed(rx: oneshot::Receiver<Result<Applied, StoreError>>) -> Result<Applied, StoreError> {
@@ -334,8 +397,8 @@ impl Store for DiskStore {
             // A large batch becomes several records, each readable; a crash can keep a
             // prefix of an unacknowledged batch, never part of an acknowledged one.
             let mut bytes = Vec::new();
-            record::encode_topic_appends(topic, generation, next, &entries, usize::MAX, &mut bytes);
-            self.send(bytes, Apply::Topic { topic: topic.clone(), generation, first: next, entries })
+            let parts = record::encode_topic_appends(topic, generation, next, &entries, usize::MAX, &mut bytes);
+            self.send(bytes, Apply::Topic { topic: topic.clone(), generation, first: next, entries, parts })
         };
         Box::pin(async move {
             match completed(rx).await? {
@@ -346,12 +409,34 @@ impl Store for DiskStore {
     }
 
     fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History> {
-        self.shared.index.read(topic, from, until, limit)
+        let (epoch, generation) = self.shared.index.epoch(topic);
+        let step = self.shared.index.step(topic, generation, from, until, limit);
+        let cold @ Step::Cold { .. } = step else {
+            // Cached (or nothing): answered at once.
+            let messages = match step {
+                Step::Hot(messages) => messages,
+                _ => Vec::new(),
+            };
+            return ready(Ok(History { epoch, messages }));
+        };
+        let shared = self.shared.clone();
+        let topic = topic.clone();
+        let read = move || read_cold(&shared, &topic, generation, cold, until, limit);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let task = runtime.spawn_blocking(read);
+                Box::pin(async move {
+                    let messages = task.await.map_err(|e| StoreError::Unavailable(format!("cold read: {e}")))??;
+                    Ok(History { epoch, messages })
+                })
+            }
+            Err(_) => ready(read().map(|messages| History { epoch, messages })),
+        }
     }
 
     fn head(&self, topic: &TopicName) -> StoreFuture<TopicHead> {
-        // The index is a memory store: its head is ready at once.
-        self.shared.index.head(topic)
+        // Heads are in memory: ready at once.
+        ready(Ok(self.shared.index.head(topic)))
     }
 
     fn delete(&self, topic: &TopicName) -> StoreFuture<Epoch> {
@@ -376,7 +461,7 @@ impl Store for DiskStore {
     }
 
     fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> StoreFuture<Vec<ListedTopic>> {
-        self.shared.index.list(prefix, after, limit)
+        ready(Ok(self.shared.index.list(prefix, after, limit)))
     }
 
     fn queue_append(&self, queue: &QueueName, records: Vec<QueueRecord>) -> StoreFuture<()> {

@@ -52,7 +52,8 @@ pub(crate) fn split_entries<T>(
 }
 
 /// Appends framed `TopicAppend` records for `entries` at offsets `first..`, split so that
-/// each stays under [`SPLIT_BYTES`].
+/// each stays under [`SPLIT_BYTES`]. Returns each record's framed length and message
+/// count, in order.
 pub(crate) fn encode_topic_appends(
     topic: &TopicName,
     generation: u64,
@@ -60,12 +61,16 @@ pub(crate) fn encode_topic_appends(
     entries: &[(u64, NewMessage)],
     max_count: usize,
     buf: &mut Vec<u8>,
-) {
+) -> Vec<(u32, u32)> {
     let mut offset = first;
+    let mut parts = Vec::with_capacity(1);
     for part in split_entries(entries, |(_, m)| entry_bytes(m), max_count) {
+        let start = buf.len();
         frame(buf, |o| encode_append_body(o, topic, generation, offset, part));
+        parts.push(((buf.len() - start) as u32, part.len() as u32));
         offset += part.len() as u64;
     }
+    parts
 }
 
 /// Bytes one queue record adds to an enqueue record.
@@ -106,8 +111,9 @@ pub enum Record {
     TopicAppend { topic: TopicName, generation: u64, first: u64, entries: Vec<(u64, NewMessage)> },
     /// A topic's history deleted; epoch `generation` starts.
     TopicDelete { topic: TopicName, generation: u64 },
-    /// A topic's head as a checkpoint saw it.
-    TopicHead { topic: TopicName, generation: u64, next: u64, last_ts: u64 },
+    /// A topic's head as a checkpoint saw it: `first` is its oldest retained offset (0
+    /// in checkpoints of the old format, whose messages followed their head).
+    TopicHead { topic: TopicName, generation: u64, first: u64, next: u64, last_ts: u64 },
     /// Messages enqueued.
     QueueEnqueue { queue: QueueName, records: Vec<QueueRecord> },
     /// Messages that left a queue.
@@ -116,8 +122,10 @@ pub enum Record {
     QueueHead { queue: QueueName, next_id: u64 },
     /// Deliveries counted so far, as (message id, attempts).
     QueueAttempts { queue: QueueName, attempts: Vec<(u64, u32)> },
-    /// A checkpoint starts: the state is rebuilt from here.
-    CheckpointBegin,
+    /// A checkpoint starts: the state is rebuilt from here. One that is `heads_only`
+    /// holds topic heads and queues; the topics' messages stay in the segments before it.
+    /// The old format (not `heads_only`) copied every retained message into it.
+    CheckpointBegin { heads_only: bool },
     /// A checkpoint is complete.
     CheckpointEnd,
 }
@@ -176,10 +184,11 @@ impl Record {
                 o.bytes(topic.as_str().as_bytes());
                 o.u64(*generation);
             }
-            Record::TopicHead { topic, generation, next, last_ts } => {
-                o.u8(3);
+            Record::TopicHead { topic, generation, first, next, last_ts } => {
+                o.u8(10);
                 o.bytes(topic.as_str().as_bytes());
                 o.u64(*generation);
+                o.u64(*first);
                 o.u64(*next);
                 o.u64(*last_ts);
             }
@@ -209,7 +218,8 @@ impl Record {
                 o.bytes(queue.as_str().as_bytes());
                 o.u64(*next_id);
             }
-            Record::CheckpointBegin => o.u8(7),
+            Record::CheckpointBegin { heads_only: false } => o.u8(7),
+            Record::CheckpointBegin { heads_only: true } => o.u8(11),
             Record::CheckpointEnd => o.u8(8),
             Record::QueueAttempts { queue, attempts } => {
                 o.u8(9);
@@ -261,7 +271,14 @@ impl Record {
                 Record::TopicAppend { topic, generation, first, entries }
             }
             2 => Record::TopicDelete { topic: i.topic()?, generation: i.u64()? },
-            3 => Record::TopicHead { topic: i.topic()?, generation: i.u64()?, next: i.u64()?, last_ts: i.u64()? },
+            3 => {
+                let (topic, generation) = (i.topic()?, i.u64()?);
+                Record::TopicHead { topic, generation, first: 0, next: i.u64()?, last_ts: i.u64()? }
+            }
+            10 => {
+                let (topic, generation, first) = (i.topic()?, i.u64()?, i.u64()?);
+                Record::TopicHead { topic, generation, first, next: i.u64()?, last_ts: i.u64()? }
+            }
             4 => {
                 let queue = i.queue()?;
                 let n = i.u32()?;
@@ -280,7 +297,8 @@ impl Record {
                 Record::QueueRemove { queue, ids }
             }
             6 => Record::QueueHead { queue: i.queue()?, next_id: i.u64()? },
-            7 => Record::CheckpointBegin,
+            7 => Record::CheckpointBegin { heads_only: false },
+            11 => Record::CheckpointBegin { heads_only: true },
             8 => Record::CheckpointEnd,
             9 => {
                 let queue = i.queue()?;
@@ -390,7 +408,7 @@ mod tests {
                 ],
             },
             Record::TopicDelete { topic: topic.clone(), generation: 3 },
-            Record::TopicHead { topic, generation: 3, next: 9, last_ts: 101 },
+            Record::TopicHead { topic: topic.clone(), generation: 3, first: 4, next: 9, last_ts: 101 },
             Record::QueueEnqueue {
                 queue: queue.clone(),
                 records: vec![QueueRecord {
@@ -405,7 +423,8 @@ mod tests {
             Record::QueueRemove { queue: queue.clone(), ids: vec![5, 6] },
             Record::QueueHead { queue: queue.clone(), next_id: 7 },
             Record::QueueAttempts { queue, attempts: vec![(5, 2), (6, 1)] },
-            Record::CheckpointBegin,
+            Record::CheckpointBegin { heads_only: false },
+            Record::CheckpointBegin { heads_only: true },
             Record::CheckpointEnd,
         ]
     }
@@ -464,7 +483,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn any_framed_body_decodes_or_is_refused(kind in 0u8..12, body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        fn any_framed_body_decodes_or_is_refused(kind in 0u8..13, body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let mut b = vec![kind];
             b.extend_from_slice(&body);
             decodes_within(&framed(&b));

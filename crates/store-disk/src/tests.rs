@@ -276,10 +276,12 @@ async fn a_data_directory_is_used_by_one_store_at_a_time() -> TestResult {
     Ok(())
 }
 
-/// Issue 9, item 1: a message whose only copy is in a checkpoint survives the restart
-/// (the checkpoint's head record came before its messages and hid them).
+/// Issue 9, item 1, as history is cold: a quiet topic's messages, in a segment older
+/// than the newest checkpoint, survive a restart, while the segments of a busy topic
+/// around them are deleted as retention trims it; the restart replays only what came
+/// after the checkpoint.
 #[tokio::test]
-async fn messages_whose_only_copy_is_in_a_checkpoint_survive_a_restart() -> TestResult {
+async fn a_quiet_topics_messages_before_the_checkpoint_survive_a_restart() -> TestResult {
     let dir = TempDir::new("checkpoint-only");
     let config = DiskConfig {
         segment_bytes: 8192,
@@ -289,15 +291,20 @@ async fn messages_whose_only_copy_is_in_a_checkpoint_survive_a_restart() -> Test
     let head_before = {
         let store = DiskStore::open(config.clone())?;
         publish(&store, "a", 50).await?;
-        // Enough to `b` that several checkpoints run and `a`'s original records are gone.
+        // Enough to `b` that many checkpoints run and its early segments are trimmed.
         for i in 0..4000 {
             store.append(&topic("b"), vec![text(&format!("{i:0>90}"))]).await?;
         }
         store.head(&topic("a")).await?
     };
-    let first_segment = dir.segments().first().cloned().ok_or("no segment")?;
-    assert!(wal::starts_checkpoint(&first_segment), "a checkpoint ran and older segments were deleted");
+    let segments = dir.segments();
+    let first = segments.first().cloned().ok_or("no segment")?;
+    assert!(!wal::starts_checkpoint(&first), "the segment holding `a` is kept: {segments:?}");
+    assert!(segments.iter().any(|p| wal::starts_checkpoint(p)), "{segments:?}");
+    assert!(segments.len() <= 6, "b's trimmed segments are deleted: {segments:?}");
     let store = DiskStore::open(config)?;
+    let replayed = store.shared.replayed.load(Ordering::Relaxed);
+    assert!(replayed < 400, "replayed {replayed} records: only the checkpoint and what follows");
     assert_eq!(store.head(&topic("a")).await?, head_before);
     let got = payloads(&store, "a").await?;
     assert_eq!(got.len(), 50, "retained messages of `a` after the restart");
@@ -353,8 +360,8 @@ async fn batches_larger_than_a_record_are_split_and_read_back() -> TestResult {
     Ok(())
 }
 
-/// Issue 9, item 8: an incomplete checkpoint that is not a crash's leftover (segments
-/// follow it, none precede it) is damage: refused unless repair.
+/// Issue 9, item 8: an incomplete checkpoint that is not a crash's leftover (no older
+/// checkpoint, and segments were deleted since the first) is damage: refused unless repair.
 #[tokio::test]
 async fn damage_inside_a_checkpoint_is_refused_unless_repair() -> TestResult {
     let dir = TempDir::new("checkpoint-damage");
@@ -363,9 +370,13 @@ async fn damage_inside_a_checkpoint_is_refused_unless_repair() -> TestResult {
         let store = DiskStore::open(config.clone())?;
         publish(&store, "t", 3000).await?;
     }
+    // The newest checkpoint; the retained messages before it keep their segments, the
+    // older checkpoints are gone.
     let segments = dir.segments();
-    let checkpoint = segments.first().cloned().ok_or("no segment")?;
-    assert!(wal::starts_checkpoint(&checkpoint) && segments.len() > 1, "{segments:?}");
+    let checkpoints: Vec<_> = segments.iter().filter(|p| wal::starts_checkpoint(p)).cloned().collect();
+    let checkpoint = checkpoints.last().cloned().ok_or("no checkpoint")?;
+    assert_eq!(checkpoints.len(), 1, "{segments:?}");
+    assert!(segments.first() != Some(&checkpoint) && segments.last() != Some(&checkpoint), "{segments:?}");
     let mut data = std::fs::read(&checkpoint)?;
     data[40] ^= 0x01; // inside the checkpoint's first records
     std::fs::write(&checkpoint, &data)?;
@@ -465,11 +476,13 @@ async fn commits_go_on_during_a_checkpoint_and_a_crash_inside_one_loses_nothing(
     let store = DiskStore::open(config.clone())?;
     assert_eq!((payloads(&store, "a").await?, payloads(&store, "b").await?, store.head(&topic("b")).await?), expected);
     assert_eq!(expected.1.len(), 100);
-    // With nothing holding it, the next checkpoint completes and the old segments go.
+    // With nothing holding it, the next checkpoint completes and the old segments go,
+    // but for the one holding `a`.
     publish(&store, "b", 20_000).await?;
     drop(store);
-    let first = dir.segments().first().cloned().ok_or("no segment")?;
-    assert!(wal::starts_checkpoint(&first));
+    let segments = dir.segments();
+    assert!(segments.iter().any(|p| wal::starts_checkpoint(p)));
+    assert!(segments.len() <= 8, "{segments:?}");
     let store = DiskStore::open(config)?;
     assert_eq!(payloads(&store, "a").await?, expected.0);
     assert_eq!(store.head(&topic("b")).await?.next, 23_001);
@@ -499,5 +512,138 @@ async fn a_damaged_length_in_the_middle_is_not_taken_for_a_torn_tail() -> TestRe
         Err(e) => return Err(format!("expected Damaged, got {e}").into()),
         Ok(store) => return Err(format!("cut silently to {} messages", payloads(&store, "t").await?.len()).into()),
     }
+    Ok(())
+}
+
+/// Cold history: with a cache far smaller than the history, reads from the oldest
+/// offset come back whole from the log (through sidecars once segments are sealed),
+/// before and after a restart, and the cache stays within its bound.
+#[tokio::test]
+async fn history_larger_than_the_cache_is_read_back_from_the_log() -> TestResult {
+    let dir = TempDir::new("cold");
+    let config = DiskConfig { segment_bytes: 16 << 10, cache_bytes: 4096, fsync: FsyncPolicy::Never, ..dir.config() };
+    let expected = {
+        let store = DiskStore::open(config.clone())?;
+        publish(&store, "a", 1500).await?;
+        publish(&store, "b", 10).await?;
+        // Batches of several messages make records of several messages.
+        for i in 0..100 {
+            let batch = (0..5).map(|k| text(&format!("a-batch-{i}-{k}"))).collect();
+            store.append(&topic("a"), batch).await?;
+        }
+        assert!(store.shared.index.cached_bytes() <= 4096, "{}", store.shared.index.cached_bytes());
+        let all = payloads(&store, "a").await?;
+        assert_eq!(all.len(), 2000);
+        assert!(all.iter().enumerate().all(|(i, (o, _))| *o == i as u64 + 1));
+        assert_eq!(all[0].1, "a-0");
+        assert_eq!(all[1999].1, "a-batch-99-4");
+        // Reads in pages, as a replay does, from every offset.
+        let mut paged = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = store.read(&topic("a"), from, u64::MAX, 37).await?.messages;
+            let Some(last) = page.last() else { break };
+            from = last.offset + 1;
+            paged.extend(page.iter().map(|m| (m.offset, String::from_utf8_lossy(&m.payload).into_owned())));
+        }
+        assert_eq!(paged, all);
+        let middle = store.read(&topic("a"), 700, 702, 10).await?.messages;
+        assert_eq!(middle.iter().map(|m| m.offset).collect::<Vec<_>>(), [700, 701, 702]);
+        (all, payloads(&store, "b").await?)
+    };
+    let sidecars = std::fs::read_dir(&dir.0)?
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "idx")))
+        .count();
+    assert!(sidecars >= 2, "sealed segments have sidecars: {sidecars}");
+    let store = DiskStore::open(config.clone())?;
+    assert_eq!((payloads(&store, "a").await?, payloads(&store, "b").await?), expected);
+    drop(store);
+    // A missing or damaged sidecar is rebuilt from its segment.
+    let mut idx: Vec<PathBuf> = std::fs::read_dir(&dir.0)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "idx"))
+        .collect();
+    idx.sort();
+    std::fs::remove_file(&idx[0])?;
+    let mut data = std::fs::read(&idx[1])?;
+    let n = data.len();
+    data[n - 20] ^= 0xff; // in the trailer's table CRC
+    std::fs::write(&idx[1], &data)?;
+    let store = DiskStore::open(config)?;
+    assert_eq!((payloads(&store, "a").await?, payloads(&store, "b").await?), expected);
+    assert!(idx[0].exists() && std::fs::read(&idx[1])? != data, "both rebuilt");
+    Ok(())
+}
+
+/// A damaged record in cold history is reported as an error, never read as other data.
+#[tokio::test]
+async fn damage_in_cold_history_fails_the_read() -> TestResult {
+    let dir = TempDir::new("cold-damage");
+    let config = DiskConfig { segment_bytes: 8 << 10, cache_bytes: 0, ..dir.config() };
+    let store = DiskStore::open(config)?;
+    publish(&store, "a", 300).await?;
+    let first = dir.segments().first().cloned().ok_or("no segment")?;
+    let mut data = std::fs::read(&first)?;
+    data[30] ^= 0x01; // inside the first record's body
+    std::fs::write(&first, &data)?;
+    let read = store.read(&topic("a"), 1, u64::MAX, 10).await;
+    assert!(matches!(&read, Err(StoreError::Unavailable(why)) if why.contains("damaged")), "{read:?}");
+    // Later history, in other segments, still reads.
+    let later = store.read(&topic("a"), 250, u64::MAX, 10).await?.messages;
+    assert_eq!(later.first().map(|m| m.offset), Some(250));
+    Ok(())
+}
+
+/// Frames `body` as a log record (for writing logs of the old format by hand).
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// A data directory of the previous format (checkpoints that copy every retained
+/// message, heads without a first offset) opens, and keeps its history as new
+/// checkpoints of heads replace the old one.
+#[tokio::test]
+async fn a_log_of_the_old_format_opens_and_carries_on() -> TestResult {
+    let dir = TempDir::new("old-format");
+    std::fs::create_dir_all(&dir.0)?;
+    std::fs::write(dir.0.join("store.id"), "0123456789ab")?;
+    let t = topic("t");
+    let now = SystemClock.now_ms();
+    let append = |first: u64, payloads: &[&str]| {
+        let entries = payloads.iter().map(|p| (now - 1000 + first, text(p))).collect::<Vec<_>>();
+        let mut buf = Vec::new();
+        Record::TopicAppend { topic: t.clone(), generation: 0, first, entries }.encode(&mut buf);
+        buf
+    };
+    // Segment 2: an old checkpoint holding offsets 3..=5 of `t`, whose next is 6.
+    let mut checkpoint = Vec::new();
+    Record::CheckpointBegin { heads_only: false }.encode(&mut checkpoint);
+    let mut head = vec![3u8];
+    head.extend_from_slice(&1u32.to_le_bytes());
+    head.extend_from_slice(b"t");
+    for v in [0u64, 6, now - 995] {
+        head.extend_from_slice(&v.to_le_bytes());
+    }
+    checkpoint.extend(framed(&head));
+    checkpoint.extend(append(3, &["m3", "m4", "m5"]));
+    Record::CheckpointEnd.encode(&mut checkpoint);
+    std::fs::write(dir.0.join(format!("{:020}.log", 2)), &checkpoint)?;
+    std::fs::write(dir.0.join(format!("{:020}.log", 3)), append(6, &["m6"]))?;
+    let config = DiskConfig { segment_bytes: 4096, ..dir.config() };
+    let expected: Vec<(u64, String)> = (3..=6).map(|i| (i, format!("m{i}"))).collect();
+    {
+        let store = DiskStore::open(config.clone())?;
+        assert_eq!(payloads(&store, "t").await?, expected);
+        assert_eq!(store.head(&t).await?.epoch.as_ref(), "0123456789ab-0");
+        // Enough for new checkpoints to replace the old one.
+        publish(&store, "u", 300).await?;
+    }
+    let store = DiskStore::open(config)?;
+    assert_eq!(payloads(&store, "t").await?, expected);
+    assert_eq!(publish(&store, "t", 1).await?, [7]);
+    assert_eq!(payloads(&store, "u").await?.len(), 300);
     Ok(())
 }

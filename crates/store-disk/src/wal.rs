@@ -2,12 +2,16 @@
 //! checkpoints, and recovery.
 //!
 //! Files in the data directory: `LOCK` (held with an exclusive file lock while a store
-//! is open), `store.id` (the identity in every epoch), and segments `NNNNNNNNNNNNNNNNNNNN.log`.
-//! A checkpoint segment starts with `CheckpointBegin` and holds the whole live state up
+//! is open), `store.id` (the identity in every epoch), segments `NNNNNNNNNNNNNNNNNNNN.log`
+//! and their sidecars `NNNNNNNNNNNNNNNNNNNN.idx` (see `sidecar.rs`). A checkpoint segment
+//! starts with `CheckpointBegin` and holds every topic's head and every queue's state up
 //! to `CheckpointEnd`. It is written by a thread of its own into the number just before
-//! the writer's next segment, so commits go on meanwhile; older segments are deleted
-//! only after it is complete and fsynced. Recovery starts at the newest complete one.
+//! the writer's next segment, so commits go on meanwhile. Once it is complete and
+//! fsynced, the segments before it are needed only for the retained messages in them:
+//! each is deleted when none is left. Recovery starts at the newest complete checkpoint,
+//! takes the runs of the older segments from their sidecars, and replays what follows.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::hash::BuildHasher;
 use std::io::{Read, Write};
@@ -22,6 +26,7 @@ use herald_core::{Appended, Epoch, NewMessage, QueueName, QueueRecord, StoreErro
 use tokio::sync::oneshot;
 
 use crate::record::{Names, Record};
+use crate::sidecar;
 use crate::{DiskConfig, FsyncPolicy, OpenError, Shared};
 
 /// Largest batch the writer gathers into one write.
@@ -34,6 +39,8 @@ pub(crate) enum Apply {
         generation: u64,
         first: u64,
         entries: Vec<(u64, NewMessage)>,
+        /// Each record's framed length and message count, in order.
+        parts: Vec<(u32, u32)>,
     },
     Delete {
         topic: TopicName,
@@ -42,6 +49,7 @@ pub(crate) enum Apply {
     Head {
         topic: TopicName,
         generation: u64,
+        first: u64,
         next: u64,
         last_ts: u64,
     },
@@ -81,18 +89,22 @@ pub(crate) enum Request {
 }
 
 impl Apply {
-    fn from_record(record: Record) -> Self {
+    /// The change a record of `len` framed bytes makes.
+    fn from_record(record: Record, len: usize) -> Self {
         match record {
             Record::TopicAppend { topic, generation, first, entries } => {
-                Apply::Topic { topic, generation, first, entries }
+                let parts = vec![(len as u32, entries.len() as u32)];
+                Apply::Topic { topic, generation, first, entries, parts }
             }
             Record::TopicDelete { topic, generation } => Apply::Delete { topic, generation },
-            Record::TopicHead { topic, generation, next, last_ts } => Apply::Head { topic, generation, next, last_ts },
+            Record::TopicHead { topic, generation, first, next, last_ts } => {
+                Apply::Head { topic, generation, first, next, last_ts }
+            }
             Record::QueueEnqueue { queue, records } => Apply::Enqueue { queue, records },
             Record::QueueRemove { queue, ids } => Apply::Remove { queue, ids },
             Record::QueueHead { queue, next_id } => Apply::QueueHead { queue, next_id },
             Record::QueueAttempts { queue, attempts } => Apply::Attempts { queue, attempts },
-            Record::CheckpointBegin => Apply::Reset,
+            Record::CheckpointBegin { .. } => Apply::Reset,
             Record::CheckpointEnd => Apply::Nothing,
         }
     }
@@ -106,7 +118,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+pub(crate) fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}.log"))
 }
 
@@ -192,9 +204,9 @@ struct Scan {
     damage: Option<(bool, String)>,
 }
 
-/// Reads a segment, handing each valid record to `each` in order, up to the end or the
-/// first damage.
-fn scan(path: &Path, mut each: impl FnMut(Record)) -> Result<Scan, OpenError> {
+/// Reads a segment, handing each valid record to `each` in order with its position and
+/// framed length, up to the end or the first damage.
+fn scan(path: &Path, mut each: impl FnMut(Record, u64, usize)) -> Result<Scan, OpenError> {
     // Read what the file's size says: a device (or a file still growing) is not data.
     let mut data = Vec::new();
     File::open(path)
@@ -208,7 +220,7 @@ fn scan(path: &Path, mut each: impl FnMut(Record)) -> Result<Scan, OpenError> {
     while pos < data.len() {
         match Record::decode_with(&data[pos..], &mut names) {
             Ok((record, len)) => {
-                each(record);
+                each(record, pos as u64, len);
                 pos += len;
             }
             Err(e) => {
@@ -274,45 +286,54 @@ impl Writer {
         }
     }
 
-    /// Replays the log into `shared` and starts the writer on its last segment.
+    /// Recovers the store's state into `shared` and starts the writer on the last segment.
     pub(crate) fn recover(config: &DiskConfig, shared: Arc<Shared>, lock: File) -> Result<Self, OpenError> {
         let dir = &config.dir;
+        let started = Instant::now();
         let mut seqs = segments(dir)?;
         // Start from the newest complete checkpoint. A checkpoint is written beside the
-        // log, and the segments before it are deleted only once it is complete and
-        // fsynced: an incomplete checkpoint with segments before it is a crash's
-        // leftover, and those segments (with any after it) still hold the whole log.
-        // One with none before it is damage: replay starts there and meets it.
-        let mut start = 0;
-        while let Some(&seq) = seqs.iter().rev().find(|&&s| starts_checkpoint(&segment_path(dir, s))) {
+        // log, and what it replaces is deleted only once it is complete and fsynced: an
+        // incomplete one is a crash's leftover when the log it was to replace is still
+        // there, and is removed; otherwise it is damage: replay starts there and meets it.
+        let mut start = None;
+        while let Some(&seq) = seqs.iter().rev().find(|&&s| checkpoint_kind(&segment_path(dir, s)).is_some()) {
             let path = segment_path(dir, seq);
             let mut complete = false;
-            scan(&path, |r| complete |= matches!(r, Record::CheckpointEnd))?;
-            if complete || seqs.first() == Some(&seq) {
-                start = seq;
+            scan(&path, |r, _, _| complete |= matches!(r, Record::CheckpointEnd))?;
+            // A crash's leftover has what it was to replace beside it: an older
+            // checkpoint, or (before the first one completed) every segment from the
+            // first. Without either it was complete once, and is damaged now.
+            let older_checkpoint = seqs.iter().any(|&s| s < seq && checkpoint_kind(&segment_path(dir, s)).is_some());
+            let nothing_deleted = seqs.iter().take_while(|&&s| s < seq).copied().eq(1..seq);
+            if complete || !(older_checkpoint || nothing_deleted) {
+                start = Some(seq);
                 break;
             }
             tracing::warn!(file = %path.display(), "removing an incomplete checkpoint");
             std::fs::remove_file(&path).map_err(io(&path))?;
             seqs.retain(|&s| s != seq);
         }
-        // Segments before a complete checkpoint are what a crash kept from deletion.
-        for &seq in seqs.iter().filter(|&&s| s < start) {
-            let path = segment_path(dir, seq);
-            std::fs::remove_file(&path).map_err(io(&path))?;
+        let heads_only = start.is_some_and(|c| checkpoint_kind(&segment_path(dir, c)) == Some(true));
+        let start_seq = start.unwrap_or(0);
+        if !heads_only {
+            // A checkpoint of the old format holds every retained message: the segments
+            // before it are what a crash kept from deletion.
+            for &seq in seqs.iter().filter(|&&s| s < start_seq) {
+                remove_segment(dir, seq).map_err(io(&segment_path(dir, seq)))?;
+            }
+            seqs.retain(|&s| s >= start_seq);
         }
-        seqs.retain(|&s| s >= start);
+        let (older, tail): (Vec<u64>, Vec<u64>) = seqs.iter().partition(|&&s| s < start_seq);
 
         let mut wal_bytes = 0u64;
         let mut recovered = 0u64;
-        let started = Instant::now();
-        for (i, &seq) in seqs.iter().enumerate() {
+        let mut replay_one = |i: usize, seq: u64, tail: &[u64]| -> Result<Option<usize>, OpenError> {
             let path = segment_path(dir, seq);
-            let last = i + 1 == seqs.len();
+            let last = i + 1 == tail.len();
             let mut replay = Replay::default();
-            let s = scan(&path, |record| {
+            let s = scan(&path, |record, pos, len| {
                 recovered += 1;
-                replay.push(&shared, record);
+                replay.push(&shared, record, seq, pos, len);
             })?;
             replay.flush(&shared);
             wal_bytes += s.valid_len;
@@ -325,21 +346,60 @@ impl Writer {
                 let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
                 f.set_len(s.valid_len).and_then(|_| f.sync_all()).map_err(io(&path))?;
                 // Everything after damage is unreachable now.
-                for &later in &seqs[i + 1..] {
-                    let p = segment_path(dir, later);
-                    std::fs::remove_file(&p).map_err(io(&p))?;
+                for &later in &tail[i + 1..] {
+                    remove_segment(dir, later).map_err(io(&segment_path(dir, later)))?;
                 }
-                seqs.truncate(i + 1);
+                return Ok(Some(i + 1));
+            }
+            Ok(None)
+        };
+        let mut tail = tail;
+        // The checkpoint first (heads and queues), then the runs of the segments before
+        // it, then the segments after it.
+        let replay_from = if heads_only && !tail.is_empty() {
+            if let Some(keep) = replay_one(0, tail[0], &tail)? {
+                tail.truncate(keep);
+            }
+            1
+        } else {
+            0
+        };
+        let mut kept_runs = 0;
+        for &seq in &older {
+            kept_runs += restore_sealed(config, &shared, seq)?;
+        }
+        let mut i = replay_from;
+        while i < tail.len() {
+            if let Some(keep) = replay_one(i, tail[i], &tail)? {
+                tail.truncate(keep);
                 break;
             }
+            i += 1;
         }
-        tracing::info!(records = recovered, bytes = wal_bytes, elapsed = ?started.elapsed(), "disk store recovered");
+        #[cfg(test)]
+        shared.replayed.store(recovered, Ordering::Relaxed);
+        // Every replayed segment but the active one is sealed: its positions go to its sidecar.
+        for &seq in tail.iter().rev().skip(1) {
+            seal(dir, &shared, seq);
+        }
+        tracing::info!(
+            records = recovered,
+            bytes = wal_bytes,
+            sealed_segments = older.len(),
+            runs = kept_runs,
+            elapsed = ?started.elapsed(),
+            "disk store recovered"
+        );
 
-        let seq = seqs.last().copied().unwrap_or(1);
+        let seq = tail.last().copied().unwrap_or(1);
         let path = segment_path(dir, seq);
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
         let size = file.metadata().map_err(io(&path))?.len();
         sync_dir(dir).map_err(io(dir))?;
+        let live_bytes = match (heads_only, start) {
+            (true, Some(c)) => std::fs::metadata(segment_path(dir, c)).map_or(0, |m| m.len()),
+            _ => wal_bytes,
+        };
         let mut thread = WriterThread {
             dir: dir.to_owned(),
             config: config.clone(),
@@ -348,18 +408,76 @@ impl Writer {
             seq,
             size,
             wal_bytes,
-            live_bytes: wal_bytes,
+            live_bytes,
             dirty: false,
             last_sync: Instant::now(),
             checkpoint: None,
+            checkpointed: None,
             _lock: lock,
         };
+        // What recovery found is what is on disk: its live set decides.
+        if let Some(seq) = start {
+            thread.checkpointed = Some(Pending { seq, live: thread.shared.index.live_segments(), writing: () });
+            thread.reclaim();
+        }
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("herald-disk-writer".into())
             .spawn(move || thread.run(rx))
             .map_err(io(dir))?;
         Ok(Self { tx: Some(tx), thread: Some(handle) })
+    }
+}
+
+/// Deletes segment `seq` and its sidecar.
+fn remove_segment(dir: &Path, seq: u64) -> std::io::Result<()> {
+    match std::fs::remove_file(sidecar::sidecar_path(dir, seq)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::remove_file(segment_path(dir, seq))
+}
+
+/// Adds the runs of sealed segment `seq` (older than the checkpoint) to the index, from
+/// its sidecar, or by reading the segment when the sidecar is missing or damaged (and
+/// then writing it). Returns how many runs were kept.
+fn restore_sealed(config: &DiskConfig, shared: &Shared, seq: u64) -> Result<usize, OpenError> {
+    let dir = &config.dir;
+    let path = segment_path(dir, seq);
+    if let Some(runs) = sidecar::load(dir, seq) {
+        return Ok(shared.index.restore_runs(runs));
+    }
+    if checkpoint_kind(&path) == Some(true) {
+        return Ok(0); // heads and queues only, superseded by a newer checkpoint
+    }
+    tracing::info!(file = %path.display(), "no usable sidecar: reading the segment to rebuild it");
+    let (mut runs, valid_len, damage) = sidecar::scan_runs(&path, seq).map_err(io(&path))?;
+    if let Some(reason) = damage {
+        if !config.repair {
+            return Err(OpenError::Damaged { file: path, offset: valid_len, reason });
+        }
+        tracing::warn!(file = %path.display(), offset = valid_len, %reason, "cutting the log");
+        let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+        f.set_len(valid_len).and_then(|_| f.sync_all()).map_err(io(&path))?;
+    }
+    match sidecar::write(dir, seq, &runs) {
+        Ok(blocks) => {
+            for (r, (_, _, _, locs)) in runs.iter_mut().zip(blocks) {
+                r.run.locs = locs;
+            }
+        }
+        Err(e) => tracing::warn!(file = %path.display(), error = %e, "could not write a sidecar"),
+    }
+    Ok(shared.index.restore_runs(runs))
+}
+
+/// Moves the positions of sealed segment `seq`'s runs from memory to its sidecar. A
+/// failure only leaves them in memory.
+fn seal(dir: &Path, shared: &Shared, seq: u64) {
+    let runs = shared.index.unsealed(seq);
+    match sidecar::write(dir, seq, &runs) {
+        Ok(blocks) => shared.index.sealed(seq, &blocks),
+        Err(e) => tracing::warn!(segment = seq, error = %e, "could not write a sidecar; its positions stay in memory"),
     }
 }
 
@@ -372,61 +490,87 @@ impl Drop for Writer {
     }
 }
 
-/// Replays records into memory, merging runs of appends to one topic (one record per
-/// group commit, often of one message each) into one index update: a start-up with a
-/// million small records pays for one topic lookup per run, not per record.
+/// Replays records into memory, merging consecutive appends to one topic (one record
+/// per group commit, often of one message each) into one index update: a start-up with
+/// a million small records pays for one topic lookup per run, not per record.
 #[derive(Default)]
 struct Replay {
     run: Option<Run>,
 }
 
-/// Consecutive appends to one topic's generation, from offset `first`.
+/// Consecutive appends to one topic's generation, from offset `first`, written in
+/// segment `seg` one after another from byte `pos`.
 struct Run {
     topic: TopicName,
     generation: u64,
     first: u64,
     entries: Vec<(u64, NewMessage)>,
+    seg: u64,
+    pos: u64,
+    parts: Vec<(u32, u32)>,
 }
 
 impl Replay {
     /// Largest run merged into one update.
     const MAX_RUN: usize = 4096;
 
-    fn push(&mut self, shared: &Shared, record: Record) {
+    fn push(&mut self, shared: &Shared, record: Record, seg: u64, pos: u64, len: usize) {
         match record {
             Record::TopicAppend { topic, generation, first, entries } => {
+                let part = (len as u32, entries.len() as u32);
                 if let Some(run) = &mut self.run {
                     let follows = run.topic == topic
                         && run.generation == generation
                         && run.first + run.entries.len() as u64 == first;
                     if follows && run.entries.len() < Self::MAX_RUN {
                         run.entries.extend(entries);
+                        run.parts.push(part);
                         return;
                     }
                 }
                 self.flush(shared);
-                self.run = Some(Run { topic, generation, first, entries });
+                self.run = Some(Run { topic, generation, first, entries, seg, pos, parts: vec![part] });
             }
             other => {
                 self.flush(shared);
-                shared.apply(Apply::from_record(other));
+                shared.apply(Apply::from_record(other, len), seg, pos, false);
             }
         }
     }
 
     fn flush(&mut self, shared: &Shared) {
-        if let Some(Run { topic, generation, first, entries }) = self.run.take() {
-            shared.apply(Apply::Topic { topic, generation, first, entries });
+        if let Some(Run { topic, generation, first, entries, seg, pos, parts }) = self.run.take() {
+            shared.apply(Apply::Topic { topic, generation, first, entries, parts }, seg, pos, false);
         }
     }
 }
 
-/// Whether the segment's first record is `CheckpointBegin`.
+/// Whether the segment starts with `CheckpointBegin`, and if so whether it is a
+/// checkpoint of heads only (`Some(true)`) or of the old format (`Some(false)`).
+pub(crate) fn checkpoint_kind(path: &Path) -> Option<bool> {
+    let mut head = Vec::new();
+    Record::CheckpointBegin { heads_only: true }.encode(&mut head);
+    let mut found = vec![0u8; head.len()];
+    File::open(path).and_then(|mut f| f.read_exact(&mut found)).ok()?;
+    [true, false].into_iter().find(|&heads_only| {
+        let mut marker = Vec::new();
+        Record::CheckpointBegin { heads_only }.encode(&mut marker);
+        marker == found
+    })
+}
+
+/// Whether the segment starts with `CheckpointBegin`.
+#[cfg(test)]
 pub(crate) fn starts_checkpoint(path: &Path) -> bool {
-    let mut marker = Vec::new();
-    Record::CheckpointBegin.encode(&mut marker);
-    let mut head = vec![0u8; marker.len()];
-    File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == marker
+    checkpoint_kind(path).is_some()
+}
+
+/// A checkpoint: its segment, the segments some retained message was in when its heads
+/// were taken, and (while it is written) the thread writing it.
+struct Pending<T = JoinHandle<std::io::Result<u64>>> {
+    seq: u64,
+    live: BTreeSet<u64>,
+    writing: T,
 }
 
 struct WriterThread {
@@ -443,7 +587,10 @@ struct WriterThread {
     dirty: bool,
     last_sync: Instant,
     /// The checkpoint being written, if one is.
-    checkpoint: Option<JoinHandle<std::io::Result<u64>>>,
+    checkpoint: Option<Pending>,
+    /// The newest complete checkpoint: the segments before it not in its live set are
+    /// deleted.
+    checkpointed: Option<Pending<()>>,
     _lock: File,
 }
 
@@ -509,11 +656,12 @@ impl WriterThread {
         let mut buf = Vec::new();
         let mut writes = Vec::new();
         let mut flushes = Vec::new();
+        let base = self.size;
         for r in batch {
             match r {
                 Request::Write { bytes, apply, done } => {
+                    writes.push((apply, base + buf.len() as u64, done));
                     buf.extend_from_slice(&bytes);
-                    writes.push((apply, done));
                 }
                 Request::Flush(done) => flushes.push(done),
             }
@@ -537,7 +685,7 @@ impl WriterThread {
         if self.poisoned() {
             // Nothing in this batch may be acknowledged.
             let err = || StoreError::Unavailable("disk store write failed; it is read-only now".into());
-            for (_, done) in writes {
+            for (_, _, done) in writes {
                 if let Some(done) = done {
                     let _ = done.send(Err(err()));
                 }
@@ -547,8 +695,8 @@ impl WriterThread {
             }
             return;
         }
-        for (apply, done) in writes {
-            let applied = self.shared.apply(apply);
+        for (apply, pos, done) in writes {
+            let applied = self.shared.apply(apply, self.seq, pos, true);
             if let Some(done) = done {
                 let _ = done.send(Ok(applied));
             }
@@ -558,14 +706,43 @@ impl WriterThread {
         }
         self.reap_checkpoint(false);
         if self.size >= self.config.segment_bytes {
-            let threshold = (4 * self.config.segment_bytes).max(2 * self.live_bytes);
+            // A checkpoint costs the heads and the queues, not the history: one per
+            // segment or so keeps the replay at start-up short.
+            let threshold = self.config.segment_bytes.max(2 * self.live_bytes);
+            let sealed = self.seq;
             let result = if self.checkpoint.is_none() && self.wal_bytes >= threshold {
                 self.start_checkpoint()
             } else {
                 self.roll(self.seq + 1)
             };
-            if let Err(e) = result {
-                self.poison("segment switch", &e);
+            match result {
+                Ok(()) => seal(&self.dir, &self.shared, sealed),
+                Err(e) => self.poison("segment switch", &e),
+            }
+        }
+    }
+
+    /// Deletes the segments before the newest complete checkpoint that no retained
+    /// message was in when it took its heads. What decides is that durable state, not
+    /// the index as of now: a trim made by a commit not yet synced (fsync `never` or an
+    /// interval) must not delete what a crash would need. A failure only leaves them
+    /// (the next checkpoint tries again).
+    fn reclaim(&mut self) {
+        let Some(Pending { seq: checkpoint, live, .. }) = &self.checkpointed else { return };
+        let Ok(seqs) = segments(&self.dir) else { return };
+        let mut removed = 0;
+        for seq in seqs.into_iter().filter(|&s| s < *checkpoint && !live.contains(&s)) {
+            match remove_segment(&self.dir, seq) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(segment = seq, error = %e, "could not delete a segment no longer needed");
+                    return;
+                }
+            }
+        }
+        if removed > 0 {
+            if let Err(e) = sync_dir(&self.dir) {
+                tracing::warn!(error = %e, "fsync of the data directory failed");
             }
         }
     }
@@ -587,6 +764,9 @@ impl WriterThread {
     /// thread of its own while this writer goes on in segment `seq + 2`: commits do not
     /// wait for it, and it streams the state instead of building it in memory.
     fn start_checkpoint(&mut self) -> std::io::Result<()> {
+        // The live set before the heads: a trim between the two only makes the heads
+        // keep less, so every segment a head still needs is in the set.
+        let live = self.shared.index.live_segments();
         let state = self.shared.checkpoint_state();
         let seq = self.seq + 1;
         self.roll(seq + 1)?;
@@ -613,31 +793,26 @@ impl WriterThread {
             let file = out.into_inner().map_err(|e| e.into_error())?;
             file.sync_data()?;
             sync_dir(&dir)?;
-            // Complete and durable: what came before it is no longer needed.
-            for old in segments(&dir).map_err(|e| std::io::Error::other(e.to_string()))? {
-                if old < seq {
-                    std::fs::remove_file(segment_path(&dir, old))?;
-                }
-            }
-            sync_dir(&dir)?;
-            tracing::info!(live_bytes = written, elapsed = ?started.elapsed(), "disk store checkpoint");
+            tracing::debug!(bytes = written, elapsed = ?started.elapsed(), "disk store checkpoint");
             Ok(written)
         })?;
-        self.checkpoint = Some(handle);
+        self.checkpoint = Some(Pending { seq, live, writing: handle });
         Ok(())
     }
 
     /// Collects a finished checkpoint (or waits for it when `wait`). A failed one only
     /// means the older segments stay: the log is whole without it.
     fn reap_checkpoint(&mut self, wait: bool) {
-        if !self.checkpoint.as_ref().is_some_and(|h| wait || h.is_finished()) {
+        if !self.checkpoint.as_ref().is_some_and(|p| wait || p.writing.is_finished()) {
             return;
         }
-        let Some(handle) = self.checkpoint.take() else { return };
-        match handle.join() {
+        let Some(Pending { seq, live, writing }) = self.checkpoint.take() else { return };
+        match writing.join() {
             Ok(Ok(written)) => {
                 self.live_bytes = written;
                 self.wal_bytes += written;
+                self.checkpointed = Some(Pending { seq, live, writing: () });
+                self.reclaim();
             }
             Ok(Err(e)) => tracing::error!(error = %e, "disk store checkpoint failed; the log keeps its older segments"),
             Err(_) => tracing::error!("disk store checkpoint thread panicked; the log keeps its older segments"),

@@ -1,6 +1,7 @@
 //! The disk store runs the store conformance suite, restarts included: once with the
-//! default segment size, and once with 4 KiB segments so that segment switches and
-//! checkpoints happen inside the cases. The queue engine over it runs the queue
+//! default segment size, once with 4 KiB segments so that segment switches and
+//! checkpoints happen inside the cases, and once with those and no cache, so that every
+//! read is a cold one. The queue engine over it runs the queue
 //! conformance suite (one node: its "two nodes" are the same engine).
 
 use std::path::PathBuf;
@@ -16,17 +17,22 @@ use herald_testkit::queues::{Node, Opening, QueueBackend};
 struct Disk {
     dir: PathBuf,
     segment_bytes: u64,
+    cache_bytes: u64,
     /// The queue engine every "node" of the queue suite shares.
     engine: Mutex<Option<Node>>,
 }
 
 impl Disk {
     fn new(segment_bytes: u64) -> Self {
+        Self::with_cache(segment_bytes, DiskConfig::new("").cache_bytes)
+    }
+
+    fn with_cache(segment_bytes: u64, cache_bytes: u64) -> Self {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("herald-conformance-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        Self { dir, segment_bytes, engine: Mutex::new(None) }
+        Self { dir, segment_bytes, cache_bytes, engine: Mutex::new(None) }
     }
 }
 
@@ -38,7 +44,12 @@ impl Drop for Disk {
 
 impl Backend for Disk {
     fn open(&self, retention: RetentionConfig, clock: Arc<ManualClock>) -> Result<Arc<dyn Store>> {
-        let config = DiskConfig { segment_bytes: self.segment_bytes, retention, ..DiskConfig::new(&self.dir) };
+        let config = DiskConfig {
+            segment_bytes: self.segment_bytes,
+            cache_bytes: self.cache_bytes,
+            retention,
+            ..DiskConfig::new(&self.dir)
+        };
         Ok(Arc::new(DiskStore::open_with_clock(config, clock)?))
     }
     fn durable(&self) -> bool {
@@ -54,6 +65,13 @@ mod default_segments {
 mod tiny_segments {
     use super::Disk;
     herald_testkit::store_conformance!(Disk::new(4096));
+}
+
+/// No cache: every read of history goes to the log (sealed segments through their
+/// sidecars), and retention trims cold runs.
+mod no_cache {
+    use super::Disk;
+    herald_testkit::store_conformance!(Disk::with_cache(4096, 0));
 }
 
 impl QueueBackend for Disk {
