@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     /// Records the last recovery replayed.
     #[cfg(test)]
     replayed: std::sync::atomic::AtomicU64,
+    /// Set when the store is to close as a crash would: no checkpoint at the stop.
+    no_stop_checkpoint: AtomicBool,
 }
 
 /// The per-topic assignment of offsets and times, ahead of what is committed.
@@ -307,10 +309,18 @@ impl DiskStore {
             checkpoint_gate: Mutex::new(None),
             #[cfg(test)]
             replayed: std::sync::atomic::AtomicU64::new(0),
+            no_stop_checkpoint: AtomicBool::new(false),
         });
         let writer = wal::Writer::recover(&config, shared.clone(), dir_lock)?;
         let assign = Assign { topics: HashMap::new(), generation: shared.index.generation() };
         Ok(Self { shared, assign: Mutex::new(assign), writer, clock })
+    }
+
+    /// Makes the store close as a crash leaves it, without the checkpoint a clean stop
+    /// writes at the end of the log: for tests that then damage the log's tail.
+    #[doc(hidden)]
+    pub fn close_as_crash(&self) {
+        self.shared.no_stop_checkpoint.store(true, Ordering::Relaxed);
     }
 
     fn send(&self, bytes: Vec<u8>, apply: Apply) -> oneshot::Receiver<Result<Applied, StoreError>> {

@@ -41,6 +41,13 @@ impl Drop for TempDir {
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+/// Closes `store` as a crash would: without the checkpoint a clean stop writes at the
+/// end of the log (so the tests that damage the log's tail find it there).
+fn crashed(store: DiskStore) {
+    store.close_as_crash();
+    drop(store);
+}
+
 fn topic(name: &str) -> TopicName {
     TopicName::parse(name).expect("valid name")
 }
@@ -159,6 +166,7 @@ async fn a_torn_last_record_is_cut_and_the_rest_kept() -> TestResult {
     {
         let store = DiskStore::open(dir.config())?;
         publish(&store, "t", 10).await?;
+        crashed(store);
     }
     let seg = dir.segments().pop().ok_or("no segment")?;
     let len = std::fs::metadata(&seg)?.len();
@@ -179,6 +187,7 @@ async fn a_flipped_byte_in_the_last_record_is_a_torn_tail() -> TestResult {
     {
         let store = DiskStore::open(dir.config())?;
         publish(&store, "t", 3).await?;
+        crashed(store);
     }
     let seg = dir.segments().pop().ok_or("no segment")?;
     let mut data = std::fs::read(&seg)?;
@@ -196,6 +205,7 @@ async fn damage_in_the_middle_refuses_to_start_unless_repair() -> TestResult {
     {
         let store = DiskStore::open(dir.config())?;
         publish(&store, "t", 10).await?;
+        crashed(store);
     }
     let seg = dir.segments().pop().ok_or("no segment")?;
     let mut data = std::fs::read(&seg)?;
@@ -438,6 +448,7 @@ async fn a_torn_record_whose_payload_holds_a_record_frame_is_a_torn_tail() -> Te
         let store = DiskStore::open(dir.config())?;
         publish(&store, "t", 3).await?;
         store.append(&topic("t"), vec![NewMessage::new(Kind::Binary, Bytes::from(payload))]).await?;
+        crashed(store);
     }
     let seg = dir.segments().pop().ok_or("no segment")?;
     let len = std::fs::metadata(&seg)?.len();
@@ -497,6 +508,7 @@ async fn a_damaged_length_in_the_middle_is_not_taken_for_a_torn_tail() -> TestRe
     {
         let store = DiskStore::open(dir.config())?;
         publish(&store, "t", 10).await?;
+        crashed(store);
     }
     let seg = dir.segments().pop().ok_or("no segment")?;
     let mut data = std::fs::read(&seg)?;
@@ -556,6 +568,8 @@ async fn history_larger_than_the_cache_is_read_back_from_the_log() -> TestResult
         .count();
     assert!(sidecars >= 2, "sealed segments have sidecars: {sidecars}");
     let store = DiskStore::open(config.clone())?;
+    let replayed = store.shared.replayed.load(Ordering::Relaxed);
+    assert!(replayed <= 4, "a clean stop left a checkpoint at the end: replayed {replayed} records");
     assert_eq!((payloads(&store, "a").await?, payloads(&store, "b").await?), expected);
     drop(store);
     // A missing or damaged sidecar is rebuilt from its segment.

@@ -633,6 +633,21 @@ impl WriterThread {
             self.sync();
         }
         self.reap_checkpoint(true);
+        // A clean stop leaves a checkpoint at the end of the log, so the next start
+        // replays nothing but it.
+        if self.shared.no_stop_checkpoint.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.wal_bytes > self.live_bytes && !self.poisoned() {
+            let sealed = self.seq;
+            match self.start_checkpoint() {
+                Ok(()) => {
+                    seal(&self.dir, &self.shared, sealed);
+                    self.reap_checkpoint(true);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not write a checkpoint at shutdown"),
+            }
+        }
     }
 
     fn poisoned(&self) -> bool {

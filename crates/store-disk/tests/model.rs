@@ -789,6 +789,8 @@ async fn life(
                 return Ok((End::Stopped, weak));
             }
             Op::Crash { unacked, cut } => {
+                // No checkpoint at the stop: the log's tail is left as a crash leaves it.
+                store.close_as_crash();
                 let (seq, _, len) = newest_segment(dir)?;
                 let pending = unacknowledged(&broker, model, unacked).await?;
                 return Ok((End::Crashed { recorded: (seq, len), cut, pending }, weak));
