@@ -367,10 +367,12 @@ impl Index {
         self.clock.now_ms()
     }
 
-    /// Bytes the cache holds now.
+    /// Bytes the cache holds now: as counted, and as found in every topic's cache.
     #[cfg(test)]
-    pub(crate) fn cached_bytes(&self) -> u64 {
-        self.cache.used.load(Ordering::Relaxed)
+    pub(crate) fn cached_bytes(&self) -> (u64, u64) {
+        let found =
+            self.shards.iter().map(|s| lock(s).values().flat_map(|t| t.hot.iter()).map(Entry::cost).sum::<u64>()).sum();
+        (self.cache.used.load(Ordering::Relaxed), found)
     }
 
     /// Records committed messages at offsets `first..`, written where `at` says. Messages at offsets the index already holds (a checkpoint of

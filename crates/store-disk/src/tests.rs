@@ -543,7 +543,8 @@ async fn history_larger_than_the_cache_is_read_back_from_the_log() -> TestResult
             let batch = (0..5).map(|k| text(&format!("a-batch-{i}-{k}"))).collect();
             store.append(&topic("a"), batch).await?;
         }
-        assert!(store.shared.index.cached_bytes() <= 4096, "{}", store.shared.index.cached_bytes());
+        let (counted, found) = store.shared.index.cached_bytes();
+        assert!(counted == found && found <= 4096, "cache counted {counted}, holds {found}");
         let all = payloads(&store, "a").await?;
         assert_eq!(all.len(), 2000);
         assert!(all.iter().enumerate().all(|(i, (o, _))| *o == i as u64 + 1));
@@ -586,6 +587,33 @@ async fn history_larger_than_the_cache_is_read_back_from_the_log() -> TestResult
     let store = DiskStore::open(config)?;
     assert_eq!((payloads(&store, "a").await?, payloads(&store, "b").await?), expected);
     assert!(idx[0].exists() && std::fs::read(&idx[1])? != data, "both rebuilt");
+    Ok(())
+}
+
+/// The cache holds what it counts, and no more than its bound, under concurrent
+/// publishers to several topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cache_holds_what_it_counts_within_its_bound() -> TestResult {
+    let dir = TempDir::new("cache-bound");
+    let config = DiskConfig { cache_bytes: 64 << 10, fsync: FsyncPolicy::Never, ..dir.config() };
+    let store = Arc::new(DiskStore::open(config)?);
+    let mut tasks = Vec::new();
+    for p in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..300 {
+                let batch = (0..3).map(|_| text(&"x".repeat(500 + i % 7))).collect();
+                store.append(&topic(&format!("t{}", (p + i) % 5)), batch).await?;
+            }
+            Ok::<_, StoreError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let (counted, found) = store.shared.index.cached_bytes();
+    assert_eq!(counted, found);
+    assert!(found <= 64 << 10 && found > 32 << 10, "{found}");
     Ok(())
 }
 
