@@ -33,7 +33,7 @@ pub use broker::{
 pub use bus::{Bus, Role};
 pub use config::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
 pub use guards::{spawn_replay, ConnectionGuard, ReplayTask, SubscriptionGuard};
-pub use memory::{MemoryStore, TopicSnapshot};
+pub use memory::{Entry, MemoryStore, TopicSnapshot};
 pub use message::{Clock, Kind, ManualClock, Message, NewMessage, Outgoing, SystemClock, WireForm};
 pub use metrics::Metrics;
 pub use name::{NameError, QueueName, TopicName};

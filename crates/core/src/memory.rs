@@ -55,8 +55,9 @@ struct Log {
 
 /// A retained message, compact: its offset is its place in the log and its topic the
 /// log's, so it holds no more than its time, kind and payload (about 56 bytes beside
-/// the payload). Reads build full [`Message`]s from it.
-struct Entry {
+/// the payload). Reads build full [`Message`]s from it. The disk store's cache keeps
+/// its newest messages the same way.
+pub struct Entry {
     ts: u64,
     /// Milliseconds since the Unix epoch after which it is skipped; `None` for never.
     expires_at: Option<NonZeroU64>,
@@ -67,7 +68,8 @@ struct Entry {
 }
 
 impl Entry {
-    fn of(msg: &Message) -> Self {
+    /// The entry of `msg`, with a copy of its payload.
+    pub fn of(msg: &Message) -> Self {
         Self {
             ts: msg.ts,
             // An expiry at 0 and one at 1 are both long past.
@@ -77,11 +79,23 @@ impl Entry {
         }
     }
 
-    fn is_expired(&self, now_ms: u64) -> bool {
+    /// Whether its TTL has passed at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at.is_some_and(|at| now_ms >= at.get())
     }
 
-    fn message(&self, topic: &TopicName, offset: u64) -> Arc<Message> {
+    /// Its acceptance time.
+    pub fn ts(&self) -> u64 {
+        self.ts
+    }
+
+    /// Its payload's length in bytes.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+
+    /// The full message, at `offset` of `topic` (the payload shared, not copied).
+    pub fn message(&self, topic: &TopicName, offset: u64) -> Arc<Message> {
         Arc::new(Message {
             topic: topic.clone(),
             offset,

@@ -18,12 +18,12 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
-use herald_core::{Appended, Clock, Epoch, ListedTopic, Message, NewMessage, RetentionConfig, TopicHead, TopicName};
+use herald_core::{
+    Appended, Clock, Entry, Epoch, ListedTopic, Message, NewMessage, RetentionConfig, TopicHead, TopicName,
+};
 
 /// Messages one run holds at most: a run's positions are read as one block.
 pub(crate) const RUN_MESSAGES: u64 = 4096;
@@ -68,33 +68,9 @@ pub(crate) struct Run {
     pub locs: Locs,
 }
 
-/// A cached message: its offset is its place in the cache.
-struct Entry {
-    ts: u64,
-    expires_at: Option<NonZeroU64>,
-    kind: herald_core::Kind,
-    payload: Bytes,
-}
-
-impl Entry {
-    fn is_expired(&self, now: u64) -> bool {
-        self.expires_at.is_some_and(|at| now >= at.get())
-    }
-
-    fn message(&self, topic: &TopicName, offset: u64) -> Arc<Message> {
-        Arc::new(Message {
-            topic: topic.clone(),
-            offset,
-            ts: self.ts,
-            kind: self.kind,
-            payload: self.payload.clone(),
-            expires_at: self.expires_at.map(NonZeroU64::get),
-        })
-    }
-
-    fn cost(&self) -> u64 {
-        self.payload.len() as u64 + ENTRY_OVERHEAD
-    }
+/// Bytes the cache counts for a message.
+fn cost(e: &Entry) -> u64 {
+    e.payload_len() as u64 + ENTRY_OVERHEAD
 }
 
 /// One topic.
@@ -144,7 +120,7 @@ impl Topic {
 
     /// Empties the cache; returns the bytes it counted.
     fn drop_hot(&mut self) -> u64 {
-        let freed = self.hot.iter().map(Entry::cost).sum();
+        let freed = self.hot.iter().map(cost).sum();
         self.hot.clear();
         freed
     }
@@ -154,7 +130,7 @@ impl Topic {
         let mut freed = 0;
         while self.hot_first < end {
             let Some(e) = self.hot.pop_front() else { break };
-            freed += e.cost();
+            freed += cost(&e);
             self.hot_first += 1;
         }
         freed
@@ -176,7 +152,7 @@ impl Topic {
             let stop = to.min(run.end);
             let taken = if !self.hot.is_empty() && offset >= self.hot_first {
                 let skip = (offset - self.hot_first) as usize;
-                self.hot.iter().skip(skip).take((stop - offset) as usize).map(|e| e.payload.len() as u64).sum()
+                self.hot.iter().skip(skip).take((stop - offset) as usize).map(|e| e.payload_len() as u64).sum()
             } else {
                 run.bytes * (stop - offset) / (run.end - offset)
             };
@@ -213,7 +189,7 @@ impl Topic {
             if self.hot_first == first && !self.hot.is_empty() {
                 // The oldest retained message is cached: trim exactly.
                 let Some(e) = self.hot.front() else { break };
-                if over_bytes || too_old(e.ts) || e.is_expired(now) {
+                if over_bytes || too_old(e.ts()) || e.is_expired(now) {
                     self.discount(first + 1);
                     self.first = first + 1;
                     continue;
@@ -371,7 +347,7 @@ impl Index {
     #[cfg(test)]
     pub(crate) fn cached_bytes(&self) -> (u64, u64) {
         let found =
-            self.shards.iter().map(|s| lock(s).values().flat_map(|t| t.hot.iter()).map(Entry::cost).sum::<u64>()).sum();
+            self.shards.iter().map(|s| lock(s).values().flat_map(|t| t.hot.iter()).map(cost).sum::<u64>()).sum();
         (self.cache.used.load(Ordering::Relaxed), found)
     }
 
@@ -421,19 +397,14 @@ impl Index {
                     t.hot_first = offset;
                 }
                 for (i, (ts, new)) in record.into_iter().enumerate() {
-                    let entry = Entry {
-                        ts,
-                        expires_at: new
-                            .ttl_ms
-                            .map(|ttl| NonZeroU64::new(ts.saturating_add(ttl)).unwrap_or(NonZeroU64::MIN)),
-                        kind: new.kind,
-                        // Its own allocation: a payload sliced from a larger buffer would
-                        // keep all of it alive.
-                        payload: Bytes::copy_from_slice(&new.payload),
-                    };
-                    added += entry.cost();
+                    // The entry copies the payload into an allocation of its own (a
+                    // slice of a larger buffer would keep all of it alive); the message
+                    // returned keeps the original only while it is fanned out.
+                    let msg = Message::new(topic.clone(), offset + i as u64, ts, new);
+                    let entry = Entry::of(&msg);
+                    added += cost(&entry);
                     if build {
-                        messages.push(entry.message(topic, offset + i as u64));
+                        messages.push(Arc::new(msg));
                     }
                     t.hot.push_back(entry);
                 }
@@ -537,26 +508,37 @@ impl Index {
         self.shard(topic).get(topic).map_or((0, 1, 0), |t| (t.generation, t.next, t.last_ts))
     }
 
-    /// Every topic's head, for a checkpoint.
-    pub(crate) fn heads(&self) -> Vec<HeadSnapshot> {
+    /// Applies retention to every topic (`only`: those whose name it accepts), then
+    /// hands each to `f`.
+    fn each_trimmed(&self, only: impl Fn(&str) -> bool, mut f: impl FnMut(&TopicName, &Topic)) {
         let now = self.clock.now_ms();
-        let mut out = Vec::new();
         for shard in self.shards.iter() {
             let mut freed = 0;
             let mut shard = lock(shard);
-            for (topic, t) in shard.iter_mut() {
+            for (topic, t) in shard.iter_mut().filter(|(topic, _)| only(topic.as_str())) {
                 freed += t.trim(now, &self.retention);
+                f(topic, t);
+            }
+            drop(shard);
+            self.freed(freed);
+        }
+    }
+
+    /// Every topic's head, for a checkpoint.
+    pub(crate) fn heads(&self) -> Vec<HeadSnapshot> {
+        let mut out = Vec::new();
+        self.each_trimmed(
+            |_| true,
+            |topic, t| {
                 out.push(HeadSnapshot {
                     topic: topic.clone(),
                     generation: t.generation,
                     first: t.range().map_or(t.next, |r| r.0),
                     next: t.next,
                     last_ts: t.last_ts,
-                });
-            }
-            drop(shard);
-            self.freed(freed);
-        }
+                })
+            },
+        );
         out
     }
 
@@ -591,18 +573,8 @@ impl Index {
 
     /// Segments some retained message is in.
     pub(crate) fn live_segments(&self) -> std::collections::BTreeSet<u64> {
-        let now = self.clock.now_ms();
         let mut out = std::collections::BTreeSet::new();
-        for shard in self.shards.iter() {
-            let mut freed = 0;
-            let mut shard = lock(shard);
-            for t in shard.values_mut() {
-                freed += t.trim(now, &self.retention);
-                out.extend(t.runs.iter().map(|r| r.seg));
-            }
-            drop(shard);
-            self.freed(freed);
-        }
+        self.each_trimmed(|_| true, |_, t| out.extend(t.runs.iter().map(|r| r.seg)));
         out
     }
 
@@ -624,24 +596,13 @@ impl Index {
 
     /// Topics with retained messages, as [`herald_core::Store::list`] lists them.
     pub(crate) fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<ListedTopic> {
-        let now = self.clock.now_ms();
         let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            let mut freed = 0;
-            let mut shard = lock(shard);
-            for (name, t) in shard.iter_mut() {
-                let s = name.as_str();
-                if !s.starts_with(prefix) || after.is_some_and(|a| s <= a) {
-                    continue;
-                }
-                freed += t.trim(now, &self.retention);
-                if let Some((_, last)) = t.range() {
-                    out.push(ListedTopic { topic: name.clone(), last });
-                }
+        let wanted = |s: &str| s.starts_with(prefix) && after.is_none_or(|a| s > a);
+        self.each_trimmed(wanted, |topic, t| {
+            if let Some((_, last)) = t.range() {
+                out.push(ListedTopic { topic: topic.clone(), last });
             }
-            drop(shard);
-            self.freed(freed);
-        }
+        });
         out.sort_unstable_by(|a, b| a.topic.cmp(&b.topic));
         out.truncate(limit);
         out
@@ -684,7 +645,7 @@ impl Index {
                     .skip(skip)
                     .map(|(i, e)| (t.hot_first + i as u64, e))
                     .take_while(|(offset, _)| *offset <= until)
-                    .filter(|(_, e)| !e.is_expired(now) && now.saturating_sub(e.ts) < max_age)
+                    .filter(|(_, e)| !e.is_expired(now) && now.saturating_sub(e.ts()) < max_age)
                     .take(limit)
                     .map(|(offset, e)| e.message(topic, offset))
                     .collect();
