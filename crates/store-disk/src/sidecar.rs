@@ -56,7 +56,7 @@ fn decode_locs(buf: &[u8]) -> Vec<Loc> {
 }
 
 /// Writes the sidecar of segment `seq` for `runs` (their positions in memory), through
-/// a temporary file renamed into place. Returns each run's block, to point the index at.
+/// a temporary file synced and renamed into place. Returns each run's block, to point the index at.
 pub(crate) fn write(dir: &Path, seq: u64, runs: &[SealedRun]) -> std::io::Result<Vec<(TopicName, u64, u64, Locs)>> {
     let mut buf = Vec::with_capacity(MAGIC.len());
     buf.extend_from_slice(MAGIC);
@@ -91,6 +91,9 @@ pub(crate) fn write(dir: &Path, seq: u64, runs: &[SealedRun]) -> std::io::Result
     let tmp = path.with_extension("idx.tmp");
     let mut f = File::create(&tmp)?;
     f.write_all(&buf)?;
+    // Synced before it takes its name: a sidecar that exists is whole (one that a crash
+    // left missing is rebuilt from its segment).
+    f.sync_data()?;
     drop(f);
     std::fs::rename(&tmp, &path)?;
     Ok(blocks.into_iter().map(|(r, locs)| (r.topic.clone(), r.generation, r.run.first, locs)).collect())
