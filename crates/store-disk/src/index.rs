@@ -133,6 +133,10 @@ impl Topic {
             freed += cost(&e);
             self.hot_first += 1;
         }
+        // A cache that held many and holds few gives the slots back.
+        if freed > 0 && self.hot.capacity() > 64 && self.hot.len() < self.hot.capacity() / 4 {
+            self.hot.shrink_to(self.hot.len() * 2);
+        }
         freed
     }
 
@@ -341,6 +345,12 @@ impl Index {
     /// The time reads filter by.
     pub(crate) fn now(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// Slots the topics' caches have allocated.
+    #[cfg(test)]
+    pub(crate) fn cache_slots(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).values().map(|t| t.hot.capacity()).sum::<usize>()).sum()
     }
 
     /// Bytes the cache holds now: as counted, and as found in every topic's cache.
