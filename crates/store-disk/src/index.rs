@@ -220,6 +220,59 @@ impl Topic {
         }
         freed
     }
+
+    /// The next step of a read from offset `from` to `until`, for at most `limit`
+    /// messages: cached messages, or a run to read from the log.
+    fn step(
+        &self,
+        topic: &TopicName,
+        now: u64,
+        retention: &RetentionConfig,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> Step {
+        if limit == 0 {
+            return Step::Done;
+        }
+        let Some((first, last)) = self.range() else { return Step::Done };
+        let from = from.max(first);
+        let until = until.min(last);
+        if from > until {
+            return Step::Done;
+        }
+        if !self.hot.is_empty() && from >= self.hot_first {
+            let skip = (from - self.hot_first) as usize;
+            let max_age = retention.max_age.as_millis() as u64;
+            let out = self
+                .hot
+                .iter()
+                .enumerate()
+                .skip(skip)
+                .map(|(i, e)| (self.hot_first + i as u64, e))
+                .take_while(|(offset, _)| *offset <= until)
+                .filter(|(_, e)| !e.is_expired(now) && now.saturating_sub(e.ts()) < max_age)
+                .take(limit)
+                .map(|(offset, e)| e.message(topic, offset))
+                .collect();
+            return Step::Hot(out);
+        }
+        // The run holding `from`, or the first one after it (runs may have gaps).
+        let i = self.runs.partition_point(|r| r.end <= from);
+        let Some(run) = self.runs.get(i) else { return Step::Done };
+        let from = from.max(run.first);
+        // No more than the read may return: the rest is the next step's.
+        let end = run.end.min(until + 1).min(from.saturating_add(limit as u64));
+        let locs = match &run.locs {
+            Locs::Memory(locs) => {
+                let start = locs.partition_point(|l| l.offset + u64::from(l.count) <= from);
+                let stop = locs.partition_point(|l| l.offset < end);
+                Locs::Memory(locs[start..stop].to_vec())
+            }
+            sidecar => sidecar.clone(),
+        };
+        Step::Cold { seg: run.seg, locs, from, end }
+    }
 }
 
 /// Adds a record's place to a topic's runs: to the newest run if it continues it in the
@@ -361,8 +414,9 @@ impl Index {
         (self.cache.used.load(Ordering::Relaxed), found)
     }
 
-    /// Records committed messages at offsets `first..`, written where `at` says. Messages at offsets the index already holds (a checkpoint of
-    /// the old format repeats them) are skipped. Returns them as stored messages when
+    /// Records committed messages at offsets `first..`, written where `at` says.
+    /// Messages at offsets the index already holds (a checkpoint of the old format
+    /// repeats them) are skipped. Returns them as stored messages when
     /// `build` (the writer answers appends with them), else an empty list.
     pub(crate) fn append(
         &self,
@@ -390,23 +444,20 @@ impl Index {
             let mut offset = first;
             for part in parts {
                 let count = u64::from(part.count);
-                let record: Vec<(u64, NewMessage)> = entries.by_ref().take(part.count as usize).collect();
+                let record = entries.by_ref().take(part.count as usize);
                 if offset + count <= held_end {
+                    record.for_each(drop);
                     offset += count;
                     continue;
                 }
-                let bytes: u64 = record.iter().map(|(_, m)| m.payload.len() as u64).sum();
-                let last_ts = record.iter().map(|(ts, _)| *ts).max().unwrap_or(0);
-                let loc = Loc { offset, pos: part.pos, len: part.len, count: part.count };
-                add_record(&mut t.runs, seg, loc, last_ts, bytes);
-                t.bytes += bytes;
-                t.next = t.next.max(offset + count);
-                t.last_ts = t.last_ts.max(last_ts);
                 if t.hot.is_empty() || t.hot_first + t.hot.len() as u64 != offset {
                     freed += t.drop_hot();
                     t.hot_first = offset;
                 }
-                for (i, (ts, new)) in record.into_iter().enumerate() {
+                let (mut bytes, mut last_ts) = (0, 0);
+                for (i, (ts, new)) in record.enumerate() {
+                    bytes += new.payload.len() as u64;
+                    last_ts = last_ts.max(ts);
                     // The entry copies the payload into an allocation of its own (a
                     // slice of a larger buffer would keep all of it alive); the message
                     // returned keeps the original only while it is fanned out.
@@ -418,6 +469,11 @@ impl Index {
                     }
                     t.hot.push_back(entry);
                 }
+                let loc = Loc { offset, pos: part.pos, len: part.len, count: part.count };
+                add_record(&mut t.runs, seg, loc, last_ts, bytes);
+                t.bytes += bytes;
+                t.next = t.next.max(offset + count);
+                t.last_ts = t.last_ts.max(last_ts);
                 offset += count;
             }
             freed += t.trim(now, &self.retention);
@@ -468,11 +524,16 @@ impl Index {
     pub(crate) fn delete(&self, topic: &TopicName, generation: u64) -> Epoch {
         self.epochs.fetch_max(generation, Ordering::Relaxed);
         let epoch = self.epoch_of(generation);
-        let old = self.shard(topic).insert(topic.clone(), Topic::new(epoch.clone(), generation));
+        self.put(topic.clone(), Topic::new(epoch.clone(), generation));
+        epoch
+    }
+
+    /// Makes `t` the state of `topic`, freeing what the one it replaces had cached.
+    fn put(&self, topic: TopicName, t: Topic) {
+        let old = self.shard(&topic).insert(topic, t);
         if let Some(mut old) = old {
             self.freed(old.drop_hot());
         }
-        epoch
     }
 
     /// Sets a topic's head as a checkpoint recorded it; its runs follow (from older
@@ -483,10 +544,7 @@ impl Index {
         t.next = h.next;
         t.last_ts = h.last_ts;
         t.first = h.first.max(1);
-        let old = self.shard(&h.topic).insert(h.topic, t);
-        if let Some(mut old) = old {
-            self.freed(old.drop_hot());
-        }
+        self.put(h.topic, t);
     }
 
     /// Adds a sealed segment's runs at recovery, after the checkpoint's heads and before
@@ -588,20 +646,22 @@ impl Index {
         out
     }
 
-    /// The topic's head.
-    pub(crate) fn head(&self, topic: &TopicName) -> TopicHead {
+    /// Applies retention to `topic`, then hands it to `f` (`None` if it has never been
+    /// published or deleted).
+    fn with_trimmed<T>(&self, topic: &TopicName, f: impl FnOnce(Option<&Topic>) -> T) -> T {
         let now = self.clock.now_ms();
         let mut shard = self.shard(topic);
-        match shard.get_mut(topic) {
-            Some(t) => {
-                let freed = t.trim(now, &self.retention);
-                let head = t.head();
-                drop(shard);
-                self.freed(freed);
-                head
-            }
-            None => Topic::new(self.fresh_epoch.clone(), 0).head(),
-        }
+        let mut t = shard.get_mut(topic);
+        let freed = t.as_mut().map_or(0, |t| t.trim(now, &self.retention));
+        let out = f(t.as_deref());
+        drop(shard);
+        self.freed(freed);
+        out
+    }
+
+    /// The topic's head.
+    pub(crate) fn head(&self, topic: &TopicName) -> TopicHead {
+        self.with_trimmed(topic, |t| t.map_or_else(|| Topic::new(self.fresh_epoch.clone(), 0).head(), Topic::head))
     }
 
     /// Topics with retained messages, as [`herald_core::Store::list`] lists them.
@@ -620,65 +680,26 @@ impl Index {
 
     /// Applies retention everywhere.
     pub(crate) fn sweep(&self) {
-        self.live_segments();
+        self.each_trimmed(|_| true, |_, _| {});
     }
 
-    /// The epoch of `topic` and its generation, for a read to start with.
-    pub(crate) fn epoch(&self, topic: &TopicName) -> (Epoch, u64) {
-        self.shard(topic).get(topic).map_or((self.fresh_epoch.clone(), 0), |t| (t.epoch.clone(), t.generation))
+    /// The first step of a read of `topic` (see [`Index::step`]), with the epoch and
+    /// generation the read is of.
+    pub(crate) fn begin(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> (Epoch, u64, Step) {
+        let now = self.clock.now_ms();
+        self.with_trimmed(topic, |t| match t {
+            Some(t) => (t.epoch.clone(), t.generation, t.step(topic, now, &self.retention, from, until, limit)),
+            None => (self.fresh_epoch.clone(), 0, Step::Done),
+        })
     }
 
     /// The next step of a read of `topic` in `generation` from offset `from` to `until`,
     /// for at most `limit` messages: cached messages, or a run to read from the log.
     pub(crate) fn step(&self, topic: &TopicName, generation: u64, from: u64, until: u64, limit: usize) -> Step {
         let now = self.clock.now_ms();
-        let mut shard = self.shard(topic);
-        let Some(t) = shard.get_mut(topic) else { return Step::Done };
-        let freed = t.trim(now, &self.retention);
-        let step = (|| {
-            if t.generation != generation || limit == 0 {
-                return Step::Done;
-            }
-            let Some((first, last)) = t.range() else { return Step::Done };
-            let from = from.max(first);
-            let until = until.min(last);
-            if from > until {
-                return Step::Done;
-            }
-            if !t.hot.is_empty() && from >= t.hot_first {
-                let skip = (from - t.hot_first) as usize;
-                let max_age = self.retention.max_age.as_millis() as u64;
-                let out = t
-                    .hot
-                    .iter()
-                    .enumerate()
-                    .skip(skip)
-                    .map(|(i, e)| (t.hot_first + i as u64, e))
-                    .take_while(|(offset, _)| *offset <= until)
-                    .filter(|(_, e)| !e.is_expired(now) && now.saturating_sub(e.ts()) < max_age)
-                    .take(limit)
-                    .map(|(offset, e)| e.message(topic, offset))
-                    .collect();
-                return Step::Hot(out);
-            }
-            // The run holding `from`, or the first one after it (runs may have gaps).
-            let i = t.runs.partition_point(|r| r.end <= from);
-            let Some(run) = t.runs.get(i) else { return Step::Done };
-            let from = from.max(run.first);
-            // No more than the read may return: the rest is the next step's.
-            let end = run.end.min(until + 1).min(from.saturating_add(limit as u64));
-            let locs = match &run.locs {
-                Locs::Memory(locs) => {
-                    let start = locs.partition_point(|l| l.offset + u64::from(l.count) <= from);
-                    let stop = locs.partition_point(|l| l.offset < end);
-                    Locs::Memory(locs[start..stop].to_vec())
-                }
-                sidecar => sidecar.clone(),
-            };
-            Step::Cold { seg: run.seg, locs, from, end }
-        })();
-        drop(shard);
-        self.freed(freed);
-        step
+        self.with_trimmed(topic, |t| match t {
+            Some(t) if t.generation == generation => t.step(topic, now, &self.retention, from, until, limit),
+            _ => Step::Done,
+        })
     }
 }

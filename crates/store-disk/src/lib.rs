@@ -419,8 +419,7 @@ impl Store for DiskStore {
     }
 
     fn read(&self, topic: &TopicName, from: u64, until: u64, limit: usize) -> StoreFuture<History> {
-        let (epoch, generation) = self.shared.index.epoch(topic);
-        let step = self.shared.index.step(topic, generation, from, until, limit);
+        let (epoch, generation, step) = self.shared.index.begin(topic, from, until, limit);
         let cold @ Step::Cold { .. } = step else {
             // Cached (or nothing): answered at once.
             let messages = match step {

@@ -66,15 +66,14 @@ pub(crate) fn write(dir: &Path, seq: u64, runs: &[SealedRun]) -> std::io::Result
         let pos = buf.len() as u64;
         encode_locs(locs, &mut buf);
         let crc = crc32fast::hash(&buf[pos as usize..]);
-        blocks.push((r, Locs::Sidecar { pos, count: locs.len() as u32, crc }));
+        blocks.push((r, pos, locs.len() as u32, crc));
     }
     let table_pos = buf.len() as u64;
-    for (r, locs) in &blocks {
-        let Locs::Sidecar { pos, count, crc } = locs else { continue };
+    for &(r, pos, count, crc) in &blocks {
         let name = r.topic.as_str().as_bytes();
         buf.extend_from_slice(&(name.len() as u32).to_le_bytes());
         buf.extend_from_slice(name);
-        for v in [r.generation, r.run.first, r.run.end, r.run.last_ts, r.run.bytes, *pos] {
+        for v in [r.generation, r.run.first, r.run.end, r.run.last_ts, r.run.bytes, pos] {
             buf.extend_from_slice(&v.to_le_bytes());
         }
         buf.extend_from_slice(&count.to_le_bytes());
@@ -96,7 +95,10 @@ pub(crate) fn write(dir: &Path, seq: u64, runs: &[SealedRun]) -> std::io::Result
     f.sync_data()?;
     drop(f);
     std::fs::rename(&tmp, &path)?;
-    Ok(blocks.into_iter().map(|(r, locs)| (r.topic.clone(), r.generation, r.run.first, locs)).collect())
+    Ok(blocks
+        .into_iter()
+        .map(|(r, pos, count, crc)| (r.topic.clone(), r.generation, r.run.first, Locs::Sidecar { pos, count, crc }))
+        .collect())
 }
 
 /// The runs listed by segment `seq`'s sidecar, or `None` if it is missing or fails a
