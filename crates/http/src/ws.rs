@@ -54,17 +54,75 @@ pub(crate) enum Control {
 /// Items the writer takes per batch.
 const WRITE_BATCH: usize = 512;
 
-/// How a subscription's messages are framed on this connection.
+/// How a connection's frames are sent.
 #[derive(Clone, Copy)]
 enum Framing {
+    /// The JSON protocol, one server frame per WebSocket frame.
     Json,
+    /// The JSON protocol with `?pack=lines`: the server frames of a batch go out as few
+    /// text frames, each holding one or more of them separated by `\n` ([`Packer`]).
+    Packed,
+    /// Raw sockets: each message a bare frame.
     Raw,
 }
 
-fn encode_json(metrics: &Metrics, msg: &Outgoing) -> WsMessage {
+/// A packed frame grows to at most this many bytes; a larger server frame goes alone.
+const PACK_LIMIT: usize = 64 << 10;
+
+/// Gathers server frames of the JSON protocol into packed text frames (`?pack=lines`):
+/// frames separated by `\n`. A frame's own line breaks can only be JSON whitespace (a
+/// JSON string holds them escaped), so they become spaces, which keeps its meaning. A
+/// lone frame without one goes out as the shared encoding itself, copied nowhere.
+#[derive(Default)]
+struct Packer {
+    /// A frame waiting for company, sent as it is if none comes.
+    single: Option<Utf8Bytes>,
+    /// Frames joined so far (empty when `single` or nothing waits).
+    joined: String,
+}
+
+impl Packer {
+    /// Adds `frame`; returns the packed frame that had to go out first to keep each
+    /// under [`PACK_LIMIT`]. `expected` is about how many bytes the batch still holds,
+    /// to size the joined frame once.
+    fn push(&mut self, frame: Utf8Bytes, expected: usize) -> Option<WsMessage> {
+        let waiting = self.single.as_ref().map_or(self.joined.len(), |s| s.len());
+        let full = waiting > 0 && waiting + 1 + frame.len() > PACK_LIMIT;
+        let out = if full { self.take() } else { None };
+        let has_break = frame.as_bytes().contains(&b'\n');
+        if self.single.is_none() && self.joined.is_empty() && !has_break {
+            self.single = Some(frame);
+            return out;
+        }
+        if let Some(single) = self.single.take() {
+            self.joined.reserve((single.len() + 1 + frame.len() + expected).min(PACK_LIMIT));
+            self.joined.push_str(&single);
+        }
+        if !self.joined.is_empty() {
+            self.joined.push('\n');
+        }
+        if has_break {
+            self.joined.extend(frame.chars().map(|c| if c == '\n' { ' ' } else { c }));
+        } else {
+            self.joined.push_str(&frame);
+        }
+        out
+    }
+
+    /// The frame gathered so far, if any.
+    fn take(&mut self) -> Option<WsMessage> {
+        match self.single.take() {
+            Some(single) => Some(WsMessage::Text(single)),
+            None if self.joined.is_empty() => None,
+            None => Some(WsMessage::Text(std::mem::take(&mut self.joined).into())),
+        }
+    }
+}
+
+fn encode_json(metrics: &Metrics, msg: &Outgoing) -> Utf8Bytes {
     msg.encoded(WireForm::WsJson, |m| {
         metrics.encoded(WireForm::WsJson);
-        WsMessage::Text(Utf8Bytes::from(encode::message_frame(m)))
+        Utf8Bytes::from(encode::message_frame(m))
     })
 }
 
@@ -118,15 +176,47 @@ struct WsWriter<'a> {
     pong_check: Option<Instant>,
 }
 
+impl WsWriter<'_> {
+    /// [`SocketWriter::write_batch`] for packed connections: the batch's server frames
+    /// as few text frames as [`PACK_LIMIT`] allows, then one flush.
+    async fn write_packed(&mut self, batch: &mut Vec<Item<Control>>) -> Result<(), WsStop> {
+        let mut expected: usize = batch.iter().map(Item::size).sum();
+        let mut packer = Packer::default();
+        let mut close = None;
+        for item in batch.drain(..) {
+            expected = expected.saturating_sub(item.size());
+            let frame = match item {
+                Item::Message(m) => encode_json(self.metrics, &m),
+                Item::Control(Control::Text(t), _) => t.into(),
+                Item::Control(Control::Close(code, reason), _) => {
+                    close = Some((code, reason));
+                    break;
+                }
+            };
+            if let Some(full) = packer.push(frame, expected) {
+                self.sink.feed(full).await.map_err(|_| None)?;
+            }
+        }
+        if let Some(last) = packer.take() {
+            self.sink.feed(last).await.map_err(|_| None)?;
+        }
+        self.sink.flush().await.map_err(|_| None)?;
+        close.map_or(Ok(()), |close| Err(Some(close)))
+    }
+}
+
 impl SocketWriter<Control> for WsWriter<'_> {
     type Stop = WsStop;
 
     async fn write_batch(&mut self, batch: &mut Vec<Item<Control>>) -> Result<(), WsStop> {
+        if let Framing::Packed = self.framing {
+            return self.write_packed(batch).await;
+        }
         let mut close = None;
         for item in batch.drain(..) {
             let frame = match item {
                 Item::Message(m) => match self.framing {
-                    Framing::Json => encode_json(self.metrics, &m),
+                    Framing::Json | Framing::Packed => WsMessage::Text(encode_json(self.metrics, &m)),
                     Framing::Raw => encode_raw(self.metrics, &m),
                 },
                 Item::Control(Control::Text(t), _) => WsMessage::Text(t.into()),
@@ -251,8 +341,14 @@ pub(crate) async fn json_upgrade(
     axum::Extension(caller): axum::Extension<Caller>,
     peer: PeerOf,
     presented: Option<axum::Extension<Presented>>,
+    RawQuery(query): RawQuery,
     upgrade: Result<WsUpgrade, NotAnUpgrade>,
 ) -> Result<Response, ApiError> {
+    let framing = match Query::parse(query.as_deref())?.get("pack") {
+        None => Framing::Json,
+        Some("lines") => Framing::Packed,
+        Some(other) => return Err(ApiError::bad_request(format!("pack must be `lines`, not `{other}`"))),
+    };
     // Kept to check the caller again when the configuration is reloaded; reloads are
     // watched from now on, so one before the connection's task starts is not missed.
     let credentials = credentials_of(presented);
@@ -262,7 +358,7 @@ pub(crate) async fn json_upgrade(
     let tracker = state.tracker().clone();
     Ok(upgrade.max_message_size(frame_limit).on_upgrade(move |socket| {
         let peer = peer.map(|axum::Extension(p)| p);
-        tracker.track_future(json_connection(socket, state, caller, (credentials, reloads), peer))
+        tracker.track_future(json_connection(socket, state, caller, (credentials, reloads), peer, framing))
     }))
 }
 
@@ -370,6 +466,7 @@ async fn json_connection(
     caller: Caller,
     (credentials, mut reloads): (Option<herald_auth::Credentials>, Option<tokio::sync::watch::Receiver<u64>>),
     peer: Option<Arc<Peer>>,
+    framing: Framing,
 ) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
     let deadline = deadline_of(&caller);
@@ -384,7 +481,7 @@ async fn json_connection(
         credentials,
         peer,
     };
-    run_connection(socket, &state, Framing::Json, (out, rx), async |mut stream, last_seen, stop| {
+    run_connection(socket, &state, framing, (out, rx), async |mut stream, last_seen, stop| {
         let mut incoming = Incoming::new(&mut stream);
         loop {
             if session.closed {

@@ -24,8 +24,9 @@ async fn many_publishers_many_subscribers_every_message_once_in_order() -> Resul
     let server = start(|_| {}).await?;
 
     let mut json_subs = Vec::new();
-    for _ in 0..8 {
-        let mut ws = server.json_ws().await?;
+    for i in 0..8 {
+        // Half of them with packed frames (`?pack=lines`).
+        let mut ws = if i % 2 == 0 { server.json_ws().await? } else { server.json_ws_packed().await? };
         let reply = ws.subscribe(TOPIC, StartFrom::Latest, None).await?;
         assert_eq!(reply["type"], "subscribed");
         json_subs.push(collect_json(ws, TOTAL));
@@ -120,10 +121,11 @@ async fn replay_then_live_has_no_gap_and_no_duplicate_while_publishing() -> Resu
         (2000, StartFrom::Offset(1900)),
     ];
     let mut subs = Vec::new();
-    for (at, from) in plans {
+    for (i, (at, from)) in plans.into_iter().enumerate() {
         let mut progress = progress.clone();
         progress.wait_for(|&o| o >= at).await?;
-        let mut ws = server.json_ws().await?;
+        // Every other one with packed frames: a replay's batches share WebSocket frames.
+        let mut ws = if i % 2 == 0 { server.json_ws_packed().await? } else { server.json_ws().await? };
         let reply = ws.subscribe("flow", from, None).await?;
         assert_eq!(reply["recovered"], true, "{reply}");
         let first = match from {
@@ -365,5 +367,74 @@ async fn on_one_connection_a_message_comes_before_its_published_reply_on_the_dis
     }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A packed connection's WebSocket frames, each split into its server frames.
+async fn packed_frames(socket: &mut common::RawSocket, until_offset: u64) -> Result<Vec<Vec<serde_json::Value>>> {
+    let mut frames = Vec::new();
+    loop {
+        let WsMessage::Text(text) = raw_next(socket).await? else { return Err("not a text frame".into()) };
+        let lines =
+            text.split('\n').map(serde_json::from_str).collect::<std::result::Result<Vec<serde_json::Value>, _>>()?;
+        let done = lines.iter().any(|l| l["offset"].as_u64() == Some(until_offset));
+        frames.push(lines);
+        if done {
+            return Ok(frames);
+        }
+    }
+}
+
+#[tokio::test]
+async fn packed_frames_carry_many_server_frames_in_order_with_json_line_breaks_as_spaces() -> Result {
+    let server = start(|_| {}).await?;
+    let client = server.client();
+    for i in 0..300 {
+        client.publish_text("packed", format!("m{i}")).await?;
+    }
+    // A JSON payload with line breaks (JSON whitespace) and one inside a string (escaped).
+    let pretty = "{\n  \"a\": [1,\n 2],\n  \"s\": \"x\\ny\"\n}";
+    let (status, reply) = server.post("/v1/topics/packed/messages", Some("application/json"), pretty.into()).await?;
+    assert_eq!(status, 201, "{reply}");
+
+    let mut packed = server.socket("/v1/ws?pack=lines").await?;
+    common::send_text(&mut packed, r#"{"op":"subscribe","id":1,"topic":"packed","from":"earliest"}"#).await?;
+    let frames = within(Duration::from_secs(20), "packed replay", packed_frames(&mut packed, 301)).await??;
+    let lines: Vec<&serde_json::Value> = frames.iter().flatten().collect();
+    assert_eq!(lines[0]["type"], "subscribed", "the reply first: {}", lines[0]);
+    let offsets: Vec<u64> = lines[1..].iter().filter_map(|l| l["offset"].as_u64()).collect();
+    assert_eq!(offsets, (1..=301).collect::<Vec<_>>(), "every message once, in order, nothing else");
+    assert!(frames.len() < 30, "a replay's messages share frames: {} frames for 302 server frames", frames.len());
+    assert_eq!(lines[300]["data"], "m299");
+    let expected: serde_json::Value = serde_json::from_str(pretty)?;
+    assert_eq!(lines[301]["data"], expected, "the same JSON value");
+
+    // The packed frame holds the payload with its line breaks as spaces; an unpacked
+    // connection gets the exact text.
+    let mut packed_ws = server.json_ws_packed().await?;
+    let mut plain_ws = server.json_ws().await?;
+    for ws in [&mut packed_ws, &mut plain_ws] {
+        let reply = ws.subscribe("packed", StartFrom::Offset(301), None).await?;
+        assert_eq!(reply["recovered"], true, "{reply}");
+    }
+    let spaced = pretty.replace('\n', " ");
+    assert_eq!(Delivery::parse(&packed_ws.recv_text().await?)?.payload, Payload::Json(spaced));
+    assert_eq!(Delivery::parse(&plain_ws.recv_text().await?)?.payload, Payload::Json(pretty.to_owned()));
+
+    // Live: the message, then its publish's reply (maybe in one frame), each whole.
+    common::send_text(&mut packed, r#"{"op":"publish","id":2,"topic":"packed","data":"live"}"#).await?;
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    while lines.len() < 2 {
+        lines.extend(
+            within(Duration::from_secs(10), "live", packed_frames(&mut packed, 302)).await??.into_iter().flatten(),
+        );
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!((lines[0]["type"].as_str(), lines[0]["data"].as_str()), (Some("message"), Some("live")));
+    assert_eq!((lines[1]["type"].as_str(), lines[1]["offset"].as_u64()), (Some("published"), Some(302)));
+
+    // Only `lines` is a packing: anything else is refused before the upgrade.
+    let (status, body) = server.get_json("/v1/ws?pack=yes").await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
     Ok(())
 }

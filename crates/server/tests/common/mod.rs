@@ -60,6 +60,18 @@ impl TestServer {
         Ok(herald_client::WsConnection::connect(&self.url).await?)
     }
 
+    /// A JSON protocol connection whose server frames come packed (`?pack=lines`).
+    pub async fn json_ws_packed(&self) -> Result<herald_client::WsConnection> {
+        let tls = herald_client::TlsConfig::system();
+        Ok(herald_client::WsConnection::connect_packed(&self.url, &tls, None).await?)
+    }
+
+    /// A plain WebSocket on `{path}` (with its query), for frame-level checks.
+    pub async fn socket(&self, path: &str) -> Result<RawSocket> {
+        let (socket, _) = tokio_tungstenite::connect_async(format!("{}{path}", self.ws)).await?;
+        Ok(socket)
+    }
+
     /// A raw socket on `/v1/topics/{topic}/ws?{query}`.
     pub async fn raw_ws(&self, topic: &str, query: &str) -> Result<RawSocket> {
         let url = format!("{}/v1/topics/{topic}/ws?{query}", self.ws);
