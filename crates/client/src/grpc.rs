@@ -35,6 +35,8 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
+
 use base64::Engine;
 use bytes::Bytes;
 pub use tonic::transport::Channel;
@@ -145,10 +147,13 @@ impl GrpcClient {
             StartFrom::Earliest => Some(From::Start(pb::Start::Earliest as i32)),
             StartFrom::Offset(n) => Some(From::Offset(n)),
         };
-        let request = pb::SubscribeRequest { topic: topic.to_owned(), from, epoch };
+        // Packed: a burst arrives as a few `messages` events; `next` hands out one at a time.
+        let request = pb::SubscribeRequest { topic: topic.to_owned(), from, epoch, pack: true };
         let mut stream = self.topics().subscribe(self.request(request)).await?.into_inner();
         match stream.message().await?.and_then(|e| e.event) {
-            Some(pb::subscribe_event::Event::Subscribed(subscribed)) => Ok(GrpcSubscription { subscribed, stream }),
+            Some(pb::subscribe_event::Event::Subscribed(subscribed)) => {
+                Ok(GrpcSubscription { subscribed, stream, ready: VecDeque::new() })
+            }
             other => Err(ClientError::Protocol(format!("expected a subscribed event first, got {other:?}"))),
         }
     }
@@ -160,6 +165,8 @@ pub struct GrpcSubscription {
     /// The first event: epoch, next offset, and whether the start could be resumed.
     pub subscribed: pb::Subscribed,
     stream: Streaming<pb::SubscribeEvent>,
+    /// The rest of the last packed event.
+    ready: VecDeque<pb::TopicMessage>,
 }
 
 impl GrpcSubscription {
@@ -167,10 +174,15 @@ impl GrpcSubscription {
     /// server's status otherwise (UNAVAILABLE on shutdown, RESOURCE_EXHAUSTED when this
     /// subscriber fell too far behind).
     pub async fn next(&mut self) -> Result<Option<pb::TopicMessage>, ClientError> {
+        use pb::subscribe_event::Event;
         loop {
+            if let Some(m) = self.ready.pop_front() {
+                return Ok(Some(m));
+            }
             match self.stream.message().await? {
                 None => return Ok(None),
-                Some(pb::SubscribeEvent { event: Some(pb::subscribe_event::Event::Message(m)) }) => return Ok(Some(m)),
+                Some(pb::SubscribeEvent { event: Some(Event::Message(m)) }) => return Ok(Some(m)),
+                Some(pb::SubscribeEvent { event: Some(Event::Messages(ms)) }) => self.ready.extend(ms.messages),
                 // Keepalives, and event kinds a newer server may add, carry nothing here.
                 Some(_) => continue,
             }

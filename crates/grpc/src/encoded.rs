@@ -9,6 +9,12 @@
 //! [`Outgoing::encoded`] with [`WireForm::Grpc`] (counted by `Metrics::encoded`) and
 //! shared as `Bytes` by every subscriber; the codec then copies them into the HTTP/2
 //! frame buffer, as a WebSocket writer copies a shared frame into its socket buffer.
+//!
+//! A packed event (`messages`, for a subscriber that asked for `pack`) is written from
+//! the same shared bytes: a `message` event is field 2 of `SubscribeEvent` holding a
+//! `TopicMessage`, and an element of `TopicMessages` is field 1 holding the same
+//! `TopicMessage`, so each element is the shared bytes with their first byte (the
+//! field's tag) swapped, and nothing is copied before the codec's one copy.
 
 use bytes::{Buf, BufMut, Bytes};
 use herald_core::{Kind, Message, Metrics, Outgoing, WireForm};
@@ -18,12 +24,35 @@ use prost::DecodeError;
 use crate::pb;
 
 /// Protobuf bytes of one `herald.v1.SubscribeEvent`, written to the wire as they are.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EncodedEvent(Bytes);
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedEvent(Repr);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Repr {
+    /// A whole event.
+    Whole(Bytes),
+    /// A `messages` event: the shared `message` events of its elements, and their
+    /// total length.
+    Packed(Vec<Bytes>, usize),
+}
+
+impl Default for EncodedEvent {
+    fn default() -> Self {
+        Self(Repr::Whole(Bytes::new()))
+    }
+}
 
 /// Field numbers of `SubscribeEvent`'s oneof.
 const SUBSCRIBED: u32 = 1;
 const MESSAGE: u32 = 2;
+/// `messages` (field 4, length-delimited): the tag byte of a packed event.
+const MESSAGES_TAG: u8 = 4 << 3 | 2;
+/// `TopicMessages.messages` (field 1, length-delimited): an element's tag byte, in place
+/// of `message`'s (field 2), which is one byte too.
+const ELEMENT_TAG: u8 = 1 << 3 | 2;
+const MESSAGE_TAG: u8 = (MESSAGE as u8) << 3 | 2;
+/// A packed event grows to about this many bytes; a larger message goes alone.
+pub(crate) const PACK_LIMIT: usize = 64 << 10;
 /// `keepalive` (field 3, length-delimited) holding an empty `Keepalive`.
 const KEEPALIVE: &[u8] = &[3 << 3 | 2, 0];
 
@@ -32,12 +61,39 @@ impl EncodedEvent {
     pub fn subscribed(subscribed: &pb::Subscribed) -> Self {
         let mut buf = Vec::with_capacity(prost::Message::encoded_len(subscribed) + 8);
         prost::encoding::message::encode(SUBSCRIBED, subscribed, &mut buf);
-        Self(buf.into())
+        Self(Repr::Whole(buf.into()))
     }
 
     /// The event sent on an idle stream.
     pub fn keepalive() -> Self {
-        Self(Bytes::from_static(KEEPALIVE))
+        Self(Repr::Whole(Bytes::from_static(KEEPALIVE)))
+    }
+
+    /// One `messages` event of `events`, which must all be [`EncodedEvent::message`]s;
+    /// a lone one stays as it is.
+    pub fn packed(mut events: Vec<EncodedEvent>) -> Self {
+        if events.len() == 1 {
+            return events.remove(0);
+        }
+        let parts: Vec<Bytes> = events
+            .into_iter()
+            .filter_map(|e| match e.0 {
+                Repr::Whole(b) if b.first() == Some(&MESSAGE_TAG) => Some(b),
+                _ => None,
+            })
+            .collect();
+        let len = parts.iter().map(Bytes::len).sum();
+        Self(Repr::Packed(parts, len))
+    }
+
+    /// Its encoded length, as the codec will write it.
+    pub fn len(&self) -> usize {
+        prost::Message::encoded_len(self)
+    }
+
+    /// Whether it encodes to nothing (never for an event the server sends).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// `msg` as a `SubscribeEvent`, serialised on first use and shared afterwards.
@@ -47,13 +103,20 @@ impl EncodedEvent {
             let event = topic_message(m);
             let mut buf = Vec::with_capacity(prost::Message::encoded_len(&event) + 16);
             prost::encoding::message::encode(MESSAGE, &event, &mut buf);
-            Self(buf.into())
+            Self(Repr::Whole(buf.into()))
         })
     }
 
-    /// The encoded bytes.
-    pub fn as_bytes(&self) -> &Bytes {
-        &self.0
+    /// The encoded bytes, in one piece.
+    pub fn to_bytes(&self) -> Bytes {
+        match &self.0 {
+            Repr::Whole(b) => b.clone(),
+            Repr::Packed(..) => {
+                let mut buf = Vec::with_capacity(self.len());
+                prost::Message::encode_raw(self, &mut buf);
+                buf.into()
+            }
+        }
     }
 }
 
@@ -89,7 +152,17 @@ pub(crate) fn content_type(kind: Kind) -> &'static str {
 
 impl prost::Message for EncodedEvent {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
+        match &self.0 {
+            Repr::Whole(b) => buf.put_slice(b),
+            Repr::Packed(parts, len) => {
+                buf.put_u8(MESSAGES_TAG);
+                prost::encoding::encode_varint(*len as u64, buf);
+                for part in parts {
+                    buf.put_u8(ELEMENT_TAG);
+                    buf.put_slice(&part[1..]);
+                }
+            }
+        }
     }
 
     // The server never decodes its own stream items; skip anything, keep nothing.
@@ -104,11 +177,14 @@ impl prost::Message for EncodedEvent {
     }
 
     fn encoded_len(&self) -> usize {
-        self.0.len()
+        match &self.0 {
+            Repr::Whole(b) => b.len(),
+            Repr::Packed(_, len) => 1 + prost::encoding::encoded_len_varint(*len as u64) + len,
+        }
     }
 
     fn clear(&mut self) {
-        self.0 = Bytes::new();
+        *self = Self::default();
     }
 }
 
@@ -131,7 +207,7 @@ mod tests {
         assert_eq!(first, again);
         let mut framed = Vec::new();
         first.encode(&mut framed)?;
-        assert_eq!(framed, first.as_bytes().to_vec(), "written as is");
+        assert_eq!(framed, first.to_bytes().to_vec(), "written as is");
 
         // Decode with a mirror of the client-side generated type.
         #[derive(Clone, PartialEq, prost::Message)]
@@ -142,17 +218,44 @@ mod tests {
             message: Option<pb::TopicMessage>,
             #[prost(message, optional, tag = "3")]
             keepalive: Option<pb::Keepalive>,
+            #[prost(message, optional, tag = "4")]
+            messages: Option<pb::TopicMessages>,
         }
-        let event = Event::decode(first.as_bytes().clone())?;
+        let event = Event::decode(first.to_bytes())?;
         let m = event.message.ok_or("no message")?;
         assert_eq!((m.topic.as_str(), m.offset, m.ts, &m.data[..]), ("news", 7, 1234, &b"{\"a\":1}"[..]));
         assert_eq!(m.kind, pb::Kind::Json as i32);
 
         let sub = pb::Subscribed { topic: "news".into(), epoch: "e".into(), next: 8, recovered: true };
-        let event = Event::decode(EncodedEvent::subscribed(&sub).as_bytes().clone())?;
+        let event = Event::decode(EncodedEvent::subscribed(&sub).to_bytes())?;
         assert_eq!(event.subscribed, Some(sub));
-        let event = Event::decode(EncodedEvent::keepalive().as_bytes().clone())?;
+        let event = Event::decode(EncodedEvent::keepalive().to_bytes())?;
         assert_eq!(event.keepalive, Some(pb::Keepalive {}));
+
+        // Packed: the same messages, in order, as the generated type decodes them; a
+        // payload big enough for a two-byte length prefix included.
+        let events: Vec<EncodedEvent> = [&b"{\"a\":1}"[..], &[7u8; 300][..], b"x"]
+            .iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let m =
+                    Message::new(TopicName::parse("news")?, 8 + i as u64, 1, NewMessage::new(Kind::Binary, *payload));
+                Ok(EncodedEvent::message(&metrics, &Outgoing::new(std::sync::Arc::new(m))))
+            })
+            .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+        let packed = EncodedEvent::packed(events.clone());
+        let mut framed = Vec::new();
+        packed.encode(&mut framed)?;
+        assert_eq!(framed.len(), packed.len());
+        let event = Event::decode(&framed[..])?;
+        let got = event.messages.ok_or("no messages")?.messages;
+        let want: Vec<pb::TopicMessage> = events
+            .iter()
+            .map(|e| Event::decode(e.to_bytes())?.message.ok_or("no message".into()))
+            .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+        assert_eq!(got, want);
+        assert_eq!(got.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![8, 9, 10]);
+        assert_eq!(EncodedEvent::packed(vec![events[0].clone()]), events[0], "a lone message stays a `message`");
         Ok(())
     }
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::{Code, Status};
 
-use crate::encoded::EncodedEvent;
+use crate::encoded::{EncodedEvent, PACK_LIMIT};
 use crate::error::{from_broker, status};
 use crate::{pb, GrpcState};
 
@@ -45,6 +45,7 @@ pub(crate) async fn open(
     topic: TopicName,
     from: StartFrom,
     epoch: Option<&str>,
+    pack: bool,
     watch: herald_auth::Watch,
 ) -> Result<EventStream, Status> {
     let broker = state.broker().clone();
@@ -72,7 +73,7 @@ pub(crate) async fn open(
         let ended = watch.ended();
         tokio::pin!(ended);
         let end = tokio::select! {
-            end = produce(first, rx, &batch_tx, &shutdown, &metrics) => end,
+            end = produce(first, rx, (&batch_tx, pack), &shutdown, &metrics) => end,
             why = &mut ended => Some(match why {
                 herald_auth::Ended::Expired => status(ErrorCode::Unauthorized, "token expired"),
                 herald_auth::Ended::Refused => status(ErrorCode::Unauthorized, "credentials no longer accepted"),
@@ -126,6 +127,8 @@ fn slow_consumer() -> Option<Status> {
 /// and a `keepalive` event when idle.
 struct GrpcWriter<'a> {
     tx: &'a mpsc::Sender<Vec<EncodedEvent>>,
+    /// Whether the subscriber asked for packed `messages` events.
+    pack: bool,
     metrics: &'a Metrics,
     first: Option<EncodedEvent>,
     idle_until: Instant,
@@ -153,13 +156,11 @@ impl SocketWriter<Infallible> for GrpcWriter<'_> {
     }
 
     async fn write_batch(&mut self, batch: &mut Vec<Item<Infallible>>) -> Result<(), ()> {
-        let events = batch
-            .drain(..)
-            .map(|item| match item {
-                Item::Message(m) => EncodedEvent::message(self.metrics, &m),
-                Item::Control(never, _) => match never {},
-            })
-            .collect();
+        let events = batch.drain(..).map(|item| match item {
+            Item::Message(m) => EncodedEvent::message(self.metrics, &m),
+            Item::Control(never, _) => match never {},
+        });
+        let events = if self.pack { pack(events) } else { events.collect() };
         self.hand_over(events).await
     }
 
@@ -172,16 +173,35 @@ impl SocketWriter<Infallible> for GrpcWriter<'_> {
     }
 }
 
-/// Moves events from the outbound queue to the stream until the subscription ends;
-/// returns the status to end the stream with (`None`: the client went away).
+/// `messages` events of at most about [`PACK_LIMIT`] bytes each (a larger message alone).
+fn pack(messages: impl Iterator<Item = EncodedEvent>) -> Vec<EncodedEvent> {
+    let mut events = Vec::new();
+    let (mut group, mut bytes) = (Vec::new(), 0);
+    for m in messages {
+        if !group.is_empty() && bytes + m.len() > PACK_LIMIT {
+            events.push(EncodedEvent::packed(std::mem::take(&mut group)));
+            bytes = 0;
+        }
+        bytes += m.len();
+        group.push(m);
+    }
+    if !group.is_empty() {
+        events.push(EncodedEvent::packed(group));
+    }
+    events
+}
+
+/// Moves events from the outbound queue to the stream (`tx`, packing when asked) until
+/// the subscription ends; returns the status to end the stream with (`None`: the
+/// client went away).
 async fn produce(
     first: EncodedEvent,
     rx: OutboundRx<Infallible>,
-    tx: &mpsc::Sender<Vec<EncodedEvent>>,
+    (tx, pack): (&mpsc::Sender<Vec<EncodedEvent>>, bool),
     shutdown: &CancellationToken,
     metrics: &Metrics,
 ) -> Option<Status> {
-    let mut socket = GrpcWriter { tx, metrics, first: Some(first), idle_until: Instant::now() + KEEPALIVE_EVERY };
+    let mut socket = GrpcWriter { tx, pack, metrics, first: Some(first), idle_until: Instant::now() + KEEPALIVE_EVERY };
     match run_writer(rx, &mut socket, shutdown.cancelled(), metrics, BATCH).await {
         WriterEnd::Shutdown => Some(status(ErrorCode::Unavailable, "server is shutting down")),
         WriterEnd::SlowConsumer => slow_consumer(),
@@ -213,7 +233,7 @@ mod tests {
         out.push_message(message(1));
         let producer = {
             let (shutdown, metrics, first) = (shutdown.clone(), metrics.clone(), first.clone());
-            tokio::spawn(async move { produce(first, rx, &tx, &shutdown, &metrics).await })
+            tokio::spawn(async move { produce(first, rx, (&tx, false), &shutdown, &metrics).await })
         };
         assert_eq!(batches.recv().await, Some(vec![first]), "subscribed comes first, alone");
         let batch = batches.recv().await.expect("a batch");

@@ -128,7 +128,7 @@ impl Topics for TopicsService {
             vec![herald_auth::Action::Subscribe],
             topic.as_str(),
         );
-        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref(), watch).await?;
+        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref(), req.pack, watch).await?;
         Ok(Response::new(stream))
     }
 

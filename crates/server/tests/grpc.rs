@@ -580,3 +580,62 @@ async fn reflection_lists_and_describes_the_services() -> Result {
     }
     Ok(())
 }
+
+/// The events of a Subscribe stream up to the one holding message `last`: per event,
+/// the offsets of its messages and whether it was a packed `messages` event.
+async fn events_until(stream: &mut tonic::Streaming<pb::SubscribeEvent>, last: u64) -> Result<Vec<(Vec<u64>, bool)>> {
+    use pb::subscribe_event::Event;
+    let mut events = Vec::new();
+    loop {
+        let event = stream.message().await?.ok_or("stream ended")?.event;
+        let (offsets, packed) = match event {
+            Some(Event::Message(m)) => (vec![m.offset], false),
+            Some(Event::Messages(ms)) => (ms.messages.iter().map(|m| m.offset).collect(), true),
+            _ => continue,
+        };
+        let done = offsets.contains(&last);
+        events.push((offsets, packed));
+        if done {
+            return Ok(events);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_that_asks_for_pack_gets_bursts_as_messages_events() -> Result {
+    let server = start(|_| {}).await?;
+    let client = grpc(&server).await?;
+    // Big enough that a replay needs more than one packed event (about 64 KiB each).
+    let payload = Bytes::from(vec![b'x'; 1000]);
+    let batch: Vec<_> = (0..200)
+        .map(|_| pb::BatchMessage { data: payload.clone(), kind: pb::Kind::Binary as i32, ..Default::default() })
+        .collect();
+    client.publish_batch("packed", batch).await?;
+
+    for pack in [true, false] {
+        let request = pb::SubscribeRequest {
+            topic: "packed".into(),
+            from: Some(pb::subscribe_request::From::Start(pb::Start::Earliest as i32)),
+            pack,
+            ..Default::default()
+        };
+        let mut stream = client.topics().subscribe(request).await?.into_inner();
+        let events = within(LIMIT, "replay", events_until(&mut stream, 200)).await??;
+        let offsets: Vec<u64> = events.iter().flat_map(|(o, _)| o.clone()).collect();
+        assert_eq!(offsets, (1..=200).collect::<Vec<_>>(), "pack {pack}: each once, in order");
+        if pack {
+            assert!(events.len() < 20 && events.len() > 2, "packed in ~64 KiB events: {}", events.len());
+            assert!(events.iter().any(|(_, packed)| *packed));
+            assert!(events.iter().all(|(o, _)| o.len() * 1000 <= 70_000), "each within the bound");
+        } else {
+            assert!(events.iter().all(|(o, packed)| o.len() == 1 && !packed), "one message per event");
+        }
+    }
+    // The client crate packs and hands messages out one at a time.
+    let mut sub = client.subscribe("packed", StartFrom::Earliest, None).await?;
+    for offset in 1..=200 {
+        let m = within(LIMIT, "client", sub.next()).await??.ok_or("ended")?;
+        assert_eq!((m.offset, m.data.len()), (offset, 1000));
+    }
+    Ok(())
+}
