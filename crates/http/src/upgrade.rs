@@ -6,7 +6,8 @@
 //! life of a connection, sized for throughput (8 KiB and more each, most of the memory
 //! of an idle subscriber); here they are kept tiny, and the batching they gave (one read
 //! for many frames, one write for a batch of frames) is done by [`LeanIo`] with memory
-//! taken when bytes arrive or are written, and given back when the burst is over.
+//! taken when bytes arrive or are written, and given back when the burst is over; a
+//! large write (a packed frame) goes to the socket without being gathered at all.
 
 use std::future::Future;
 use std::io;
@@ -45,6 +46,10 @@ const CODEC_READ_BUFFER: usize = 32;
 
 /// Written bytes kept back before they go to the socket in one write (or at a flush).
 const WRITE_COALESCE: usize = 64 << 10;
+
+/// A write at least this long, with nothing kept back, goes to the socket at once (a
+/// packed frame, a large message): gathering it would only copy it.
+const WRITE_DIRECT: usize = 8 << 10;
 
 /// Why a request is not a WebSocket upgrade Herald accepts.
 #[derive(Debug)]
@@ -151,7 +156,9 @@ impl WsUpgrade {
 /// [`READ_CHUNK`] bytes from the socket into a buffer on the stack and keeps on the heap
 /// only what the caller could not take yet; writes are gathered into a buffer made on
 /// the first write and freed once it reached the socket, at a flush or past
-/// [`WRITE_COALESCE`] bytes. Idle, it holds two empty vectors.
+/// [`WRITE_COALESCE`] bytes; a write of [`WRITE_DIRECT`] bytes or more with nothing
+/// gathered goes to the socket at once, and only what it did not take is kept. Idle,
+/// it holds two empty vectors.
 pub(crate) struct LeanIo<S: AsyncWrite + Unpin> {
     inner: S,
     /// Read from the socket, not yet taken by the reader; `unread[taken..]` is left.
@@ -218,6 +225,13 @@ impl<S: AsyncWrite + Unpin> LeanIo<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for LeanIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if data.len() >= WRITE_DIRECT && this.pending.is_empty() {
+            // What the socket does not take now is kept back like any write.
+            if let Poll::Ready(n) = Pin::new(&mut this.inner).poll_write(cx, data)? {
+                this.pending.extend_from_slice(&data[n..]);
+                return Poll::Ready(Ok(data.len()));
+            }
+        }
         if this.pending.len() - this.sent + data.len() > WRITE_COALESCE {
             ready!(this.poll_send(cx))?;
             if data.len() > WRITE_COALESCE {
@@ -291,6 +305,12 @@ mod tests {
         let mut got = vec![0u8; 1000];
         far.read_exact(&mut got).await?;
         assert!(got.chunks(10).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+        // A large write with nothing gathered goes out at once, copied nowhere.
+        io.write_all(&vec![5u8; WRITE_DIRECT]).await?;
+        assert_eq!(io.pending.capacity(), 0, "written through");
+        let mut direct = vec![0u8; WRITE_DIRECT];
+        far.read_exact(&mut direct).await?;
+        assert!(direct.iter().all(|&b| b == 5));
         // Past the coalescing bound the gathered bytes go out before more are taken.
         io.write_all(&vec![7u8; WRITE_COALESCE + 10]).await?;
         io.flush().await?;
