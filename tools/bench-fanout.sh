@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # End-to-end fan-out over WebSocket, Herald beside nats-server and rumqttd, in one run:
-# one publisher, S subscribers on WebSockets, 128-byte messages, deliveries per second
-# to the last delivery, and each server's CPU time per delivery over the run. Herald,
+# T topics x S subscribers per topic on WebSockets, P publishers, 128-byte messages
+# (default: one topic, one publisher, 100 and then 1000 subscribers), deliveries per
+# second to the last delivery, and each server's CPU time per delivery over the run. Herald,
 # NATS and rumqttd runs alternate, RUNS times each; every result is a JSON line in $OUT
 # and the medians are printed at the end.
+#
+# Shapes (SHAPES, each topics:subscribers-per-topic:publishers; MESSAGES per topic) and
+# Herald's subscriber protocols (PROTOCOLS) are chosen by the environment; issue 12's
+# 100 topics x 10 subscribers x 10 publishers:
+#   SHAPES=100:10:10 PROTOCOLS="raw json packed" MESSAGES=2000 RUNS=5 tools/bench-fanout.sh
 #
 # Usage (from the repository root):
 #   cargo build --release
 #   (cd tools/peer-bench && cargo build --release)
 #   cargo install rumqttd --version 0.20.0 --locked --root /work/.peers   # optional; skipped if absent
+#     (on a newer Rust its locked `metrics` 0.22.1 fails to build: unpack the crate, run
+#     `cargo update -p metrics` in it, then `cargo install --path . --locked --root ...`)
 #   RUNS=3 tools/bench-fanout.sh
 #
 # Starts its own servers: Herald on the memory store and on the disk store (fsync
@@ -21,13 +29,17 @@ source "$(dirname "$0")/lib.sh"
 
 RUNS=${RUNS:-3}
 MESSAGES=${MESSAGES:-5000}
+# Shapes as topics:subscribers-per-topic:publishers; Herald's subscriber protocols
+# (`herald bench fanout --protocol`: raw, json, packed).
+SHAPES=${SHAPES:-1:100:1 1:1000:1}
+PROTOCOLS=${PROTOCOLS:-raw}
 OUT=${OUT:-/tmp/herald-bench-fanout.jsonl}
 HERALD=${HERALD:-target/release/herald}
 PEER=${PEER:-tools/peer-bench/target/release/peer-bench}
 NATS_SERVER=${NATS_SERVER:-nats-server}
 RUMQTTD=${RUMQTTD:-/work/.peers/bin/rumqttd}
 WORK=$(mktemp -d /tmp/herald-fanout.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$WORK"' EXIT
 : >"$OUT"
 
 cat >"$WORK/nats.conf" <<EOF
@@ -99,14 +111,19 @@ print(json.dumps(r))' "$store" "$ticks" "$HZ" <<<"$result" | tee -a "$OUT"
 }
 
 for run in $(seq 1 "$RUNS"); do
-    for subscribers in 100 1000; do
-        measure memory "$memory_pid" "$HERALD" bench fanout --url http://127.0.0.1:7181 --subscribers $subscribers --messages "$MESSAGES" --json
-        measure nats "$nats_pid" "$PEER" nats-ws-fanout --subscribers $subscribers --messages "$MESSAGES" --json
+    for shape in $SHAPES; do
+        IFS=: read -r topics subscribers publishers <<<"$shape"
+        args=(--topics "$topics" --subscribers "$subscribers" --publishers "$publishers" --messages "$MESSAGES" --json)
+        for protocol in $PROTOCOLS; do
+            measure memory "$memory_pid" "$HERALD" bench fanout --url http://127.0.0.1:7181 --protocol "$protocol" "${args[@]}"
+        done
+        measure nats "$nats_pid" "$PEER" nats-ws-fanout "${args[@]}"
         if [ -n "$rumqttd_pid" ]; then
-            measure rumqttd "$rumqttd_pid" "$PEER" mqtt-ws-fanout --url "ws://127.0.0.1:$RUMQTTD_WS_PORT/mqtt" \
-                --subscribers $subscribers --messages "$MESSAGES" --json
+            measure rumqttd "$rumqttd_pid" "$PEER" mqtt-ws-fanout --url "ws://127.0.0.1:$RUMQTTD_WS_PORT/mqtt" "${args[@]}"
         fi
-        measure disk "$disk_pid" "$HERALD" bench fanout --url http://127.0.0.1:7182 --subscribers $subscribers --messages "$MESSAGES" --json
+        for protocol in $PROTOCOLS; do
+            measure disk "$disk_pid" "$HERALD" bench fanout --url http://127.0.0.1:7182 --protocol "$protocol" "${args[@]}"
+        done
     done
 done
 
@@ -117,10 +134,11 @@ from collections import defaultdict
 groups = defaultdict(list)
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    groups[(r["subscribers"], r["scenario"], r["store"])].append(r)
-for (subs, scenario, store), rs in sorted(groups.items()):
+    shape = (r.get("topics", 1), r["subscribers"], r.get("publishers", 1))
+    groups[(shape, r["scenario"], r.get("protocol", ""), r["store"])].append(r)
+for ((topics, subs, pubs), scenario, protocol, store), rs in sorted(groups.items()):
     xs = [r["deliveries_per_second"] for r in rs]
     cpu = [r["server_cpu_ns_per_delivery"] for r in rs]
-    print(f"{scenario:15} {store:7} subscribers={subs:<5} {statistics.median(xs):>10.0f}/s  "
+    print(f"{topics}x{subs}x{pubs} {scenario:15} {protocol:6} {store:7} {statistics.median(xs):>10.0f}/s  "
           f"{statistics.median(cpu):>5.0f} ns CPU/delivery  runs {xs} {cpu}")
 EOF

@@ -13,7 +13,8 @@
 //! broker, for `tools/idle-bench.sh` to read the broker's memory (see idle.rs).
 //!
 //! `nats-ws-fanout` and `mqtt-ws-fanout` (mqtt_fanout.rs) mirror `herald bench fanout`
-//! for nats-server and an MQTT broker (rumqttd) over WebSocket.
+//! for nats-server and an MQTT broker (rumqttd) over WebSocket, generalised to T topics
+//! with S WebSocket subscribers each, fed by P publishers (one of each by default).
 
 mod idle;
 mod mqtt;
@@ -51,9 +52,9 @@ enum Command {
     RabbitmqQueue(QueueArgs),
     /// NATS JetStream publishes (PubAck awaited) to a file-storage stream, by concurrent publishers.
     JetstreamPublish(PublishArgs),
-    /// Core NATS fan-out to WebSocket subscribers: one publisher, many subscribers.
+    /// Core NATS fan-out to WebSocket subscribers: T subjects x S subscribers each, P publishers.
     NatsWsFanout(FanoutArgs),
-    /// MQTT fan-out to WebSocket subscribers (QoS 0): one publisher, many subscribers, all over WebSocket.
+    /// MQTT fan-out (QoS 0), all over WebSocket: T topics x S subscribers each, P publishers.
     MqttWsFanout(mqtt_fanout::MqttFanoutArgs),
     /// Idle WebSocket subscribers (Herald, NATS or MQTT), held open until stdin closes or SIGTERM.
     Idle(idle::IdleArgs),
@@ -64,21 +65,29 @@ struct FanoutArgs {
     /// nats-server's WebSocket listener (its `websocket` block, `no_tls: true`).
     #[arg(long, default_value = "ws://127.0.0.1:8225")]
     ws_url: String,
-    /// nats-server's client port, for the publisher.
+    /// nats-server's client port, for the publishers.
     #[arg(long, default_value = "nats://127.0.0.1:4225")]
     url: String,
     #[command(flatten)]
     shape: FanoutShape,
 }
 
-/// What every fan-out run takes: how many subscribers, messages and bytes, and how to
-/// print the result.
+/// What every fan-out run takes: T topics with S subscribers each, P publishers, M
+/// messages per topic of a given size, and how to print the result. With one topic and
+/// one publisher (the defaults) it is the single-topic run `herald bench fanout` does.
 #[derive(Debug, Args)]
 pub(crate) struct FanoutShape {
-    /// Subscribers, each with its own WebSocket.
+    /// Topics (NATS subjects), each with its own `--subscribers`.
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// Subscribers per topic, each with its own WebSocket.
     #[arg(long, default_value_t = 1000)]
     pub subscribers: usize,
-    /// Messages published.
+    /// Publishers (1 to `--topics`), each with its own connection; publisher p publishes
+    /// to the topics t with t % P == p.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Messages published to each topic.
     #[arg(long, default_value_t = 2000)]
     pub messages: u64,
     /// Payload size in bytes.
@@ -87,6 +96,47 @@ pub(crate) struct FanoutShape {
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
+}
+
+impl FanoutShape {
+    /// Checks the counts: all at least 1, and no more publishers than topics.
+    pub fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.topics >= 1 && self.subscribers >= 1 && self.messages >= 1,
+            "--topics, --subscribers and --messages must be at least 1"
+        );
+        ensure!(
+            (1..=self.topics).contains(&self.publishers),
+            "--publishers must be between 1 and --topics ({})",
+            self.topics
+        );
+        Ok(())
+    }
+
+    /// The run's topic names, `<prefix><sep><pid><sep><t>` for t in 0..T; with one topic
+    /// `<prefix><sep><pid>`, the name single-topic runs always had.
+    pub fn topic_names(&self, prefix: &str, separator: char) -> Vec<String> {
+        let run = format!("{prefix}{separator}{}", std::process::id());
+        if self.topics == 1 {
+            return vec![run];
+        }
+        (0..self.topics).map(|t| format!("{run}{separator}{t}")).collect()
+    }
+
+    /// The topics publisher `p` publishes to, in order: those t with t % P == p.
+    pub fn topics_of(&self, publisher: usize) -> impl Iterator<Item = usize> {
+        (publisher..self.topics).step_by(self.publishers)
+    }
+
+    /// Subscriber connections in all: T x S; subscriber i is on topic i % T.
+    pub fn connections(&self) -> usize {
+        self.topics * self.subscribers
+    }
+
+    /// Deliveries in a run: T x S x M.
+    pub fn deliveries(&self) -> u64 {
+        self.connections() as u64 * self.messages
+    }
 }
 
 #[derive(Debug, Args)]
@@ -397,18 +447,21 @@ fn js_publish<'a>(p: &'a mut JsPublisher, latencies: &'a mut Vec<u64>) -> Step<'
 
 /// Mirrors `herald bench fanout`: subscribers speak the NATS protocol over WebSocket and
 /// count the bytes of the `MSG` lines and payloads they receive (a message may span
-/// frames), so the client does as little work as Herald's raw subscribers do.
+/// frames), so the client does as little work as Herald's raw subscribers do. T x S
+/// subscribers, subscriber i on subject i % T; P publishers on the client port, each
+/// with its own connection, publishing M rounds of one message to each of its subjects.
 async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-    ensure!(args.shape.subscribers >= 1 && args.shape.messages >= 1, "--subscribers and --messages must be at least 1");
-    let subject = format!("bench.fanout.{}", std::process::id());
-    // What one delivery costs on the wire: `MSG <subject> <sid> <size>\r\n<payload>\r\n`.
-    let per_message = format!("MSG {subject} 1 {}\r\n", args.shape.size).len() + args.shape.size + 2;
-    let expected = per_message as u64 * args.shape.messages;
-    let mut sockets = Vec::with_capacity(args.shape.subscribers);
-    for _ in 0..args.shape.subscribers {
+    let shape = &args.shape;
+    shape.check()?;
+    let subjects = shape.topic_names("bench.fanout", '.');
+    let mut sockets = Vec::with_capacity(shape.connections());
+    for i in 0..shape.connections() {
+        let subject = &subjects[i % shape.topics];
+        // What one delivery costs on the wire: `MSG <subject> <sid> <size>\r\n<payload>\r\n`.
+        let per_message = format!("MSG {subject} 1 {}\r\n", shape.size).len() + shape.size + 2;
         let (mut socket, _) = tokio_tungstenite::connect_async(args.ws_url.as_str())
             .await
             .with_context(|| format!("cannot connect to {}", args.ws_url))?;
@@ -424,11 +477,11 @@ async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
                 None => anyhow::bail!("closed before PONG"),
             }
         }
-        sockets.push(socket);
+        sockets.push((socket, per_message as u64 * shape.messages));
     }
     let subscribers: Vec<_> = sockets
         .into_iter()
-        .map(|mut socket| {
+        .map(|(mut socket, expected)| {
             tokio::spawn(async move {
                 let mut got = 0u64;
                 while got < expected {
@@ -444,35 +497,64 @@ async fn nats_ws_fanout(args: FanoutArgs) -> anyhow::Result<()> {
             })
         })
         .collect();
-    let client = async_nats::connect(&args.url).await.with_context(|| format!("cannot connect to {}", args.url))?;
-    let payload = bytes::Bytes::from(vec![b'x'; args.shape.size]);
-    let started = Instant::now();
-    for _ in 0..args.shape.messages {
-        client.publish(subject.clone(), payload.clone()).await.context("publish failed")?;
+    let mut clients = Vec::with_capacity(shape.publishers);
+    for _ in 0..shape.publishers {
+        clients.push(async_nats::connect(&args.url).await.with_context(|| format!("cannot connect to {}", args.url))?);
     }
-    client.flush().await.context("flush failed")?;
-    let published = started.elapsed();
+    let payload = bytes::Bytes::from(vec![b'x'; shape.size]);
+    let started = Instant::now();
+    let publishers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(p, client)| {
+            let mine: Vec<async_nats::Subject> = shape.topics_of(p).map(|t| subjects[t].as_str().into()).collect();
+            let (payload, messages) = (payload.clone(), shape.messages);
+            tokio::spawn(async move {
+                for _ in 0..messages {
+                    for subject in &mine {
+                        client.publish(subject.clone(), payload.clone()).await.context("publish failed")?;
+                    }
+                }
+                client.flush().await.context("flush failed")?;
+                anyhow::Ok((client, Instant::now()))
+            })
+        })
+        .collect();
+    // The clients stay open until the last delivery: a flush only hands the messages to
+    // the socket, and closing it before nats-server has read them all can lose them.
+    let mut clients = Vec::with_capacity(shape.publishers);
+    let mut published = Duration::ZERO;
+    for (p, task) in publishers.into_iter().enumerate() {
+        let (client, done) = task.await.with_context(|| format!("publisher {p} panicked"))??;
+        clients.push(client);
+        published = published.max(done.duration_since(started));
+    }
     let mut last = started;
     for s in subscribers {
         let done = tokio::time::timeout(Duration::from_secs(120), s).await.context("timed out")???;
         last = last.max(done);
     }
     let elapsed = last.duration_since(started);
-    print_fanout("nats-ws-fanout", &args.shape, elapsed, published);
+    drop(clients);
+    print_fanout("nats-ws-fanout", shape, elapsed, published);
     Ok(())
 }
 
 /// Prints a fan-out run's result, as a line or (with `--json`) one JSON object with the
-/// keys `tools/bench-fanout.sh` reads.
+/// keys `tools/bench-fanout.sh` reads, and `topics` and `publishers`. `elapsed` runs from
+/// the first publish to the last delivery, `published` to the last publisher's flush:
+/// deliveries/s = T x S x M / `elapsed`, publishes/s = T x M / `published`.
 pub(crate) fn print_fanout(scenario: &str, shape: &FanoutShape, elapsed: Duration, published: Duration) {
-    let FanoutShape { subscribers, messages, size, json } = *shape;
-    let deliveries = subscribers as u64 * messages;
+    let FanoutShape { topics, subscribers, publishers, messages, size, json } = *shape;
+    let deliveries = shape.deliveries();
     let per_second = deliveries as f64 / elapsed.as_secs_f64();
-    let publish_rate = messages as f64 / published.as_secs_f64();
+    let publish_rate = (topics as u64 * messages) as f64 / published.as_secs_f64();
     if json {
         let report = serde_json::json!({
             "scenario": scenario,
+            "topics": topics,
             "subscribers": subscribers,
+            "publishers": publishers,
             "messages": messages,
             "size": size,
             "deliveries": deliveries,
@@ -483,7 +565,7 @@ pub(crate) fn print_fanout(scenario: &str, shape: &FanoutShape, elapsed: Duratio
         println!("{report}");
     } else {
         println!(
-            "{scenario} subscribers={subscribers} messages={messages} size={size}: {deliveries} deliveries in {:.2} s = {per_second:.0}/s (published at {publish_rate:.0}/s)",
+            "{scenario} topics={topics} subscribers={subscribers} publishers={publishers} messages={messages} size={size}: {deliveries} deliveries in {:.2} s = {per_second:.0}/s (published at {publish_rate:.0}/s)",
             elapsed.as_secs_f64()
         );
     }

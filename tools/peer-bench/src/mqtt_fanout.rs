@@ -1,12 +1,15 @@
 //! `mqtt-ws-fanout` mirrors `herald bench fanout` and `nats-ws-fanout` for an MQTT broker
-//! (rumqttd in `tools/bench-fanout.sh`): S subscribers, each on its own WebSocket (MQTT
-//! 3.1.1, subprotocol `mqtt`, clean session, unique client id), subscribe at QoS 0 to
-//! `bench/fanout/<pid>` and are all confirmed (SUBACK) before anything is published; then
-//! one publisher, on a WebSocket too, publishes M QoS 0 messages as fast as the socket
-//! takes them (frames fed, flushed every `PUBLISH_BATCH`). Each subscriber cuts what it
-//! receives into MQTT packets (several may share a frame, one may span frames) and counts
-//! the PUBLISH packets. The run ends when every subscriber has M; deliveries/s = S x M /
-//! the time from the first publish to the last delivery.
+//! (rumqttd in `tools/bench-fanout.sh`): T topics (`bench/fanout/<pid>/<t>`, or
+//! `bench/fanout/<pid>` when T = 1) with S subscribers each. The T x S subscribers, each on
+//! its own WebSocket (MQTT 3.1.1, subprotocol `mqtt`, clean session, unique client id),
+//! subscribe at QoS 0, subscriber i to topic i % T, and are all confirmed (SUBACK) before
+//! anything is published; then P publishers, each on its own WebSocket too, publish at
+//! once: publisher p owns the topics t with t % P == p and publishes M rounds of one QoS 0
+//! message to each of them, as fast as its socket takes them (frames fed, flushed every
+//! `PUBLISH_BATCH`). Each subscriber cuts what it receives into MQTT packets (several may
+//! share a frame, one may span frames) and counts the PUBLISH packets. The run ends when
+//! every subscriber has M; deliveries/s = T x S x M / the time from the first publish to
+//! the last delivery.
 //!
 //! QoS 0 lets a broker drop messages. A message dropped never arrives, so the run fails
 //! (with the counts that did arrive) when no delivery came for `--stall` seconds after the
@@ -27,7 +30,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::mqtt;
 
-/// PUBLISH frames fed to the publisher's socket between two flushes.
+/// PUBLISH frames fed to a publisher's socket between two flushes.
 const PUBLISH_BATCH: u64 = 256;
 
 #[derive(Debug, Args)]
@@ -93,6 +96,24 @@ async fn count(
     }
 }
 
+/// Publishes `messages` rounds of `packets` (one QoS 0 PUBLISH per topic the publisher
+/// owns, each round in the same order), feeding frames and flushing every
+/// `PUBLISH_BATCH`; gives the socket back with the time of its last flush.
+async fn publish(mut ws: Ws, packets: Vec<bytes::Bytes>, messages: u64) -> anyhow::Result<(Ws, Instant)> {
+    let mut fed = 0u64;
+    for _ in 0..messages {
+        for packet in &packets {
+            ws.feed(Message::Binary(packet.clone())).await.context("WebSocket write failed")?;
+            fed += 1;
+            if fed.is_multiple_of(PUBLISH_BATCH) {
+                ws.flush().await.context("WebSocket flush failed")?;
+            }
+        }
+    }
+    ws.flush().await.context("WebSocket flush failed")?;
+    Ok((ws, Instant::now()))
+}
+
 /// What arrived so far, for an error message.
 fn tally(counts: &[Arc<AtomicU64>], messages: u64) -> String {
     let got: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
@@ -109,46 +130,58 @@ fn tally(counts: &[Arc<AtomicU64>], messages: u64) -> String {
 }
 
 pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
-    ensure!(args.shape.subscribers >= 1 && args.shape.messages >= 1, "--subscribers and --messages must be at least 1");
+    let shape = &args.shape;
+    shape.check()?;
     let run = std::process::id();
-    let topic = format!("bench/fanout/{run}");
-    let body_len = mqtt::publish_body_len(&topic, args.shape.size);
+    let topics = shape.topic_names("bench/fanout", '/');
 
     // Subscribers one after the other, each subscribed before the next, as the other
     // fan-out benchmarks do; 64 KiB read buffers as `herald bench fanout`'s.
     let config = WebSocketConfig::default().read_buffer_size(64 << 10);
-    let mut counts = Vec::with_capacity(args.shape.subscribers);
+    let mut counts = Vec::with_capacity(shape.connections());
     let mut subscribers = FuturesUnordered::new();
-    for i in 0..args.shape.subscribers {
+    for i in 0..shape.connections() {
+        let topic = &topics[i % shape.topics];
         let (mut ws, mut reader) =
             open(&args.url, config, &format!("pb{run}-{i}")).await.with_context(|| format!("subscriber {i}"))?;
-        mqtt::subscribe(&mut ws, &mut reader, &topic).await.with_context(|| format!("subscriber {i}"))?;
+        mqtt::subscribe(&mut ws, &mut reader, topic).await.with_context(|| format!("subscriber {i}"))?;
         let got = Arc::new(AtomicU64::new(0));
         counts.push(got.clone());
-        let task = tokio::spawn(count(ws, reader, body_len, args.shape.messages, got));
+        let body_len = mqtt::publish_body_len(topic, shape.size);
+        let task = tokio::spawn(count(ws, reader, body_len, shape.messages, got));
         subscribers.push(async move { (i, task.await) });
     }
 
-    let (mut publisher, _) =
-        open(&args.url, WebSocketConfig::default(), &format!("pb{run}-pub")).await.context("publisher")?;
-    let publish = bytes::Bytes::from(mqtt::publish_packet(&topic, &vec![b'x'; args.shape.size]));
+    let payload = vec![b'x'; shape.size];
+    let mut publishers = Vec::with_capacity(shape.publishers);
+    for p in 0..shape.publishers {
+        let (ws, _) = open(&args.url, WebSocketConfig::default(), &format!("pb{run}-pub{p}"))
+            .await
+            .with_context(|| format!("publisher {p}"))?;
+        let packets: Vec<_> =
+            shape.topics_of(p).map(|t| bytes::Bytes::from(mqtt::publish_packet(&topics[t], &payload))).collect();
+        publishers.push((ws, packets));
+    }
     let timeout = Duration::from_secs(args.timeout);
     let started = Instant::now();
+    let tasks: Vec<_> =
+        publishers.into_iter().map(|(ws, packets)| tokio::spawn(publish(ws, packets, shape.messages))).collect();
     let publishing = async {
-        for k in 1..=args.shape.messages {
-            // feed: frames are written in batches, flushed every PUBLISH_BATCH.
-            publisher.feed(Message::Binary(publish.clone())).await?;
-            if k % PUBLISH_BATCH == 0 {
-                publisher.flush().await?;
-            }
+        let mut done = Vec::with_capacity(tasks.len());
+        for (p, task) in tasks.into_iter().enumerate() {
+            done.push(
+                task.await
+                    .with_context(|| format!("publisher {p} panicked"))?
+                    .with_context(|| format!("publisher {p}"))?,
+            );
         }
-        publisher.flush().await
+        anyhow::Ok(done)
     };
-    match tokio::time::timeout(timeout, publishing).await {
+    let publishers = match tokio::time::timeout(timeout, publishing).await {
         Ok(result) => result.context("publishing failed")?,
-        Err(_) => bail!("publishing took over {} s; {}", args.timeout, tally(&counts, args.shape.messages)),
-    }
-    let published = started.elapsed();
+        Err(_) => bail!("publishing took over {} s; {}", args.timeout, tally(&counts, shape.messages)),
+    };
+    let published = publishers.iter().map(|(_, at)| at.duration_since(started)).max().unwrap_or_default();
 
     // Wait for every subscriber, watching progress: fail with the counts on a subscriber's
     // error, on --timeout, or when nothing more arrived for --stall seconds.
@@ -161,7 +194,7 @@ pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
                 let done = done.with_context(|| format!("subscriber {i} panicked"))?;
                 match done {
                     Ok(at) => last = last.max(at),
-                    Err(e) => bail!("subscriber {i} failed: {e:#}; {}", tally(&counts, args.shape.messages)),
+                    Err(e) => bail!("subscriber {i} failed: {e:#}; {}", tally(&counts, shape.messages)),
                 }
             }
             _ = tick.tick() => {
@@ -170,18 +203,20 @@ pub async fn mqtt_ws_fanout(args: MqttFanoutArgs) -> anyhow::Result<()> {
                     (arrived, progress_at) = (now, Instant::now());
                 }
                 if started.elapsed() > timeout {
-                    bail!("timed out after {} s: {}", args.timeout, tally(&counts, args.shape.messages));
+                    bail!("timed out after {} s: {}", args.timeout, tally(&counts, shape.messages));
                 }
                 if progress_at.elapsed() > Duration::from_secs(args.stall) {
-                    bail!("nothing arrived for {} s after the last publish: {}", args.stall, tally(&counts, args.shape.messages));
+                    bail!("nothing arrived for {} s after the last publish: {}", args.stall, tally(&counts, shape.messages));
                 }
             }
         }
     }
     let elapsed = last.duration_since(started);
-    let _ = publisher.send(Message::binary(mqtt::disconnect_packet())).await;
-    let _ = publisher.close(None).await;
+    for (mut publisher, _) in publishers {
+        let _ = publisher.send(Message::binary(mqtt::disconnect_packet())).await;
+        let _ = publisher.close(None).await;
+    }
 
-    crate::print_fanout("mqtt-ws-fanout", &args.shape, elapsed, published);
+    crate::print_fanout("mqtt-ws-fanout", shape, elapsed, published);
     Ok(())
 }
