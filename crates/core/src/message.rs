@@ -66,9 +66,13 @@ pub enum WireForm {
     Sse = 2,
     /// A gRPC stream message.
     Grpc = 3,
+    /// The JSON `message` frame for packed connections (line breaks as spaces): the
+    /// `WsJson` frame itself unless its payload has line breaks.
+    WsPacked = 4,
 }
 
-const FORMS: usize = 4;
+/// How many wire forms there are.
+pub const FORMS: usize = 5;
 
 /// A stored message: payload plus the offset and timestamp the store assigned.
 pub struct Message {

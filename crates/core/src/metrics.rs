@@ -19,7 +19,7 @@ pub struct Metrics {
     /// Open client connections (WebSocket and SSE).
     pub connections: AtomicI64,
     /// Encodings performed per wire form, indexed by `WireForm as usize`.
-    pub encodes: [AtomicU64; 4],
+    pub encodes: [AtomicU64; crate::message::FORMS],
     /// Cluster: topic repairs started (a gap, an unknown epoch, a reconnected bus).
     pub cluster_repairs: AtomicU64,
     /// Cluster: messages a repair fanned out from the history (the bus had lost them).

@@ -106,9 +106,13 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         out,
         "# HELP herald_encodes_total Message encodings per wire form (one per message and form when fan-out shares them).\n# TYPE herald_encodes_total counter\n"
     );
-    for (form, label) in
-        [(WireForm::WsJson, "ws_json"), (WireForm::WsRaw, "ws_raw"), (WireForm::Sse, "sse"), (WireForm::Grpc, "grpc")]
-    {
+    for (form, label) in [
+        (WireForm::WsJson, "ws_json"),
+        (WireForm::WsRaw, "ws_raw"),
+        (WireForm::Sse, "sse"),
+        (WireForm::Grpc, "grpc"),
+        (WireForm::WsPacked, "ws_packed"),
+    ] {
         let _ = writeln!(out, "herald_encodes_total{{form=\"{label}\"}} {}", m.encodes_of(form));
     }
     let l = state.limits().counters();

@@ -71,8 +71,9 @@ const PACK_LIMIT: usize = 64 << 10;
 
 /// Gathers server frames of the JSON protocol into packed text frames (`?pack=lines`):
 /// frames separated by `\n`. A frame's own line breaks can only be JSON whitespace (a
-/// JSON string holds them escaped), so they become spaces, which keeps its meaning. A
-/// lone frame without one goes out as the shared encoding itself, copied nowhere.
+/// JSON string holds them escaped), so they must have become spaces before (a message's
+/// in its shared packed form, [`encode_packed`]; Herald's replies have none). A lone
+/// frame goes out as the shared encoding itself, copied nowhere.
 #[derive(Default)]
 struct Packer {
     /// A frame waiting for company, sent as it is if none comes.
@@ -89,8 +90,8 @@ impl Packer {
         let waiting = self.single.as_ref().map_or(self.joined.len(), |s| s.len());
         let full = waiting > 0 && waiting + 1 + frame.len() > PACK_LIMIT;
         let out = if full { self.take() } else { None };
-        let has_break = frame.as_bytes().contains(&b'\n');
-        if self.single.is_none() && self.joined.is_empty() && !has_break {
+        debug_assert!(!frame.contains('\n'), "a packed frame's parts hold no line break");
+        if self.single.is_none() && self.joined.is_empty() {
             self.single = Some(frame);
             return out;
         }
@@ -101,11 +102,7 @@ impl Packer {
         if !self.joined.is_empty() {
             self.joined.push('\n');
         }
-        if has_break {
-            self.joined.extend(frame.chars().map(|c| if c == '\n' { ' ' } else { c }));
-        } else {
-            self.joined.push_str(&frame);
-        }
+        self.joined.push_str(&frame);
         out
     }
 
@@ -123,6 +120,19 @@ fn encode_json(metrics: &Metrics, msg: &Outgoing) -> Utf8Bytes {
     msg.encoded(WireForm::WsJson, |m| {
         metrics.encoded(WireForm::WsJson);
         Utf8Bytes::from(encode::message_frame(m))
+    })
+}
+
+/// The `message` frame for packed connections: the JSON frame itself, or (once per
+/// message, if its payload has line breaks) a copy with them as spaces.
+fn encode_packed(metrics: &Metrics, msg: &Outgoing) -> Utf8Bytes {
+    msg.encoded(WireForm::WsPacked, |_| {
+        let frame = encode_json(metrics, msg);
+        if !frame.as_bytes().contains(&b'\n') {
+            return frame;
+        }
+        metrics.encoded(WireForm::WsPacked);
+        Utf8Bytes::from(frame.replace('\n', " "))
     })
 }
 
@@ -186,7 +196,7 @@ impl WsWriter<'_> {
         for item in batch.drain(..) {
             expected = expected.saturating_sub(item.size());
             let frame = match item {
-                Item::Message(m) => encode_json(self.metrics, &m),
+                Item::Message(m) => encode_packed(self.metrics, &m),
                 Item::Control(Control::Text(t), _) => t.into(),
                 Item::Control(Control::Close(code, reason), _) => {
                     close = Some((code, reason));
