@@ -71,6 +71,9 @@ struct StateInner {
     broker: Broker,
     config: HttpConfig,
     shutdown: CancellationToken,
+    /// Cancelled when a graceful shutdown begins, before `shutdown` (the drain delay):
+    /// `/readyz` then answers 503 while everything else is served as before.
+    draining: CancellationToken,
     tracker: TaskTracker,
     /// Checks credentials; `None`: every caller may do everything.
     auth: Option<Arc<LiveAuth>>,
@@ -92,7 +95,17 @@ impl AppState {
         auth: Option<Arc<LiveAuth>>,
     ) -> Self {
         let limits = Arc::default();
-        Self { inner: Arc::new(StateInner { broker, config, shutdown, tracker: TaskTracker::new(), auth, limits }) }
+        let draining = shutdown.clone();
+        let tracker = TaskTracker::new();
+        Self { inner: Arc::new(StateInner { broker, config, shutdown, draining, tracker, auth, limits }) }
+    }
+
+    /// The state whose `/readyz` turns 503 once `draining` is cancelled (by default, once
+    /// `shutdown` is).
+    pub fn with_draining(self, draining: CancellationToken) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.draining = draining;
+        Self { inner: Arc::new(inner) }
     }
 
     /// The state with `limits`, the ones the server's listener gives each connection.
@@ -164,7 +177,9 @@ async fn method_not_allowed(method: Method) -> Response {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    if state.broker().is_ready() {
+    if state.inner.draining.is_cancelled() {
+        ApiError::new(ErrorCode::Unavailable, "server is shutting down").into_response()
+    } else if state.broker().is_ready() {
         "ready\n".into_response()
     } else {
         ApiError::new(ErrorCode::Unavailable, "store is not ready").into_response()

@@ -76,6 +76,9 @@ pub struct Config {
     pub grpc: GrpcConfig,
     /// Longest a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
+    /// How long a shutdown first serves as before with `/readyz` answering 503 (lame
+    /// duck), so load balancers stop sending new clients before connections close.
+    pub drain_delay: Duration,
     /// The cluster this node joins, if any.
     pub cluster: ClusterConfig,
     /// TLS on the listener (certificate and key files), if set.
@@ -118,6 +121,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             grpc: GrpcConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
             cluster: ClusterConfig::default(),
             tls: None,
             auth: None,
@@ -222,6 +226,9 @@ pub struct ServeArgs {
     /// Longest graceful shutdown (e.g. 10s).
     #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
+    /// On SIGTERM, serve this long with /readyz at 503 before closing (e.g. 5s).
+    #[arg(long, env = "HERALD_DRAIN_DELAY", value_parser = parse_duration)]
+    pub drain_delay: Option<Duration>,
 }
 
 /// The TOML file's shape; unknown keys are errors, so a typo is never silently ignored.
@@ -312,6 +319,7 @@ struct FileTimeouts {
     pong_timeout: Option<String>,
     slow_consumer_timeout: Option<String>,
     shutdown_timeout: Option<String>,
+    drain_delay: Option<String>,
     header_timeout: Option<String>,
     handshake_timeout: Option<String>,
 }
@@ -528,6 +536,10 @@ impl Config {
                 .shutdown_timeout
                 .or(file_duration("timeouts.shutdown_timeout", file.timeouts.shutdown_timeout)?)
                 .unwrap_or(d.shutdown_timeout),
+            drain_delay: args
+                .drain_delay
+                .or(file_duration("timeouts.drain_delay", file.timeouts.drain_delay)?)
+                .unwrap_or(d.drain_delay),
             cluster,
             tls,
             auth: file.auth,
@@ -628,6 +640,7 @@ ping_interval = "{ping}"
 pong_timeout = "{pong}"
 slow_consumer_timeout = "{slow}"
 shutdown_timeout = "{shutdown}"
+drain_delay = "{drain}"
 header_timeout = "{header_timeout}"
 handshake_timeout = "{handshake_timeout}"
 
@@ -668,6 +681,7 @@ prefix = "{prefix}"
             pong = format_duration(self.http.pong_timeout),
             slow = format_duration(self.broker.outbound.slow_consumer_timeout),
             shutdown = format_duration(self.shutdown_timeout),
+            drain = format_duration(self.drain_delay),
             redis = match &self.cluster.redis {
                 Some(url) => format!("redis = \"{}\"\n", redact(url)),
                 None => "# redis = \"redis://127.0.0.1:6379/\"\n".to_owned(),

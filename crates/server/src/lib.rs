@@ -5,9 +5,10 @@
 //! gRPC routers are merged into one axum app, served in cleartext or over TLS (`tls`,
 //! where ALPN picks HTTP/2 or HTTP/1.1).
 //!
-//! Shutdown order: stop accepting, close every WebSocket with 1001, end SSE streams and
-//! gRPC Subscribe streams (UNAVAILABLE), finish in-flight requests, then the store; all
-//! within `shutdown_timeout`.
+//! Shutdown order: `/readyz` answers 503 at once and, for `drain_delay` (lame duck),
+//! everything else is served as before; then stop accepting, close every WebSocket with
+//! 1001, end SSE streams and gRPC Subscribe streams (UNAVAILABLE), finish in-flight
+//! requests, then the store; all that within `shutdown_timeout`.
 
 pub mod bench;
 pub mod bench_fanout;
@@ -46,6 +47,8 @@ pub struct Server {
     tls: bool,
     /// Reloads the authentication in force.
     auth: AuthReloader,
+    /// Cancelled when a graceful shutdown begins; `shutdown` follows after the drain delay.
+    draining: CancellationToken,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -67,9 +70,13 @@ impl Server {
         self.auth.clone()
     }
 
-    /// Begins a graceful shutdown.
+    /// Begins a graceful shutdown: `/readyz` answers 503 at once, connections are closed
+    /// after `drain_delay`. Called again, it cuts the drain delay short.
     pub fn shutdown(&self) {
-        self.shutdown.cancel();
+        if self.draining.is_cancelled() {
+            self.shutdown.cancel();
+        }
+        self.draining.cancel();
     }
 
     /// Serves until `signal` resolves (or the server fails), then shuts down gracefully.
@@ -78,7 +85,7 @@ impl Server {
             r = &mut self.task => return r.context("server task panicked")?,
             _ = signal => {}
         }
-        self.shutdown.cancel();
+        self.shutdown();
         self.wait().await
     }
 
@@ -137,14 +144,15 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 pub async fn start(config: Config) -> anyhow::Result<Server> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
+    let (draining, shutdown) = (CancellationToken::new(), CancellationToken::new());
     let tls = config.tls.clone().map(Tls::new).transpose()?;
     // A wrong [auth] section fails the start here, before anything is opened.
     let auth = live_auth(&config)?;
     let backend = open_backend(&config).await?;
     let served = tls.is_some();
-    let task = tokio::spawn(serve_with(config, backend, listener, tls, auth.clone(), shutdown.clone()));
-    Ok(Server { addr, tls: served, auth: AuthReloader(auth), shutdown, task })
+    let stop = (draining.clone(), shutdown.clone());
+    let task = tokio::spawn(serve_with(config, backend, listener, tls, auth.clone(), stop));
+    Ok(Server { addr, tls: served, auth: AuthReloader(auth), draining, shutdown, task })
 }
 
 /// Reloads a running server's `[auth]` section. Cheap to clone.
@@ -190,7 +198,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let tls = config.tls.clone().map(Tls::new).transpose()?;
     let auth = live_auth(&config)?;
-    serve_with(config, backend, listener, tls, auth, shutdown).await
+    serve_with(config, backend, listener, tls, auth, (shutdown.clone(), shutdown)).await
 }
 
 async fn serve_with(
@@ -199,7 +207,7 @@ async fn serve_with(
     listener: TcpListener,
     tls: Option<Tls>,
     auth: Option<Arc<LiveAuth>>,
-    shutdown: CancellationToken,
+    (draining, shutdown): (CancellationToken, CancellationToken),
 ) -> anyhow::Result<()> {
     let broker = match backend.cluster {
         Some((bus, queues)) => Broker::clustered(backend.store, bus, queues, config.broker.clone()),
@@ -207,7 +215,8 @@ async fn serve_with(
     };
     let limits = Arc::new(Limits::new(config.limits.clone()));
     let state = AppState::with_auth(broker.clone(), config.http.clone(), shutdown.clone(), auth.clone())
-        .with_limits(limits.clone());
+        .with_limits(limits.clone())
+        .with_draining(draining.clone());
     // gRPC shares the HTTP front door's connection limit and task tracker.
     let grpc_config = GrpcConfig { max_connections: config.http.max_connections, ..config.grpc.clone() };
     let grpc = GrpcState::new(broker.clone(), grpc_config, shutdown.clone(), state.tracker().clone()).with_auth(auth);
@@ -247,12 +256,22 @@ async fn serve_with(
         broker.flush().await.context("flushing the store")?;
         anyhow::Ok(())
     };
-    // Serve until cancelled; after that the whole drain gets `shutdown_timeout`.
+    // Serve until the drain begins; serve on as before for `drain_delay` (only `/readyz`
+    // changes), then close everything within `shutdown_timeout`.
     tokio::pin!(drained);
     tokio::select! {
         r = &mut drained => return r,
-        _ = shutdown.cancelled() => {}
+        _ = draining.cancelled() => {}
     }
+    if !shutdown.is_cancelled() && !config.drain_delay.is_zero() {
+        tracing::info!(drain_delay = ?config.drain_delay, "draining: /readyz answers 503; closing connections after the drain delay");
+        tokio::select! {
+            r = &mut drained => return r,
+            _ = tokio::time::sleep(config.drain_delay) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    shutdown.cancel();
     tracing::info!("shutting down");
     match tokio::time::timeout(config.shutdown_timeout, drained).await {
         Ok(r) => r?,

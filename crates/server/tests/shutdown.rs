@@ -64,3 +64,53 @@ async fn a_signal_during_start_up_stops_the_server_cleanly() -> Result {
     }
     Ok(())
 }
+
+/// `/readyz`'s status code.
+async fn readyz(url: &str) -> Result<u16> {
+    Ok(common::http().get(format!("{url}/readyz")).send().await?.status().as_u16())
+}
+
+#[tokio::test]
+async fn sigterm_with_a_drain_delay_turns_readyz_503_while_websockets_still_deliver() -> Result {
+    let (mut child, url) = spawn_herald(&["--store", "memory", "--drain-delay", "5s"])?;
+    let mut ws = herald_client::WsConnection::connect(&url).await?;
+    ws.subscribe("d", herald_client::StartFrom::Latest, None).await?;
+    assert_eq!(readyz(&url).await?, 200);
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    assert!(status.success());
+    let limit = Duration::from_secs(10);
+    common::eventually(limit, "readyz 503", || async { Ok(readyz(&url).await? == 503) }).await?;
+
+    // Lame duck: new requests are served and the open WebSocket still delivers.
+    let client = herald_client::Client::new(&url);
+    let published = client.publish_text("d", "during the drain").await?;
+    let delivery = herald_client::Delivery::parse(&within(limit, "delivery", ws.recv_text()).await??)?;
+    assert_eq!((delivery.offset, delivery.payload.to_line()), (published.offset, "during the drain".to_owned()));
+
+    // Then the shutdown order as without a delay: 1001, exit 0.
+    match within(limit, "close", ws.recv()).await? {
+        Err(herald_client::ClientError::Closed(Some((code, _)))) => assert_eq!(code, 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let exit = within(limit, "exit", tokio::task::spawn_blocking(move || child.wait())).await???;
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_shutdown_cuts_the_drain_delay_short() -> Result {
+    let server = common::start(|c| c.drain_delay = Duration::from_secs(600)).await?;
+    let mut ws = server.json_ws().await?;
+    ws.subscribe("d", herald_client::StartFrom::Latest, None).await?;
+    let running = server.server.as_ref().ok_or("server")?;
+    running.shutdown();
+    assert_eq!(readyz(&server.url).await?, 503, "draining at once");
+    assert_eq!(ws.request(serde_json::json!({"op": "ping"})).await?["type"], "pong", "still served");
+    running.shutdown();
+    match within(Duration::from_secs(10), "close", ws.recv()).await? {
+        Err(herald_client::ClientError::Closed(Some((code, _)))) => assert_eq!(code, 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    Ok(())
+}
