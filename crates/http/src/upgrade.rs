@@ -8,11 +8,20 @@
 //! for many frames, one write for a batch of frames) is done by [`LeanIo`] with memory
 //! taken when bytes arrive or are written, and given back when the burst is over; a
 //! large write (a packed frame) goes to the socket without being gathered at all.
+//!
+//! A connection's reader and writer share the socket through [`SharedSocket`]. The
+//! writer frames data messages itself: a header of 2 to 10 bytes and the shared payload
+//! go straight into [`LeanIo`]'s gather buffer (one copy; through tungstenite each was
+//! formatted into its own buffer and copied again, about half of a delivery's
+//! instructions). tungstenite keeps the reading side and the control frames (Pings,
+//! replies to the peer's Pings and Close, the closing handshake).
 
-use std::future::Future;
-use std::io;
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use axum::body::Body;
@@ -21,12 +30,13 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use futures_util::future::Either;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, Sink, Stream};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 
 /// A server-side WebSocket of the HTTP doors. Boxed: it is handed down through a few
@@ -222,6 +232,38 @@ impl<S: AsyncWrite + Unpin> LeanIo<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> LeanIo<S> {
+    /// Writes one whole frame, `header` then `payload`: all of it is taken (gathered, or
+    /// partly written and the rest gathered) or, while the gathered bytes wait for the
+    /// socket past [`WRITE_COALESCE`], none of it. So frames written here and
+    /// tungstenite's own never interleave.
+    fn poll_write_frame(&mut self, cx: &mut Context<'_>, header: &[u8], payload: &[u8]) -> Poll<io::Result<()>> {
+        let len = header.len() + payload.len();
+        if self.pending.len() - self.sent + len > WRITE_COALESCE {
+            ready!(self.poll_send(cx))?;
+        }
+        if len >= WRITE_DIRECT && self.pending.is_empty() {
+            let parts = [IoSlice::new(header), IoSlice::new(payload)];
+            if let Poll::Ready(n) = Pin::new(&mut self.inner).poll_write_vectored(cx, &parts)? {
+                // What the socket did not take is gathered like any write.
+                match n.checked_sub(header.len()) {
+                    Some(from) => self.pending.extend_from_slice(&payload[from..]),
+                    None => {
+                        self.pending.reserve(len - n);
+                        self.pending.extend_from_slice(&header[n..]);
+                        self.pending.extend_from_slice(payload);
+                    }
+                }
+                return Poll::Ready(Ok(()));
+            }
+        }
+        self.pending.reserve(len);
+        self.pending.extend_from_slice(header);
+        self.pending.extend_from_slice(payload);
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for LeanIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
@@ -269,11 +311,191 @@ impl<S: AsyncWrite + Unpin> Drop for LeanIo<S> {
     }
 }
 
+/// The kind of a data frame Herald writes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataFrame {
+    Text,
+    Binary,
+}
+
+/// The header of an unfragmented, unmasked (server) data frame of `len` payload bytes
+/// (RFC 6455 section 5.2): its bytes and how many of them are used.
+fn frame_header(kind: DataFrame, len: usize) -> ([u8; 10], usize) {
+    let opcode = match kind {
+        DataFrame::Text => 0x1,
+        DataFrame::Binary => 0x2,
+    };
+    let mut header = [0u8; 10];
+    header[0] = 0x80 | opcode; // FIN: one frame holds the whole message
+    if len < 126 {
+        header[1] = len as u8;
+        (header, 2)
+    } else if let Ok(short) = u16::try_from(len) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&short.to_be_bytes());
+        (header, 4)
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (header, 10)
+    }
+}
+
+/// A connection's socket, shared by its reader and its writer. Both run in the
+/// connection's one task and hold the lock only within one poll, never across an await,
+/// so neither ever waits for the other. Data frames are written by Herald
+/// ([`SharedSocket::write_data`]); everything else goes through tungstenite.
+pub(crate) struct SharedSocket<T: AsyncWrite + Unpin = TokioIo<Upgraded>> {
+    socket: Mutex<Box<WebSocketStream<LeanIo<T>>>>,
+    /// A Close was sent or received, or the stream ended: no data frame may follow.
+    closed: AtomicBool,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> SharedSocket<T> {
+    pub(crate) fn new(socket: Box<WebSocketStream<LeanIo<T>>>) -> Self {
+        Self { socket: Mutex::new(socket), closed: AtomicBool::new(false) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Box<WebSocketStream<LeanIo<T>>>> {
+        // A panic while locked leaves nothing half-done that the other side could see
+        // (a frame is written whole or not at all): go on with the socket.
+        self.socket.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The reading side: tungstenite's messages (it answers Pings and Close itself).
+    pub(crate) fn reader(&self) -> ReadHalf<'_, T> {
+        ReadHalf(self)
+    }
+
+    /// Writes one data frame of `payload` (gathered until [`SharedSocket::flush`], or
+    /// written at once when large).
+    pub(crate) async fn write_data(&self, kind: DataFrame, payload: &[u8]) -> Result<(), WsError> {
+        let (header, used) = frame_header(kind, payload.len());
+        poll_fn(|cx| {
+            if self.closed.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(WsError::AlreadyClosed));
+            }
+            self.lock().get_mut().poll_write_frame(cx, &header[..used], payload).map_err(WsError::Io)
+        })
+        .await
+    }
+
+    /// Sends a control frame (Ping, Close) through tungstenite, and flushes.
+    pub(crate) async fn send(&self, message: WsMessage) -> Result<(), WsError> {
+        let close = matches!(message, WsMessage::Close(_));
+        poll_fn(|cx| Pin::new(&mut **self.lock()).poll_ready(cx)).await?;
+        let sent = Pin::new(&mut **self.lock()).start_send(message);
+        if close {
+            self.closed.store(true, Ordering::Relaxed);
+        }
+        sent?;
+        self.flush().await
+    }
+
+    /// Writes out everything gathered (tungstenite's control frames too; also once the
+    /// closing handshake is over, when tungstenite's own flush stops short of the socket).
+    pub(crate) async fn flush(&self) -> Result<(), WsError> {
+        poll_fn(|cx| {
+            let mut socket = self.lock();
+            ready!(Pin::new(&mut **socket).poll_flush(cx))?;
+            Pin::new(socket.get_mut()).poll_flush(cx).map_err(WsError::Io)
+        })
+        .await
+    }
+}
+
+/// The reading side of a [`SharedSocket`].
+pub(crate) struct ReadHalf<'a, T: AsyncWrite + Unpin = TokioIo<Upgraded>>(&'a SharedSocket<T>);
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Stream for ReadHalf<'_, T> {
+    type Item = Result<WsMessage, WsError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let shared = self.0;
+        let next = Pin::new(&mut **shared.lock()).poll_next(cx);
+        if let Poll::Ready(None | Some(Err(_) | Ok(WsMessage::Close(_)))) = &next {
+            shared.closed.store(true, Ordering::Relaxed);
+        }
+        next
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn frame_headers_take_the_shortest_length_form() {
+        let cases = [(0, vec![0x81, 0]), (125, vec![0x81, 125]), (126, vec![0x81, 126, 0, 126])];
+        for (len, want) in cases {
+            let (h, used) = frame_header(DataFrame::Text, len);
+            assert_eq!(&h[..used], &want[..], "{len}");
+        }
+        let (h, used) = frame_header(DataFrame::Binary, 65_535);
+        assert_eq!(&h[..used], &[0x82, 126, 0xff, 0xff]);
+        let (h, used) = frame_header(DataFrame::Binary, 65_536);
+        assert_eq!(&h[..used], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+    }
+
+    /// Frames Herald writes itself and tungstenite's own (a Ping, the reply to the
+    /// peer's Close) reach a real tungstenite client whole and in order, at every length
+    /// form and on both paths (gathered and written through); after the peer's Close no
+    /// data frame is written.
+    #[tokio::test]
+    async fn data_frames_written_directly_reach_a_client_whole_and_stop_at_close() -> Result<(), WsError> {
+        use futures_util::{SinkExt, StreamExt};
+        let (far, near) = tokio::io::duplex(16 << 10);
+        let config = WebSocketConfig::default();
+        let server = WebSocketStream::from_raw_socket(LeanIo::new(near), Role::Server, Some(config)).await;
+        let shared = SharedSocket::new(Box::new(server));
+        let mut client = WebSocketStream::from_raw_socket(far, Role::Client, Some(config)).await;
+
+        let sizes = [0usize, 1, 125, 126, 300, 65_535, 65_536, 200_000];
+        let writer = async {
+            for (i, &len) in sizes.iter().enumerate() {
+                let kind = if i % 2 == 0 { DataFrame::Text } else { DataFrame::Binary };
+                shared.write_data(kind, &vec![b'a' + i as u8; len]).await?;
+                if i == 3 {
+                    shared.send(WsMessage::Ping(bytes::Bytes::from_static(b"p"))).await?;
+                }
+            }
+            shared.flush().await
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            while got.len() < sizes.len() + 1 {
+                match client.next().await {
+                    Some(Ok(m)) => got.push(m),
+                    other => panic!("client: {other:?}"),
+                }
+            }
+            got
+        };
+        let (written, got) = tokio::join!(writer, reader);
+        written?;
+        let mut data = got.iter().filter(|m| !matches!(m, WsMessage::Ping(_)));
+        for (i, &len) in sizes.iter().enumerate() {
+            let m = data.next().expect("a data frame");
+            assert_eq!(m.len(), len, "frame {i}");
+            assert_eq!(m.is_text(), i % 2 == 0, "frame {i}");
+            assert!(m.clone().into_data().iter().all(|&b| b == b'a' + i as u8), "frame {i}");
+        }
+        assert!(matches!(got[4], WsMessage::Ping(_)), "the Ping in its place: {:?}", got[4]);
+
+        // The peer closes: the reader sees it (tungstenite answers), data is refused.
+        client.send(WsMessage::Close(None)).await?;
+        let mut reader = shared.reader();
+        // The client's Pong comes first.
+        assert!(matches!(reader.next().await, Some(Ok(WsMessage::Pong(_)))));
+        assert!(matches!(reader.next().await, Some(Ok(WsMessage::Close(_)))));
+        assert!(matches!(shared.write_data(DataFrame::Text, b"late").await, Err(WsError::AlreadyClosed)));
+        shared.flush().await?;
+        // The reply ends the client's stream, with nothing before it.
+        assert!(matches!(client.next().await, None | Some(Ok(WsMessage::Close(_)))));
+        Ok(())
+    }
 
     #[tokio::test]
     async fn reads_hand_over_every_byte_and_keep_nothing_after() -> io::Result<()> {

@@ -19,8 +19,7 @@ use std::time::Duration;
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use herald_auth::limits::Peer;
 use herald_auth::Action;
 use herald_core::{
@@ -39,7 +38,7 @@ use crate::extract::TopicPath;
 use crate::limits::{self, PeerOf};
 use crate::rest::Query;
 use crate::tap::Tap;
-use crate::upgrade::{NotAnUpgrade, Socket as WebSocket, WsUpgrade};
+use crate::upgrade::{DataFrame, NotAnUpgrade, ReadHalf, SharedSocket, Socket as WebSocket, WsUpgrade};
 use crate::{ApiError, AppState};
 use herald_auth::Watch;
 
@@ -86,7 +85,7 @@ impl Packer {
     /// Adds `frame`; returns the packed frame that had to go out first to keep each
     /// under [`PACK_LIMIT`]. `expected` is about how many bytes the batch still holds,
     /// to size the joined frame once.
-    fn push(&mut self, frame: Utf8Bytes, expected: usize) -> Option<WsMessage> {
+    fn push(&mut self, frame: Utf8Bytes, expected: usize) -> Option<Utf8Bytes> {
         let waiting = self.single.as_ref().map_or(self.joined.len(), |s| s.len());
         let full = waiting > 0 && waiting + 1 + frame.len() > PACK_LIMIT;
         let out = if full { self.take() } else { None };
@@ -107,11 +106,11 @@ impl Packer {
     }
 
     /// The frame gathered so far, if any.
-    fn take(&mut self) -> Option<WsMessage> {
+    fn take(&mut self) -> Option<Utf8Bytes> {
         match self.single.take() {
-            Some(single) => Some(WsMessage::Text(single)),
+            Some(single) => Some(single),
             None if self.joined.is_empty() => None,
-            None => Some(WsMessage::Text(std::mem::take(&mut self.joined).into())),
+            None => Some(std::mem::take(&mut self.joined).into()),
         }
     }
 }
@@ -136,17 +135,16 @@ fn encode_packed(metrics: &Metrics, msg: &Outgoing) -> Utf8Bytes {
     })
 }
 
-fn encode_raw(metrics: &Metrics, msg: &Outgoing) -> WsMessage {
+/// A raw socket's frame of `msg`: its kind and the payload itself (shared, not copied).
+fn encode_raw(metrics: &Metrics, msg: &Outgoing) -> (DataFrame, Bytes) {
     msg.encoded(WireForm::WsRaw, |m| {
         metrics.encoded(WireForm::WsRaw);
-        match m.kind {
+        let kind = match m.kind {
             // Text and JSON payloads were checked to be UTF-8 when published.
-            Kind::Json | Kind::Text => match Utf8Bytes::try_from(m.payload.clone()) {
-                Ok(text) => WsMessage::Text(text),
-                Err(_) => WsMessage::Binary(m.payload.clone()),
-            },
-            Kind::Binary => WsMessage::Binary(m.payload.clone()),
-        }
+            Kind::Json | Kind::Text if std::str::from_utf8(&m.payload).is_ok() => DataFrame::Text,
+            _ => DataFrame::Binary,
+        };
+        (kind, m.payload.clone())
     })
 }
 
@@ -175,7 +173,7 @@ type WsStop = Option<(u16, &'static str)>;
 /// a batch (feed all, flush once), sends keepalive Pings and drops a peer that answered
 /// nothing within `pong_timeout` of one.
 struct WsWriter<'a> {
-    sink: &'a mut SplitSink<WebSocket, WsMessage>,
+    socket: &'a SharedSocket,
     framing: Framing,
     metrics: &'a Metrics,
     last_seen: &'a LastSeen,
@@ -204,13 +202,13 @@ impl WsWriter<'_> {
                 }
             };
             if let Some(full) = packer.push(frame, expected) {
-                self.sink.feed(full).await.map_err(|_| None)?;
+                self.socket.write_data(DataFrame::Text, full.as_bytes()).await.map_err(|_| None)?;
             }
         }
         if let Some(last) = packer.take() {
-            self.sink.feed(last).await.map_err(|_| None)?;
+            self.socket.write_data(DataFrame::Text, last.as_bytes()).await.map_err(|_| None)?;
         }
-        self.sink.flush().await.map_err(|_| None)?;
+        self.socket.flush().await.map_err(|_| None)?;
         close.map_or(Ok(()), |close| Err(Some(close)))
     }
 }
@@ -224,21 +222,27 @@ impl SocketWriter<Control> for WsWriter<'_> {
         }
         let mut close = None;
         for item in batch.drain(..) {
-            let frame = match item {
+            let socket = self.socket;
+            let written = match item {
                 Item::Message(m) => match self.framing {
-                    Framing::Json | Framing::Packed => WsMessage::Text(encode_json(self.metrics, &m)),
-                    Framing::Raw => encode_raw(self.metrics, &m),
+                    Framing::Raw => {
+                        let (kind, payload) = encode_raw(self.metrics, &m);
+                        socket.write_data(kind, &payload).await
+                    }
+                    Framing::Json | Framing::Packed => {
+                        socket.write_data(DataFrame::Text, encode_json(self.metrics, &m).as_bytes()).await
+                    }
                 },
-                Item::Control(Control::Text(t), _) => WsMessage::Text(t.into()),
+                Item::Control(Control::Text(t), _) => socket.write_data(DataFrame::Text, t.as_bytes()).await,
                 // What was queued before the close goes out first; nothing after it.
                 Item::Control(Control::Close(code, reason), _) => {
                     close = Some((code, reason));
                     break;
                 }
             };
-            self.sink.feed(frame).await.map_err(|_| None)?;
+            written.map_err(|_| None)?;
         }
-        self.sink.flush().await.map_err(|_| None)?;
+        self.socket.flush().await.map_err(|_| None)?;
         close.map_or(Ok(()), |close| Err(Some(close)))
     }
 
@@ -260,7 +264,7 @@ impl SocketWriter<Control> for WsWriter<'_> {
             if self.pong_check.is_none() {
                 self.pong_check = Some(now + self.pong_timeout);
             }
-            self.sink.send(WsMessage::Ping(Bytes::new())).await.map_err(|_| None)?;
+            self.socket.send(WsMessage::Ping(Bytes::new())).await.map_err(|_| None)?;
         }
         Ok(())
     }
@@ -276,16 +280,17 @@ async fn run_connection<R>(
     (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
     reader: R,
 ) where
-    R: AsyncFnOnce(SplitStream<WebSocket>, &LastSeen, &Outbound<Control>),
+    R: for<'s> AsyncFnOnce(ReadHalf<'s>, &LastSeen, &Outbound<Control>),
 {
     let _guard = ConnectionGuard::new(state.broker());
-    let (mut sink, stream) = socket.split();
+    let shared = SharedSocket::new(socket);
+    let stream = shared.reader();
     let last_seen = LastSeen::new();
     let shutdown = &state.inner.shutdown;
     let config = state.config();
     let writer = async {
         let mut socket = WsWriter {
-            sink: &mut sink,
+            socket: &shared,
             framing,
             metrics: state.broker().metrics(),
             last_seen: &last_seen,
@@ -316,7 +321,7 @@ async fn run_connection<R>(
         let frame = WsMessage::Close(Some(CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) }));
         // The peer may not be reading at all (a slow consumer): bounded wait. Shutdown
         // cuts short any close but its own, which gets the same bound.
-        let send = Box::pin(tokio::time::timeout(config.pong_timeout, sink.send(frame)));
+        let send = Box::pin(tokio::time::timeout(config.pong_timeout, shared.send(frame)));
         if code == close::GOING_AWAY {
             let _ = send.await;
         } else {
@@ -429,13 +434,13 @@ type Frame = Option<Result<WsMessage, tungstenite::Error>>;
 
 /// A socket's incoming frames with a look-ahead of one, so a reader can take the frames
 /// that have already arrived as one batch and keep the first one that does not belong.
-struct Incoming<'a> {
-    stream: &'a mut SplitStream<WebSocket>,
+struct Incoming<'a, S> {
+    stream: &'a mut S,
     pending: Option<Frame>,
 }
 
-impl<'a> Incoming<'a> {
-    fn new(stream: &'a mut SplitStream<WebSocket>) -> Self {
+impl<'a, S: Stream<Item = Result<WsMessage, tungstenite::Error>> + Unpin> Incoming<'a, S> {
+    fn new(stream: &'a mut S) -> Self {
         Self { stream, pending: None }
     }
 
@@ -1009,7 +1014,7 @@ async fn raw_reader(
     topic: &TopicName,
     pacer: &Pacer,
     out: &Outbound<Control>,
-    stream: &mut SplitStream<WebSocket>,
+    stream: &mut ReadHalf<'_>,
     last_seen: &LastSeen,
     stop: &Outbound<Control>,
 ) {
