@@ -598,6 +598,21 @@ impl Config {
         Ok(())
     }
 
+    /// The effective configuration on one line for the start-up log: `key=value` pairs,
+    /// `section.key` within a section, secrets redacted as in [`Config::to_toml`].
+    pub fn to_log_line(&self) -> String {
+        let mut section = String::new();
+        let mut pairs = Vec::new();
+        for line in self.to_toml().lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = format!("{name}.");
+            } else if let Some((key, value)) = line.split_once(" = ").filter(|_| !line.starts_with('#')) {
+                pairs.push(format!("{section}{key}={value}"));
+            }
+        }
+        pairs.join(" ")
+    }
+
     /// The configuration as a TOML file that [`Config::load`] reads back unchanged
     /// (except a Redis password, printed as `***`).
     pub fn to_toml(&self) -> String {
@@ -788,6 +803,10 @@ mod tests {
         let c = Config::load(&cluster())?;
         assert_eq!(c.store, StoreKind::Redis, "a cluster implies the redis store");
         assert!(c.to_toml().contains("redis = \"redis://u:***@127.0.0.1:6379/\""), "password redacted");
+        let line = c.to_log_line();
+        assert!(line.contains("cluster.redis=\"redis://u:***@127.0.0.1:6379/\""), "{line}");
+        assert!(line.contains(" disk.cache_bytes=") && line.contains(" timeouts.drain_delay="), "{line}");
+        assert!(!line.contains('\n') && !line.contains('#'), "{line}");
         assert_eq!(
             redact("redis://a:x@h1/,redis://h2/,rediss://:y@h3/"),
             "redis://a:***@h1/,redis://h2/,rediss://:***@h3/"

@@ -33,11 +33,17 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match std::env::var("HERALD_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().init(),
+        Ok("text") | Err(_) => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        Ok(other) => {
+            eprintln!("herald: error: HERALD_LOG_FORMAT must be `text` or `json`, not `{other}`");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Pub(args) => herald_server::cli::publish(args).await,
@@ -83,6 +89,7 @@ async fn serve(args: Box<ServeArgs>) -> anyhow::Result<()> {
         return Ok(());
     }
     tracing::info!(listen = %config.listen, store = ?config.store, "starting");
+    tracing::info!(config = %config.to_log_line(), "effective configuration");
     let server = herald_server::start(config).await?;
     match hangup {
         Ok(hangup) => {

@@ -114,3 +114,46 @@ async fn a_second_shutdown_cuts_the_drain_delay_short() -> Result {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_effective_configuration_at_start() -> Result {
+    use std::io::{BufRead, BufReader};
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", "memory", "--max-message-bytes", "4096"])
+        .env("HERALD_LOG", "info")
+        .env("HERALD_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut child = common::HeraldProcess(child);
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let line: serde_json::Value = serde_json::from_str(&line?)?;
+            let done = line["fields"]["message"] == "herald listening";
+            seen.push(line);
+            if done {
+                return Ok(seen);
+            }
+        }
+        Err::<_, common::Error>("stderr ended before `herald listening`".into())
+    });
+    let lines = within(Duration::from_secs(20), "start-up logs", lines).await???;
+    let config = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "effective configuration")
+        .and_then(|l| l["fields"]["config"].as_str())
+        .ok_or("no effective configuration line")?;
+    assert!(config.contains("store=\"memory\"") && config.contains("limits.max_message_bytes=4096"), "{config}");
+    let listening = lines.last().ok_or("no line")?;
+    assert!(listening["fields"]["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{listening}");
+    assert_eq!(listening["level"], "INFO");
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--print-config"])
+        .env("HERALD_LOG_FORMAT", "yaml")
+        .output()?;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("HERALD_LOG_FORMAT must be `text` or `json`"));
+    Ok(())
+}

@@ -229,7 +229,7 @@ impl Rng {
 
 /// A `herald serve` child process, killed when dropped so that a failing test leaves
 /// no server behind.
-pub struct HeraldProcess(std::process::Child);
+pub struct HeraldProcess(pub std::process::Child);
 
 impl std::ops::Deref for HeraldProcess {
     type Target = std::process::Child;
