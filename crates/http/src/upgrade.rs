@@ -413,7 +413,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Stream for ReadHalf<'_, T> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let shared = self.0;
         let next = Pin::new(&mut **shared.lock()).poll_next(cx);
-        if let Poll::Ready(None | Some(Err(_) | Ok(WsMessage::Close(_)))) = &next {
+        // A read error (a frame too large) leaves the protocol able to send what is
+        // queued and a Close; a broken socket fails the writes by itself.
+        if let Poll::Ready(None | Some(Ok(WsMessage::Close(_)))) = &next {
             shared.closed.store(true, Ordering::Relaxed);
         }
         next

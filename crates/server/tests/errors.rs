@@ -78,8 +78,14 @@ async fn a_frame_over_the_frame_limit_closes_with_1009() -> Result {
     let server = start(small_limits).await?;
     let url = format!("{}/v1/ws", server.ws);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    // Frame limit is 2 x max_message_bytes = 2048.
+    // Frame limit is 2 x max_message_bytes = 2048. A reply queued just before still
+    // goes out, then the close.
+    send_text(&mut ws, r#"{"op":"ping","id":1}"#).await?;
     send_text(&mut ws, &format!(r#"{{"op":"publish","topic":"t","data":"{}"}}"#, "x".repeat(2100))).await?;
+    match common::raw_next(&mut ws).await? {
+        WsMessage::Text(t) => assert_eq!(t.as_str(), r#"{"type":"pong","id":1}"#),
+        other => return Err(format!("expected the pong first, got {other:?}").into()),
+    }
     assert_eq!(close_code(&mut ws).await?, 1009);
     Ok(())
 }
