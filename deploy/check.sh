@@ -16,7 +16,8 @@
 # 4. With a herald binary: every herald command line of deploy/ (Dockerfile CMD,
 #    compose commands and environment, k8s args and env) parsed and validated by
 #    `herald serve ... --print-config`; and the Grafana dashboard's queries against the
-#    metric names a herald started here (--store memory, a free loopback port) exports.
+#    metric names a herald started here (disk store, a free loopback port, a publish and a
+#    queue round trip) exports.
 #    Skipped, with a message, if there is no binary.
 #
 # Tools go to ${HERALD_DEPLOY_TOOLS:-~/.cache/herald-deploy-check}: a Python venv with
@@ -120,13 +121,18 @@ if [ -n "$HERALD" ]; then
   port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   # No HERALD_* from the caller's environment (a config file, a cluster) in this node.
   env $(env | sed -n 's/^\(HERALD_[A-Za-z0-9_]*\)=.*/-u \1/p') \
-    "$HERALD" serve --store memory --listen "127.0.0.1:$port" >"$work/herald.log" 2>&1 &
+    "$HERALD" serve --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/herald.log" 2>&1 &
   herald_pid=$!
   for _ in $(seq 100); do
     curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
     kill -0 "$herald_pid" 2>/dev/null || break
     sleep 0.1
   done
+  # A little of everything (a publish, a queue round trip) so that every series the
+  # dashboard queries exists: the disk store's commit histograms, the queue gauges.
+  curl -fsS -o /dev/null -H 'content-type: application/json' -d '"hello"' "http://127.0.0.1:$port/v1/topics/check/messages" || true
+  curl -fsS -o /dev/null -H 'content-type: application/json' -d '"job"' "http://127.0.0.1:$port/v1/queues/check/messages" || true
+  curl -fsS -o /dev/null -X POST "http://127.0.0.1:$port/v1/queues/check/fetch" || true
   if curl -fsS "http://127.0.0.1:$port/metrics" >"$work/metrics.txt"; then
     echo "  ..    scraped http://127.0.0.1:$port/metrics of $HERALD (pid $herald_pid)"
     run dashboard "$PY" "$DEPLOY/check.py" dashboard "$work/metrics.txt"

@@ -22,12 +22,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::bus::{Bus, Role};
 use crate::config::BrokerConfig;
 use crate::message::{Clock, Message, NewMessage, Outgoing, SystemClock};
-use crate::metrics::Metrics;
+use crate::metrics::{Door, Metrics};
 use crate::name::TopicName;
 use crate::outbound::Subscriber;
 use crate::queue::{QueueCounters, QueueService, Queues};
@@ -238,7 +238,7 @@ impl TopicState {
             return;
         }
         // One set of encoded forms for this fan-out, freed with the last queue holding it.
-        let msg = Outgoing::new(msg.clone());
+        let msg = Outgoing::live(msg.clone());
         let before = self.subs.len();
         let mut held_back = 0;
         self.subs.retain_mut(|sub| match &mut sub.held {
@@ -389,6 +389,8 @@ impl Broker {
     fn build(store: Arc<dyn Store>, bus: Option<Arc<dyn Bus>>, config: BrokerConfig, clock: Arc<dyn Clock>) -> Self {
         let shards = config.shards.max(1);
         let queues = Queues::new(store.clone(), clock, config.queues, config.max_message_bytes);
+        let metrics = Arc::new(Metrics::default());
+        store.register_metrics(metrics.registry());
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -399,7 +401,7 @@ impl Broker {
                 config,
                 hasher: RandomState::new(),
                 next_id: AtomicU64::new(1),
-                metrics: Arc::new(Metrics::default()),
+                metrics,
             }),
         }
     }
@@ -481,6 +483,27 @@ impl Broker {
         published.into_iter().next().ok_or(BrokerError::Store(StoreError::Closed))
     }
 
+    /// [`Broker::publish`] for a client of `door`, timed into its publish latency.
+    pub async fn publish_via(&self, door: Door, topic: &TopicName, msg: NewMessage) -> Result<Published, BrokerError> {
+        let started = Instant::now();
+        let published = self.publish(topic, msg).await;
+        self.inner.metrics.latency.publish(door, started.elapsed());
+        published
+    }
+
+    /// [`Broker::publish_batch`] for a client of `door`, timed into its publish latency.
+    pub async fn publish_batch_via(
+        &self,
+        door: Door,
+        topic: &TopicName,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Published>, BrokerError> {
+        let started = Instant::now();
+        let published = self.publish_batch(topic, batch).await;
+        self.inner.metrics.latency.publish(door, started.elapsed());
+        published
+    }
+
     /// Publishes a batch atomically (consecutive offsets) with one store write.
     pub async fn publish_batch(
         &self,
@@ -534,6 +557,7 @@ impl Broker {
     }
 
     fn fan_out(&self, topic: &TopicName, appended: &Appended) {
+        Metrics::add(&self.inner.metrics.live_appends, 1);
         let Some(t) = lock(self.shard(topic)).get(topic).cloned() else {
             return; // nobody subscribed on this node
         };
@@ -831,6 +855,7 @@ impl Broker {
     }
 
     fn bus_appended(&self, topic: &TopicName, appended: Appended) {
+        Metrics::add(&self.inner.metrics.live_appends, 1);
         let Some(t) = self.topic(topic) else {
             return; // nobody subscribed on this node
         };
@@ -1039,6 +1064,12 @@ impl Replay {
         }
         Metrics::add(&self.broker.inner.metrics.deliveries, chunk.len() as u64);
         Ok(Some(chunk))
+    }
+
+    /// Live appends on this node so far (fanned out or not): a replay that sees it
+    /// move knows live traffic is flowing and gives way to it.
+    pub fn live_appends(&self) -> u64 {
+        self.broker.inner.metrics.live_appends.load(Ordering::Relaxed)
     }
 
     /// Switches the subscription to live: hands over the messages held back meanwhile.

@@ -35,7 +35,7 @@ pub use config::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
 pub use guards::{spawn_replay, ConnectionGuard, ReplayTask, SubscriptionGuard};
 pub use memory::{Entry, MemoryStore, TopicSnapshot};
 pub use message::{Clock, Kind, ManualClock, Message, NewMessage, Outgoing, SystemClock, WireForm};
-pub use metrics::Metrics;
+pub use metrics::{Door, Metrics};
 pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
 pub use queue::{Delivery, QueueCounters, QueueError, QueueFuture, QueueService, QueueStats, Queues};

@@ -9,7 +9,7 @@
 
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -131,12 +131,25 @@ type Form = OnceLock<Box<dyn Any + Send + Sync>>;
 struct Encodings {
     message: Arc<Message>,
     forms: [Form; FORMS],
+    /// When a live fan-out started (none for a replayed message): the fan-out latency
+    /// histogram counts from here.
+    since: Option<Instant>,
 }
 
 impl Outgoing {
-    /// Starts the delivery of `message`, with nothing encoded yet.
+    /// Starts the delivery of `message` (a replayed one), with nothing encoded yet.
     pub fn new(message: Arc<Message>) -> Self {
-        Self(Arc::new(Encodings { message, forms: Default::default() }))
+        Self(Arc::new(Encodings { message, forms: Default::default(), since: None }))
+    }
+
+    /// Starts the live fan-out of `message`, timed from now.
+    pub fn live(message: Arc<Message>) -> Self {
+        Self(Arc::new(Encodings { message, forms: Default::default(), since: Some(Instant::now()) }))
+    }
+
+    /// When its live fan-out started; `None` for a replayed message.
+    pub fn since(&self) -> Option<Instant> {
+        self.0.since
     }
 
     /// The stored message.

@@ -836,6 +836,33 @@ impl Queues {
         stats
     }
 
+    /// The `n` queues with the most messages (ready, in flight, delayed and dead
+    /// together), largest first, with their counts: what `/metrics` exports per queue,
+    /// so that 10 000 queues still make a bounded number of series. Dead-letter queues
+    /// are counted in their queue's `dead`, not listed. Also returns how many queues
+    /// there are.
+    pub fn top(&self, n: usize) -> (usize, Vec<(QueueName, QueueStats)>) {
+        let names: Vec<QueueName> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                lock(shard).values().filter(|q| q.dlq.is_some()).map(|q| q.name.clone()).collect::<Vec<_>>()
+            })
+            .collect();
+        let total = names.len();
+        let mut all: Vec<(QueueName, QueueStats)> = names
+            .into_iter()
+            .map(|name| {
+                let stats = self.stats(&name);
+                (name, stats)
+            })
+            .collect();
+        let size = |s: &QueueStats| s.ready + s.in_flight + s.delayed + s.dead;
+        all.sort_unstable_by(|a, b| size(&b.1).cmp(&size(&a.1)).then_with(|| a.0.as_str().cmp(b.0.as_str())));
+        all.truncate(n);
+        (total, all)
+    }
+
     /// Resolves once every dead letter made so far has finished its store writes: its
     /// append resolved and the original's removal was issued. A clean stop calls this
     /// (through [`crate::Broker::flush`]) before the store's flush, so that no removal is

@@ -218,6 +218,10 @@ pub trait Store: Send + Sync + 'static {
     /// Applies retention by age and TTL everywhere, reclaiming space; called periodically.
     fn sweep(&self);
 
+    /// Adds the store's own metrics (commit latency, batch sizes) to the broker's
+    /// registry; called once when the broker is built.
+    fn register_metrics(&self, _registry: &prometheus::Registry) {}
+
     /// Whether the store can serve requests (for `/readyz`).
     fn is_ready(&self) -> bool;
 }

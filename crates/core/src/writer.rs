@@ -14,6 +14,8 @@ use std::pin::Pin;
 
 use tokio::time::{sleep_until, Instant};
 
+use prometheus::Histogram;
+
 use crate::metrics::Metrics;
 use crate::outbound::{CloseReason, Item, OutboundRx};
 
@@ -90,7 +92,7 @@ where
     W: SocketWriter<C>,
 {
     let shutdown = std::pin::pin!(shutdown);
-    let end = drive(&mut rx, socket, shutdown, batch_limit).await;
+    let end = drive(&mut rx, socket, shutdown, &metrics.latency.fanout, batch_limit).await;
     if let WriterEnd::SlowConsumer = end {
         Metrics::add(&metrics.slow_consumers, 1);
     }
@@ -102,6 +104,7 @@ async fn drive<C, W, F>(
     rx: &mut OutboundRx<C>,
     socket: &mut W,
     mut shutdown: Pin<&mut F>,
+    fanout: &Histogram,
     batch_limit: usize,
 ) -> WriterEnd<W::Stop>
 where
@@ -128,6 +131,12 @@ where
                     return ended(rx.close_reason().unwrap_or(CloseReason::Closed));
                 }
                 let bytes: usize = batch.iter().map(Item::size).sum();
+                // The batch's oldest live message times the fan-out (one observation
+                // per write, not per delivery).
+                let since = batch.iter().find_map(|item| match item {
+                    Item::Message(m) => m.since(),
+                    Item::Control(..) => None,
+                });
                 let written = Box::pin(guarded(rx, socket.write_batch(&mut batch), shutdown.as_mut())).await;
                 // A socket side that stopped early leaves items behind: never resend them.
                 batch.clear();
@@ -136,6 +145,9 @@ where
                 }
                 // Written and flushed: only now do these bytes leave the bound.
                 rx.written(bytes);
+                if let Some(since) = since {
+                    fanout.observe(since.elapsed().as_secs_f64());
+                }
                 if rx.is_empty() {
                     batch = Vec::new();
                 }

@@ -77,11 +77,13 @@ impl Queues for QueuesService {
         };
         let wait = Duration::from_millis(in_range("wait_ms", req.wait_ms, 0, MAX_WAIT_MS)?);
         let queues = self.state.broker().queue_service().map_err(from_broker)?;
+        let started = std::time::Instant::now();
         let deliveries = tokio::select! {
             got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got.map_err(from_queue)?,
             // Shutdown answers a pending long poll with what it has: nothing was taken.
             _ = self.state.inner.shutdown.cancelled() => Vec::new(),
         };
+        self.state.broker().metrics().latency.fetch_wait.observe(started.elapsed().as_secs_f64());
         let messages = deliveries
             .into_iter()
             .map(|d| pb::Job {

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use herald_core::{
-    outbound, run_writer, spawn_replay, ConnectionGuard, Item, Metrics, OutboundRx, SocketWriter, StartFrom,
+    outbound, run_writer, spawn_replay, ConnectionGuard, Door, Item, Metrics, OutboundRx, SocketWriter, StartFrom,
     SubscriptionGuard, TopicName, WriterEnd,
 };
 use herald_protocol::ErrorCode;
@@ -59,7 +59,7 @@ pub(crate) async fn open(
     });
     // Everything the subscription owns lives in the producer task and ends with it.
     let owned = (
-        ConnectionGuard::new(&broker),
+        ConnectionGuard::new(&broker, Door::Grpc),
         SubscriptionGuard::new(broker.clone(), topic, sub.id),
         sub.replay.map(|r| spawn_replay(r, out.clone())),
         out,

@@ -1,7 +1,7 @@
 //! The `herald.v1.Topics` service: publish (one or a batch), fetch, subscribe, info,
 //! list and delete, with the HTTP front door's semantics, limits and error codes.
 
-use herald_core::{StartFrom, TopicName};
+use herald_core::{Door, StartFrom, TopicName};
 use tonic::{Request, Response, Status};
 
 use crate::encoded::topic_message;
@@ -53,7 +53,7 @@ impl Topics for TopicsService {
         let broker = self.state.broker();
         let msg = new_message(broker, kind_of(req.kind, &req.content_type)?, req.data, req.ttl_ms)?;
         self.state.pace(peer.as_deref(), &caller, 1, msg.payload.len())?;
-        let p = broker.publish(&topic, msg).await.map_err(from_broker)?;
+        let p = broker.publish_via(Door::Grpc, &topic, msg).await.map_err(from_broker)?;
         Ok(Response::new(pb::PublishResponse { topic: req.topic, offset: p.offset, ts: p.ts }))
     }
 
@@ -77,7 +77,7 @@ impl Topics for TopicsService {
             .collect::<Result<Vec<_>, Status>>()?;
         let bytes = batch.iter().map(|m| m.payload.len()).sum();
         self.state.pace(peer.as_deref(), &caller, batch.len(), bytes)?;
-        let published = broker.publish_batch(&topic, batch).await.map_err(from_broker)?;
+        let published = broker.publish_batch_via(Door::Grpc, &topic, batch).await.map_err(from_broker)?;
         let published = published.into_iter().map(|p| pb::Published { offset: p.offset, ts: p.ts }).collect();
         Ok(Response::new(pb::PublishBatchResponse { topic: req.topic, published }))
     }

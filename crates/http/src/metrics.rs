@@ -1,4 +1,7 @@
-//! `/metrics`: the broker's counters in Prometheus text format, names prefixed `herald_`.
+//! `/metrics`: the broker's counters, gauges and histograms (and the process's) in
+//! Prometheus text format, names prefixed `herald_` (`process_` for the process).
+//! Label sets are bounded: doors, wire forms, limits, and the [`TOP_QUEUES`] largest
+//! queues; never one series per topic or connection.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -6,9 +9,14 @@ use std::sync::atomic::Ordering;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use herald_core::WireForm;
+use herald_core::{Door, WireForm};
+use prometheus::{Encoder, TextEncoder};
 
 use crate::AppState;
+
+/// Queues exported one by one (the largest by messages held); the rest only count in
+/// `herald_queues`.
+pub const TOP_QUEUES: usize = 20;
 
 pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let m = state.broker().metrics();
@@ -130,5 +138,43 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     ] {
         let _ = writeln!(out, "herald_limited_total{{limit=\"{limit}\"}} {}", counter.load(Ordering::Relaxed));
     }
+    let _ = write!(
+        out,
+        "# HELP herald_connections_by_door Open connections by door (ws, raw, sse, grpc).\n# TYPE herald_connections_by_door gauge\n"
+    );
+    for door in Door::ALL {
+        if door == Door::Http {
+            continue; // requests, not connections
+        }
+        let open = m.connections_by_door[door as usize].load(Ordering::Relaxed);
+        let _ = writeln!(out, "herald_connections_by_door{{door=\"{}\"}} {open}", door.label());
+    }
+    let _ = write!(
+        out,
+        "# HELP herald_build_info Herald's version.\n# TYPE herald_build_info gauge\nherald_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    let (count, top) = state.broker().queues().top(TOP_QUEUES);
+    let _ = write!(
+        out,
+        "# HELP herald_queues Work queues on this node (dead-letter queues not counted).\n# TYPE herald_queues gauge\nherald_queues {count}\n"
+    );
+    let _ = write!(
+        out,
+        "# HELP herald_queue_messages Messages of the largest queues by state (ready, in_flight, delayed, dead).\n# TYPE herald_queue_messages gauge\n"
+    );
+    for (queue, stats) in &top {
+        for (st, n) in
+            [("ready", stats.ready), ("in_flight", stats.in_flight), ("delayed", stats.delayed), ("dead", stats.dead)]
+        {
+            let _ = writeln!(out, "herald_queue_messages{{queue=\"{}\",state=\"{st}\"}} {n}", queue.as_str());
+        }
+    }
+    // Histograms, the store's and the process's metrics.
+    let mut encoded = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&m.registry().gather(), &mut encoded) {
+        tracing::warn!(error = %e, "metrics registry could not be encoded");
+    }
+    out.push_str(&String::from_utf8_lossy(&encoded));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

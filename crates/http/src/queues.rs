@@ -72,11 +72,13 @@ pub(crate) async fn fetch(
     let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 30_000)?;
     let wait = Duration::from_millis(query.number("wait_ms", 0, MAX_WAIT_MS, 0)?);
     let queues = state.broker().queue_service()?;
+    let started = std::time::Instant::now();
     let deliveries = tokio::select! {
         got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got?,
         // Shutdown answers a pending long poll with what it has: nothing was taken.
         _ = state.inner.shutdown.cancelled() => Vec::new(),
     };
+    state.broker().metrics().latency.fetch_wait.observe(started.elapsed().as_secs_f64());
     let mut body = String::with_capacity(32 + deliveries.iter().map(|d| d.payload.len() * 4 / 3 + 96).sum::<usize>());
     body.push_str("{\"messages\":[");
     for (i, d) in deliveries.iter().enumerate() {

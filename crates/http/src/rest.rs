@@ -6,7 +6,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use herald_auth::Action;
-use herald_core::{Kind, NewMessage};
+use herald_core::{Door, Kind, NewMessage};
 use herald_protocol::encode::{push_fetched, push_json_str};
 use herald_protocol::ErrorCode;
 use std::fmt::Write;
@@ -96,7 +96,7 @@ pub(crate) async fn publish(
     let ttl_ms = query.get("ttl_ms").is_some().then(|| query.number("ttl_ms", 0, u64::MAX, 0)).transpose()?;
     let msg = read_message(&state, &headers, body, ttl_ms).await?;
     limits::admit(&peer, &caller, 1, msg.payload.len())?;
-    let published = state.broker().publish(&topic, msg).await?;
+    let published = state.broker().publish_via(Door::Http, &topic, msg).await?;
     let mut body = String::from("{\"topic\":");
     push_json_str(&mut body, topic.as_str());
     let _ = write!(body, ",\"offset\":{},\"ts\":{}}}", published.offset, published.ts);

@@ -17,7 +17,7 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use herald_core::{
-    outbound, run_writer, spawn_replay, ConnectionGuard, Item, Metrics, Outgoing, SocketWriter, StartFrom,
+    outbound, run_writer, spawn_replay, ConnectionGuard, Door, Item, Metrics, Outgoing, SocketWriter, StartFrom,
     SubscriptionGuard, WireForm,
 };
 use herald_protocol::decode::parse_from_query;
@@ -119,7 +119,7 @@ pub(crate) async fn stream(
     let sub = broker.subscribe(&topic, from, None, out.clone()).await?;
     let unsubscribe = SubscriptionGuard::new(broker.clone(), topic, sub.id);
     let replay = sub.replay.map(|r| spawn_replay(r, out.clone()));
-    let guard = ConnectionGuard::new(&broker);
+    let guard = ConnectionGuard::new(&broker, Door::Sse);
     let shutdown = state.inner.shutdown.clone();
     let metrics = broker.metrics().clone();
 

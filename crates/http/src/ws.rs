@@ -23,7 +23,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use herald_auth::limits::Peer;
 use herald_auth::Action;
 use herald_core::{
-    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, Item, Kind, Metrics, NewMessage, Outbound,
+    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, Door, Item, Kind, Metrics, NewMessage, Outbound,
     OutboundRx, Outgoing, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName,
     WireForm, WriterEnd,
 };
@@ -282,7 +282,11 @@ async fn run_connection<R>(
 ) where
     R: for<'s> AsyncFnOnce(ReadHalf<'s>, &LastSeen, &Outbound<Control>),
 {
-    let _guard = ConnectionGuard::new(state.broker());
+    let door = match framing {
+        Framing::Json | Framing::Packed => Door::Ws,
+        Framing::Raw => Door::Raw,
+    };
+    let _guard = ConnectionGuard::new(state.broker(), door);
     let shared = SharedSocket::new(socket);
     let stream = shared.reader();
     let last_seen = LastSeen::new();
@@ -815,7 +819,7 @@ impl JsonSession {
     async fn publish_run(&mut self, run: Option<PublishRun>) {
         let Some(PublishRun { topic, frames }) = run else { return };
         let (ids, batch): (Vec<Option<u64>>, Vec<NewMessage>) = frames.into_iter().unzip();
-        match self.state.broker().publish_batch(&topic, batch).await {
+        match self.state.broker().publish_batch_via(Door::Ws, &topic, batch).await {
             Ok(published) => {
                 for (id, p) in ids.into_iter().zip(published) {
                     if id.is_some() {
@@ -841,7 +845,7 @@ impl JsonSession {
             Op::Auth { token } => self.authenticate(id, token).await,
             Op::Publish { topic, payload, ttl_ms } => {
                 let own = self.subs.get(&topic).map(|sub| (sub.tap.clone(), sub.tap.mark()));
-                match self.state.broker().publish(&topic, new_message(payload, ttl_ms)).await {
+                match self.state.broker().publish_via(Door::Ws, &topic, new_message(payload, ttl_ms)).await {
                     Ok(p) => {
                         // This connection's subscription gets the message first, then the
                         // reply (and whatever the next frames bring): held back behind a
@@ -1050,7 +1054,7 @@ async fn raw_reader(
                 peer.admit_stream(pacer.user.as_ref(), msg.payload.len()).await;
             }
         }
-        if let Err(e) = state.broker().publish_batch(topic, batch).await {
+        if let Err(e) = state.broker().publish_batch_via(Door::Raw, topic, batch).await {
             let refused = matches!(e, BrokerError::Role { .. });
             let api = ApiError::from(e);
             tracing::debug!(code = %api.code, "raw publish failed: {}", api.message);

@@ -213,6 +213,13 @@ async fn serve_with(
         Some((bus, queues)) => Broker::clustered(backend.store, bus, queues, config.broker.clone()),
         None => Broker::new(backend.store, config.broker.clone()),
     };
+    // process_cpu_seconds_total, process_resident_memory_bytes, open fds, ... on /metrics.
+    #[cfg(target_os = "linux")]
+    if let Err(e) =
+        broker.metrics().registry().register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+    {
+        tracing::warn!(error = %e, "process metrics not registered");
+    }
     let limits = Arc::new(Limits::new(config.limits.clone()));
     let state = AppState::with_auth(broker.clone(), config.http.clone(), shutdown.clone(), auth.clone())
         .with_limits(limits.clone())

@@ -29,10 +29,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use herald_core::metrics;
 use herald_core::{
     Appended, Clock, Epoch, History, ListedTopic, LiveQueue, NewMessage, QueueName, QueueRecord, QueueSnapshot,
     RetentionConfig, Store, StoreError, StoreFuture, SystemClock, TopicHead, TopicName,
 };
+use prometheus::{Histogram, Registry};
 use tokio::sync::oneshot;
 
 use index::{HeadSnapshot, Index, Part, Step, Written};
@@ -139,6 +141,36 @@ pub(crate) struct Shared {
     replayed: std::sync::atomic::AtomicU64,
     /// Set when the store is to close as a crash would: no checkpoint at the stop.
     no_stop_checkpoint: AtomicBool,
+    /// Group-commit histograms, exported through the broker's registry.
+    commits: CommitMetrics,
+}
+
+/// What each group commit of the writer thread took and carried.
+pub(crate) struct CommitMetrics {
+    /// From the batch taken to every write of it on disk (and fsynced when the policy
+    /// says so).
+    pub(crate) seconds: Histogram,
+    /// Store writes (appends, queue changes) per commit.
+    pub(crate) writes: Histogram,
+}
+
+impl CommitMetrics {
+    fn new() -> Self {
+        Self {
+            seconds: metrics::new_histogram(
+                "store_commit_seconds",
+                "Disk store group commits: write and fsync of one batch.",
+                &metrics::LATENCY_BUCKETS,
+                None,
+            ),
+            writes: metrics::new_histogram(
+                "store_commit_writes",
+                "Disk store group commits: store writes (appends, queue changes) per batch.",
+                &metrics::BATCH_BUCKETS,
+                None,
+            ),
+        }
+    }
 }
 
 /// The per-topic assignment of offsets and times, ahead of what is committed.
@@ -310,6 +342,7 @@ impl DiskStore {
             #[cfg(test)]
             replayed: std::sync::atomic::AtomicU64::new(0),
             no_stop_checkpoint: AtomicBool::new(false),
+            commits: CommitMetrics::new(),
         });
         let writer = wal::Writer::recover(&config, shared.clone(), dir_lock)?;
         let assign = Assign { topics: HashMap::new(), generation: shared.index.generation() };
@@ -386,6 +419,11 @@ fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
 }
 
 impl Store for DiskStore {
+    fn register_metrics(&self, registry: &Registry) {
+        metrics::register(registry, &self.shared.commits.seconds);
+        metrics::register(registry, &self.shared.commits.writes);
+    }
+
     fn append(&self, topic: &TopicName, batch: Vec<NewMessage>) -> StoreFuture<Appended> {
         if let Err(e) = self.check() {
             return ready(Err(e));

@@ -668,6 +668,8 @@ impl WriterThread {
     }
 
     fn commit(&mut self, batch: Vec<Request>) {
+        let started = Instant::now();
+        self.shared.commits.writes.observe(batch.len() as f64);
         let mut buf = Vec::new();
         let mut writes = Vec::new();
         let mut flushes = Vec::new();
@@ -697,6 +699,7 @@ impl WriterThread {
         if !flushes.is_empty() && self.dirty && !self.poisoned() {
             self.sync();
         }
+        self.shared.commits.seconds.observe(started.elapsed().as_secs_f64());
         if self.poisoned() {
             // Nothing in this batch may be acknowledged.
             let err = || StoreError::Unavailable("disk store write failed; it is read-only now".into());
