@@ -58,6 +58,10 @@ pub enum QueueError {
     /// The delivery id is not the message's current delivery.
     #[error("delivery {0} is not current (unknown, acked, or its lease ended)")]
     NotFound(String),
+    /// Redrive of a dead-letter queue (it has none), or an admin action the queue
+    /// service does not offer.
+    #[error("{0}")]
+    Unsupported(String),
     /// The store failed; the operation did not happen.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -127,6 +131,24 @@ pub trait QueueService: Send + Sync + 'static {
     /// The queue's counts (all 0 for a queue never used).
     fn stats<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, QueueStats>;
 
+    /// Admin: removes every ready and delayed message of the queue (leased ones stay
+    /// with their workers); resolves with how many. A dead-letter queue may be purged.
+    fn purge<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, u64> {
+        Box::pin(std::future::ready(Err(QueueError::Unsupported(format!(
+            "purge of {name} is not available on this queue service"
+        )))))
+    }
+
+    /// Admin: moves up to `max` ready messages of the queue's dead-letter queue back to
+    /// it, oldest first, as new messages (attempts from 0); resolves with how many once
+    /// they are durable in the queue.
+    fn redrive<'a>(&'a self, name: &'a QueueName, max: usize) -> QueueFuture<'a, u64> {
+        let _ = max;
+        Box::pin(std::future::ready(Err(QueueError::Unsupported(format!(
+            "redrive of {name} is not available on this queue service"
+        )))))
+    }
+
     /// This node's queue counters and gauges.
     fn counters(&self) -> &QueueCounters;
 }
@@ -160,6 +182,14 @@ impl QueueService for Queues {
 
     fn stats<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, QueueStats> {
         Box::pin(std::future::ready(Ok(Queues::stats(self, name))))
+    }
+
+    fn purge<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, u64> {
+        Box::pin(std::future::ready(Ok(Queues::purge(self, name))))
+    }
+
+    fn redrive<'a>(&'a self, name: &'a QueueName, max: usize) -> QueueFuture<'a, u64> {
+        Box::pin(Queues::redrive(self, name, max))
     }
 
     fn counters(&self) -> &QueueCounters {
@@ -777,6 +807,111 @@ impl Queues {
             return Err(not_found());
         }
         Ok(f(&q, &mut st, id, now))
+    }
+
+    /// Removes every ready and delayed message of `name` (leased ones stay with their
+    /// workers: their ack, requeue or lease end applies as usual). Returns how many.
+    pub fn purge(&self, name: &QueueName) -> u64 {
+        let Some(q) = self.lookup(name) else { return 0 };
+        let now = self.clock.now_ms();
+        self.settle_parent(&q, now);
+        let mut st = lock(&q.state);
+        self.settle(&q, &mut st, now);
+        let ids: Vec<u64> = st
+            .entries
+            .iter()
+            .filter(|(_, e)| !matches!(e.state, EntryState::Leased { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            st.remove(*id);
+        }
+        if !ids.is_empty() {
+            // Issued under the lock, like every removal of this queue.
+            self.store.queue_remove(&q.name, ids.clone());
+        }
+        ids.len() as u64
+    }
+
+    /// Moves up to `max` ready messages of `name`'s dead-letter queue back to `name`,
+    /// oldest first, as new messages (new ids, attempts from 0, ready at once). Resolves
+    /// with how many, once they are durable in `name`.
+    ///
+    /// As with dead-lettering, the copies are appended to `name` first and removed
+    /// from the dead-letter queue only once that append resolved: a crash in between
+    /// leaves a message in both (a duplicate after the restart, never a loss). They are
+    /// visible to workers at once, the append issued under the queue's lock so that an
+    /// ack cannot reach the store before it. Bounded by `max_queue_messages`: only what
+    /// fits moves.
+    pub async fn redrive(&self, name: &QueueName, max: usize) -> Result<u64, QueueError> {
+        if name.is_dlq() {
+            return Err(QueueError::Unsupported(format!("{name} is a dead-letter queue: it has none to redrive")));
+        }
+        let q = self.queue(name);
+        let Some(dlq) = q.dlq.clone() else { return Ok(0) };
+        let now = self.clock.now_ms();
+        // Lock order: the queue, then its dead-letter queue. The locks are released
+        // before the append is awaited.
+        let (moved, dead_ids, append) = {
+            let mut st = lock(&q.state);
+            self.settle(&q, &mut st, now);
+            let room = self.config.max_queue_messages.saturating_sub(st.entries.len() + st.reserved);
+            let mut dst = lock(&dlq.state);
+            self.settle(&dlq, &mut dst, now);
+            let mut records = Vec::new();
+            let mut dead_ids = Vec::new();
+            while records.len() < max.min(room) {
+                let Some(&(since, dead_id)) = dst.ready.first() else { break };
+                let Some(entry) = dst.remove(dead_id) else {
+                    dst.ready.remove(&(since, dead_id));
+                    continue;
+                };
+                let id = st.next_id;
+                st.next_id += 1;
+                let record = QueueRecord {
+                    id,
+                    kind: entry.kind,
+                    payload: entry.payload,
+                    ts: now,
+                    ready_at: now,
+                    expires_at: entry.expires_at,
+                };
+                st.insert(id, &record, 0, now);
+                records.push(record);
+                dead_ids.push(dead_id);
+            }
+            if records.is_empty() {
+                return Ok(0);
+            }
+            (records.len() as u64, dead_ids, self.store.queue_append(&q.name, records))
+        };
+        q.ready.notify_waiters();
+        let store = self.store.clone();
+        let dlq_name = dlq.name.clone();
+        let finish = async move {
+            let appended = append.await;
+            if appended.is_ok() {
+                store.queue_remove(&dlq_name, dead_ids);
+            }
+            appended
+        };
+        // Finished on a task of its own, so that a caller going away cannot leave the
+        // dead letters' removal unissued.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let task = PersistingTask::start(&self.persisting);
+                handle
+                    .spawn(async move {
+                        let appended = finish.await;
+                        drop(task);
+                        appended
+                    })
+                    .await
+                    .map_err(|_| QueueError::Store(StoreError::Closed))??
+            }
+            Err(_) => finish.await?,
+        }
+        Ok(moved)
     }
 
     /// Acknowledges a delivery: the message is done.

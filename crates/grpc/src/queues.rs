@@ -160,4 +160,33 @@ impl Queues for QueuesService {
             dead: s.dead,
         }))
     }
+
+    async fn purge(&self, request: Request<pb::PurgeRequest>) -> Result<Response<pb::PurgeResponse>, Status> {
+        let caller = self.state.admit(&request).await?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        self.state.permit(&caller, herald_auth::Action::Admin, queue.as_str())?;
+        let queues = self.state.broker().queue_service().map_err(from_broker)?;
+        let purged = queues.purge(&queue).await.map_err(from_queue)?;
+        tracing::info!(%queue, purged, "queue purged");
+        Ok(Response::new(pb::PurgeResponse { queue: req.queue, purged }))
+    }
+
+    async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Result<Response<pb::RedriveResponse>, Status> {
+        let caller = self.state.admit(&request).await?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        self.state.permit(&caller, herald_auth::Action::Admin, queue.as_str())?;
+        let max = match req.max {
+            0 => MAX_REDRIVE,
+            n => in_range("max", n.into(), 1, MAX_REDRIVE)?,
+        };
+        let queues = self.state.broker().queue_service().map_err(from_broker)?;
+        let moved = queues.redrive(&queue, max as usize).await.map_err(from_queue)?;
+        tracing::info!(%queue, moved, "dead letters redriven");
+        Ok(Response::new(pb::RedriveResponse { queue: req.queue, moved }))
+    }
 }
+
+/// Most dead letters one redrive call moves.
+const MAX_REDRIVE: u64 = 100_000;

@@ -152,6 +152,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/ack/{id}", post(queues::ack))
         .route("/v1/queues/{queue}/requeue/{id}", post(queues::requeue))
         .route("/v1/queues/{queue}/extend/{id}", post(queues::extend))
+        .route("/v1/queues/{queue}/purge", post(queues::purge))
+        .route("/v1/queues/{queue}/redrive", post(queues::redrive))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(axum::middleware::from_fn(limits::error_budget))
         .layer(axum::middleware::from_fn_with_state(state.clone(), connection_limit));

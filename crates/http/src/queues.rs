@@ -150,3 +150,40 @@ pub(crate) async fn stats(
     );
     Ok(json(StatusCode::OK, body))
 }
+
+/// Most dead letters one redrive call moves (`max` defaults to it).
+const MAX_REDRIVE: u64 = 100_000;
+
+/// `POST /v1/queues/{queue}/purge` (admin): removes the queue's ready and delayed
+/// messages.
+pub(crate) async fn purge(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    QueuePath(queue): QueuePath,
+) -> Result<Response, ApiError> {
+    caller.permit(Action::Admin, queue.as_str())?;
+    let purged = state.broker().queue_service()?.purge(&queue).await?;
+    tracing::info!(%queue, purged, "queue purged");
+    let mut body = String::from("{\"queue\":");
+    push_json_str(&mut body, queue.as_str());
+    let _ = write!(body, ",\"purged\":{purged}}}");
+    Ok(json(StatusCode::OK, body))
+}
+
+/// `POST /v1/queues/{queue}/redrive?max=N` (admin): moves dead letters back.
+pub(crate) async fn redrive(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    QueuePath(queue): QueuePath,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.permit(Action::Admin, queue.as_str())?;
+    let query = Query::parse(query.as_deref())?;
+    let max = query.number("max", 1, MAX_REDRIVE, MAX_REDRIVE)? as usize;
+    let moved = state.broker().queue_service()?.redrive(&queue, max).await?;
+    tracing::info!(%queue, moved, "dead letters redriven");
+    let mut body = String::from("{\"queue\":");
+    push_json_str(&mut body, queue.as_str());
+    let _ = write!(body, ",\"moved\":{moved}}}");
+    Ok(json(StatusCode::OK, body))
+}

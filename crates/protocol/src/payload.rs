@@ -68,6 +68,7 @@ impl From<&QueueError> for ErrorCode {
             QueueError::TooLarge { .. } => ErrorCode::TooLarge,
             QueueError::Full { .. } | QueueError::TooManyWaiters(_) => ErrorCode::RateLimited,
             QueueError::NotFound(_) => ErrorCode::NotFound,
+            QueueError::Unsupported(_) => ErrorCode::BadRequest,
             QueueError::Store(_) => ErrorCode::Unavailable,
         }
     }
