@@ -115,6 +115,11 @@ impl GrpcClient {
         pb::queues_client::QueuesClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
+    /// The `herald.v1.Admin` client (connections; the `admin` right on `>`).
+    pub fn admin(&self) -> pb::admin_client::AdminClient<Channel> {
+        pb::admin_client::AdminClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
     /// Publishes one message of `kind`.
     pub async fn publish(&self, topic: &str, kind: pb::Kind, data: impl Into<Bytes>) -> Result<Published, ClientError> {
         let request =

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::bus::{Bus, Role};
 use crate::config::BrokerConfig;
+use crate::connections::Connections;
 use crate::message::{Clock, Message, NewMessage, Outgoing, SystemClock};
 use crate::metrics::{Door, Metrics};
 use crate::name::TopicName;
@@ -148,6 +149,8 @@ struct Inner {
     hasher: RandomState,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
+    /// The long-lived connections served, for the admin API.
+    connections: Connections,
 }
 
 /// One shard of the topic table: topics with live subscriptions on this node.
@@ -402,6 +405,7 @@ impl Broker {
                 hasher: RandomState::new(),
                 next_id: AtomicU64::new(1),
                 metrics,
+                connections: Connections::default(),
             }),
         }
     }
@@ -442,6 +446,11 @@ impl Broker {
     /// The broker's counters and gauges.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The connections this node serves (admin API).
+    pub fn connections(&self) -> &Connections {
+        &self.inner.connections
     }
 
     /// Whether the store (and the bus, in a cluster) answers.

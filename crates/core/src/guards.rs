@@ -11,28 +11,40 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::broker::{Broker, Replay, SubscriptionId};
+use crate::connections::ConnectionInfo;
 use crate::metrics::Door;
 use crate::name::TopicName;
 use crate::outbound::{CloseReason, Outbound};
 
-/// Counts one long-lived connection for as long as it lives, in all and by door.
-pub struct ConnectionGuard(Broker, Door);
+/// Counts one long-lived connection for as long as it lives, in all and by door, and
+/// registers it for the admin API ([`crate::Connections`]).
+pub struct ConnectionGuard {
+    broker: Broker,
+    info: Arc<ConnectionInfo>,
+}
 
 impl ConnectionGuard {
-    /// Counts a connection through `door` on `broker` until dropped.
+    /// Counts and registers a connection through `door` on `broker` until dropped.
     pub fn new(broker: &Broker, door: Door) -> Self {
         let m = broker.metrics();
         m.connections.fetch_add(1, Ordering::Relaxed);
         m.connections_by_door[door as usize].fetch_add(1, Ordering::Relaxed);
-        Self(broker.clone(), door)
+        let info = broker.connections().register(door);
+        Self { broker: broker.clone(), info }
+    }
+
+    /// The connection's entry: set its address, user, topics and handle here.
+    pub fn info(&self) -> &Arc<ConnectionInfo> {
+        &self.info
     }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let m = self.0.metrics();
+        let m = self.broker.metrics();
         m.connections.fetch_sub(1, Ordering::Relaxed);
-        m.connections_by_door[self.1 as usize].fetch_sub(1, Ordering::Relaxed);
+        m.connections_by_door[self.info.door as usize].fetch_sub(1, Ordering::Relaxed);
+        self.broker.connections().remove(self.info.id);
     }
 }
 

@@ -16,6 +16,7 @@
 pub mod broker;
 pub mod bus;
 pub mod config;
+pub mod connections;
 pub mod guards;
 pub mod memory;
 pub mod message;
@@ -32,6 +33,7 @@ pub use broker::{
 };
 pub use bus::{Bus, Role};
 pub use config::{BrokerConfig, OutboundConfig, QueueConfig, RetentionConfig};
+pub use connections::{ConnectionHandle, ConnectionInfo, Connections};
 pub use guards::{spawn_replay, ConnectionGuard, ReplayTask, SubscriptionGuard};
 pub use memory::{Entry, MemoryStore, TopicSnapshot};
 pub use message::{Clock, Kind, ManualClock, Message, NewMessage, Outgoing, SystemClock, WireForm};

@@ -26,11 +26,14 @@ pub enum CloseReason {
     SlowConsumer,
     /// Closed by its owner (connection ended, shutdown).
     Closed,
+    /// Closed by an administrator (`DELETE /v1/admin/connections/{id}`).
+    Admin,
 }
 
 const OPEN: u8 = 0;
 const SLOW: u8 = 1;
 const CLOSED: u8 = 2;
+const ADMIN: u8 = 3;
 
 /// One item queued for a connection.
 #[derive(Debug)]
@@ -124,7 +127,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl<C> Shared<C> {
     fn close(&self, reason: CloseReason) -> bool {
-        let code = if reason == CloseReason::SlowConsumer { SLOW } else { CLOSED };
+        let code = match reason {
+            CloseReason::SlowConsumer => SLOW,
+            CloseReason::Closed => CLOSED,
+            CloseReason::Admin => ADMIN,
+        };
         let first = self.state.compare_exchange(OPEN, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
         if first {
             self.closed.notify_waiters();
@@ -152,6 +159,7 @@ impl<C> Shared<C> {
         match self.state.load(Ordering::Acquire) {
             OPEN => None,
             SLOW => Some(CloseReason::SlowConsumer),
+            ADMIN => Some(CloseReason::Admin),
             _ => Some(CloseReason::Closed),
         }
     }

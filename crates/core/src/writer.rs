@@ -28,6 +28,8 @@ pub enum WriterEnd<S> {
     SlowConsumer,
     /// The queue was closed by its owner (the connection is ending, a replay failed).
     Closed,
+    /// An administrator closed the connection.
+    Admin,
     /// The socket side ended it: a failed write, or what the front door asked for.
     Socket(S),
 }
@@ -75,6 +77,7 @@ fn ended<S>(reason: CloseReason) -> WriterEnd<S> {
     match reason {
         CloseReason::SlowConsumer => WriterEnd::SlowConsumer,
         CloseReason::Closed => WriterEnd::Closed,
+        CloseReason::Admin => WriterEnd::Admin,
     }
 }
 

@@ -12,6 +12,7 @@
 //! - `topics`, `subscribe`: the `Topics` service and its subscription streams.
 //! - `queues`: the `Queues` service.
 
+mod admin;
 pub mod encoded;
 pub mod error;
 mod queues;
@@ -187,8 +188,9 @@ pub fn router(state: GrpcState) -> Result<axum::Router, ReflectionError> {
     let limit = state.max_request_bytes();
     let topics = pb::topics_server::TopicsServer::new(topics::TopicsService::new(state.clone()))
         .max_decoding_message_size(limit);
-    let queues =
-        pb::queues_server::QueuesServer::new(queues::QueuesService::new(state)).max_decoding_message_size(limit);
+    let queues = pb::queues_server::QueuesServer::new(queues::QueuesService::new(state.clone()))
+        .max_decoding_message_size(limit);
+    let admin = pb::admin_server::AdminServer::new(admin::AdminService::new(state)).max_decoding_message_size(limit);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -198,6 +200,7 @@ pub fn router(state: GrpcState) -> Result<axum::Router, ReflectionError> {
     let router = axum::Router::new();
     let router = route(router, topics);
     let router = route(router, queues);
+    let router = route(router, admin);
     let router = route(router, reflection_v1);
     Ok(route(router, reflection_v1alpha))
 }

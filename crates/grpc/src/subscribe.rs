@@ -47,6 +47,7 @@ pub(crate) async fn open(
     epoch: Option<&str>,
     pack: bool,
     watch: herald_auth::Watch,
+    (peer, user): (Option<std::net::SocketAddr>, Option<std::sync::Arc<str>>),
 ) -> Result<EventStream, Status> {
     let broker = state.broker().clone();
     let (out, rx) = outbound::<Infallible>(broker.config().outbound);
@@ -57,9 +58,19 @@ pub(crate) async fn open(
         next: sub.next,
         recovered: sub.recovered,
     });
+    let guard = ConnectionGuard::new(&broker, Door::Grpc);
+    let info = guard.info();
+    if let Some(peer) = peer {
+        info.set_peer(peer);
+    }
+    if let Some(user) = user {
+        info.set_user(user);
+    }
+    info.attach(out.clone());
+    info.subscribed(&topic);
     // Everything the subscription owns lives in the producer task and ends with it.
     let owned = (
-        ConnectionGuard::new(&broker, Door::Grpc),
+        guard,
         SubscriptionGuard::new(broker.clone(), topic, sub.id),
         sub.replay.map(|r| spawn_replay(r, out.clone())),
         out,
@@ -206,6 +217,7 @@ async fn produce(
         WriterEnd::Shutdown => Some(status(ErrorCode::Unavailable, "server is shutting down")),
         WriterEnd::SlowConsumer => slow_consumer(),
         WriterEnd::Closed => Some(status(ErrorCode::Unavailable, "the subscription could not be served")),
+        WriterEnd::Admin => Some(status(ErrorCode::Unavailable, "closed by an administrator")),
         WriterEnd::Socket(()) => None,
     }
 }

@@ -108,6 +108,7 @@ impl Topics for TopicsService {
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
         let caller = self.state.admit(&request).await?;
         let credentials = crate::credentials_of(&request);
+        let who = (crate::peer_of(&request).map(|p| p.addr()), caller.as_ref().map(|p| p.name.clone()));
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
         self.state.permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
@@ -128,7 +129,7 @@ impl Topics for TopicsService {
             vec![herald_auth::Action::Subscribe],
             topic.as_str(),
         );
-        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref(), req.pack, watch).await?;
+        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref(), req.pack, watch, who).await?;
         Ok(Response::new(stream))
     }
 

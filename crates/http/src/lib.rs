@@ -5,6 +5,7 @@
 //! no handler talks to a store. Long-lived connections are tracked so shutdown can close
 //! them with 1001 and wait for them.
 
+mod admin;
 mod auth;
 mod error;
 mod extract;
@@ -153,6 +154,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/requeue/{id}", post(queues::requeue))
         .route("/v1/queues/{queue}/extend/{id}", post(queues::extend))
         .route("/v1/queues/{queue}/purge", post(queues::purge))
+        .route("/v1/admin/connections", get(admin::connections))
+        .route("/v1/admin/connections/{id}", axum::routing::delete(admin::close_connection))
         .route("/v1/queues/{queue}/redrive", post(queues::redrive))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(axum::middleware::from_fn(limits::error_budget))

@@ -90,6 +90,7 @@ pub(crate) async fn stream(
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    peer: crate::limits::PeerOf,
 ) -> Result<Response, ApiError> {
     caller.permit(herald_auth::Action::Subscribe, topic.as_str())?;
     // Ends the stream when the token expires or a reload takes the grant away.
@@ -117,9 +118,18 @@ pub(crate) async fn stream(
     let (out, rx) = outbound::<Bytes>(state.broker().config().outbound);
     let broker = state.broker().clone();
     let sub = broker.subscribe(&topic, from, None, out.clone()).await?;
+    let guard = ConnectionGuard::new(&broker, Door::Sse);
+    let info = guard.info();
+    if let Some(axum::Extension(peer)) = &peer {
+        info.set_peer(peer.addr());
+    }
+    if let Some(user) = crate::limits::user_of(&caller) {
+        info.set_user(user.clone());
+    }
+    info.attach(out.clone());
+    info.subscribed(&topic);
     let unsubscribe = SubscriptionGuard::new(broker.clone(), topic, sub.id);
     let replay = sub.replay.map(|r| spawn_replay(r, out.clone()));
-    let guard = ConnectionGuard::new(&broker, Door::Sse);
     let shutdown = state.inner.shutdown.clone();
     let metrics = broker.metrics().clone();
 

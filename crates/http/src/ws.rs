@@ -23,9 +23,9 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use herald_auth::limits::Peer;
 use herald_auth::Action;
 use herald_core::{
-    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, Door, Item, Kind, Metrics, NewMessage, Outbound,
-    OutboundRx, Outgoing, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName,
-    WireForm, WriterEnd,
+    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, ConnectionInfo, Door, Item, Kind, Metrics,
+    NewMessage, Outbound, OutboundRx, Outgoing, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard,
+    SubscriptionId, TopicName, WireForm, WriterEnd,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op, Payload};
@@ -270,23 +270,31 @@ impl SocketWriter<Control> for WsWriter<'_> {
     }
 }
 
+/// Fills a connection's admin entry: its address, user and queue (to count and close).
+fn register(guard: &ConnectionGuard, out: &Arc<Outbound<Control>>, peer: Option<&Peer>, caller: &Caller) {
+    let info = guard.info();
+    if let Some(peer) = peer {
+        info.set_peer(peer.addr());
+    }
+    if let Some(user) = limits::user_of(caller) {
+        info.set_user(user.clone());
+    }
+    info.attach(out.clone());
+}
+
 /// Runs one connection: `reader` and the writer, until either ends it. The reader gets
 /// the stream, the arrival stamp to touch on every frame, and the outbound queue, which
 /// is closed once the writer stopped (or as it stops: a slow consumer, a failed replay).
 async fn run_connection<R>(
     socket: WebSocket,
     state: &AppState,
+    _guard: ConnectionGuard,
     framing: Framing,
     (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
     reader: R,
 ) where
     R: for<'s> AsyncFnOnce(ReadHalf<'s>, &LastSeen, &Outbound<Control>),
 {
-    let door = match framing {
-        Framing::Json | Framing::Packed => Door::Ws,
-        Framing::Raw => Door::Raw,
-    };
-    let _guard = ConnectionGuard::new(state.broker(), door);
     let shared = SharedSocket::new(socket);
     let stream = shared.reader();
     let last_seen = LastSeen::new();
@@ -309,6 +317,7 @@ async fn run_connection<R>(
             WriterEnd::Shutdown => Some((close::GOING_AWAY, "server shutting down")),
             WriterEnd::SlowConsumer => Some((close::TRY_AGAIN_LATER, "slow consumer")),
             WriterEnd::Closed => None,
+            WriterEnd::Admin => Some((close::POLICY_VIOLATION, "closed by an administrator")),
             WriterEnd::Socket(close) => close,
         }
     };
@@ -488,8 +497,11 @@ async fn json_connection(
     framing: Framing,
 ) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
+    let guard = ConnectionGuard::new(state.broker(), Door::Ws);
+    register(&guard, &out, peer.as_deref(), &caller);
     let deadline = deadline_of(&caller);
     let mut session = JsonSession {
+        conn: guard.info().clone(),
         state: state.clone(),
         out: out.clone(),
         subs: Subs::default(),
@@ -500,7 +512,7 @@ async fn json_connection(
         credentials,
         peer,
     };
-    run_connection(socket, &state, framing, (out, rx), async |mut stream, last_seen, stop| {
+    run_connection(socket, &state, guard, framing, (out, rx), async |mut stream, last_seen, stop| {
         let mut incoming = Incoming::new(&mut stream);
         loop {
             if session.closed {
@@ -606,6 +618,8 @@ struct JsonSession {
     credentials: Option<herald_auth::Credentials>,
     /// The connection's buckets and error budget.
     peer: Option<Arc<Peer>>,
+    /// Its entry in the admin API's list.
+    conn: Arc<ConnectionInfo>,
 }
 
 /// How long a JSON WebSocket opened without credentials has to send its `auth` frame.
@@ -701,6 +715,7 @@ impl JsonSession {
     /// deadline is its token's expiry, and subscriptions it may no longer hold end with
     /// a `forbidden` error frame naming the topic (the others go on).
     fn adopt(&mut self, principal: Arc<herald_auth::Principal>) {
+        self.conn.set_user(principal.name.clone());
         self.caller = Caller::User(principal.clone());
         self.decisions.clear();
         self.deadline = deadline_of(&self.caller);
@@ -710,6 +725,7 @@ impl JsonSession {
             if let Some(sub) = self.subs.remove(&topic) {
                 drop(sub._replay);
                 self.state.broker().unsubscribe(&topic, sub.id);
+                self.conn.unsubscribed(&topic);
             }
             let e = forbidden(&principal, Action::Subscribe, topic.as_str());
             self.error(&FrameError { id: None, code: e.code, message: format!("subscription ended: {}", e.message) });
@@ -879,6 +895,7 @@ impl JsonSession {
                     Ok(sub) => {
                         self.reply(encode::subscribed(id, topic.as_str(), &sub.epoch, sub.next, sub.recovered));
                         let replay = sub.replay.map(|r| spawn_replay(r, self.out.clone()));
+                        self.conn.subscribed(&topic);
                         self.subs.insert(topic, JsonSub { id: sub.id, tap, _replay: replay });
                     }
                     Err(e) => {
@@ -891,6 +908,7 @@ impl JsonSession {
                 Some(sub) => {
                     drop(sub._replay);
                     self.state.broker().unsubscribe(&topic, sub.id);
+                    self.conn.unsubscribed(&topic);
                     self.reply(encode::unsubscribed(id, topic.as_str()));
                 }
                 None => self.error(&fail(ErrorCode::NotSubscribed, format!("not subscribed to {topic}"))),
@@ -981,8 +999,20 @@ async fn raw_connection(
     (unsubscribe, watch, pacer): (SubscriptionGuard, Watch, Pacer),
 ) {
     let replay = replay.map(|r| spawn_replay(r, out.clone()));
+    let guard = ConnectionGuard::new(state.broker(), Door::Raw);
+    let info = guard.info();
+    if let Some(peer) = &pacer.peer {
+        info.set_peer(peer.addr());
+    }
+    if let Some(user) = &pacer.user {
+        info.set_user(user.clone());
+    }
+    info.attach(out.clone());
+    if pacer.mode != Mode::Pub {
+        info.subscribed(&topic);
+    }
     let queue = out.clone();
-    run_connection(socket, &state, Framing::Raw, (queue, rx), async |mut stream, last_seen, stop| {
+    run_connection(socket, &state, guard, Framing::Raw, (queue, rx), async |mut stream, last_seen, stop| {
         let ended = watch.ended();
         tokio::pin!(ended);
         tokio::select! {

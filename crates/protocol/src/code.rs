@@ -79,7 +79,8 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A data frame on a raw `mode=sub` socket.
     pub const UNSUPPORTED_DATA: u16 = 1003;
-    /// The connection spent its error budget (`limits.errors_per_minute`).
+    /// The connection spent its error budget (`limits.errors_per_minute`), or an
+    /// administrator closed it (`DELETE /v1/admin/connections/{id}`).
     pub const POLICY_VIOLATION: u16 = 1008;
     /// A frame over the frame limit.
     pub const TOO_BIG: u16 = 1009;

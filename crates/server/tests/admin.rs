@@ -202,3 +202,99 @@ async fn purge_and_redrive_over_grpc() -> Result {
     assert_eq!(refused.map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
     Ok(())
 }
+
+/// The admin list's entries, by door.
+async fn listed(server: &TestServer, query: &str) -> Result<Value> {
+    let (status, list) = server.get_json(&format!("/v1/admin/connections?{query}")).await?;
+    assert_eq!(status, 200, "{list}");
+    Ok(list)
+}
+
+fn by_door<'a>(list: &'a Value, door: &str) -> Result<&'a Value> {
+    let all = list["connections"].as_array().ok_or("connections")?;
+    Ok(all.iter().find(|c| c["door"] == door).ok_or_else(|| format!("no {door} connection in {list}"))?)
+}
+
+#[tokio::test]
+async fn connections_are_listed_and_closed_over_http_and_grpc() -> Result {
+    use common::{close_code, raw_next, send_text};
+    use futures_util::StreamExt;
+
+    let server = start(|_| {}).await?;
+    // One connection through each door, each subscribed.
+    let mut ws = server.socket("/v1/ws").await?;
+    for topic in ["b", "a"] {
+        send_text(&mut ws, &format!(r#"{{"op":"subscribe","topic":"{topic}"}}"#)).await?;
+        raw_next(&mut ws).await?; // the `subscribed` reply
+    }
+    let mut raw = server.raw_ws("r", "mode=sub").await?;
+    let mut sse = server.http.get(format!("{}/v1/topics/s/sse", server.url)).send().await?;
+    assert_eq!(sse.status(), 200);
+    let client = GrpcClient::connect(&server.url).await?;
+    let mut grpc = client.subscribe("g", herald_client::StartFrom::Latest, None).await?;
+
+    let list = listed(&server, "").await?;
+    assert_eq!((list["open"].as_u64(), list["next"].is_null()), (Some(4), true), "{list}");
+    for (door, topics) in [("ws", vec!["a", "b"]), ("raw", vec!["r"]), ("sse", vec!["s"]), ("grpc", vec!["g"])] {
+        let c = by_door(&list, door)?;
+        assert_eq!(c["subscriptions"], serde_json::json!(topics), "{c}");
+        assert!(c["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{c}");
+        assert_eq!((c["user"].is_null(), c["queued_bytes"].as_u64()), (true, Some(0)), "{c}");
+        assert!(c["since"].as_u64().is_some_and(|t| t > 1_700_000_000_000), "{c}");
+    }
+    // Pages of 3 then 1, by id.
+    let first = listed(&server, "limit=3").await?;
+    let next = first["next"].as_u64().ok_or("a next page")?;
+    let second = listed(&server, &format!("after={next}&limit=3")).await?;
+    let ids =
+        |l: &Value| l["connections"].as_array().map(|a| a.iter().filter_map(|c| c["id"].as_u64()).collect::<Vec<_>>());
+    let (one, two) = (ids(&first).ok_or("ids")?, ids(&second).ok_or("ids")?);
+    assert_eq!((one.len(), two.len(), second["next"].is_null()), (3, 1, true));
+    assert!(one.windows(2).all(|w| w[0] < w[1]) && one[2] < two[0] && one[2] == next);
+    let (status, _) = server.get_json("/v1/admin/connections?limit=0").await?;
+    assert_eq!(status, 400);
+
+    // Closed over HTTP: the JSON WebSocket gets 1008, the SSE stream ends.
+    let ws_id = by_door(&list, "ws")?["id"].as_u64().ok_or("id")?;
+    let status = server.http.delete(format!("{}/v1/admin/connections/{ws_id}", server.url)).send().await?.status();
+    assert_eq!(status, 204);
+    assert_eq!(within(Duration::from_secs(10), "the close", close_code(&mut ws)).await??, 1008);
+    let sse_id = by_door(&list, "sse")?["id"].as_u64().ok_or("id")?;
+    let status = server.http.delete(format!("{}/v1/admin/connections/{sse_id}", server.url)).send().await?.status();
+    assert_eq!(status, 204);
+    within(Duration::from_secs(10), "the SSE stream's end", async {
+        while sse.chunk().await?.is_some() {}
+        Result::Ok(())
+    })
+    .await??;
+    let again = server.http.delete(format!("{}/v1/admin/connections/{ws_id}", server.url)).send().await?;
+    assert_eq!(again.status(), 404);
+    let bad = server.http.delete(format!("{}/v1/admin/connections/x1", server.url)).send().await?;
+    assert_eq!(bad.status(), 400);
+
+    // Over gRPC: listed, the gRPC stream and the raw socket closed.
+    let mut admin = client.admin();
+    let grpc_id = by_door(&list, "grpc")?["id"].as_u64().ok_or("id")?;
+    let raw_id = by_door(&list, "raw")?["id"].as_u64().ok_or("id")?;
+    common::eventually(Duration::from_secs(10), "two connections left", || async {
+        let listed = admin.clone().list_connections(pb::ListConnectionsRequest { after: 0, limit: 0 }).await?;
+        Result::Ok(listed.into_inner().open == 2)
+    })
+    .await?;
+    let listed = admin.list_connections(pb::ListConnectionsRequest { after: 0, limit: 0 }).await?.into_inner();
+    let doors: Vec<_> = listed.connections.iter().map(|c| (c.id, c.door.as_str(), c.subscriptions.clone())).collect();
+    assert_eq!(doors, [(raw_id, "raw", vec!["r".to_owned()]), (grpc_id, "grpc", vec!["g".to_owned()])]);
+    admin.close_connection(pb::CloseConnectionRequest { id: grpc_id }).await?;
+    let ended = within(Duration::from_secs(10), "the gRPC stream's end", grpc.next()).await?;
+    let Err(herald_client::ClientError::Grpc(status)) = ended else {
+        return Err(format!("not ended by a status: {ended:?}").into());
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("closed by an administrator"), "{status:?}");
+    admin.close_connection(pb::CloseConnectionRequest { id: raw_id }).await?;
+    assert_eq!(within(Duration::from_secs(10), "the raw close", close_code(&mut raw)).await??, 1008);
+    let missing = admin.close_connection(pb::CloseConnectionRequest { id: raw_id }).await;
+    assert_eq!(missing.map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::NotFound));
+    let _ = raw.next().await;
+    Ok(())
+}

@@ -179,6 +179,9 @@ async fn rest_refuses_missing_and_bad_credentials_and_what_is_not_granted() -> R
     assert_eq!(call(&server, "POST", "/v1/queues/jobs.a/redrive", Some(&bob), "").await?.0, 403);
     let (s, purged, _) = call(&server, "POST", "/v1/queues/jobs.a/purge", Some(&alice), "").await?;
     assert_eq!((s, purged["purged"].as_u64()), (200, Some(0)), "{purged}");
+    // Connections are everyone's: admin on some names is not enough.
+    assert_eq!(call(&server, "GET", "/v1/admin/connections", Some(&alice), "").await?.0, 403);
+    assert_eq!(call(&server, "DELETE", "/v1/admin/connections/1", Some(&bob), "").await?.0, 403);
 
     // Bearer tokens: good, and every way of being wrong.
     let good = token_with(Algorithm::HS256, SECRET, claims());
@@ -204,9 +207,9 @@ async fn rest_refuses_missing_and_bad_credentials_and_what_is_not_granted() -> R
     }
     let (_, info, _) = call(&server, "GET", "/v1/topics/chat.room", Some(&alice), "").await?;
     assert_eq!(info["last"], 2, "only alice's and carol's good publishes are stored");
-    // Each refusal above counted once: 3 + 6 without valid credentials, 11 not granted.
+    // Each refusal above counted once: 3 + 6 without valid credentials, 13 not granted.
     assert_eq!(server.metric("herald_auth_refused_total").await?, 9);
-    assert_eq!(server.metric("herald_forbidden_total").await?, 11);
+    assert_eq!(server.metric("herald_forbidden_total").await?, 13);
     Ok(())
 }
 
