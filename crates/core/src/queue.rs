@@ -252,6 +252,8 @@ pub struct QueueCounters {
     pub dead_lettered: AtomicU64,
     /// Long-poll fetches waiting now.
     pub waiting: AtomicUsize,
+    /// Deliveries after the first of a message (a lease ended or it was requeued).
+    pub redelivered: AtomicU64,
 }
 
 /// One shard of the queue table.
@@ -723,6 +725,10 @@ impl Queues {
             st.in_flight += 1;
         }
         self.counters.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
+        let again = out.iter().filter(|d| d.attempt > 1).count();
+        if again > 0 {
+            self.counters.redelivered.fetch_add(again as u64, Ordering::Relaxed);
+        }
         if !out.is_empty() {
             self.store.queue_delivered(&q.name, out.iter().map(|d| (d.message_id, d.attempt)).collect());
         }

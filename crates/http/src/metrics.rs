@@ -110,6 +110,19 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         q.dead_lettered.load(Ordering::Relaxed).to_string(),
     );
     metric("queue_waiters", "gauge", "Long-poll fetches waiting now.", q.waiting.load(Ordering::Relaxed).to_string());
+    metric(
+        "queue_redelivered_total",
+        "counter",
+        "Queue deliveries after a message's first (lease ended or requeued).",
+        q.redelivered.load(Ordering::Relaxed).to_string(),
+    );
+    let queued: usize = state.broker().connections().list(0, usize::MAX).iter().map(|c| c.queued_bytes()).sum();
+    metric(
+        "outbound_queued_bytes",
+        "gauge",
+        "Bytes queued for connections and not yet written, all connections together.",
+        queued.to_string(),
+    );
     let _ = write!(
         out,
         "# HELP herald_encodes_total Message encodings per wire form (one per message and form when fan-out shares them).\n# TYPE herald_encodes_total counter\n"

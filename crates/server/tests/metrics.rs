@@ -86,8 +86,19 @@ async fn a_workload_shows_in_every_documented_metric() -> Result {
             .await?;
         assert_eq!(status, 201);
     }
+    // The first job fails once: requeued, then delivered again.
     let (_, fetched) = server.post("/v1/queues/jobs/fetch", None, Vec::new()).await?;
     let id = fetched["messages"][0]["id"].as_str().ok_or("no job fetched")?.to_owned();
+    let requeued = server.http.post(format!("{}/v1/queues/jobs/requeue/{id}", server.url)).send().await?;
+    assert_eq!(requeued.status().as_u16(), 204);
+    let (_, fetched) = server.post("/v1/queues/jobs/fetch?max=2", None, Vec::new()).await?;
+    let jobs = fetched["messages"].as_array().ok_or("no jobs fetched")?;
+    let again = jobs.iter().find(|j| j["attempt"] == 2).ok_or("the requeued job again")?;
+    let other = jobs.iter().find(|j| j["attempt"] == 1).ok_or("the other job")?;
+    let other = other["id"].as_str().ok_or("id")?;
+    let requeued = server.http.post(format!("{}/v1/queues/jobs/requeue/{other}", server.url)).send().await?;
+    assert_eq!(requeued.status().as_u16(), 204);
+    let id = again["id"].as_str().ok_or("no job fetched")?.to_owned();
     let acked = server.http.post(format!("{}/v1/queues/jobs/ack/{id}", server.url)).send().await?;
     assert_eq!(acked.status().as_u16(), 204);
 
@@ -124,7 +135,9 @@ async fn a_workload_shows_in_every_documented_metric() -> Result {
     // The disk store committed the four publishes and the queue's writes.
     assert!(m.get("herald_store_commit_seconds_count") >= 4.0);
     assert!(m.get("herald_store_commit_writes_sum") >= m.get("herald_store_commit_writes_count"));
-    assert_eq!(m.get("herald_queue_fetch_wait_seconds_count"), 1.0);
+    assert_eq!(m.get("herald_queue_fetch_wait_seconds_count"), 2.0);
+    assert_eq!(m.get("herald_queue_redelivered_total"), 1.0);
+    assert_eq!(m.get("herald_outbound_queued_bytes"), 0.0, "everything was written");
     assert_eq!(m.get("herald_queues"), 1.0);
     assert_eq!(m.get("herald_queue_messages{queue=\"jobs\",state=\"ready\"}"), 1.0);
     assert_eq!(m.get("herald_queue_messages{queue=\"jobs\",state=\"in_flight\"}"), 0.0);

@@ -246,6 +246,8 @@ impl Shared {
             });
         }
         self.counters.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
+        let again = out.iter().filter(|d| d.attempt > 1).count() as u64;
+        self.counters.redelivered.fetch_add(again, Ordering::Relaxed);
         Ok((out, None))
     }
 
