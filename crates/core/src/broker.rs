@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use crate::bus::{Bus, Role};
 use crate::config::BrokerConfig;
 use crate::connections::Connections;
@@ -527,6 +529,12 @@ impl Broker {
         if let Some(big) = batch.iter().find(|m| m.payload.len() > max) {
             return Err(BrokerError::TooLarge { size: big.payload.len(), max });
         }
+        // Traced only under a request's span (HTTP, gRPC) and only with export on.
+        let span = if tracing::Span::current().is_disabled() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(target: crate::TRACE_TARGET, "store.append", topic = topic.as_str(), messages = batch.len())
+        };
         let mut append = self.inner.store.append(topic, batch);
         if self.inner.bus.is_some() {
             // In a cluster the bus fans out every node's appends, this one's included.
@@ -538,20 +546,23 @@ impl Broker {
         // later; finish on a task of its own so that a caller that goes away (an HTTP
         // client hanging up) cannot leave a stored message un-fanned-out, which would
         // stall the topic's ordered fan-out behind it.
-        let appended = match futures_now(&mut append) {
+        let appended = match span.in_scope(|| futures_now(&mut append)) {
             Some(result) => {
                 let appended = result?;
-                self.fan_out(topic, &appended);
+                span.in_scope(|| self.fan_out(topic, &appended));
                 appended
             }
             None => {
                 let broker = self.clone();
                 let topic = topic.clone();
-                tokio::spawn(async move {
-                    let appended = append.await?;
-                    broker.fan_out(&topic, &appended);
-                    Ok::<_, StoreError>(appended)
-                })
+                tokio::spawn(
+                    async move {
+                        let appended = append.await?;
+                        broker.fan_out(&topic, &appended);
+                        Ok::<_, StoreError>(appended)
+                    }
+                    .instrument(span),
+                )
                 .await
                 .map_err(|_| StoreError::Closed)??
             }
@@ -570,6 +581,10 @@ impl Broker {
         let Some(t) = lock(self.shard(topic)).get(topic).cloned() else {
             return; // nobody subscribed on this node
         };
+        let _span = (!tracing::Span::current().is_disabled()).then(|| {
+            tracing::info_span!(target: crate::TRACE_TARGET, "fan_out", topic = topic.as_str(), subscribers = lock(&t.state).subs.len())
+                .entered()
+        });
         let mut st = lock(&t.state);
         if let Some(early) = &mut st.early {
             // No head known yet: where live delivery starts is decided when one arrives.

@@ -27,6 +27,10 @@ pub mod queue;
 pub mod store;
 pub mod writer;
 
+/// The `tracing` target of the spans Herald exports over OpenTelemetry (publish, store,
+/// fan-out, queue calls); nothing listens to it unless export is on.
+pub const TRACE_TARGET: &str = "herald::trace";
+
 pub use broker::{
     Broker, BrokerError, BusEvents, Fetched, Published, Replay, StartFrom, Subscribed, SubscriptionId, TopicInfo,
     TopicSummary,

@@ -203,3 +203,29 @@ async fn connection_limit(State(state): State<AppState>, req: Request, next: Nex
     }
     next.run(req).await
 }
+
+/// Middleware of every route (HTTP and gRPC): with OpenTelemetry export on, the request
+/// runs in a span named by its route (`POST /v1/topics/{topic}/messages`) or gRPC method
+/// (`/herald.v1.Topics/Publish`), under the caller's `traceparent`; the broker's
+/// `store.append` and `fan_out` spans nest under it. With export off it only checks
+/// that it is off.
+pub async fn trace_request(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use tracing::Instrument;
+    if !herald_protocol::trace::enabled() {
+        return next.run(req).await;
+    }
+    let grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let name = match (grpc, req.extensions().get::<axum::extract::MatchedPath>()) {
+        (true, _) => req.uri().path().to_owned(),
+        (false, Some(route)) => format!("{} {}", req.method(), route.as_str()),
+        (false, None) => req.method().to_string(),
+    };
+    let headers = req.headers();
+    let span = herald_protocol::trace::request_span(&name, if grpc { "grpc" } else { "http" }, |key| {
+        headers.get(key).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    });
+    next.run(req).instrument(span).await
+}

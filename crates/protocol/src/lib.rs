@@ -1,6 +1,7 @@
 //! Herald's wire vocabulary, shared by every front door and the client: the error-code
 //! table of docs/protocol.md, WebSocket close codes, the parsing of client frames of the JSON
-//! WebSocket protocol, and the encoding of server frames (message, replies, SSE events).
+//! WebSocket protocol, the encoding of server frames (message, replies, SSE events), and
+//! the W3C trace context of requests.
 //!
 //! It depends on the core only for names and message types; it knows no socket.
 
@@ -8,6 +9,7 @@ pub mod code;
 pub mod decode;
 pub mod encode;
 pub mod payload;
+pub mod trace;
 
 pub use code::{close, ErrorCode};
 pub use decode::{parse_client_frame, ClientFrame, FrameError, Op, Payload};

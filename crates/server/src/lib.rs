@@ -16,6 +16,7 @@ pub mod bench_grpc;
 pub mod cli;
 pub mod config;
 pub mod listen;
+pub mod telemetry;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -228,7 +229,8 @@ async fn serve_with(
     let grpc_config = GrpcConfig { max_connections: config.http.max_connections, ..config.grpc.clone() };
     let grpc = GrpcState::new(broker.clone(), grpc_config, shutdown.clone(), state.tracker().clone()).with_auth(auth);
     let grpc = herald_grpc::router(grpc).context("building the gRPC services")?;
-    let app = herald_http::router(state.clone()).merge(grpc);
+    let app =
+        herald_http::router(state.clone()).merge(grpc).layer(axum::middleware::from_fn(herald_http::trace_request));
 
     let sweeper = {
         let broker = broker.clone();

@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use herald_server::cli::{PubArgs, SubArgs};
 use herald_server::config::{Config, ServeArgs};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "herald", version, about = "Herald: real-time pub/sub broker")]
@@ -33,16 +32,23 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr);
-    match std::env::var("HERALD_LOG_FORMAT").as_deref() {
-        Ok("json") => logs.json().init(),
-        Ok("text") | Err(_) => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    let json = match std::env::var("HERALD_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") | Err(_) => false,
         Ok(other) => {
             eprintln!("herald: error: HERALD_LOG_FORMAT must be `text` or `json`, not `{other}`");
             return std::process::ExitCode::FAILURE;
         }
+    };
+    let telemetry = match herald_server::telemetry::init(json) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("herald: error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if telemetry.exporting() {
+        tracing::info!("exporting traces over OTLP (OTEL_* variables)");
     }
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
@@ -51,6 +57,7 @@ async fn main() -> std::process::ExitCode {
         Command::Bench(command) => herald_server::bench::run(command).await,
         Command::Passwd => passwd(),
     };
+    telemetry.shutdown().await;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
