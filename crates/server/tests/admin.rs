@@ -8,27 +8,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{start, within, Result, TestServer};
+use common::{enqueue_text as enqueue, fetch_jobs as fetch, post_status as call, start, within, Result, TestServer};
 use herald_client::grpc::pb;
 use herald_client::GrpcClient;
 use serde_json::Value;
-
-async fn enqueue(server: &TestServer, queue: &str, body: &str, query: &str) -> Result<u64> {
-    let path = format!("/v1/queues/{queue}/messages?{query}");
-    let (status, reply) = server.post(&path, Some("text/plain"), body.as_bytes().to_vec()).await?;
-    assert_eq!(status, 201, "{reply}");
-    Ok(reply["message_id"].as_u64().ok_or("message_id")?)
-}
-
-async fn fetch(server: &TestServer, queue: &str, query: &str) -> Result<Vec<Value>> {
-    let (status, reply) = server.post(&format!("/v1/queues/{queue}/fetch?{query}"), None, Vec::new()).await?;
-    assert_eq!(status, 200, "{reply}");
-    Ok(reply["messages"].as_array().cloned().unwrap_or_default())
-}
-
-async fn call(server: &TestServer, path: &str) -> Result<u16> {
-    Ok(server.http.post(format!("{}{path}", server.url)).send().await?.status().as_u16())
-}
 
 async fn stats(server: &TestServer, queue: &str) -> Result<(u64, u64, u64, u64)> {
     let s = server.get_json(&format!("/v1/queues/{queue}")).await?.1;

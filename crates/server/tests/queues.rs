@@ -61,20 +61,15 @@ impl Nodes {
 }
 
 async fn enqueue(server: &TestServer, queue: &str, body: String) -> Result<u64> {
-    let (status, reply) =
-        server.post(&format!("/v1/queues/{queue}/messages"), Some("text/plain"), body.into_bytes()).await?;
-    assert_eq!(status, 201, "{reply}");
-    Ok(reply["message_id"].as_u64().ok_or("message_id")?)
+    common::enqueue_text(server, queue, &body, "").await
 }
 
 async fn fetch(server: &TestServer, queue: &str, query: &str) -> Result<Vec<Value>> {
-    let (status, reply) = server.post(&format!("/v1/queues/{queue}/fetch?{query}"), None, Vec::new()).await?;
-    assert_eq!(status, 200, "{reply}");
-    Ok(reply["messages"].as_array().cloned().unwrap_or_default())
+    common::fetch_jobs(server, queue, query).await
 }
 
 async fn call(server: &TestServer, path: &str) -> Result<u16> {
-    Ok(server.http.post(format!("{}{path}", server.url)).send().await?.status().as_u16())
+    common::post_status(server, path).await
 }
 
 async fn stats(server: &TestServer, queue: &str) -> Result<Value> {

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{within, HeraldProcess, Result};
+use common::{spawn_herald_env, within, HeraldProcess, Result};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -47,25 +47,12 @@ async fn receiver() -> Result<(String, mpsc::UnboundedReceiver<Span>)> {
 
 /// `herald serve` (memory store) exporting to `endpoint`, spans batched every 100 ms.
 fn herald(endpoint: &str) -> Result<(HeraldProcess, String)> {
-    use std::io::{BufRead, BufReader};
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", "memory"])
-        .env("HERALD_LOG", "info")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env("OTEL_SERVICE_NAME", "herald-under-test")
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let mut child = HeraldProcess(child);
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let line = loop {
-        let line = lines.next().ok_or("herald exited before listening")??;
-        if line.contains("addr=") {
-            break line;
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_SERVICE_NAME", "herald-under-test"),
+    ];
+    let (child, line) = spawn_herald_env(&["--store", "memory"], &env, "addr=")?;
     let addr = line.split("addr=").nth(1).and_then(|rest| rest.split_whitespace().next()).ok_or("no address")?;
     Ok((child, format!("http://{addr}")))
 }

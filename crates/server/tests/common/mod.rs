@@ -263,12 +263,18 @@ pub fn spawn_herald(args: &[&str]) -> Result<(HeraldProcess, String)> {
 /// Starts the real `herald serve` binary with `args` (plus a free port) and reads its
 /// log until the first line containing `marker`, which it returns.
 pub fn spawn_herald_until(args: &[&str], marker: &str) -> Result<(HeraldProcess, String)> {
+    spawn_herald_env(args, &[], marker)
+}
+
+/// [`spawn_herald_until`] with environment variables `env` set for the child.
+pub fn spawn_herald_env(args: &[&str], env: &[(&str, &str)], marker: &str) -> Result<(HeraldProcess, String)> {
     use std::io::{BufRead, BufReader};
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .env("HERALD_LOG", "info")
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let mut child = HeraldProcess(child);
@@ -283,4 +289,24 @@ pub fn spawn_herald_until(args: &[&str], marker: &str) -> Result<(HeraldProcess,
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     Ok((child, line))
+}
+
+/// Enqueues `body` (text) into `queue` with `query`; its message id.
+pub async fn enqueue_text(server: &TestServer, queue: &str, body: &str, query: &str) -> Result<u64> {
+    let path = format!("/v1/queues/{queue}/messages?{query}");
+    let (status, reply) = server.post(&path, Some("text/plain"), body.as_bytes().to_vec()).await?;
+    assert_eq!(status, 201, "{reply}");
+    Ok(reply["message_id"].as_u64().ok_or("message_id")?)
+}
+
+/// Fetches from `queue` with `query`; the jobs.
+pub async fn fetch_jobs(server: &TestServer, queue: &str, query: &str) -> Result<Vec<serde_json::Value>> {
+    let (status, reply) = server.post(&format!("/v1/queues/{queue}/fetch?{query}"), None, Vec::new()).await?;
+    assert_eq!(status, 200, "{reply}");
+    Ok(reply["messages"].as_array().cloned().unwrap_or_default())
+}
+
+/// POSTs nothing to `path`; the status (ack, requeue, extend answer no body).
+pub async fn post_status(server: &TestServer, path: &str) -> Result<u16> {
+    Ok(server.http.post(format!("{}{path}", server.url)).send().await?.status().as_u16())
 }
