@@ -79,7 +79,12 @@ impl EncodedEvent {
             .into_iter()
             .filter_map(|e| match e.0 {
                 Repr::Whole(b) if b.first() == Some(&MESSAGE_TAG) => Some(b),
-                _ => None,
+                // A caller bug (the writer packs only message events): caught in tests,
+                // and in a release build the event is left out rather than mis-framed.
+                _ => {
+                    debug_assert!(false, "EncodedEvent::packed given an event that is not a message");
+                    None
+                }
             })
             .collect();
         let len = parts.iter().map(Bytes::len).sum();
