@@ -121,7 +121,7 @@ if [ -n "$HERALD" ]; then
   port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   # No HERALD_* from the caller's environment (a config file, a cluster) in this node.
   env $(env | sed -n 's/^\(HERALD_[A-Za-z0-9_]*\)=.*/-u \1/p') \
-    "$HERALD" serve --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/herald.log" 2>&1 &
+    "$HERALD" serve --data-dir "$work/data" --listen "127.0.0.1:$port" --metrics-topics check >"$work/herald.log" 2>&1 &
   herald_pid=$!
   for _ in $(seq 100); do
     curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break

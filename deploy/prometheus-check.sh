@@ -35,7 +35,7 @@ port=$(free_port)
 url="http://127.0.0.1:$port"
 # No HERALD_* from the caller's environment (a config file, a cluster) in this node.
 env $(env | sed -n 's/^\(HERALD_[A-Za-z0-9_]*\)=.*/-u \1/p') \
-  "$HERALD" serve --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/herald.log" 2>&1 &
+  "$HERALD" serve --data-dir "$work/data" --listen "127.0.0.1:$port" --metrics-topics check >"$work/herald.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do curl -fsS "$url/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 curl -fsS "$url/readyz" >/dev/null || { echo "  FAIL  herald did not start:"; cat "$work/herald.log"; exit 1; }

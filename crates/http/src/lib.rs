@@ -10,7 +10,7 @@ mod auth;
 mod error;
 mod extract;
 mod limits;
-mod metrics;
+pub mod metrics;
 mod queues;
 mod rest;
 mod sse;
@@ -48,6 +48,10 @@ pub struct HttpConfig {
     pub ping_interval: Duration,
     /// A WebSocket silent this long after a Ping is dropped (default 10 s).
     pub pong_timeout: Duration,
+    /// Topics `/metrics` has per-topic series for: names, `prefix.>` (every topic
+    /// under it) or `>` (every topic); at most [`metrics::TOP_TOPICS`] topics in all.
+    /// Empty by default: no series per topic.
+    pub metrics_topics: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -57,6 +61,7 @@ impl Default for HttpConfig {
             max_subscriptions_per_connection: 1000,
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
+            metrics_topics: Vec::new(),
         }
     }
 }

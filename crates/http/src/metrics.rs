@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use herald_core::{Door, WireForm};
+use herald_core::{Door, TopicInfo, TopicName, WireForm};
 use prometheus::{Encoder, TextEncoder};
 
 use crate::AppState;
@@ -17,6 +17,52 @@ use crate::AppState;
 /// Queues exported one by one (the largest by messages held); the rest only count in
 /// `herald_queues`.
 pub const TOP_QUEUES: usize = 20;
+
+/// Most topics exported one by one (those `metrics_topics` names, in its order).
+pub const TOP_TOPICS: usize = 100;
+
+/// Checks one `metrics_topics` entry: a topic name, `prefix.>` or `>`.
+pub fn check_topic_entry(entry: &str) -> Result<(), String> {
+    let name = match entry {
+        ">" => return Ok(()),
+        e => e.strip_suffix(".>").unwrap_or(e),
+    };
+    TopicName::parse(name).map(drop).map_err(|e| format!("{entry:?} is not a topic name, `prefix.>` or `>`: {e}"))
+}
+
+/// The topics `entries` names that exist (retained messages or subscribers), at most
+/// [`TOP_TOPICS`], each once.
+async fn allowed_topics(state: &AppState, entries: &[String]) -> Vec<TopicName> {
+    let mut topics: Vec<TopicName> = Vec::new();
+    for entry in entries {
+        let left = TOP_TOPICS.saturating_sub(topics.len());
+        if left == 0 {
+            break;
+        }
+        let found: Result<Vec<TopicName>, _> = match entry.as_str() {
+            ">" => state.broker().list("", None, left).await.map(|l| l.into_iter().map(|t| t.topic).collect()),
+            e => match e.strip_suffix(".>") {
+                Some(prefix) => state
+                    .broker()
+                    .list(&format!("{prefix}."), None, left)
+                    .await
+                    .map(|l| l.into_iter().map(|t| t.topic).collect()),
+                None => Ok(TopicName::parse(e).into_iter().collect()),
+            },
+        };
+        match found {
+            Ok(found) => {
+                for t in found {
+                    if !topics.contains(&t) && topics.len() < TOP_TOPICS {
+                        topics.push(t);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, entry, "metrics: topics not listed"),
+        }
+    }
+    topics
+}
 
 pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let m = state.broker().metrics();
@@ -181,6 +227,33 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
             [("ready", stats.ready), ("in_flight", stats.in_flight), ("delayed", stats.delayed), ("dead", stats.dead)]
         {
             let _ = writeln!(out, "herald_queue_messages{{queue=\"{}\",state=\"{st}\"}} {n}", queue.as_str());
+        }
+    }
+    // Per-topic series, only for the topics `metrics_topics` allows.
+    let topics = allowed_topics(&state, &state.config().metrics_topics).await;
+    if !topics.is_empty() {
+        let mut rows = Vec::with_capacity(topics.len());
+        for topic in &topics {
+            match state.broker().info(topic).await {
+                Ok(info) => rows.push((topic, info)),
+                Err(e) => tracing::warn!(error = %e, %topic, "metrics: topic head not read"),
+            }
+        }
+        for (name, help, value) in [
+            (
+                "topic_last_offset",
+                "Offset of the newest message of an allow-listed topic (metrics_topics); its rate is the topic's publish rate.",
+                (|i: &TopicInfo| i.head.last) as fn(&TopicInfo) -> u64,
+            ),
+            ("topic_retained_messages", "Messages an allow-listed topic retains.", |i: &TopicInfo| i.head.retained),
+            ("topic_subscribers", "Live subscribers of an allow-listed topic on this node.", |i: &TopicInfo| {
+                i.subscribers
+            }),
+        ] {
+            let _ = write!(out, "# HELP herald_{name} {help}\n# TYPE herald_{name} gauge\n");
+            for (topic, info) in &rows {
+                let _ = writeln!(out, "herald_{name}{{topic=\"{}\"}} {}", topic.as_str(), value(info));
+            }
         }
     }
     // Histograms, the store's and the process's metrics.

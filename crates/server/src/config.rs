@@ -229,6 +229,9 @@ pub struct ServeArgs {
     /// On SIGTERM, serve this long with /readyz at 503 before closing (e.g. 5s).
     #[arg(long, env = "HERALD_DRAIN_DELAY", value_parser = parse_duration)]
     pub drain_delay: Option<Duration>,
+    /// Topics with series of their own on /metrics: names, `prefix.>` or `>`, comma-separated (at most 100 topics).
+    #[arg(long, env = "HERALD_METRICS_TOPICS", value_delimiter = ',')]
+    pub metrics_topics: Option<Vec<String>>,
 }
 
 /// The TOML file's shape; unknown keys are errors, so a typo is never silently ignored.
@@ -252,7 +255,15 @@ struct File {
     cluster: FileCluster,
     #[serde(default)]
     tls: FileTls,
+    #[serde(default)]
+    metrics: FileMetrics,
     auth: Option<herald_auth::AuthConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    topics: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -523,6 +534,14 @@ impl Config {
                     .pong_timeout
                     .or(file_duration("timeouts.pong_timeout", file.timeouts.pong_timeout)?)
                     .unwrap_or(d.http.pong_timeout),
+                metrics_topics: {
+                    let topics = args.metrics_topics.clone().or(file.metrics.topics).unwrap_or_default();
+                    for entry in &topics {
+                        herald_http::metrics::check_topic_entry(entry)
+                            .map_err(|e| anyhow::anyhow!("metrics.topics: {e}"))?;
+                    }
+                    topics
+                },
             },
             grpc: GrpcConfig {
                 // One limit for every long-lived connection, whichever front door.
@@ -663,6 +682,9 @@ handshake_timeout = "{handshake_timeout}"
 {redis}role = "{role}"
 prefix = "{prefix}"
 
+[metrics]
+topics = [{metrics_topics}]
+
 [tls]
 {tls}{auth}"#,
             listen = self.listen,
@@ -697,6 +719,7 @@ prefix = "{prefix}"
             slow = format_duration(self.broker.outbound.slow_consumer_timeout),
             shutdown = format_duration(self.shutdown_timeout),
             drain = format_duration(self.drain_delay),
+            metrics_topics = self.http.metrics_topics.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", "),
             redis = match &self.cluster.redis {
                 Some(url) => format!("redis = \"{}\"\n", redact(url)),
                 None => "# redis = \"redis://127.0.0.1:6379/\"\n".to_owned(),
@@ -764,6 +787,11 @@ mod tests {
         std::fs::write(&path, "[limits]\nbytes_per_second = 1000\n")?;
         let err = format!("{:#}", Config::load(&args).expect_err("a byte rate below the largest message refused"));
         assert!(err.contains("limits.bytes_per_second"), "{err}");
+        std::fs::write(&path, "[metrics]\ntopics = [\"orders\", \"chat.>\", \">\"]\n")?;
+        assert_eq!(Config::load(&args)?.http.metrics_topics, ["orders", "chat.>", ">"]);
+        std::fs::write(&path, "[metrics]\ntopics = [\"a..b\"]\n")?;
+        let err = format!("{:#}", Config::load(&args).expect_err("a bad topic entry refused"));
+        assert!(err.contains("metrics.topics") && err.contains("a..b"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

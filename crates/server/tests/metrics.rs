@@ -62,6 +62,7 @@ async fn a_workload_shows_in_every_documented_metric() -> Result {
     let server = start(move |c| {
         c.store = herald_server::StoreKind::Disk;
         c.data_dir = data_dir;
+        c.http.metrics_topics = vec!["work".into()];
     })
     .await?;
 
@@ -139,6 +140,8 @@ async fn a_workload_shows_in_every_documented_metric() -> Result {
     assert_eq!(m.get("herald_queue_redelivered_total"), 1.0);
     assert_eq!(m.get("herald_outbound_queued_bytes"), 0.0, "everything was written");
     assert_eq!(m.get("herald_queues"), 1.0);
+    assert_eq!(m.get("herald_topic_last_offset{topic=\"work\"}"), 4.0);
+    assert_eq!(m.get("herald_topic_subscribers{topic=\"work\"}"), 1.0);
     assert_eq!(m.get("herald_queue_messages{queue=\"jobs\",state=\"ready\"}"), 1.0);
     assert_eq!(m.get("herald_queue_messages{queue=\"jobs\",state=\"in_flight\"}"), 0.0);
     assert_eq!(m.get(&format!("herald_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
@@ -187,5 +190,29 @@ async fn ten_thousand_topics_and_a_hundred_queues_keep_the_series_bounded() -> R
         .filter(|(k, _)| k.starts_with("herald_queue_messages{") && k.ends_with("state=\"ready\"}"))
         .all(|(_, v)| *v == 3.0));
     assert!(m.series.len() < 400, "{} series", m.series.len());
+    Ok(())
+}
+
+#[tokio::test]
+async fn allow_listed_topics_get_series_of_their_own_and_no_more_than_a_hundred() -> Result {
+    let server = start(|c| c.http.metrics_topics = vec!["orders".into(), "chat.>".into(), ">".into()]).await?;
+    let mut sub = server.json_ws().await?;
+    sub.subscribe("chat.a", StartFrom::Latest, None).await?;
+    let grpc = GrpcClient::connect(&server.url).await?;
+    for topic in ["orders", "orders", "chat.a", "chat.b", "other"] {
+        grpc.publish(topic, herald_client::grpc::pb::Kind::Text, "x").await?;
+    }
+    for i in 0..150 {
+        grpc.publish(&format!("bulk.{i}"), herald_client::grpc::pb::Kind::Text, "x").await?;
+    }
+    let m = Scrape::of(&server).await?;
+    assert_eq!(m.get("herald_topic_last_offset{topic=\"orders\"}"), 2.0);
+    assert_eq!(m.get("herald_topic_retained_messages{topic=\"orders\"}"), 2.0);
+    assert_eq!(m.get("herald_topic_last_offset{topic=\"chat.b\"}"), 1.0);
+    assert_eq!(m.get("herald_topic_subscribers{topic=\"chat.a\"}"), 1.0);
+    assert_eq!(m.get("herald_topic_subscribers{topic=\"chat.b\"}"), 0.0);
+    // `>` fills the rest, up to 100 topics in all.
+    let per_topic = m.series.keys().filter(|k| k.starts_with("herald_topic_last_offset{")).count();
+    assert_eq!(per_topic, 100);
     Ok(())
 }
