@@ -58,8 +58,7 @@ pub enum QueueError {
     /// The delivery id is not the message's current delivery.
     #[error("delivery {0} is not current (unknown, acked, or its lease ended)")]
     NotFound(String),
-    /// Redrive of a dead-letter queue (it has none), or an admin action the queue
-    /// service does not offer.
+    /// Redrive of a dead-letter queue (it has none).
     #[error("{0}")]
     Unsupported(String),
     /// The store failed; the operation did not happen.
@@ -133,21 +132,13 @@ pub trait QueueService: Send + Sync + 'static {
 
     /// Admin: removes every ready and delayed message of the queue (leased ones stay
     /// with their workers); resolves with how many. A dead-letter queue may be purged.
-    fn purge<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, u64> {
-        Box::pin(std::future::ready(Err(QueueError::Unsupported(format!(
-            "purge of {name} is not available on this queue service"
-        )))))
-    }
+    fn purge<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, u64>;
 
     /// Admin: moves up to `max` ready messages of the queue's dead-letter queue back to
     /// it, oldest first, as new messages (attempts from 0); resolves with how many once
     /// they are durable in the queue.
-    fn redrive<'a>(&'a self, name: &'a QueueName, max: usize) -> QueueFuture<'a, u64> {
-        let _ = max;
-        Box::pin(std::future::ready(Err(QueueError::Unsupported(format!(
-            "redrive of {name} is not available on this queue service"
-        )))))
-    }
+    /// Refused (`Unsupported`) for a dead-letter queue.
+    fn redrive<'a>(&'a self, name: &'a QueueName, max: usize) -> QueueFuture<'a, u64>;
 
     /// This node's queue counters and gauges.
     fn counters(&self) -> &QueueCounters;

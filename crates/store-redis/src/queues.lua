@@ -145,7 +145,7 @@ local function current(m, id)
 end
 
 settle(M)
-if Q == D or op == 'stats' then settle(D) end
+if Q == D or op == 'stats' or op == 'redrive' then settle(D) end
 
 local reply
 if op == 'enqueue' then
@@ -214,6 +214,40 @@ elseif op == 'extend' then
   else
     reply = { 'not_found' }
   end
+elseif op == 'purge' then
+  -- ARGV: most messages to remove in this call. Ready, then delayed; leased ones stay.
+  local left = tonumber(ARGV[6])
+  local removed = 0
+  for _, key in ipairs({ Q.r, Q.w }) do
+    if left > 0 then
+      local ms = redis.call('ZRANGE', key, 0, left - 1)
+      for _, m in ipairs(ms) do
+        remove(Q, m)
+      end
+      removed = removed + #ms
+      left = left - #ms
+    end
+  end
+  reply = { int(removed) }
+elseif op == 'redrive' then
+  -- ARGV: most dead letters to move in this call, max_queue_messages. Ready dead
+  -- letters, oldest first, become new messages of the queue, ready now; atomic.
+  local room = tonumber(ARGV[7]) - count(M)
+  local want = math.min(tonumber(ARGV[6]), room)
+  local moved = 0
+  if want > 0 then
+    for _, dm in ipairs(redis.call('ZRANGE', D.r, 0, want - 1)) do
+      local id = redis.call('HINCRBY', M.h, 'n', 1)
+      local m = member(id)
+      local meta = redis.call('HGET', D.h, 'm' .. dm) or 'binary 0'
+      local kind = string.match(meta, '^(%S+)')
+      redis.call('HSET', M.h, 'm' .. m, kind .. ' ' .. int(now), 'b' .. m, redis.call('HGET', D.h, 'b' .. dm) or '')
+      remove(D, dm)
+      make_ready(M, m, now)
+      moved = moved + 1
+    end
+  end
+  reply = { int(moved) }
 elseif op == 'stats' then
   local dead = 0
   if Q == M then dead = count(D) end

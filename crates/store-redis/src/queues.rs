@@ -390,7 +390,52 @@ impl QueueService for RedisQueues {
         })
     }
 
+    fn purge<'a>(&'a self, name: &'a QueueName) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            // In script calls of at most ADMIN_BATCH messages, so Redis is never held
+            // long; jobs enqueued meanwhile may be purged too.
+            let mut purged = 0;
+            loop {
+                let reply = self.shared.call(name, "purge", &[ADMIN_BATCH.to_string().as_bytes()]).await?;
+                let n = number(reply.first().ok_or_else(bad_reply)?)?;
+                purged += n;
+                if n < ADMIN_BATCH {
+                    return Ok(purged);
+                }
+            }
+        })
+    }
+
+    fn redrive<'a>(&'a self, name: &'a QueueName, max: usize) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            if name.is_dlq() {
+                return Err(QueueError::Unsupported(format!("{name} is a dead-letter queue: it has none to redrive")));
+            }
+            // Each call moves its batch atomically: a dead letter is in one queue or
+            // the other, never both, never neither.
+            let limit = self.shared.config.max_queue_messages.to_string();
+            let mut moved = 0;
+            while moved < max as u64 {
+                let batch = ADMIN_BATCH.min(max as u64 - moved).to_string();
+                let reply = self.shared.call(name, "redrive", &[batch.as_bytes(), limit.as_bytes()]).await?;
+                let n = number(reply.first().ok_or_else(bad_reply)?)?;
+                moved += n;
+                if n == 0 {
+                    break;
+                }
+            }
+            Ok(moved)
+        })
+    }
+
     fn counters(&self) -> &QueueCounters {
         &self.shared.counters
     }
+}
+
+/// Most messages one purge or redrive script call moves.
+const ADMIN_BATCH: u64 = 1000;
+
+fn bad_reply() -> QueueError {
+    StoreError::Unavailable("redis: a bad queue script reply".into()).into()
 }

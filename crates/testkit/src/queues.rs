@@ -244,6 +244,65 @@ pub async fn a_long_poll_wakes_on_enqueue_from_another_node(backend: &dyn QueueB
     Ok(())
 }
 
+/// Admin actions: purge removes ready and delayed messages and leaves leased ones with
+/// their worker; redrive moves the dead-letter queue's ready messages back, oldest
+/// first, as new messages on their first attempt, no more than `max` and than the
+/// queue has room for; a dead-letter queue can be purged but not redriven.
+pub async fn purge_and_redrive(backend: &dyn QueueBackend) -> Result {
+    let config = QueueConfig { max_attempts: 1, max_queue_messages: 4, ..QueueConfig::default() };
+    let (a, b, clock) = nodes(backend, config, 1 << 20).await?;
+    let (q, dlq) = (queue("conf.admin")?, queue("conf.admin.dlq")?);
+    // Three jobs fail once each: dead letters d0, d1, d2 (in that order).
+    for i in 0..3 {
+        a.enqueue(&q, text(&format!("d{i}")), 0).await?;
+        clock.advance(1);
+    }
+    for d in fetch(&b, &q, 3, 1000).await? {
+        a.requeue(&q, &d.id, 0).await?;
+    }
+    same(b.stats(&q).await?, stats(0, 0, 0, 3), "three dead letters")?;
+    // Three jobs: the first leased, one delayed, one ready.
+    b.enqueue(&q, text("first"), 0).await?;
+    b.enqueue(&q, text("later"), 60_000).await?;
+    a.enqueue(&q, text("second"), 0).await?;
+    clock.advance(1);
+    let leased = fetch(&a, &q, 1, 1000).await?;
+    same(leased.iter().map(payload).collect::<Vec<_>>(), vec!["first".to_owned()], "the oldest ready job")?;
+    same(a.purge(&q).await?, 2, "purged: the delayed and the ready job")?;
+    same(b.stats(&q).await?, stats(0, 1, 0, 3), "the leased job stays")?;
+    a.ack(&q, &leased[0].id).await?;
+    same(fetch(&b, &q, 1, 1000).await?.len(), 0, "nothing ready after the purge")?;
+
+    // Redrive: at most `max`, and no more than the queue has room for (4 messages).
+    same(b.redrive(&q, 1).await?, 1, "one moved: max")?;
+    clock.advance(1);
+    a.enqueue(&q, text("f0"), 0).await?;
+    a.enqueue(&q, text("f1"), 0).await?;
+    clock.advance(1);
+    same(a.redrive(&q, 10).await?, 1, "one more: the room left")?;
+    same(b.stats(&q).await?, stats(4, 0, 0, 1), "full, one dead letter left")?;
+    let got = fetch(&a, &q, 10, 1000).await?;
+    let order: Vec<_> = got.iter().map(|d| (payload(d), d.attempt)).collect();
+    let want = [("d0", 1), ("f0", 1), ("f1", 1), ("d1", 1)].map(|(p, n)| (p.to_owned(), n));
+    same(order, want.to_vec(), "oldest first, dead letters on their first attempt again")?;
+    for d in &got {
+        b.ack(&q, &d.id).await?;
+    }
+    same(a.redrive(&q, 10).await?, 1, "the last one")?;
+    same(b.redrive(&q, 10).await?, 0, "nothing left to redrive")?;
+    ensure(matches!(b.redrive(&dlq, 1).await, Err(QueueError::Unsupported(_))), || {
+        "a dead-letter queue redriven".into()
+    })?;
+    // A dead-letter queue can be purged: d2 fails again (its one attempt spent).
+    let last = fetch(&b, &q, 1, 1000).await?;
+    same(last.iter().map(payload).collect::<Vec<_>>(), vec!["d2".to_owned()], "d2 back")?;
+    a.requeue(&q, &last[0].id, 0).await?;
+    same(a.stats(&q).await?, stats(0, 0, 0, 1), "a dead letter again")?;
+    same(b.purge(&dlq).await?, 1, "the dead-letter queue purged")?;
+    same(a.stats(&q).await?, stats(0, 0, 0, 0), "nothing left")?;
+    Ok(())
+}
+
 /// One `#[tokio::test]` per queue conformance case for the backend `$make` builds.
 #[macro_export]
 macro_rules! queue_conformance {
@@ -252,7 +311,8 @@ macro_rules! queue_conformance {
             leases_requeues_and_dead_letters,
             ttls_delays_and_refusals,
             workers_on_two_nodes_take_each_job_once,
-            a_long_poll_wakes_on_enqueue_from_another_node
+            a_long_poll_wakes_on_enqueue_from_another_node,
+            purge_and_redrive
         );
     };
     (@cases $make:expr; $($case:ident),*) => {
