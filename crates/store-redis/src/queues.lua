@@ -53,14 +53,22 @@ local function remove(q, m)
   redis.call('HDEL', q.h, 'm' .. m, 'b' .. m, 'a' .. m, 'd' .. m)
 end
 
+-- Copies message m of queue `from` into queue `to` as a new message (a new id there),
+-- of the same kind and payload, timestamped `at`; returns its member. The caller
+-- removes m and makes the copy ready.
+local function copy(from, to, m, at)
+  local id = redis.call('HINCRBY', to.h, 'n', 1)
+  local nm = member(id)
+  local meta = redis.call('HGET', from.h, 'm' .. m) or 'binary 0'
+  local kind = string.match(meta, '^(%S+)')
+  redis.call('HSET', to.h, 'm' .. nm, kind .. ' ' .. int(at), 'b' .. nm, redis.call('HGET', from.h, 'b' .. m) or '')
+  return nm
+end
+
 -- Moves message m of the queue, out of its state already, to the dead-letter queue as
 -- a new message there, ready at `at`.
 local function dead_letter(m, at)
-  local id = redis.call('HINCRBY', D.h, 'n', 1)
-  local dm = member(id)
-  local meta = redis.call('HGET', M.h, 'm' .. m) or 'binary 0'
-  local kind = string.match(meta, '^(%S+)')
-  redis.call('HSET', D.h, 'm' .. dm, kind .. ' ' .. int(at), 'b' .. dm, redis.call('HGET', M.h, 'b' .. m) or '')
+  local dm = copy(M, D, m, at)
   remove(M, m)
   make_ready(D, dm, at)
   dead_letters = dead_letters + 1
@@ -237,11 +245,7 @@ elseif op == 'redrive' then
   local moved = 0
   if want > 0 then
     for _, dm in ipairs(redis.call('ZRANGE', D.r, 0, want - 1)) do
-      local id = redis.call('HINCRBY', M.h, 'n', 1)
-      local m = member(id)
-      local meta = redis.call('HGET', D.h, 'm' .. dm) or 'binary 0'
-      local kind = string.match(meta, '^(%S+)')
-      redis.call('HSET', M.h, 'm' .. m, kind .. ' ' .. int(now), 'b' .. m, redis.call('HGET', D.h, 'b' .. dm) or '')
+      local m = copy(D, M, dm, now)
       remove(D, dm)
       make_ready(M, m, now)
       moved = moved + 1
