@@ -153,7 +153,7 @@ impl GrpcClient {
             StartFrom::Offset(n) => Some(From::Offset(n)),
         };
         // Packed: a burst arrives as a few `messages` events; `next` hands out one at a time.
-        let request = pb::SubscribeRequest { topic: topic.to_owned(), from, epoch, pack: true };
+        let request = pb::SubscribeRequest { topic: topic.to_owned(), from, epoch, pack: true, ..Default::default() };
         let mut stream = self.topics().subscribe(self.request(request)).await?.into_inner();
         match stream.message().await?.and_then(|e| e.event) {
             Some(pb::subscribe_event::Event::Subscribed(subscribed)) => {

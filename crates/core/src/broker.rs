@@ -33,6 +33,7 @@ use crate::message::{Clock, Message, NewMessage, Outgoing, SystemClock};
 use crate::metrics::{Door, Metrics};
 use crate::name::TopicName;
 use crate::outbound::Subscriber;
+use crate::presence::Presence;
 use crate::queue::{QueueCounters, QueueService, Queues};
 use crate::store::{Appended, Epoch, History, ListedTopic, Store, StoreError, TopicHead};
 
@@ -119,6 +120,8 @@ pub struct TopicInfo {
     pub head: TopicHead,
     /// Live subscriptions on this node.
     pub subscribers: u64,
+    /// Connections publishing to it on this node ([`crate::presence`]).
+    pub publishers: u64,
 }
 
 /// A topic as listed by [`Broker::list`].
@@ -130,6 +133,8 @@ pub struct TopicSummary {
     pub last: u64,
     /// Live subscriptions on this node.
     pub subscribers: u64,
+    /// Connections publishing to it on this node ([`crate::presence`]).
+    pub publishers: u64,
 }
 
 /// The broker handle; cheap to clone.
@@ -153,6 +158,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The long-lived connections served, for the admin API.
     connections: Connections,
+    /// Who is on each topic.
+    presence: Presence,
 }
 
 /// One shard of the topic table: topics with live subscriptions on this node.
@@ -403,11 +410,12 @@ impl Broker {
                 queues,
                 shared_queues: None,
                 shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
-                config,
                 hasher: RandomState::new(),
                 next_id: AtomicU64::new(1),
                 metrics,
                 connections: Connections::default(),
+                presence: Presence::new(config.presence_events_per_second, shards),
+                config,
             }),
         }
     }
@@ -453,6 +461,11 @@ impl Broker {
     /// The connections this node serves (admin API).
     pub fn connections(&self) -> &Connections {
         &self.inner.connections
+    }
+
+    /// Who is on each topic on this node: members, counts, join and leave events.
+    pub fn presence(&self) -> &Presence {
+        &self.inner.presence
     }
 
     /// Whether the store (and the bus, in a cluster) answers.
@@ -777,7 +790,8 @@ impl Broker {
     /// The topic's head and live subscriber count.
     pub async fn info(&self, topic: &TopicName) -> Result<TopicInfo, BrokerError> {
         let head = self.inner.store.head(topic).await?;
-        Ok(TopicInfo { head, subscribers: self.subscriber_count(topic) })
+        let (_, publishers) = self.inner.presence.counts(topic);
+        Ok(TopicInfo { head, subscribers: self.subscriber_count(topic), publishers })
     }
 
     /// Subscriptions attached (not those still waiting for their head: they have not
@@ -798,7 +812,7 @@ impl Broker {
     ) -> Result<Vec<TopicSummary>, BrokerError> {
         let mut merged: BTreeMap<TopicName, TopicSummary> = BTreeMap::new();
         for ListedTopic { topic, last } in self.inner.store.list(prefix, after, limit).await? {
-            merged.insert(topic.clone(), TopicSummary { topic, last, subscribers: 0 });
+            merged.insert(topic.clone(), TopicSummary { topic, last, subscribers: 0, publishers: 0 });
         }
         for shard in self.inner.shards.iter() {
             let topics: Vec<(TopicName, Arc<Topic>)> =
@@ -814,13 +828,16 @@ impl Broker {
                 }
                 merged
                     .entry(name.clone())
-                    .or_insert_with(|| TopicSummary { topic: name, last: 0, subscribers: 0 })
+                    .or_insert_with(|| TopicSummary { topic: name, last: 0, subscribers: 0, publishers: 0 })
                     .subscribers = subscribers;
             }
         }
         let mut out: Vec<TopicSummary> = merged.into_values().take(limit).collect();
-        for summary in out.iter_mut().filter(|s| s.last == 0) {
-            summary.last = self.inner.store.head(&summary.topic).await?.last;
+        for summary in out.iter_mut() {
+            summary.publishers = self.inner.presence.counts(&summary.topic).1;
+            if summary.last == 0 {
+                summary.last = self.inner.store.head(&summary.topic).await?.last;
+            }
         }
         Ok(out)
     }

@@ -73,6 +73,9 @@ pub struct BrokerConfig {
     pub queues: QueueConfig,
     /// What this node serves in a cluster (default all).
     pub role: Role,
+    /// Presence join and leave events sent per topic and second, at most (default 100);
+    /// past it they are dropped and counted ([`crate::presence`]).
+    pub presence_events_per_second: u32,
 }
 
 impl Default for BrokerConfig {
@@ -83,6 +86,7 @@ impl Default for BrokerConfig {
             shards: 64,
             queues: QueueConfig::default(),
             role: Role::All,
+            presence_events_per_second: 100,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`bus`]: the [`Bus`] a cluster node's fan-out is driven by, and node [`Role`]s.
 //! - [`queue`]: work queues: leases, redelivery, dead letters, long poll.
 //! - [`outbound`]: a connection's byte-bounded send queue and the slow-consumer policy.
+//! - [`presence`]: who is on a topic (subscribers, publishers), join and leave events.
 //! - [`writer`]: the one writer discipline that drains it into a socket, for every front door.
 //! - [`config`] and [`metrics`]: typed limits with defaults, and counters.
 
@@ -23,6 +24,7 @@ pub mod message;
 pub mod metrics;
 pub mod name;
 pub mod outbound;
+pub mod presence;
 pub mod queue;
 pub mod store;
 pub mod writer;
@@ -44,6 +46,10 @@ pub use message::{Clock, Kind, ManualClock, Message, NewMessage, Outgoing, Syste
 pub use metrics::{Door, Metrics};
 pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
+pub use presence::{
+    Member, MemberRole, Presence, PresenceEntry, PresenceEvent, PresenceKind, PresenceList, PresenceSink,
+    MAX_INFO_BYTES,
+};
 pub use queue::{Delivery, QueueCounters, QueueError, QueueFuture, QueueService, QueueStats, Queues};
 pub use store::{
     Appended, Epoch, History, ListedTopic, LiveQueue, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture,

@@ -45,6 +45,7 @@ impl Default for EncodedEvent {
 /// Field numbers of `SubscribeEvent`'s oneof.
 const SUBSCRIBED: u32 = 1;
 const MESSAGE: u32 = 2;
+const PRESENCE: u32 = 5;
 /// `messages` (field 4, length-delimited): the tag byte of a packed event.
 const MESSAGES_TAG: u8 = 4 << 3 | 2;
 /// `TopicMessages.messages` (field 1, length-delimited): an element's tag byte, in place
@@ -62,6 +63,18 @@ impl EncodedEvent {
         let mut buf = Vec::with_capacity(prost::Message::encoded_len(subscribed) + 8);
         prost::encoding::message::encode(SUBSCRIBED, subscribed, &mut buf);
         Self(Repr::Whole(buf.into()))
+    }
+
+    /// A `presence` event, built from its bytes (see [`EncodedEvent::presence_bytes`]).
+    pub fn presence(bytes: Bytes) -> Self {
+        Self(Repr::Whole(bytes))
+    }
+
+    /// `event` as the bytes of a `SubscribeEvent` with its `presence` case.
+    pub fn presence_bytes(event: &pb::PresenceEvent) -> Bytes {
+        let mut buf = Vec::with_capacity(prost::Message::encoded_len(event) + 8);
+        prost::encoding::message::encode(PRESENCE, event, &mut buf);
+        buf.into()
     }
 
     /// The event sent on an idle stream.

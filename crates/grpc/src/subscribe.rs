@@ -12,13 +12,12 @@
 //! and a client that vanished is noticed by the failed write.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::time::Duration;
 
 use herald_core::{
-    outbound, run_writer, spawn_replay, ConnectionGuard, Door, Item, Metrics, OutboundRx, SocketWriter, StartFrom,
-    SubscriptionGuard, TopicName, WriterEnd,
+    outbound, run_writer, spawn_replay, ConnectionGuard, Door, Item, Member, MemberRole, Metrics, Outbound, OutboundRx,
+    PresenceEvent, PresenceKind, PresenceSink, SocketWriter, StartFrom, SubscriptionGuard, TopicName, WriterEnd,
 };
 use herald_protocol::ErrorCode;
 use tokio::sync::{mpsc, oneshot};
@@ -39,18 +38,66 @@ const BATCH: usize = 256;
 /// Idle time after which the stream gets a `keepalive` event.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 
+/// The slot of [`PresenceEvent`]'s cache that holds its gRPC form.
+const PRESENCE_FORM_GRPC: usize = 2;
+
+/// A member as the proto's `Member`.
+pub(crate) fn pb_member(m: &Member) -> pb::Member {
+    pb::Member {
+        conn: m.conn.id,
+        door: m.conn.door.label().to_owned(),
+        role: m.role.label().to_owned(),
+        user: m.conn.user().unwrap_or_default().to_owned(),
+        info: m.info.as_deref().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Where a subscription's presence events go (`presence: true`): its queue, as
+/// `presence` events encoded once per event for every gRPC subscriber.
+struct PresenceTap(std::sync::Arc<Outbound<EncodedEvent>>);
+
+impl PresenceSink for PresenceTap {
+    fn presence(&self, event: &std::sync::Arc<PresenceEvent>) -> bool {
+        let bytes = event.encoded(PRESENCE_FORM_GRPC, |e| {
+            let (kind, dropped, subscribers, publishers) = match e.kind {
+                PresenceKind::Join => (pb::presence_event::Kind::Join, 0, 0, 0),
+                PresenceKind::Leave => (pb::presence_event::Kind::Leave, 0, 0, 0),
+                PresenceKind::Lost { dropped, subscribers, publishers } => {
+                    (pb::presence_event::Kind::Lost, dropped, subscribers, publishers)
+                }
+            };
+            EncodedEvent::presence_bytes(&pb::PresenceEvent {
+                topic: e.topic.as_str().to_owned(),
+                kind: kind as i32,
+                member: e.member.as_deref().map(pb_member),
+                dropped,
+                subscribers,
+                publishers,
+            })
+        });
+        let size = bytes.len();
+        self.0.push_control(EncodedEvent::presence(bytes), size)
+    }
+}
+
+/// What a subscription asks of presence: its events, and the `info` of its member entry.
+pub(crate) struct PresenceAsk {
+    pub events: bool,
+    pub info: Option<std::sync::Arc<str>>,
+}
+
 /// Subscribes to `topic` and returns the stream that delivers it.
 pub(crate) async fn open(
     state: &GrpcState,
     topic: TopicName,
     from: StartFrom,
     epoch: Option<&str>,
-    pack: bool,
+    (pack, ask): (bool, PresenceAsk),
     watch: herald_auth::Watch,
     (peer, user): (Option<std::net::SocketAddr>, Option<std::sync::Arc<str>>),
 ) -> Result<EventStream, Status> {
     let broker = state.broker().clone();
-    let (out, rx) = outbound::<Infallible>(broker.config().outbound);
+    let (out, rx) = outbound::<EncodedEvent>(broker.config().outbound);
     let sub = broker.subscribe(&topic, from, epoch, out.clone()).await.map_err(from_broker)?;
     let first = EncodedEvent::subscribed(&pb::Subscribed {
         topic: topic.as_str().to_owned(),
@@ -68,11 +115,16 @@ pub(crate) async fn open(
     }
     info.attach(out.clone());
     info.subscribed(&topic);
+    let watcher: Option<std::sync::Arc<dyn PresenceSink>> =
+        ask.events.then(|| std::sync::Arc::new(PresenceTap(out.clone())) as std::sync::Arc<dyn PresenceSink>);
+    let member = Member { conn: info.clone(), role: MemberRole::Subscriber, info: ask.info };
+    let presence = broker.presence().join(&topic, member, watcher);
     // Everything the subscription owns lives in the producer task and ends with it.
     let owned = (
         guard,
         SubscriptionGuard::new(broker.clone(), topic, sub.id),
         sub.replay.map(|r| spawn_replay(r, out.clone())),
+        presence,
         out,
     );
     let (batch_tx, batch_rx) = mpsc::channel::<Vec<EncodedEvent>>(1);
@@ -155,7 +207,7 @@ impl GrpcWriter<'_> {
     }
 }
 
-impl SocketWriter<Infallible> for GrpcWriter<'_> {
+impl SocketWriter<EncodedEvent> for GrpcWriter<'_> {
     /// The stream is gone: the client went away.
     type Stop = ();
 
@@ -166,12 +218,30 @@ impl SocketWriter<Infallible> for GrpcWriter<'_> {
         }
     }
 
-    async fn write_batch(&mut self, batch: &mut Vec<Item<Infallible>>) -> Result<(), ()> {
-        let events = batch.drain(..).map(|item| match item {
-            Item::Message(m) => EncodedEvent::message(self.metrics, &m),
-            Item::Control(never, _) => match never {},
-        });
-        let events = if self.pack { pack(events) } else { events.collect() };
+    async fn write_batch(&mut self, batch: &mut Vec<Item<EncodedEvent>>) -> Result<(), ()> {
+        if !self.pack {
+            let events = batch
+                .drain(..)
+                .map(|item| match item {
+                    Item::Message(m) => EncodedEvent::message(self.metrics, &m),
+                    Item::Control(event, _) => event,
+                })
+                .collect();
+            return self.hand_over(events).await;
+        }
+        // Messages are packed in runs; a presence event goes alone between them.
+        let mut events = Vec::new();
+        let mut run = Vec::new();
+        for item in batch.drain(..) {
+            match item {
+                Item::Message(m) => run.push(EncodedEvent::message(self.metrics, &m)),
+                Item::Control(event, _) => {
+                    events.extend(pack(std::mem::take(&mut run).into_iter()));
+                    events.push(event);
+                }
+            }
+        }
+        events.extend(pack(run.into_iter()));
         self.hand_over(events).await
     }
 
@@ -207,7 +277,7 @@ fn pack(messages: impl Iterator<Item = EncodedEvent>) -> Vec<EncodedEvent> {
 /// client went away).
 async fn produce(
     first: EncodedEvent,
-    rx: OutboundRx<Infallible>,
+    rx: OutboundRx<EncodedEvent>,
     (tx, pack): (&mpsc::Sender<Vec<EncodedEvent>>, bool),
     shutdown: &CancellationToken,
     metrics: &Metrics,
@@ -237,7 +307,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn subscribed_first_then_messages_then_keepalives_when_idle() {
         let config = OutboundConfig { max_pending_bytes: 1 << 20, slow_consumer_timeout: Duration::from_secs(5) };
-        let (out, rx) = outbound::<Infallible>(config);
+        let (out, rx) = outbound::<EncodedEvent>(config);
         let (tx, mut batches) = mpsc::channel(1);
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());

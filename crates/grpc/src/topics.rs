@@ -129,7 +129,10 @@ impl Topics for TopicsService {
             vec![herald_auth::Action::Subscribe],
             topic.as_str(),
         );
-        let stream = subscribe::open(&self.state, topic, from, req.epoch.as_deref(), req.pack, watch, who).await?;
+        let info = herald_protocol::decode::member_info(&req.info).map_err(bad_request)?;
+        let ask = subscribe::PresenceAsk { events: req.presence, info };
+        let stream =
+            subscribe::open(&self.state, topic, from, req.epoch.as_deref(), (req.pack, ask), watch, who).await?;
         Ok(Response::new(stream))
     }
 
@@ -147,6 +150,22 @@ impl Topics for TopicsService {
             last: h.last,
             retained: h.retained,
             subscribers: info.subscribers,
+            publishers: info.publishers,
+        }))
+    }
+
+    async fn presence(&self, request: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {
+        let caller = self.state.admit(&request).await?;
+        let req = request.into_inner();
+        let topic = topic_name(&req.topic)?;
+        self.state.permit(&caller, herald_auth::Action::Subscribe, topic.as_str())?;
+        let list = self.state.broker().presence().list(&topic, req.after, limit(req.limit)?);
+        Ok(Response::new(pb::PresenceResponse {
+            topic: req.topic,
+            subscribers: list.subscribers,
+            publishers: list.publishers,
+            members: list.members.iter().map(|m| subscribe::pb_member(m)).collect(),
+            more: list.more,
         }))
     }
 
@@ -160,7 +179,12 @@ impl Topics for TopicsService {
         let topics = topics
             .into_iter()
             .filter(|t| caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, t.topic.as_str())))
-            .map(|t| pb::TopicSummary { topic: t.topic.as_str().to_owned(), last: t.last, subscribers: t.subscribers })
+            .map(|t| pb::TopicSummary {
+                topic: t.topic.as_str().to_owned(),
+                last: t.last,
+                subscribers: t.subscribers,
+                publishers: t.publishers,
+            })
             .collect();
         Ok(Response::new(pb::ListTopicsResponse { topics }))
     }

@@ -154,9 +154,35 @@ pub(crate) async fn topic_info(
     push_json_str(&mut body, &h.epoch);
     let _ = write!(
         body,
-        ",\"first\":{},\"last\":{},\"retained\":{},\"subscribers\":{}}}",
-        h.first, h.last, h.retained, info.subscribers
+        ",\"first\":{},\"last\":{},\"retained\":{},\"subscribers\":{},\"publishers\":{}}}",
+        h.first, h.last, h.retained, info.subscribers, info.publishers
     );
+    Ok(json(StatusCode::OK, body))
+}
+
+/// `GET /v1/topics/{topic}/presence`: the topic's members on this node, by connection,
+/// paged with `after` (a connection id) and `limit`.
+pub(crate) async fn presence(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    TopicPath(topic): TopicPath,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    caller.permit(Action::Subscribe, topic.as_str())?;
+    let query = Query::parse(query.as_deref())?;
+    let limit = query.number("limit", 1, 1000, 100)?;
+    let after = query.number("after", 0, u64::MAX, 0)?;
+    let list = state.broker().presence().list(&topic, after, limit as usize);
+    let mut body = String::from("{\"topic\":");
+    push_json_str(&mut body, topic.as_str());
+    body.push(',');
+    herald_protocol::encode::push_presence_list(&mut body, &list);
+    match list.members.last().filter(|_| list.more) {
+        Some(last) => {
+            let _ = write!(body, ",\"next\":{}}}", last.conn.id);
+        }
+        None => body.push_str(",\"next\":null}"),
+    }
     Ok(json(StatusCode::OK, body))
 }
 
@@ -178,7 +204,8 @@ pub(crate) async fn list_topics(
         }
         body.push_str("{\"topic\":");
         push_json_str(&mut body, t.topic.as_str());
-        let _ = write!(body, ",\"last\":{},\"subscribers\":{}}}", t.last, t.subscribers);
+        let _ =
+            write!(body, ",\"last\":{},\"subscribers\":{},\"publishers\":{}}}", t.last, t.subscribers, t.publishers);
     }
     body.push_str("]}");
     Ok(json(StatusCode::OK, body))

@@ -16,9 +16,11 @@ use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use std::sync::Arc;
+
 use herald_core::{
-    outbound, run_writer, spawn_replay, ConnectionGuard, Door, Item, Metrics, Outgoing, SocketWriter, StartFrom,
-    SubscriptionGuard, WireForm,
+    outbound, run_writer, spawn_replay, ConnectionGuard, Door, Item, Member, MemberRole, Metrics, Outbound, Outgoing,
+    PresenceEvent, PresenceSink, SocketWriter, StartFrom, SubscriptionGuard, WireForm,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::encode;
@@ -38,6 +40,21 @@ fn encode_sse(metrics: &Metrics, msg: &Outgoing) -> Bytes {
         metrics.encoded(WireForm::Sse);
         Bytes::from(encode::sse_event(m))
     })
+}
+
+/// The slot of [`PresenceEvent`]'s cache that holds its SSE form.
+const PRESENCE_FORM_SSE: usize = 1;
+
+/// Where a stream's presence events go (`?presence=true`): named events (`event: join`,
+/// `leave`, `presence_lost`), so `EventSource.onmessage` still gets only messages.
+struct PresenceTap(Arc<Outbound<Bytes>>);
+
+impl PresenceSink for PresenceTap {
+    fn presence(&self, event: &Arc<PresenceEvent>) -> bool {
+        let chunk = event.encoded(PRESENCE_FORM_SSE, |e| Bytes::from(encode::presence_sse_event(e)));
+        let size = chunk.len();
+        self.0.push_control(chunk, size)
+    }
 }
 
 /// Items the writer takes per batch.
@@ -115,6 +132,13 @@ pub(crate) async fn stream(
                 .ok_or_else(|| ApiError::bad_request("from must be latest, earliest or a non-negative integer"))?,
         },
     };
+    let presence = match query.get("presence") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(ApiError::bad_request(format!("presence must be true or false, not {other:?}"))),
+    };
+    let member_info =
+        herald_protocol::decode::member_info(query.get("info").unwrap_or_default()).map_err(ApiError::bad_request)?;
     let (out, rx) = outbound::<Bytes>(state.broker().config().outbound);
     let broker = state.broker().clone();
     let sub = broker.subscribe(&topic, from, None, out.clone()).await?;
@@ -128,6 +152,10 @@ pub(crate) async fn stream(
     }
     info.attach(out.clone());
     info.subscribed(&topic);
+    let watcher: Option<Arc<dyn PresenceSink>> =
+        presence.then(|| Arc::new(PresenceTap(out.clone())) as Arc<dyn PresenceSink>);
+    let member = Member { conn: info.clone(), role: MemberRole::Subscriber, info: member_info };
+    let presence = broker.presence().join(&topic, member, watcher);
     let unsubscribe = SubscriptionGuard::new(broker.clone(), topic, sub.id);
     let replay = sub.replay.map(|r| spawn_replay(r, out.clone()));
     let shutdown = state.inner.shutdown.clone();
@@ -135,7 +163,7 @@ pub(crate) async fn stream(
 
     let events = async_stream(move |tx| async move {
         // Everything the stream owns lives here and ends with it.
-        let _owned = (guard, unsubscribe, replay, out);
+        let _owned = (guard, unsubscribe, replay, presence, out);
         let mut socket = SseWriter { tx, metrics: &metrics, idle_until: Instant::now() + KEEPALIVE_EVERY };
         // However it ends (shutdown, slow consumer, client gone, credentials expired or
         // refused by a reload), the stream just ends.

@@ -23,9 +23,9 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use herald_auth::limits::Peer;
 use herald_auth::Action;
 use herald_core::{
-    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, ConnectionInfo, Door, Item, Kind, Metrics,
-    NewMessage, Outbound, OutboundRx, Outgoing, Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard,
-    SubscriptionId, TopicName, WireForm, WriterEnd,
+    outbound, run_writer, spawn_replay, BrokerError, ConnectionGuard, ConnectionInfo, Door, Item, Kind, Member,
+    MemberRole, Metrics, NewMessage, Outbound, OutboundRx, Outgoing, PresenceEntry, PresenceEvent, PresenceSink,
+    Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName, WireForm, WriterEnd,
 };
 use herald_protocol::decode::parse_from_query;
 use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op, Payload};
@@ -44,8 +44,8 @@ use herald_auth::Watch;
 
 /// Frames a reader asks the writer to send, besides topic messages.
 pub(crate) enum Control {
-    /// A text frame (a reply or an error).
-    Text(String),
+    /// A text frame (a reply, an error, a presence event).
+    Text(Utf8Bytes),
     /// Close the connection with this code and reason after what is queued.
     Close(u16, &'static str),
 }
@@ -195,7 +195,7 @@ impl WsWriter<'_> {
             expected = expected.saturating_sub(item.size());
             let frame = match item {
                 Item::Message(m) => encode_packed(self.metrics, &m),
-                Item::Control(Control::Text(t), _) => t.into(),
+                Item::Control(Control::Text(t), _) => t,
                 Item::Control(Control::Close(code, reason), _) => {
                     close = Some((code, reason));
                     break;
@@ -395,7 +395,30 @@ struct JsonSub {
     /// The subscription's sink: how far it delivered, for this connection's publishes.
     tap: Arc<Tap<Control>>,
     _replay: Option<ReplayTask>,
+    /// Its member entry in the topic's presence (dropped with it: its leave).
+    _presence: PresenceEntry,
 }
+
+/// The slot of [`PresenceEvent`]'s cache that holds its JSON protocol frame.
+const PRESENCE_FORM_WS: usize = 0;
+
+/// Where a watching subscription's presence events go: its connection's queue, as
+/// text frames encoded once per event for every JSON WebSocket.
+struct PresenceTap(Arc<Outbound<Control>>);
+
+impl PresenceSink for PresenceTap {
+    fn presence(&self, event: &Arc<PresenceEvent>) -> bool {
+        let bytes = event.encoded(PRESENCE_FORM_WS, |e| Bytes::from(encode::presence_frame(e)));
+        // Built from a String just above: always UTF-8.
+        let Ok(text) = Utf8Bytes::try_from(bytes) else { return true };
+        let size = text_size(&text);
+        self.0.push_control(Control::Text(text), size)
+    }
+}
+
+/// Topics one JSON connection is listed as a publisher of, at most (then its further
+/// topics are not listed).
+const MAX_PUBLISHER_TOPICS: usize = 1000;
 
 /// A JSON connection's subscriptions by topic: a vector sorted by name, grown one slot
 /// at a time while small (most connections hold one or a few, and a hash map's
@@ -511,6 +534,7 @@ async fn json_connection(
         closed: false,
         credentials,
         peer,
+        publishing: HashMap::new(),
     };
     run_connection(socket, &state, guard, framing, (out, rx), async |mut stream, last_seen, stop| {
         let mut incoming = Incoming::new(&mut stream);
@@ -620,7 +644,12 @@ struct JsonSession {
     peer: Option<Arc<Peer>>,
     /// Its entry in the admin API's list.
     conn: Arc<ConnectionInfo>,
+    /// Its member entries as a publisher, by topic (left when the connection ends).
+    publishing: HashMap<TopicName, PresenceEntry>,
 }
+
+/// Members a `presence` reply lists at most (HTTP pages through them all).
+pub(crate) const MAX_PRESENCE_LISTED: usize = 1000;
 
 /// How long a JSON WebSocket opened without credentials has to send its `auth` frame.
 pub(crate) const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -745,7 +774,7 @@ impl JsonSession {
 
     fn reply(&self, text: String) {
         let size = text_size(&text);
-        self.out.push_control(Control::Text(text), size);
+        self.out.push_control(Control::Text(text.into()), size);
     }
 
     /// Answers an error frame, spending one error of the connection's budget; once it
@@ -798,7 +827,9 @@ impl JsonSession {
             }
             if let Some(e) = match &frame.op {
                 Op::Publish { topic, .. } => self.refused(frame.id, Action::Publish, topic),
-                Op::Subscribe { topic, .. } => self.refused(frame.id, Action::Subscribe, topic),
+                Op::Subscribe { topic, .. } | Op::Presence { topic } => {
+                    self.refused(frame.id, Action::Subscribe, topic)
+                }
                 Op::Unsubscribe { .. } | Op::Ping | Op::Auth { .. } => None,
             } {
                 self.publish_run(run.take()).await;
@@ -837,6 +868,7 @@ impl JsonSession {
         let (ids, batch): (Vec<Option<u64>>, Vec<NewMessage>) = frames.into_iter().unzip();
         match self.state.broker().publish_batch_via(Door::Ws, &topic, batch).await {
             Ok(published) => {
+                self.published_to(&topic);
                 for (id, p) in ids.into_iter().zip(published) {
                     if id.is_some() {
                         self.reply(encode::published(id, topic.as_str(), p.offset, p.ts));
@@ -863,6 +895,7 @@ impl JsonSession {
                 let own = self.subs.get(&topic).map(|sub| (sub.tap.clone(), sub.tap.mark()));
                 match self.state.broker().publish_via(Door::Ws, &topic, new_message(payload, ttl_ms)).await {
                     Ok(p) => {
+                        self.published_to(&topic);
                         // This connection's subscription gets the message first, then the
                         // reply (and whatever the next frames bring): held back behind a
                         // replay or an earlier offset, the message is waited for.
@@ -879,7 +912,11 @@ impl JsonSession {
                     }
                 }
             }
-            Op::Subscribe { topic, from, epoch } => {
+            Op::Presence { topic } => {
+                let list = self.state.broker().presence().list(&topic, 0, MAX_PRESENCE_LISTED);
+                self.reply(encode::presence_reply(id, topic.as_str(), &list));
+            }
+            Op::Subscribe { topic, from, epoch, presence, info } => {
                 if self.subs.contains_key(&topic) {
                     return self.error(&fail(ErrorCode::AlreadySubscribed, format!("already subscribed to {topic}")));
                 }
@@ -896,7 +933,13 @@ impl JsonSession {
                         self.reply(encode::subscribed(id, topic.as_str(), &sub.epoch, sub.next, sub.recovered));
                         let replay = sub.replay.map(|r| spawn_replay(r, self.out.clone()));
                         self.conn.subscribed(&topic);
-                        self.subs.insert(topic, JsonSub { id: sub.id, tap, _replay: replay });
+                        // Joins after the reply: its events follow it.
+                        let member =
+                            Member { conn: self.conn.clone(), role: MemberRole::Subscriber, info: info.map(Arc::from) };
+                        let watcher: Option<Arc<dyn PresenceSink>> =
+                            presence.then(|| Arc::new(PresenceTap(self.out.clone())) as Arc<dyn PresenceSink>);
+                        let entry = self.state.broker().presence().join(&topic, member, watcher);
+                        self.subs.insert(topic, JsonSub { id: sub.id, tap, _replay: replay, _presence: entry });
                     }
                     Err(e) => {
                         let api = ApiError::from(e);
@@ -914,6 +957,16 @@ impl JsonSession {
                 None => self.error(&fail(ErrorCode::NotSubscribed, format!("not subscribed to {topic}"))),
             },
         }
+    }
+
+    /// Lists the connection as a publisher of `topic` after a publish there succeeded.
+    fn published_to(&mut self, topic: &TopicName) {
+        if self.publishing.contains_key(topic) || self.publishing.len() >= MAX_PUBLISHER_TOPICS {
+            return;
+        }
+        let member = Member { conn: self.conn.clone(), role: MemberRole::Publisher, info: None };
+        let entry = self.state.broker().presence().join(topic, member, None);
+        self.publishing.insert(topic.clone(), entry);
     }
 
     fn unsubscribe_all(&mut self) {
@@ -1011,6 +1064,14 @@ async fn raw_connection(
     if pacer.mode != Mode::Pub {
         info.subscribed(&topic);
     }
+    // Members of the topic for the socket's life, in the roles its mode gives.
+    let presence = state.broker().presence();
+    let roles = [(pacer.mode != Mode::Pub, MemberRole::Subscriber), (pacer.mode != Mode::Sub, MemberRole::Publisher)];
+    let members: Vec<PresenceEntry> = roles
+        .into_iter()
+        .filter(|(is, _)| *is)
+        .map(|(_, role)| presence.join(&topic, Member { conn: info.clone(), role, info: None }, None))
+        .collect();
     let queue = out.clone();
     run_connection(socket, &state, guard, Framing::Raw, (queue, rx), async |mut stream, last_seen, stop| {
         let ended = watch.ended();
@@ -1026,6 +1087,7 @@ async fn raw_connection(
         drop(unsubscribe);
     })
     .await;
+    drop(members);
 }
 
 /// What a raw socket may send: its mode, and who its publishes are paced as (its

@@ -35,6 +35,16 @@ pub enum Op {
         from: StartFrom,
         /// The epoch the client saw, if any.
         epoch: Option<String>,
+        /// Send this subscription the topic's join and leave events.
+        presence: bool,
+        /// What the client says of itself in its member entry: JSON text, at most
+        /// [`herald_core::MAX_INFO_BYTES`].
+        info: Option<String>,
+    },
+    /// The topic's members and counts.
+    Presence {
+        /// The topic.
+        topic: TopicName,
     },
     /// Unsubscribe from a topic.
     Unsubscribe {
@@ -102,6 +112,10 @@ struct RawFrame<'a> {
     ttl_ms: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    presence: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    info: Option<&'a RawValue>,
 }
 
 /// A field that is present is `Some`, even when its value is `null`.
@@ -149,8 +163,14 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
                     .ok_or_else(|| bad(id, "from must be \"latest\", \"earliest\" or a non-negative integer offset"))?,
             };
             let epoch = field::<String>(id, "epoch", raw.epoch)?;
-            Op::Subscribe { topic, from, epoch }
+            let presence = field::<bool>(id, "presence", raw.presence)?.unwrap_or(false);
+            let info = raw.info.map(|v| v.get()).filter(|v| *v != "null").map(str::to_owned);
+            if info.as_ref().is_some_and(|i| i.len() > herald_core::MAX_INFO_BYTES) {
+                return Err(bad(id, &format!("info is over {} bytes", herald_core::MAX_INFO_BYTES)));
+            }
+            Op::Subscribe { topic, from, epoch, presence, info }
         }
+        "presence" => Op::Presence { topic: topic(true)?.ok_or_else(|| bad(id, "missing field topic"))? },
         "unsubscribe" => Op::Unsubscribe { topic: topic(true)?.ok_or_else(|| bad(id, "missing field topic"))? },
         "publish" => {
             let topic = topic(true)?.ok_or_else(|| bad(id, "missing field topic"))?;
@@ -178,6 +198,22 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         other => return Err(bad(id, &format!("unknown op {other:?}"))),
     };
     Ok(ClientFrame { id, op })
+}
+
+/// Checks the `info` a client attaches to its presence entry (a query parameter, a
+/// gRPC field): empty is none; else JSON text of at most
+/// [`herald_core::MAX_INFO_BYTES`]. The error is words for a `bad_request`.
+pub fn member_info(text: &str) -> Result<Option<std::sync::Arc<str>>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if text.len() > herald_core::MAX_INFO_BYTES {
+        return Err(format!("info is over {} bytes", herald_core::MAX_INFO_BYTES));
+    }
+    match serde_json::from_str::<&RawValue>(text) {
+        Ok(_) => Ok(Some(text.into())),
+        Err(e) => Err(format!("info must be JSON: {e}")),
+    }
 }
 
 /// Parses a `from` value as JSON (`"latest"`, `"earliest"` or an integer).

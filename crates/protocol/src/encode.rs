@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use base64::Engine;
-use herald_core::{Kind, Message};
+use herald_core::{Kind, Member, Message, PresenceEvent, PresenceKind, PresenceList};
 
 use crate::code::ErrorCode;
 
@@ -182,6 +182,90 @@ pub fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
     let _ = write!(buf, ",\"code\":\"{}\",\"message\":", code.as_str());
     push_json_str(&mut buf, message);
     buf.push('}');
+    buf
+}
+
+/// A member as JSON: `{"conn":..,"door":..,"role":..,"user":..,"info":..}`.
+pub fn push_member(buf: &mut String, m: &Member) {
+    let _ = write!(
+        buf,
+        "{{\"conn\":{},\"door\":\"{}\",\"role\":\"{}\",\"user\":",
+        m.conn.id,
+        m.conn.door.label(),
+        m.role.label()
+    );
+    match m.conn.user() {
+        Some(user) => push_json_str(buf, user),
+        None => buf.push_str("null"),
+    }
+    buf.push_str(",\"info\":");
+    buf.push_str(m.info.as_deref().unwrap_or("null"));
+    buf.push('}');
+}
+
+/// The event's name: `join`, `leave` or `presence_lost`.
+pub fn presence_name(event: &PresenceEvent) -> &'static str {
+    match event.kind {
+        PresenceKind::Join => "join",
+        PresenceKind::Leave => "leave",
+        PresenceKind::Lost { .. } => "presence_lost",
+    }
+}
+
+/// The fields of a presence event after its `type`: `"topic":..,"member":{..}` or
+/// `"topic":..,"dropped":..,"subscribers":..,"publishers":..`, without braces.
+fn push_presence_fields(buf: &mut String, event: &PresenceEvent) {
+    buf.push_str("\"topic\":");
+    push_json_str(buf, event.topic.as_str());
+    match (event.kind, &event.member) {
+        (PresenceKind::Lost { dropped, subscribers, publishers }, _) => {
+            let _ = write!(buf, ",\"dropped\":{dropped},\"subscribers\":{subscribers},\"publishers\":{publishers}");
+        }
+        (_, Some(member)) => {
+            buf.push_str(",\"member\":");
+            push_member(buf, member);
+        }
+        (_, None) => {}
+    }
+}
+
+/// A presence event as a JSON protocol frame: `{"type":"join","topic":..,"member":{..}}`.
+pub fn presence_frame(event: &PresenceEvent) -> String {
+    let mut buf = format!("{{\"type\":\"{}\",", presence_name(event));
+    push_presence_fields(&mut buf, event);
+    buf.push('}');
+    buf
+}
+
+/// A presence event as a named SSE event: `event: join` and the frame without `type`.
+pub fn presence_sse_event(event: &PresenceEvent) -> String {
+    let mut buf = format!("event: {}\ndata: {{", presence_name(event));
+    push_presence_fields(&mut buf, event);
+    buf.push_str("}\n\n");
+    buf
+}
+
+/// The fields of a presence list: `"subscribers":..,"publishers":..,"members":[..]`.
+pub fn push_presence_list(buf: &mut String, list: &PresenceList) {
+    let _ = write!(buf, "\"subscribers\":{},\"publishers\":{},\"members\":[", list.subscribers, list.publishers);
+    for (i, m) in list.members.iter().enumerate() {
+        if i > 0 {
+            buf.push(',');
+        }
+        push_member(buf, m);
+    }
+    buf.push(']');
+}
+
+/// `{"type":"presence","id":..,"topic":..,"subscribers":..,"publishers":..,"members":[..],"more":..}`
+pub fn presence_reply(id: Option<u64>, topic: &str, list: &PresenceList) -> String {
+    let mut buf = String::from("{\"type\":\"presence\"");
+    push_id(&mut buf, id);
+    buf.push_str(",\"topic\":");
+    push_json_str(&mut buf, topic);
+    buf.push(',');
+    push_presence_list(&mut buf, list);
+    let _ = write!(buf, ",\"more\":{}}}", list.more);
     buf
 }
 

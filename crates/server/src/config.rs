@@ -190,6 +190,10 @@ pub struct ServeArgs {
     /// Subscriptions per WebSocket connection.
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
     pub max_subscriptions_per_connection: Option<usize>,
+    /// Presence join and leave events per topic and second; past it they are dropped
+    /// and counted in one `presence_lost` event.
+    #[arg(long, env = "HERALD_PRESENCE_EVENTS_PER_SECOND")]
+    pub presence_events_per_second: Option<u32>,
     /// Outbound buffer per connection, bytes.
     #[arg(long, env = "HERALD_MAX_PENDING_BYTES")]
     pub max_pending_bytes: Option<usize>,
@@ -304,6 +308,7 @@ struct FileLimits {
     max_message_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_subscriptions_per_connection: Option<usize>,
+    presence_events_per_second: Option<u32>,
     max_pending_bytes: Option<usize>,
     max_grpc_request_bytes: Option<usize>,
     messages_per_second: Option<u32>,
@@ -494,6 +499,10 @@ impl Config {
                 },
                 shards: d.broker.shards,
                 role,
+                presence_events_per_second: args
+                    .presence_events_per_second
+                    .or(file.limits.presence_events_per_second)
+                    .unwrap_or(d.broker.presence_events_per_second),
                 queues: QueueConfig {
                     max_attempts: args
                         .queue_max_attempts
@@ -649,6 +658,7 @@ cache_bytes = {cache_bytes}
 max_message_bytes = {max_message_bytes}
 max_connections = {max_connections}
 max_subscriptions_per_connection = {max_subs}
+presence_events_per_second = {presence_events}
 max_pending_bytes = {max_pending_bytes}
 max_grpc_request_bytes = {max_grpc_request_bytes}
 messages_per_second = {messages_per_second}
@@ -696,6 +706,7 @@ topics = [{metrics_topics}]
             max_message_bytes = self.broker.max_message_bytes,
             max_connections = self.http.max_connections,
             max_subs = self.http.max_subscriptions_per_connection,
+            presence_events = self.broker.presence_events_per_second,
             max_pending_bytes = self.broker.outbound.max_pending_bytes,
             max_grpc_request_bytes = self.grpc.max_request_bytes,
             messages_per_second = self.limits.messages_per_second,
