@@ -3,7 +3,7 @@
 // from GET /v1/queues; on a server without it, the queues typed into the form are
 // watched one by one (GET /v1/queues/{queue}).
 
-import { el, fill, describeError, isMissingRoute } from './util.js';
+import { el, fill, syncRows, describeError, isMissingRoute } from './util.js';
 
 const REFRESH_MS = 2000;
 /** The columns: the client's (camelCase) field and the column's name in the page. */
@@ -18,6 +18,7 @@ const COLUMNS = [
 export function startQueues(h) {
   const body = document.querySelector('#queues-table tbody');
   const note = document.getElementById('queues-note');
+  const result = document.getElementById('queues-result');
   const form = document.getElementById('queues-add');
   const actions = document.getElementById('queue-actions');
   const watched = new Set();
@@ -52,7 +53,7 @@ export function startQueues(h) {
         }
       }
       const names = [...stats.keys()].filter((n) => !n.endsWith('.dlq')).sort();
-      fill(body, ...names.map((name) => row(stats.get(name))));
+      syncRows(body, names.map((name) => stats.get(name)), (q) => q.queue, row, update);
       const how = listed ? '' : ' Type a queue name to watch it (this server does not list its queues).';
       fill(note, `${names.length ? `${names.length} queue${names.length === 1 ? '' : 's'}.` : 'No queues.'}${how}`);
     } catch (err) {
@@ -62,16 +63,31 @@ export function startQueues(h) {
     }
   }
 
+  /** A queue's row: its name, the four counts, the action buttons. */
   function row(q) {
-    const cells = q.error
-      ? [el('td', { colspan: 4, class: 'error', text: q.error })]
-      : COLUMNS.map(([field, column]) => el('td', { class: 'num', 'data-col': column, text: q[field] ?? 0 }));
     const buttons = actions.content.cloneNode(true);
     for (const button of buttons.querySelectorAll('button')) {
       button.setAttribute('aria-label', `${button.textContent} ${q.queue}`);
       button.addEventListener('click', () => act(button.dataset.action, q.queue));
     }
-    return el('tr', { 'data-queue': q.queue }, el('th', { scope: 'row', text: q.queue }), ...cells, el('td', {}, buttons));
+    return el(
+      'tr',
+      { 'data-queue': q.queue },
+      el('th', { scope: 'row', text: q.queue }, el('span', { class: 'error' })),
+      ...COLUMNS.map(([, column]) => el('td', { class: 'num', 'data-col': column })),
+      el('td', {}, buttons),
+    );
+  }
+
+  function update(tr, q) {
+    fill(tr.querySelector('th .error'), q.error ? ` ${q.error}` : '');
+    for (const [field, column] of COLUMNS) {
+      tr.querySelector(`td[data-col="${column}"]`).textContent = q.error ? '–' : (q[field] ?? 0);
+    }
+    // Nothing to redrive or purge in an empty dead-letter queue.
+    for (const button of tr.querySelectorAll('button[data-action$="dlq"], button[data-action="redrive"]')) {
+      button.disabled = !q.error && !q.dead;
+    }
   }
 
   async function act(action, queue) {
@@ -92,9 +108,9 @@ export function startQueues(h) {
         const answer = await h.purge(target);
         text = `Purged ${answer?.purged ?? '?'} from ${target}.`;
       }
-      fill(note, text);
+      fill(result, text);
     } catch (err) {
-      fill(note, el('span', { class: 'error', text: `${action} ${queue}: ${describeError(err)}` }));
+      fill(result, el('span', { class: 'error', text: `${action} ${queue}: ${describeError(err)}` }));
     }
     refresh();
   }

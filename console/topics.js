@@ -3,7 +3,7 @@
 // a publish form, the history paged over HTTP, and presence (members and live joins and
 // leaves, when the server has presence; without it the panel says so).
 
-import { el, fill, describePayload, formatTime, describeError, isMissingRoute, fromHex, fromBase64 } from './util.js';
+import { el, fill, syncRows, describePayload, formatTime, describeError, isMissingRoute, fromHex, fromBase64 } from './util.js';
 
 /** Live messages kept on the page; older ones are dropped from the top. */
 const MAX_LIVE = 500;
@@ -48,20 +48,29 @@ export function startTopics(h, hasSocket) {
       return;
     }
     showsPublishers ||= topics.some((t) => typeof t.publishers === 'number');
-    const rows = topics.map((t) => {
-      const open = () => openTopic(t.topic);
-      return el(
-        'tr',
-        { 'data-topic': t.topic, 'aria-current': current?.topic === t.topic ? 'true' : null, onclick: open },
-        el('td', {}, el('a', { href: `#${encodeURIComponent(t.topic)}`, text: t.topic, onclick: (e) => { e.preventDefault(); } })),
-        el('td', { class: 'num', text: t.last ?? '' }),
-        el('td', { class: 'num', text: t.subscribers ?? '' }),
-        el('td', { class: 'num', text: typeof t.publishers === 'number' ? t.publishers : '–' }),
-      );
+    syncRows(listBody, topics, (t) => t.topic, topicRow, (row, t) => {
+      if (current?.topic === t.topic) row.setAttribute('aria-current', 'true');
+      else row.removeAttribute('aria-current');
+      const [, last, subscribers, publishers] = row.cells;
+      last.textContent = t.last ?? '';
+      subscribers.textContent = t.subscribers ?? '';
+      publishers.textContent = typeof t.publishers === 'number' ? t.publishers : '–';
     });
-    fill(listBody, ...rows);
     const note = topics.length ? `${topics.length} topic${topics.length === 1 ? '' : 's'}` : 'No topics yet.';
     fill(listNote, showsPublishers ? note : `${note} (this server does not report publishers)`);
+  }
+
+  /** A row of the topic list; a click (or Enter on its link) opens the topic. */
+  function topicRow(t) {
+    const link = el('a', { href: `#${encodeURIComponent(t.topic)}`, text: t.topic, onclick: (e) => e.preventDefault() });
+    return el(
+      'tr',
+      { 'data-topic': t.topic, onclick: () => openTopic(t.topic) },
+      el('td', {}, link),
+      el('td', { class: 'num' }),
+      el('td', { class: 'num' }),
+      el('td', { class: 'num' }),
+    );
   }
 
   filterForm.addEventListener('submit', (e) => {

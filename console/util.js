@@ -24,6 +24,30 @@ export function fill(node, ...children) {
   node.replaceChildren(...children.filter((c) => c !== undefined && c !== null));
 }
 
+/**
+ * Makes the rows of `tbody` one per item of `items`, in order, keyed by `key(item)`: a
+ * row is built once by `create(item)` and brought up to date by `update(row, item)` at
+ * every refresh, so a keyboard user's focus in a row survives the refreshes.
+ */
+export function syncRows(tbody, items, key, create, update) {
+  const old = new Map([...tbody.rows].map((row) => [row.dataset.key, row]));
+  const rows = items.map((item) => {
+    const k = key(item);
+    let row = old.get(k);
+    old.delete(k);
+    if (!row) {
+      row = create(item);
+      row.dataset.key = k;
+    }
+    update(row, item);
+    return row;
+  });
+  for (const row of old.values()) row.remove();
+  rows.forEach((row, i) => {
+    if (tbody.rows[i] !== row) tbody.insertBefore(row, tbody.rows[i] ?? null);
+  });
+}
+
 /** Bytes as lower-case hex, a space between bytes. */
 export function toHex(bytes) {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join(' ');
