@@ -1,6 +1,7 @@
 // The web console in headless Chromium against the real herald binary (HERALD_BIN):
 // page A subscribes to a topic and shows what page B publishes (JSON, text, binary);
-// a queue's counts follow jobs enqueued, fetched and acked over HTTP; the history pages;
+// a queue's counts follow jobs enqueued, fetched, acked and dead-lettered over HTTP, and
+// its dead letter is redriven with the page's button; the history pages;
 // the header's counters fill in; and neither page logs an error. With
 // HERALD_CONSOLE_SCREENSHOT set, page A is saved to docs/console.png. Then, on a server
 // with [auth], the page asks for a token, refuses a bad one and works with a good one.
@@ -96,7 +97,8 @@ async function expectCounts(page, queue, counts) {
 }
 
 before(async () => {
-  base = await startHerald();
+  // One delivery per job: a lease that ends dead-letters it (the DLQ part below).
+  base = await startHerald(['--queue-max-attempts', '1']);
   profile = mkdtempSync(join(tmpdir(), 'herald-console-chromium-'));
   context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.HERALD_CHROMIUM || '/usr/bin/chromium',
@@ -179,6 +181,15 @@ test('live messages, queue counts and history, without console errors', async ()
   for (const job of fetched.messages) await http('POST', `/v1/queues/jobs/ack/${job.id}`);
   await expectCounts(a, 'jobs', { ready: 1, in_flight: 0 });
 
+  // A lease that ends dead-letters the last job; the page's button redrives it.
+  assert.equal((await http('POST', '/v1/queues/jobs/fetch?visibility_ms=1')).messages.length, 1);
+  await expectCounts(a, 'jobs', { ready: 0, in_flight: 0, dead: 1 });
+  a.once('dialog', (dialog) => dialog.accept());
+  await a.getByRole('button', { name: 'Redrive DLQ jobs' }).click();
+  await a.locator('#queues-result', { hasText: 'Moved 1 from jobs.dlq to jobs.' }).waitFor({ timeout: TIMEOUT });
+  await expectCounts(a, 'jobs', { ready: 1, dead: 0 });
+  assert.equal(await a.getByRole('button', { name: 'Purge DLQ jobs' }).isDisabled(), true, 'nothing to purge');
+
   // The header's counters, from /metrics: two pages, two WebSockets at least.
   await a.locator('[data-metric=connections]', { hasText: /^[1-9]/ }).waitFor({ timeout: TIMEOUT });
   await a.locator('[data-metric=published]', { hasText: /^\d/ }).waitFor({ timeout: TIMEOUT });
@@ -188,6 +199,7 @@ test('live messages, queue counts and history, without console errors', async ()
     await publish('json', '{"user":"ann","text":"the console shows live messages"}', 5);
     await publish('json', '{"order":1042,"total":{"amount":"12.50","currency":"EUR"},"items":3}', 6);
     await live.nth(5).waitFor({ timeout: TIMEOUT });
+    await listed.locator('td', { hasText: /^6$/ }).waitFor({ timeout: TIMEOUT });
     await a.screenshot({ path: join(here, '../../docs/console.png'), fullPage: true });
   }
 
