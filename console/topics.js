@@ -286,7 +286,8 @@ export function startTopics(h, hasSocket) {
     if (current?.topic !== topic) return;
     const members = answer?.members ?? [];
     const more = answer?.more || answer?.next ? ' (first 1000 shown)' : '';
-    fill(presenceCounts, `${answer?.subscribers ?? 0} subscribers, ${answer?.publishers ?? 0} publishers${more}`);
+    const count = (n, what) => `${n ?? 0} ${what}${n === 1 ? '' : 's'}`;
+    fill(presenceCounts, `${count(answer?.subscribers, 'subscriber')}, ${count(answer?.publishers, 'publisher')}${more}`);
     fill(presenceMembers, ...members.map((m) => el('li', { 'data-conn': m.conn, text: memberLabel(m) })));
   }
 
