@@ -5,7 +5,8 @@
 //! playwright-core, against the real binary): live messages, queue counts, no console
 //! errors.
 //!
-//! The browser test needs node, npm and chromium. Without one of them it is reported on
+//! The browser test needs node, npm and chromium (`/usr/bin/chromium`, or the binary
+//! `HERALD_CHROMIUM` names). Without one of them it is reported on
 //! stderr and skipped, unless `HERALD_BROWSER_TESTS_NEED_TOOLS=1` (`.ci/run` sets it, after
 //! installing them): then it fails.
 
