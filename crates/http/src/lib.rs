@@ -1,5 +1,6 @@
 //! Herald's HTTP front doors on one axum router: REST topics, Server-Sent Events, the
-//! WebSocket JSON protocol, raw WebSockets, and `/healthz`, `/readyz`, `/metrics`.
+//! WebSocket JSON protocol, raw WebSockets, `/healthz`, `/readyz`, `/metrics`, and the
+//! web console's static files at `/` (`console`).
 //!
 //! Each handler translates its protocol into calls on the core's [`Broker`] and back;
 //! no handler talks to a store. Long-lived connections are tracked so shutdown can close
@@ -7,6 +8,7 @@
 
 mod admin;
 mod auth;
+mod console;
 mod error;
 mod extract;
 mod limits;
@@ -52,6 +54,8 @@ pub struct HttpConfig {
     /// under it) or `>` (every topic); at most [`metrics::TOP_TOPICS`] topics in all.
     /// Empty by default: no series per topic.
     pub metrics_topics: Vec<String>,
+    /// Serve the web console at `/` and `/console/*` (default on); off, they are 404.
+    pub console: bool,
 }
 
 impl Default for HttpConfig {
@@ -62,6 +66,7 @@ impl Default for HttpConfig {
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
             metrics_topics: Vec::new(),
+            console: true,
         }
     }
 }
@@ -166,11 +171,17 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(axum::middleware::from_fn(limits::error_budget))
         .layer(axum::middleware::from_fn_with_state(state.clone(), connection_limit));
-    Router::new()
+    let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics::render))
-        .merge(v1)
+        .merge(v1);
+    if state.config().console {
+        // Static files: no credentials and outside the connection limit, like the ops
+        // endpoints.
+        router = router.merge(console::routes());
+    }
+    router
         // Applies to the routes registered so far (gRPC's, merged later, have no methods
         // to refuse); answered like the 404 fallback, outside the connection limit.
         .method_not_allowed_fallback(method_not_allowed)

@@ -236,6 +236,19 @@ pub struct ServeArgs {
     /// Topics with series of their own on /metrics: names, `prefix.>` or `>`, comma-separated (at most 100 topics).
     #[arg(long, env = "HERALD_METRICS_TOPICS", value_delimiter = ',')]
     pub metrics_topics: Option<Vec<String>>,
+    /// Serve the web console at / (default true); `--console false` or `--no-console` turns it off.
+    #[arg(
+        long,
+        env = "HERALD_CONSOLE",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub console: Option<bool>,
+    /// Do not serve the web console (the same as `--console false`; wins over it).
+    #[arg(long)]
+    pub no_console: bool,
 }
 
 /// The TOML file's shape; unknown keys are errors, so a typo is never silently ignored.
@@ -261,6 +274,8 @@ struct File {
     tls: FileTls,
     #[serde(default)]
     metrics: FileMetrics,
+    #[serde(default)]
+    console: FileConsole,
     auth: Option<herald_auth::AuthConfig>,
 }
 
@@ -268,6 +283,12 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct FileMetrics {
     topics: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConsole {
+    enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -551,6 +572,10 @@ impl Config {
                     }
                     topics
                 },
+                console: match args.no_console {
+                    true => false,
+                    false => args.console.or(file.console.enabled).unwrap_or(d.http.console),
+                },
             },
             grpc: GrpcConfig {
                 // One limit for every long-lived connection, whichever front door.
@@ -695,6 +720,9 @@ prefix = "{prefix}"
 [metrics]
 topics = [{metrics_topics}]
 
+[console]
+enabled = {console}
+
 [tls]
 {tls}{auth}"#,
             listen = self.listen,
@@ -731,6 +759,7 @@ topics = [{metrics_topics}]
             shutdown = format_duration(self.shutdown_timeout),
             drain = format_duration(self.drain_delay),
             metrics_topics = self.http.metrics_topics.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", "),
+            console = self.http.console,
             redis = match &self.cluster.redis {
                 Some(url) => format!("redis = \"{}\"\n", redact(url)),
                 None => "# redis = \"redis://127.0.0.1:6379/\"\n".to_owned(),
@@ -803,6 +832,40 @@ mod tests {
         std::fs::write(&path, "[metrics]\ntopics = [\"a..b\"]\n")?;
         let err = format!("{:#}", Config::load(&args).expect_err("a bad topic entry refused"));
         assert!(err.contains("metrics.topics") && err.contains("a..b"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn console_switch_reads_flags_then_file() -> anyhow::Result<()> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |flags: &[&str]| -> anyhow::Result<bool> {
+            use clap::Parser;
+            let cli = Cli::try_parse_from(std::iter::once("herald").chain(flags.iter().copied()))?;
+            Ok(Config::load(&cli.serve)?.http.console)
+        };
+        assert!(parse(&[])?, "on by default");
+        assert!(parse(&["--console"])?);
+        assert!(!parse(&["--console", "false"])?);
+        assert!(!parse(&["--console=off"])?);
+        assert!(!parse(&["--no-console"])?);
+        assert!(!parse(&["--console", "--no-console"])?, "--no-console wins");
+        assert!(parse(&["--console", "--listen", "127.0.0.1:0"])?, "a bare --console before another flag");
+
+        let dir = std::env::temp_dir().join(format!("herald-config-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("herald.toml");
+        std::fs::write(&path, "[console]\nenabled = false\n")?;
+        let file = path.to_string_lossy().into_owned();
+        assert!(!parse(&["--config", &file])?, "file");
+        assert!(parse(&["--config", &file, "--console", "true"])?, "flag beats file");
+        std::fs::write(&path, "[console]\nenable = false\n")?;
+        let err = format!("{:#}", parse(&["--config", &file]).expect_err("typo refused"));
+        assert!(err.contains("enable"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
