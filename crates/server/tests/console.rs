@@ -12,9 +12,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use common::{spawn_herald_env, start, Result};
 
 async fn get(url: &str) -> Result<reqwest::Response> {
@@ -118,45 +115,8 @@ fn has_inline_handler(html: &str) -> bool {
     })
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Whether `tool` is a file in a directory of `PATH`.
-fn installed(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-}
-
 /// `console/test/`'s `node --test` against the binary under test, in headless Chromium.
 #[test]
 fn the_console_works_in_a_browser() -> Result {
-    let chromium = std::env::var("HERALD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
-    let mut missing: Vec<&str> = ["node", "npm"].into_iter().filter(|t| !installed(t)).collect();
-    if !Path::new(&chromium).is_file() {
-        missing.push("chromium");
-    }
-    if !missing.is_empty() {
-        if std::env::var("HERALD_BROWSER_TESTS_NEED_TOOLS").is_ok_and(|v| v == "1") {
-            return Err(format!("the console's browser test needs {} (not installed)", missing.join(", ")).into());
-        }
-        eprintln!(
-            "SKIPPED the console's browser test: {} not installed (apt-get install nodejs npm chromium); \
-             HERALD_BROWSER_TESTS_NEED_TOOLS=1 makes this a failure",
-            missing.join(", ")
-        );
-        return Ok(());
-    }
-    let dir = workspace().join("console/test");
-    if !dir.join("node_modules/playwright-core").is_dir() {
-        let status = Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir).status()?;
-        assert!(status.success(), "npm ci in console/test failed: {status}");
-    }
-    let status = Command::new("node")
-        .args(["--test", "--test-reporter=spec"])
-        .current_dir(&dir)
-        .env("HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
-        .env("HERALD_CHROMIUM", &chromium)
-        .status()?;
-    assert!(status.success(), "the console's browser test failed (its output is above): {status}");
-    Ok(())
+    common::node::run("console/test", "playwright-core", "the console's browser test", true)
 }

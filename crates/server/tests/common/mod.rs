@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod mix;
+pub mod node;
 
 use std::future::Future;
 use std::time::Duration;
