@@ -44,7 +44,9 @@ pub use message::{Clock, Kind, ManualClock, Message, NewMessage, Outgoing, Syste
 pub use metrics::{Door, Metrics};
 pub use name::{NameError, QueueName, TopicName};
 pub use outbound::{outbound, CloseReason, Item, Outbound, OutboundRx, Subscriber};
-pub use queue::{Delivery, QueueCounters, QueueError, QueueFuture, QueueService, QueueStats, Queues};
+pub use queue::{
+    Delivery, ListedQueue, QueueCounters, QueueError, QueueFuture, QueueService, QueueStats, Queues, Visible,
+};
 pub use store::{
     Appended, Epoch, History, ListedTopic, LiveQueue, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture,
     TopicHead,
