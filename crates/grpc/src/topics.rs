@@ -34,7 +34,7 @@ fn topic_name(raw: &str) -> Result<TopicName, Status> {
 }
 
 /// `limit` with proto3's 0 meaning the default, else 1 to 1000.
-fn limit(raw: u32) -> Result<usize, Status> {
+pub(crate) fn limit(raw: u32) -> Result<usize, Status> {
     match raw {
         0 => Ok(DEFAULT_LIMIT as usize),
         1..=MAX_LIMIT => Ok(raw as usize),

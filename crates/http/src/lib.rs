@@ -152,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/topics/{topic}/messages", post(rest::publish).get(rest::fetch))
         .route("/v1/topics/{topic}/sse", get(sse::stream))
         .route("/v1/topics/{topic}/ws", get(ws::raw_upgrade))
+        .route("/v1/queues", get(queues::list))
         .route("/v1/queues/{queue}", get(queues::stats))
         .route("/v1/queues/{queue}/messages", post(queues::enqueue))
         .route("/v1/queues/{queue}/fetch", post(queues::fetch))
