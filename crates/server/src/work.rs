@@ -1,14 +1,9 @@
-//! `herald work QUEUE -- COMMAND [ARGS...]`: a queue worker that runs a command per job.
-//!
-//! Each of `--concurrency` workers long-polls the queue for one job, runs COMMAND with
-//! the payload on stdin (and `HERALD_QUEUE`, `HERALD_DELIVERY_ID`, `HERALD_ATTEMPT`,
-//! `HERALD_MESSAGE_ID` in its environment), extends the lease every third of
-//! `--visibility-ms` while it runs, then acks the job if it exited 0 and requeues it
-//! otherwise (a non-zero exit, a signal, or a command that could not be started); the
-//! queue's `max_attempts` dead-letters a job that keeps failing. The first SIGINT or
-//! SIGTERM stops fetching and lets running commands finish; a second one kills them
-//! (their jobs are requeued). Commands run in a process group of their own, so a
-//! terminal's Ctrl-C reaches only `herald work`, which decides.
+//! `herald work QUEUE -- COMMAND [ARGS...]`: a queue worker that runs COMMAND per job,
+//! payload on stdin, extending the lease while it runs; exit 0 acks the job, anything
+//! else requeues it (so `max_attempts` dead-letters repeat failures). The first SIGINT
+//! or SIGTERM stops fetching and lets running commands finish, a second kills them
+//! (each in a process group of its own) and requeues their jobs. Called by `main.rs`;
+//! speaks to the server only through the client crate. Behaviour: docs/queues.md.
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +29,7 @@ pub struct WorkArgs {
     /// Queue to take jobs from.
     pub queue: String,
     /// Jobs run at once (each by its own worker).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub concurrency: usize,
     /// Lease of each job; extended every third of it while the command runs.
     #[arg(long, value_name = "N", default_value_t = 30_000)]
@@ -43,7 +38,7 @@ pub struct WorkArgs {
     /// SIGINT or SIGTERM.
     #[arg(long, value_name = "N")]
     pub max_jobs: Option<u64>,
-    /// When a failed job is ready again.
+    /// How long a failed job waits before it is ready again.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub requeue_delay_ms: u64,
     /// Text: the commands' output as is, failures and a summary on stderr. Json: one
@@ -356,10 +351,24 @@ async fn execute(worker: &Worker, job: &Job) -> Ended {
             }
             () = worker.kill.cancelled(), if !killed => {
                 killed = true;
-                if let Err(e) = child.start_kill() {
-                    eprintln!("herald: job {}: could not kill its command: {e}", job.message_id);
-                }
+                kill_group(&mut child, job).await;
             }
         }
+    }
+}
+
+/// SIGKILL to the command's process group (it leads one of its own), so that what it
+/// started (a shell's children) dies with it. Through kill(1): the workspace forbids the
+/// `unsafe` a direct kill(2) needs. If that fails, the command alone.
+async fn kill_group(child: &mut tokio::process::Child, job: &Job) {
+    if let Some(pid) = child.id() {
+        let group = format!("-{pid}");
+        let killed = tokio::process::Command::new("kill").args(["-KILL", "--", &group]).status().await;
+        if killed.is_ok_and(|status| status.success()) {
+            return;
+        }
+    }
+    if let Err(e) = child.start_kill() {
+        eprintln!("herald: job {}: could not kill its command: {e}", job.message_id);
     }
 }
