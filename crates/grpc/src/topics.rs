@@ -154,12 +154,25 @@ impl Topics for TopicsService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let limit = limit(req.limit)?;
-        let after = (!req.after.is_empty()).then_some(req.after.as_str());
-        let topics = self.state.broker().list(&req.prefix, after, limit).await.map_err(from_broker)?;
-        // The topics the caller may administer (all of them without auth).
-        let topics = topics
+        // The topics the caller may administer (all of them without auth); a page the
+        // filter emptied is read past, as over HTTP.
+        let visible = |t: &herald_core::TopicSummary| {
+            caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, t.topic.as_str()))
+        };
+        let mut listed = Vec::new();
+        let mut after = (!req.after.is_empty()).then(|| req.after.clone());
+        loop {
+            let page = self.state.broker().list(&req.prefix, after.as_deref(), limit).await.map_err(from_broker)?;
+            let full = page.len() >= limit;
+            after = page.last().map(|t| t.topic.as_str().to_owned());
+            listed.extend(page.into_iter().filter(|t| visible(t)));
+            if !full || listed.len() >= limit {
+                break;
+            }
+        }
+        listed.truncate(limit);
+        let topics = listed
             .into_iter()
-            .filter(|t| caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, t.topic.as_str())))
             .map(|t| pb::TopicSummary { topic: t.topic.as_str().to_owned(), last: t.last, subscribers: t.subscribers })
             .collect();
         Ok(Response::new(pb::ListTopicsResponse { topics }))

@@ -313,8 +313,8 @@ pub async fn topics(args: ListArgs) -> anyhow::Result<()> {
         let after = all.last().map(|t: &herald_client::ListedTopic| t.topic.clone());
         let options = ListOptions { prefix: &args.prefix, after: after.as_deref(), limit: LIST_PAGE };
         let page = client.list_topics(options).await.context("listing topics")?;
-        // A page may be short before the end (the server leaves out names the caller
-        // may not administer after it cut the page): only an empty one ends the list.
+        // An empty page is the end (servers before the list filled its pages from the
+        // names the caller administers could answer a short page before it).
         if page.is_empty() {
             break;
         }
