@@ -1,6 +1,6 @@
-//! HTTP half of the client: publish, fetch, info, delete.
+//! HTTP half of the client: publish, fetch, info, delete, and the list of topics.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ws::{Delivery, Payload};
 use crate::{ClientError, TlsConfig};
@@ -43,7 +43,7 @@ fn http_client(tls: &TlsConfig, auth: Option<&str>) -> Result<reqwest::Client, C
 }
 
 /// A publish acknowledgement.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Published {
     /// The topic.
     pub topic: String,
@@ -79,6 +79,74 @@ pub struct TopicInfo {
     pub retained: u64,
     /// Live subscribers on the node asked.
     pub subscribers: u64,
+    /// Connections publishing to it on the node asked (0 from a server without presence).
+    #[serde(default)]
+    pub publishers: u64,
+}
+
+/// A topic as `GET /v1/topics` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ListedTopic {
+    /// The topic.
+    pub topic: String,
+    /// Newest retained offset.
+    pub last: u64,
+    /// Live subscribers on the node asked.
+    pub subscribers: u64,
+    /// Connections publishing to it on the node asked (0 from a server without presence).
+    #[serde(default)]
+    pub publishers: u64,
+}
+
+/// Which names a list call returns: those starting with `prefix`, after `after` (in
+/// byte order), at most `limit` (1 to 1000; the server's default, 100, when 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListOptions<'a> {
+    /// Only names starting with this.
+    pub prefix: &'a str,
+    /// Only names after this one (the last of the previous page).
+    pub after: Option<&'a str>,
+    /// Most names in the page.
+    pub limit: u32,
+}
+
+impl ListOptions<'_> {
+    /// The query string (with its `?`, or empty).
+    pub(crate) fn query(&self) -> String {
+        let mut pairs = Vec::new();
+        if !self.prefix.is_empty() {
+            pairs.push(format!("prefix={}", percent_encode(self.prefix)));
+        }
+        if let Some(after) = self.after {
+            pairs.push(format!("after={}", percent_encode(after)));
+        }
+        if self.limit > 0 {
+            pairs.push(format!("limit={}", self.limit));
+        }
+        if pairs.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", pairs.join("&"))
+        }
+    }
+}
+
+/// `s` with every byte but the unreserved ones (RFC 3986) percent-encoded.
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct TopicList {
+    topics: Vec<ListedTopic>,
 }
 
 #[derive(Deserialize)]
@@ -210,6 +278,15 @@ impl Client {
         let url = format!("{}/v1/topics/{topic}", self.base);
         let bytes = Self::check(self.http.get(url).send().await?).await?.bytes().await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// One page of the topics this client may administer (all of them on a server
+    /// without auth), in name order: pass the last one's name as `after` for the next.
+    pub async fn list_topics(&self, options: ListOptions<'_>) -> Result<Vec<ListedTopic>, ClientError> {
+        let url = format!("{}/v1/topics{}", self.base, options.query());
+        let bytes = Self::check(self.http.get(url).send().await?).await?.bytes().await?;
+        let list: TopicList = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(list.topics)
     }
 
     /// Deletes the topic's history.

@@ -1,8 +1,8 @@
 //! The Rust client for Herald, used by the `herald pub`/`herald sub` commands, `herald
 //! bench` and the tests.
 //!
-//! - [`Client`]: HTTP publish, fetch, topic info and delete; work queues (enqueue,
-//!   fetch_jobs with long poll, ack, requeue, extend, queue_stats).
+//! - [`Client`]: HTTP publish, fetch, topic info, delete and list; work queues
+//!   (enqueue, fetch_jobs with long poll, ack, requeue, extend, queue_stats, list).
 //! - [`Client::subscribe`]: a WebSocket subscription that reconnects on its own and
 //!   resumes from the last offset it delivered (with the epoch check), so a network blip
 //!   loses nothing the topic still retains.
@@ -19,8 +19,8 @@ mod tls;
 mod ws;
 
 pub use grpc::{GrpcClient, GrpcSubscription};
-pub use http::{basic_auth, bearer_auth, Client, Page, Published, TopicInfo};
-pub use queue::{FetchOptions, Job, QueueStats};
+pub use http::{basic_auth, bearer_auth, Client, ListOptions, ListedTopic, Page, Published, TopicInfo};
+pub use queue::{FetchOptions, Job, ListedQueue, QueueStats};
 pub use tls::{install_crypto_provider, TlsConfig};
 pub use ws::{connect_socket, Delivery, Event, Payload, Subscription, WsConnection};
 

@@ -1,12 +1,12 @@
-//! Work-queue half of the client: enqueue, fetch (with long poll), ack, requeue, extend
-//! and stats over HTTP.
+//! Work-queue half of the client: enqueue, fetch (with long poll), ack, requeue, extend,
+//! stats and the list of queues over HTTP.
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ws::Payload;
-use crate::{Client, ClientError};
+use crate::{Client, ClientError, ListOptions};
 
 /// One delivery of a queue message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub struct Job {
 }
 
 /// A queue's counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub struct QueueStats {
     /// Ready to be fetched.
     pub ready: u64,
@@ -34,6 +34,21 @@ pub struct QueueStats {
     pub delayed: u64,
     /// In the dead-letter queue.
     pub dead: u64,
+}
+
+/// A queue as `GET /v1/queues` lists it: its name and counts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ListedQueue {
+    /// The queue.
+    pub queue: String,
+    /// Its counts.
+    #[serde(flatten)]
+    pub stats: QueueStats,
+}
+
+#[derive(Deserialize)]
+struct QueueList {
+    queues: Vec<ListedQueue>,
 }
 
 /// Options of [`Client::fetch_jobs`].
@@ -137,6 +152,16 @@ impl Client {
     /// Extends a job's lease to `visibility` from now.
     pub async fn extend(&self, queue: &str, job: &Job, visibility: Duration) -> Result<(), ClientError> {
         self.delivery_call(queue, "extend", &job.id, &format!("?visibility_ms={}", visibility.as_millis())).await
+    }
+
+    /// One page of the queues this client may administer (all of them on a server
+    /// without auth), in name order, with their counts: pass the last one's name as
+    /// `after` for the next.
+    pub async fn list_queues(&self, options: ListOptions<'_>) -> Result<Vec<ListedQueue>, ClientError> {
+        let url = format!("{}/v1/queues{}", self.base(), options.query());
+        let bytes = Self::check(self.http().get(url).send().await?).await?.bytes().await?;
+        let list: QueueList = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(list.queues)
     }
 
     /// The queue's counts.

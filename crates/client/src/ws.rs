@@ -39,6 +39,18 @@ impl Payload {
         }
     }
 
+    /// The payload's bytes as a program reads them: a text message's UTF-8 (unquoted),
+    /// a JSON message's text as received, a binary message's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Payload::Json(text) => match serde_json::from_str::<String>(text) {
+                Ok(s) => s.into_bytes(),
+                Err(_) => text.clone().into_bytes(),
+            },
+            Payload::Binary(bytes) => bytes.clone(),
+        }
+    }
+
     /// The payload as a line of text: a JSON string's contents, other JSON as received,
     /// binary as base64.
     pub fn to_line(&self) -> String {

@@ -50,7 +50,9 @@ pub use presence::{
     Member, MemberRole, Presence, PresenceEntry, PresenceEvent, PresenceKind, PresenceList, PresenceSink,
     MAX_INFO_BYTES,
 };
-pub use queue::{Delivery, QueueCounters, QueueError, QueueFuture, QueueService, QueueStats, Queues};
+pub use queue::{
+    Delivery, ListedQueue, QueueCounters, QueueError, QueueFuture, QueueService, QueueStats, Queues, Visible,
+};
 pub use store::{
     Appended, Epoch, History, ListedTopic, LiveQueue, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture,
     TopicHead,

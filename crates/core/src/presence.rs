@@ -44,6 +44,8 @@ impl MemberRole {
 }
 
 /// One member of a topic: a connection in one role, with what its client said of itself.
+/// Two pointers and a role: kept inline in the topic's map, cloned into events.
+#[derive(Clone)]
 pub struct Member {
     /// The connection (its id, door and user are the member's).
     pub conn: Arc<ConnectionInfo>,
@@ -85,7 +87,7 @@ pub struct PresenceEvent {
     /// Join, leave or lost.
     pub kind: PresenceKind,
     /// Who joined or left (`None` for [`PresenceKind::Lost`]).
-    pub member: Option<Arc<Member>>,
+    pub member: Option<Member>,
     forms: [OnceLock<Bytes>; PRESENCE_FORMS],
 }
 
@@ -111,7 +113,7 @@ pub struct PresenceList {
     /// Publishers on this node.
     pub publishers: u64,
     /// The members asked for.
-    pub members: Vec<Arc<Member>>,
+    pub members: Vec<Member>,
     /// More members follow the last one listed.
     pub more: bool,
 }
@@ -119,7 +121,7 @@ pub struct PresenceList {
 type Key = (u64, MemberRole);
 
 struct TopicPresence {
-    members: BTreeMap<Key, Arc<Member>>,
+    members: BTreeMap<Key, Member>,
     watchers: BTreeMap<Key, Arc<dyn PresenceSink>>,
     subscribers: u64,
     publishers: u64,
@@ -187,7 +189,6 @@ impl Presence {
     /// join in the same role replaces the first without events.
     pub fn join(&self, topic: &TopicName, member: Member, watcher: Option<Arc<dyn PresenceSink>>) -> PresenceEntry {
         let key = (member.conn.id, member.role);
-        let member = Arc::new(member);
         let mut shard = lock(self.inner.shard(topic));
         let t = shard.entry(topic.clone()).or_insert_with(TopicPresence::new);
         if t.members.insert(key, member.clone()).is_none() {
@@ -210,7 +211,7 @@ impl Presence {
     pub fn list(&self, topic: &TopicName, after: u64, limit: usize) -> PresenceList {
         let shard = lock(self.inner.shard(topic));
         let Some(t) = shard.get(topic) else { return PresenceList::default() };
-        let mut members: Vec<Arc<Member>> = Vec::new();
+        let mut members: Vec<Member> = Vec::new();
         let mut more = false;
         for ((conn, _), m) in t.members.range((after.saturating_add(1), MemberRole::Subscriber)..) {
             if members.len() >= limit && members.last().is_none_or(|last| last.conn.id != *conn) {
@@ -231,13 +232,7 @@ impl Inner {
 
     /// Sends a join or leave to the topic's watchers, within the rate; past it, counts
     /// it as dropped and makes sure a `Lost` event follows when the window ends.
-    fn emit(
-        self: &Arc<Self>,
-        topic: &TopicName,
-        t: &mut TopicPresence,
-        kind: PresenceKind,
-        member: Option<Arc<Member>>,
-    ) {
+    fn emit(self: &Arc<Self>, topic: &TopicName, t: &mut TopicPresence, kind: PresenceKind, member: Option<Member>) {
         if t.watchers.is_empty() {
             return;
         }

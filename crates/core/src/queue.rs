@@ -96,6 +96,19 @@ pub struct QueueStats {
     pub dead: u64,
 }
 
+/// A queue [`QueueService::list`] names, with its counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedQueue {
+    /// The queue (never a dead-letter queue: those are counted in `stats.dead`).
+    pub queue: QueueName,
+    /// Its counts, as [`QueueService::stats`] gives them.
+    pub stats: QueueStats,
+}
+
+/// Which queue names a [`QueueService::list`] call may return (the front door's rights
+/// check); the others are skipped before their counts are read.
+pub type Visible<'a> = &'a (dyn Fn(&QueueName) -> bool + Send + Sync);
+
 /// A boxed future of a queue operation.
 pub type QueueFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, QueueError>> + Send + 'a>>;
 
@@ -140,6 +153,18 @@ pub trait QueueService: Send + Sync + 'static {
     /// Refused (`Unsupported`) for a dead-letter queue.
     fn redrive<'a>(&'a self, name: &'a QueueName, max: usize) -> QueueFuture<'a, u64>;
 
+    /// Up to `limit` queues whose names start with `prefix`, sort after `after` (byte
+    /// order) and are `visible`, in name order, with their counts. A queue is listed from
+    /// its first enqueue on, also once it is empty again; dead-letter queues are not
+    /// listed (their queue's `dead` counts them).
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+        visible: Visible<'a>,
+    ) -> QueueFuture<'a, Vec<ListedQueue>>;
+
     /// This node's queue counters and gauges.
     fn counters(&self) -> &QueueCounters;
 }
@@ -181,6 +206,16 @@ impl QueueService for Queues {
 
     fn redrive<'a>(&'a self, name: &'a QueueName, max: usize) -> QueueFuture<'a, u64> {
         Box::pin(Queues::redrive(self, name, max))
+    }
+
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+        visible: Visible<'a>,
+    ) -> QueueFuture<'a, Vec<ListedQueue>> {
+        Box::pin(std::future::ready(Ok(Queues::list(self, prefix, after, limit, visible))))
     }
 
     fn counters(&self) -> &QueueCounters {
@@ -993,6 +1028,33 @@ impl Queues {
         all.sort_unstable_by(|a, b| size(&b.1).cmp(&size(&a.1)).then_with(|| a.0.as_str().cmp(b.0.as_str())));
         all.truncate(n);
         (total, all)
+    }
+
+    /// The queues [`QueueService::list`] names: those with a dead-letter queue (so not a
+    /// dead-letter queue) that have had an enqueue (a fetch or stats call on a name never
+    /// used creates nothing a list shows).
+    pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize, visible: Visible<'_>) -> Vec<ListedQueue> {
+        let mut candidates: Vec<Arc<Queue>> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                lock(shard)
+                    .values()
+                    .filter(|q| {
+                        let name = q.name.as_str();
+                        q.dlq.is_some() && name.starts_with(prefix) && after.is_none_or(|a| name > a)
+                    })
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        candidates.sort_unstable_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        candidates
+            .into_iter()
+            .filter(|q| lock(&q.state).next_id > 1 && visible(&q.name))
+            .take(limit)
+            .map(|q| ListedQueue { stats: self.stats(&q.name), queue: q.name.clone() })
+            .collect()
     }
 
     /// Resolves once every dead letter made so far has finished its store writes: its

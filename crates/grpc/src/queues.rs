@@ -1,5 +1,6 @@
 //! The `herald.v1.Queues` service: enqueue, fetch (with long poll), ack, requeue,
-//! extend and stats. Thin, like the HTTP one: every rule lives in the core's queues.
+//! extend, stats, list, purge and redrive. Thin, like the HTTP one: every rule lives in
+//! the core's queues.
 
 use std::time::Duration;
 
@@ -159,6 +160,28 @@ impl Queues for QueuesService {
             delayed: s.delayed,
             dead: s.dead,
         }))
+    }
+
+    async fn list(&self, request: Request<pb::ListQueuesRequest>) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let caller = self.state.admit(&request).await?;
+        let req = request.into_inner();
+        let limit = crate::topics::limit(req.limit)?;
+        let after = (!req.after.is_empty()).then_some(req.after.as_str());
+        // The queues the caller may administer (all of them without auth).
+        let visible = |q: &QueueName| caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, q.as_str()));
+        let queues = self.state.broker().queue_service().map_err(from_broker)?;
+        let listed = queues.list(&req.prefix, after, limit, &visible).await.map_err(from_queue)?;
+        let queues = listed
+            .into_iter()
+            .map(|l| pb::QueueStats {
+                queue: l.queue.as_str().to_owned(),
+                ready: l.stats.ready,
+                in_flight: l.stats.in_flight,
+                delayed: l.stats.delayed,
+                dead: l.stats.dead,
+            })
+            .collect();
+        Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
     async fn purge(&self, request: Request<pb::PurgeRequest>) -> Result<Response<pb::PurgeResponse>, Status> {

@@ -69,7 +69,7 @@ impl PresenceSink for PresenceTap {
             EncodedEvent::presence_bytes(&pb::PresenceEvent {
                 topic: e.topic.as_str().to_owned(),
                 kind: kind as i32,
-                member: e.member.as_deref().map(pb_member),
+                member: e.member.as_ref().map(pb_member),
                 dropped,
                 subscribers,
                 publishers,

@@ -34,7 +34,7 @@ fn topic_name(raw: &str) -> Result<TopicName, Status> {
 }
 
 /// `limit` with proto3's 0 meaning the default, else 1 to 1000.
-fn limit(raw: u32) -> Result<usize, Status> {
+pub(crate) fn limit(raw: u32) -> Result<usize, Status> {
     match raw {
         0 => Ok(DEFAULT_LIMIT as usize),
         1..=MAX_LIMIT => Ok(raw as usize),
@@ -164,7 +164,7 @@ impl Topics for TopicsService {
             topic: req.topic,
             subscribers: list.subscribers,
             publishers: list.publishers,
-            members: list.members.iter().map(|m| subscribe::pb_member(m)).collect(),
+            members: list.members.iter().map(subscribe::pb_member).collect(),
             more: list.more,
         }))
     }
@@ -173,12 +173,25 @@ impl Topics for TopicsService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let limit = limit(req.limit)?;
-        let after = (!req.after.is_empty()).then_some(req.after.as_str());
-        let topics = self.state.broker().list(&req.prefix, after, limit).await.map_err(from_broker)?;
-        // The topics the caller may administer (all of them without auth).
-        let topics = topics
+        // The topics the caller may administer (all of them without auth); a page the
+        // filter emptied is read past, as over HTTP.
+        let visible = |t: &herald_core::TopicSummary| {
+            caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, t.topic.as_str()))
+        };
+        let mut listed = Vec::new();
+        let mut after = (!req.after.is_empty()).then(|| req.after.clone());
+        loop {
+            let page = self.state.broker().list(&req.prefix, after.as_deref(), limit).await.map_err(from_broker)?;
+            let full = page.len() >= limit;
+            after = page.last().map(|t| t.topic.as_str().to_owned());
+            listed.extend(page.into_iter().filter(|t| visible(t)));
+            if !full || listed.len() >= limit {
+                break;
+            }
+        }
+        listed.truncate(limit);
+        let topics = listed
             .into_iter()
-            .filter(|t| caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, t.topic.as_str())))
             .map(|t| pb::TopicSummary {
                 topic: t.topic.as_str().to_owned(),
                 last: t.last,

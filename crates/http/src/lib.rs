@@ -158,6 +158,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/topics/{topic}/sse", get(sse::stream))
         .route("/v1/topics/{topic}/presence", get(rest::presence))
         .route("/v1/topics/{topic}/ws", get(ws::raw_upgrade))
+        .route("/v1/queues", get(queues::list))
         .route("/v1/queues/{queue}", get(queues::stats))
         .route("/v1/queues/{queue}/messages", post(queues::enqueue))
         .route("/v1/queues/{queue}/fetch", post(queues::fetch))

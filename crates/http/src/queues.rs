@@ -1,5 +1,5 @@
 //! REST endpoints for work queues: enqueue, fetch (with long poll), ack, requeue,
-//! extend, stats. Thin: every rule lives in the core's queue service.
+//! extend, stats, list, purge and redrive. Thin: every rule lives in the core's queue service.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -148,6 +148,37 @@ pub(crate) async fn stats(
         ",\"ready\":{},\"in_flight\":{},\"delayed\":{},\"dead\":{}}}",
         s.ready, s.in_flight, s.delayed, s.dead
     );
+    Ok(json(StatusCode::OK, body))
+}
+
+/// `GET /v1/queues[?prefix=P&after=NAME&limit=L]`: the queues the caller may administer
+/// (all of them without auth), in name order, with their counts.
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = Query::parse(query.as_deref())?;
+    let limit = query.number("limit", 1, 1000, 100)? as usize;
+    let prefix = query.get("prefix").unwrap_or_default();
+    let visible = |q: &herald_core::QueueName| caller.allows(Action::Admin, q.as_str());
+    let queues = state.broker().queue_service()?.list(prefix, query.get("after"), limit, &visible).await?;
+    let mut body = String::with_capacity(16 + queues.len() * 96);
+    body.push_str("{\"queues\":[");
+    for (i, l) in queues.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str("{\"queue\":");
+        push_json_str(&mut body, l.queue.as_str());
+        let s = &l.stats;
+        let _ = write!(
+            body,
+            ",\"ready\":{},\"in_flight\":{},\"delayed\":{},\"dead\":{}}}",
+            s.ready, s.in_flight, s.delayed, s.dead
+        );
+    }
+    body.push_str("]}");
     Ok(json(StatusCode::OK, body))
 }
 

@@ -5,6 +5,10 @@
 //! and acks it, over HTTP, until the total count is reached. `tools/peer-bench` runs
 //! the same scenario against RabbitMQ so the two can be compared in one run.
 //!
+//! On a terminal, a line on stderr shows the count so far and the rate of the last
+//! second while a run lasts (nothing when stderr is a file or a pipe, so scripts and
+//! tests read only the report).
+//!
 //! `publish` measures acknowledged publishes: each publisher holds one WebSocket and
 //! publishes one message, waiting for its `published` reply (sent only once the store
 //! holds it as durably as configured) before the next; with `--pipeline N` it sends N
@@ -12,6 +16,7 @@
 //! jetstream-publish` does the same against NATS JetStream.
 
 use std::future::Future;
+use std::io::{IsTerminal, Write};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -160,6 +165,59 @@ impl Report {
     }
 }
 
+/// A progress line on stderr, redrawn every second while a run lasts, only if stderr is
+/// a terminal. Dropped, it stops and clears its line.
+pub(crate) struct Progress {
+    done: Arc<AtomicU64>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    /// Starts showing `done` of `total` `unit`s.
+    pub(crate) fn start(unit: &'static str, total: u64) -> Self {
+        let done = Arc::new(AtomicU64::new(0));
+        let task = std::io::stderr().is_terminal().then(|| {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut tick = tokio::time::interval_at(
+                    tokio::time::Instant::now() + Duration::from_secs(1),
+                    Duration::from_secs(1),
+                );
+                let mut before = 0;
+                loop {
+                    tick.tick().await;
+                    let now = done.load(Ordering::Relaxed);
+                    let elapsed = started.elapsed().as_secs();
+                    // \r and "erase to the end of the line": the line is redrawn in place.
+                    eprint!(
+                        "\r\x1b[Kherald bench: {now}/{total} {unit} in {elapsed} s, {}/s",
+                        now.saturating_sub(before)
+                    );
+                    let _ = std::io::stderr().flush();
+                    before = now;
+                }
+            })
+        });
+        Self { done, task }
+    }
+
+    /// The count the run adds its finished units to.
+    pub(crate) fn counter(&self) -> Arc<AtomicU64> {
+        self.done.clone()
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            eprint!("\r\x1b[K");
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
 /// One step of a worker: `units` units of work, pushing one latency (µs) per operation.
 pub(crate) type Step<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
 
@@ -173,11 +231,12 @@ pub(crate) async fn measure<W: Send + 'static>(
     step: for<'a> fn(&'a mut W, u64, &'a mut Vec<u64>) -> Step<'a>,
 ) -> anyhow::Result<(Vec<W>, Report)> {
     let claimed = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start("messages", total);
     let started = Instant::now();
     let tasks: Vec<_> = workers
         .into_iter()
         .map(|mut worker| {
-            let claimed = claimed.clone();
+            let (claimed, done) = (claimed.clone(), progress.counter());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 loop {
@@ -185,7 +244,9 @@ pub(crate) async fn measure<W: Send + 'static>(
                     if from >= total {
                         break;
                     }
-                    step(&mut worker, per_step.min(total - from), &mut latencies).await?;
+                    let units = per_step.min(total - from);
+                    step(&mut worker, units, &mut latencies).await?;
+                    done.fetch_add(units, Ordering::Relaxed);
                 }
                 anyhow::Ok((worker, latencies))
             })
@@ -199,6 +260,7 @@ pub(crate) async fn measure<W: Send + 'static>(
         latencies.extend(mine);
     }
     let elapsed = started.elapsed();
+    drop(progress);
     latencies.sort_unstable();
     Ok((workers, Report { latencies, units: total, elapsed }))
 }

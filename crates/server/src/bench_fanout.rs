@@ -144,14 +144,20 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         sockets.push(subscriber(&nodes[i % nodes.len()], topic, args.protocol, (&tls, auth.as_deref())).await?);
     }
     let (expected, protocol) = (args.messages, args.protocol);
+    let progress = crate::bench::Progress::start("deliveries", sockets.len() as u64 * expected);
     let subscribers: Vec<_> = sockets
         .into_iter()
         .map(|mut socket| {
+            let delivered = progress.counter();
             tokio::spawn(async move {
                 let mut got = 0u64;
                 while got < expected {
                     match socket.next().await {
-                        Some(Ok(frame)) => got += messages_in(protocol, &frame),
+                        Some(Ok(frame)) => {
+                            let n = messages_in(protocol, &frame);
+                            got += n;
+                            delivered.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        }
                         Some(Err(e)) => return Err(anyhow::anyhow!("subscriber failed after {got}: {e}")),
                         None => return Err(anyhow::anyhow!("subscriber closed after {got}")),
                     }
@@ -208,6 +214,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         last = last.max(done);
     }
     let elapsed = last.duration_since(started);
+    drop(progress);
     for socket in publishers.iter_mut().flatten() {
         let _ = socket.close(None).await;
     }

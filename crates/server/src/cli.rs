@@ -1,13 +1,29 @@
-//! The client subcommands: `herald pub` and `herald sub`, built on the client crate,
-//! over HTTP and WebSocket by default or over gRPC with `--grpc`.
+//! The client subcommands built on the client crate: `herald pub` and `herald sub`
+//! (over HTTP and WebSocket by default, or over gRPC with `--grpc`), `herald enqueue`,
+//! and the lists `herald topics` and `herald queues`. `herald work` is in `work.rs`.
+//!
+//! Every command that prints results takes `-o/--output text|json`: text for people,
+//! JSON (one document, or one object a line for streams of results) for scripts. It is
+//! not `--json`, which `herald pub` and `herald enqueue` already use for the kind of the
+//! message they send.
 
 use std::io::Write;
 
 use anyhow::Context;
 use clap::Args;
 use herald_client::grpc::pb;
-use herald_client::{Client, Event, GrpcClient, StartFrom, TlsConfig};
+use herald_client::{Client, Event, GrpcClient, ListOptions, Published, StartFrom, TlsConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+/// How a client command prints its results (`-o/--output`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// For people: plain values, or a table.
+    #[default]
+    Text,
+    /// For scripts: JSON with stable field names.
+    Json,
+}
 
 /// Flags of `herald pub`.
 #[derive(Debug, Args)]
@@ -25,6 +41,10 @@ pub struct PubArgs {
     /// Publish over gRPC instead of HTTP (same URL).
     #[arg(long)]
     pub grpc: bool,
+    /// Print each message's offset (text), or a JSON line `{"topic","offset","ts"}` per
+    /// message (json).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
     /// Server URL (`https://` for TLS).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
@@ -33,8 +53,53 @@ pub struct PubArgs {
     pub conn: ConnArgs,
 }
 
-/// How a client command connects: TLS trust and credentials (`herald pub`, `herald
-/// sub`, `herald bench`).
+/// Flags of `herald enqueue`.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Queue to enqueue into.
+    pub queue: String,
+    /// The job; without it, each line of stdin is one job.
+    pub message: Option<String>,
+    /// Send as JSON (each job must parse).
+    #[arg(long, conflicts_with = "binary")]
+    pub json: bool,
+    /// Send as one binary job: MESSAGE's bytes, or stdin whole.
+    #[arg(long)]
+    pub binary: bool,
+    /// Keep each job out of reach for this long.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Print each job's message id (text), or a JSON line `{"queue","message_id"}` per
+    /// job (json).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Server URL (`https://` for TLS).
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// TLS trust and credentials.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// Flags of `herald topics` and `herald queues`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only names starting with this.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// A table (text), or one JSON array of objects (json).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Server URL (`https://` for TLS).
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// TLS trust and credentials.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// How a client command connects: TLS trust and credentials (`herald pub`, `sub`,
+/// `topics`, `queues`, `enqueue`, `work` and `bench`).
 #[derive(Debug, Clone, Default, Args)]
 pub struct ConnArgs {
     /// Trust only the CA certificates in this PEM file for `https://` (a private CA);
@@ -148,6 +213,15 @@ impl Remaining {
     }
 }
 
+/// Prints what a publish got: its offset, or a JSON line.
+fn print_published(p: &Published, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Text => println!("{}", p.offset),
+        Output::Json => println!("{}", serde_json::to_string(p)?),
+    }
+    Ok(())
+}
+
 /// Runs `herald pub`.
 pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     if args.grpc {
@@ -159,18 +233,16 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         let mut body = Vec::new();
         tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
         let p = client.publish(&args.topic, "application/octet-stream", body).await?;
-        println!("{}", p.offset);
-        return Ok(());
+        return print_published(&p, args.output);
     }
     if let Some(message) = args.message {
         let p = client.publish(&args.topic, content_type, message).await?;
-        println!("{}", p.offset);
-        return Ok(());
+        return print_published(&p, args.output);
     }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await.context("reading stdin")? {
         let p = client.publish(&args.topic, content_type, line).await?;
-        println!("{}", p.offset);
+        print_published(&p, args.output)?;
     }
     Ok(())
 }
@@ -181,19 +253,142 @@ async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
     if args.binary {
         let mut body = Vec::new();
         tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
-        println!("{}", client.publish(&args.topic, pb::Kind::Binary, body).await?.offset);
-        return Ok(());
+        return print_published(&client.publish(&args.topic, pb::Kind::Binary, body).await?, args.output);
     }
     let kind = if args.json { pb::Kind::Json } else { pb::Kind::Text };
     if let Some(message) = args.message {
-        println!("{}", client.publish(&args.topic, kind, message).await?.offset);
-        return Ok(());
+        return print_published(&client.publish(&args.topic, kind, message).await?, args.output);
     }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await.context("reading stdin")? {
-        println!("{}", client.publish(&args.topic, kind, line).await?.offset);
+        print_published(&client.publish(&args.topic, kind, line).await?, args.output)?;
     }
     Ok(())
+}
+
+/// Runs `herald enqueue`: MESSAGE, or each line of stdin, or stdin whole with
+/// `--binary`, one job each; prints each job's message id.
+pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
+    let client = args.conn.http(&args.url)?;
+    let delay = std::time::Duration::from_millis(args.delay_ms);
+    let print = |message_id: u64| -> anyhow::Result<()> {
+        match args.output {
+            Output::Text => println!("{message_id}"),
+            Output::Json => {
+                println!("{}", serde_json::json!({ "queue": args.queue, "message_id": message_id }))
+            }
+        }
+        Ok(())
+    };
+    if args.binary {
+        let body = match &args.message {
+            Some(message) => message.clone().into_bytes(),
+            None => {
+                let mut body = Vec::new();
+                tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
+                body
+            }
+        };
+        return print(client.enqueue(&args.queue, "application/octet-stream", body, delay).await?);
+    }
+    let content_type = if args.json { "application/json" } else { "text/plain; charset=utf-8" };
+    if let Some(message) = &args.message {
+        return print(client.enqueue(&args.queue, content_type, message.clone(), delay).await?);
+    }
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await.context("reading stdin")? {
+        print(client.enqueue(&args.queue, content_type, line, delay).await?)?;
+    }
+    Ok(())
+}
+
+/// Names one list call asks for at a time (the server's most).
+const LIST_PAGE: u32 = 1000;
+
+/// Runs `herald topics`: every topic the caller may administer, paged through.
+pub async fn topics(args: ListArgs) -> anyhow::Result<()> {
+    let client = args.conn.http(&args.url)?;
+    let mut all = Vec::new();
+    loop {
+        let after = all.last().map(|t: &herald_client::ListedTopic| t.topic.clone());
+        let options = ListOptions { prefix: &args.prefix, after: after.as_deref(), limit: LIST_PAGE };
+        let page = client.list_topics(options).await.context("listing topics")?;
+        // An empty page is the end (servers before the list filled its pages from the
+        // names the caller administers could answer a short page before it).
+        if page.is_empty() {
+            break;
+        }
+        all.extend(page);
+    }
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string(&all)?),
+        Output::Text => {
+            let rows = all.iter().map(|t| {
+                vec![t.topic.clone(), t.last.to_string(), t.subscribers.to_string(), t.publishers.to_string()]
+            });
+            print_table(&["TOPIC", "LAST", "SUBSCRIBERS", "PUBLISHERS"], rows.collect());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `herald queues`: every queue the caller may administer, with its counts.
+pub async fn queues(args: ListArgs) -> anyhow::Result<()> {
+    let client = args.conn.http(&args.url)?;
+    let mut all = Vec::new();
+    loop {
+        let after = all.last().map(|q: &herald_client::ListedQueue| q.queue.clone());
+        let options = ListOptions { prefix: &args.prefix, after: after.as_deref(), limit: LIST_PAGE };
+        let page = client.list_queues(options).await.context("listing queues")?;
+        let done = page.len() < LIST_PAGE as usize;
+        all.extend(page);
+        if done {
+            break;
+        }
+    }
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string(&all)?),
+        Output::Text => {
+            let rows = all.iter().map(|q| {
+                let s = &q.stats;
+                vec![
+                    q.queue.clone(),
+                    s.ready.to_string(),
+                    s.in_flight.to_string(),
+                    s.delayed.to_string(),
+                    s.dead.to_string(),
+                ]
+            });
+            print_table(&["QUEUE", "READY", "IN_FLIGHT", "DELAYED", "DEAD"], rows.collect());
+        }
+    }
+    Ok(())
+}
+
+/// Prints a header and rows in columns two spaces apart: the first column (a name) left
+/// aligned, the others (counts) right aligned.
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, &w)) in cells.iter().zip(&widths).enumerate() {
+            if i == 0 {
+                out.push_str(&format!("{cell:<w$}"));
+            } else {
+                out.push_str(&format!("  {cell:>w$}"));
+            }
+        }
+        out.trim_end().to_owned()
+    };
+    println!("{}", line(header.iter().map(|h| h.to_string()).collect()));
+    for row in rows {
+        println!("{}", line(row));
+    }
 }
 
 /// Runs `herald sub` until interrupted (or `--count` messages), reconnecting and

@@ -18,6 +18,7 @@ pub mod config;
 pub mod listen;
 pub mod telemetry;
 pub mod tls;
+pub mod work;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

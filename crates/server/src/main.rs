@@ -1,11 +1,13 @@
 //! `herald`: the broker (`herald serve`) and its command-line clients (`herald pub`,
-//! `herald sub`).
+//! `herald sub`, `herald topics`, `herald queues`, `herald enqueue`, `herald work`,
+//! `herald bench`).
 
 use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand};
-use herald_server::cli::{PubArgs, SubArgs};
+use herald_server::cli::{EnqueueArgs, ListArgs, PubArgs, SubArgs};
 use herald_server::config::{Config, ServeArgs};
+use herald_server::work::WorkArgs;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Parser)]
@@ -23,6 +25,14 @@ enum Command {
     Pub(PubArgs),
     /// Print each message of a topic, one a line.
     Sub(SubArgs),
+    /// List the topics (name, last offset, subscribers).
+    Topics(ListArgs),
+    /// List the queues with their counts (ready, in flight, delayed, dead).
+    Queues(ListArgs),
+    /// Enqueue a job (or each line of stdin) into a queue; prints the message ids.
+    Enqueue(EnqueueArgs),
+    /// Run a command for each job of a queue: ack on exit 0, requeue otherwise.
+    Work(WorkArgs),
     /// Load generators: throughput and latency against a running broker.
     #[command(subcommand)]
     Bench(herald_server::bench::BenchCommand),
@@ -54,6 +64,10 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Pub(args) => herald_server::cli::publish(args).await,
         Command::Sub(args) => herald_server::cli::subscribe(args).await,
+        Command::Topics(args) => herald_server::cli::topics(args).await,
+        Command::Queues(args) => herald_server::cli::queues(args).await,
+        Command::Enqueue(args) => herald_server::cli::enqueue(args).await,
+        Command::Work(args) => herald_server::work::work(args).await,
         Command::Bench(command) => herald_server::bench::run(command).await,
         Command::Passwd => passwd(),
     };

@@ -174,6 +174,13 @@ async fn rest_refuses_missing_and_bad_credentials_and_what_is_not_granted() -> R
     assert_eq!(call(&server, "POST", &format!("/v1/queues/jobs.a/ack/{id}"), Some(&bob), "").await?.0, 403);
     assert_eq!(call(&server, "POST", &format!("/v1/queues/jobs.a/ack/{id}"), Some(&alice), "").await?.0, 204);
     assert_eq!(call(&server, "GET", "/v1/queues/jobs.a", Some(&bob), "").await?.0, 403);
+    // The list of queues has only those the caller administers.
+    let (s, listed, _) = call(&server, "GET", "/v1/queues", Some(&alice), "").await?;
+    let want = json!([{"queue": "jobs.a", "ready": 0, "in_flight": 0, "delayed": 0, "dead": 0}]);
+    assert_eq!((s, &listed["queues"]), (200, &want), "{listed}");
+    let (_, listed, _) = call(&server, "GET", "/v1/queues", Some(&bob), "").await?;
+    assert_eq!(listed["queues"], json!([]), "bob administers no queue: {listed}");
+    assert_eq!(call(&server, "GET", "/v1/queues", None, "").await?.0, 401);
     // Purge and redrive are admin actions.
     assert_eq!(call(&server, "POST", "/v1/queues/jobs.a/purge", Some(&bob), "").await?.0, 403);
     assert_eq!(call(&server, "POST", "/v1/queues/jobs.a/redrive", Some(&bob), "").await?.0, 403);
@@ -187,6 +194,13 @@ async fn rest_refuses_missing_and_bad_credentials_and_what_is_not_granted() -> R
     let good = token_with(Algorithm::HS256, SECRET, claims());
     assert_eq!(call(&server, "POST", "/v1/topics/chat.room/messages", Some(&good), "from carol").await?.0, 201);
     assert_eq!(call(&server, "POST", "/v1/queues/jobs.a/messages", Some(&good), "x").await?.0, 403);
+    // A topic alice may not administer, sorted before hers: a page of one is read past it.
+    let mut elsewhere = claims();
+    elsewhere["herald"] = json!({"publish": ["a.>"]});
+    let elsewhere = token_with(Algorithm::HS256, SECRET, elsewhere);
+    assert_eq!(call(&server, "POST", "/v1/topics/a.first/messages", Some(&elsewhere), "x").await?.0, 201);
+    let (_, listed, _) = call(&server, "GET", "/v1/topics?limit=1", Some(&alice), "").await?;
+    assert_eq!(listed["topics"], json!([{"topic": "chat.room", "last": 2, "subscribers": 0}]), "{listed}");
     let mut expired = claims();
     expired["exp"] = json!(now() - 5);
     let mut audience = claims();
@@ -207,8 +221,8 @@ async fn rest_refuses_missing_and_bad_credentials_and_what_is_not_granted() -> R
     }
     let (_, info, _) = call(&server, "GET", "/v1/topics/chat.room", Some(&alice), "").await?;
     assert_eq!(info["last"], 2, "only alice's and carol's good publishes are stored");
-    // Each refusal above counted once: 3 + 6 without valid credentials, 13 not granted.
-    assert_eq!(server.metric("herald_auth_refused_total").await?, 9);
+    // Each refusal above counted once: 4 + 6 without valid credentials, 13 not granted.
+    assert_eq!(server.metric("herald_auth_refused_total").await?, 10);
     assert_eq!(server.metric("herald_forbidden_total").await?, 13);
     Ok(())
 }

@@ -241,6 +241,18 @@ async fn queues_every_rpc() -> Result {
     assert_eq!((dead[0].attempt, &dead[0].data[..]), (1, &b"job 2"[..]));
     queues.ack(pb::AckRequest { queue: "g.jobs.dlq".into(), id: dead[0].id.clone() }).await?;
 
+    // List: by name, with the counts, paged; not the dead-letter queue.
+    queues.enqueue(enqueue("g.mail", pb::Kind::Text, b"m")).await?;
+    let list = |after: &str, limit| pb::ListQueuesRequest { prefix: "g.".into(), after: after.into(), limit };
+    let listed = queues.list(list("", 0)).await?.into_inner().queues;
+    let names: Vec<&str> = listed.iter().map(|q| q.queue.as_str()).collect();
+    assert_eq!(names, ["g.jobs", "g.mail"]);
+    assert_eq!((listed[0].ready, listed[0].delayed, listed[0].dead), (0, 1, 0));
+    let page = queues.list(list("g.jobs", 1)).await?.into_inner().queues;
+    assert_eq!((page.len(), page[0].queue.as_str(), page[0].ready), (1, "g.mail", 1));
+    let refused = queues.list(list("", 1001)).await.err().ok_or("limit 1001 accepted")?;
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
     // A long poll is answered as soon as a job is enqueued.
     let waiting = {
         let mut queues = client.queues();

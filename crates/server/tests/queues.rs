@@ -1,5 +1,5 @@
 //! Work queues over HTTP: many workers, at-least-once with a failing worker, long poll,
-//! dead letters, stale delivery ids, delays, limits and errors. Every case runs on one
+//! dead letters, stale delivery ids, delays, limits and errors, the list of queues. Every case runs on one
 //! node, and on two cluster nodes sharing their queues through Redis (an ingest node and
 //! an `all` node, on the standalone Redis and on the 3-primary Redis Cluster), with
 //! producers, workers and calls spread over both.
@@ -284,6 +284,47 @@ async fn queue_errors(setup: Setup) -> Result {
     Ok(())
 }
 
+/// `GET /v1/queues`: by name, with the counts of `GET /v1/queues/{queue}`, paged with
+/// `after` and `limit`, filtered by `prefix`, from either node.
+async fn list_queues_pages_in_name_order(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |c| c.broker.queues.max_attempts = 1).await?;
+    for (i, q) in ["list.b", "list.b", "list.a", "other"].into_iter().enumerate() {
+        common::enqueue_text(nodes.at(i), q, "x", "").await?;
+    }
+    common::enqueue_text(&nodes.b, "list.c", "later", "delay_ms=60000").await?;
+    // One job of list.a dead-lettered (one attempt), one of list.b in flight.
+    let job = fetch(&nodes.a, "list.a", "").await?;
+    let id = job[0]["id"].as_str().ok_or("id")?;
+    assert_eq!(call(&nodes.b, &format!("/v1/queues/list.a/requeue/{id}")).await?, 204);
+    assert_eq!(fetch(&nodes.b, "list.b", "").await?.len(), 1);
+    let names = |v: &Value| -> Vec<String> {
+        v["queues"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|q| q["queue"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    };
+    let (s, first) = nodes.a.get_json("/v1/queues?prefix=list.&limit=2").await?;
+    assert_eq!(s, 200, "{first}");
+    assert_eq!(
+        first["queues"],
+        json!([
+            {"queue": "list.a", "ready": 0, "in_flight": 0, "delayed": 0, "dead": 1},
+            {"queue": "list.b", "ready": 1, "in_flight": 1, "delayed": 0, "dead": 0},
+        ])
+    );
+    let (_, rest) = nodes.b.get_json("/v1/queues?prefix=list.&limit=2&after=list.b").await?;
+    assert_eq!(rest["queues"], json!([{"queue": "list.c", "ready": 0, "in_flight": 0, "delayed": 1, "dead": 0}]));
+    let (_, end) = nodes.a.get_json("/v1/queues?prefix=list.&after=list.c").await?;
+    assert_eq!(end, json!({"queues": []}));
+    let (_, all) = nodes.b.get_json("/v1/queues").await?;
+    assert_eq!(names(&all), ["list.a", "list.b", "list.c", "other"], "no dead-letter queue listed");
+    for bad in ["limit=0", "limit=1001", "limit=x"] {
+        let (s, v) = nodes.a.get_json(&format!("/v1/queues?{bad}")).await?;
+        assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_request")), "{bad}");
+    }
+    Ok(())
+}
+
 async fn shutdown_answers_a_pending_long_poll(setup: Setup) -> Result {
     let Nodes { a, b, _prefix } = Nodes::start(setup, |_| {}).await?;
     drop(a);
@@ -317,6 +358,7 @@ macro_rules! cases {
             dead_letters_stale_ids_and_delays_over_http,
             a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue,
             queue_errors,
+            list_queues_pages_in_name_order,
             shutdown_answers_a_pending_long_poll
         );
     };

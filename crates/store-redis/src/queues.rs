@@ -15,9 +15,14 @@
 //! a try and the wait), and sleeps until a wake-up, the next delay or lease end the
 //! script reported, or the wait's end. A lost pub/sub connection wakes every waiter to
 //! try again.
+//!
+//! `list` reads the queue registry (`<prefix>squeues`, a sorted set every enqueue adds
+//! its queue to, once per node, and nothing removes from; a key of its own outside the
+//! families' hash tags, so written by its own ZADD before the enqueue script) and each
+//! listed queue's counts.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -25,8 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_core::{
-    Clock, Delivery, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture, QueueName, QueueService,
-    QueueStats, StoreError,
+    Clock, Delivery, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture, QueueName,
+    QueueService, QueueStats, StoreError, Visible,
 };
 use tokio::sync::Notify;
 
@@ -54,6 +59,9 @@ struct Shared {
     counters: QueueCounters,
     hasher: RandomState,
     nonces: AtomicU64,
+    /// Queues this node has added to the registry (`<prefix>squeues`): one ZADD per
+    /// queue and node, not one per enqueue.
+    registered: Mutex<HashSet<QueueName>>,
 }
 
 /// The long polls of one queue family waiting on this node.
@@ -108,6 +116,7 @@ impl RedisQueues {
             counters: QueueCounters::default(),
             hasher: RandomState::new(),
             nonces: AtomicU64::new(0),
+            registered: Mutex::new(HashSet::new()),
         });
         let weak: Weak<Shared> = Arc::downgrade(&shared);
         bus.on_queue_wake(Box::new(move |event| {
@@ -180,6 +189,40 @@ impl Shared {
         let dead = number(&reply.remove(0))?;
         self.counters.dead_lettered.fetch_add(dead, Ordering::Relaxed);
         Ok(reply)
+    }
+
+    fn registry(&self) -> String {
+        format!("{}squeues", self.store.prefix)
+    }
+
+    /// Adds `name` to the queue registry, unless this node did already. Before the
+    /// enqueue: a queue may be listed (empty) whose first enqueue failed, but never be
+    /// missing from the list while it holds messages.
+    async fn register(&self, name: &QueueName) -> Result<(), QueueError> {
+        if lock(&self.registered).contains(name) {
+            return Ok(());
+        }
+        let mut con = self.store.con.clone();
+        let added = redis::cmd("ZADD").arg(self.registry()).arg(0).arg(name.as_str()).query_async::<()>(&mut con).await;
+        self.store.answered(added)?;
+        lock(&self.registered).insert(name.clone());
+        Ok(())
+    }
+
+    /// One page of the registry from `cursor` (a ZRANGE BYLEX bound).
+    async fn registry_page(&self, cursor: &str) -> Result<Vec<String>, QueueError> {
+        let mut con = self.store.con.clone();
+        let page: redis::RedisResult<Vec<String>> = redis::cmd("ZRANGE")
+            .arg(self.registry())
+            .arg(cursor)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(LIST_PAGE)
+            .query_async(&mut con)
+            .await;
+        Ok(self.store.answered(page)?)
     }
 
     /// One ack, requeue or extend: `not_found` unless `delivery` is the current lease.
@@ -303,6 +346,7 @@ impl QueueService for RedisQueues {
             let delay = delay_ms.min(LUA_MAX).to_string();
             let ttl = msg.ttl_ms.map_or_else(String::new, |t| t.min(LUA_MAX).to_string());
             let max = (shared.config.max_queue_messages as u64).min(LUA_MAX).to_string();
+            shared.register(name).await?;
             let args: [&[u8]; 5] =
                 [msg.kind.as_str().as_bytes(), delay.as_bytes(), ttl.as_bytes(), &msg.payload, max.as_bytes()];
             let reply = shared.call(name, "enqueue", &args).await?;
@@ -428,6 +472,42 @@ impl QueueService for RedisQueues {
         })
     }
 
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+        visible: Visible<'a>,
+    ) -> QueueFuture<'a, Vec<ListedQueue>> {
+        Box::pin(async move {
+            let mut cursor = match after {
+                Some(a) if a >= prefix => format!("({a}"),
+                _ => format!("[{prefix}"),
+            };
+            let mut out = Vec::new();
+            while out.len() < limit {
+                let page = self.shared.registry_page(&cursor).await?;
+                let Some(last) = page.last() else { break };
+                cursor = format!("({last}");
+                let in_prefix = page.iter().take_while(|n| n.starts_with(prefix)).count();
+                let done = in_prefix < page.len() || page.len() < LIST_PAGE;
+                let names: Vec<QueueName> = page[..in_prefix]
+                    .iter()
+                    .filter_map(|n| QueueName::parse(n).ok())
+                    .filter(|q| visible(q))
+                    .take(limit - out.len())
+                    .collect();
+                // Each family is a script call of its own (its own slot on Redis Cluster).
+                let stats = futures_util::future::try_join_all(names.iter().map(|q| self.stats(q))).await?;
+                out.extend(names.into_iter().zip(stats).map(|(queue, stats)| ListedQueue { queue, stats }));
+                if done {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn counters(&self) -> &QueueCounters {
         &self.shared.counters
     }
@@ -435,6 +515,9 @@ impl QueueService for RedisQueues {
 
 /// Most messages one purge or redrive script call moves.
 const ADMIN_BATCH: u64 = 1000;
+
+/// Registry names one list call reads at a time.
+const LIST_PAGE: usize = 200;
 
 fn bad_reply() -> QueueError {
     StoreError::Unavailable("redis: a bad queue script reply".into()).into()

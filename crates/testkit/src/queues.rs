@@ -303,6 +303,66 @@ pub async fn purge_and_redrive(backend: &dyn QueueBackend) -> Result {
     Ok(())
 }
 
+/// List: every queue enqueued into, in name order, with its counts, filtered by prefix,
+/// `after` and the caller's `visible`, paged by `limit`; never a dead-letter queue (its
+/// queue's `dead` counts it), never a name only fetched from; an emptied queue stays.
+pub async fn list_names_queues_in_order(backend: &dyn QueueBackend) -> Result {
+    let config = QueueConfig { max_attempts: 1, ..QueueConfig::default() };
+    let (a, b, _clock) = nodes(backend, config, 1 << 20).await?;
+    let (qa, qb, qc) = (queue("conf.list.a")?, queue("conf.list.b")?, queue("conf.list.c")?);
+    b.enqueue(&qc, text("c1"), 0).await?;
+    a.enqueue(&qa, text("a1"), 0).await?;
+    a.enqueue(&qa, text("a2"), 60_000).await?;
+    b.enqueue(&qb, text("b1"), 0).await?;
+    a.enqueue(&queue("conf.listx")?, text("x"), 0).await?;
+    a.enqueue(&queue("conf.lis")?, text("y"), 0).await?;
+    same(fetch(&a, &queue("conf.list.never")?, 1, 1000).await?.len(), 0, "a queue only fetched from")?;
+    // b1 fails its one attempt: a dead letter in conf.list.b.dlq.
+    for d in fetch(&b, &qb, 1, 1000).await? {
+        a.requeue(&qb, &d.id, 0).await?;
+    }
+    let _leased = fetch(&a, &qc, 1, 1000).await?;
+    let all = |_: &QueueName| true;
+    let names = |listed: &[herald_core::ListedQueue]| listed.iter().map(|l| l.queue.to_string()).collect::<Vec<_>>();
+
+    let listed = b.list("conf.list.", None, 100, &all).await?;
+    let want: Vec<herald_core::ListedQueue> =
+        [(&qa, stats(1, 0, 1, 0)), (&qb, stats(0, 0, 0, 1)), (&qc, stats(0, 1, 0, 0))]
+            .into_iter()
+            .map(|(q, stats)| herald_core::ListedQueue { queue: q.clone(), stats })
+            .collect();
+    same(listed, want, "three queues with their counts, by name")?;
+    same(
+        names(&a.list("conf.lis", None, 100, &all).await?),
+        vec!["conf.lis".into(), "conf.list.a".into(), "conf.list.b".into(), "conf.list.c".into(), "conf.listx".into()],
+        "a wider prefix",
+    )?;
+
+    // Paging: after the last name of a page, until an empty page.
+    let first = a.list("conf.list.", None, 2, &all).await?;
+    same(names(&first), vec!["conf.list.a".to_owned(), "conf.list.b".to_owned()], "page 1")?;
+    let second = b.list("conf.list.", Some("conf.list.b"), 2, &all).await?;
+    same(names(&second), vec!["conf.list.c".to_owned()], "page 2")?;
+    same(a.list("conf.list.", Some("conf.list.c"), 2, &all).await?.len(), 0, "past the end")?;
+    same(
+        names(&b.list("conf.list.", Some("conf"), 1, &all).await?),
+        vec!["conf.list.a".to_owned()],
+        "after before the prefix",
+    )?;
+
+    // Only visible names count, also toward the limit.
+    let not_a = |q: &QueueName| !q.as_str().ends_with(".a");
+    same(names(&a.list("conf.list.", None, 1, &not_a).await?), vec!["conf.list.b".to_owned()], "a hidden")?;
+    let none = |_: &QueueName| false;
+    same(b.list("", None, 100, &none).await?.len(), 0, "nothing visible")?;
+
+    // Emptied, a queue is still listed.
+    same(a.purge(&qa).await?, 2, "conf.list.a purged")?;
+    let listed = b.list("conf.list.a", None, 100, &all).await?;
+    same(listed.first().map(|l| l.stats), Some(stats(0, 0, 0, 0)), "an empty queue stays listed")?;
+    Ok(())
+}
+
 /// One `#[tokio::test]` per queue conformance case for the backend `$make` builds.
 #[macro_export]
 macro_rules! queue_conformance {
@@ -312,7 +372,8 @@ macro_rules! queue_conformance {
             ttls_delays_and_refusals,
             workers_on_two_nodes_take_each_job_once,
             a_long_poll_wakes_on_enqueue_from_another_node,
-            purge_and_redrive
+            purge_and_redrive,
+            list_names_queues_in_order
         );
     };
     (@cases $make:expr; $($case:ident),*) => {
