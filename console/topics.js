@@ -273,6 +273,16 @@ export function startTopics(h, hasSocket) {
     return `#${member.conn} ${member.door ?? ''} ${member.role ?? ''}${who}${info}`.replace(/\s+/g, ' ').trim();
   }
 
+  // The counts shown: from the last list, kept current by join and leave events.
+  let presenceCount = null;
+
+  function showPresenceCounts() {
+    if (!presenceCount) return;
+    const count = (n, what) => `${n ?? 0} ${what}${n === 1 ? '' : 's'}`;
+    const { subscribers, publishers, more } = presenceCount;
+    fill(presenceCounts, `${count(subscribers, 'subscriber')}, ${count(publishers, 'publisher')}${more}`);
+  }
+
   async function loadPresence(topic) {
     let answer;
     try {
@@ -286,8 +296,8 @@ export function startTopics(h, hasSocket) {
     if (current?.topic !== topic) return;
     const members = answer?.members ?? [];
     const more = answer?.more || answer?.next ? ' (first 1000 shown)' : '';
-    const count = (n, what) => `${n ?? 0} ${what}${n === 1 ? '' : 's'}`;
-    fill(presenceCounts, `${count(answer?.subscribers, 'subscriber')}, ${count(answer?.publishers, 'publisher')}${more}`);
+    presenceCount = { subscribers: answer?.subscribers ?? 0, publishers: answer?.publishers ?? 0, more };
+    showPresenceCounts();
     fill(presenceMembers, ...members.map((m) => el('li', { 'data-conn': m.conn, text: memberLabel(m) })));
   }
 
@@ -295,6 +305,11 @@ export function startTopics(h, hasSocket) {
     if (current?.sub !== sub) return;
     const member = event?.member ?? event;
     logPresence(`${formatTime(Date.now())} ${memberLabel(member)} ${verb}`);
+    if (presenceCount) {
+      const role = member?.role === 'publisher' ? 'publishers' : 'subscribers';
+      presenceCount[role] = Math.max(0, presenceCount[role] + (verb === 'joined' ? 1 : -1));
+      showPresenceCounts();
+    }
     if (verb === 'joined') {
       presenceMembers.append(el('li', { 'data-conn': member?.conn, text: memberLabel(member) }));
     } else {

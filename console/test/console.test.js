@@ -134,19 +134,17 @@ test('live messages, queue counts and history, without console errors', async ()
   await a.getByRole('button', { name: 'Subscribe', exact: true }).click();
   await a.locator('#topic-info', { hasText: 'Subscribed to demo.chat' }).waitFor({ timeout: TIMEOUT });
 
-  // Presence, where the server has it: A is a member, B's subscription joins and leaves
-  // live. Without it, the panel says so.
-  if ((await fetch(`${base}/v1/topics/demo.chat/presence`)).ok) {
-    await a.locator('#presence-counts', { hasText: /^1 subscriber, 0 publishers/ }).waitFor({ timeout: TIMEOUT });
-    await a.locator('#presence-members li').first().waitFor({ timeout: TIMEOUT });
-    await b.getByLabel('Name').fill('demo.chat');
-    await b.getByRole('button', { name: 'Subscribe', exact: true }).click();
-    await a.locator('#presence-events li', { hasText: /subscriber.* joined$/ }).waitFor({ timeout: TIMEOUT });
-    await b.getByRole('button', { name: 'Unsubscribe', exact: true }).click();
-    await a.locator('#presence-events li', { hasText: /subscriber.* left$/ }).waitFor({ timeout: TIMEOUT });
-  } else {
-    await a.locator('#presence-counts', { hasText: 'does not report presence' }).waitFor({ timeout: TIMEOUT });
-  }
+  // Presence: A is a member; B's subscription joins and leaves live, and the counts
+  // follow the events.
+  await a.locator('#presence-counts', { hasText: /^1 subscriber, 0 publishers/ }).waitFor({ timeout: TIMEOUT });
+  await a.locator('#presence-members li').first().waitFor({ timeout: TIMEOUT });
+  await b.getByLabel('Name').fill('demo.chat');
+  await b.getByRole('button', { name: 'Subscribe', exact: true }).click();
+  await a.locator('#presence-events li', { hasText: /subscriber.* joined$/ }).waitFor({ timeout: TIMEOUT });
+  await a.locator('#presence-counts', { hasText: /^2 subscribers, 0 publishers/ }).waitFor({ timeout: TIMEOUT });
+  await b.getByRole('button', { name: 'Unsubscribe', exact: true }).click();
+  await a.locator('#presence-events li', { hasText: /subscriber.* left$/ }).waitFor({ timeout: TIMEOUT });
+  await a.locator('#presence-counts', { hasText: /^1 subscriber, 0 publishers/ }).waitFor({ timeout: TIMEOUT });
 
   const publish = async (format, payload, offset) => {
     await b.locator('#publish select[name=format]').selectOption(format);

@@ -200,7 +200,11 @@ async fn rest_refuses_missing_and_bad_credentials_and_what_is_not_granted() -> R
     let elsewhere = token_with(Algorithm::HS256, SECRET, elsewhere);
     assert_eq!(call(&server, "POST", "/v1/topics/a.first/messages", Some(&elsewhere), "x").await?.0, 201);
     let (_, listed, _) = call(&server, "GET", "/v1/topics?limit=1", Some(&alice), "").await?;
-    assert_eq!(listed["topics"], json!([{"topic": "chat.room", "last": 2, "subscribers": 0}]), "{listed}");
+    assert_eq!(
+        listed["topics"],
+        json!([{"topic": "chat.room", "last": 2, "subscribers": 0, "publishers": 0}]),
+        "{listed}"
+    );
     let mut expired = claims();
     expired["exp"] = json!(now() - 5);
     let mut audience = claims();

@@ -277,7 +277,7 @@ async fn topics_are_listed_by_name_and_paginated() -> Result {
     assert_eq!(names(&first), ["a.1", "a.2"]);
     let (_, rest) = server.get_json("/v1/topics?prefix=a.&limit=2&after=a.2").await?;
     assert_eq!(names(&rest), ["a.3", "a.4"]);
-    assert_eq!(rest["topics"][1], json!({"topic": "a.4", "last": 0, "subscribers": 1}));
+    assert_eq!(rest["topics"][1], json!({"topic": "a.4", "last": 0, "subscribers": 1, "publishers": 0}));
     let (_, all) = server.get_json("/v1/topics").await?;
     assert_eq!(names(&all), ["a.1", "a.2", "a.3", "a.4", "b.1"]);
     let (_, fresh) = server.get_json("/v1/topics/never").await?;
