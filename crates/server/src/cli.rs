@@ -45,12 +45,9 @@ pub struct PubArgs {
     /// message (json).
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
-    /// Server URL (`https://` for TLS).
-    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
-    pub url: String,
-    /// TLS trust and credentials.
+    /// The server and how to reach it.
     #[command(flatten)]
-    pub conn: ConnArgs,
+    pub server: ServerArgs,
 }
 
 /// Flags of `herald enqueue`.
@@ -73,12 +70,9 @@ pub struct EnqueueArgs {
     /// job (json).
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
-    /// Server URL (`https://` for TLS).
-    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
-    pub url: String,
-    /// TLS trust and credentials.
+    /// The server and how to reach it.
     #[command(flatten)]
-    pub conn: ConnArgs,
+    pub server: ServerArgs,
 }
 
 /// Flags of `herald topics` and `herald queues`.
@@ -90,12 +84,33 @@ pub struct ListArgs {
     /// A table (text), or one JSON array of objects (json).
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// The server and how to reach it.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Which server a client command talks to, and how (`herald pub`, `sub`, `enqueue`,
+/// `topics`, `queues`, `work`).
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
     /// Server URL (`https://` for TLS).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
     /// TLS trust and credentials.
     #[command(flatten)]
     pub conn: ConnArgs,
+}
+
+impl ServerArgs {
+    /// An HTTP (and WebSocket) client for the server.
+    pub fn http(&self) -> anyhow::Result<Client> {
+        self.conn.http(&self.url)
+    }
+
+    /// A gRPC client for the server.
+    pub async fn grpc(&self) -> anyhow::Result<GrpcClient> {
+        self.conn.grpc(&self.url).await
+    }
 }
 
 /// How a client command connects: TLS trust and credentials (`herald pub`, `sub`,
@@ -185,12 +200,9 @@ pub struct SubArgs {
     /// interrupted).
     #[arg(long, short = 'n', value_name = "N")]
     pub count: Option<u64>,
-    /// Server URL (`https://` for TLS).
-    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
-    pub url: String,
-    /// TLS trust and credentials.
+    /// The server and how to reach it.
     #[command(flatten)]
-    pub conn: ConnArgs,
+    pub server: ServerArgs,
 }
 
 /// Messages `herald sub` may still print: `--count`, or unbounded.
@@ -227,7 +239,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     if args.grpc {
         return publish_grpc(args).await;
     }
-    let client = args.conn.http(&args.url)?;
+    let client = args.server.http()?;
     let content_type = if args.json { "application/json" } else { "text/plain; charset=utf-8" };
     if args.binary {
         let mut body = Vec::new();
@@ -249,7 +261,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
 
 /// `herald pub --grpc`: the same inputs, published with `Topics.Publish`.
 async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
-    let client = args.conn.grpc(&args.url).await?;
+    let client = args.server.grpc().await?;
     if args.binary {
         let mut body = Vec::new();
         tokio::io::stdin().read_to_end(&mut body).await.context("reading stdin")?;
@@ -269,7 +281,7 @@ async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
 /// Runs `herald enqueue`: MESSAGE, or each line of stdin, or stdin whole with
 /// `--binary`, one job each; prints each job's message id.
 pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
-    let client = args.conn.http(&args.url)?;
+    let client = args.server.http()?;
     let delay = std::time::Duration::from_millis(args.delay_ms);
     let print = |message_id: u64| -> anyhow::Result<()> {
         match args.output {
@@ -307,7 +319,7 @@ const LIST_PAGE: u32 = 1000;
 
 /// Runs `herald topics`: every topic the caller may administer, paged through.
 pub async fn topics(args: ListArgs) -> anyhow::Result<()> {
-    let client = args.conn.http(&args.url)?;
+    let client = args.server.http()?;
     let mut all = Vec::new();
     loop {
         let after = all.last().map(|t: &herald_client::ListedTopic| t.topic.clone());
@@ -334,7 +346,7 @@ pub async fn topics(args: ListArgs) -> anyhow::Result<()> {
 
 /// Runs `herald queues`: every queue the caller may administer, with its counts.
 pub async fn queues(args: ListArgs) -> anyhow::Result<()> {
-    let client = args.conn.http(&args.url)?;
+    let client = args.server.http()?;
     let mut all = Vec::new();
     loop {
         let after = all.last().map(|q: &herald_client::ListedQueue| q.queue.clone());
@@ -401,7 +413,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     if args.grpc {
         return subscribe_grpc(args, remaining).await;
     }
-    let client = args.conn.http(&args.url)?;
+    let client = args.server.http()?;
     let mut subscription = client.subscribe(&args.topic, args.from);
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = subscription.next().await {
@@ -452,7 +464,7 @@ async fn subscribe_grpc_once(
     epoch: &mut Option<String>,
     remaining: &mut Remaining,
 ) -> anyhow::Result<()> {
-    let client = args.conn.grpc(&args.url).await?;
+    let client = args.server.grpc().await?;
     let mut subscription = client.subscribe(&args.topic, *from, epoch.clone()).await?;
     let subscribed = &subscription.subscribed;
     if !subscribed.recovered {

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{ConnArgs, Output};
+use crate::cli::{Output, ServerArgs};
 
 /// Longest a fetch waits for a job (the server's most).
 const LONG_POLL: Duration = Duration::from_secs(20);
@@ -45,12 +45,9 @@ pub struct WorkArgs {
     /// JSON line per job handled on stdout, the commands' stdout sent to stderr.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
-    /// Server URL (`https://` for TLS).
-    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
-    pub url: String,
-    /// TLS trust and credentials.
+    /// The server and how to reach it.
     #[command(flatten)]
-    pub conn: ConnArgs,
+    pub server: ServerArgs,
     /// The command run for each job, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -137,7 +134,7 @@ pub async fn work(args: WorkArgs) -> anyhow::Result<()> {
     // Caught from before the first fetch, so no signal falls between.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let client = args.conn.http(&args.url)?;
+    let client = args.server.http()?;
     let worker = Arc::new(Worker {
         client,
         budget: args.max_jobs.map(AtomicU64::new),
