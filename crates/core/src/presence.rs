@@ -18,7 +18,8 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
+use std::any::Any;
+
 use tokio::time::Instant;
 
 use crate::connections::ConnectionInfo;
@@ -88,14 +89,23 @@ pub struct PresenceEvent {
     pub kind: PresenceKind,
     /// Who joined or left (`None` for [`PresenceKind::Lost`]).
     pub member: Option<Member>,
-    forms: [OnceLock<Bytes>; PRESENCE_FORMS],
+    forms: [OnceLock<Box<dyn Any + Send + Sync>>; PRESENCE_FORMS],
 }
 
 impl PresenceEvent {
     /// The event in form `form` (a door's constant below [`PRESENCE_FORMS`]), encoded
-    /// by `encode` the first time it is asked for.
-    pub fn encoded(&self, form: usize, encode: impl FnOnce(&PresenceEvent) -> Bytes) -> Bytes {
-        self.forms[form].get_or_init(|| encode(self)).clone()
+    /// by `encode` the first time it is asked for and shared by every watcher after. `T`
+    /// is the door's frame type (cheap to clone), as for [`crate::Outgoing::encoded`].
+    pub fn encoded<T>(&self, form: usize, encode: impl FnOnce(&PresenceEvent) -> T) -> T
+    where
+        T: Clone + Send + Sync + 'static,
+    {
+        let cached = self.forms[form].get_or_init(|| Box::new(encode(self)));
+        match cached.downcast_ref::<T>() {
+            Some(frame) => frame.clone(),
+            // Two doors share a slot with different frame types: a wiring bug.
+            None => panic!("presence form {form} cached with a different frame type"),
+        }
     }
 }
 

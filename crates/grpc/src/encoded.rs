@@ -65,16 +65,11 @@ impl EncodedEvent {
         Self(Repr::Whole(buf.into()))
     }
 
-    /// A `presence` event, built from its bytes (see [`EncodedEvent::presence_bytes`]).
-    pub fn presence(bytes: Bytes) -> Self {
-        Self(Repr::Whole(bytes))
-    }
-
-    /// `event` as the bytes of a `SubscribeEvent` with its `presence` case.
-    pub fn presence_bytes(event: &pb::PresenceEvent) -> Bytes {
+    /// `event` as a `SubscribeEvent` with its `presence` case.
+    pub fn presence(event: &pb::PresenceEvent) -> Self {
         let mut buf = Vec::with_capacity(prost::Message::encoded_len(event) + 8);
         prost::encoding::message::encode(PRESENCE, event, &mut buf);
-        buf.into()
+        Self(Repr::Whole(buf.into()))
     }
 
     /// The event sent on an idle stream.

@@ -58,7 +58,7 @@ struct PresenceTap(std::sync::Arc<Outbound<EncodedEvent>>);
 
 impl PresenceSink for PresenceTap {
     fn presence(&self, event: &std::sync::Arc<PresenceEvent>) -> bool {
-        let bytes = event.encoded(PRESENCE_FORM_GRPC, |e| {
+        let encoded = event.encoded(PRESENCE_FORM_GRPC, |e| {
             let (kind, dropped, subscribers, publishers) = match e.kind {
                 PresenceKind::Join => (pb::presence_event::Kind::Join, 0, 0, 0),
                 PresenceKind::Leave => (pb::presence_event::Kind::Leave, 0, 0, 0),
@@ -66,7 +66,7 @@ impl PresenceSink for PresenceTap {
                     (pb::presence_event::Kind::Lost, dropped, subscribers, publishers)
                 }
             };
-            EncodedEvent::presence_bytes(&pb::PresenceEvent {
+            EncodedEvent::presence(&pb::PresenceEvent {
                 topic: e.topic.as_str().to_owned(),
                 kind: kind as i32,
                 member: e.member.as_ref().map(pb_member),
@@ -75,8 +75,8 @@ impl PresenceSink for PresenceTap {
                 publishers,
             })
         });
-        let size = bytes.len();
-        self.0.push_control(EncodedEvent::presence(bytes), size)
+        let size = encoded.len();
+        self.0.push_control(encoded, size)
     }
 }
 

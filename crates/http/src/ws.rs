@@ -408,9 +408,7 @@ struct PresenceTap(Arc<Outbound<Control>>);
 
 impl PresenceSink for PresenceTap {
     fn presence(&self, event: &Arc<PresenceEvent>) -> bool {
-        let bytes = event.encoded(PRESENCE_FORM_WS, |e| Bytes::from(encode::presence_frame(e)));
-        // Built from a String just above: always UTF-8.
-        let Ok(text) = Utf8Bytes::try_from(bytes) else { return true };
+        let text = event.encoded(PRESENCE_FORM_WS, |e| Utf8Bytes::from(encode::presence_frame(e)));
         let size = text_size(&text);
         self.0.push_control(Control::Text(text), size)
     }
