@@ -65,8 +65,32 @@ use scripts::Scripts;
 /// Largest number passed to a script (Lua numbers are exact up to 2^53).
 const LUA_MAX: u64 = 1 << 53;
 
-/// Registry entries `list` reads per round trip.
+/// Registry entries a list call (topics, queues) reads per round trip.
 const LIST_PAGE: usize = 200;
+
+/// Where a walk of a name registry (a sorted set of names at score 0, read BYLEX)
+/// starts: just past `after` when it sorts within `prefix`'s range, else at `prefix`.
+fn registry_start(prefix: &str, after: Option<&str>) -> String {
+    match after {
+        Some(a) if a >= prefix => format!("({a}"),
+        _ => format!("[{prefix}"),
+    }
+}
+
+/// One page of the name registry `key` from `cursor` (a ZRANGE BYLEX bound); the next
+/// page starts just past its last name.
+async fn registry_page(con: &mut Con, key: &str, cursor: &str) -> redis::RedisResult<Vec<String>> {
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(cursor)
+        .arg("+")
+        .arg("BYLEX")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(LIST_PAGE)
+        .query_async(con)
+        .await
+}
 
 /// How often the connection is probed for [`Store::is_ready`].
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -521,24 +545,13 @@ impl Store for RedisStore {
     fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> StoreFuture<Vec<ListedTopic>> {
         let inner = self.inner.clone();
         let prefix = prefix.to_owned();
-        let mut cursor = match after {
-            Some(a) if a >= prefix.as_str() => format!("({a}"),
-            _ => format!("[{prefix}"),
-        };
+        let mut cursor = registry_start(&prefix, after);
         let now = inner.clock.now_ms();
         Box::pin(async move {
             let mut con = inner.con.clone();
             let mut out = Vec::new();
             while out.len() < limit {
-                let page: Vec<String> = redis::cmd("ZRANGE")
-                    .arg(format!("{}topics", inner.prefix))
-                    .arg(&cursor)
-                    .arg("+")
-                    .arg("BYLEX")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(LIST_PAGE)
-                    .query_async(&mut con)
+                let page = registry_page(&mut con, &format!("{}topics", inner.prefix), &cursor)
                     .await
                     .map_err(|e| inner.failed(e))?;
                 let Some(last) = page.last() else { break };

@@ -36,7 +36,9 @@ use herald_core::{
 use tokio::sync::Notify;
 
 use crate::bus::Channel;
-use crate::{family_key, kind_of, lock, Inner, RedisBus, RedisStore, LUA_MAX};
+use crate::{
+    family_key, kind_of, lock, registry_page, registry_start, Inner, RedisBus, RedisStore, LIST_PAGE, LUA_MAX,
+};
 
 /// The queue script, with the publish command filled in at start.
 const SCRIPT: &str = include_str!("queues.lua");
@@ -212,17 +214,7 @@ impl Shared {
     /// One page of the registry from `cursor` (a ZRANGE BYLEX bound).
     async fn registry_page(&self, cursor: &str) -> Result<Vec<String>, QueueError> {
         let mut con = self.store.con.clone();
-        let page: redis::RedisResult<Vec<String>> = redis::cmd("ZRANGE")
-            .arg(self.registry())
-            .arg(cursor)
-            .arg("+")
-            .arg("BYLEX")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(LIST_PAGE)
-            .query_async(&mut con)
-            .await;
-        Ok(self.store.answered(page)?)
+        Ok(self.store.answered(registry_page(&mut con, &self.registry(), cursor).await)?)
     }
 
     /// One ack, requeue or extend: `not_found` unless `delivery` is the current lease.
@@ -480,10 +472,7 @@ impl QueueService for RedisQueues {
         visible: Visible<'a>,
     ) -> QueueFuture<'a, Vec<ListedQueue>> {
         Box::pin(async move {
-            let mut cursor = match after {
-                Some(a) if a >= prefix => format!("({a}"),
-                _ => format!("[{prefix}"),
-            };
+            let mut cursor = registry_start(prefix, after);
             let mut out = Vec::new();
             while out.len() < limit {
                 let page = self.shared.registry_page(&cursor).await?;
@@ -515,9 +504,6 @@ impl QueueService for RedisQueues {
 
 /// Most messages one purge or redrive script call moves.
 const ADMIN_BATCH: u64 = 1000;
-
-/// Registry names one list call reads at a time.
-const LIST_PAGE: usize = 200;
 
 fn bad_reply() -> QueueError {
     StoreError::Unavailable("redis: a bad queue script reply".into()).into()
