@@ -803,6 +803,30 @@ impl Broker {
         })
     }
 
+    /// [`Broker::list`] of the topics `visible` lets through (a caller's rights): pages
+    /// the filter emptied are read past, so only the end of the list gives a short page.
+    pub async fn list_visible(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        visible: impl Fn(&TopicName) -> bool,
+    ) -> Result<Vec<TopicSummary>, BrokerError> {
+        let mut topics = Vec::new();
+        let mut after = after.map(str::to_owned);
+        loop {
+            let page = self.list(prefix, after.as_deref(), limit).await?;
+            let full = page.len() >= limit;
+            after = page.last().map(|t| t.topic.as_str().to_owned());
+            topics.extend(page.into_iter().filter(|t| visible(&t.topic)));
+            if !full || topics.len() >= limit {
+                break;
+            }
+        }
+        topics.truncate(limit);
+        Ok(topics)
+    }
+
     /// Topics with retained messages or live subscribers, by name, after `after`.
     pub async fn list(
         &self,

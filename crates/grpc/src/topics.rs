@@ -173,23 +173,12 @@ impl Topics for TopicsService {
         let caller = self.state.admit(&request).await?;
         let req = request.into_inner();
         let limit = limit(req.limit)?;
-        // The topics the caller may administer (all of them without auth); a page the
-        // filter emptied is read past, as over HTTP.
-        let visible = |t: &herald_core::TopicSummary| {
-            caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, t.topic.as_str()))
+        // The topics the caller may administer (all of them without auth).
+        let visible = |t: &herald_core::TopicName| {
+            caller.as_ref().is_none_or(|p| p.allows(herald_auth::Action::Admin, t.as_str()))
         };
-        let mut listed = Vec::new();
-        let mut after = (!req.after.is_empty()).then(|| req.after.clone());
-        loop {
-            let page = self.state.broker().list(&req.prefix, after.as_deref(), limit).await.map_err(from_broker)?;
-            let full = page.len() >= limit;
-            after = page.last().map(|t| t.topic.as_str().to_owned());
-            listed.extend(page.into_iter().filter(|t| visible(t)));
-            if !full || listed.len() >= limit {
-                break;
-            }
-        }
-        listed.truncate(limit);
+        let after = (!req.after.is_empty()).then_some(req.after.as_str());
+        let listed = self.state.broker().list_visible(&req.prefix, after, limit, visible).await.map_err(from_broker)?;
         let topics = listed
             .into_iter()
             .map(|t| pb::TopicSummary {

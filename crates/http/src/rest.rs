@@ -198,18 +198,8 @@ pub(crate) async fn list_topics(
     let limit = limit as usize;
     // Filled from the names the caller may administer: a page the filter emptied is read
     // past, so that only the end of the list gives a short page (or an empty one).
-    let mut topics = Vec::new();
-    let mut after = query.get("after").map(str::to_owned);
-    loop {
-        let page = state.broker().list(prefix, after.as_deref(), limit).await?;
-        let full = page.len() >= limit;
-        after = page.last().map(|t| t.topic.as_str().to_owned());
-        topics.extend(page.into_iter().filter(|t| caller.allows(Action::Admin, t.topic.as_str())));
-        if !full || topics.len() >= limit {
-            break;
-        }
-    }
-    topics.truncate(limit);
+    let visible = |t: &herald_core::TopicName| caller.allows(Action::Admin, t.as_str());
+    let topics = state.broker().list_visible(prefix, query.get("after"), limit, visible).await?;
     let mut body = String::from("{\"topics\":[");
     for (i, t) in topics.iter().enumerate() {
         if i > 0 {
