@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::bus::{Bus, Role};
 use crate::config::BrokerConfig;
-use crate::connections::Connections;
+use crate::connections::{ConnectionInfo, Connections};
 use crate::message::{Clock, Message, NewMessage, Outgoing, SystemClock};
 use crate::metrics::{Door, Metrics};
 use crate::name::TopicName;
@@ -461,6 +461,14 @@ impl Broker {
     /// The connections this node serves (admin API).
     pub fn connections(&self) -> &Connections {
         &self.inner.connections
+    }
+
+    /// Up to `limit` of this node's connections with an id above `after`, by id, each
+    /// with the topics it subscribes to (sorted): the admin API's list.
+    pub fn connection_page(&self, after: u64, limit: usize) -> Vec<(Arc<ConnectionInfo>, Vec<TopicName>)> {
+        let page = self.inner.connections.list(after, limit);
+        let ids: Vec<u64> = page.iter().map(|c| c.id).collect();
+        page.into_iter().zip(self.inner.presence.subscriptions(&ids)).collect()
     }
 
     /// Who is on each topic on this node: members, counts, join and leave events.

@@ -1,7 +1,7 @@
 //! The long-lived connections this node serves (WebSockets, SSE streams, gRPC Subscribe
 //! streams), for the admin API: each registered by its [`crate::ConnectionGuard`] for
-//! as long as it lives, with its door, address, user, subscribed topics, queued bytes
-//! and a way to close it. Registration and removal take one short lock per connection;
+//! as long as it lives, with its door, address, user, queued bytes and a way to close
+//! it (its subscriptions are its presence entries: [`crate::Presence::subscriptions`]). Registration and removal take one short lock per connection;
 //! nothing here is on the message path.
 
 use std::collections::BTreeMap;
@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::message::{Clock, SystemClock};
 use crate::metrics::Door;
-use crate::name::TopicName;
 use crate::outbound::{CloseReason, Outbound};
 
 /// What the admin API can do to a connection: read its queued bytes, close it.
@@ -42,7 +41,6 @@ pub struct ConnectionInfo {
     pub since_ms: u64,
     peer: OnceLock<SocketAddr>,
     user: OnceLock<Arc<str>>,
-    topics: Mutex<Vec<TopicName>>,
     handle: OnceLock<Arc<dyn ConnectionHandle>>,
 }
 
@@ -66,22 +64,6 @@ impl ConnectionInfo {
         let _ = self.handle.set(handle);
     }
 
-    /// The connection subscribed to `topic`.
-    pub fn subscribed(&self, topic: &TopicName) {
-        let mut topics = lock(&self.topics);
-        if let Err(i) = topics.binary_search(topic) {
-            topics.insert(i, topic.clone());
-        }
-    }
-
-    /// The connection left `topic`.
-    pub fn unsubscribed(&self, topic: &TopicName) {
-        let mut topics = lock(&self.topics);
-        if let Ok(i) = topics.binary_search(topic) {
-            topics.remove(i);
-        }
-    }
-
     /// The client's address, if known.
     pub fn peer(&self) -> Option<SocketAddr> {
         self.peer.get().copied()
@@ -90,11 +72,6 @@ impl ConnectionInfo {
     /// The authenticated user, if any.
     pub fn user(&self) -> Option<&str> {
         self.user.get().map(|u| &**u)
-    }
-
-    /// The topics it is subscribed to, sorted.
-    pub fn topics(&self) -> Vec<TopicName> {
-        lock(&self.topics).clone()
     }
 
     /// Bytes queued for it, not yet written.
@@ -120,7 +97,6 @@ impl Connections {
             since_ms: SystemClock.now_ms(),
             peer: OnceLock::new(),
             user: OnceLock::new(),
-            topics: Mutex::new(Vec::new()),
             handle: OnceLock::new(),
         });
         lock(&self.open).insert(id, info.clone());

@@ -44,8 +44,8 @@ impl MemberRole {
     }
 }
 
-/// One member of a topic: a connection in one role, with what its client said of itself.
-/// Two pointers and a role: kept inline in the topic's map, cloned into events.
+/// One member of a topic: a connection in one role, with what its client said of itself,
+/// as lists and events give it (the topic's map keeps it packed, see [`Key`]).
 #[derive(Clone)]
 pub struct Member {
     /// The connection (its id, door and user are the member's).
@@ -128,10 +128,43 @@ pub struct PresenceList {
     pub more: bool,
 }
 
-type Key = (u64, MemberRole);
+/// A member's place in its topic's map: its connection id and role in one word
+/// (`id << 1 | role`), so that a connection's two roles sort together, subscriber first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Key(u64);
+
+impl Key {
+    fn new(conn: u64, role: MemberRole) -> Self {
+        Key(conn << 1 | u64::from(role == MemberRole::Publisher))
+    }
+
+    fn conn(self) -> u64 {
+        self.0 >> 1
+    }
+
+    fn role(self) -> MemberRole {
+        if self.0 & 1 == 0 {
+            MemberRole::Subscriber
+        } else {
+            MemberRole::Publisher
+        }
+    }
+}
+
+/// A member as its topic's map keeps it: the role is in the key. Three words.
+struct Slot {
+    conn: Arc<ConnectionInfo>,
+    info: Option<Arc<str>>,
+}
+
+impl Slot {
+    fn member(&self, key: Key) -> Member {
+        Member { conn: self.conn.clone(), role: key.role(), info: self.info.clone() }
+    }
+}
 
 struct TopicPresence {
-    members: BTreeMap<Key, Member>,
+    members: BTreeMap<Key, Slot>,
     watchers: BTreeMap<Key, Arc<dyn PresenceSink>>,
     subscribers: u64,
     publishers: u64,
@@ -198,11 +231,12 @@ impl Presence {
     /// entry is dropped. A connection is a member of a topic once per role: a second
     /// join in the same role replaces the first without events.
     pub fn join(&self, topic: &TopicName, member: Member, watcher: Option<Arc<dyn PresenceSink>>) -> PresenceEntry {
-        let key = (member.conn.id, member.role);
+        let key = Key::new(member.conn.id, member.role);
         let mut shard = lock(self.inner.shard(topic));
         let t = shard.entry(topic.clone()).or_insert_with(TopicPresence::new);
-        if t.members.insert(key, member.clone()).is_none() {
-            t.count(key.1, true);
+        let slot = Slot { conn: member.conn.clone(), info: member.info.clone() };
+        if t.members.insert(key, slot).is_none() {
+            t.count(member.role, true);
             self.inner.emit(topic, t, PresenceKind::Join, Some(member));
         }
         if let Some(watcher) = watcher {
@@ -223,14 +257,41 @@ impl Presence {
         let Some(t) = shard.get(topic) else { return PresenceList::default() };
         let mut members: Vec<Member> = Vec::new();
         let mut more = false;
-        for ((conn, _), m) in t.members.range((after.saturating_add(1), MemberRole::Subscriber)..) {
-            if members.len() >= limit && members.last().is_none_or(|last| last.conn.id != *conn) {
+        let first = Key::new(after.saturating_add(1), MemberRole::Subscriber);
+        for (key, slot) in t.members.range(first..) {
+            if members.len() >= limit && members.last().is_none_or(|last| last.conn.id != key.conn()) {
                 more = true;
                 break;
             }
-            members.push(m.clone());
+            members.push(slot.member(*key));
         }
         PresenceList { subscribers: t.subscribers, publishers: t.publishers, members, more }
+    }
+
+    /// The topics each of `conns` (connection ids, ascending) subscribes to on this
+    /// node, each list sorted: the admin API's connection list reads them here rather
+    /// than every connection keeping a second copy. It reads every topic's members in
+    /// the ids' range, one shard lock at a time; no message path waits on it.
+    pub fn subscriptions(&self, conns: &[u64]) -> Vec<Vec<TopicName>> {
+        let mut found = vec![Vec::new(); conns.len()];
+        let (Some(&lo), Some(&hi)) = (conns.first(), conns.last()) else { return found };
+        let range = Key::new(lo, MemberRole::Subscriber)..=Key::new(hi, MemberRole::Subscriber);
+        for shard in self.inner.shards.iter() {
+            let shard = lock(shard);
+            for (topic, t) in shard.iter() {
+                for key in t.members.range(range.clone()).map(|(k, _)| *k) {
+                    if key.role() == MemberRole::Subscriber {
+                        if let Ok(i) = conns.binary_search(&key.conn()) {
+                            found[i].push(topic.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for topics in &mut found {
+            topics.sort_unstable();
+        }
+        found
     }
 }
 
@@ -289,9 +350,9 @@ impl Inner {
         let mut shard = lock(self.shard(topic));
         let Some(t) = shard.get_mut(topic) else { return };
         t.watchers.remove(&key);
-        if let Some(member) = t.members.remove(&key) {
-            t.count(key.1, false);
-            self.emit(topic, t, PresenceKind::Leave, Some(member));
+        if let Some(slot) = t.members.remove(&key) {
+            t.count(key.role(), false);
+            self.emit(topic, t, PresenceKind::Leave, Some(slot.member(key)));
         }
         // A topic whose `Lost` event is pending stays until it is sent.
         if t.members.is_empty() && t.dropped == 0 {

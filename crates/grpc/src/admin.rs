@@ -39,27 +39,27 @@ impl Admin for AdminService {
             n if n <= MAX_PAGE => n as usize,
             n => return Err(bad_request(format!("limit must be 1-{MAX_PAGE}, not {n}"))),
         };
-        let registry = self.state.broker().connections();
-        let mut page = registry.list(req.after, limit + 1);
+        let broker = self.state.broker();
+        let mut page = broker.connection_page(req.after, limit + 1);
         let next = if page.len() > limit {
             page.truncate(limit);
-            page.last().map_or(0, |c| c.id)
+            page.last().map_or(0, |(c, _)| c.id)
         } else {
             0
         };
         let connections = page
             .iter()
-            .map(|c| pb::Connection {
+            .map(|(c, topics)| pb::Connection {
                 id: c.id,
                 door: c.door.label().to_owned(),
                 peer: c.peer().map(|p| p.to_string()).unwrap_or_default(),
                 user: c.user().unwrap_or_default().to_owned(),
-                subscriptions: c.topics().iter().map(|t| t.as_str().to_owned()).collect(),
+                subscriptions: topics.iter().map(|t| t.as_str().to_owned()).collect(),
                 queued_bytes: c.queued_bytes() as u64,
                 since: c.since_ms,
             })
             .collect();
-        Ok(Response::new(pb::ListConnectionsResponse { connections, open: registry.len() as u64, next }))
+        Ok(Response::new(pb::ListConnectionsResponse { connections, open: broker.connections().len() as u64, next }))
     }
 
     async fn close_connection(

@@ -114,7 +114,6 @@ pub(crate) async fn open(
         info.set_user(user);
     }
     info.attach(out.clone());
-    info.subscribed(&topic);
     let watcher: Option<std::sync::Arc<dyn PresenceSink>> =
         ask.events.then(|| std::sync::Arc::new(PresenceTap(out.clone())) as std::sync::Arc<dyn PresenceSink>);
     let member = Member { conn: info.clone(), role: MemberRole::Subscriber, info: ask.info };

@@ -34,11 +34,10 @@ pub(crate) async fn connections(
     let query = Query::parse(query.as_deref())?;
     let after = query.number("after", 0, u64::MAX, 0)?;
     let limit = query.number("limit", 1, MAX_PAGE, 100)? as usize;
-    let registry = state.broker().connections();
-    let page = registry.list(after, limit + 1);
+    let page = state.broker().connection_page(after, limit + 1);
     let more = page.len() > limit;
     let mut body = String::from("{\"connections\":[");
-    for (i, c) in page.iter().take(limit).enumerate() {
+    for (i, (c, topics)) in page.iter().take(limit).enumerate() {
         if i > 0 {
             body.push(',');
         }
@@ -53,7 +52,7 @@ pub(crate) async fn connections(
             None => body.push_str("null"),
         }
         body.push_str(",\"subscriptions\":[");
-        for (j, topic) in c.topics().iter().enumerate() {
+        for (j, topic) in topics.iter().enumerate() {
             if j > 0 {
                 body.push(',');
             }
@@ -61,9 +60,9 @@ pub(crate) async fn connections(
         }
         let _ = write!(body, "],\"queued_bytes\":{},\"since\":{}}}", c.queued_bytes(), c.since_ms);
     }
-    let _ = write!(body, "],\"open\":{},\"next\":", registry.len());
+    let _ = write!(body, "],\"open\":{},\"next\":", state.broker().connections().len());
     match (more, page.get(limit.saturating_sub(1))) {
-        (true, Some(last)) => {
+        (true, Some((last, _))) => {
             let _ = write!(body, "{}", last.id);
         }
         _ => body.push_str("null"),

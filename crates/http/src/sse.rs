@@ -151,7 +151,6 @@ pub(crate) async fn stream(
         info.set_user(user.clone());
     }
     info.attach(out.clone());
-    info.subscribed(&topic);
     let watcher: Option<Arc<dyn PresenceSink>> =
         presence.then(|| Arc::new(PresenceTap(out.clone())) as Arc<dyn PresenceSink>);
     let member = Member { conn: info.clone(), role: MemberRole::Subscriber, info: member_info };

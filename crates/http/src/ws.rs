@@ -752,7 +752,6 @@ impl JsonSession {
             if let Some(sub) = self.subs.remove(&topic) {
                 drop(sub._replay);
                 self.state.broker().unsubscribe(&topic, sub.id);
-                self.conn.unsubscribed(&topic);
             }
             let e = forbidden(&principal, Action::Subscribe, topic.as_str());
             self.error(&FrameError { id: None, code: e.code, message: format!("subscription ended: {}", e.message) });
@@ -930,7 +929,6 @@ impl JsonSession {
                     Ok(sub) => {
                         self.reply(encode::subscribed(id, topic.as_str(), &sub.epoch, sub.next, sub.recovered));
                         let replay = sub.replay.map(|r| spawn_replay(r, self.out.clone()));
-                        self.conn.subscribed(&topic);
                         // Joins after the reply: its events follow it.
                         let member =
                             Member { conn: self.conn.clone(), role: MemberRole::Subscriber, info: info.map(Arc::from) };
@@ -949,7 +947,6 @@ impl JsonSession {
                 Some(sub) => {
                     drop(sub._replay);
                     self.state.broker().unsubscribe(&topic, sub.id);
-                    self.conn.unsubscribed(&topic);
                     self.reply(encode::unsubscribed(id, topic.as_str()));
                 }
                 None => self.error(&fail(ErrorCode::NotSubscribed, format!("not subscribed to {topic}"))),
@@ -1059,9 +1056,6 @@ async fn raw_connection(
         info.set_user(user.clone());
     }
     info.attach(out.clone());
-    if pacer.mode != Mode::Pub {
-        info.subscribed(&topic);
-    }
     // Members of the topic for the socket's life, in the roles its mode gives.
     let presence = state.broker().presence();
     let roles = [(pacer.mode != Mode::Pub, MemberRole::Subscriber), (pacer.mode != Mode::Sub, MemberRole::Publisher)];
