@@ -84,17 +84,21 @@ fn ended<S>(reason: CloseReason) -> WriterEnd<S> {
 /// Drains `rx` into `socket` in batches of up to `batch_limit` items until the
 /// connection ends; counts a slow consumer in `metrics` and closes the queue (so fan-out
 /// drops its subscriptions) before it returns why.
-pub async fn run_writer<C, W>(
+///
+/// `shutdown` comes pinned by the caller: a future taken by value would be kept twice
+/// in the connection's task (as the argument and as the pinned local), for its whole
+/// life.
+pub async fn run_writer<C, W, F>(
     mut rx: OutboundRx<C>,
     socket: &mut W,
-    shutdown: impl Future<Output = ()>,
+    shutdown: Pin<&mut F>,
     metrics: &Metrics,
     batch_limit: usize,
 ) -> WriterEnd<W::Stop>
 where
     W: SocketWriter<C>,
+    F: Future<Output = ()>,
 {
-    let shutdown = std::pin::pin!(shutdown);
     let end = drive(&mut rx, socket, shutdown, &metrics.latency.fanout, batch_limit).await;
     if let WriterEnd::SlowConsumer = end {
         Metrics::add(&metrics.slow_consumers, 1);
@@ -233,7 +237,7 @@ mod tests {
         let shutdown = tokio::sync::Notify::new();
         tx.push_message(message(400)?);
         let end = {
-            let writer = run_writer(rx, &mut gate, shutdown.notified(), &metrics, 16);
+            let writer = run_writer(rx, &mut gate, std::pin::pin!(shutdown.notified()), &metrics, 16);
             tokio::pin!(writer);
             // The writer took the message and waits on the socket: still counted.
             assert!(futures_poll(&mut writer).await.is_none());
@@ -256,7 +260,7 @@ mod tests {
             Gate { open: Arc::new(tokio::sync::Notify::new()), written: 0, keepalives: 0, next: Instant::now() };
         let metrics = Metrics::default();
         let end = {
-            let writer = run_writer(rx, &mut gate, std::future::pending(), &metrics, 16);
+            let writer = run_writer(rx, &mut gate, std::pin::pin!(std::future::pending()), &metrics, 16);
             tokio::pin!(writer);
             // The keepalive blocks on the socket; a push past twice the bound closes the queue.
             assert!(futures_poll(&mut writer).await.is_none());

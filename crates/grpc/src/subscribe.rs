@@ -282,7 +282,7 @@ async fn produce(
     metrics: &Metrics,
 ) -> Option<Status> {
     let mut socket = GrpcWriter { tx, pack, metrics, first: Some(first), idle_until: Instant::now() + KEEPALIVE_EVERY };
-    match run_writer(rx, &mut socket, shutdown.cancelled(), metrics, BATCH).await {
+    match run_writer(rx, &mut socket, std::pin::pin!(shutdown.cancelled()), metrics, BATCH).await {
         WriterEnd::Shutdown => Some(status(ErrorCode::Unavailable, "server is shutting down")),
         WriterEnd::SlowConsumer => slow_consumer(),
         WriterEnd::Closed => Some(status(ErrorCode::Unavailable, "the subscription could not be served")),

@@ -172,7 +172,7 @@ pub(crate) async fn stream(
                 _ = watch.ended() => {}
             }
         };
-        let _ = run_writer(rx, &mut socket, stop, &metrics, WRITE_BATCH).await;
+        let _ = run_writer(rx, &mut socket, std::pin::pin!(stop), &metrics, WRITE_BATCH).await;
     });
     let mut response = (
         [

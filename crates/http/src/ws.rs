@@ -285,12 +285,14 @@ fn register(guard: &ConnectionGuard, out: &Arc<Outbound<Control>>, peer: Option<
 /// Runs one connection: `reader` and the writer, until either ends it. The reader gets
 /// the stream, the arrival stamp to touch on every frame, and the outbound queue, which
 /// is closed once the writer stopped (or as it stops: a slow consumer, a failed replay).
+/// What lives as long as the connection (its registration) stays with the caller: an
+/// argument moved in here would be kept twice in the task.
 async fn run_connection<R>(
     socket: WebSocket,
     state: &AppState,
-    _guard: ConnectionGuard,
     framing: Framing,
-    (out, rx): (Arc<Outbound<Control>>, OutboundRx<Control>),
+    out: Arc<Outbound<Control>>,
+    rx: OutboundRx<Control>,
     reader: R,
 ) where
     R: for<'s> AsyncFnOnce(ReadHalf<'s>, &LastSeen, &Outbound<Control>),
@@ -312,7 +314,8 @@ async fn run_connection<R>(
             pong_check: None,
         };
         // It closes the queue as it returns, which stops the reader.
-        let end = run_writer(rx, &mut socket, shutdown.cancelled(), state.broker().metrics(), WRITE_BATCH).await;
+        let cancelled = std::pin::pin!(shutdown.cancelled());
+        let end = run_writer(rx, &mut socket, cancelled, state.broker().metrics(), WRITE_BATCH).await;
         match end {
             WriterEnd::Shutdown => Some((close::GOING_AWAY, "server shutting down")),
             WriterEnd::SlowConsumer => Some((close::TRY_AGAIN_LATER, "slow consumer")),
@@ -386,7 +389,7 @@ pub(crate) async fn json_upgrade(
     let tracker = state.tracker().clone();
     Ok(upgrade.max_message_size(frame_limit).on_upgrade(move |socket| {
         let peer = peer.map(|axum::Extension(p)| p);
-        tracker.track_future(json_connection(socket, state, caller, (credentials, reloads), peer, framing))
+        tracker.track_future(json_connection(socket, state, caller, credentials, reloads, peer, framing))
     }))
 }
 
@@ -513,14 +516,15 @@ async fn json_connection(
     socket: WebSocket,
     state: AppState,
     caller: Caller,
-    (credentials, mut reloads): (Option<herald_auth::Credentials>, Option<tokio::sync::watch::Receiver<u64>>),
+    credentials: Option<herald_auth::Credentials>,
+    reloads: Option<tokio::sync::watch::Receiver<u64>>,
     peer: Option<Arc<Peer>>,
     framing: Framing,
 ) {
     let (out, rx) = outbound::<Control>(state.broker().config().outbound);
     let guard = ConnectionGuard::new(state.broker(), Door::Ws);
-    register(&guard, &out, peer.as_deref(), &caller);
-    let deadline = deadline_of(&caller);
+    // Arguments are moved into the session before they are used, not borrowed first:
+    // a borrowed argument is kept twice in the connection's task.
     let mut session = JsonSession {
         conn: guard.info().clone(),
         state: state.clone(),
@@ -528,13 +532,17 @@ async fn json_connection(
         subs: Subs::default(),
         caller,
         decisions: HashMap::new(),
-        deadline,
+        deadline: None,
         closed: false,
         credentials,
         peer,
+        reloads,
         publishing: HashMap::new(),
     };
-    run_connection(socket, &state, guard, framing, (out, rx), async |mut stream, last_seen, stop| {
+    register(&guard, &out, session.peer.as_deref(), &session.caller);
+    session.deadline = deadline_of(&session.caller);
+    run_connection(socket, &state, framing, out, rx, async |mut stream, last_seen, stop| {
+        let mut reloads = session.reloads.take();
         let mut incoming = Incoming::new(&mut stream);
         loop {
             if session.closed {
@@ -598,6 +606,8 @@ async fn json_connection(
     })
     .await;
     session.unsubscribe_all();
+    // Listed (admin API) until its close was sent.
+    drop(guard);
 }
 
 /// Most text frames of a JSON socket handled in one go.
@@ -640,6 +650,8 @@ struct JsonSession {
     credentials: Option<herald_auth::Credentials>,
     /// The connection's buckets and error budget.
     peer: Option<Arc<Peer>>,
+    /// Configuration reloads to check the caller again after (taken by the read loop).
+    reloads: Option<tokio::sync::watch::Receiver<u64>>,
     /// Its entry in the admin API's list.
     conn: Arc<ConnectionInfo>,
     /// Its member entries as a publisher, by topic (left when the connection ends).
@@ -1065,7 +1077,7 @@ async fn raw_connection(
         .map(|(_, role)| presence.join(&topic, Member { conn: info.clone(), role, info: None }, None))
         .collect();
     let queue = out.clone();
-    run_connection(socket, &state, guard, Framing::Raw, (queue, rx), async |mut stream, last_seen, stop| {
+    run_connection(socket, &state, Framing::Raw, queue, rx, async |mut stream, last_seen, stop| {
         let ended = watch.ended();
         tokio::pin!(ended);
         tokio::select! {
@@ -1080,6 +1092,8 @@ async fn raw_connection(
     })
     .await;
     drop(members);
+    // Listed (admin API) until its close was sent.
+    drop(guard);
 }
 
 /// What a raw socket may send: its mode, and who its publishes are paced as (its
