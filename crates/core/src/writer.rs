@@ -237,7 +237,8 @@ mod tests {
         let shutdown = tokio::sync::Notify::new();
         tx.push_message(message(400)?);
         let end = {
-            let writer = run_writer(rx, &mut gate, std::pin::pin!(shutdown.notified()), &metrics, 16);
+            let notified = std::pin::pin!(shutdown.notified());
+            let writer = run_writer(rx, &mut gate, notified, &metrics, 16);
             tokio::pin!(writer);
             // The writer took the message and waits on the socket: still counted.
             assert!(futures_poll(&mut writer).await.is_none());
@@ -260,7 +261,8 @@ mod tests {
             Gate { open: Arc::new(tokio::sync::Notify::new()), written: 0, keepalives: 0, next: Instant::now() };
         let metrics = Metrics::default();
         let end = {
-            let writer = run_writer(rx, &mut gate, std::pin::pin!(std::future::pending()), &metrics, 16);
+            let never = std::pin::pin!(std::future::pending());
+            let writer = run_writer(rx, &mut gate, never, &metrics, 16);
             tokio::pin!(writer);
             // The keepalive blocks on the socket; a push past twice the bound closes the queue.
             assert!(futures_poll(&mut writer).await.is_none());
