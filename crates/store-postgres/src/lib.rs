@@ -475,8 +475,14 @@ impl PgStore {
         }
     }
 
-    /// The configured URL's schema identity, for tests and diagnostics: epochs of this
-    /// schema start with it.
+    /// Runs a sweep now (what [`Store::sweep`] asks the sweep task for) and resolves
+    /// once it is done, with the number of message rows it deleted.
+    pub async fn sweep_now(&self) -> Result<u64, StoreError> {
+        topics::sweep(&self.shared).await
+    }
+
+    /// The schema's identity, for tests and diagnostics: epochs of this schema start
+    /// with it.
     pub fn identity(&self) -> &str {
         &self.shared.identity
     }

@@ -145,8 +145,12 @@ impl Sql {
             // $1 tid, $2 from, $3 to (exclusive): delete and move the front, if the tid
             // is still the topic's (else the rows are a dropped epoch's, deleted alike).
             trim: format!(
-                r#"WITH gone AS (DELETE FROM {q}.topic_messages WHERE tid = $1 AND "offset" >= $2 AND "offset" < $3)
-                UPDATE {q}.topics SET first_offset = $3 WHERE tid = $1 AND first_offset < $3"#
+                r#"WITH gone AS (
+                    DELETE FROM {q}.topic_messages WHERE tid = $1 AND "offset" >= $2 AND "offset" < $3 RETURNING 1
+                ), moved AS (
+                    UPDATE {q}.topics SET first_offset = $3 WHERE tid = $1 AND first_offset < $3
+                )
+                SELECT count(*) FROM gone"#
             ),
             // $1 queue, per record $2 id, $3 kind, $4 payload, $5 ts, $6 ready_at,
             // $7 expires_at; $8 the queue's next id.
@@ -360,8 +364,10 @@ pub(crate) async fn sweeper(shared: Arc<Shared>, mut asked: mpsc::Receiver<()>) 
 }
 
 /// Deletes the histories of deleted epochs, then every topic's dead front, each in
-/// statements of at most [`SWEEP_BATCH`] rows (each its own transaction).
-async fn sweep(shared: &Shared) -> Result<(), StoreError> {
+/// statements of at most [`SWEEP_BATCH`] rows (each its own transaction); returns the
+/// message rows deleted.
+pub(crate) async fn sweep(shared: &Shared) -> Result<u64, StoreError> {
+    let mut deleted = 0;
     let sql = &shared.sql;
     let dropped = shared
         .db("sweep", async {
@@ -372,15 +378,16 @@ async fn sweep(shared: &Shared) -> Result<(), StoreError> {
         .await?;
     for tid in dropped {
         loop {
-            let deleted = shared
+            let rows = shared
                 .db("sweep", async {
                     let client = shared.pool.get().await?;
                     Ok(client.execute(&sql.reclaim, &[&tid]).await?)
                 })
                 .await?;
-            if deleted == 0 {
+            if rows == 0 {
                 break;
             }
+            deleted += rows;
         }
         shared
             .db("sweep", async {
@@ -403,24 +410,25 @@ async fn sweep(shared: &Shared) -> Result<(), StoreError> {
                     .collect::<Result<Vec<(String, i64, i64, i64)>, Fail>>()
             })
             .await?;
-        let Some((last, ..)) = page.last() else { return Ok(()) };
+        let Some((last, ..)) = page.last() else { return Ok(deleted) };
         after = last.clone();
         let full = page.len() as i64 == SWEEP_PAGE;
         for (_, tid, mut from, front) in page {
             while from < front {
                 let to = front.min(from + SWEEP_BATCH);
-                shared
+                let rows: i64 = shared
                     .db("sweep", async {
                         let client = shared.pool.get().await?;
                         let stmt = client.prepare_cached(&sql.trim).await?;
-                        Ok(client.execute(&stmt, &[&tid, &from, &to]).await?)
+                        Ok(client.query_one(&stmt, &[&tid, &from, &to]).await?.try_get(0)?)
                     })
                     .await?;
+                deleted += rows as u64;
                 from = to;
             }
         }
         if !full {
-            return Ok(());
+            return Ok(deleted);
         }
     }
 }

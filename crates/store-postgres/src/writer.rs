@@ -10,6 +10,11 @@
 //! commit's WAL flush, the next can run), but never two holding the same topic: a batch
 //! with a topic still being committed waits for that commit, so a topic's offsets
 //! follow the order of its appends across batches too.
+//!
+//! Filling: callers that wait for each append come back together right after their
+//! commit. Taking only the first of them would split the load into two halves that
+//! take turns (half the rows per commit); so when fewer appends are queued than the
+//! last commit carried, the writer waits up to [`FILL_WAIT`] for that many.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -27,6 +32,8 @@ use crate::{clamp, Fail, Shared};
 pub(crate) const MAX_BATCH_MESSAGES: usize = 1024;
 /// Most payload bytes one commit takes.
 pub(crate) const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Longest a commit waits for appends to fill it up to the size of the one before.
+const FILL_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 /// Commits in flight at once, each on its own pooled connection.
 pub(crate) const WRITERS: usize = 2;
 
@@ -78,6 +85,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteOp>) {
     let mut in_flight: Vec<InFlight> = Vec::with_capacity(WRITERS);
     // An operation taken off the channel that must wait for the next round.
     let mut held: Option<WriteOp> = None;
+    // How many appends the last commit carried.
+    let mut fill_target = 0;
     loop {
         let op = match held.take() {
             Some(op) => op,
@@ -124,6 +133,26 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteOp>) {
                 Err(_) => break,
             }
         }
+        // Fewer appends queued than the last commit carried: its callers are likely about
+        // to append again (a caller that waits for each append), so wait a moment for
+        // them rather than commit a fraction of the load and leave the rest for the next
+        // commit. The target follows what actually came, so it shrinks with the load.
+        if batch.appends.len() < fill_target && held.is_none() {
+            let deadline = tokio::time::Instant::now() + FILL_WAIT;
+            while batch.appends.len() < fill_target && !batch.full() {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(WriteOp::Append(a))) if !in_flight.iter().any(|f| f.topics.contains(&a.topic)) => {
+                        batch.push(a)
+                    }
+                    Ok(Some(op)) => {
+                        held = Some(op);
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        fill_target = batch.appends.len();
         let topics = batch.topics.clone();
         in_flight.push(InFlight { commit: tokio::spawn(commit(shared.clone(), batch)), topics });
     }

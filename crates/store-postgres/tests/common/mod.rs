@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod proxy;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,22 @@ pub type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Sen
 /// The server the tests use.
 pub fn url() -> String {
     std::env::var("HERALD_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// The test server's address, user and database (as `url()` names them).
+pub fn server() -> Result<(std::net::SocketAddr, String, String)> {
+    let config: tokio_postgres::Config = url().parse()?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => return Err("the test URL must name a TCP host".into()),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
+        .next()
+        .ok_or("the test host has no address")?;
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let db = config.get_dbname().unwrap_or("postgres").to_owned();
+    Ok((addr, user, db))
 }
 
 /// A schema name no other test or run uses.
