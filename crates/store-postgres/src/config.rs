@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_core::RetentionConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio_postgres::config::SslMode;
 
 /// How long one connection attempt (TCP, TLS and the start-up exchange) may take.
@@ -24,8 +26,9 @@ pub struct PgConfig {
     /// The server, as `postgres://user[:password]@host[:port]/database[?sslmode=...]` or
     /// as `key=value` pairs (default `postgres://postgres@127.0.0.1:5432/herald`).
     /// TLS is used only with `sslmode=require`, `verify-ca` or `verify-full`, and the
-    /// server's certificate is then always verified against the system's trust roots
-    /// (rustls has no unverified mode), so `require` behaves as `verify-full`.
+    /// server's certificate and name are then always verified (rustls has no unverified
+    /// mode: `require` behaves as `verify-full`), against the PEM file `sslrootcert=`
+    /// names if given, else the system's trust roots.
     pub url: String,
     /// The schema every table lives in (default `herald`), so that several deployments
     /// share one database: 1 to 63 lowercase ASCII letters, digits and underscores, not
@@ -192,17 +195,21 @@ fn redact_pairs(pairs: &str, sep: char) -> String {
 }
 
 /// Whether connections use TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Tls {
     /// Plain TCP (no `sslmode`, or `disable`, `allow`, `prefer`).
     Off,
-    /// TLS with the certificate verified (`require`, `verify-ca`, `verify-full`).
-    Verified,
+    /// TLS with the certificate verified (`require`, `verify-ca`, `verify-full`) against
+    /// the PEM certificates of `sslrootcert` if given, else the system's trust roots.
+    Verified {
+        /// The `sslrootcert` file.
+        roots: Option<String>,
+    },
 }
 
-/// The URL with `sslmode` taken out (tokio-postgres knows neither `verify-*` nor
-/// `allow`), and the TLS mode it asked for.
-fn take_sslmode(url: &str) -> Result<(String, Tls), String> {
+/// The URL without `sslmode` and `sslrootcert` (tokio-postgres knows neither the
+/// `verify-*` modes nor `sslrootcert`), and the TLS they asked for.
+fn take_tls(url: &str) -> Result<(String, Tls), String> {
     let (base, sep, pairs) = match url.find("://") {
         Some(_) => match url.split_once('?') {
             Some((base, query)) => (format!("{base}?"), '&', query),
@@ -210,17 +217,18 @@ fn take_sslmode(url: &str) -> Result<(String, Tls), String> {
         },
         None => (String::new(), ' ', url),
     };
-    let mut tls = Tls::Off;
+    let (mut verified, mut roots) = (false, None);
     let mut kept = Vec::new();
     for part in pairs.split(sep) {
         match part.split_once('=') {
             Some((key, value)) if key.trim() == "sslmode" => {
-                tls = match value.trim() {
-                    "disable" | "allow" | "prefer" => Tls::Off,
-                    "require" | "verify-ca" | "verify-full" => Tls::Verified,
+                verified = match value.trim() {
+                    "disable" | "allow" | "prefer" => false,
+                    "require" | "verify-ca" | "verify-full" => true,
                     _ => return Err("sslmode must be disable, allow, prefer, require, verify-ca or verify-full".into()),
                 }
             }
+            Some((key, value)) if key.trim() == "sslrootcert" => roots = Some(value.trim().to_owned()),
             _ => kept.push(part),
         }
     }
@@ -232,7 +240,7 @@ fn take_sslmode(url: &str) -> Result<(String, Tls), String> {
     } else {
         format!("{base}{joined}")
     };
-    Ok((url, tls))
+    Ok((url, if verified { Tls::Verified { roots } } else { Tls::Off }))
 }
 
 /// The connection settings for the pool: the URL's, plus the statement timeout (and the
@@ -240,7 +248,7 @@ fn take_sslmode(url: &str) -> Result<(String, Tls), String> {
 /// about 30 s, a connect timeout and an application name.
 pub(crate) fn connection_config(config: &PgConfig) -> Result<(tokio_postgres::Config, Tls), PgError> {
     let bad = |reason: String| PgError::Url { url: config.redacted_url(), reason };
-    let (url, tls) = take_sslmode(&config.url).map_err(bad)?;
+    let (url, tls) = take_tls(&config.url).map_err(bad)?;
     let mut pg = tokio_postgres::Config::from_str(&url).map_err(|e| bad(e.to_string()))?;
     let ms = config.statement_timeout.as_millis();
     if ms == 0 || ms > i32::MAX as u128 {
@@ -265,28 +273,42 @@ pub(crate) fn connection_config(config: &PgConfig) -> Result<(tokio_postgres::Co
         .keepalives_retries(3)
         .ssl_mode(match tls {
             Tls::Off => SslMode::Disable,
-            Tls::Verified => SslMode::Require,
+            Tls::Verified { .. } => SslMode::Require,
         });
     Ok((pg, tls))
 }
 
-/// The rustls connector: the ring provider the tree already uses, the system's roots.
-pub(crate) fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for cert in found.certs {
-        // A certificate the system lists but rustls cannot parse is skipped, as curl does.
-        let _ = roots.add(cert);
-    }
-    if roots.is_empty() {
-        let why = found.errors.first().map_or_else(|| "none installed".to_owned(), |e| e.to_string());
-        return Err(PgError::Tls(format!("no trusted root certificate could be loaded ({why})")));
+/// The rustls connector: the ring provider the tree already uses; as trust roots the
+/// certificates of the `roots` PEM file, or else the system's.
+pub(crate) fn tls_connector(roots: Option<&str>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
+    let mut store = rustls::RootCertStore::empty();
+    match roots {
+        Some(path) => {
+            let unreadable = |e: rustls::pki_types::pem::Error| PgError::Tls(format!("sslrootcert {path}: {e}"));
+            for cert in CertificateDer::pem_file_iter(path).map_err(unreadable)? {
+                store.add(cert.map_err(unreadable)?).map_err(|e| PgError::Tls(format!("sslrootcert {path}: {e}")))?;
+            }
+            if store.is_empty() {
+                return Err(PgError::Tls(format!("sslrootcert {path} holds no certificate")));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                // One the system lists but rustls cannot parse is skipped, as curl does.
+                let _ = store.add(cert);
+            }
+            if store.is_empty() {
+                let why = found.errors.first().map_or_else(|| "none installed".to_owned(), |e| e.to_string());
+                return Err(PgError::Tls(format!("no trusted root certificate could be loaded ({why})")));
+            }
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| PgError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
+        .with_root_certificates(store)
         .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
 }
@@ -321,14 +343,15 @@ mod tests {
 
     #[test]
     fn sslmode_is_ours() -> Result<(), String> {
-        assert_eq!(take_sslmode("postgres://h/db")?, ("postgres://h/db".to_owned(), Tls::Off));
-        assert_eq!(take_sslmode("postgres://h/db?sslmode=verify-full")?, ("postgres://h/db".to_owned(), Tls::Verified));
+        let verified = |roots: Option<&str>| Tls::Verified { roots: roots.map(str::to_owned) };
+        assert_eq!(take_tls("postgres://h/db")?, ("postgres://h/db".to_owned(), Tls::Off));
+        assert_eq!(take_tls("postgres://h/db?sslmode=verify-full")?, ("postgres://h/db".to_owned(), verified(None)));
         assert_eq!(
-            take_sslmode("postgres://h/db?application_name=a&sslmode=require")?,
-            ("postgres://h/db?application_name=a".to_owned(), Tls::Verified)
+            take_tls("postgres://h/db?application_name=a&sslmode=require&sslrootcert=/ca.pem")?,
+            ("postgres://h/db?application_name=a".to_owned(), verified(Some("/ca.pem")))
         );
-        assert_eq!(take_sslmode("host=h sslmode=prefer")?, ("host=h".to_owned(), Tls::Off));
-        assert!(take_sslmode("postgres://h/db?sslmode=maybe").is_err());
+        assert_eq!(take_tls("host=h sslmode=prefer sslrootcert=x")?, ("host=h".to_owned(), Tls::Off));
+        assert!(take_tls("postgres://h/db?sslmode=maybe").is_err());
         Ok(())
     }
 

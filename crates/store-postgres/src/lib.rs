@@ -282,7 +282,9 @@ impl PgStore {
         let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let manager = match tls {
             Tls::Off => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
-            Tls::Verified => Manager::from_config(pg, config::tls_connector()?, manager_config),
+            Tls::Verified { roots } => {
+                Manager::from_config(pg, config::tls_connector(roots.as_deref())?, manager_config)
+            }
         };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)

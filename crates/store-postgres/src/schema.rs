@@ -80,14 +80,26 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, PgEr
     Ok(done)
 }
 
-/// A database error with PostgreSQL's own message, code and detail when it has them.
+/// A database error with PostgreSQL's own message, code and detail when it has them,
+/// else the client's message with its causes (a TLS handshake says why it failed).
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => match db.detail() {
             Some(detail) => format!("{} ({}; {detail})", db.message(), db.code().code()),
             None => format!("{} ({})", db.message(), db.code().code()),
         },
-        None => e.to_string(),
+        None => {
+            let mut out = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                let said = c.to_string();
+                if !out.contains(&said) {
+                    out = format!("{out}: {said}");
+                }
+                cause = c.source();
+            }
+            out
+        }
     }
 }
 

@@ -353,3 +353,74 @@ async fn appends_in_flight_when_the_store_is_dropped_resolve() -> Result {
     assert_eq!(committed, (1..=committed.len() as u64).collect::<Vec<_>>());
     Ok(())
 }
+
+/// A statement stuck behind a lock is cancelled by the statement timeout set on the
+/// pooled connections: the append fails (and consumes no offset), the store stays
+/// ready, and appends go on once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_statement_is_cancelled_by_the_statement_timeout() -> Result {
+    let schema = Schema::new();
+    let config = PgConfig { statement_timeout: Duration::from_millis(300), ..config(&schema.0, Default::default()) };
+    let store = PgStore::connect(config, clock()).await?;
+    let t = topic("stuck")?;
+    store.append(&t, vec![text("1")]).await?;
+    let mut holder = raw().await?;
+    let tx = holder.transaction().await?;
+    tx.execute(&format!("SELECT 1 FROM \"{}\".topics WHERE name = 'stuck' FOR UPDATE", schema.0), &[]).await?;
+    let started = Instant::now();
+    let Err(StoreError::Unavailable(why)) = store.append(&t, vec![text("2")]).await else {
+        return Err("an append behind a lock succeeded".into());
+    };
+    assert!(why.contains("statement timeout"), "{why}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(store.is_ready(), "a cancelled statement is no outage");
+    tx.rollback().await?;
+    assert_eq!(store.append(&t, vec![text("2")]).await?.messages[0].offset, 2);
+    Ok(())
+}
+
+/// `sslmode=require` means TLS with the certificate and the name verified: the local
+/// server's certificate (for `localhost`) is refused when reached as `127.0.0.1`, and
+/// accepted as `localhost` with it as `sslrootcert`; the store's connections are then
+/// encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_verified_against_the_roots_given() -> Result {
+    let db = raw().await?;
+    let ssl: String = db.query_one("SHOW ssl", &[]).await?.get(0);
+    if ssl != "on" {
+        eprintln!("the test server has ssl off: nothing to check");
+        return Ok(());
+    }
+    let cert: String = db.query_one("SHOW ssl_cert_file", &[]).await?.get(0);
+    let schema = Schema::new();
+    let (addr, user, dbname) = common::server()?;
+    let url = |host: &str| {
+        format!(
+            "postgres://{user}@{host}:{}/{dbname}?sslmode=require&application_name={}&sslrootcert={cert}",
+            addr.port(),
+            schema.0
+        )
+    };
+    let wrong_name = PgConfig { url: url("127.0.0.1"), ..config(&schema.0, Default::default()) };
+    let Err(e) = PgStore::connect(wrong_name, clock()).await else {
+        return Err("a certificate for another name was accepted".into());
+    };
+    assert!(matches!(e, PgError::Unavailable { .. }) && e.to_string().contains("certificate"), "{e}");
+    let missing =
+        PgConfig { url: url("localhost").replace(&cert, "/nonexistent.pem"), ..config(&schema.0, Default::default()) };
+    let Err(e) = PgStore::connect(missing, clock()).await else { return Err("connected without roots".into()) };
+    assert!(matches!(e, PgError::Tls(_)) && e.to_string().contains("/nonexistent.pem"), "{e}");
+
+    let right = PgConfig { url: url("localhost"), ..config(&schema.0, Default::default()) };
+    let store = PgStore::connect(right, clock()).await?;
+    store.append(&topic("tls")?, vec![text("over tls")]).await?;
+    let encrypted: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1 AND s.ssl",
+            &[&schema.0],
+        )
+        .await?
+        .get(0);
+    assert!(encrypted >= 1, "no encrypted connection of the store");
+    Ok(())
+}
