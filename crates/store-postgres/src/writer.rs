@@ -71,6 +71,13 @@ impl Batch {
     fn full(&self) -> bool {
         self.messages >= MAX_BATCH_MESSAGES || self.bytes >= MAX_BATCH_BYTES
     }
+
+    /// Whether `append` may join without passing the caps (a first one always may).
+    fn fits(&self, append: &AppendReq) -> bool {
+        let bytes = append.batch.iter().map(|m| m.payload.len()).sum::<usize>();
+        self.appends.is_empty()
+            || (self.messages + append.batch.len() <= MAX_BATCH_MESSAGES && self.bytes + bytes <= MAX_BATCH_BYTES)
+    }
 }
 
 /// A commit on its way, and the topics it holds.
@@ -121,11 +128,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteOp>) {
                 None => break,
             }
         }
-        // Everything else queued by now, in order, up to the caps; a flush or an append
-        // to a topic still being committed ends the batch (and starts the next round).
+        // Everything else queued by now, in order, up to the caps; a flush, an append past
+        // the caps or one to a topic still being committed ends the batch (and starts
+        // the next round).
         while !batch.full() {
             match rx.try_recv() {
-                Ok(WriteOp::Append(a)) if !in_flight.iter().any(|f| f.topics.contains(&a.topic)) => batch.push(a),
+                Ok(WriteOp::Append(a)) if batch.fits(&a) && !in_flight.iter().any(|f| f.topics.contains(&a.topic)) => {
+                    batch.push(a)
+                }
                 Ok(op) => {
                     held = Some(op);
                     break;
@@ -141,7 +151,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteOp>) {
             let deadline = tokio::time::Instant::now() + FILL_WAIT;
             while batch.appends.len() < fill_target && !batch.full() {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(WriteOp::Append(a))) if !in_flight.iter().any(|f| f.topics.contains(&a.topic)) => {
+                    Ok(Some(WriteOp::Append(a)))
+                        if batch.fits(&a) && !in_flight.iter().any(|f| f.topics.contains(&a.topic)) =>
+                    {
                         batch.push(a)
                     }
                     Ok(Some(op)) => {
