@@ -35,7 +35,7 @@ pub struct PgConfig {
     /// starting with `pg_`.
     pub schema: String,
     /// Connections in the pool (default 16): the append writers take two, the queue
-    /// writer one, reads, heads and the sweep share the rest.
+    /// writer one, reads, heads and the sweep share the rest; at least 4.
     pub pool_size: usize,
     /// Longest any statement may run (default 10 s), set on every pooled connection, so
     /// that a stuck query holds neither a connection nor its locks for longer.
