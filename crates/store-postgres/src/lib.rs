@@ -7,7 +7,8 @@
 //! - `writer.rs`: the group commit: every append goes to one writer task, which writes
 //!   what is queued as one multi-row insert; offsets are assigned by that statement.
 //! - `topics.rs`: the SQL of the topic tables, and `head`, `read`, `list`, `delete`, `sweep`.
-//! - `queues.rs`: the queue records of one node's queue engine, written in order by a task.
+//! - `records.rs`: the queue records of one node's queue engine (the `Store` trait's
+//!   `queue_*` half), written in order by a task.
 //!
 //! # Topics
 //! A `topics` row per topic holds `epoch`, `next_offset`, `first_offset` and `last_ts`,
@@ -45,7 +46,7 @@
 //! the pool reconnects by itself, and the probe turns the store ready again.
 
 mod config;
-mod queues;
+mod records;
 mod schema;
 mod topics;
 mod writer;
@@ -70,7 +71,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 
 use config::{Tls, CONNECT_TIMEOUT};
-use queues::QueueOp;
+use records::QueueOp;
 use topics::Sql;
 use writer::WriteOp;
 
@@ -299,7 +300,7 @@ impl PgStore {
         schema::migrate(&mut client, &config.schema).await?;
         let sql = Sql::new(&schema::quoted(&config.schema));
         let identity = topics::identity(&client, &sql).await?;
-        let queues = queues::load(&client, &sql).await?;
+        let queues = records::load(&client, &sql).await?;
         drop(client);
         let shared = Arc::new(Shared {
             pool,
@@ -318,7 +319,7 @@ impl PgStore {
         let (queue_ops, queue_rx) = mpsc::channel(MAX_PENDING_QUEUE_OPS);
         let (sweeps, sweeps_rx) = mpsc::channel(1);
         tokio::spawn(writer::run(shared.clone(), appends_rx));
-        tokio::spawn(queues::run(shared.clone(), queue_rx));
+        tokio::spawn(records::run(shared.clone(), queue_rx));
         tokio::spawn(topics::sweeper(shared.clone(), sweeps_rx));
         tokio::spawn(probe(Arc::downgrade(&shared)));
         tracing::info!(url = %config.redacted_url(), schema = %config.schema, "PostgreSQL store connected");
