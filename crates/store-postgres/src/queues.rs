@@ -20,6 +20,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_postgres::{Object, Pool};
+use futures_util::future::OptionFuture;
 use futures_util::{StreamExt, TryStreamExt};
 use herald_core::{
     Clock, Delivery, Kind, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture, QueueName,
@@ -833,6 +835,39 @@ impl PgQueues {
     }
 }
 
+/// Starts a transaction whose commit does not wait for its WAL flush.
+const BEGIN_UNFLUSHED: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+
+/// No settle before the statement of [`unflushed`].
+const NO_SETTLE: Option<std::future::Ready<Result<Row, tokio_postgres::Error>>> = None;
+
+/// Runs `op` (after `settle`, if any) in one transaction whose commit does not wait for
+/// the WAL flush, all sent at once: BEGIN, settle, op and COMMIT in one round trip.
+/// For what the single-node engine does not make durable before answering either
+/// (leases, acks, requeues, extends, dead-letter moves): a database crash may lose the
+/// last fraction of a second of them, and a lost one means a message delivered again,
+/// never one lost. A failed statement rolls the transaction back (COMMIT answers
+/// ROLLBACK) and its error is returned.
+async fn unflushed<T>(
+    client: &Object,
+    settle: Option<impl Future<Output = Result<Row, tokio_postgres::Error>>>,
+    op: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<(Option<Row>, T), tokio_postgres::Error> {
+    // Each future sends its request when first polled, and `join4` polls in order.
+    let (began, settled, done, committed) = futures_util::future::join4(
+        client.batch_execute(BEGIN_UNFLUSHED),
+        OptionFuture::from(settle),
+        op,
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    began?;
+    let settled = settled.transpose()?;
+    let done = done?;
+    committed?;
+    Ok((settled, done))
+}
+
 /// What a settle before an operation on `name` covers: the queue whose last leases may
 /// owe a dead-letter queue messages, and that dead-letter queue. For a queue, itself;
 /// for a dead-letter queue, its queue (a lease ending there brings it a dead letter).
@@ -854,8 +889,10 @@ impl Shared {
             .collect()
     }
 
-    /// Runs `query` (prepared from `text`) on `client` after a settle of `pair`, both
-    /// sent at once (pipelined: the settle runs first, and the query's snapshot sees it).
+    /// Runs `query` (prepared from `text`) on `client` after a settle of `pair`: in one
+    /// transaction committed without waiting for its WAL flush, unless `durable` (then
+    /// each statement commits on its own, durably). Either way all statements are sent
+    /// at once (pipelined) and run in order, so the query sees what the settle moved.
     async fn settled_query(
         &self,
         client: &Object,
@@ -863,18 +900,25 @@ impl Shared {
         now: u64,
         text: &str,
         params: &[&(dyn ToSql + Sync)],
+        durable: bool,
     ) -> Result<Vec<Row>, QueueError> {
         let statement = client.prepare_cached(text).await.map_err(db_error)?;
-        let Some((queue, dlq)) = pair else {
-            return client.query(&statement, params).await.map_err(db_error);
-        };
         let settle = client.prepare_cached(&self.db.sql.settle).await.map_err(db_error)?;
         let now = big(now);
-        let settle_params: [&(dyn ToSql + Sync); 4] = [&queue.as_str(), &dlq.as_str(), &now, &self.db.channel];
-        let (settled, rows) =
-            tokio::try_join!(client.query_one(&settle, &settle_params), client.query(&statement, params))
-                .map_err(db_error)?;
-        self.db.dead_lettered(col(&settled, 0)?);
+        let names = pair.as_ref().map(|(queue, dlq)| (queue.as_str(), dlq.as_str()));
+        let settle_params =
+            names.as_ref().map(|(queue, dlq)| -> [&(dyn ToSql + Sync); 4] { [queue, dlq, &now, &self.db.channel] });
+        let settled = settle_params.as_ref().map(|p| client.query_one(&settle, p));
+        let query = client.query(&statement, params);
+        let (settled, rows) = if durable {
+            let (settled, rows) = futures_util::future::join(OptionFuture::from(settled), query).await;
+            (settled.transpose().map_err(db_error)?, rows.map_err(db_error)?)
+        } else {
+            unflushed(client, settled, query).await.map_err(db_error)?
+        };
+        if let Some(settled) = settled {
+            self.db.dead_lettered(col(&settled, 0)?);
+        }
         Ok(rows)
     }
 
@@ -893,7 +937,7 @@ impl Shared {
         let params: [&(dyn ToSql + Sync); 6] = [&name.as_str(), &now_ms, &limit, &lease_end, &last, &nonces];
         // On a dead-letter queue, last leases of its queue that ended are dead letters here.
         let pair = name.parent().map(|parent| (parent, name.clone()));
-        let rows = self.settled_query(&client, pair, now, &self.db.sql.fetch, &params).await?;
+        let rows = self.settled_query(&client, pair, now, &self.db.sql.fetch, &params, false).await?;
         let damaged = || unavailable(format!("a damaged message in {name}"));
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -959,7 +1003,7 @@ impl Shared {
         let done = match op {
             Op::Ack => {
                 let statement = client.prepare_cached(&sql.ack).await.map_err(db_error)?;
-                client.execute(&statement, &current).await.map_err(db_error)? == 1
+                unflushed(&client, NO_SETTLE, client.execute(&statement, &current)).await.map_err(db_error)?.1 == 1
             }
             Op::Requeue { delay_ms } => {
                 let statement = client.prepare_cached(&sql.requeue).await.map_err(db_error)?;
@@ -967,13 +1011,14 @@ impl Shared {
                 let dlq = dlq.as_ref().map(|d| d.as_str());
                 let params: [&(dyn ToSql + Sync); 7] =
                     [&name.as_str(), &id, &delivery, &now_ms, &ready_at, &self.db.channel, &dlq];
-                client.query_opt(&statement, &params).await.map_err(db_error)?.is_some()
+                let requeued = unflushed(&client, NO_SETTLE, client.query_opt(&statement, &params));
+                requeued.await.map_err(db_error)?.1.is_some()
             }
             Op::Extend { visibility_ms } => {
                 let statement = client.prepare_cached(&sql.extend).await.map_err(db_error)?;
                 let lease_end = after(now, visibility_ms);
                 let params: [&(dyn ToSql + Sync); 5] = [&name.as_str(), &id, &delivery, &now_ms, &lease_end];
-                client.execute(&statement, &params).await.map_err(db_error)? == 1
+                unflushed(&client, NO_SETTLE, client.execute(&statement, &params)).await.map_err(db_error)?.1 == 1
             }
         };
         if done {
@@ -989,7 +1034,7 @@ impl Shared {
         let (dlq, now_ms) = (name.dlq(), big(now));
         let dlq_name = dlq.as_ref().map(|d| d.as_str());
         let params: [&(dyn ToSql + Sync); 3] = [&name.as_str(), &now_ms, &dlq_name];
-        let rows = self.settled_query(&client, settle_pair(name), now, &self.db.sql.stats, &params).await?;
+        let rows = self.settled_query(&client, settle_pair(name), now, &self.db.sql.stats, &params, false).await?;
         let row = rows.first().ok_or_else(|| unavailable("no stats row"))?;
         let count = |i| col::<i64>(row, i).map(|n| n as u64);
         Ok(QueueStats { ready: count(0)?, in_flight: count(1)?, delayed: count(2)?, dead: count(3)? })
@@ -1006,7 +1051,7 @@ impl Shared {
         // enqueued meanwhile may be purged too.
         loop {
             let params: [&(dyn ToSql + Sync); 4] = [&name.as_str(), &now_ms, &ADMIN_BATCH, &cursor];
-            let rows = self.settled_query(&client, pair.take(), now, &self.db.sql.purge, &params).await?;
+            let rows = self.settled_query(&client, pair.take(), now, &self.db.sql.purge, &params, true).await?;
             let row = rows.first().ok_or_else(|| unavailable("no purge row"))?;
             let (n, last): (i64, i64) = (col(row, 0)?, col(row, 1)?);
             purged += n as u64;
