@@ -19,11 +19,10 @@
 //! (it reconnects with backoff, and wakes every waiter once it listens again).
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,11 +33,19 @@ use herald_core::{
     Clock, Delivery, Kind, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture, QueueName,
     QueueService, QueueStats, StoreError, Visible,
 };
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::Row;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use listen::{channel_of, lock, run_listener, Waiting, Wakers};
+use sql::Sql;
+use writer::{write_enqueues, Enqueue, ENQUEUE_QUEUE};
+
+mod listen;
+mod sql;
+mod writer;
 
 /// Why [`PgQueues::new`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +67,6 @@ enum DbError {
     Pool(#[from] deadpool_postgres::PoolError),
 }
 
-/// Enqueues waiting for the writer, at most (then `enqueue` waits for room).
-const ENQUEUE_QUEUE: usize = 4096;
-/// Messages in one writer round trip, at most.
-const BATCH_MESSAGES: usize = 512;
-/// Payload bytes in one writer round trip, at most (one message may exceed it alone).
-const BATCH_BYTES: usize = 8 << 20;
 /// Messages one fetch takes, at most (the front doors allow 100).
 const MAX_FETCH: usize = 1000;
 /// Messages one purge or redrive transaction removes or moves, at most.
@@ -74,245 +75,6 @@ const ADMIN_BATCH: i64 = 10_000;
 const LIST_PAGE: i64 = 200;
 /// How often waiters re-check while the LISTEN connection is down.
 const RECHECK: Duration = Duration::from_secs(1);
-/// The LISTEN connection's reconnect backoff.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Times a writer transaction is retried after a deadlock or serialization failure.
-const RETRIES: usize = 3;
-
-/// The statements, with `{s}` the quoted schema.
-mod sql {
-    /// Enqueue of one queue's batch: reserves ids and adds to the bound unless that says
-    /// the queue may be full (then no row: the writer counts), inserts, notifies.
-    /// $1 queue, $2 channel, $3 n, $4 max, $5.. the columns as arrays.
-    pub const ENQUEUE: &str = "
-WITH q AS (
-    INSERT INTO {s}.queues AS q (name, next_id, bound) VALUES ($1, $3::bigint + 1, $3::bigint)
-    ON CONFLICT (name) DO UPDATE SET next_id = q.next_id + $3::bigint, bound = q.bound + $3::bigint
-    WHERE q.bound + $3::bigint <= $4::bigint
-    RETURNING q.next_id
-), ins AS (
-    INSERT INTO {s}.queue_messages (queue, id, kind, payload, ts, visible_at, expires_at)
-    SELECT $1, q.next_id - $3::bigint - 1 + u.ord, u.kind, u.payload, u.ts, u.visible_at, u.expires_at
-    FROM q, unnest($5::smallint[], $6::bytea[], $7::bigint[], $8::bigint[], $9::bigint[])
-        WITH ORDINALITY AS u(kind, payload, ts, visible_at, expires_at, ord)
-)
-SELECT q.next_id - $3::bigint, pg_notify($2, $1)::text FROM q";
-
-    /// Locks a queue's row (creating it): $1 queue. Returns the bound.
-    pub const LOCK_QUEUE: &str = "
-INSERT INTO {s}.queues AS q (name) VALUES ($1)
-ON CONFLICT (name) DO UPDATE SET name = excluded.name
-RETURNING q.bound";
-
-    /// Locks an existing queue's row: $1 queue.
-    pub const LOCK_EXISTING: &str = "SELECT bound FROM {s}.queues WHERE name = $1 FOR UPDATE";
-
-    /// $1 queue, $2 bound.
-    pub const SET_BOUND: &str = "UPDATE {s}.queues SET bound = $2 WHERE name = $1";
-
-    /// The messages a queue holds, up to $3: $1 queue, $2 now.
-    pub const COUNT: &str = "
-SELECT count(*) FROM (
-    SELECT 1 FROM {s}.queue_messages
-    WHERE queue = $1 AND (expires_at IS NULL OR expires_at > $2) LIMIT $3
-) held";
-
-    /// Applies the written changes time made: last leases ended (or requeued) move to the
-    /// dead-letter queue as new messages dated when they ended, in that order, unless
-    /// their TTL passed first; messages whose TTL passed are deleted.
-    /// $1 queue, $2 its dead-letter queue, $3 now, $4 channel. Returns the dead letters.
-    pub const SETTLE: &str = "
-WITH due AS (
-    DELETE FROM {s}.queue_messages
-    WHERE queue = $1 AND dead_at <= $3 AND (expires_at IS NULL OR expires_at > dead_at)
-    RETURNING id, kind, payload, dead_at
-), expired AS (
-    DELETE FROM {s}.queue_messages
-    WHERE queue = $1 AND expires_at <= $3 AND (dead_at IS NULL OR dead_at > $3 OR expires_at <= dead_at)
-), n AS (
-    SELECT count(*) AS n FROM due
-), d AS (
-    INSERT INTO {s}.queues AS q (name, next_id, bound) SELECT $2, n.n + 1, n.n FROM n WHERE n.n > 0
-    ON CONFLICT (name) DO UPDATE SET next_id = q.next_id + excluded.bound, bound = q.bound + excluded.bound
-    RETURNING q.next_id
-), moved AS (
-    INSERT INTO {s}.queue_messages (queue, id, kind, payload, ts, visible_at)
-    SELECT $2, d.next_id - n.n - 1 + row_number() OVER (ORDER BY due.dead_at, due.id),
-        due.kind, due.payload, due.dead_at, due.dead_at
-    FROM due, d, n
-)
-SELECT n.n, CASE WHEN n.n > 0 THEN pg_notify($4, $2)::text END FROM n";
-
-    /// Takes up to $3 ready messages, oldest first, leasing each until $4; drops those
-    /// whose TTL passed. $1 queue, $2 now, $5 the attempt that is the last one (its
-    /// lease end is also its dead-letter time), $6 one nonce per message.
-    pub const FETCH: &str = "
-WITH expired AS (
-    DELETE FROM {s}.queue_messages
-    WHERE queue = $1 AND expires_at <= $2 AND (dead_at IS NULL OR dead_at > $2 OR expires_at <= dead_at)
-), picked AS (
-    SELECT id, visible_at FROM {s}.queue_messages
-    WHERE queue = $1 AND dead_at IS NULL AND visible_at <= $2 AND (expires_at IS NULL OR expires_at > $2)
-    ORDER BY visible_at, id
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED
-), numbered AS (
-    SELECT id, row_number() OVER (ORDER BY visible_at, id) AS rn FROM picked
-)
-UPDATE {s}.queue_messages m
-SET attempts = m.attempts + 1,
-    visible_at = $4,
-    delivery = to_hex(m.id) || '-' || (m.attempts + 1) || '-' || to_hex(($6::bigint[])[p.rn]),
-    dead_at = CASE WHEN m.attempts + 1 >= $5 THEN $4::bigint END
-FROM numbered p
-WHERE m.queue = $1 AND m.id = p.id
-RETURNING m.id, m.attempts, m.ts, m.kind, m.payload, m.delivery, p.rn";
-
-    /// When the next delay or lease of $1 ends after $2, and (for a dead-letter queue)
-    /// the next last lease of its queue $3.
-    pub const NEXT_DUE: &str = "
-SELECT (SELECT min(visible_at) FROM {s}.queue_messages WHERE queue = $1 AND dead_at IS NULL AND visible_at > $2),
-       (SELECT min(dead_at) FROM {s}.queue_messages WHERE queue = $3 AND dead_at > $2)";
-
-    /// The condition naming the current lease: $1 queue, $2 id, $3 delivery, $4 now.
-    const CURRENT: &str =
-        "queue = $1 AND id = $2 AND delivery = $3 AND visible_at > $4 AND (expires_at IS NULL OR expires_at > $4)";
-
-    pub fn ack() -> String {
-        format!("DELETE FROM {{s}}.queue_messages WHERE {CURRENT}")
-    }
-
-    /// $5 when it is ready again, $6 channel, $7 the dead-letter queue. Returns whether
-    /// it is dead (its last delivery).
-    pub fn requeue() -> String {
-        format!(
-            "
-WITH r AS (
-    UPDATE {{s}}.queue_messages
-    SET delivery = NULL,
-        visible_at = CASE WHEN dead_at IS NULL THEN $5 ELSE $4 END,
-        dead_at = CASE WHEN dead_at IS NULL THEN NULL ELSE $4::bigint END
-    WHERE {CURRENT}
-    RETURNING dead_at
-)
-SELECT r.dead_at IS NOT NULL, pg_notify($6, CASE WHEN r.dead_at IS NULL THEN $1 ELSE $7 END)::text FROM r"
-        )
-    }
-
-    /// $5 the new lease end.
-    pub fn extend() -> String {
-        format!(
-            "UPDATE {{s}}.queue_messages SET visible_at = $5,
-                dead_at = CASE WHEN dead_at IS NULL THEN NULL ELSE $5::bigint END
-             WHERE {CURRENT}"
-        )
-    }
-
-    /// $1 queue, $2 now, $3 its dead-letter queue (NULL for none).
-    pub const STATS: &str = "
-SELECT count(*) FILTER (WHERE dead_at IS NULL AND visible_at <= $2),
-       count(*) FILTER (WHERE delivery IS NOT NULL AND visible_at > $2),
-       count(*) FILTER (WHERE delivery IS NULL AND visible_at > $2),
-       (SELECT count(*) FROM {s}.queue_messages WHERE queue = $3)
-FROM {s}.queue_messages WHERE queue = $1 AND (expires_at IS NULL OR expires_at > $2)";
-
-    /// Deletes up to $3 ready or delayed messages with ids above $4, in id order.
-    /// $1 queue, $2 now. Returns how many and the last id.
-    pub const PURGE: &str = "
-WITH picked AS (
-    SELECT id FROM {s}.queue_messages
-    WHERE queue = $1 AND id > $4 AND dead_at IS NULL AND (delivery IS NULL OR visible_at <= $2)
-        AND (expires_at IS NULL OR expires_at > $2)
-    ORDER BY id
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED
-), gone AS (
-    DELETE FROM {s}.queue_messages m USING picked p WHERE m.queue = $1 AND m.id = p.id RETURNING m.id
-)
-SELECT count(*), coalesce(max(id), 0) FROM gone";
-
-    /// Moves up to $4 ready messages of dead-letter queue $2, oldest first, to $1 as new
-    /// messages ready at $3 (its row locked by the caller). $5 channel.
-    pub const REDRIVE: &str = "
-WITH picked AS (
-    SELECT id, visible_at FROM {s}.queue_messages
-    WHERE queue = $2 AND dead_at IS NULL AND visible_at <= $3
-    ORDER BY visible_at, id
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED
-), gone AS (
-    DELETE FROM {s}.queue_messages m USING picked p WHERE m.queue = $2 AND m.id = p.id
-    RETURNING m.id, m.kind, m.payload, p.visible_at
-), n AS (
-    SELECT count(*) AS n FROM gone
-), q AS (
-    UPDATE {s}.queues SET next_id = next_id + n.n, bound = bound + n.n FROM n WHERE name = $1 RETURNING next_id
-), moved AS (
-    INSERT INTO {s}.queue_messages (queue, id, kind, payload, ts, visible_at)
-    SELECT $1, q.next_id - n.n - 1 + row_number() OVER (ORDER BY g.visible_at, g.id), g.kind, g.payload, $3, $3
-    FROM gone g, q, n
-)
-SELECT n.n, CASE WHEN n.n > 0 THEN pg_notify($5, $1)::text END FROM n";
-
-    /// One page of the registry: names from $1 (the prefix), after $2.
-    pub const LIST: &str = "SELECT name FROM {s}.queues WHERE name >= $1 AND name > $2 ORDER BY name LIMIT $3";
-}
-
-/// The statements of one schema.
-struct Sql {
-    enqueue: String,
-    lock_queue: String,
-    lock_existing: String,
-    set_bound: String,
-    count: String,
-    settle: String,
-    fetch: String,
-    next_due: String,
-    ack: String,
-    requeue: String,
-    extend: String,
-    stats: String,
-    purge: String,
-    redrive: String,
-    list: String,
-}
-
-impl Sql {
-    fn new(schema: &str) -> Self {
-        let quoted = format!("\"{}\"", schema.replace('"', "\"\""));
-        let s = |text: &str| text.replace("{s}", &quoted);
-        Self {
-            enqueue: s(sql::ENQUEUE),
-            lock_queue: s(sql::LOCK_QUEUE),
-            lock_existing: s(sql::LOCK_EXISTING),
-            set_bound: s(sql::SET_BOUND),
-            count: s(sql::COUNT),
-            settle: s(sql::SETTLE),
-            fetch: s(sql::FETCH),
-            next_due: s(sql::NEXT_DUE),
-            ack: s(&sql::ack()),
-            requeue: s(&sql::requeue()),
-            extend: s(&sql::extend()),
-            stats: s(sql::STATS),
-            purge: s(sql::PURGE),
-            redrive: s(sql::REDRIVE),
-            list: s(sql::LIST),
-        }
-    }
-}
-
-/// The notification channel of `schema`'s queues: at most 63 bytes (PostgreSQL's
-/// identifier length), a stable hash of the schema if its name is too long.
-fn channel_of(schema: &str) -> String {
-    let plain = format!("herald.queues.{schema}");
-    if plain.len() <= 63 {
-        return plain;
-    }
-    // FNV-1a: the same on every node (RandomState would not be).
-    let hash = schema.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    format!("herald.queues.{hash:016x}")
-}
 
 /// Work queues shared through PostgreSQL. Cheap to clone; the background tasks (the
 /// enqueue writer and the LISTEN connection) stop when the last clone is dropped or at
@@ -350,69 +112,6 @@ struct Db {
     clock: Arc<dyn Clock>,
     config: QueueConfig,
     counters: Arc<QueueCounters>,
-}
-
-/// This node's long polls, by queue, and whether notifications are coming in.
-#[derive(Default)]
-struct Wakers {
-    queues: Mutex<HashMap<QueueName, Arc<Waiters>>>,
-    listening: AtomicBool,
-}
-
-#[derive(Default)]
-struct Waiters {
-    /// Changed under the map's lock only.
-    count: AtomicUsize,
-    ready: Notify,
-}
-
-/// The map's lock is never held across an await: each section is a lookup or an update.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Wakers {
-    fn wake(&self, queue: &str) {
-        let queues = lock(&self.queues);
-        if let Some(w) = QueueName::parse(queue).ok().and_then(|q| queues.get(&q).cloned()) {
-            w.ready.notify_waiters();
-        }
-    }
-
-    fn wake_all(&self) {
-        for w in lock(&self.queues).values() {
-            w.ready.notify_waiters();
-        }
-    }
-}
-
-/// A waiting fetch; dropped, it leaves its queue's waiters.
-struct Waiting {
-    wakers: Arc<Wakers>,
-    counters: Arc<QueueCounters>,
-    queue: QueueName,
-    waiters: Arc<Waiters>,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.counters.waiting.fetch_sub(1, Ordering::AcqRel);
-        let mut queues = lock(&self.wakers.queues);
-        if self.waiters.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            queues.remove(&self.queue);
-        }
-    }
-}
-
-/// One enqueue for the writer task.
-struct Enqueue {
-    queue: QueueName,
-    kind: i16,
-    payload: Bytes,
-    ts: i64,
-    visible_at: i64,
-    expires_at: Option<i64>,
-    reply: oneshot::Sender<Result<u64, QueueError>>,
 }
 
 fn kind_code(kind: Kind) -> i16 {
@@ -487,79 +186,6 @@ impl Db {
         })
     }
 
-    /// Writes one batch of enqueues, each queue's in one statement, one transaction
-    /// for all (one autocommit statement when the batch is one queue's and fits).
-    /// Returns, per queue, the first id and how many were accepted.
-    async fn write(&self, groups: &BTreeMap<QueueName, Vec<Enqueue>>) -> Result<Vec<(i64, usize)>, DbError> {
-        let max = big(self.config.max_queue_messages as u64);
-        let mut client = self.pool.get().await?;
-        let insert = client.prepare_cached(&self.sql.enqueue).await?;
-        if let [(queue, items)] = &groups.iter().collect::<Vec<_>>()[..] {
-            if items.len() as i64 <= max {
-                if let Some(row) = client.query_opt(&insert, &self.insert_params(queue, items, max).as_refs()).await? {
-                    return Ok(vec![(row.try_get(0)?, items.len())]);
-                }
-            }
-        }
-        let now = self.clock.now_ms();
-        let tx = client.transaction().await?;
-        let mut out = Vec::with_capacity(groups.len());
-        for (queue, items) in groups {
-            let fast = if items.len() as i64 <= max {
-                tx.query_opt(&insert, &self.insert_params(queue, items, max).as_refs()).await?
-            } else {
-                None
-            };
-            let written = match fast {
-                Some(row) => (row.try_get(0)?, items.len()),
-                None => self.write_full(&tx, queue, items, max, now).await?,
-            };
-            out.push(written);
-        }
-        tx.commit().await?;
-        Ok(out)
-    }
-
-    /// The bound said the queue may be full: counts its messages (after settling) under
-    /// its row lock and inserts what fits.
-    async fn write_full(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        queue: &QueueName,
-        items: &[Enqueue],
-        max: i64,
-        now: u64,
-    ) -> Result<(i64, usize), tokio_postgres::Error> {
-        let lock = tx.prepare_cached(&self.sql.lock_queue).await?;
-        tx.query_one(&lock, &[&queue.as_str()]).await?;
-        self.settle_in(tx, queue, now).await?;
-        let count = tx.prepare_cached(&self.sql.count).await?;
-        let held: i64 = tx.query_one(&count, &[&queue.as_str(), &big(now), &max]).await?.try_get(0)?;
-        let set_bound = tx.prepare_cached(&self.sql.set_bound).await?;
-        tx.execute(&set_bound, &[&queue.as_str(), &held]).await?;
-        let fits = usize::try_from(max - held).unwrap_or(0).min(items.len());
-        if fits == 0 {
-            return Ok((0, 0));
-        }
-        let insert = tx.prepare_cached(&self.sql.enqueue).await?;
-        let row = tx.query_one(&insert, &self.insert_params(queue, &items[..fits], max).as_refs()).await?;
-        Ok((row.try_get(0)?, fits))
-    }
-
-    fn insert_params<'a>(&'a self, queue: &'a QueueName, items: &'a [Enqueue], max: i64) -> InsertParams<'a> {
-        InsertParams {
-            queue: queue.as_str(),
-            channel: &self.channel,
-            n: items.len() as i64,
-            max,
-            kinds: items.iter().map(|e| e.kind).collect(),
-            payloads: items.iter().map(|e| &e.payload[..]).collect(),
-            ts: items.iter().map(|e| e.ts).collect(),
-            visible_at: items.iter().map(|e| e.visible_at).collect(),
-            expires_at: items.iter().map(|e| e.expires_at).collect(),
-        }
-    }
-
     /// Settles `queue` (a queue with a dead-letter queue) inside a transaction.
     async fn settle_in(
         &self,
@@ -578,187 +204,6 @@ impl Db {
     fn dead_lettered(&self, n: i64) {
         if n > 0 {
             self.counters.dead_lettered.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-}
-
-/// The parameters of [`sql::ENQUEUE`].
-struct InsertParams<'a> {
-    queue: &'a str,
-    channel: &'a str,
-    n: i64,
-    max: i64,
-    kinds: Vec<i16>,
-    payloads: Vec<&'a [u8]>,
-    ts: Vec<i64>,
-    visible_at: Vec<i64>,
-    expires_at: Vec<Option<i64>>,
-}
-
-impl InsertParams<'_> {
-    fn as_refs(&self) -> [&(dyn ToSql + Sync); 9] {
-        [
-            &self.queue,
-            &self.channel,
-            &self.n,
-            &self.max,
-            &self.kinds,
-            &self.payloads,
-            &self.ts,
-            &self.visible_at,
-            &self.expires_at,
-        ]
-    }
-}
-
-/// The writer task: takes what is queued (up to a batch), writes it in one round trip,
-/// answers each caller after the commit. At shutdown it writes what was queued first.
-async fn write_enqueues(db: Arc<Db>, mut rx: mpsc::Receiver<Enqueue>, shutdown: CancellationToken) {
-    let mut closing = false;
-    loop {
-        let first = if closing {
-            rx.recv().await
-        } else {
-            tokio::select! {
-                next = rx.recv() => next,
-                _ = shutdown.cancelled() => {
-                    rx.close();
-                    closing = true;
-                    continue;
-                }
-            }
-        };
-        let Some(first) = first else { return };
-        let mut bytes = first.payload.len();
-        let mut batch = vec![first];
-        while batch.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
-            let Ok(next) = rx.try_recv() else { break };
-            bytes += next.payload.len();
-            batch.push(next);
-        }
-        let mut groups: BTreeMap<QueueName, Vec<Enqueue>> = BTreeMap::new();
-        for e in batch {
-            groups.entry(e.queue.clone()).or_default().push(e);
-        }
-        let mut tries = 0;
-        let written = loop {
-            tries += 1;
-            match db.write(&groups).await {
-                Err(e) if retryable(&e) && tries < RETRIES => continue,
-                other => break other,
-            }
-        };
-        match written {
-            Ok(written) => {
-                for ((queue, items), (first_id, accepted)) in groups.into_iter().zip(written) {
-                    db.counters.enqueued.fetch_add(accepted as u64, Ordering::Relaxed);
-                    for (i, e) in items.into_iter().enumerate() {
-                        let answer = if i < accepted {
-                            Ok((first_id + i as i64) as u64)
-                        } else {
-                            Err(QueueError::Full { queue: queue.clone(), max: db.config.max_queue_messages })
-                        };
-                        // The caller may have gone: the message is enqueued all the same.
-                        let _ = e.reply.send(answer);
-                    }
-                }
-            }
-            Err(e) => {
-                let e = db_error(e);
-                for e2 in groups.into_values().flatten() {
-                    let _ = e2.reply.send(Err(e.clone()));
-                }
-            }
-        }
-    }
-}
-
-/// The LISTEN connection: (re)connects with backoff, listens, wakes waiters per
-/// notification, and every waiter once it listens (again), since notifications sent
-/// while it was down are lost. `started` learns how the first attempt went.
-async fn run_listener(
-    config: tokio_postgres::Config,
-    channel: String,
-    wakers: Arc<Wakers>,
-    shutdown: CancellationToken,
-    started: oneshot::Sender<Result<(), tokio_postgres::Error>>,
-) {
-    let mut started = Some(started);
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let ended = listen_once(&config, &channel, &wakers, &shutdown, &mut started, &mut backoff).await;
-        wakers.listening.store(false, Ordering::Release);
-        if shutdown.is_cancelled() {
-            return;
-        }
-        match ended {
-            Err(e) => {
-                if let Some(tx) = started.take() {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-                tracing::warn!(error = %e, retry_in = ?backoff, "postgres LISTEN connection for queue wake-ups lost");
-            }
-            Ok(()) => tracing::warn!(retry_in = ?backoff, "postgres LISTEN connection for queue wake-ups closed"),
-        }
-        // Waiters switch to re-checking every second until it listens again.
-        wakers.wake_all();
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
-}
-
-async fn listen_once(
-    config: &tokio_postgres::Config,
-    channel: &str,
-    wakers: &Wakers,
-    shutdown: &CancellationToken,
-    started: &mut Option<oneshot::Sender<Result<(), tokio_postgres::Error>>>,
-    backoff: &mut Duration,
-) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = tokio::select! {
-        c = config.connect(NoTls) => c?,
-        _ = shutdown.cancelled() => return Ok(()),
-    };
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let statement = format!("LISTEN \"{}\"", channel.replace('"', "\"\""));
-    let listening = client.batch_execute(&statement);
-    tokio::pin!(listening);
-    // The connection is driven by polling its messages, also while LISTEN runs.
-    loop {
-        tokio::select! {
-            done = &mut listening => {
-                done?;
-                break;
-            }
-            message = messages.next() => match message {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e),
-                None => return Ok(()),
-            },
-            _ = shutdown.cancelled() => return Ok(()),
-        }
-    }
-    wakers.listening.store(true, Ordering::Release);
-    *backoff = BACKOFF_MIN;
-    wakers.wake_all();
-    if let Some(tx) = started.take() {
-        let _ = tx.send(Ok(()));
-    } else {
-        tracing::info!(channel, "postgres LISTEN connection for queue wake-ups restored");
-    }
-    loop {
-        tokio::select! {
-            message = messages.next() => match message {
-                Some(Ok(AsyncMessage::Notification(n))) => wakers.wake(n.payload()),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e),
-                None => return Ok(()),
-            },
-            _ = shutdown.cancelled() => return Ok(()),
         }
     }
 }
