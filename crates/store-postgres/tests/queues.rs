@@ -73,18 +73,21 @@ impl Pg {
         Ok(())
     }
 
-    fn pool(url: &str, size: usize) -> Result<Pool> {
-        let manager = Manager::from_config(
-            url.parse::<tokio_postgres::Config>()?,
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+    fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool> {
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         Ok(Pool::builder(manager)
             .max_size(size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(10)))
             .create_timeout(Some(Duration::from_secs(5)))
             .build()?)
+    }
+
+    /// The nodes' connections, named after the schema (so a test can find them).
+    fn config(&self) -> Result<tokio_postgres::Config> {
+        let mut config: tokio_postgres::Config = self.url.parse()?;
+        config.application_name(&self.schema);
+        Ok(config)
     }
 
     async fn node(&self, clock: Arc<dyn Clock>, config: QueueConfig, max_bytes: usize) -> Result<PgQueues> {
@@ -99,8 +102,8 @@ impl Pg {
         pool_size: usize,
     ) -> Result<PgQueues> {
         self.create().await?;
-        let pool = Self::pool(&self.url, pool_size)?;
-        Ok(PgQueues::new(pool, self.schema.clone(), self.url.parse()?, clock, config, max_bytes).await?)
+        let pool = Self::pool(self.config()?, pool_size)?;
+        Ok(PgQueues::new(pool, self.schema.clone(), self.config()?, clock, config, max_bytes).await?)
     }
 }
 
@@ -309,9 +312,10 @@ async fn a_database_that_does_not_answer_is_unavailable() -> Result {
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(START_MS));
     let config = QueueConfig::default();
     let no_listen =
-        PgQueues::new(Pg::pool(nowhere, 2)?, pg.schema.clone(), nowhere.parse()?, clock.clone(), config, 64);
+        PgQueues::new(Pg::pool(nowhere.parse()?, 2)?, pg.schema.clone(), nowhere.parse()?, clock.clone(), config, 64);
     assert!(matches!(no_listen.await, Err(PgQueuesError::Listen(_))));
-    let node = PgQueues::new(Pg::pool(nowhere, 2)?, pg.schema.clone(), pg.url.parse()?, clock, config, 64).await?;
+    let node =
+        PgQueues::new(Pg::pool(nowhere.parse()?, 2)?, pg.schema.clone(), pg.url.parse()?, clock, config, 64).await?;
     let q = queue("down.jobs")?;
     assert!(is_unavailable(&node.enqueue(&q, text("x"), 0).await));
     assert!(is_unavailable(&node.fetch_wait(&q, 1, 1000, Duration::ZERO).await));
@@ -326,6 +330,79 @@ async fn a_database_that_does_not_answer_is_unavailable() -> Result {
     assert_eq!(node.counters().enqueued.load(Ordering::Relaxed), 0);
     node.close().await;
     assert!(matches!(node.enqueue(&q, text("x"), 0).await, Err(QueueError::Store(StoreError::Closed))));
+    Ok(())
+}
+
+/// Every connection of both nodes terminated by the server while a long poll waits:
+/// the poll still gets a job enqueued meanwhile (re-check, then the reconnected LISTEN
+/// connection's wake-up), the pools replace their connections, both LISTEN connections
+/// come back, and an enqueue that answered success is there (none that failed is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connections_are_replaced_and_long_polls_recheck() -> Result {
+    let pg = Pg::new();
+    let (a, b, _clock) = two_nodes(&pg, QueueConfig::default()).await?;
+    let q = queue("reconnect.jobs")?;
+    a.enqueue(&q, text("warm"), 0).await?;
+    for d in b.fetch_wait(&q, 1, 1000, Duration::ZERO).await? {
+        b.ack(&q, &d.id).await?;
+    }
+    let poll = {
+        let (b, q) = (b.clone(), q.clone());
+        tokio::spawn(async move {
+            // The first tries may meet a terminated connection: retried as a client would.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match b.fetch_wait(&q, 1, 60_000, Duration::from_secs(20)).await {
+                    Err(QueueError::Store(StoreError::Unavailable(_))) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    other => return other,
+                }
+            }
+        })
+    };
+    while b.counters().waiting.load(Ordering::Acquire) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let admin = pg.client().await?;
+    let killed = admin
+        .query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", &[&pg.schema])
+        .await?;
+    assert!(killed.len() >= 2, "both LISTEN connections and some pooled ones: {}", killed.len());
+    let (mut enqueued, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(10));
+    while enqueued.is_empty() {
+        assert!(Instant::now() < deadline, "no enqueue succeeded after the connections were lost");
+        match a.enqueue(&q, text("after"), 0).await {
+            Ok(id) => enqueued.push(id),
+            Err(QueueError::Store(StoreError::Unavailable(_))) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let got =
+        tokio::time::timeout(Duration::from_secs(5), poll).await.map_err(|_| "the poll never re-checked")???;
+    assert_eq!(got.iter().map(|d| d.message_id).collect::<Vec<_>>(), enqueued, "the job enqueued meanwhile");
+    b.ack(&q, &got[0].id).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(a.is_listening() && b.is_listening()) {
+        assert!(Instant::now() < deadline, "a LISTEN connection did not come back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Woken by the notification again.
+    let poll = {
+        let (b, q) = (b.clone(), q.clone());
+        tokio::spawn(async move { b.fetch_wait(&q, 1, 1000, Duration::from_secs(20)).await })
+    };
+    while b.counters().waiting.load(Ordering::Acquire) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    a.enqueue(&q, text("again"), 0).await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), poll).await.map_err(|_| "not woken")???;
+    assert!(started.elapsed() < Duration::from_millis(500), "woken after {:?}", started.elapsed());
+    b.ack(&q, &got[0].id).await?;
+    assert_eq!(a.stats(&q).await?, QueueStats::default());
     Ok(())
 }
 
