@@ -408,7 +408,8 @@ async fn lost_connections_are_replaced_and_long_polls_recheck() -> Result {
 
 /// Round trips (enqueue one job, fetch one, ack it) per second on one node with 1, 8
 /// and 64 workers, ~5 s each; then fetch+ack alone on a queue 1 000 000 jobs deep.
-/// `cargo test -p herald-store-postgres --release --test queues -- --ignored --nocapture`
+/// `cargo test -p herald-store-postgres --test queues -- --ignored --nocapture round_trips_per_second`
+/// (dependencies are built optimised in the dev profile; the time is the database's).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a benchmark: run by hand"]
 async fn round_trips_per_second() -> Result {
