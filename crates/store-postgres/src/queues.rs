@@ -10,7 +10,10 @@
 //! the columns at `now`; only two changes are written, lazily, by the operations that
 //! look (`settle`): an ended last lease moves its message to the dead-letter queue, and
 //! a passed TTL deletes it. Enqueues are batched by one writer task into one multi-row
-//! insert per queue and round trip (a group commit).
+//! insert per queue and round trip (a group commit), answered once durable, as are
+//! redrives and purges; fetches, acks, requeues and extends commit without waiting for
+//! the WAL flush (as the engine does not make them durable before answering either: a
+//! database crash may deliver a message again, never lose one).
 //!
 //! Long polls: writes that make messages ready `pg_notify` the schema's channel with the
 //! queue's name in their transaction; one dedicated connection per `PgQueues` LISTENs
