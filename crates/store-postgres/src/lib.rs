@@ -1,5 +1,6 @@
-//! `PgStore`: topic histories and queue records in PostgreSQL, every table in one schema
-//! of its own so that several deployments share a database.
+//! `PgStore`: topic histories and queue records in PostgreSQL, and [`PgQueues`], the
+//! work queues every node shares through it; every table in one schema of its own so
+//! that several deployments share a database.
 //!
 //! # Layout
 //! - `config.rs`: [`PgConfig`], [`PgError`], the redacted URL, connection settings, TLS.
@@ -9,6 +10,9 @@
 //! - `topics.rs`: the SQL of the topic tables, and `head`, `read`, `list`, `delete`, `sweep`.
 //! - `records.rs`: the queue records of one node's queue engine (the `Store` trait's
 //!   `queue_*` half), written in order by a task.
+//! - `queues.rs` (and `queues/`): [`PgQueues`], the `QueueService` on PostgreSQL
+//!   (`FOR UPDATE SKIP LOCKED` fetches, group-committed enqueues, long polls woken by
+//!   LISTEN/NOTIFY), tables in `migrations/002_queues.sql`.
 //!
 //! # Topics
 //! A `topics` row per topic holds `epoch`, `next_offset`, `first_offset` and `last_ts`,
@@ -46,12 +50,14 @@
 //! the pool reconnects by itself, and the probe turns the store ready again.
 
 mod config;
+mod queues;
 mod records;
 mod schema;
 mod topics;
 mod writer;
 
 pub use config::{validate_schema, PgConfig, PgError};
+pub use queues::{PgQueues, PgQueuesError};
 pub use schema::{latest as latest_migration, MIGRATIONS};
 
 use std::collections::BTreeMap;

@@ -10,7 +10,10 @@ use crate::config::PgError;
 
 /// Every migration, in order: (version, name, SQL). Adding one is one line here and
 /// its file; a version is never reused or edited once released.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "topics", include_str!("../migrations/001_topics.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "topics", include_str!("../migrations/001_topics.sql")),
+    (2, "queues", include_str!("../migrations/002_queues.sql")),
+];
 
 /// The highest version this binary knows.
 pub fn latest() -> i32 {
