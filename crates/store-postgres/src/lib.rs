@@ -69,8 +69,8 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType};
 use herald_core::metrics::{self, BATCH_BUCKETS, LATENCY_BUCKETS};
 use herald_core::{
-    Appended, Clock, Epoch, History, ListedTopic, LiveQueue, NewMessage, QueueName, QueueRecord, QueueSnapshot,
-    RetentionConfig, Store, StoreError, StoreFuture, TopicHead, TopicName,
+    Appended, Clock, Epoch, History, ListedTopic, LiveQueue, NewMessage, QueueConfig, QueueName, QueueRecord,
+    QueueSnapshot, RetentionConfig, Store, StoreError, StoreFuture, TopicHead, TopicName,
 };
 use prometheus::Histogram;
 use tokio::sync::{mpsc, oneshot};
@@ -97,6 +97,17 @@ pub struct PgStore {
     queue_ops: mpsc::Sender<QueueOp>,
     /// One pending sweep at most: a sweep asked for while one waits is the same sweep.
     sweeps: mpsc::Sender<()>,
+    /// How the queue service's LISTEN connection reaches the database.
+    listen: Listen,
+}
+
+/// The pool's connection settings and TLS, and the schema, for the LISTEN connection of
+/// [`PgStore::queue_service`] (which is outside the pool).
+#[derive(Clone)]
+struct Listen {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    schema: String,
 }
 
 /// What the store's handles and tasks share.
@@ -287,10 +298,13 @@ impl PgStore {
         }
         let (pg, tls) = config::connection_config(&config)?;
         let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let mut listen = Listen { config: pg.clone(), tls: None, schema: config.schema.clone() };
         let manager = match tls {
             Tls::Off => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
             Tls::Verified { roots } => {
-                Manager::from_config(pg, config::tls_connector(roots.as_deref())?, manager_config)
+                let connector = config::tls_connector(roots.as_deref())?;
+                listen.tls = Some(connector.clone());
+                Manager::from_config(pg, connector, manager_config)
             }
         };
         let pool = Pool::builder(manager)
@@ -329,7 +343,25 @@ impl PgStore {
         tokio::spawn(topics::sweeper(shared.clone(), sweeps_rx));
         tokio::spawn(probe(Arc::downgrade(&shared)));
         tracing::info!(url = %config.redacted_url(), schema = %config.schema, "PostgreSQL store connected");
-        Ok(PgStore { shared, appends, queue_ops, sweeps })
+        Ok(PgStore { shared, appends, queue_ops, sweeps, listen })
+    }
+
+    /// The work queues every node shares through this store's database: its pool,
+    /// schema, clock and TLS, and a LISTEN connection of their own. The server uses them
+    /// for every queue call instead of the engine over [`Store::queue_append`].
+    pub async fn queue_service(
+        &self,
+        config: QueueConfig,
+        max_message_bytes: usize,
+    ) -> Result<PgQueues, PgQueuesError> {
+        let (pool, clock) = (self.shared.pool.clone(), self.shared.clock.clone());
+        let (schema, listen) = (self.listen.schema.clone(), self.listen.config.clone());
+        match &self.listen.tls {
+            None => {
+                PgQueues::new(pool, schema, (listen, tokio_postgres::NoTls), clock, config, max_message_bytes).await
+            }
+            Some(tls) => PgQueues::new(pool, schema, (listen, tls.clone()), clock, config, max_message_bytes).await,
+        }
     }
 }
 

@@ -37,8 +37,9 @@ use herald_core::{
     QueueService, QueueStats, StoreError, Visible,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Socket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -213,17 +214,24 @@ impl Db {
 
 impl PgQueues {
     /// The queues in `schema` (its tables made by the migrations) over `pool`, on
-    /// `clock`; `listen` is the connection the LISTEN session opens (outside the pool).
-    /// Resolves once that session listens: from then on, an enqueue on any node wakes
-    /// this node's long polls. Spawns its tasks on the current runtime.
-    pub async fn new(
+    /// `clock`; `listen` is the connection the LISTEN session opens (outside the pool),
+    /// through `tls` (`NoTls`, or the pool's TLS connector). Resolves once that session
+    /// listens: from then on, an enqueue on any node wakes this node's long polls.
+    /// Spawns its tasks on the current runtime.
+    pub async fn new<T>(
         pool: Pool,
         schema: String,
-        listen: tokio_postgres::Config,
+        (listen, tls): (tokio_postgres::Config, T),
         clock: Arc<dyn Clock>,
         config: QueueConfig,
         max_message_bytes: usize,
-    ) -> Result<Self, PgQueuesError> {
+    ) -> Result<Self, PgQueuesError>
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
         let channel = channel_of(&schema);
         let counters = Arc::new(QueueCounters::default());
         let db = Arc::new(Db {
@@ -243,7 +251,7 @@ impl PgQueues {
         // A dead peer is noticed within about half a minute, not the OS's two hours.
         listen.keepalives(true).keepalives_idle(Duration::from_secs(15)).keepalives_interval(Duration::from_secs(5));
         let (started_tx, started_rx) = oneshot::channel();
-        tasks.spawn(run_listener(listen, channel, wakers.clone(), shutdown.clone(), started_tx));
+        tasks.spawn(run_listener(listen, tls, channel, wakers.clone(), shutdown.clone(), started_tx));
         match started_rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(PgQueuesError::Listen(e)),

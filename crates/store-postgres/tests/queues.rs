@@ -103,7 +103,7 @@ impl Pg {
     ) -> Result<PgQueues> {
         self.create().await?;
         let pool = Self::pool(self.config()?, pool_size)?;
-        Ok(PgQueues::new(pool, self.schema.clone(), self.config()?, clock, config, max_bytes).await?)
+        Ok(PgQueues::new(pool, self.schema.clone(), (self.config()?, NoTls), clock, config, max_bytes).await?)
     }
 }
 
@@ -311,11 +311,18 @@ async fn a_database_that_does_not_answer_is_unavailable() -> Result {
     let nowhere = "postgres://postgres@127.0.0.1:1/test";
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(START_MS));
     let config = QueueConfig::default();
-    let no_listen =
-        PgQueues::new(Pg::pool(nowhere.parse()?, 2)?, pg.schema.clone(), nowhere.parse()?, clock.clone(), config, 64);
+    let no_listen = PgQueues::new(
+        Pg::pool(nowhere.parse()?, 2)?,
+        pg.schema.clone(),
+        (nowhere.parse()?, NoTls),
+        clock.clone(),
+        config,
+        64,
+    );
     assert!(matches!(no_listen.await, Err(PgQueuesError::Listen(_))));
     let node =
-        PgQueues::new(Pg::pool(nowhere.parse()?, 2)?, pg.schema.clone(), pg.url.parse()?, clock, config, 64).await?;
+        PgQueues::new(Pg::pool(nowhere.parse()?, 2)?, pg.schema.clone(), (pg.url.parse()?, NoTls), clock, config, 64)
+            .await?;
     let q = queue("down.jobs")?;
     assert!(is_unavailable(&node.enqueue(&q, text("x"), 0).await));
     assert!(is_unavailable(&node.fetch_wait(&q, 1, 1000, Duration::ZERO).await));

@@ -12,7 +12,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use herald_core::{QueueCounters, QueueName};
 use tokio::sync::{oneshot, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{AsyncMessage, Socket};
 use tokio_util::sync::CancellationToken;
 
 /// The LISTEN connection's reconnect backoff.
@@ -86,17 +87,23 @@ impl Drop for Waiting {
 /// The LISTEN connection: (re)connects with backoff, listens, wakes waiters per
 /// notification, and every waiter once it listens (again), since notifications sent
 /// while it was down are lost. `started` learns how the first attempt went.
-pub(super) async fn run_listener(
+pub(super) async fn run_listener<T>(
     config: tokio_postgres::Config,
+    tls: T,
     channel: String,
     wakers: Arc<Wakers>,
     shutdown: CancellationToken,
     started: oneshot::Sender<Result<(), tokio_postgres::Error>>,
-) {
+) where
+    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
     let mut started = Some(started);
     let mut backoff = BACKOFF_MIN;
     loop {
-        let ended = listen_once(&config, &channel, &wakers, &shutdown, &mut started, &mut backoff).await;
+        let ended = listen_once(&config, &tls, &channel, &wakers, &shutdown, &mut started, &mut backoff).await;
         wakers.listening.store(false, Ordering::Release);
         if shutdown.is_cancelled() {
             return;
@@ -121,16 +128,23 @@ pub(super) async fn run_listener(
     }
 }
 
-async fn listen_once(
+async fn listen_once<T>(
     config: &tokio_postgres::Config,
+    tls: &T,
     channel: &str,
     wakers: &Wakers,
     shutdown: &CancellationToken,
     started: &mut Option<oneshot::Sender<Result<(), tokio_postgres::Error>>>,
     backoff: &mut Duration,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
     let (client, mut connection) = tokio::select! {
-        c = config.connect(NoTls) => c?,
+        c = config.connect(tls.clone()) => c?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
