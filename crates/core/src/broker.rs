@@ -381,6 +381,16 @@ impl Broker {
         Self::build(store, None, config, clock)
     }
 
+    /// A single node whose queue calls go to `queues` (kept by the store's database
+    /// itself, as PostgreSQL does) rather than to the engine over `store`.
+    pub fn with_queues(store: Arc<dyn Store>, queues: Arc<dyn QueueService>, config: BrokerConfig) -> Self {
+        let mut broker = Self::build(store, None, config, Arc::new(SystemClock));
+        if let Some(inner) = Arc::get_mut(&mut broker.inner) {
+            inner.shared_queues = Some(queues);
+        }
+        broker
+    }
+
     /// A node of a cluster: `store` is shared by every node, fan-out is driven by `bus`,
     /// which delivers every node's appends (see the module docs), and queue calls go to
     /// `queues`, which every node shares.

@@ -24,6 +24,8 @@ pub enum StoreKind {
     Disk,
     /// Redis, shared by the nodes of a cluster (set by `cluster.redis`).
     Redis,
+    /// PostgreSQL (`[postgres]`, `--postgres-url`): topics and queues in tables.
+    Postgres,
 }
 
 impl std::str::FromStr for StoreKind {
@@ -33,7 +35,8 @@ impl std::str::FromStr for StoreKind {
             "memory" => Ok(StoreKind::Memory),
             "disk" => Ok(StoreKind::Disk),
             "redis" => Ok(StoreKind::Redis),
-            other => Err(format!("store must be memory, disk or redis, not {other:?}")),
+            "postgres" => Ok(StoreKind::Postgres),
+            other => Err(format!("store must be memory, disk, postgres or redis, not {other:?}")),
         }
     }
 }
@@ -44,6 +47,7 @@ impl StoreKind {
             StoreKind::Memory => "memory",
             StoreKind::Disk => "disk",
             StoreKind::Redis => "redis",
+            StoreKind::Postgres => "postgres",
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// The cluster this node joins, if any.
     pub cluster: ClusterConfig,
+    /// The PostgreSQL store's database (used with `store = "postgres"`).
+    pub postgres: PostgresConfig,
     /// TLS on the listener (certificate and key files), if set.
     pub tls: Option<crate::tls::TlsFiles>,
     /// Authentication and grants (`[auth]` in the config file), if set: then every
@@ -106,6 +112,59 @@ impl Default for ClusterConfig {
     }
 }
 
+/// The PostgreSQL store's database (docs/storage.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/database[?sslmode=require&sslrootcert=...]`; a password
+    /// in it is never printed.
+    pub url: String,
+    /// A file holding the password (its first line), when the URL has none; else
+    /// `PGPASSWORD`, if set.
+    pub password_file: Option<PathBuf>,
+    /// The schema every table lives in, so deployments can share a database.
+    pub schema: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Longest any statement may run.
+    pub statement_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        let d = herald_store_postgres::PgConfig::default();
+        Self {
+            url: d.url,
+            password_file: None,
+            schema: d.schema,
+            pool_size: d.pool_size,
+            statement_timeout: d.statement_timeout,
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The store's settings, with the password read from `password_file` or
+    /// `PGPASSWORD` when the URL has none.
+    pub fn store_config(&self, retention: RetentionConfig) -> anyhow::Result<herald_store_postgres::PgConfig> {
+        let password = match &self.password_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading postgres.password_file {}", path.display()))?;
+                Some(text.lines().next().unwrap_or_default().to_owned())
+            }
+            None => std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()),
+        };
+        Ok(herald_store_postgres::PgConfig {
+            url: self.url.clone(),
+            schema: self.schema.clone(),
+            pool_size: self.pool_size,
+            statement_timeout: self.statement_timeout,
+            retention,
+            password,
+        })
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -123,6 +182,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             drain_delay: Duration::ZERO,
             cluster: ClusterConfig::default(),
+            postgres: PostgresConfig::default(),
             tls: None,
             auth: None,
             limits: LimitsConfig::default(),
@@ -142,9 +202,21 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP, WebSocket).
     #[arg(long, env = "HERALD_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Store: disk (default) or memory; redis with --cluster.
+    /// Store: disk (default), memory or postgres; redis with --cluster.
     #[arg(long, env = "HERALD_STORE")]
     pub store: Option<StoreKind>,
+    /// The PostgreSQL store's database: postgres://user@host:port/database (sslmode=require for TLS).
+    #[arg(long, env = "HERALD_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+    /// A file whose first line is the PostgreSQL password (else PGPASSWORD, when the URL has none).
+    #[arg(long, env = "HERALD_POSTGRES_PASSWORD_FILE")]
+    pub postgres_password_file: Option<PathBuf>,
+    /// The schema the PostgreSQL store's tables live in (default herald).
+    #[arg(long, env = "HERALD_POSTGRES_SCHEMA")]
+    pub postgres_schema: Option<String>,
+    /// Connections in the PostgreSQL pool (default 16).
+    #[arg(long, env = "HERALD_POSTGRES_POOL_SIZE")]
+    pub postgres_pool_size: Option<usize>,
     /// Join a cluster over this Redis (redis://host:port/ or rediss://...; for a Redis
     /// Cluster, seed nodes separated by commas).
     #[arg(long, env = "HERALD_CLUSTER")]
@@ -271,6 +343,8 @@ struct File {
     #[serde(default)]
     cluster: FileCluster,
     #[serde(default)]
+    postgres: FilePostgres,
+    #[serde(default)]
     tls: FileTls,
     #[serde(default)]
     metrics: FileMetrics,
@@ -305,6 +379,16 @@ struct FileCluster {
     redis: Option<String>,
     role: Option<String>,
     prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePostgres {
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    schema: Option<String>,
+    pool_size: Option<usize>,
+    statement_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -461,6 +545,14 @@ impl Config {
             redis: args.cluster.clone().or(file.cluster.redis).filter(|u| !u.is_empty()),
             prefix: args.cluster_prefix.clone().or(file.cluster.prefix).unwrap_or(d.cluster.prefix),
         };
+        let postgres = PostgresConfig {
+            url: args.postgres_url.clone().or(file.postgres.url).unwrap_or(d.postgres.url),
+            password_file: args.postgres_password_file.clone().or(file.postgres.password_file),
+            schema: args.postgres_schema.clone().or(file.postgres.schema).unwrap_or(d.postgres.schema),
+            pool_size: args.postgres_pool_size.or(file.postgres.pool_size).unwrap_or(d.postgres.pool_size),
+            statement_timeout: file_duration("postgres.statement_timeout", file.postgres.statement_timeout)?
+                .unwrap_or(d.postgres.statement_timeout),
+        };
         let store = match (args.store, file.store) {
             (Some(s), _) => s,
             (None, Some(s)) => s.parse().map_err(|e| anyhow::anyhow!("config key store: {e}"))?,
@@ -594,6 +686,7 @@ impl Config {
                 .or(file_duration("timeouts.drain_delay", file.timeouts.drain_delay)?)
                 .unwrap_or(d.drain_delay),
             cluster,
+            postgres,
             tls,
             auth: file.auth,
             limits,
@@ -626,7 +719,7 @@ impl Config {
             }
         }
         match (&self.cluster.redis, self.store) {
-            (Some(_), StoreKind::Redis) | (None, StoreKind::Memory | StoreKind::Disk) => {}
+            (Some(_), StoreKind::Redis) | (None, StoreKind::Memory | StoreKind::Disk | StoreKind::Postgres) => {}
             (Some(_), _) => {
                 bail!("config key store: a cluster keeps its history in Redis; leave store unset or set it to redis")
             }
@@ -639,6 +732,15 @@ impl Config {
         }
         if self.cluster.redis.is_none() && self.broker.role != Role::All {
             bail!("config key cluster.role: a single node serves everything; set cluster.redis (--cluster URL) to split roles");
+        }
+        if self.store == StoreKind::Postgres {
+            herald_store_postgres::validate_schema(&self.postgres.schema).context("config key postgres.schema")?;
+            if self.postgres.pool_size < 4 {
+                bail!("config key postgres.pool_size must be at least 4");
+            }
+            if self.retention.max_bytes > 0 {
+                bail!("config key retention.max_bytes: the PostgreSQL store trims by count and age only; leave it 0");
+            }
         }
         if self.cluster.prefix.contains(['{', '}']) {
             bail!("config key cluster.prefix must not contain '{{' or '}}' (Redis Cluster hash tags)");
@@ -717,6 +819,12 @@ handshake_timeout = "{handshake_timeout}"
 {redis}role = "{role}"
 prefix = "{prefix}"
 
+[postgres]
+url = "{pg_url}"
+{pg_password_file}schema = "{pg_schema}"
+pool_size = {pg_pool_size}
+statement_timeout = "{pg_statement_timeout}"
+
 [metrics]
 topics = [{metrics_topics}]
 
@@ -766,6 +874,15 @@ enabled = {console}
             },
             role = self.broker.role.as_str(),
             prefix = self.cluster.prefix,
+            pg_url =
+                herald_store_postgres::PgConfig { url: self.postgres.url.clone(), ..Default::default() }.redacted_url(),
+            pg_password_file = match &self.postgres.password_file {
+                Some(path) => format!("password_file = \"{}\"\n", path.display()),
+                None => String::new(),
+            },
+            pg_schema = self.postgres.schema,
+            pg_pool_size = self.postgres.pool_size,
+            pg_statement_timeout = format_duration(self.postgres.statement_timeout),
             tls = match &self.tls {
                 Some(files) => format!(
                     "cert = \"{}\"\nkey = \"{}\"\n{}",

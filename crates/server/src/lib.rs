@@ -29,6 +29,7 @@ use herald_core::{Broker, Bus, MemoryStore, QueueService, Store, SystemClock};
 use herald_grpc::{GrpcConfig, GrpcState};
 use herald_http::AppState;
 use herald_store_disk::{DiskConfig, DiskStore};
+use herald_store_postgres::PgStore;
 use herald_store_redis::{RedisBus, RedisConfig, RedisQueues, RedisStore};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -103,6 +104,9 @@ pub struct Backend {
     pub store: Arc<dyn Store>,
     /// Delivers every node's appends, and the queues every node shares (cluster only).
     pub cluster: Option<(Arc<dyn Bus>, Arc<dyn QueueService>)>,
+    /// Queues kept by the store's database itself rather than by this node's engine
+    /// over the store (PostgreSQL).
+    pub queues: Option<Arc<dyn QueueService>>,
 }
 
 async fn open_backend(config: &Config) -> anyhow::Result<Backend> {
@@ -116,16 +120,30 @@ async fn open_backend(config: &Config) -> anyhow::Result<Backend> {
         let bus = RedisBus::start(&store).await.with_context(|| format!("opening pub/sub on {shown}"))?;
         let b = &config.broker;
         let queues = RedisQueues::new(&store, &bus, Arc::new(SystemClock), b.queues, b.max_message_bytes);
-        return Ok(Backend { store: Arc::new(store), cluster: Some((Arc::new(bus), Arc::new(queues))) });
+        return Ok(Backend { store: Arc::new(store), cluster: Some((Arc::new(bus), Arc::new(queues))), queues: None });
+    }
+    if config.store == StoreKind::Postgres {
+        let pg = config.postgres.store_config(config.retention)?;
+        let shown = pg.to_string();
+        let store = PgStore::connect(pg, Arc::new(SystemClock))
+            .await
+            .with_context(|| format!("opening the PostgreSQL store at {shown}"))?;
+        let b = &config.broker;
+        let queues = store
+            .queue_service(b.queues, b.max_message_bytes)
+            .await
+            .with_context(|| format!("opening the PostgreSQL queues at {shown}"))?;
+        return Ok(Backend { store: Arc::new(store), cluster: None, queues: Some(Arc::new(queues)) });
     }
     let store = open_store(config)?;
-    Ok(Backend { store, cluster: None })
+    Ok(Backend { store, cluster: None, queues: None })
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.retention))),
         StoreKind::Redis => anyhow::bail!("the redis store needs cluster.redis (--cluster URL)"),
+        StoreKind::Postgres => anyhow::bail!("the postgres store is opened with its queues (open_backend)"),
         StoreKind::Disk => {
             let disk = DiskConfig {
                 dir: config.data_dir.clone(),
@@ -211,9 +229,10 @@ async fn serve_with(
     auth: Option<Arc<LiveAuth>>,
     (draining, shutdown): (CancellationToken, CancellationToken),
 ) -> anyhow::Result<()> {
-    let broker = match backend.cluster {
-        Some((bus, queues)) => Broker::clustered(backend.store, bus, queues, config.broker.clone()),
-        None => Broker::new(backend.store, config.broker.clone()),
+    let broker = match (backend.cluster, backend.queues) {
+        (Some((bus, queues)), _) => Broker::clustered(backend.store, bus, queues, config.broker.clone()),
+        (None, Some(queues)) => Broker::with_queues(backend.store, queues, config.broker.clone()),
+        (None, None) => Broker::new(backend.store, config.broker.clone()),
     };
     // process_cpu_seconds_total, process_resident_memory_bytes, open fds, ... on /metrics.
     #[cfg(target_os = "linux")]

@@ -42,6 +42,9 @@ pub struct PgConfig {
     pub statement_timeout: Duration,
     /// Topic retention: by count and age, and per-message TTL.
     pub retention: RetentionConfig,
+    /// The password, when the URL has none (read from a file or `PGPASSWORD` by the
+    /// server); never shown.
+    pub password: Option<String>,
 }
 
 impl Default for PgConfig {
@@ -52,6 +55,7 @@ impl Default for PgConfig {
             pool_size: 16,
             statement_timeout: Duration::from_secs(10),
             retention: RetentionConfig::default(),
+            password: None,
         }
     }
 }
@@ -72,6 +76,7 @@ impl fmt::Debug for PgConfig {
             .field("pool_size", &self.pool_size)
             .field("statement_timeout", &self.statement_timeout)
             .field("retention", &self.retention)
+            .field("password", &self.password.as_ref().map(|_| "***"))
             .finish()
     }
 }
@@ -250,6 +255,9 @@ pub(crate) fn connection_config(config: &PgConfig) -> Result<(tokio_postgres::Co
     let bad = |reason: String| PgError::Url { url: config.redacted_url(), reason };
     let (url, tls) = take_tls(&config.url).map_err(bad)?;
     let mut pg = tokio_postgres::Config::from_str(&url).map_err(|e| bad(e.to_string()))?;
+    if let (None, Some(password)) = (pg.get_password(), &config.password) {
+        pg.password(password.as_bytes());
+    }
     let ms = config.statement_timeout.as_millis();
     if ms == 0 || ms > i32::MAX as u128 {
         return Err(PgError::Setting(format!(

@@ -26,6 +26,8 @@ pub struct TestServer {
     pub url: String,
     pub ws: String,
     pub http: reqwest::Client,
+    /// Its PostgreSQL schema, with `HERALD_TEST_STORE=postgres` (dropped after it).
+    pub schema: Option<PgSchema>,
 }
 
 impl Drop for TestServer {
@@ -36,14 +38,57 @@ impl Drop for TestServer {
     }
 }
 
-/// Starts a memory-store server on a free port, after `tune` adjusts the config.
+/// Starts a memory-store server on a free port, after `tune` adjusts the config. With
+/// `HERALD_TEST_STORE=postgres`, the server keeps topics and queues in PostgreSQL
+/// instead (`HERALD_TEST_POSTGRES_URL`, default the local server's `test` database), in
+/// a schema of its own, dropped when the server is: the whole black-box suite runs
+/// against that store so (`.ci/run` does both).
 pub async fn start(tune: impl FnOnce(&mut Config)) -> Result<TestServer> {
     let mut config = Config { listen: "127.0.0.1:0".parse()?, store: StoreKind::Memory, ..Config::default() };
+    let schema = test_store(&mut config);
     tune(&mut config);
     let server = herald_server::start(config).await?;
     let url = server.url();
     let ws = url.replacen("http://", "ws://", 1);
-    Ok(TestServer { server: Some(server), url, ws, http: http() })
+    Ok(TestServer { server: Some(server), url, ws, http: http(), schema })
+}
+
+/// The store `HERALD_TEST_STORE` asks for: PostgreSQL in a new schema (returned), or
+/// memory.
+fn test_store(config: &mut Config) -> Option<PgSchema> {
+    if std::env::var("HERALD_TEST_STORE").as_deref() != Ok("postgres") {
+        return None;
+    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let schema = format!("herald_suite_{}_{n}_{nanos}", std::process::id());
+    config.store = StoreKind::Postgres;
+    config.postgres.url = postgres_url();
+    config.postgres.schema = schema.clone();
+    config.postgres.pool_size = 8;
+    Some(PgSchema(schema))
+}
+
+/// The PostgreSQL the suite's servers use.
+pub fn postgres_url() -> String {
+    std::env::var("HERALD_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A test server's schema, dropped (with its tables) when the server is.
+pub struct PgSchema(pub String);
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0);
+        let dropped = std::process::Command::new("psql")
+            .args(["-q", "-X", "-d", &postgres_url(), "-c", &sql])
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !dropped.is_ok_and(|s| s.success()) {
+            eprintln!("could not drop the test schema {}", self.0);
+        }
+    }
 }
 
 /// A plain reqwest client (reqwest is built without a crypto provider of its own).

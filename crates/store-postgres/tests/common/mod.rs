@@ -54,6 +54,7 @@ pub fn config(schema: &str, retention: RetentionConfig) -> PgConfig {
         pool_size: 4,
         statement_timeout: Duration::from_secs(10),
         retention,
+        password: None,
     }
 }
 
