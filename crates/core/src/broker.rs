@@ -31,10 +31,10 @@ use crate::config::BrokerConfig;
 use crate::connections::{ConnectionInfo, Connections};
 use crate::message::{Clock, Message, NewMessage, Outgoing, SystemClock};
 use crate::metrics::{Door, Metrics};
-use crate::name::TopicName;
+use crate::name::{QueueName, TopicName};
 use crate::outbound::Subscriber;
 use crate::presence::Presence;
-use crate::queue::{QueueCounters, QueueService, Queues};
+use crate::queue::{QueueCounters, QueueError, QueueService, QueueStats, Queues};
 use crate::store::{Appended, Epoch, History, ListedTopic, Store, StoreError, TopicHead};
 
 /// Errors of broker operations; each maps to one client-facing code.
@@ -370,6 +370,9 @@ impl TopicState {
     }
 }
 
+/// Shared queues `/metrics` reads at most per scrape ([`Broker::queue_top`]).
+pub const MAX_QUEUES_SCRAPED: usize = 10_000;
+
 impl Broker {
     /// A broker over `store`, on the system clock.
     pub fn new(store: Arc<dyn Store>, config: BrokerConfig) -> Self {
@@ -449,6 +452,26 @@ impl Broker {
             return Err(BrokerError::Role { role, action: "serve queue calls", serves: Role::Ingest });
         }
         Ok(self.queue_backend())
+    }
+
+    /// How many queues there are and the `n` largest with their counts, for `/metrics`:
+    /// this node's engine's, or, with queues kept outside the node (a cluster's Redis,
+    /// PostgreSQL), the shared ones, listed by name in pages (at most
+    /// [`MAX_QUEUES_SCRAPED`]; a queue past that is not counted).
+    pub async fn queue_top(&self, n: usize) -> Result<(usize, Vec<(QueueName, QueueStats)>), QueueError> {
+        let Some(shared) = &self.inner.shared_queues else { return Ok(self.inner.queues.top(n)) };
+        let size = |s: &QueueStats| s.ready + s.in_flight + s.delayed + s.dead;
+        let (mut total, mut top, mut after) = (0, Vec::<(QueueName, QueueStats)>::new(), None::<QueueName>);
+        while total < MAX_QUEUES_SCRAPED {
+            let page = shared.list("", after.as_ref().map(|q| q.as_str()), 200, &|_| true).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.queue.clone());
+            total += page.len();
+            top.extend(page.into_iter().map(|l| (l.queue, l.stats)));
+            top.sort_unstable_by(|a, b| size(&b.1).cmp(&size(&a.1)).then_with(|| a.0.as_str().cmp(b.0.as_str())));
+            top.truncate(n);
+        }
+        Ok((total, top))
     }
 
     fn queue_backend(&self) -> &dyn QueueService {

@@ -213,10 +213,18 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         "# HELP herald_build_info Herald's version.\n# TYPE herald_build_info gauge\nherald_build_info{{version=\"{}\"}} 1\n",
         env!("CARGO_PKG_VERSION")
     );
-    let (count, top) = state.broker().queues().top(TOP_QUEUES);
+    // Queues shared outside the node (PostgreSQL, a cluster's Redis) are read from there:
+    // an error leaves them out of this scrape rather than failing it.
+    let (count, top) = match state.broker().queue_top(TOP_QUEUES).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "queue counts left out of /metrics");
+            (0, Vec::new())
+        }
+    };
     let _ = write!(
         out,
-        "# HELP herald_queues Work queues on this node (dead-letter queues not counted).\n# TYPE herald_queues gauge\nherald_queues {count}\n"
+        "# HELP herald_queues Work queues (this node's, or all the shared ones; dead-letter queues not counted).\n# TYPE herald_queues gauge\nherald_queues {count}\n"
     );
     let _ = write!(
         out,
