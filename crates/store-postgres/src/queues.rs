@@ -15,6 +15,13 @@
 //! the WAL flush (as the engine does not make them durable before answering either: a
 //! database crash may deliver a message again, never lose one).
 //!
+//! Batching (`batch.rs`): concurrent acks go to an ack batcher that deletes all of
+//! them with one statement and answers each by whether its row matched (`not_found`
+//! otherwise, as one by one); concurrent fetches on one queue go to a fetch combiner
+//! that serves them with one `SKIP LOCKED` statement for the sum of their `max`, rows
+//! shared out oldest first, each leased for its caller's visibility. A lone request
+//! goes at once; requests arriving while a batch runs make the next one.
+//!
 //! Long polls: writes that make messages ready `pg_notify` the schema's channel with the
 //! queue's name in their transaction; one dedicated connection per `PgQueues` LISTENs
 //! and wakes this node's waiters on that queue. Waiters also sleep only until the next
@@ -43,10 +50,12 @@ use tokio_postgres::{Row, Socket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use batch::{ack_batch, fetch_batch, run_batches, Ack, Fetch, BATCH_QUEUE, MAX_ACKS, MAX_FETCHES};
 use listen::{channel_of, lock, run_listener, Waiting, Wakers};
 use sql::Sql;
 use writer::{write_enqueues, Enqueue, ENQUEUE_QUEUE};
 
+mod batch;
 mod listen;
 mod sql;
 mod writer;
@@ -98,6 +107,8 @@ struct Shared {
     nonces: AtomicU64,
     wakers: Arc<Wakers>,
     enqueue_tx: mpsc::Sender<Enqueue>,
+    ack_tx: mpsc::Sender<Ack>,
+    fetch_tx: mpsc::Sender<Fetch>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -210,6 +221,84 @@ impl Db {
             self.counters.dead_lettered.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
+
+    /// Runs `query` (prepared from `text`) on `client` after a settle of `pair`: in one
+    /// transaction committed without waiting for its WAL flush, unless `durable` (then
+    /// each statement commits on its own, durably). Either way all statements are sent
+    /// at once (pipelined) and run in order, so the query sees what the settle moved.
+    async fn settled_query(
+        &self,
+        client: &Object,
+        pair: Option<(QueueName, QueueName)>,
+        now: u64,
+        text: &str,
+        params: &[&(dyn ToSql + Sync)],
+        durable: bool,
+    ) -> Result<Vec<Row>, QueueError> {
+        let statement = client.prepare_cached(text).await.map_err(db_error)?;
+        let settle = client.prepare_cached(&self.sql.settle).await.map_err(db_error)?;
+        let now = big(now);
+        let names = pair.as_ref().map(|(queue, dlq)| (queue.as_str(), dlq.as_str()));
+        let settle_params =
+            names.as_ref().map(|(queue, dlq)| -> [&(dyn ToSql + Sync); 4] { [queue, dlq, &now, &self.channel] });
+        let settled = settle_params.as_ref().map(|p| client.query_one(&settle, p));
+        let query = client.query(&statement, params);
+        let (settled, rows) = if durable {
+            let (settled, rows) = futures_util::future::join(OptionFuture::from(settled), query).await;
+            (settled.transpose().map_err(db_error)?, rows.map_err(db_error)?)
+        } else {
+            unflushed(client, settled, query).await.map_err(db_error)?
+        };
+        if let Some(settled) = settled {
+            self.dead_lettered(col(&settled, 0)?);
+        }
+        Ok(rows)
+    }
+
+    /// One fetch statement on `name` at `now` for up to `leases.len()` messages: the
+    /// i-th taken (oldest first) is leased until `leases[i]` with nonce `nonces[i]`.
+    /// Returns the deliveries with their index, in that order.
+    async fn fetch(
+        &self,
+        name: &QueueName,
+        now: u64,
+        leases: &[i64],
+        nonces: &[i64],
+    ) -> Result<Vec<(usize, Delivery)>, QueueError> {
+        let client = self.conn().await?;
+        // The attempt whose lease end dead-letters (none in a dead-letter queue).
+        let last = match name.dlq() {
+            Some(_) => i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX),
+            None => i32::MAX,
+        };
+        let (now_ms, limit) = (big(now), leases.len() as i64);
+        let params: [&(dyn ToSql + Sync); 6] = [&name.as_str(), &now_ms, &limit, &leases, &last, &nonces];
+        // On a dead-letter queue, last leases of its queue that ended are dead letters here.
+        let pair = name.parent().map(|parent| (parent, name.clone()));
+        let rows = self.settled_query(&client, pair, now, &self.sql.fetch, &params, false).await?;
+        let damaged = || unavailable(format!("a damaged message in {name}"));
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (id, attempt, ts): (i64, i32, i64) = (col(row, 0)?, col(row, 1)?, col(row, 2)?);
+            let order = usize::try_from(col::<i64>(row, 6)? - 1).map_err(|_| damaged())?;
+            out.push((
+                order,
+                Delivery {
+                    id: col(row, 5)?,
+                    message_id: id as u64,
+                    attempt: attempt as u32,
+                    ts: ts as u64,
+                    kind: kind_of(col(row, 3)?).ok_or_else(damaged)?,
+                    payload: Bytes::from(col::<Vec<u8>>(row, 4)?),
+                },
+            ));
+        }
+        out.sort_unstable_by_key(|(order, _)| *order);
+        self.counters.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
+        let again = out.iter().filter(|(_, d)| d.attempt > 1).count() as u64;
+        self.counters.redelivered.fetch_add(again, Ordering::Relaxed);
+        Ok(out)
+    }
 }
 
 impl PgQueues {
@@ -258,6 +347,14 @@ impl PgQueues {
             Err(_) => return Err(PgQueuesError::ListenerStopped),
         }
         tasks.spawn(write_enqueues(db.clone(), enqueue_rx, shutdown.clone()));
+        let (ack_tx, ack_rx) = mpsc::channel(BATCH_QUEUE);
+        let acks = db.clone();
+        tasks.spawn(run_batches(ack_rx, shutdown.clone(), MAX_ACKS, move |batch| ack_batch(acks.clone(), batch)));
+        let (fetch_tx, fetch_rx) = mpsc::channel(BATCH_QUEUE);
+        let fetches = db.clone();
+        tasks.spawn(run_batches(fetch_rx, shutdown.clone(), MAX_FETCHES, move |batch| {
+            fetch_batch(fetches.clone(), batch)
+        }));
         tasks.close();
         let shared = Shared {
             db,
@@ -269,6 +366,8 @@ impl PgQueues {
             nonces: AtomicU64::new(0),
             wakers,
             enqueue_tx,
+            ack_tx,
+            fetch_tx,
             shutdown,
             tasks,
         };
@@ -345,78 +444,16 @@ impl Shared {
             .collect()
     }
 
-    /// Runs `query` (prepared from `text`) on `client` after a settle of `pair`: in one
-    /// transaction committed without waiting for its WAL flush, unless `durable` (then
-    /// each statement commits on its own, durably). Either way all statements are sent
-    /// at once (pipelined) and run in order, so the query sees what the settle moved.
-    async fn settled_query(
-        &self,
-        client: &Object,
-        pair: Option<(QueueName, QueueName)>,
-        now: u64,
-        text: &str,
-        params: &[&(dyn ToSql + Sync)],
-        durable: bool,
-    ) -> Result<Vec<Row>, QueueError> {
-        let statement = client.prepare_cached(text).await.map_err(db_error)?;
-        let settle = client.prepare_cached(&self.db.sql.settle).await.map_err(db_error)?;
-        let now = big(now);
-        let names = pair.as_ref().map(|(queue, dlq)| (queue.as_str(), dlq.as_str()));
-        let settle_params =
-            names.as_ref().map(|(queue, dlq)| -> [&(dyn ToSql + Sync); 4] { [queue, dlq, &now, &self.db.channel] });
-        let settled = settle_params.as_ref().map(|p| client.query_one(&settle, p));
-        let query = client.query(&statement, params);
-        let (settled, rows) = if durable {
-            let (settled, rows) = futures_util::future::join(OptionFuture::from(settled), query).await;
-            (settled.transpose().map_err(db_error)?, rows.map_err(db_error)?)
-        } else {
-            unflushed(client, settled, query).await.map_err(db_error)?
-        };
-        if let Some(settled) = settled {
-            self.db.dead_lettered(col(&settled, 0)?);
-        }
-        Ok(rows)
-    }
-
-    /// One try: the deliveries taken.
+    /// One try: the deliveries taken. Through the fetch combiner (one statement for
+    /// the fetches on one queue waiting together), or alone once it stopped.
     async fn try_fetch(&self, name: &QueueName, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>, QueueError> {
         let max = max.min(MAX_FETCH);
-        let now = self.clock.now_ms();
-        let client = self.db.conn().await?;
-        // The attempt whose lease end dead-letters (none in a dead-letter queue).
-        let last = match name.dlq() {
-            Some(_) => i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX),
-            None => i32::MAX,
-        };
-        let nonces = self.nonces(max);
-        let (now_ms, limit, lease_end) = (big(now), max as i64, after(now, visibility_ms));
-        let params: [&(dyn ToSql + Sync); 6] = [&name.as_str(), &now_ms, &limit, &lease_end, &last, &nonces];
-        // On a dead-letter queue, last leases of its queue that ended are dead letters here.
-        let pair = name.parent().map(|parent| (parent, name.clone()));
-        let rows = self.settled_query(&client, pair, now, &self.db.sql.fetch, &params, false).await?;
-        let damaged = || unavailable(format!("a damaged message in {name}"));
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let (id, attempt, ts): (i64, i32, i64) = (col(row, 0)?, col(row, 1)?, col(row, 2)?);
-            let order: i64 = col(row, 6)?;
-            out.push((
-                order,
-                Delivery {
-                    id: col(row, 5)?,
-                    message_id: id as u64,
-                    attempt: attempt as u32,
-                    ts: ts as u64,
-                    kind: kind_of(col(row, 3)?).ok_or_else(damaged)?,
-                    payload: Bytes::from(col::<Vec<u8>>(row, 4)?),
-                },
-            ));
+        let (reply, answer) = oneshot::channel();
+        let fetch = Fetch { queue: name.clone(), max, visibility_ms, nonces: self.nonces(max), reply };
+        if let Err(mpsc::error::SendError(fetch)) = self.fetch_tx.send(fetch).await {
+            fetch_batch(self.db.clone(), vec![fetch]).await;
         }
-        out.sort_unstable_by_key(|(order, _)| *order);
-        let out: Vec<Delivery> = out.into_iter().map(|(_, d)| d).collect();
-        self.counters.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
-        let again = out.iter().filter(|d| d.attempt > 1).count() as u64;
-        self.counters.redelivered.fetch_add(again, Ordering::Relaxed);
-        Ok(out)
+        answer.await.map_err(|_| QueueError::Store(StoreError::Closed))?
     }
 
     /// When the next delay or lease of `name` ends (on a dead-letter queue, also the
@@ -447,7 +484,25 @@ impl Shared {
         Ok(Waiting { wakers: self.wakers.clone(), counters: self.counters.clone(), queue: name.clone(), waiters })
     }
 
-    /// One ack, requeue or extend: `not_found` unless `delivery` is the current lease.
+    /// One ack: `not_found` unless `delivery` is the current lease. Through the ack
+    /// batcher (one statement for the acks waiting together), or alone once it stopped.
+    async fn ack(&self, name: &QueueName, delivery: &str) -> Result<(), QueueError> {
+        let not_found = || QueueError::NotFound(delivery.to_owned());
+        let id = message_of(delivery).ok_or_else(not_found)?;
+        let (reply, answer) = oneshot::channel();
+        let now = big(self.clock.now_ms());
+        let ack = Ack { queue: name.clone(), id, delivery: delivery.to_owned(), now, reply };
+        if let Err(mpsc::error::SendError(ack)) = self.ack_tx.send(ack).await {
+            ack_batch(self.db.clone(), vec![ack]).await;
+        }
+        match answer.await.map_err(|_| QueueError::Store(StoreError::Closed))? {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(not_found()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One requeue or extend: `not_found` unless `delivery` is the current lease.
     async fn settle_delivery(&self, name: &QueueName, op: Op, delivery: &str) -> Result<(), QueueError> {
         let not_found = || QueueError::NotFound(delivery.to_owned());
         let id = message_of(delivery).ok_or_else(not_found)?;
@@ -455,12 +510,7 @@ impl Shared {
         let client = self.db.conn().await?;
         let sql = &self.db.sql;
         let now_ms = big(now);
-        let current: [&(dyn ToSql + Sync); 4] = [&name.as_str(), &id, &delivery, &now_ms];
         let done = match op {
-            Op::Ack => {
-                let statement = client.prepare_cached(&sql.ack).await.map_err(db_error)?;
-                unflushed(&client, NO_SETTLE, client.execute(&statement, &current)).await.map_err(db_error)?.1 == 1
-            }
             Op::Requeue { delay_ms } => {
                 let statement = client.prepare_cached(&sql.requeue).await.map_err(db_error)?;
                 let (ready_at, dlq) = (after(now, delay_ms), name.dlq());
@@ -490,7 +540,7 @@ impl Shared {
         let (dlq, now_ms) = (name.dlq(), big(now));
         let dlq_name = dlq.as_ref().map(|d| d.as_str());
         let params: [&(dyn ToSql + Sync); 3] = [&name.as_str(), &now_ms, &dlq_name];
-        let rows = self.settled_query(&client, settle_pair(name), now, &self.db.sql.stats, &params, false).await?;
+        let rows = self.db.settled_query(&client, settle_pair(name), now, &self.db.sql.stats, &params, false).await?;
         let row = rows.first().ok_or_else(|| unavailable("no stats row"))?;
         let count = |i| col::<i64>(row, i).map(|n| n as u64);
         Ok(QueueStats { ready: count(0)?, in_flight: count(1)?, delayed: count(2)?, dead: count(3)? })
@@ -507,7 +557,7 @@ impl Shared {
         // enqueued meanwhile may be purged too.
         loop {
             let params: [&(dyn ToSql + Sync); 4] = [&name.as_str(), &now_ms, &ADMIN_BATCH, &cursor];
-            let rows = self.settled_query(&client, pair.take(), now, &self.db.sql.purge, &params, true).await?;
+            let rows = self.db.settled_query(&client, pair.take(), now, &self.db.sql.purge, &params, true).await?;
             let row = rows.first().ok_or_else(|| unavailable("no purge row"))?;
             let (n, last): (i64, i64) = (col(row, 0)?, col(row, 1)?);
             purged += n as u64;
@@ -616,7 +666,6 @@ impl Shared {
 /// What [`Shared::settle_delivery`] does with a current delivery.
 #[derive(Clone, Copy)]
 enum Op {
-    Ack,
     Requeue { delay_ms: u64 },
     Extend { visibility_ms: u64 },
 }
@@ -695,7 +744,7 @@ impl QueueService for PgQueues {
 
     fn ack<'a>(&'a self, name: &'a QueueName, delivery: &'a str) -> QueueFuture<'a, ()> {
         Box::pin(async move {
-            self.shared.settle_delivery(name, Op::Ack, delivery).await?;
+            self.shared.ack(name, delivery).await?;
             self.shared.counters.acked.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })

@@ -4,7 +4,9 @@
 //! own, dropped at its end. Then what the suite does not reach: many workers on two
 //! nodes, the long poll woken by another node's enqueue (and by a delay ending), a
 //! delivery refused once its lease ended and the job went to someone else, a database
-//! that does not answer; and, ignored by default, the round-trip benchmark.
+//! that does not answer; many acks and fetches at once (served in batches: stale acks
+//! refused, no job to two callers, each lease its caller's); and, ignored by default,
+//! the round-trip benchmark.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -410,6 +412,113 @@ async fn lost_connections_are_replaced_and_long_polls_recheck() -> Result {
     assert!(started.elapsed() < Duration::from_millis(500), "woken after {:?}", started.elapsed());
     b.ack(&q, &got[0].id).await?;
     assert_eq!(a.stats(&q).await?, QueueStats::default());
+    Ok(())
+}
+
+/// Acks sent all at once (so that the ack batcher takes many in one statement): 64
+/// current deliveries, each acked twice, succeed exactly once each; 32 deliveries whose
+/// lease ended and whose jobs went out again, a malformed id and an unknown one are
+/// `not_found`, and do not fail the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acks_succeed_once_each_and_stale_ones_are_not_found() -> Result {
+    let pg = Pg::new();
+    let (a, b, clock) = two_nodes(&pg, QueueConfig::default()).await?;
+    let q = queue("batch.acks")?;
+    for i in 0..64 {
+        a.enqueue(&q, text(&format!("job-{i}")), 0).await?;
+    }
+    let short = a.fetch_wait(&q, 32, 1000, Duration::ZERO).await?;
+    let long = b.fetch_wait(&q, 32, 60_000, Duration::ZERO).await?;
+    assert_eq!((short.len(), long.len()), (32, 32));
+    clock.advance(1000);
+    let again = b.fetch_wait(&q, 32, 60_000, Duration::ZERO).await?;
+    assert_eq!(again.len(), 32, "the short leases ended");
+    let mut acks: Vec<(String, bool)> = Vec::new();
+    acks.extend(short.iter().map(|d| (d.id.clone(), false)));
+    for d in again.iter().chain(&long) {
+        acks.push((d.id.clone(), true));
+        acks.push((d.id.clone(), true));
+    }
+    acks.push(("not-a-delivery".to_owned(), false));
+    acks.push(("7fffffff-1-1".to_owned(), false));
+    let start = Arc::new(tokio::sync::Barrier::new(acks.len()));
+    let tasks: Vec<_> = acks
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| {
+            let node = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (q, id, start) = (q.clone(), id.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                node.ack(&q, &id).await
+            })
+        })
+        .collect();
+    let mut succeeded = HashMap::<String, u32>::new();
+    for ((id, current), task) in acks.iter().zip(tasks) {
+        match task.await? {
+            Ok(()) => {
+                assert!(current, "{id}: a stale or unknown delivery was acked");
+                *succeeded.entry(id.clone()).or_default() += 1;
+            }
+            Err(QueueError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert_eq!(succeeded.len(), 64, "every current delivery acked");
+    assert!(succeeded.values().all(|&n| n == 1), "a delivery acked twice");
+    let acked = a.counters().acked.load(Ordering::Relaxed) + b.counters().acked.load(Ordering::Relaxed);
+    assert_eq!(acked, 64);
+    assert_eq!(a.stats(&q).await?, QueueStats::default());
+    Ok(())
+}
+
+/// Fetches sent all at once on one node (so that the fetch combiner serves many with
+/// one statement), asking for more than the queue holds, with two visibilities: no job
+/// goes to two callers, none gets more than it asked, every job goes out, and each
+/// lease is its own caller's (the short ones end, the long ones do not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fetches_share_the_jobs_out_once_with_their_own_leases() -> Result {
+    const JOBS: usize = 100;
+    let pg = Pg::new();
+    let (a, _b, clock) = two_nodes(&pg, QueueConfig::default()).await?;
+    let q = queue("batch.fetches")?;
+    for i in 0..JOBS {
+        a.enqueue(&q, text(&format!("job-{i}")), 0).await?;
+    }
+    // (max, visibility): 15 x 3 short and 15 x 5 long is 120, more than the 100 jobs;
+    // and a fetch of none.
+    let asks: Vec<(usize, u64)> =
+        (0..30).map(|i| if i % 2 == 0 { (3, 1000) } else { (5, 60_000) }).chain([(0, 1000)]).collect();
+    let start = Arc::new(tokio::sync::Barrier::new(asks.len()));
+    let tasks: Vec<_> = asks
+        .iter()
+        .map(|&(max, visibility)| {
+            let (a, q, start) = (a.clone(), q.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                a.fetch_wait(&q, max, visibility, Duration::ZERO).await
+            })
+        })
+        .collect();
+    let (mut seen, mut short) = (HashSet::new(), 0);
+    for (&(max, visibility), task) in asks.iter().zip(tasks) {
+        let got = task.await??;
+        assert!(got.len() <= max, "{} jobs for a fetch of {max}", got.len());
+        for d in &got {
+            assert!(seen.insert(d.message_id), "job {} went to two callers", d.message_id);
+            assert_eq!(d.attempt, 1);
+        }
+        if visibility == 1000 {
+            short += got.len();
+        }
+    }
+    assert_eq!(seen.len(), JOBS, "every job went out");
+    let long = JOBS - short;
+    assert_eq!(a.stats(&q).await?, QueueStats { in_flight: JOBS as u64, ..QueueStats::default() });
+    clock.advance(1000);
+    let stats = a.stats(&q).await?;
+    assert_eq!((stats.ready, stats.in_flight), (short as u64, long as u64), "each lease is its caller's");
     Ok(())
 }
 

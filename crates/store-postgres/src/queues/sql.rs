@@ -65,9 +65,11 @@ FROM due, d, n
 )
 SELECT n.n, CASE WHEN n.n > 0 THEN pg_notify($4, $2)::text END FROM n";
 
-/// Takes up to $3 ready messages, oldest first, leasing each until $4; drops those
-/// whose TTL passed. $1 queue, $2 now, $5 the attempt that is the last one (its
-/// lease end is also its dead-letter time), $6 one nonce per message.
+/// Takes up to $3 ready messages, oldest first, leasing the n-th until `$4[n]`; drops
+/// those whose TTL passed. $1 queue, $2 now, $5 the attempt that is the last one (its
+/// lease end is also its dead-letter time), $6 one nonce per message. The fetch
+/// combiner serves several callers with one: the n-th message goes to the caller whose
+/// share of 1..$3 holds n, leased for that caller's visibility.
 pub const FETCH: &str = "
 WITH expired AS (
 DELETE FROM {s}.queue_messages
@@ -83,9 +85,9 @@ SELECT id, row_number() OVER (ORDER BY visible_at, id) AS rn FROM picked
 )
 UPDATE {s}.queue_messages m
 SET attempts = m.attempts + 1,
-visible_at = $4,
+visible_at = ($4::bigint[])[p.rn],
 delivery = to_hex(m.id) || '-' || (m.attempts + 1) || '-' || to_hex(($6::bigint[])[p.rn]),
-dead_at = CASE WHEN m.attempts + 1 >= $5 THEN $4::bigint END
+dead_at = CASE WHEN m.attempts + 1 >= $5 THEN ($4::bigint[])[p.rn] END
 FROM numbered p
 WHERE m.queue = $1 AND m.id = p.id
 RETURNING m.id, m.attempts, m.ts, m.kind, m.payload, m.delivery, p.rn";
@@ -100,9 +102,15 @@ SELECT (SELECT min(visible_at) FROM {s}.queue_messages WHERE queue = $1 AND dead
 const CURRENT: &str =
     "queue = $1 AND id = $2 AND delivery = $3 AND visible_at > $4 AND (expires_at IS NULL OR expires_at > $4)";
 
-pub fn ack() -> String {
-    format!("DELETE FROM {{s}}.queue_messages WHERE {CURRENT}")
-}
+/// Acks many deliveries at once (the ack batcher): deletes each message whose current
+/// lease is the one named, at that ack's time. $1 queues, $2 ids, $3 deliveries, $4
+/// times (of the acks, one each). Returns the deliveries it deleted.
+pub const ACK: &str = "
+DELETE FROM {s}.queue_messages m
+USING unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[]) AS u(queue, id, delivery, now)
+WHERE m.queue = u.queue AND m.id = u.id AND m.delivery = u.delivery AND m.visible_at > u.now
+    AND (m.expires_at IS NULL OR m.expires_at > u.now)
+RETURNING m.queue, m.id, m.delivery";
 
 /// $5 when it is ready again, $6 channel, $7 the dead-letter queue. Returns whether
 /// it is dead (its last delivery).
@@ -211,7 +219,7 @@ impl Sql {
             settle: s(SETTLE),
             fetch: s(FETCH),
             next_due: s(NEXT_DUE),
-            ack: s(&ack()),
+            ack: s(ACK),
             requeue: s(&requeue()),
             extend: s(&extend()),
             stats: s(STATS),
