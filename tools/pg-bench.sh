@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The PostgreSQL store beside the disk store and beside a PostgreSQL job-queue peer
+# (graphile-worker, tools/pg-peer), on one machine in one run (docs/BENCHMARKS.md,
+# "PostgreSQL store"):
+#   publish: `herald bench publish` with PUBLISHERS WebSocket publishers (each waits
+#            for its ack), 128-byte messages, on the disk store (fsync always) and on
+#            PostgreSQL (synchronous_commit on, the server's default)
+#   queue:   `herald bench queue` with WORKERS workers (each enqueues, fetches, acks)
+#   peer:    tools/pg-peer/run.sh (graphile-worker 0.17: enqueue jobs/s with PRODUCERS
+#            producers, job round trips/s with WORKERS workers, out of the box and in
+#            its batched mode) on the same database
+# Each Herald case runs RUNS times on a fresh server (a fresh data directory or schema);
+# every run is a JSON line in $OUT; the medians are printed at the end.
+#
+# Usage (from the repository root, PostgreSQL on 127.0.0.1:5432, database test):
+#   cargo build --release && RUNS=3 tools/pg-bench.sh
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+BIN=${BIN:-target/release/herald}
+RUNS=${RUNS:-3}
+PUBLISHERS=${PUBLISHERS:-1 16 256}
+WORKERS=${WORKERS:-1 8 64}
+MESSAGES=${MESSAGES:-10000}
+PGURL=${PGURL:-postgres://postgres@127.0.0.1:5432/test}
+PEER=${PEER:-1}
+OUT=${OUT:-/tmp/herald-pg-bench.jsonl}
+SCHEMA="herald_bench_$$"
+WORK=$(mktemp -d /tmp/herald-pg-bench.XXXXXX)
+drop_schema() { PGOPTIONS="-c client_min_messages=warning" psql -q -X -d "$PGURL" -c "DROP SCHEMA IF EXISTS $SCHEMA CASCADE"; }
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; drop_schema; rm -rf "$WORK"' EXIT
+: >"$OUT"
+
+port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# start STORE: a fresh server on a free port; sets PID and URL.
+start() {
+  local p
+  p=$(port)
+  case "$1" in
+    disk) rm -rf "$WORK/data"; "$BIN" serve --listen "127.0.0.1:$p" --data-dir "$WORK/data" 2>>"$WORK/log" & ;;
+    postgres)
+      drop_schema
+      "$BIN" serve --listen "127.0.0.1:$p" --store postgres --postgres-url "$PGURL" --postgres-schema "$SCHEMA" \
+        --postgres-pool-size 32 2>>"$WORK/log" &
+      ;;
+  esac
+  PID=$!
+  URL="http://127.0.0.1:$p"
+  wait_ready "$URL"
+}
+
+stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; }
+
+for run in $(seq "$RUNS"); do
+  for store in disk postgres; do
+    for n in $PUBLISHERS; do
+      start "$store"
+      "$BIN" bench publish --url "$URL" --publishers "$n" --messages "$MESSAGES" --json |
+        jq -c --arg store "$store" --argjson run "$run" --argjson n "$n" \
+          '{scenario: "publish", store: $store, clients: $n, run: $run, per_second: .per_second, p50_us: .p50_us, p99_us: .p99_us}' >>"$OUT"
+      stop
+    done
+    for n in $WORKERS; do
+      start "$store"
+      "$BIN" bench queue --url "$URL" --workers "$n" --messages "$MESSAGES" --json |
+        jq -c --arg store "$store" --argjson run "$run" --argjson n "$n" \
+          '{scenario: "queue", store: $store, clients: $n, run: $run, per_second: .per_second, p50_us: .p50_us, p99_us: .p99_us}' >>"$OUT"
+      stop
+    done
+  done
+  tail -n "$(( 2 * ($(wc -w <<<"$PUBLISHERS") + $(wc -w <<<"$WORKERS")) ))" "$OUT" >&2
+done
+
+echo "== medians of $RUNS run(s), per second"
+jq -rs 'group_by([.scenario, .store, .clients]) | .[] |
+  (map(.per_second) | sort) as $v | "\(.[0].scenario) \(.[0].store) \(.[0].clients): \($v[($v | length) / 2 | floor] | floor) \($v | map(floor))"' "$OUT"
+
+if [ "$PEER" = 1 ]; then
+  echo "== graphile-worker on the same database"
+  RUNS=$RUNS PGURL=$PGURL WORKERS=$WORKERS PRODUCERS=$PUBLISHERS tools/pg-peer/run.sh >"$WORK/peer.jsonl"
+  cat "$WORK/peer.jsonl" >>"$OUT"
+  node tools/pg-peer/summary.mjs <"$WORK/peer.jsonl"
+fi
