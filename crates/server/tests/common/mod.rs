@@ -83,6 +83,7 @@ impl Drop for PgSchema {
         let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0);
         let dropped = std::process::Command::new("psql")
             .args(["-q", "-X", "-d", &postgres_url(), "-c", &sql])
+            // Without the NOTICE listing every table the drop cascades to.
             .env("PGOPTIONS", "-c client_min_messages=warning")
             .stdout(std::process::Stdio::null())
             .status();
