@@ -9,8 +9,9 @@
 #   peer:    tools/pg-peer/run.sh (graphile-worker 0.17: enqueue jobs/s with PRODUCERS
 #            producers, job round trips/s with WORKERS workers, out of the box and in
 #            its batched mode) on the same database
-# Each Herald case runs RUNS times on a fresh server (a fresh data directory or schema);
-# every run is a JSON line in $OUT; the medians are printed at the end.
+# Each Herald case runs RUNS times on a fresh server (a fresh data directory or schema),
+# and the peer once after each round; every run is a JSON line in $OUT; the medians
+# are printed at the end.
 #
 # Usage (from the repository root, PostgreSQL on 127.0.0.1:5432, database test):
 #   cargo build --release && RUNS=3 tools/pg-bench.sh
@@ -70,6 +71,10 @@ for run in $(seq "$RUNS"); do
     done
   done
   tail -n "$(( 2 * ($(wc -w <<<"$PUBLISHERS") + $(wc -w <<<"$WORKERS")) ))" "$OUT" >&2
+  if [ "$PEER" = 1 ]; then
+    # The peer within the same run, so that both meet the machine in the same state.
+    RUNS=1 PGURL=$PGURL WORKERS=$WORKERS PRODUCERS=$PUBLISHERS tools/pg-peer/run.sh >>"$WORK/peer.jsonl"
+  fi
 done
 
 echo "== medians of $RUNS run(s), per second"
@@ -77,8 +82,7 @@ jq -rs 'group_by([.scenario, .store, .clients]) | .[] |
   (map(.per_second) | sort) as $v | "\(.[0].scenario) \(.[0].store) \(.[0].clients): \($v[($v | length) / 2 | floor] | floor) \($v | map(floor))"' "$OUT"
 
 if [ "$PEER" = 1 ]; then
-  echo "== graphile-worker on the same database"
-  RUNS=$RUNS PGURL=$PGURL WORKERS=$WORKERS PRODUCERS=$PUBLISHERS tools/pg-peer/run.sh >"$WORK/peer.jsonl"
+  echo "== graphile-worker on the same database, medians of $RUNS run(s)"
   cat "$WORK/peer.jsonl" >>"$OUT"
   node tools/pg-peer/summary.mjs <"$WORK/peer.jsonl"
 fi
