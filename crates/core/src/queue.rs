@@ -105,6 +105,18 @@ pub struct ListedQueue {
     pub stats: QueueStats,
 }
 
+/// What every [`QueueService`] refuses before it stores an enqueue: a dead-letter queue
+/// (only Herald fills those) and a payload over `max_message_bytes`.
+pub fn check_enqueue(name: &QueueName, msg: &NewMessage, max_message_bytes: usize) -> Result<(), QueueError> {
+    if name.is_dlq() {
+        return Err(QueueError::DeadLetterQueue(name.clone()));
+    }
+    if msg.payload.len() > max_message_bytes {
+        return Err(QueueError::TooLarge { size: msg.payload.len(), max: max_message_bytes });
+    }
+    Ok(())
+}
+
 /// Which queue names a [`QueueService::list`] call may return (the front door's rights
 /// check); the others are skipped before their counts are read.
 pub type Visible<'a> = &'a (dyn Fn(&QueueName) -> bool + Send + Sync);
@@ -672,12 +684,7 @@ impl Queues {
 
     /// Enqueues `msg`; resolves with its message id once it is durable.
     pub async fn enqueue(&self, name: &QueueName, msg: NewMessage, delay_ms: u64) -> Result<u64, QueueError> {
-        if name.is_dlq() {
-            return Err(QueueError::DeadLetterQueue(name.clone()));
-        }
-        if msg.payload.len() > self.max_message_bytes {
-            return Err(QueueError::TooLarge { size: msg.payload.len(), max: self.max_message_bytes });
-        }
+        check_enqueue(name, &msg, self.max_message_bytes)?;
         let q = self.queue(name);
         let now = self.clock.now_ms();
         let (id, reservation) = {

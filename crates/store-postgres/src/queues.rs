@@ -40,8 +40,8 @@ use deadpool_postgres::{Object, Pool};
 use futures_util::future::OptionFuture;
 use futures_util::{StreamExt, TryStreamExt};
 use herald_core::{
-    Clock, Delivery, Kind, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture, QueueName,
-    QueueService, QueueStats, StoreError, Visible,
+    check_enqueue, Clock, Delivery, Kind, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture,
+    QueueName, QueueService, QueueStats, StoreError, Visible,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -674,12 +674,7 @@ impl QueueService for PgQueues {
     fn enqueue<'a>(&'a self, name: &'a QueueName, msg: NewMessage, delay_ms: u64) -> QueueFuture<'a, u64> {
         Box::pin(async move {
             let shared = &self.shared;
-            if name.is_dlq() {
-                return Err(QueueError::DeadLetterQueue(name.clone()));
-            }
-            if msg.payload.len() > shared.max_message_bytes {
-                return Err(QueueError::TooLarge { size: msg.payload.len(), max: shared.max_message_bytes });
-            }
+            check_enqueue(name, &msg, shared.max_message_bytes)?;
             let now = shared.clock.now_ms();
             let (reply, answer) = oneshot::channel();
             let enqueue = Enqueue {

@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_core::{
-    Clock, Delivery, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture, QueueName,
-    QueueService, QueueStats, StoreError, Visible,
+    check_enqueue, Clock, Delivery, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture,
+    QueueName, QueueService, QueueStats, StoreError, Visible,
 };
 use tokio::sync::Notify;
 
@@ -329,12 +329,7 @@ impl QueueService for RedisQueues {
     fn enqueue<'a>(&'a self, name: &'a QueueName, msg: NewMessage, delay_ms: u64) -> QueueFuture<'a, u64> {
         Box::pin(async move {
             let shared = &self.shared;
-            if name.is_dlq() {
-                return Err(QueueError::DeadLetterQueue(name.clone()));
-            }
-            if msg.payload.len() > shared.max_message_bytes {
-                return Err(QueueError::TooLarge { size: msg.payload.len(), max: shared.max_message_bytes });
-            }
+            check_enqueue(name, &msg, shared.max_message_bytes)?;
             let delay = delay_ms.min(LUA_MAX).to_string();
             let ttl = msg.ttl_ms.map_or_else(String::new, |t| t.min(LUA_MAX).to_string());
             let max = (shared.config.max_queue_messages as u64).min(LUA_MAX).to_string();
