@@ -381,17 +381,13 @@ impl Broker {
 
     /// A broker whose queues read time from `clock` (tests drive it by hand).
     pub fn with_clock(store: Arc<dyn Store>, config: BrokerConfig, clock: Arc<dyn Clock>) -> Self {
-        Self::build(store, None, config, clock)
+        Self::build(store, None, None, config, clock)
     }
 
     /// A single node whose queue calls go to `queues` (kept by the store's database
     /// itself, as PostgreSQL does) rather than to the engine over `store`.
     pub fn with_queues(store: Arc<dyn Store>, queues: Arc<dyn QueueService>, config: BrokerConfig) -> Self {
-        let mut broker = Self::build(store, None, config, Arc::new(SystemClock));
-        if let Some(inner) = Arc::get_mut(&mut broker.inner) {
-            inner.shared_queues = Some(queues);
-        }
-        broker
+        Self::build(store, None, Some(queues), config, Arc::new(SystemClock))
     }
 
     /// A node of a cluster: `store` is shared by every node, fan-out is driven by `bus`,
@@ -403,15 +399,18 @@ impl Broker {
         queues: Arc<dyn QueueService>,
         config: BrokerConfig,
     ) -> Self {
-        let mut broker = Self::build(store, Some(bus.clone()), config, Arc::new(SystemClock));
-        if let Some(inner) = Arc::get_mut(&mut broker.inner) {
-            inner.shared_queues = Some(queues);
-        }
+        let broker = Self::build(store, Some(bus.clone()), Some(queues), config, Arc::new(SystemClock));
         bus.attach(BusEvents { inner: Arc::downgrade(&broker.inner) });
         broker
     }
 
-    fn build(store: Arc<dyn Store>, bus: Option<Arc<dyn Bus>>, config: BrokerConfig, clock: Arc<dyn Clock>) -> Self {
+    fn build(
+        store: Arc<dyn Store>,
+        bus: Option<Arc<dyn Bus>>,
+        shared_queues: Option<Arc<dyn QueueService>>,
+        config: BrokerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let shards = config.shards.max(1);
         let queues = Queues::new(store.clone(), clock, config.queues, config.max_message_bytes);
         let metrics = Arc::new(Metrics::default());
@@ -421,7 +420,7 @@ impl Broker {
                 store,
                 bus,
                 queues,
-                shared_queues: None,
+                shared_queues,
                 shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
                 hasher: RandomState::new(),
                 next_id: AtomicU64::new(1),
