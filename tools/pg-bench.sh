@@ -53,22 +53,22 @@ start() {
 
 stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; }
 
+# bench SCENARIO STORE N RUN: `herald bench SCENARIO` with N clients on a fresh server,
+# a JSON line in $OUT.
+bench() {
+  local clients=--publishers
+  [ "$1" = queue ] && clients=--workers
+  start "$2"
+  "$BIN" bench "$1" --url "$URL" "$clients" "$3" --messages "$MESSAGES" --json |
+    jq -c --arg scenario "$1" --arg store "$2" --argjson n "$3" --argjson run "$4" \
+      '{scenario: $scenario, store: $store, clients: $n, run: $run, per_second: .per_second, p50_us: .p50_us, p99_us: .p99_us}' >>"$OUT"
+  stop
+}
+
 for run in $(seq "$RUNS"); do
   for store in disk postgres; do
-    for n in $PUBLISHERS; do
-      start "$store"
-      "$BIN" bench publish --url "$URL" --publishers "$n" --messages "$MESSAGES" --json |
-        jq -c --arg store "$store" --argjson run "$run" --argjson n "$n" \
-          '{scenario: "publish", store: $store, clients: $n, run: $run, per_second: .per_second, p50_us: .p50_us, p99_us: .p99_us}' >>"$OUT"
-      stop
-    done
-    for n in $WORKERS; do
-      start "$store"
-      "$BIN" bench queue --url "$URL" --workers "$n" --messages "$MESSAGES" --json |
-        jq -c --arg store "$store" --argjson run "$run" --argjson n "$n" \
-          '{scenario: "queue", store: $store, clients: $n, run: $run, per_second: .per_second, p50_us: .p50_us, p99_us: .p99_us}' >>"$OUT"
-      stop
-    done
+    for n in $PUBLISHERS; do bench publish "$store" "$n" "$run"; done
+    for n in $WORKERS; do bench queue "$store" "$n" "$run"; done
   done
   tail -n "$(( 2 * ($(wc -w <<<"$PUBLISHERS") + $(wc -w <<<"$WORKERS")) ))" "$OUT" >&2
   if [ "$PEER" = 1 ]; then
