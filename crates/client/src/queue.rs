@@ -1,5 +1,5 @@
-//! Work-queue half of the client: enqueue, fetch (with long poll), ack, requeue, extend,
-//! stats and the list of queues over HTTP.
+//! Work-queue half of the client: enqueue (one job or a batch), fetch (with long poll),
+//! ack (one or a batch), requeue, extend, stats and the list of queues over HTTP.
 
 use std::time::Duration;
 
@@ -73,6 +73,75 @@ struct Enqueued {
     message_id: u64,
 }
 
+/// One job of [`Client::enqueue_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    /// The payload: JSON text (kind json) or bytes (kind binary).
+    pub payload: Payload,
+    /// Not ready before this has passed.
+    pub delay: Duration,
+    /// Dropped once this has passed, whatever its state.
+    pub ttl: Option<Duration>,
+}
+
+impl NewJob {
+    /// A JSON job, ready at once. `json` must be JSON text (the server refuses it
+    /// otherwise).
+    pub fn json(json: impl Into<String>) -> Self {
+        Self { payload: Payload::Json(json.into()), delay: Duration::ZERO, ttl: None }
+    }
+}
+
+/// Why one entry of a batch was not done (the others may have been).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct EntryError {
+    /// Herald's error code word, as in [`ClientError::Api`].
+    pub code: String,
+    /// The server's words.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct BatchErrorEntry {
+    index: usize,
+    #[serde(flatten)]
+    error: EntryError,
+}
+
+#[derive(Deserialize)]
+struct BatchEnqueued {
+    message_ids: Vec<Option<u64>>,
+    #[serde(default)]
+    errors: Vec<BatchErrorEntry>,
+}
+
+#[derive(Deserialize)]
+struct BatchAcked {
+    #[serde(default)]
+    errors: Vec<BatchErrorEntry>,
+}
+
+/// One outcome per entry of a batch reply: `ok(i)` where no error names entry `i`.
+fn outcomes<T>(
+    n: usize,
+    errors: Vec<BatchErrorEntry>,
+    ok: impl Fn(usize) -> Option<T>,
+) -> Result<Vec<Result<T, EntryError>>, ClientError> {
+    let mut out: Vec<Option<Result<T, EntryError>>> = (0..n).map(|_| None).collect();
+    for e in errors {
+        let slot =
+            out.get_mut(e.index).ok_or_else(|| ClientError::Protocol(format!("error for entry {} of {n}", e.index)))?;
+        *slot = Some(Err(e.error));
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, o)| match o {
+            Some(err) => Ok(err),
+            None => ok(i).map(Ok).ok_or_else(|| ClientError::Protocol(format!("no outcome for entry {i}"))),
+        })
+        .collect()
+}
+
 #[derive(Deserialize)]
 struct Fetched {
     messages: Vec<RawJob>,
@@ -106,6 +175,62 @@ impl Client {
         let bytes = Self::check(response).await?.bytes().await?;
         let e: Enqueued = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(e.message_id)
+    }
+
+    /// Enqueues up to 1000 jobs in one request (one group commit on the server's
+    /// store); one outcome per job, in order: its message id, or why it was not
+    /// stored. When every job fails, the error is the call's.
+    pub async fn enqueue_batch(
+        &self,
+        queue: &str,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Result<u64, EntryError>>, ClientError> {
+        use base64::Engine;
+        let mut body = String::from("{\"messages\":[");
+        for (i, job) in jobs.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            match &job.payload {
+                Payload::Json(text) => {
+                    body.push_str("{\"data\":");
+                    body.push_str(text);
+                }
+                Payload::Binary(bytes) => {
+                    body.push_str("{\"data_b64\":\"");
+                    body.push_str(&base64::engine::general_purpose::STANDARD.encode(bytes));
+                    body.push('"');
+                }
+            }
+            if !job.delay.is_zero() {
+                body.push_str(&format!(",\"delay_ms\":{}", job.delay.as_millis()));
+            }
+            if let Some(ttl) = job.ttl {
+                body.push_str(&format!(",\"ttl_ms\":{}", ttl.as_millis()));
+            }
+            body.push('}');
+        }
+        body.push_str("]}");
+        let url = format!("{}/v1/queues/{queue}/batch", self.base());
+        let response = self.http().post(url).header("content-type", "application/json").body(body).send().await?;
+        let bytes = Self::check(response).await?.bytes().await?;
+        let r: BatchEnqueued = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if r.message_ids.len() != jobs.len() {
+            return Err(ClientError::Protocol(format!("{} ids for {} jobs", r.message_ids.len(), jobs.len())));
+        }
+        outcomes(jobs.len(), r.errors, |i| r.message_ids[i])
+    }
+
+    /// Acknowledges up to 1000 jobs of one queue in one request; one outcome per job,
+    /// in order. When every ack fails, the error is the call's.
+    pub async fn ack_batch(&self, queue: &str, jobs: &[Job]) -> Result<Vec<Result<(), EntryError>>, ClientError> {
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        let body = serde_json::json!({ "ids": ids }).to_string();
+        let url = format!("{}/v1/queues/{queue}/ack", self.base());
+        let response = self.http().post(url).header("content-type", "application/json").body(body).send().await?;
+        let bytes = Self::check(response).await?.bytes().await?;
+        let r: BatchAcked = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        outcomes(jobs.len(), r.errors, |_| Some(()))
     }
 
     /// Fetches up to `options.max` jobs, waiting up to `options.wait` for one.

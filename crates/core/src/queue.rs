@@ -124,6 +124,9 @@ pub type Visible<'a> = &'a (dyn Fn(&QueueName) -> bool + Send + Sync);
 /// A boxed future of a queue operation.
 pub type QueueFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, QueueError>> + Send + 'a>>;
 
+/// A boxed future of a batch operation: one outcome per entry, in the batch's order.
+pub type BatchFuture<'a, T> = Pin<Box<dyn Future<Output = Vec<Result<T, QueueError>>> + Send + 'a>>;
+
 /// Work queues as the front doors call them: this node's own engine ([`Queues`]) on a
 /// single node, or queues every node of a cluster shares (kept in the cluster's Redis).
 /// Both keep the semantics of the module docs; the queue conformance suite in
@@ -131,6 +134,24 @@ pub type QueueFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, QueueError>>
 pub trait QueueService: Send + Sync + 'static {
     /// Enqueues `msg`; resolves with its message id once it is durable.
     fn enqueue<'a>(&'a self, name: &'a QueueName, msg: NewMessage, delay_ms: u64) -> QueueFuture<'a, u64>;
+
+    /// Enqueues a batch (each message with its delay), entries in the batch's order;
+    /// resolves with one outcome per entry once every entry has its own. The entries
+    /// are handed on together, so a store that group-commits (disk, PostgreSQL) writes
+    /// the batch in one commit; the batch is not atomic: a failing entry leaves the
+    /// others stored. Checking the entries (names, sizes) is the caller's, before this.
+    fn enqueue_batch<'a>(&'a self, name: &'a QueueName, batch: Vec<(NewMessage, u64)>) -> BatchFuture<'a, u64> {
+        let entries: Vec<_> = batch.into_iter().map(|(msg, delay_ms)| self.enqueue(name, msg, delay_ms)).collect();
+        Box::pin(futures_util::future::join_all(entries))
+    }
+
+    /// Acknowledges several deliveries of one queue at once; one outcome per delivery,
+    /// in the order given (a store that batches acks, as PostgreSQL's does, writes them
+    /// together).
+    fn ack_batch<'a>(&'a self, name: &'a QueueName, deliveries: &'a [String]) -> BatchFuture<'a, ()> {
+        let acks: Vec<_> = deliveries.iter().map(|d| self.ack(name, d)).collect();
+        Box::pin(futures_util::future::join_all(acks))
+    }
 
     /// Takes up to `max` ready messages, leasing each for `visibility_ms`; waits up to
     /// `wait` for one to become ready.

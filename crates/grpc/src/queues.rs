@@ -1,10 +1,11 @@
-//! The `herald.v1.Queues` service: enqueue, fetch (with long poll), ack, requeue,
-//! extend, stats, list, purge and redrive. Thin, like the HTTP one: every rule lives in
-//! the core's queues.
+//! The `herald.v1.Queues` service: enqueue (one or a batch), fetch (with long poll), ack
+//! (one or a batch), requeue, extend, stats, list, purge and redrive. Thin, like the
+//! HTTP one: every rule lives in the core's queues.
 
 use std::time::Duration;
 
-use herald_core::QueueName;
+use herald_core::{QueueError, QueueName};
+use herald_protocol::ErrorCode;
 use tonic::{Request, Response, Status};
 
 use crate::encoded::{content_type, pb_kind};
@@ -18,6 +19,8 @@ const MAX_WAIT_MS: u64 = 20_000;
 const MAX_VISIBILITY_MS: u64 = 43_200_000;
 const DEFAULT_VISIBILITY_MS: u64 = 30_000;
 const MAX_FETCH: u32 = 100;
+/// Entries of an enqueue or ack batch, at most (as `PublishBatch`).
+const MAX_BATCH: usize = 1000;
 /// Delays and TTLs are capped as over HTTP, so deadlines never overflow.
 const MAX_DELAY_MS: u64 = u64::MAX / 2;
 
@@ -48,6 +51,35 @@ fn in_range(name: &str, value: u64, min: u64, max: u64) -> Result<u64, Status> {
     }
 }
 
+/// A batch's outcomes as the response carries them: per entry its value (`None` where
+/// it failed) and the failed entries' errors; when every entry failed, the first
+/// failure is the call's error.
+fn split_outcomes<T>(outcomes: Vec<Result<T, QueueError>>) -> Result<(Vec<Option<T>>, Vec<pb::EntryError>), Status> {
+    if !outcomes.is_empty() && outcomes.iter().all(Result::is_err) {
+        let first = outcomes.into_iter().find_map(Result::err);
+        return Err(first.map_or_else(|| bad_request("an empty batch"), from_queue));
+    }
+    let mut errors = Vec::new();
+    let done = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            o.map_err(|e| {
+                if let QueueError::Store(store) = &e {
+                    tracing::warn!(error = %store, "store error");
+                }
+                errors.push(pb::EntryError {
+                    index: i as u32,
+                    code: ErrorCode::from(&e).as_str().to_owned(),
+                    message: e.to_string(),
+                })
+            })
+            .ok()
+        })
+        .collect();
+    Ok((done, errors))
+}
+
 #[tonic::async_trait]
 impl Queues for QueuesService {
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
@@ -64,6 +96,59 @@ impl Queues for QueuesService {
         let message_id =
             broker.queue_service().map_err(from_broker)?.enqueue(&queue, msg, delay_ms).await.map_err(from_queue)?;
         Ok(Response::new(pb::EnqueueResponse { queue: req.queue, message_id }))
+    }
+
+    async fn enqueue_batch(
+        &self,
+        request: Request<pb::EnqueueBatchRequest>,
+    ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
+        let caller = self.state.admit(&request).await?;
+        let peer = crate::peer_of(&request);
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        self.state.permit(&caller, herald_auth::Action::Enqueue, queue.as_str())?;
+        if req.messages.is_empty() || req.messages.len() > MAX_BATCH {
+            return Err(bad_request(format!("a batch holds 1 to {MAX_BATCH} messages, not {}", req.messages.len())));
+        }
+        let broker = self.state.broker();
+        let batch = req
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                // The entry is named after the code word every message starts with.
+                let at = |s: Status| match s.message().split_once(": ") {
+                    Some((word, rest)) => Status::new(s.code(), format!("{word}: messages[{i}]: {rest}")),
+                    None => s,
+                };
+                let delay_ms = in_range("delay_ms", m.delay_ms, 0, MAX_DELAY_MS).map_err(at)?;
+                let ttl_ms = m.ttl_ms.map(|t| in_range("ttl_ms", t, 0, MAX_DELAY_MS)).transpose().map_err(at)?;
+                let kind = kind_of(m.kind, &m.content_type).map_err(at)?;
+                Ok((new_message(broker, kind, m.data, ttl_ms).map_err(at)?, delay_ms))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        self.state.pace(peer.as_deref(), &caller, batch.len(), batch.iter().map(|(m, _)| m.payload.len()).sum())?;
+        let outcomes = broker.queue_service().map_err(from_broker)?.enqueue_batch(&queue, batch).await;
+        let (done, errors) = split_outcomes(outcomes)?;
+        let message_ids = done.into_iter().map(Option::unwrap_or_default).collect();
+        Ok(Response::new(pb::EnqueueBatchResponse { queue: req.queue, message_ids, errors }))
+    }
+
+    async fn ack_batch(&self, request: Request<pb::AckBatchRequest>) -> Result<Response<pb::AckBatchResponse>, Status> {
+        let caller = self.state.admit(&request).await?;
+        let req = request.into_inner();
+        let queue = queue_name(&req.queue)?;
+        self.state.permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
+        if req.ids.is_empty() || req.ids.len() > MAX_BATCH {
+            return Err(bad_request(format!("an ack batch holds 1 to {MAX_BATCH} ids, not {}", req.ids.len())));
+        }
+        if let Some(i) = req.ids.iter().position(|id| !herald_protocol::is_delivery_id(id)) {
+            return Err(bad_request(format!("ids[{i}]: {}", herald_protocol::DELIVERY_ID_RULE)));
+        }
+        let outcomes = self.state.broker().queue_service().map_err(from_broker)?.ack_batch(&queue, &req.ids).await;
+        let (done, errors) = split_outcomes(outcomes)?;
+        let acked = done.iter().flatten().count() as u32;
+        Ok(Response::new(pb::AckBatchResponse { acked, errors }))
     }
 
     async fn fetch(&self, request: Request<pb::QueueFetchRequest>) -> Result<Response<pb::QueueFetchResponse>, Status> {

@@ -162,6 +162,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}", get(queues::stats))
         .route("/v1/queues/{queue}/messages", post(queues::enqueue))
         .route("/v1/queues/{queue}/fetch", post(queues::fetch))
+        .route("/v1/queues/{queue}/batch", post(queues::enqueue_batch))
+        .route("/v1/queues/{queue}/ack", post(queues::ack_batch))
         .route("/v1/queues/{queue}/ack/{id}", post(queues::ack))
         .route("/v1/queues/{queue}/requeue/{id}", post(queues::requeue))
         .route("/v1/queues/{queue}/extend/{id}", post(queues::extend))

@@ -60,6 +60,108 @@ pub(crate) async fn enqueue(
     Ok(json(StatusCode::CREATED, body))
 }
 
+/// Entries of an enqueue or ack batch, at most (as gRPC's `PublishBatch`).
+pub(crate) const MAX_BATCH: usize = 1000;
+/// Largest body of a batch: room for 1000 entries of 12 KiB base64, or a few large ones
+/// (each still at most `max_message_bytes`).
+const MAX_BATCH_BODY: usize = 16 << 20;
+
+/// A batch's outcome: all entries done (`ok` status, `fields` as given), all failed
+/// (the first failure as the error), or some of each: `207` with `fields` and an
+/// `errors` array naming each failed entry's index, code and words.
+fn batch_reply<T>(
+    ok: StatusCode,
+    outcomes: Vec<Result<T, QueueError>>,
+    fields: impl FnOnce(&mut String, &[Result<T, QueueError>]),
+) -> Result<Response, ApiError> {
+    let failed = outcomes.iter().filter(|o| o.is_err()).count();
+    if failed > 0 && failed == outcomes.len() {
+        let first = outcomes.into_iter().find_map(Result::err);
+        return Err(first.map_or_else(|| ApiError::bad_request("an empty batch"), ApiError::from));
+    }
+    let mut body = String::from("{");
+    fields(&mut body, &outcomes);
+    if failed > 0 {
+        body.push_str(",\"errors\":[");
+        for (i, e) in outcomes.iter().enumerate().filter_map(|(i, o)| o.as_ref().err().map(|e| (i, e))) {
+            if !body.ends_with('[') {
+                body.push(',');
+            }
+            if let QueueError::Store(store) = e {
+                tracing::warn!(error = %store, "store error");
+            }
+            let _ = write!(body, "{{\"index\":{i},\"code\":\"{}\",\"message\":", ErrorCode::from(e).as_str());
+            push_json_str(&mut body, &e.to_string());
+            body.push('}');
+        }
+        body.push(']');
+    }
+    body.push('}');
+    Ok(json(if failed > 0 { StatusCode::MULTI_STATUS } else { ok }, body))
+}
+
+/// A batch body as text: at most [`MAX_BATCH_BODY`] bytes of UTF-8.
+async fn batch_body(body: Body) -> Result<String, ApiError> {
+    let bytes =
+        axum::body::to_bytes(body, MAX_BATCH_BODY).await.map_err(|e| crate::rest::body_error(e, MAX_BATCH_BODY))?;
+    String::from_utf8(bytes.into()).map_err(|_| ApiError::bad_request("the batch is not UTF-8"))
+}
+
+/// `POST /v1/queues/{queue}/batch`: up to [`MAX_BATCH`] jobs in one request, handed to
+/// the queue service together (one group commit on the disk store and on PostgreSQL).
+/// Every entry is checked before any is stored.
+pub(crate) async fn enqueue_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    peer: PeerOf,
+    QueuePath(queue): QueuePath,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller.permit(Action::Enqueue, queue.as_str())?;
+    let entries =
+        herald_protocol::parse_enqueue_batch(&batch_body(body).await?, MAX_BATCH).map_err(ApiError::bad_request)?;
+    let max = state.broker().config().max_message_bytes;
+    if let Some((i, e)) = entries.iter().enumerate().find(|(_, e)| e.payload.len() > max) {
+        let message = format!("messages[{i}]: the payload is {} bytes, over the limit of {max}", e.payload.len());
+        return Err(ApiError::new(ErrorCode::TooLarge, message));
+    }
+    limits::admit(&peer, &caller, entries.len(), entries.iter().map(|e| e.payload.len()).sum())?;
+    let batch = entries.into_iter().map(|e| (e.payload.into_message(e.ttl_ms), e.delay_ms)).collect();
+    let outcomes = state.broker().queue_service()?.enqueue_batch(&queue, batch).await;
+    batch_reply(StatusCode::CREATED, outcomes, |body, outcomes| {
+        body.push_str("\"queue\":");
+        push_json_str(body, queue.as_str());
+        body.push_str(",\"message_ids\":[");
+        for (i, o) in outcomes.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            match o {
+                Ok(id) => {
+                    let _ = write!(body, "{id}");
+                }
+                Err(_) => body.push_str("null"),
+            }
+        }
+        body.push(']');
+    })
+}
+
+/// `POST /v1/queues/{queue}/ack`: acknowledges up to [`MAX_BATCH`] deliveries at once.
+pub(crate) async fn ack_batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    QueuePath(queue): QueuePath,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller.permit(Action::Consume, queue.as_str())?;
+    let ids = herald_protocol::parse_ack_batch(&batch_body(body).await?, MAX_BATCH).map_err(ApiError::bad_request)?;
+    let outcomes = state.broker().queue_service()?.ack_batch(&queue, &ids).await;
+    batch_reply(StatusCode::OK, outcomes, |body, outcomes| {
+        let _ = write!(body, "\"acked\":{}", outcomes.iter().filter(|o| o.is_ok()).count());
+    })
+}
+
 pub(crate) async fn fetch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -71,7 +71,7 @@ pub(crate) async fn read_message(
 }
 
 /// A body that could not be read: over the limit (`too_large`) or broken off.
-fn body_error(e: axum::Error, max: usize) -> ApiError {
+pub(crate) fn body_error(e: axum::Error, max: usize) -> ApiError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = source {
         if err.is::<http_body_util::LengthLimitError>() {

@@ -28,7 +28,7 @@ use herald_core::{
     Replay, ReplayTask, SocketWriter, StartFrom, SubscriptionGuard, SubscriptionId, TopicName, WireForm, WriterEnd,
 };
 use herald_protocol::decode::parse_from_query;
-use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op, Payload};
+use herald_protocol::{close, encode, parse_client_frame, ClientFrame, ErrorCode, FrameError, Op};
 use tokio::time::Instant;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message as WsMessage, Utf8Bytes};
@@ -619,21 +619,6 @@ struct PublishRun {
     frames: Vec<(Option<u64>, NewMessage)>,
 }
 
-fn payload_len(payload: &Payload) -> usize {
-    match payload {
-        Payload::Json(text) => text.len(),
-        Payload::Binary(bytes) => bytes.len(),
-    }
-}
-
-fn new_message(payload: Payload, ttl_ms: Option<u64>) -> NewMessage {
-    let (kind, payload) = match payload {
-        Payload::Json(text) => (Kind::Json, Bytes::from(text)),
-        Payload::Binary(bytes) => (Kind::Binary, Bytes::from(bytes)),
-    };
-    NewMessage { kind, payload, ttl_ms }
-}
-
 struct JsonSession {
     state: AppState,
     out: Arc<Outbound<Control>>,
@@ -847,14 +832,12 @@ impl JsonSession {
             }
             // Only publishes that may go ahead take from the rate.
             if let Op::Publish { payload, .. } = &frame.op {
-                self.pace(payload_len(payload)).await;
+                self.pace(payload.len()).await;
             }
             match frame.op {
                 // Too large ones are refused on their own, below.
-                Op::Publish { topic, payload, ttl_ms }
-                    if payload_len(&payload) <= max && !self.subs.contains_key(&topic) =>
-                {
-                    let msg = new_message(payload, ttl_ms);
+                Op::Publish { topic, payload, ttl_ms } if payload.len() <= max && !self.subs.contains_key(&topic) => {
+                    let msg = payload.into_message(ttl_ms);
                     match &mut run {
                         Some(r) if r.topic == topic => r.frames.push((frame.id, msg)),
                         _ => {
@@ -902,7 +885,7 @@ impl JsonSession {
             Op::Auth { token } => self.authenticate(id, token).await,
             Op::Publish { topic, payload, ttl_ms } => {
                 let own = self.subs.get(&topic).map(|sub| (sub.tap.clone(), sub.tap.mark()));
-                match self.state.broker().publish_via(Door::Ws, &topic, new_message(payload, ttl_ms)).await {
+                match self.state.broker().publish_via(Door::Ws, &topic, payload.into_message(ttl_ms)).await {
                     Ok(p) => {
                         self.published_to(&topic);
                         // This connection's subscription gets the message first, then the

@@ -6,7 +6,8 @@
 //! (numbers keep every digit).
 
 use base64::Engine;
-use herald_core::{StartFrom, TopicName};
+use bytes::Bytes;
+use herald_core::{Kind, NewMessage, StartFrom, TopicName};
 use serde::de::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -77,6 +78,112 @@ pub enum Payload {
     Json(String),
     /// `data_b64`: the decoded bytes.
     Binary(Vec<u8>),
+}
+
+impl Payload {
+    /// The payload's size as `max_message_bytes` counts it: the JSON text, or the
+    /// decoded bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Json(text) => text.len(),
+            Payload::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    /// Whether the payload is empty (only a `data_b64` of no bytes can be).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The message to store: `data` is json, `data_b64` binary.
+    pub fn into_message(self, ttl_ms: Option<u64>) -> NewMessage {
+        let (kind, payload) = match self {
+            Payload::Json(text) => (Kind::Json, Bytes::from(text)),
+            Payload::Binary(bytes) => (Kind::Binary, Bytes::from(bytes)),
+        };
+        NewMessage { kind, payload, ttl_ms }
+    }
+}
+
+/// One message of an enqueue batch (`POST /v1/queues/{queue}/batch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The payload, `data` or `data_b64` as in a publish frame.
+    pub payload: Payload,
+    /// Not ready before this many ms (0: at once).
+    pub delay_ms: u64,
+    /// Dropped after this many ms, whatever its state.
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    messages: Vec<RawEntry<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    data_b64: Option<String>,
+    #[serde(default)]
+    delay_ms: u64,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+/// Parses the body of an enqueue batch, `{"messages":[{"data":...} or
+/// {"data_b64":"..."}, each with optional "delay_ms" and "ttl_ms"]}`, holding 1 to
+/// `max` entries. The error is words for a `bad_request`, naming the entry.
+pub fn parse_enqueue_batch(text: &str, max: usize) -> Result<Vec<BatchEntry>, String> {
+    let raw: RawBatch<'_> = serde_json::from_str(text).map_err(|e| format!("malformed batch: {e}"))?;
+    if raw.messages.is_empty() || raw.messages.len() > max {
+        return Err(format!("a batch holds 1 to {max} messages, not {}", raw.messages.len()));
+    }
+    let limit = u64::MAX / 2;
+    raw.messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let payload = match (e.data, e.data_b64) {
+                (Some(_), Some(_)) => return Err(format!("messages[{i}]: give either data or data_b64, not both")),
+                (None, None) => return Err(format!("messages[{i}]: missing field data or data_b64")),
+                (Some(json), None) => Payload::Json(json.get().to_owned()),
+                (None, Some(b64)) => Payload::Binary(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|e| format!("messages[{i}]: data_b64 is not valid base64: {e}"))?,
+                ),
+            };
+            if e.delay_ms > limit || e.ttl_ms.is_some_and(|t| t > limit) {
+                return Err(format!("messages[{i}]: delay_ms and ttl_ms must be at most {limit}"));
+            }
+            Ok(BatchEntry { payload, delay_ms: e.delay_ms, ttl_ms: e.ttl_ms })
+        })
+        .collect()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIds {
+    ids: Vec<String>,
+}
+
+/// Parses the body of a batch ack, `{"ids":["<delivery id>", ...]}`, holding 1 to `max`
+/// delivery ids of the right form. The error is words for a `bad_request`.
+pub fn parse_ack_batch(text: &str, max: usize) -> Result<Vec<String>, String> {
+    let raw: RawIds = serde_json::from_str(text).map_err(|e| format!("malformed ack batch: {e}"))?;
+    if raw.ids.is_empty() || raw.ids.len() > max {
+        return Err(format!("an ack batch holds 1 to {max} ids, not {}", raw.ids.len()));
+    }
+    if let Some((i, _)) = raw.ids.iter().enumerate().find(|(_, id)| !crate::is_delivery_id(id)) {
+        return Err(format!("ids[{i}]: {}", crate::DELIVERY_ID_RULE));
+    }
+    Ok(raw.ids)
 }
 
 /// A frame that could not be accepted, with the `id` when it was readable.

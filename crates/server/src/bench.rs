@@ -2,7 +2,9 @@
 //! latency percentiles (text, or one JSON object with `--json`).
 //!
 //! `queue` is a round-trip benchmark: each worker enqueues one message, fetches one,
-//! and acks it, over HTTP, until the total count is reached. `tools/peer-bench` runs
+//! and acks it, over HTTP, until the total count is reached; with `--batch N` it
+//! enqueues N in one batch request, fetches until it holds N (up to 100 per fetch) and
+//! acks them in one batch request. `tools/peer-bench` runs
 //! the same scenario against RabbitMQ so the two can be compared in one run.
 //!
 //! On a terminal, a line on stderr shows the count so far and the rate of the last
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use herald_client::{Client, FetchOptions, WsConnection};
+use herald_client::{Client, FetchOptions, NewJob, WsConnection};
 use serde_json::Value;
 
 /// `herald bench` scenarios.
@@ -86,6 +88,10 @@ pub struct QueueArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
     pub size: usize,
+    /// Jobs per step (1 to 1000): enqueued in one batch request, fetched up to 100 at a
+    /// time, acked in one batch request. 1: one enqueue, one fetch, one ack per job.
+    #[arg(long, default_value_t = 1)]
+    pub batch: u64,
     /// The queue (default `bench.queue.<pid>`, one of its own; name one to share it
     /// with load generators on other cluster nodes).
     #[arg(long)]
@@ -269,21 +275,37 @@ pub(crate) async fn measure<W: Send + 'static>(
 struct QueueWorker {
     client: Client,
     queue: String,
+    /// The payload, text for single enqueues.
     payload: String,
+    /// The same size as a JSON string, for batches (whose entries are JSON or binary).
+    json: String,
 }
 
-fn round_trip<'a>(w: &'a mut QueueWorker, _units: u64, latencies: &'a mut Vec<u64>) -> Step<'a> {
+fn round_trip<'a>(w: &'a mut QueueWorker, units: u64, latencies: &'a mut Vec<u64>) -> Step<'a> {
     Box::pin(async move {
-        let fetch = FetchOptions { max: 1, wait: Duration::from_secs(1), ..FetchOptions::default() };
         let t0 = Instant::now();
-        w.client.enqueue(&w.queue, "text/plain", w.payload.clone(), Duration::ZERO).await?;
-        let job = loop {
-            // Another worker may take "our" message; any one will do.
-            if let Some(job) = w.client.fetch_jobs(&w.queue, fetch).await?.pop() {
-                break job;
+        if units == 1 {
+            w.client.enqueue(&w.queue, "text/plain", w.payload.clone(), Duration::ZERO).await?;
+        } else {
+            let jobs = vec![NewJob::json(w.json.clone()); units as usize];
+            for outcome in w.client.enqueue_batch(&w.queue, &jobs).await? {
+                outcome.map_err(|e| anyhow::anyhow!("enqueue refused: {} {}", e.code, e.message))?;
             }
-        };
-        w.client.ack(&w.queue, &job).await?;
+        }
+        let mut jobs = Vec::with_capacity(units as usize);
+        while (jobs.len() as u64) < units {
+            // Another worker may take "our" messages; any will do.
+            let max = (units - jobs.len() as u64).min(100) as u32;
+            let fetch = FetchOptions { max, wait: Duration::from_secs(1), ..FetchOptions::default() };
+            jobs.extend(w.client.fetch_jobs(&w.queue, fetch).await?);
+        }
+        if let [job] = &jobs[..] {
+            w.client.ack(&w.queue, job).await?;
+        } else {
+            for outcome in w.client.ack_batch(&w.queue, &jobs).await? {
+                outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
+            }
+        }
         latencies.push(t0.elapsed().as_micros() as u64);
         Ok(())
     })
@@ -291,15 +313,23 @@ fn round_trip<'a>(w: &'a mut QueueWorker, _units: u64, latencies: &'a mut Vec<u6
 
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1 && args.messages >= 1, "--workers and --messages must be at least 1");
+    anyhow::ensure!((1..=1000).contains(&args.batch), "--batch must be 1 to 1000");
     let client = args.conn.http(&args.url)?;
     let queue = args.queue.unwrap_or_else(|| format!("bench.queue.{}", std::process::id()));
     let payload = "x".repeat(args.size);
+    let json = format!("\"{}\"", "x".repeat(args.size.saturating_sub(2)));
     let workers = (0..args.workers)
-        .map(|_| QueueWorker { client: client.clone(), queue: queue.clone(), payload: payload.clone() })
+        .map(|_| QueueWorker {
+            client: client.clone(),
+            queue: queue.clone(),
+            payload: payload.clone(),
+            json: json.clone(),
+        })
         .collect();
-    let (workers, _) = measure(workers, 500, 1, round_trip).await?;
-    let (_, r) = measure(workers, args.messages, 1, round_trip).await?;
-    r.print("herald-queue", &[("workers", args.workers.into()), ("size", args.size.into())], args.json);
+    let (workers, _) = measure(workers, 500, args.batch, round_trip).await?;
+    let (_, r) = measure(workers, args.messages, args.batch, round_trip).await?;
+    let params = [("workers", args.workers.into()), ("size", args.size.into()), ("batch", args.batch.into())];
+    r.print("herald-queue", &params, args.json);
     Ok(())
 }
 

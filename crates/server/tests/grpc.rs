@@ -265,6 +265,91 @@ async fn queues_every_rpc() -> Result {
     Ok(())
 }
 
+/// `EnqueueBatch` and `AckBatch`: ids in order, kinds and delays kept, entries checked
+/// before any is stored, per-entry outcomes when some fail.
+#[tokio::test]
+async fn queue_batches() -> Result {
+    let server = start(|c| {
+        c.broker.queues.max_queue_messages = 3;
+        c.broker.max_message_bytes = 16;
+    })
+    .await?;
+    let mut queues = grpc(&server).await?.queues();
+    let entry = |kind: pb::Kind, data: &[u8], delay_ms| pb::EnqueueEntry {
+        data: Bytes::copy_from_slice(data),
+        kind: kind as i32,
+        delay_ms,
+        ..Default::default()
+    };
+    let batch = |queue: &str, messages| pb::EnqueueBatchRequest { queue: queue.into(), messages };
+    let done = queues
+        .enqueue_batch(batch(
+            "gb",
+            vec![
+                entry(pb::Kind::Json, br#"{"n":1}"#, 0),
+                entry(pb::Kind::Text, b"two", 0),
+                entry(pb::Kind::Binary, &[3], 60_000),
+            ],
+        ))
+        .await?
+        .into_inner();
+    assert_eq!((done.queue.as_str(), done.message_ids.len(), done.errors.len()), ("gb", 3, 0));
+    assert!(done.message_ids.windows(2).all(|w| w[0] < w[1]), "{:?}", done.message_ids);
+    let jobs = queues
+        .fetch(pb::QueueFetchRequest { queue: "gb".into(), max: 10, ..Default::default() })
+        .await?
+        .into_inner()
+        .messages;
+    let got: Vec<(u64, i32, &[u8])> = jobs.iter().map(|j| (j.message_id, j.kind, &j.data[..])).collect();
+    assert_eq!(
+        got,
+        [
+            (done.message_ids[0], pb::Kind::Json as i32, &br#"{"n":1}"#[..]),
+            (done.message_ids[1], pb::Kind::Text as i32, b"two")
+        ]
+    );
+    let mut ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    ids.push("1-1-stale".into());
+    let acked = queues.ack_batch(pb::AckBatchRequest { queue: "gb".into(), ids: ids.clone() }).await?.into_inner();
+    assert_eq!((acked.acked, acked.errors.len()), (2, 1));
+    assert_eq!((acked.errors[0].index, acked.errors[0].code.as_str()), (2, "not_found"));
+    assert_status(
+        queues.ack_batch(pb::AckBatchRequest { queue: "gb".into(), ids: ids[..1].to_vec() }).await,
+        Code::NotFound,
+        "not_found",
+    );
+
+    // Checked whole before anything is stored.
+    let refused = [
+        (batch("gb", Vec::new()), Code::InvalidArgument, "bad_request"),
+        (batch("gb", vec![entry(pb::Kind::Text, b"x", 0); 1001]), Code::InvalidArgument, "bad_request"),
+        (batch("gb.dlq", vec![entry(pb::Kind::Text, b"x", 0)]), Code::InvalidArgument, "invalid_name"),
+        (batch("a..b", vec![entry(pb::Kind::Text, b"x", 0)]), Code::InvalidArgument, "invalid_name"),
+        (
+            batch("gb", vec![entry(pb::Kind::Text, b"x", 0), entry(pb::Kind::Text, &[b'x'; 17], 0)]),
+            Code::ResourceExhausted,
+            "too_large",
+        ),
+        (batch("gb", vec![entry(pb::Kind::Json, b"{nope", 0)]), Code::InvalidArgument, "bad_request"),
+    ];
+    for (request, code, word) in refused {
+        assert_status(queues.enqueue_batch(request).await, code, word);
+    }
+    let stats = queues.stats(pb::QueueStatsRequest { queue: "gb".into() }).await?.into_inner();
+    assert_eq!((stats.ready, stats.delayed), (0, 1), "nothing of a refused batch stored");
+    // Room for two more (the delayed job counts): the third entry is refused alone.
+    let part = queues.enqueue_batch(batch("gb", vec![entry(pb::Kind::Text, b"a", 0); 3])).await?.into_inner();
+    assert_eq!(part.message_ids.iter().filter(|&&id| id > 0).count(), 2, "{part:?}");
+    assert_eq!((part.message_ids[2], part.errors.len()), (0, 1), "{part:?}");
+    assert_eq!((part.errors[0].index, part.errors[0].code.as_str()), (2, "rate_limited"));
+    assert_status(
+        queues.ack_batch(pb::AckBatchRequest { queue: "gb".into(), ids: vec!["not*valid".into()] }).await,
+        Code::InvalidArgument,
+        "bad_request",
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn errors_are_status_codes_with_the_code_word() -> Result {
     let server = start(|c| {

@@ -239,6 +239,47 @@ async fn dead_letters_stale_ids_and_delays_over_http(setup: Setup) -> Result {
     Ok(())
 }
 
+/// `POST /v1/queues/{queue}/batch` and `POST /v1/queues/{queue}/ack`: a batch's jobs
+/// in order with their kinds and delays, acks done one by one with the stale one named.
+async fn batches_enqueue_in_order_and_ack_with_outcomes(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |_| {}).await?;
+    let (server, other) = (&nodes.a, &nodes.b);
+    let batch = json!({"messages": [
+        {"data": {"n": 1}},
+        {"data_b64": "AAE="},
+        {"data": "later", "delay_ms": 60000},
+        {"data": "brief", "ttl_ms": 0},
+    ]});
+    let (status, v) =
+        server.post("/v1/queues/bat/batch", Some("application/json"), batch.to_string().into_bytes()).await?;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["queue"], "bat");
+    let ids: Vec<u64> = v["message_ids"].as_array().ok_or("message_ids")?.iter().filter_map(Value::as_u64).collect();
+    assert_eq!(ids.len(), 4, "{v}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in the batch's order: {ids:?}");
+    assert!(v.get("errors").is_none(), "{v}");
+    assert_eq!(stats(other, "bat").await?, json!({"queue":"bat","ready":2,"in_flight":0,"delayed":1,"dead":0}));
+
+    let jobs = fetch(other, "bat", "max=10").await?;
+    assert_eq!(jobs.len(), 2, "the delayed job waits, the expired one is gone: {jobs:?}");
+    assert_eq!((jobs[0]["message_id"].as_u64(), &jobs[0]["data"]), (Some(ids[0]), &json!({"n": 1})));
+    assert_eq!((jobs[1]["message_id"].as_u64(), &jobs[1]["data_b64"]), (Some(ids[1]), &json!("AAE=")));
+    let delivery = |i: usize| jobs[i]["id"].as_str().unwrap_or_default().to_owned();
+    let acks = json!({"ids": [delivery(0), delivery(1), "1-1-stale"]});
+    let (status, v) =
+        server.post("/v1/queues/bat/ack", Some("application/json"), acks.to_string().into_bytes()).await?;
+    assert_eq!(status, 207, "{v}");
+    assert_eq!(v["acked"], 2);
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!((&v["errors"][0]["index"], &v["errors"][0]["code"]), (&json!(2), &json!("not_found")));
+    assert_eq!(stats(server, "bat").await?["in_flight"], 0);
+    // Every ack stale: the first one's error, as a single ack would answer.
+    let again = json!({"ids": [delivery(0)]}).to_string().into_bytes();
+    let (status, v) = other.post("/v1/queues/bat/ack", Some("application/json"), again).await?;
+    assert_eq!((status, &v["error"]["code"]), (404, &json!("not_found")));
+    Ok(())
+}
+
 async fn a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue(setup: Setup) -> Result {
     let nodes = Nodes::start(setup, |c| c.broker.queues.max_attempts = 1).await?;
     enqueue(&nodes.a, "idle", "poison".into()).await?;
@@ -281,6 +322,43 @@ async fn queue_errors(setup: Setup) -> Result {
     assert_eq!((s, code(&v)), (404, "not_found".into()));
     let (s, v) = server.post("/v1/queues/jobs/extend/1-1-abc", None, Vec::new()).await?;
     assert_eq!((s, code(&v)), (400, "bad_request".into()), "visibility_ms required");
+
+    // Batches: every entry is checked before any is stored.
+    let many = json!({"messages": vec![json!({"data": 1}); 1001]}).to_string();
+    for (body, want, why) in [
+        (r#"{"messages":[]}"#.to_owned(), "bad_request", "empty"),
+        (many, "bad_request", "over 1000"),
+        (r#"{"messages":[{"data":1,"data_b64":"AA=="}]}"#.into(), "bad_request", "both payloads"),
+        (r#"{"messages":[{"data":1},{}]}"#.into(), "bad_request", "no payload"),
+        (r#"{"messages":[{"data":1,"priority":2}]}"#.into(), "bad_request", "unknown field"),
+        (r#"{"messages":[{"data_b64":"***"}]}"#.into(), "bad_request", "bad base64"),
+        (r#"{"messages":[{"data":1}"#.into(), "bad_request", "malformed"),
+        (r#"{"messages":[{"data":1},{"data":"this is over sixteen bytes"}]}"#.into(), "too_large", "one too large"),
+    ] {
+        let (s, v) = server.post("/v1/queues/part/batch", Some("application/json"), body.into_bytes()).await?;
+        assert_eq!(code(&v), want, "{why}: {s} {v}");
+    }
+    let (s, v) = server
+        .post("/v1/queues/jobs.dlq/batch", Some("application/json"), br#"{"messages":[{"data":1}]}"#.to_vec())
+        .await?;
+    assert_eq!((s, code(&v)), (400, "invalid_name".into()));
+    assert_eq!(stats(server, "part").await?["ready"], 0, "nothing of a refused batch stored");
+    // The queue holds one: the first entry is stored, the other two are refused.
+    let body = br#"{"messages":[{"data":1},{"data":2},{"data":3}]}"#.to_vec();
+    let (s, v) = nodes.b.post("/v1/queues/part/batch", Some("application/json"), body).await?;
+    assert_eq!(s, 207, "{v}");
+    assert!(v["message_ids"][0].is_u64() && v["message_ids"][1].is_null() && v["message_ids"][2].is_null(), "{v}");
+    let errors: Vec<(u64, String)> = v["errors"]
+        .as_array()
+        .ok_or("errors")?
+        .iter()
+        .map(|e| (e["index"].as_u64().unwrap_or(99), code(&json!({"error": e}))))
+        .collect();
+    assert_eq!(errors, [(1, "rate_limited".into()), (2, "rate_limited".into())]);
+    for body in [r#"{"ids":[]}"#, r#"{"ids":["not*valid"]}"#, r#"{"id":"1-1-abc"}"#] {
+        let (s, v) = server.post("/v1/queues/jobs/ack", Some("application/json"), body.as_bytes().to_vec()).await?;
+        assert_eq!((s, code(&v)), (400, "bad_request".into()), "{body}");
+    }
     Ok(())
 }
 
@@ -358,6 +436,7 @@ macro_rules! cases {
             dead_letters_stale_ids_and_delays_over_http,
             a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue,
             queue_errors,
+            batches_enqueue_in_order_and_ack_with_outcomes,
             list_queues_pages_in_name_order,
             shutdown_answers_a_pending_long_poll
         );

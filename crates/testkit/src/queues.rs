@@ -363,6 +363,47 @@ pub async fn list_names_queues_in_order(backend: &dyn QueueBackend) -> Result {
     Ok(())
 }
 
+/// A batch enqueue: ids in the batch's order, delays and TTLs kept, fetched oldest
+/// first; a batch past the queue's room stores what fits and refuses the rest, entry by
+/// entry; a batch ack acks each current delivery and names the stale ones.
+pub async fn batches_keep_order_and_report_each_entry(backend: &dyn QueueBackend) -> Result {
+    let config = QueueConfig { max_queue_messages: 5, ..QueueConfig::default() };
+    let (a, b, clock) = nodes(backend, config, 1024).await?;
+    let q = queue("conf.batch")?;
+    let batch = vec![
+        (text("one"), 0),
+        (text("two"), 0),
+        (text("later"), 100),
+        (NewMessage { ttl_ms: Some(50), ..text("brief") }, 0),
+    ];
+    let ids = a.enqueue_batch(&q, batch).await.into_iter().collect::<std::result::Result<Vec<u64>, _>>()?;
+    ensure(ids.len() == 4 && ids.windows(2).all(|w| w[0] < w[1]), || format!("ids in order: {ids:?}"))?;
+    same(b.stats(&q).await?, stats(3, 0, 1, 0), "three ready, one delayed")?;
+    clock.advance(100);
+    let got = fetch(&b, &q, 10, 1000).await?;
+    let order: Vec<(u64, String)> = got.iter().map(|d| (d.message_id, payload(d))).collect();
+    let want = vec![(ids[0], "one".to_owned()), (ids[1], "two".to_owned()), (ids[2], "later".to_owned())];
+    same(order, want, "fetched oldest first, the TTL's one gone")?;
+
+    // Room for two more: the third entry is refused on its own.
+    let part = b.enqueue_batch(&q, vec![(text("a"), 0), (text("b"), 0), (text("c"), 0)]).await;
+    ensure(
+        part.len() == 3 && part[0].is_ok() && part[1].is_ok() && matches!(part[2], Err(QueueError::Full { .. })),
+        || format!("a batch past the room: {part:?}"),
+    )?;
+
+    let mut deliveries: Vec<String> = got.iter().map(|d| d.id.clone()).collect();
+    deliveries.insert(1, "1-1-stale".to_owned());
+    let acked = a.ack_batch(&q, &deliveries).await;
+    ensure(
+        acked.len() == 4
+            && acked.iter().enumerate().all(|(i, r)| (i == 1) == matches!(r, Err(QueueError::NotFound(_)))),
+        || format!("acks, the second stale: {acked:?}"),
+    )?;
+    same(b.stats(&q).await?, stats(2, 0, 0, 0), "the batch's two that fit remain")?;
+    Ok(())
+}
+
 /// One `#[tokio::test]` per queue conformance case for the backend `$make` builds.
 #[macro_export]
 macro_rules! queue_conformance {
@@ -373,7 +414,8 @@ macro_rules! queue_conformance {
             workers_on_two_nodes_take_each_job_once,
             a_long_poll_wakes_on_enqueue_from_another_node,
             purge_and_redrive,
-            list_names_queues_in_order
+            list_names_queues_in_order,
+            batches_keep_order_and_report_each_entry
         );
     };
     (@cases $make:expr; $($case:ident),*) => {
