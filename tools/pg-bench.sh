@@ -6,6 +6,14 @@
 #            for its ack), 128-byte messages, on the disk store (fsync always) and on
 #            PostgreSQL (synchronous_commit on, the server's default)
 #   queue:   `herald bench queue` with WORKERS workers (each enqueues, fetches, acks)
+#   queue-fetch1: `--producers 1 --batch BATCH --fetch 1`: one producer enqueues BATCH
+#            jobs per request while WORKERS workers each fetch one job and ack it (the
+#            shape of graphile-worker's default mode: one producer adding 1000 jobs per
+#            call, workers taking one job at a time); FETCH1_MESSAGES jobs per run
+#   queue-batch: `--producers 1 --batch BATCH` (the workers fetch up to 100 jobs at a
+#            time and ack each fetch's in one request; the shape of graphile-worker's
+#            batched mode); BATCH_MESSAGES jobs per run
+#            BATCH=1 leaves both out
 #   peer:    tools/pg-peer/run.sh (graphile-worker 0.17: enqueue jobs/s with PRODUCERS
 #            producers, job round trips/s with WORKERS workers, out of the box and in
 #            its batched mode) on the same database
@@ -23,6 +31,9 @@ RUNS=${RUNS:-3}
 PUBLISHERS=${PUBLISHERS:-1 16 256}
 WORKERS=${WORKERS:-1 8 64}
 MESSAGES=${MESSAGES:-10000}
+BATCH=${BATCH:-1000}
+FETCH1_MESSAGES=${FETCH1_MESSAGES:-20000}
+BATCH_MESSAGES=${BATCH_MESSAGES:-100000}
 PGURL=${PGURL:-postgres://postgres@127.0.0.1:5432/test}
 PEER=${PEER:-1}
 OUT=${OUT:-/tmp/herald-pg-bench.jsonl}
@@ -56,10 +67,14 @@ stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; }
 # bench SCENARIO STORE N RUN: `herald bench SCENARIO` with N clients on a fresh server,
 # a JSON line in $OUT.
 bench() {
-  local clients=--publishers
-  [ "$1" = queue ] && clients=--workers
+  local args=(--publishers "$3" --messages "$MESSAGES")
+  case $1 in
+    queue) args=(--workers "$3" --messages "$MESSAGES") ;;
+    queue-fetch1) args=(--workers "$3" --producers 1 --messages "$FETCH1_MESSAGES" --batch "$BATCH" --fetch 1) ;;
+    queue-batch) args=(--workers "$3" --producers 1 --messages "$BATCH_MESSAGES" --batch "$BATCH" --fetch 100) ;;
+  esac
   start "$2"
-  "$BIN" bench "$1" --url "$URL" "$clients" "$3" --messages "$MESSAGES" --json |
+  "$BIN" bench "${1%%-*}" --url "$URL" "${args[@]}" --json |
     jq -c --arg scenario "$1" --arg store "$2" --argjson n "$3" --argjson run "$4" \
       '{scenario: $scenario, store: $store, clients: $n, run: $run, per_second: .per_second, p50_us: .p50_us, p99_us: .p99_us}' >>"$OUT"
   stop
@@ -69,8 +84,13 @@ for run in $(seq "$RUNS"); do
   for store in disk postgres; do
     for n in $PUBLISHERS; do bench publish "$store" "$n" "$run"; done
     for n in $WORKERS; do bench queue "$store" "$n" "$run"; done
+    if [ "$BATCH" -gt 1 ]; then
+      for n in $WORKERS; do bench queue-fetch1 "$store" "$n" "$run"; done
+      for n in $WORKERS; do bench queue-batch "$store" "$n" "$run"; done
+    fi
   done
-  tail -n "$(( 2 * ($(wc -w <<<"$PUBLISHERS") + $(wc -w <<<"$WORKERS")) ))" "$OUT" >&2
+  cases=$(( $(wc -w <<<"$PUBLISHERS") + $(wc -w <<<"$WORKERS") * (BATCH > 1 ? 3 : 1) ))
+  tail -n "$(( 2 * cases ))" "$OUT" >&2
   if [ "$PEER" = 1 ]; then
     # The peer within the same run, so that both meet the machine in the same state.
     RUNS=1 PGURL=$PGURL WORKERS=$WORKERS PRODUCERS=$PUBLISHERS tools/pg-peer/run.sh >>"$WORK/peer.jsonl"

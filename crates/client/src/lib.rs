@@ -20,7 +20,7 @@ mod ws;
 
 pub use grpc::{GrpcClient, GrpcSubscription};
 pub use http::{basic_auth, bearer_auth, Client, ListOptions, ListedTopic, Page, Published, TopicInfo};
-pub use queue::{EntryError, FetchOptions, Job, ListedQueue, NewJob, QueueStats};
+pub use queue::{EntryError, FetchOptions, Job, JobPayload, ListedQueue, NewJob, QueueStats};
 pub use tls::{install_crypto_provider, TlsConfig};
 pub use ws::{connect_socket, Delivery, Event, Payload, Subscription, WsConnection};
 

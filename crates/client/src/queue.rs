@@ -76,19 +76,39 @@ struct Enqueued {
 /// One job of [`Client::enqueue_batch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewJob {
-    /// The payload: JSON text (kind json) or bytes (kind binary).
-    pub payload: Payload,
+    /// The payload and its kind.
+    pub payload: JobPayload,
     /// Not ready before this has passed.
     pub delay: Duration,
     /// Dropped once this has passed, whatever its state.
     pub ttl: Option<Duration>,
 }
 
+/// A job's payload, by kind (as a single enqueue's `Content-Type` would set it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobPayload {
+    /// JSON text (kind json; the server refuses text that is not JSON).
+    Json(String),
+    /// A string (kind text).
+    Text(String),
+    /// Bytes (kind binary).
+    Binary(Vec<u8>),
+}
+
 impl NewJob {
-    /// A JSON job, ready at once. `json` must be JSON text (the server refuses it
-    /// otherwise).
+    /// A job of `payload`, ready at once, without TTL.
+    pub fn new(payload: JobPayload) -> Self {
+        Self { payload, delay: Duration::ZERO, ttl: None }
+    }
+
+    /// A JSON job, ready at once.
     pub fn json(json: impl Into<String>) -> Self {
-        Self { payload: Payload::Json(json.into()), delay: Duration::ZERO, ttl: None }
+        Self::new(JobPayload::Json(json.into()))
+    }
+
+    /// A text job, ready at once.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self::new(JobPayload::Text(text.into()))
     }
 }
 
@@ -192,11 +212,15 @@ impl Client {
                 body.push(',');
             }
             match &job.payload {
-                Payload::Json(text) => {
+                JobPayload::Json(json) => {
                     body.push_str("{\"data\":");
-                    body.push_str(text);
+                    body.push_str(json);
                 }
-                Payload::Binary(bytes) => {
+                JobPayload::Text(text) => {
+                    body.push_str("{\"text\":");
+                    body.push_str(&serde_json::Value::from(text.as_str()).to_string());
+                }
+                JobPayload::Binary(bytes) => {
                     body.push_str("{\"data_b64\":\"");
                     body.push_str(&base64::engine::general_purpose::STANDARD.encode(bytes));
                     body.push('"');

@@ -135,11 +135,17 @@ pub trait QueueService: Send + Sync + 'static {
     /// Enqueues `msg`; resolves with its message id once it is durable.
     fn enqueue<'a>(&'a self, name: &'a QueueName, msg: NewMessage, delay_ms: u64) -> QueueFuture<'a, u64>;
 
-    /// Enqueues a batch (each message with its delay), entries in the batch's order;
-    /// resolves with one outcome per entry once every entry has its own. The entries
+    /// Enqueues a batch (each message with its delay); resolves with one outcome per
+    /// entry, in the batch's order, and the entries' ids follow that order. The entries
     /// are handed on together, so a store that group-commits (disk, PostgreSQL) writes
-    /// the batch in one commit; the batch is not atomic: a failing entry leaves the
-    /// others stored. Checking the entries (names, sizes) is the caller's, before this.
+    /// the batch in one commit. Not atomic: an entry refused (full, too large) or
+    /// failed leaves the others stored.
+    ///
+    /// The default starts the entries' enqueues in order (`join_all` polls them first
+    /// in order), which keeps the order for a service whose `enqueue` takes its id
+    /// before its first await, as the engine's does; a service that awaits before
+    /// (PostgreSQL's writer channel, Redis's script call) overrides it. The queue
+    /// conformance suite checks the order of 1000 entries on every service.
     fn enqueue_batch<'a>(&'a self, name: &'a QueueName, batch: Vec<(NewMessage, u64)>) -> BatchFuture<'a, u64> {
         let entries: Vec<_> = batch.into_iter().map(|(msg, delay_ms)| self.enqueue(name, msg, delay_ms)).collect();
         Box::pin(futures_util::future::join_all(entries))

@@ -121,12 +121,13 @@ pub(crate) async fn enqueue_batch(
     let entries =
         herald_protocol::parse_enqueue_batch(&batch_body(body).await?, MAX_BATCH).map_err(ApiError::bad_request)?;
     let max = state.broker().config().max_message_bytes;
-    if let Some((i, e)) = entries.iter().enumerate().find(|(_, e)| e.payload.len() > max) {
-        let message = format!("messages[{i}]: the payload is {} bytes, over the limit of {max}", e.payload.len());
+    if let Some((i, e)) = entries.iter().enumerate().find(|(_, e)| e.message.payload.len() > max) {
+        let message =
+            format!("messages[{i}]: the payload is {} bytes, over the limit of {max}", e.message.payload.len());
         return Err(ApiError::new(ErrorCode::TooLarge, message));
     }
-    limits::admit(&peer, &caller, entries.len(), entries.iter().map(|e| e.payload.len()).sum())?;
-    let batch = entries.into_iter().map(|e| (e.payload.into_message(e.ttl_ms), e.delay_ms)).collect();
+    limits::admit(&peer, &caller, entries.len(), entries.iter().map(|e| e.message.payload.len()).sum())?;
+    let batch = entries.into_iter().map(|e| (e.message, e.delay_ms)).collect();
     let outcomes = state.broker().queue_service()?.enqueue_batch(&queue, batch).await;
     batch_reply(StatusCode::CREATED, outcomes, |body, outcomes| {
         body.push_str("\"queue\":");

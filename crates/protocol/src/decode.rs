@@ -108,12 +108,10 @@ impl Payload {
 /// One message of an enqueue batch (`POST /v1/queues/{queue}/batch`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchEntry {
-    /// The payload, `data` or `data_b64` as in a publish frame.
-    pub payload: Payload,
+    /// The message: `data` (json), `text` or `data_b64` (binary), with its `ttl_ms`.
+    pub message: NewMessage,
     /// Not ready before this many ms (0: at once).
     pub delay_ms: u64,
-    /// Dropped after this many ms, whatever its state.
-    pub ttl_ms: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -131,12 +129,14 @@ struct RawEntry<'a> {
     #[serde(default)]
     data_b64: Option<String>,
     #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
     delay_ms: u64,
     #[serde(default)]
     ttl_ms: Option<u64>,
 }
 
-/// Parses the body of an enqueue batch, `{"messages":[{"data":...} or
+/// Parses the body of an enqueue batch, `{"messages":[{"data":...}, {"text":"..."} or
 /// {"data_b64":"..."}, each with optional "delay_ms" and "ttl_ms"]}`, holding 1 to
 /// `max` entries. The error is words for a `bad_request`, naming the entry.
 pub fn parse_enqueue_batch(text: &str, max: usize) -> Result<Vec<BatchEntry>, String> {
@@ -149,20 +149,24 @@ pub fn parse_enqueue_batch(text: &str, max: usize) -> Result<Vec<BatchEntry>, St
         .into_iter()
         .enumerate()
         .map(|(i, e)| {
-            let payload = match (e.data, e.data_b64) {
-                (Some(_), Some(_)) => return Err(format!("messages[{i}]: give either data or data_b64, not both")),
-                (None, None) => return Err(format!("messages[{i}]: missing field data or data_b64")),
-                (Some(json), None) => Payload::Json(json.get().to_owned()),
-                (None, Some(b64)) => Payload::Binary(
-                    base64::engine::general_purpose::STANDARD
-                        .decode(b64)
-                        .map_err(|e| format!("messages[{i}]: data_b64 is not valid base64: {e}"))?,
+            let (kind, payload) = match (e.data, e.text, e.data_b64) {
+                (Some(json), None, None) => (Kind::Json, Bytes::from(json.get().to_owned())),
+                (None, Some(text), None) => (Kind::Text, Bytes::from(text)),
+                (None, None, Some(b64)) => (
+                    Kind::Binary,
+                    Bytes::from(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b64)
+                            .map_err(|e| format!("messages[{i}]: data_b64 is not valid base64: {e}"))?,
+                    ),
                 ),
+                (None, None, None) => return Err(format!("messages[{i}]: missing field data, text or data_b64")),
+                _ => return Err(format!("messages[{i}]: give one of data, text and data_b64")),
             };
             if e.delay_ms > limit || e.ttl_ms.is_some_and(|t| t > limit) {
                 return Err(format!("messages[{i}]: delay_ms and ttl_ms must be at most {limit}"));
             }
-            Ok(BatchEntry { payload, delay_ms: e.delay_ms, ttl_ms: e.ttl_ms })
+            Ok(BatchEntry { message: NewMessage { kind, payload, ttl_ms: e.ttl_ms }, delay_ms: e.delay_ms })
         })
         .collect()
 }

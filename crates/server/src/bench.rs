@@ -3,9 +3,11 @@
 //!
 //! `queue` is a round-trip benchmark: each worker enqueues one message, fetches one,
 //! and acks it, over HTTP, until the total count is reached; with `--batch N` it
-//! enqueues N in one batch request, fetches until it holds N (up to 100 per fetch) and
-//! acks them in one batch request. `tools/peer-bench` runs
-//! the same scenario against RabbitMQ so the two can be compared in one run.
+//! enqueues N in one batch request, then fetches and acks until N are done (up to 100,
+//! or `--fetch`, per fetch; each fetch's jobs acked in one batch request). With
+//! `--producers P`, P producers enqueue the batches while the workers only fetch and
+//! ack. `tools/peer-bench` runs the per-job scenario against RabbitMQ, and
+//! `tools/pg-peer` the split one against graphile-worker.
 //!
 //! On a terminal, a line on stderr shows the count so far and the rate of the last
 //! second while a run lasts (nothing when stderr is a file or a pipe, so scripts and
@@ -88,10 +90,20 @@ pub struct QueueArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 128)]
     pub size: usize,
-    /// Jobs per step (1 to 1000): enqueued in one batch request, fetched up to 100 at a
-    /// time, acked in one batch request. 1: one enqueue, one fetch, one ack per job.
+    /// Jobs per step (1 to 1000): enqueued in one batch request, then fetched and acked
+    /// (`--fetch` at a time, each fetch's jobs acked in one request). 1: one enqueue,
+    /// one fetch, one ack per job.
     #[arg(long, default_value_t = 1)]
     pub batch: u64,
+    /// Jobs per fetch (1 to 100; default: the batch, at most 100). `--batch 100 --fetch
+    /// 1` is a batching producer with workers that take one job at a time.
+    #[arg(long)]
+    pub fetch: Option<u64>,
+    /// Separate producers (0: none, each worker enqueues its own jobs): this many tasks
+    /// enqueue the jobs in batches of `--batch` while the workers only fetch and ack;
+    /// timed from the first enqueue to the last ack, latency per fetch-and-ack.
+    #[arg(long, default_value_t = 0)]
+    pub producers: usize,
     /// The queue (default `bench.queue.<pid>`, one of its own; name one to share it
     /// with load generators on other cluster nodes).
     #[arg(long)]
@@ -279,6 +291,8 @@ struct QueueWorker {
     payload: String,
     /// The same size as a JSON string, for batches (whose entries are JSON or binary).
     json: String,
+    /// Jobs per fetch.
+    fetch: u64,
 }
 
 fn round_trip<'a>(w: &'a mut QueueWorker, units: u64, latencies: &'a mut Vec<u64>) -> Step<'a> {
@@ -292,28 +306,106 @@ fn round_trip<'a>(w: &'a mut QueueWorker, units: u64, latencies: &'a mut Vec<u64
                 outcome.map_err(|e| anyhow::anyhow!("enqueue refused: {} {}", e.code, e.message))?;
             }
         }
-        let mut jobs = Vec::with_capacity(units as usize);
-        while (jobs.len() as u64) < units {
+        let mut done = 0;
+        while done < units {
             // Another worker may take "our" messages; any will do.
-            let max = (units - jobs.len() as u64).min(100) as u32;
+            let max = (units - done).min(w.fetch) as u32;
             let fetch = FetchOptions { max, wait: Duration::from_secs(1), ..FetchOptions::default() };
-            jobs.extend(w.client.fetch_jobs(&w.queue, fetch).await?);
-        }
-        if let [job] = &jobs[..] {
-            w.client.ack(&w.queue, job).await?;
-        } else {
-            for outcome in w.client.ack_batch(&w.queue, &jobs).await? {
-                outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
+            let jobs = w.client.fetch_jobs(&w.queue, fetch).await?;
+            match &jobs[..] {
+                [] => {}
+                [job] => w.client.ack(&w.queue, job).await?,
+                _ => {
+                    for outcome in w.client.ack_batch(&w.queue, &jobs).await? {
+                        outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
+                    }
+                }
             }
+            done += jobs.len() as u64;
         }
         latencies.push(t0.elapsed().as_micros() as u64);
         Ok(())
     })
 }
 
+/// Producers and workers apart: `producers` tasks enqueue `total` jobs in batches of
+/// `batch` while every worker fetches (`w.fetch` at a time, long-polling) and acks what
+/// it got, until `total` are acked. Timed from the start to the last ack; one latency
+/// per fetch-and-ack that got jobs.
+async fn split(workers: &[Arc<QueueWorker>], producers: usize, batch: u64, total: u64) -> anyhow::Result<Report> {
+    let (enqueued, acked) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let progress = Progress::start("messages", total);
+    let started = Instant::now();
+    let producer_tasks: Vec<_> = (0..producers)
+        .map(|p| {
+            let (w, enqueued) = (workers[p % workers.len()].clone(), enqueued.clone());
+            tokio::spawn(async move {
+                loop {
+                    let from = enqueued.fetch_add(batch, Ordering::Relaxed);
+                    if from >= total {
+                        return anyhow::Ok(());
+                    }
+                    let n = batch.min(total - from) as usize;
+                    let jobs = vec![NewJob::json(w.json.clone()); n];
+                    for outcome in w.client.enqueue_batch(&w.queue, &jobs).await? {
+                        outcome.map_err(|e| anyhow::anyhow!("enqueue refused: {} {}", e.code, e.message))?;
+                    }
+                }
+            })
+        })
+        .collect();
+    let worker_tasks: Vec<_> = workers
+        .iter()
+        .map(|w| {
+            let (w, acked, done) = (w.clone(), acked.clone(), progress.counter());
+            tokio::spawn(async move {
+                let (mut latencies, mut finished) = (Vec::new(), None);
+                while acked.load(Ordering::Relaxed) < total {
+                    let fetch = FetchOptions {
+                        max: w.fetch as u32,
+                        wait: Duration::from_millis(100),
+                        ..FetchOptions::default()
+                    };
+                    let t0 = Instant::now();
+                    let jobs = w.client.fetch_jobs(&w.queue, fetch).await?;
+                    match &jobs[..] {
+                        [] => continue,
+                        [job] => w.client.ack(&w.queue, job).await?,
+                        _ => {
+                            for outcome in w.client.ack_batch(&w.queue, &jobs).await? {
+                                outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
+                            }
+                        }
+                    }
+                    latencies.push(t0.elapsed().as_micros() as u64);
+                    done.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                    if acked.fetch_add(jobs.len() as u64, Ordering::Relaxed) + jobs.len() as u64 >= total {
+                        finished = Some(started.elapsed());
+                    }
+                }
+                anyhow::Ok((latencies, finished))
+            })
+        })
+        .collect();
+    for task in producer_tasks {
+        task.await??;
+    }
+    let (mut latencies, mut elapsed) = (Vec::new(), Duration::ZERO);
+    for task in worker_tasks {
+        let (mine, finished) = task.await??;
+        latencies.extend(mine);
+        elapsed = elapsed.max(finished.unwrap_or_default());
+    }
+    drop(progress);
+    latencies.sort_unstable();
+    Ok(Report { latencies, units: total, elapsed })
+}
+
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1 && args.messages >= 1, "--workers and --messages must be at least 1");
     anyhow::ensure!((1..=1000).contains(&args.batch), "--batch must be 1 to 1000");
+    let fetch = args.fetch.unwrap_or(args.batch.min(100));
+    anyhow::ensure!((1..=100).contains(&fetch), "--fetch must be 1 to 100");
     let client = args.conn.http(&args.url)?;
     let queue = args.queue.unwrap_or_else(|| format!("bench.queue.{}", std::process::id()));
     let payload = "x".repeat(args.size);
@@ -324,11 +416,24 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
             queue: queue.clone(),
             payload: payload.clone(),
             json: json.clone(),
+            fetch,
         })
         .collect();
-    let (workers, _) = measure(workers, 500, args.batch, round_trip).await?;
-    let (_, r) = measure(workers, args.messages, args.batch, round_trip).await?;
-    let params = [("workers", args.workers.into()), ("size", args.size.into()), ("batch", args.batch.into())];
+    let r = if args.producers == 0 {
+        let (workers, _) = measure(workers, 500, args.batch, round_trip).await?;
+        measure(workers, args.messages, args.batch, round_trip).await?.1
+    } else {
+        let workers: Vec<Arc<QueueWorker>> = workers.into_iter().map(Arc::new).collect();
+        split(&workers, args.producers, args.batch, 500).await?;
+        split(&workers, args.producers, args.batch, args.messages).await?
+    };
+    let params = [
+        ("workers", args.workers.into()),
+        ("size", args.size.into()),
+        ("batch", args.batch.into()),
+        ("fetch", fetch.into()),
+        ("producers", args.producers.into()),
+    ];
     r.print("herald-queue", &params, args.json);
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Args;
 use herald_client::grpc::pb;
-use herald_client::{Client, Event, GrpcClient, ListOptions, Published, StartFrom, TlsConfig};
+use herald_client::{Client, Event, GrpcClient, ListOptions, NewJob, Published, StartFrom, TlsConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// How a client command prints its results (`-o/--output`).
@@ -278,8 +278,9 @@ async fn publish_grpc(args: PubArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `herald enqueue`: MESSAGE, or each line of stdin, or stdin whole with
-/// `--binary`, one job each; prints each job's message id.
+/// Runs `herald enqueue`: MESSAGE, or each line of stdin (in batch requests of what has
+/// been read, up to 1000), or stdin whole with `--binary`, one job each; prints each
+/// job's message id.
 pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     let client = args.server.http()?;
     let delay = std::time::Duration::from_millis(args.delay_ms);
@@ -307,11 +308,62 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     if let Some(message) = &args.message {
         return print(client.enqueue(&args.queue, content_type, message.clone(), delay).await?);
     }
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    while let Some(line) = lines.next_line().await.context("reading stdin")? {
-        print(client.enqueue(&args.queue, content_type, line, delay).await?)?;
+    // A reader task hands the lines on; what has been read by the time a request goes
+    // out makes one batch (up to the server's 1000), so a piped file goes in batches
+    // and a line typed by hand goes at once.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(ENQUEUE_BATCH);
+    let reader = tokio::spawn(async move {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await.context("reading stdin")? {
+            if tx.send(line).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let mut done = 0;
+    while let Some(first) = rx.recv().await {
+        let mut lines = vec![first];
+        while lines.len() < ENQUEUE_BATCH {
+            let Ok(line) = rx.try_recv() else { break };
+            lines.push(line);
+        }
+        if lines.len() == 1 {
+            let line = lines.pop().unwrap_or_default();
+            print(client.enqueue(&args.queue, content_type, line, delay).await.with_context(|| line_no(done))?)?;
+            done += 1;
+            continue;
+        }
+        let n = lines.len();
+        let jobs: Vec<NewJob> = lines
+            .into_iter()
+            .map(|line| NewJob { delay, ..if args.json { NewJob::json(line) } else { NewJob::text(line) } })
+            .collect();
+        let what = || format!("lines {}-{}", done + 1, done + n);
+        let outcomes = client.enqueue_batch(&args.queue, &jobs).await.with_context(what)?;
+        let mut refused = None;
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Ok(id) => print(id)?,
+                Err(e) => {
+                    refused.get_or_insert(format!("{}: {} {}", line_no(done + i), e.code, e.message));
+                }
+            }
+        }
+        if let Some(refused) = refused {
+            anyhow::bail!("{refused}; the message ids printed were enqueued, no line after {} was sent", what());
+        }
+        done += n;
     }
-    Ok(())
+    reader.await.context("stdin reader")?
+}
+
+/// Lines of stdin `herald enqueue` sends in one batch request, at most (the server's most).
+const ENQUEUE_BATCH: usize = 1000;
+
+/// Names stdin line `i` (from 0) in an error.
+fn line_no(i: usize) -> String {
+    format!("line {}", i + 1)
 }
 
 /// Names one list call asks for at a time (the server's most).

@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{start, Result};
-use herald_client::FetchOptions;
+use herald_client::{FetchOptions, Payload};
 use serde_json::{json, Value};
 
 fn herald_pub(url: &str, extra: &[&str], stdin: &str) -> Result<String> {
@@ -156,6 +156,29 @@ async fn pub_and_enqueue_print_json_lines_with_output_json() -> Result {
     let out = herald(&["enqueue", "--url", url, "jobs.dlq", "x"], "").await?;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr)?.contains("invalid_name"));
+    Ok(())
+}
+
+/// Piped stdin goes in batch requests: every line a job, ids printed in line order,
+/// kinds kept; a batch the server refuses names its lines and stores nothing of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn enqueue_sends_piped_lines_in_batches() -> Result {
+    let server = start(|_| {}).await?;
+    let url = server.url.as_str();
+    let lines: String = (1..=2500).map(|i| format!("line {i}\n")).collect();
+    let printed = herald_ok(&["enqueue", "--url", url, "bulk"], &lines).await?;
+    let want: String = (1..=2500).map(|i| format!("{i}\n")).collect();
+    assert_eq!(printed, want, "one id per line, in order");
+    let client = server.client();
+    let jobs = client.fetch_jobs("bulk", FetchOptions { max: 2, ..FetchOptions::default() }).await?;
+    let got: Vec<&Payload> = jobs.iter().map(|j| &j.payload).collect();
+    assert_eq!(got, [&Payload::Json(r#""line 1""#.into()), &Payload::Json(r#""line 2""#.into())], "text jobs");
+    assert_eq!(client.queue_stats("bulk").await?.ready, 2498);
+
+    let out = herald(&["enqueue", "--url", url, "strict", "--json"], "{\"a\":1}\n{\"b\":2}\nnot json\n").await?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr)?;
+    assert!(stderr.contains("bad_request") && stderr.contains("line"), "{stderr}");
     Ok(())
 }
 

@@ -247,6 +247,7 @@ async fn batches_enqueue_in_order_and_ack_with_outcomes(setup: Setup) -> Result 
     let batch = json!({"messages": [
         {"data": {"n": 1}},
         {"data_b64": "AAE="},
+        {"text": "plain"},
         {"data": "later", "delay_ms": 60000},
         {"data": "brief", "ttl_ms": 0},
     ]});
@@ -255,21 +256,22 @@ async fn batches_enqueue_in_order_and_ack_with_outcomes(setup: Setup) -> Result 
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["queue"], "bat");
     let ids: Vec<u64> = v["message_ids"].as_array().ok_or("message_ids")?.iter().filter_map(Value::as_u64).collect();
-    assert_eq!(ids.len(), 4, "{v}");
+    assert_eq!(ids.len(), 5, "{v}");
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in the batch's order: {ids:?}");
     assert!(v.get("errors").is_none(), "{v}");
-    assert_eq!(stats(other, "bat").await?, json!({"queue":"bat","ready":2,"in_flight":0,"delayed":1,"dead":0}));
+    assert_eq!(stats(other, "bat").await?, json!({"queue":"bat","ready":3,"in_flight":0,"delayed":1,"dead":0}));
 
     let jobs = fetch(other, "bat", "max=10").await?;
-    assert_eq!(jobs.len(), 2, "the delayed job waits, the expired one is gone: {jobs:?}");
+    assert_eq!(jobs.len(), 3, "the delayed job waits, the expired one is gone: {jobs:?}");
     assert_eq!((jobs[0]["message_id"].as_u64(), &jobs[0]["data"]), (Some(ids[0]), &json!({"n": 1})));
     assert_eq!((jobs[1]["message_id"].as_u64(), &jobs[1]["data_b64"]), (Some(ids[1]), &json!("AAE=")));
+    assert_eq!((jobs[2]["message_id"].as_u64(), &jobs[2]["data"]), (Some(ids[2]), &json!("plain")), "a text job");
     let delivery = |i: usize| jobs[i]["id"].as_str().unwrap_or_default().to_owned();
-    let acks = json!({"ids": [delivery(0), delivery(1), "1-1-stale"]});
+    let acks = json!({"ids": [delivery(0), delivery(1), "1-1-stale", delivery(2)]});
     let (status, v) =
         server.post("/v1/queues/bat/ack", Some("application/json"), acks.to_string().into_bytes()).await?;
     assert_eq!(status, 207, "{v}");
-    assert_eq!(v["acked"], 2);
+    assert_eq!(v["acked"], 3);
     assert_eq!(v["errors"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!((&v["errors"][0]["index"], &v["errors"][0]["code"]), (&json!(2), &json!("not_found")));
     assert_eq!(stats(server, "bat").await?["in_flight"], 0);
@@ -330,6 +332,8 @@ async fn queue_errors(setup: Setup) -> Result {
         (many, "bad_request", "over 1000"),
         (r#"{"messages":[{"data":1,"data_b64":"AA=="}]}"#.into(), "bad_request", "both payloads"),
         (r#"{"messages":[{"data":1},{}]}"#.into(), "bad_request", "no payload"),
+        (r#"{"messages":[{"text":"a","data":1}]}"#.into(), "bad_request", "text and data"),
+        (r#"{"messages":[{"text":1}]}"#.into(), "bad_request", "text not a string"),
         (r#"{"messages":[{"data":1,"priority":2}]}"#.into(), "bad_request", "unknown field"),
         (r#"{"messages":[{"data_b64":"***"}]}"#.into(), "bad_request", "bad base64"),
         (r#"{"messages":[{"data":1}"#.into(), "bad_request", "malformed"),

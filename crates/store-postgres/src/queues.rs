@@ -40,8 +40,8 @@ use deadpool_postgres::{Object, Pool};
 use futures_util::future::OptionFuture;
 use futures_util::{StreamExt, TryStreamExt};
 use herald_core::{
-    check_enqueue, Clock, Delivery, Kind, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture,
-    QueueName, QueueService, QueueStats, StoreError, Visible,
+    check_enqueue, BatchFuture, Clock, Delivery, Kind, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError,
+    QueueFuture, QueueName, QueueService, QueueStats, StoreError, Visible,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -433,7 +433,35 @@ fn settle_pair(name: &QueueName) -> Option<(QueueName, QueueName)> {
     }
 }
 
+/// The answer to an operation whose store has closed.
+fn closed() -> QueueError {
+    QueueError::Store(StoreError::Closed)
+}
+
 impl Shared {
+    /// The writer's record of one enqueue (refused here if [`check_enqueue`] refuses
+    /// it), and where its answer comes.
+    fn enqueue_of(
+        &self,
+        name: &QueueName,
+        msg: NewMessage,
+        delay_ms: u64,
+    ) -> Result<(Enqueue, oneshot::Receiver<Result<u64, QueueError>>), QueueError> {
+        check_enqueue(name, &msg, self.max_message_bytes)?;
+        let now = self.clock.now_ms();
+        let (reply, answer) = oneshot::channel();
+        let enqueue = Enqueue {
+            queue: name.clone(),
+            kind: kind_code(msg.kind),
+            payload: msg.payload,
+            ts: big(now),
+            visible_at: after(now, delay_ms),
+            expires_at: msg.ttl_ms.map(|ttl| after(now, ttl)),
+            reply,
+        };
+        Ok((enqueue, answer))
+    }
+
     /// One unguessable 48-bit nonce per delivery: a randomly keyed hash of a counter.
     fn nonces(&self, n: usize) -> Vec<i64> {
         (0..n)
@@ -453,7 +481,7 @@ impl Shared {
         if let Err(mpsc::error::SendError(fetch)) = self.fetch_tx.send(fetch).await {
             fetch_batch(self.db.clone(), vec![fetch]).await;
         }
-        answer.await.map_err(|_| QueueError::Store(StoreError::Closed))?
+        answer.await.map_err(|_| closed())?
     }
 
     /// When the next delay or lease of `name` ends (on a dead-letter queue, also the
@@ -495,7 +523,7 @@ impl Shared {
         if let Err(mpsc::error::SendError(ack)) = self.ack_tx.send(ack).await {
             ack_batch(self.db.clone(), vec![ack]).await;
         }
-        match answer.await.map_err(|_| QueueError::Store(StoreError::Closed))? {
+        match answer.await.map_err(|_| closed())? {
             Ok(true) => Ok(()),
             Ok(false) => Err(not_found()),
             Err(e) => Err(e),
@@ -673,22 +701,48 @@ enum Op {
 impl QueueService for PgQueues {
     fn enqueue<'a>(&'a self, name: &'a QueueName, msg: NewMessage, delay_ms: u64) -> QueueFuture<'a, u64> {
         Box::pin(async move {
-            let shared = &self.shared;
-            check_enqueue(name, &msg, shared.max_message_bytes)?;
-            let now = shared.clock.now_ms();
-            let (reply, answer) = oneshot::channel();
-            let enqueue = Enqueue {
-                queue: name.clone(),
-                kind: kind_code(msg.kind),
-                payload: msg.payload,
-                ts: big(now),
-                visible_at: after(now, delay_ms),
-                expires_at: msg.ttl_ms.map(|ttl| after(now, ttl)),
-                reply,
-            };
-            let closed = || QueueError::Store(StoreError::Closed);
-            shared.enqueue_tx.send(enqueue).await.map_err(|_| closed())?;
+            let (enqueue, answer) = self.shared.enqueue_of(name, msg, delay_ms)?;
+            self.shared.enqueue_tx.send(enqueue).await.map_err(|_| closed())?;
             answer.await.map_err(|_| closed())?
+        })
+    }
+
+    /// The batch's enqueues go to the writer in one go, in order (room for all of them
+    /// taken at once, so no other caller's enqueue comes between them and none can
+    /// overtake another): their ids follow the batch's order, and the writer takes them
+    /// into as few group commits as its batch size allows.
+    fn enqueue_batch<'a>(&'a self, name: &'a QueueName, batch: Vec<(NewMessage, u64)>) -> BatchFuture<'a, u64> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let made: Vec<_> =
+                batch.into_iter().map(|(msg, delay_ms)| shared.enqueue_of(name, msg, delay_ms)).collect();
+            // The doors cap a batch below the channel's size; past it, the rest is sent
+            // one by one after the reserved ones (still in order).
+            let valid = made.iter().filter(|m| m.is_ok()).count().min(ENQUEUE_QUEUE);
+            let mut permits = shared.enqueue_tx.reserve_many(valid).await.ok();
+            let mut answers = Vec::with_capacity(made.len());
+            for m in made {
+                let Ok((enqueue, answer)) = m else {
+                    answers.push(m.map(|(_, answer)| answer));
+                    continue;
+                };
+                let sent = match permits.as_mut().and_then(Iterator::next) {
+                    Some(permit) => {
+                        permit.send(enqueue);
+                        true
+                    }
+                    None => shared.enqueue_tx.send(enqueue).await.is_ok(),
+                };
+                answers.push(if sent { Ok(answer) } else { Err(closed()) });
+            }
+            let mut out = Vec::with_capacity(answers.len());
+            for answer in answers {
+                out.push(match answer {
+                    Ok(answer) => answer.await.unwrap_or_else(|_| Err(closed())),
+                    Err(e) => Err(e),
+                });
+            }
+            out
         })
     }
 

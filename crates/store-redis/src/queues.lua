@@ -157,21 +157,27 @@ if Q == D or op == 'stats' or op == 'redrive' then settle(D) end
 
 local reply
 if op == 'enqueue' then
-  -- ARGV: kind, delay ms, ttl ms ('' for none), payload, max_queue_messages
-  local delay, ttl = tonumber(ARGV[7]), ARGV[8]
-  if count(M) >= tonumber(ARGV[10]) then
-    reply = { 'full' }
-  else
-    local id = redis.call('HINCRBY', M.h, 'n', 1)
-    local m = member(id)
-    redis.call('HSET', M.h, 'm' .. m, ARGV[6] .. ' ' .. int(now), 'b' .. m, ARGV[9])
-    if delay > 0 then
-      redis.call('ZADD', M.w, now + delay, m)
+  -- ARGV: max_queue_messages, then per message (one or a batch, in order): kind, delay
+  -- ms, ttl ms ('' for none), payload. One reply entry per message: its id, or 'full'.
+  local room = tonumber(ARGV[6]) - count(M)
+  reply = {}
+  for i = 7, #ARGV, 4 do
+    if room <= 0 then
+      table.insert(reply, 'full')
     else
-      make_ready(M, m, now)
+      room = room - 1
+      local delay, ttl = tonumber(ARGV[i + 1]), ARGV[i + 2]
+      local id = redis.call('HINCRBY', M.h, 'n', 1)
+      local m = member(id)
+      redis.call('HSET', M.h, 'm' .. m, ARGV[i] .. ' ' .. int(now), 'b' .. m, ARGV[i + 3])
+      if delay > 0 then
+        redis.call('ZADD', M.w, now + delay, m)
+      else
+        make_ready(M, m, now)
+      end
+      if ttl ~= '' then redis.call('ZADD', M.x, now + tonumber(ttl), m) end
+      table.insert(reply, int(id))
     end
-    if ttl ~= '' then redis.call('ZADD', M.x, now + tonumber(ttl), m) end
-    reply = { int(id), int(now) }
   end
 elseif op == 'fetch' then
   -- ARGV: visibility ms, then one nonce per message wanted

@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_core::{
-    check_enqueue, Clock, Delivery, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError, QueueFuture,
-    QueueName, QueueService, QueueStats, StoreError, Visible,
+    check_enqueue, BatchFuture, Clock, Delivery, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError,
+    QueueFuture, QueueName, QueueService, QueueStats, StoreError, Visible,
 };
 use tokio::sync::Notify;
 
@@ -193,6 +193,55 @@ impl Shared {
         Ok(reply)
     }
 
+    /// Enqueues `batch` with one script call (after the checks every enqueue passes);
+    /// one outcome per entry, in order.
+    async fn enqueue_many(&self, name: &QueueName, batch: Vec<(NewMessage, u64)>) -> Vec<Result<u64, QueueError>> {
+        let checked: Vec<_> = batch
+            .into_iter()
+            .map(|(msg, delay_ms)| check_enqueue(name, &msg, self.max_message_bytes).map(|()| (msg, delay_ms)))
+            .collect();
+        let fields: Vec<[Vec<u8>; 3]> = checked
+            .iter()
+            .flatten()
+            .map(|(msg, delay_ms)| {
+                let delay = delay_ms.min(&LUA_MAX).to_string().into_bytes();
+                let ttl = msg.ttl_ms.map_or_else(Vec::new, |t| t.min(LUA_MAX).to_string().into_bytes());
+                [msg.kind.as_str().as_bytes().to_vec(), delay, ttl]
+            })
+            .collect();
+        let mut stored = if fields.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let max = (self.config.max_queue_messages as u64).min(LUA_MAX).to_string();
+            let mut args: Vec<&[u8]> = vec![max.as_bytes()];
+            for ((msg, _), [kind, delay, ttl]) in checked.iter().flatten().zip(&fields) {
+                args.extend([&kind[..], delay, ttl, &msg.payload]);
+            }
+            match self.register(name).await {
+                Ok(()) => self.call(name, "enqueue", &args).await,
+                Err(e) => Err(e),
+            }
+        }
+        .map(Vec::into_iter);
+        let full = || QueueError::Full { queue: name.clone(), max: self.config.max_queue_messages };
+        checked
+            .into_iter()
+            .map(|entry| {
+                entry?;
+                let reply = stored.as_mut().map_err(|e| e.clone())?;
+                match reply.next().as_deref().map(text) {
+                    Some("full") => Err(full()),
+                    Some(id) => {
+                        let id = number(id.as_bytes())?;
+                        self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
+                        Ok(id)
+                    }
+                    None => Err(StoreError::Unavailable("redis: an enqueue reply too short".into()).into()),
+                }
+            })
+            .collect()
+    }
+
     fn registry(&self) -> String {
         format!("{}squeues", self.store.prefix)
     }
@@ -328,25 +377,15 @@ impl Drop for Waiting {
 impl QueueService for RedisQueues {
     fn enqueue<'a>(&'a self, name: &'a QueueName, msg: NewMessage, delay_ms: u64) -> QueueFuture<'a, u64> {
         Box::pin(async move {
-            let shared = &self.shared;
-            check_enqueue(name, &msg, shared.max_message_bytes)?;
-            let delay = delay_ms.min(LUA_MAX).to_string();
-            let ttl = msg.ttl_ms.map_or_else(String::new, |t| t.min(LUA_MAX).to_string());
-            let max = (shared.config.max_queue_messages as u64).min(LUA_MAX).to_string();
-            shared.register(name).await?;
-            let args: [&[u8]; 5] =
-                [msg.kind.as_str().as_bytes(), delay.as_bytes(), ttl.as_bytes(), &msg.payload, max.as_bytes()];
-            let reply = shared.call(name, "enqueue", &args).await?;
-            match reply.first().map(|f| text(f)) {
-                Some("full") => Err(QueueError::Full { queue: name.clone(), max: shared.config.max_queue_messages }),
-                Some(id) => {
-                    let id = number(id.as_bytes())?;
-                    shared.counters.enqueued.fetch_add(1, Ordering::Relaxed);
-                    Ok(id)
-                }
-                None => Err(StoreError::Unavailable("redis: an empty enqueue reply".into()).into()),
-            }
+            let mut outcomes = self.shared.enqueue_many(name, vec![(msg, delay_ms)]).await;
+            outcomes.pop().unwrap_or_else(|| Err(StoreError::Unavailable("redis: no enqueue outcome".into()).into()))
         })
+    }
+
+    /// One script call for the whole batch: its messages get consecutive ids in its
+    /// order, atomically, in one round trip.
+    fn enqueue_batch<'a>(&'a self, name: &'a QueueName, batch: Vec<(NewMessage, u64)>) -> BatchFuture<'a, u64> {
+        Box::pin(self.shared.enqueue_many(name, batch))
     }
 
     fn fetch_wait<'a>(

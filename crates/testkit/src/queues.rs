@@ -363,12 +363,39 @@ pub async fn list_names_queues_in_order(backend: &dyn QueueBackend) -> Result {
     Ok(())
 }
 
-/// A batch enqueue: ids in the batch's order, delays and TTLs kept, fetched oldest
-/// first; a batch past the queue's room stores what fits and refuses the rest, entry by
-/// entry; a batch ack acks each current delivery and names the stale ones.
+/// A batch enqueue: ids in the batch's order (1000 entries, so a store that hands
+/// entries on concurrently must not let them overtake one another), delays and TTLs
+/// kept, fetched oldest first; a batch past the queue's room stores what fits and
+/// refuses the rest, entry by entry; a batch ack acks each current delivery and names
+/// the stale ones.
 pub async fn batches_keep_order_and_report_each_entry(backend: &dyn QueueBackend) -> Result {
-    let config = QueueConfig { max_queue_messages: 5, ..QueueConfig::default() };
+    let config = QueueConfig { max_queue_messages: 1000, ..QueueConfig::default() };
     let (a, b, clock) = nodes(backend, config, 1024).await?;
+    let big = queue("conf.batch.big")?;
+    let entries = (0..1000).map(|i| (text(&format!("job {i}")), 0)).collect();
+    let ids = a.enqueue_batch(&big, entries).await.into_iter().collect::<std::result::Result<Vec<u64>, _>>()?;
+    let inversions = ids.windows(2).filter(|w| w[0] >= w[1]).count();
+    ensure(ids.len() == 1000 && inversions == 0, || {
+        format!("1000 ids in the entries' order: {inversions} inversions")
+    })?;
+    let head = fetch(&b, &big, 3, 1000).await?;
+    same(head.iter().map(payload).collect::<Vec<_>>(), ["job 0", "job 1", "job 2"].map(String::from).to_vec(), "head")?;
+
+    let mut deliveries: Vec<String> = head.iter().map(|d| d.id.clone()).collect();
+    deliveries.insert(1, "1-1-stale".to_owned());
+    let acked = a.ack_batch(&big, &deliveries).await;
+    ensure(
+        acked.len() == 4
+            && acked.iter().enumerate().all(|(i, r)| (i == 1) == matches!(r, Err(QueueError::NotFound(_)))),
+        || format!("acks, the second stale: {acked:?}"),
+    )?;
+    // Room for the three acked: the fourth entry is refused on its own.
+    let part = b.enqueue_batch(&big, (0..4).map(|_| (text("more"), 0)).collect()).await;
+    ensure(
+        part.len() == 4 && part[..3].iter().all(|r| r.is_ok()) && matches!(part[3], Err(QueueError::Full { .. })),
+        || format!("a batch past the room: {part:?}"),
+    )?;
+
     let q = queue("conf.batch")?;
     let batch = vec![
         (text("one"), 0),
@@ -376,32 +403,14 @@ pub async fn batches_keep_order_and_report_each_entry(backend: &dyn QueueBackend
         (text("later"), 100),
         (NewMessage { ttl_ms: Some(50), ..text("brief") }, 0),
     ];
-    let ids = a.enqueue_batch(&q, batch).await.into_iter().collect::<std::result::Result<Vec<u64>, _>>()?;
+    let ids = b.enqueue_batch(&q, batch).await.into_iter().collect::<std::result::Result<Vec<u64>, _>>()?;
     ensure(ids.len() == 4 && ids.windows(2).all(|w| w[0] < w[1]), || format!("ids in order: {ids:?}"))?;
-    same(b.stats(&q).await?, stats(3, 0, 1, 0), "three ready, one delayed")?;
+    same(a.stats(&q).await?, stats(3, 0, 1, 0), "three ready, one delayed")?;
     clock.advance(100);
-    let got = fetch(&b, &q, 10, 1000).await?;
+    let got = fetch(&a, &q, 10, 1000).await?;
     let order: Vec<(u64, String)> = got.iter().map(|d| (d.message_id, payload(d))).collect();
     let want = vec![(ids[0], "one".to_owned()), (ids[1], "two".to_owned()), (ids[2], "later".to_owned())];
-    same(order, want, "fetched oldest first, the TTL's one gone")?;
-
-    // Room for two more: the third entry is refused on its own.
-    let part = b.enqueue_batch(&q, vec![(text("a"), 0), (text("b"), 0), (text("c"), 0)]).await;
-    ensure(
-        part.len() == 3 && part[0].is_ok() && part[1].is_ok() && matches!(part[2], Err(QueueError::Full { .. })),
-        || format!("a batch past the room: {part:?}"),
-    )?;
-
-    let mut deliveries: Vec<String> = got.iter().map(|d| d.id.clone()).collect();
-    deliveries.insert(1, "1-1-stale".to_owned());
-    let acked = a.ack_batch(&q, &deliveries).await;
-    ensure(
-        acked.len() == 4
-            && acked.iter().enumerate().all(|(i, r)| (i == 1) == matches!(r, Err(QueueError::NotFound(_)))),
-        || format!("acks, the second stale: {acked:?}"),
-    )?;
-    same(b.stats(&q).await?, stats(2, 0, 0, 0), "the batch's two that fit remain")?;
-    Ok(())
+    same(order, want, "fetched oldest first, the TTL's one gone")
 }
 
 /// One `#[tokio::test]` per queue conformance case for the backend `$make` builds.
