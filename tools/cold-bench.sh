@@ -47,6 +47,10 @@
 #   PORT=7186    the server listens on 127.0.0.1:PORT
 #   DROP_CACHES=0  1: `sync; echo 3 >/proc/sys/vm/drop_caches` before each start
 #   STARTUP_TIMEOUT=900  seconds a start may take before the script gives up
+#   READER_NICE=  a niceness (e.g. 19) for the ws/grpc reading client: on this 2-core
+#                machine the reader competes with the server for the CPU; niced, it
+#                takes what the server and the publisher leave, as a reader on another
+#                machine would
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -62,6 +66,9 @@ FSYNC=${FSYNC:-always}
 PORT=${PORT:-7186}
 DROP_CACHES=${DROP_CACHES:-0}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-900}
+READER_NICE=${READER_NICE:-}
+reader_nice=(env)
+[ -n "$READER_NICE" ] && reader_nice=(nice -n "$READER_NICE")
 URL=http://127.0.0.1:$PORT
 TOPIC=cold
 SIDE_TOPIC=warm
@@ -142,8 +149,8 @@ drop_caches() {
 # read_history: reads all of $TOPIC from offset 1 with $READER; prints the messages read.
 read_history() {
     case $READER in
-        ws) "$HERALD" sub --url "$URL" --from 1 -n "$EXPECTED" "$TOPIC" | wc -l ;;
-        grpc) "$HERALD" sub --url "$URL" --grpc --from 1 -n "$EXPECTED" "$TOPIC" | wc -l ;;
+        ws) "${reader_nice[@]}" "$HERALD" sub --url "$URL" --from 1 -n "$EXPECTED" "$TOPIC" | wc -l ;;
+        grpc) "${reader_nice[@]}" "$HERALD" sub --url "$URL" --grpc --from 1 -n "$EXPECTED" "$TOPIC" | wc -l ;;
         rest)
             local from=1 next count=0 page=$dir/page.json
             while ((from <= EXPECTED)); do
@@ -167,7 +174,7 @@ sample_rss() {
 peak() { sort -n "$1" | tail -1; }
 
 echo "== cold-bench: disk store, topic $TOPIC: $N messages of $SIZE bytes ($((bytes >> 20)) MiB of payload) + 500 warm-up; topic $SIDE_TOPIC: $SIDE_MESSAGES + 500 of 128 bytes"
-echo "   scratch: $dir; reader: $READER; restarts with --fsync $FSYNC; page cache $([ "$DROP_CACHES" = 1 ] && echo dropped before each start || echo warm)"
+echo "   scratch: $dir; reader: $READER${READER_NICE:+ (nice $READER_NICE)}; restarts with --fsync $FSYNC; page cache $([ "$DROP_CACHES" = 1 ] && echo dropped before each start || echo warm)"
 echo "   machine: $(nproc) cores, $(awk '/^MemTotal:/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo) GiB RAM, load average $(cut -d' ' -f1-3 /proc/loadavg) at the start"
 
 # 1. Fill.
