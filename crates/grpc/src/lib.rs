@@ -224,6 +224,19 @@ where
 
 /// The kind a request selects: `kind` when given, else `content_type` with HTTP's rules
 /// (media types case-insensitive, parameters ignored).
+/// Entries of a batch call (`PublishBatch`, `EnqueueBatch`, `AckBatch`), at most.
+const MAX_BATCH: usize = 1000;
+
+/// Refuses a batch of `len` entries (`what`: "messages", "ids") unless it holds 1 to
+/// [`MAX_BATCH`].
+fn check_batch(len: usize, what: &str) -> Result<(), Status> {
+    if (1..=MAX_BATCH).contains(&len) {
+        Ok(())
+    } else {
+        Err(error::bad_request(format!("a batch holds 1 to {MAX_BATCH} {what}, not {len}")))
+    }
+}
+
 fn kind_of(kind: i32, content_type: &str) -> Result<Kind, Status> {
     match pb::Kind::try_from(kind) {
         Ok(pb::Kind::Json) => Ok(Kind::Json),

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::encoded::{content_type, pb_kind};
 use crate::error::{bad_request, from_broker, from_name, from_queue};
 use crate::pb::{self, queues_server::Queues};
-use crate::{kind_of, new_message, GrpcState};
+use crate::{check_batch, kind_of, new_message, GrpcState};
 
 /// Longest a fetch may wait, per docs/protocol.md.
 const MAX_WAIT_MS: u64 = 20_000;
@@ -19,8 +19,6 @@ const MAX_WAIT_MS: u64 = 20_000;
 const MAX_VISIBILITY_MS: u64 = 43_200_000;
 const DEFAULT_VISIBILITY_MS: u64 = 30_000;
 const MAX_FETCH: u32 = 100;
-/// Entries of an enqueue or ack batch, at most (as `PublishBatch`).
-const MAX_BATCH: usize = 1000;
 /// Delays and TTLs are capped as over HTTP, so deadlines never overflow.
 const MAX_DELAY_MS: u64 = u64::MAX / 2;
 
@@ -107,9 +105,7 @@ impl Queues for QueuesService {
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
         self.state.permit(&caller, herald_auth::Action::Enqueue, queue.as_str())?;
-        if req.messages.is_empty() || req.messages.len() > MAX_BATCH {
-            return Err(bad_request(format!("a batch holds 1 to {MAX_BATCH} messages, not {}", req.messages.len())));
-        }
+        check_batch(req.messages.len(), "messages")?;
         let broker = self.state.broker();
         let batch = req
             .messages
@@ -139,9 +135,7 @@ impl Queues for QueuesService {
         let req = request.into_inner();
         let queue = queue_name(&req.queue)?;
         self.state.permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
-        if req.ids.is_empty() || req.ids.len() > MAX_BATCH {
-            return Err(bad_request(format!("an ack batch holds 1 to {MAX_BATCH} ids, not {}", req.ids.len())));
-        }
+        check_batch(req.ids.len(), "ids")?;
         if let Some(i) = req.ids.iter().position(|id| !herald_protocol::is_delivery_id(id)) {
             return Err(bad_request(format!("ids[{i}]: {}", herald_protocol::DELIVERY_ID_RULE)));
         }

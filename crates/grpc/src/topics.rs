@@ -9,10 +9,9 @@ use crate::error::{bad_request, from_broker, from_name};
 use crate::pb::subscribe_request::From as FromPosition;
 use crate::pb::{self, topics_server::Topics};
 use crate::subscribe::{self, EventStream};
-use crate::{kind_of, new_message, GrpcState};
+use crate::{check_batch, kind_of, new_message, GrpcState};
 
-/// Most messages in one PublishBatch, and most a Fetch or List returns.
-const MAX_BATCH: usize = 1000;
+/// Most messages a Fetch or List returns.
 const MAX_LIMIT: u32 = 1000;
 const DEFAULT_LIMIT: u32 = 100;
 /// Fetch stops before its response would pass this (gRPC's usual 4 MiB receive limit,
@@ -66,9 +65,7 @@ impl Topics for TopicsService {
         let req = request.into_inner();
         let topic = topic_name(&req.topic)?;
         self.state.permit(&caller, herald_auth::Action::Publish, topic.as_str())?;
-        if req.messages.is_empty() || req.messages.len() > MAX_BATCH {
-            return Err(bad_request(format!("a batch holds 1 to {MAX_BATCH} messages, not {}", req.messages.len())));
-        }
+        check_batch(req.messages.len(), "messages")?;
         let broker = self.state.broker();
         let batch = req
             .messages

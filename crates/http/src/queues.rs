@@ -61,7 +61,7 @@ pub(crate) async fn enqueue(
 }
 
 /// Entries of an enqueue or ack batch, at most (as gRPC's `PublishBatch`).
-pub(crate) const MAX_BATCH: usize = 1000;
+const MAX_BATCH: usize = 1000;
 /// Largest body of a batch: room for 1000 entries of 12 KiB base64, or a few large ones
 /// (each still at most `max_message_bytes`).
 const MAX_BATCH_BODY: usize = 16 << 20;
