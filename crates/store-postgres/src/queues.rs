@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use batch::{ack_batch, fetch_batch, run_batches, Ack, Fetch, BATCH_QUEUE, MAX_ACKS, MAX_FETCHES};
-use listen::{channel_of, lock, run_listener, Waiting, Wakers};
+use listen::{channel_of, lock, run_listener, PassOn, Waiting, Wakers};
 use sql::Sql;
 use writer::{write_enqueues, Enqueue, ENQUEUE_QUEUE};
 
@@ -761,6 +761,8 @@ impl QueueService for PgQueues {
             }
             let deadline = tokio::time::Instant::now() + wait;
             let waiting = shared.wait_on(name)?;
+            // The wake-up this waiter was given, passed on or not after its next try.
+            let mut pass: Option<PassOn<'_>> = None;
             loop {
                 // Registered before the try: a notification for a commit the try did
                 // not see arrives after it and wakes us.
@@ -768,6 +770,13 @@ impl QueueService for PgQueues {
                 tokio::pin!(woken);
                 woken.as_mut().enable();
                 let got = shared.try_fetch(name, max, visibility_ms).await?;
+                if let Some(pass) = pass.take() {
+                    if got.len() >= max {
+                        pass.more();
+                    } else {
+                        pass.drained();
+                    }
+                }
                 let now = tokio::time::Instant::now();
                 if !got.is_empty() || now >= deadline || shared.shutdown.is_cancelled() {
                     return Ok(got);
@@ -783,7 +792,7 @@ impl QueueService for PgQueues {
                     until = until.min(now + RECHECK);
                 }
                 tokio::select! {
-                    _ = woken => {}
+                    _ = woken => pass = Some(PassOn::new(&waiting.waiters.ready)),
                     _ = tokio::time::sleep_until(until) => {}
                     _ = shared.shutdown.cancelled() => {}
                 }

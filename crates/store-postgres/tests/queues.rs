@@ -259,6 +259,51 @@ async fn a_long_poll_wakes_promptly_on_an_enqueue_from_the_other_node() -> Resul
     Ok(())
 }
 
+/// One notification for a batch of jobs wakes one waiter, which passes the wake-up on
+/// while its fetch comes back full: every one of 16 waiters (one job each) gets a job of
+/// one 15-job batch promptly (plus the one job before it), none left asleep until its
+/// wait's end; one job is taken by one waiter while the others go on waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_wakes_as_many_waiters_as_it_feeds() -> Result {
+    const WAITERS: usize = 16;
+    let pg = Pg::new();
+    let (a, b, _clock) = two_nodes(&pg, QueueConfig::default()).await?;
+    let q = queue("poll.herd")?;
+    let polls: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let (b, q) = (b.clone(), q.clone());
+            tokio::spawn(async move { b.fetch_wait(&q, 1, 60_000, Duration::from_secs(20)).await })
+        })
+        .collect();
+    while b.counters().waiting.load(Ordering::Acquire) < WAITERS {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Let the polls reach their sleep, so that the wake-ups below are the notification's.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.enqueue(&q, text("one"), 0).await?;
+    let started = Instant::now();
+    while b.counters().waiting.load(Ordering::Acquire) > WAITERS - 1 {
+        assert!(started.elapsed() < Duration::from_secs(5), "one job woke nobody");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(b.counters().waiting.load(Ordering::Acquire), WAITERS - 1, "one job, one waiter");
+
+    let batch = (1..WAITERS).map(|i| (text(&format!("job-{i}")), 0)).collect();
+    let ids: Vec<u64> = a.enqueue_batch(&q, batch).await.into_iter().collect::<std::result::Result<_, _>>()?;
+    assert_eq!(ids.len(), WAITERS - 1);
+    let mut got = Vec::new();
+    for poll in polls {
+        let jobs =
+            tokio::time::timeout(Duration::from_secs(5), poll).await.map_err(|_| "a waiter left asleep")???;
+        got.extend(jobs.into_iter().map(|d| d.message_id));
+    }
+    got.sort_unstable();
+    assert_eq!(got.len(), WAITERS, "every waiter got one job");
+    assert!(started.elapsed() < Duration::from_secs(5), "woken after {:?}", started.elapsed());
+    Ok(())
+}
+
 /// A long poll wakes when a delayed job becomes ready (its timer), with no other event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_poll_wakes_when_a_delay_ends() -> Result {

@@ -52,16 +52,53 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Wakers {
+    /// A notification for `queue`: jobs became ready there. Wakes one of its waiters; a
+    /// waiter whose fetch came back full passes the wake-up on to two more
+    /// ([`PassOn`]), so a burst wakes as many waiters as it can feed (doubling per
+    /// round) and one job wakes one, instead of every waiter racing to fetch it.
     fn wake(&self, queue: &str) {
         let queues = lock(&self.queues);
         if let Some(w) = QueueName::parse(queue).ok().and_then(|q| queues.get(&q).cloned()) {
-            w.ready.notify_waiters();
+            w.ready.notify_one();
         }
     }
 
     pub(super) fn wake_all(&self) {
         for w in lock(&self.queues).values() {
             w.ready.notify_waiters();
+        }
+    }
+}
+
+/// The wake-up a woken waiter holds until its fetch tells whether its queue may hold
+/// more ready jobs: [`PassOn::more`] (the fetch came back full) wakes two more waiters,
+/// [`PassOn::drained`] none. Dropped otherwise (the fetch failed, the caller went
+/// away), it wakes one, so a wake-up is never lost with its waiter.
+pub(super) struct PassOn<'a>(Option<&'a Notify>);
+
+impl<'a> PassOn<'a> {
+    pub(super) fn new(ready: &'a Notify) -> Self {
+        Self(Some(ready))
+    }
+
+    /// The queue may hold more: two more waiters try.
+    pub(super) fn more(mut self) {
+        if let Some(ready) = self.0.take() {
+            ready.notify_one();
+            ready.notify_one();
+        }
+    }
+
+    /// The fetch got less than it asked for: the ready jobs are taken.
+    pub(super) fn drained(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PassOn<'_> {
+    fn drop(&mut self) {
+        if let Some(ready) = self.0.take() {
+            ready.notify_one();
         }
     }
 }
