@@ -10,17 +10,16 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::{eventually, postgres_url, spawn_herald, start, within, PgSchema, Result, TestServer};
 use herald_server::StoreKind;
+use herald_testkit::pg::Proxy;
 use serde_json::Value;
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Pause of a publisher, producer or worker after a 503, before it tries again.
@@ -475,80 +474,10 @@ async fn connections_terminated_while_publishing_and_consuming() -> Result {
     stop(server).await
 }
 
-/// A TCP forwarder to PostgreSQL that can be cut (listener and every forwarded
-/// connection closed, as when the database goes away) and resumed on the same port.
-struct Proxy {
-    port: u16,
-    upstream: SocketAddr,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Result<Self> {
-        let mut proxy = Self { port: 0, upstream, accept: None };
-        proxy.resume().await?;
-        Ok(proxy)
-    }
-
-    /// Listens again (on the same port once one was taken).
-    async fn resume(&mut self) -> Result {
-        let socket = TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket.bind(SocketAddr::from(([127, 0, 0, 1], self.port)))?;
-        let listener = socket.listen(64)?;
-        self.port = listener.local_addr()?.port();
-        let upstream = self.upstream;
-        self.accept = Some(tokio::spawn(async move {
-            // Owned here: aborting the accept task drops every forwarding task too.
-            let mut links = JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                links.spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        }));
-        Ok(())
-    }
-
-    /// Closes the listener and every forwarded connection; resolves once they are.
-    async fn cut(&mut self) {
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-            let _ = accept.await;
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-        }
-    }
-}
-
-/// The test database's address, user and name, from its URL.
-fn database() -> Result<(SocketAddr, String, String)> {
-    let config: tokio_postgres::Config = postgres_url().parse()?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        _ => return Err("the test URL must name a TCP host".into()),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
-        .next()
-        .ok_or("the test host has no address")?;
-    let user = config.get_user().unwrap_or("postgres").to_owned();
-    let name = config.get_dbname().unwrap_or("postgres").to_owned();
-    Ok((addr, user, name))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_unreachable_readiness_and_errors() -> Result {
     let schema = new_schema();
-    let (upstream, user, name) = database()?;
+    let (upstream, user, name) = herald_testkit::pg::server(&postgres_url())?;
     let mut proxy = Proxy::start(upstream).await?;
     let server = start_on(format!("postgres://{user}@127.0.0.1:{}/{name}", proxy.port), &schema).await?;
     let http = &server.http;

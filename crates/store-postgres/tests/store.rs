@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
 use common::{config, connect_blocking, raw, text, Result, Schema};
 use herald_core::{ListedTopic, ManualClock, RetentionConfig, Store, StoreError, SystemClock, TopicName};
 use herald_store_postgres::{latest_migration, PgConfig, PgError, PgStore};
+use herald_testkit::pg::Proxy;
 
 fn clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(1_700_000_000_000))

@@ -5,7 +5,11 @@
 //! against every backend (memory here, disk in `herald-store-disk`, Redis in
 //! `herald-store-redis`) through [`store_conformance!`] and [`queue_conformance!`].
 //!
-//! It depends on `herald-core` only and is never a dependency of a shipped crate.
+//! [`pg`] holds the PostgreSQL fault tests' helpers (a database URL's address, a TCP
+//! proxy that can be cut), shared by the store's tests and the server's.
+//!
+//! It is never a dependency of a shipped crate.
 
 pub mod conformance;
+pub mod pg;
 pub mod queues;

@@ -3,8 +3,6 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-pub mod proxy;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,18 +21,7 @@ pub fn url() -> String {
 
 /// The test server's address, user and database (as `url()` names them).
 pub fn server() -> Result<(std::net::SocketAddr, String, String)> {
-    let config: tokio_postgres::Config = url().parse()?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        _ => return Err("the test URL must name a TCP host".into()),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
-        .next()
-        .ok_or("the test host has no address")?;
-    let user = config.get_user().unwrap_or("postgres").to_owned();
-    let db = config.get_dbname().unwrap_or("postgres").to_owned();
-    Ok((addr, user, db))
+    herald_testkit::pg::server(&url())
 }
 
 /// A schema name no other test or run uses.

@@ -1,6 +1,7 @@
-//! A TCP forwarder to the test PostgreSQL that a test can cut (listener and every
-//! forwarded connection closed, as when the server goes away) and start again on the
-//! same port.
+//! For the PostgreSQL fault tests (the store's and the server's): where a test
+//! database URL points ([`server`]), and a TCP forwarder to it ([`Proxy`]) that a test
+//! can cut (listener and every forwarded connection closed, as when the server goes
+//! away) and start again on the same port.
 
 use std::net::SocketAddr;
 
@@ -59,4 +60,20 @@ impl Drop for Proxy {
             accept.abort();
         }
     }
+}
+
+/// The address, user and database a PostgreSQL URL names (a TCP host only).
+pub fn server(url: &str) -> Result<(SocketAddr, String, String), Box<dyn std::error::Error + Send + Sync>> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => return Err("the test URL must name a TCP host".into()),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
+        .next()
+        .ok_or("the test host has no address")?;
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let db = config.get_dbname().unwrap_or("postgres").to_owned();
+    Ok((addr, user, db))
 }
