@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use herald_client::{Client, FetchOptions, NewJob, WsConnection};
+use herald_client::{Client, FetchOptions, Job, NewJob, WsConnection};
 use serde_json::Value;
 
 /// `herald bench` scenarios.
@@ -295,16 +295,37 @@ struct QueueWorker {
     fetch: u64,
 }
 
+impl QueueWorker {
+    /// Enqueues `n` JSON jobs in one batch request; every one must be stored.
+    async fn enqueue_batch(&self, n: usize) -> anyhow::Result<()> {
+        for outcome in self.client.enqueue_batch(&self.queue, &vec![NewJob::json(self.json.clone()); n]).await? {
+            outcome.map_err(|e| anyhow::anyhow!("enqueue refused: {} {}", e.code, e.message))?;
+        }
+        Ok(())
+    }
+
+    /// Acks `jobs`: none, one ack request, or one batch ack; every one must be acked.
+    async fn ack_all(&self, jobs: &[Job]) -> anyhow::Result<()> {
+        match jobs {
+            [] => {}
+            [job] => self.client.ack(&self.queue, job).await?,
+            _ => {
+                for outcome in self.client.ack_batch(&self.queue, jobs).await? {
+                    outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn round_trip<'a>(w: &'a mut QueueWorker, units: u64, latencies: &'a mut Vec<u64>) -> Step<'a> {
     Box::pin(async move {
         let t0 = Instant::now();
         if units == 1 {
             w.client.enqueue(&w.queue, "text/plain", w.payload.clone(), Duration::ZERO).await?;
         } else {
-            let jobs = vec![NewJob::json(w.json.clone()); units as usize];
-            for outcome in w.client.enqueue_batch(&w.queue, &jobs).await? {
-                outcome.map_err(|e| anyhow::anyhow!("enqueue refused: {} {}", e.code, e.message))?;
-            }
+            w.enqueue_batch(units as usize).await?;
         }
         let mut done = 0;
         while done < units {
@@ -312,15 +333,7 @@ fn round_trip<'a>(w: &'a mut QueueWorker, units: u64, latencies: &'a mut Vec<u64
             let max = (units - done).min(w.fetch) as u32;
             let fetch = FetchOptions { max, wait: Duration::from_secs(1), ..FetchOptions::default() };
             let jobs = w.client.fetch_jobs(&w.queue, fetch).await?;
-            match &jobs[..] {
-                [] => {}
-                [job] => w.client.ack(&w.queue, job).await?,
-                _ => {
-                    for outcome in w.client.ack_batch(&w.queue, &jobs).await? {
-                        outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
-                    }
-                }
-            }
+            w.ack_all(&jobs).await?;
             done += jobs.len() as u64;
         }
         latencies.push(t0.elapsed().as_micros() as u64);
@@ -345,11 +358,7 @@ async fn split(workers: &[Arc<QueueWorker>], producers: usize, batch: u64, total
                     if from >= total {
                         return anyhow::Ok(());
                     }
-                    let n = batch.min(total - from) as usize;
-                    let jobs = vec![NewJob::json(w.json.clone()); n];
-                    for outcome in w.client.enqueue_batch(&w.queue, &jobs).await? {
-                        outcome.map_err(|e| anyhow::anyhow!("enqueue refused: {} {}", e.code, e.message))?;
-                    }
+                    w.enqueue_batch(batch.min(total - from) as usize).await?;
                 }
             })
         })
@@ -368,15 +377,10 @@ async fn split(workers: &[Arc<QueueWorker>], producers: usize, batch: u64, total
                     };
                     let t0 = Instant::now();
                     let jobs = w.client.fetch_jobs(&w.queue, fetch).await?;
-                    match &jobs[..] {
-                        [] => continue,
-                        [job] => w.client.ack(&w.queue, job).await?,
-                        _ => {
-                            for outcome in w.client.ack_batch(&w.queue, &jobs).await? {
-                                outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
-                            }
-                        }
+                    if jobs.is_empty() {
+                        continue;
                     }
+                    w.ack_all(&jobs).await?;
                     latencies.push(t0.elapsed().as_micros() as u64);
                     done.fetch_add(jobs.len() as u64, Ordering::Relaxed);
                     if acked.fetch_add(jobs.len() as u64, Ordering::Relaxed) + jobs.len() as u64 >= total {
