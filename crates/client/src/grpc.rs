@@ -26,7 +26,13 @@
 //!
 //! // A queue worker with the generated client.
 //! let mut queues = client.queues();
-//! let fetch = pb::QueueFetchRequest { queue: "emails".into(), max: 10, visibility_ms: 60_000, wait_ms: 20_000 };
+//! let fetch = pb::QueueFetchRequest {
+//!     queue: "emails".into(),
+//!     max: 10,
+//!     visibility_ms: 60_000,
+//!     wait_ms: 20_000,
+//!     ..Default::default()
+//! };
 //! for job in queues.fetch(fetch).await?.into_inner().messages {
 //!     println!("job {} attempt {}: {}", job.message_id, job.attempt, String::from_utf8_lossy(&job.data));
 //!     queues.ack(pb::AckRequest { queue: "emails".into(), id: job.id }).await?;

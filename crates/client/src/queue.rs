@@ -165,6 +165,8 @@ fn outcomes<T>(
 #[derive(Deserialize)]
 struct Fetched {
     messages: Vec<RawJob>,
+    #[serde(default)]
+    ack_errors: Vec<BatchErrorEntry>,
 }
 
 #[derive(Deserialize)]
@@ -259,6 +261,30 @@ impl Client {
 
     /// Fetches up to `options.max` jobs, waiting up to `options.wait` for one.
     pub async fn fetch_jobs(&self, queue: &str, options: FetchOptions) -> Result<Vec<Job>, ClientError> {
+        Ok(self.fetch_request(queue, &[], options).await?.1)
+    }
+
+    /// Acks `done` (jobs of `queue` this worker finished) and fetches up to
+    /// `options.max` more, in one request: the acks and the fetch run together, so a
+    /// worker taking one job at a time makes one request per job. Returns one ack
+    /// outcome per job of `done` (in order; `not_found` for a lease that had ended) and
+    /// the jobs fetched. An error means the fetch failed; the acks may have been done
+    /// (acking them again then answers `not_found`).
+    pub async fn ack_and_fetch(
+        &self,
+        queue: &str,
+        done: &[Job],
+        options: FetchOptions,
+    ) -> Result<(Vec<Result<(), EntryError>>, Vec<Job>), ClientError> {
+        self.fetch_request(queue, done, options).await
+    }
+
+    async fn fetch_request(
+        &self,
+        queue: &str,
+        done: &[Job],
+        options: FetchOptions,
+    ) -> Result<(Vec<Result<(), EntryError>>, Vec<Job>), ClientError> {
         let url = format!(
             "{}/v1/queues/{queue}/fetch?max={}&visibility_ms={}&wait_ms={}",
             self.base(),
@@ -266,9 +292,17 @@ impl Client {
             options.visibility.as_millis(),
             options.wait.as_millis()
         );
-        let bytes = Self::check(self.http().post(url).send().await?).await?.bytes().await?;
+        let mut request = self.http().post(url);
+        if !done.is_empty() {
+            let ids: Vec<&str> = done.iter().map(|j| j.id.as_str()).collect();
+            let body = serde_json::json!({ "ack": ids }).to_string();
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let bytes = Self::check(request.send().await?).await?.bytes().await?;
         let f: Fetched = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        f.messages
+        let acks = outcomes(done.len(), f.ack_errors, |_| Some(()))?;
+        let jobs = f
+            .messages
             .into_iter()
             .map(|m| {
                 Ok(Job {
@@ -279,7 +313,8 @@ impl Client {
                     payload: Payload::from_fields(m.data, m.data_b64)?,
                 })
             })
-            .collect()
+            .collect::<Result<_, ClientError>>()?;
+        Ok((acks, jobs))
     }
 
     async fn delivery_call(&self, queue: &str, verb: &str, id: &str, query: &str) -> Result<(), ClientError> {

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::encoded::{content_type, pb_kind};
 use crate::error::{bad_request, from_broker, from_name, from_queue};
 use crate::pb::{self, queues_server::Queues};
-use crate::{check_batch, kind_of, new_message, GrpcState};
+use crate::{check_batch, kind_of, new_message, GrpcState, MAX_BATCH};
 
 /// Longest a fetch may wait, per docs/protocol.md.
 const MAX_WAIT_MS: u64 = 20_000;
@@ -57,6 +57,11 @@ fn split_outcomes<T>(outcomes: Vec<Result<T, QueueError>>) -> Result<(Vec<Option
         let first = outcomes.into_iter().find_map(Result::err);
         return Err(first.map_or_else(|| bad_request("an empty batch"), from_queue));
     }
+    Ok(entry_errors(outcomes))
+}
+
+/// Per entry its value (`None` where it failed), and the failed entries' errors.
+fn entry_errors<T>(outcomes: Vec<Result<T, QueueError>>) -> (Vec<Option<T>>, Vec<pb::EntryError>) {
     let mut errors = Vec::new();
     let done = outcomes
         .into_iter()
@@ -75,7 +80,7 @@ fn split_outcomes<T>(outcomes: Vec<Result<T, QueueError>>) -> Result<(Vec<Option
             .ok()
         })
         .collect();
-    Ok((done, errors))
+    (done, errors)
 }
 
 #[tonic::async_trait]
@@ -156,13 +161,33 @@ impl Queues for QueuesService {
             v => in_range("visibility_ms", v, 1, MAX_VISIBILITY_MS)?,
         };
         let wait = Duration::from_millis(in_range("wait_ms", req.wait_ms, 0, MAX_WAIT_MS)?);
+        if req.ack.len() > MAX_BATCH {
+            return Err(bad_request(format!("a fetch acks at most {MAX_BATCH} ids, not {}", req.ack.len())));
+        }
+        if let Some(i) = req.ack.iter().position(|id| !herald_protocol::is_delivery_id(id)) {
+            return Err(bad_request(format!("ack[{i}]: {}", herald_protocol::DELIVERY_ID_RULE)));
+        }
         let queues = self.state.broker().queue_service().map_err(from_broker)?;
         let started = std::time::Instant::now();
-        let deliveries = tokio::select! {
-            got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got.map_err(from_queue)?,
-            // Shutdown answers a pending long poll with what it has: nothing was taken.
-            _ = self.state.inner.shutdown.cancelled() => Vec::new(),
-        };
+        // The acks and the fetch together: one call per job for a worker taking one.
+        let (acked, fetched) = tokio::join!(
+            async {
+                match req.ack.is_empty() {
+                    true => Vec::new(),
+                    false => queues.ack_batch(&queue, &req.ack).await,
+                }
+            },
+            async {
+                tokio::select! {
+                    got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got,
+                    // Shutdown answers a pending long poll with what it has: nothing was taken.
+                    _ = self.state.inner.shutdown.cancelled() => Ok(Vec::new()),
+                }
+            }
+        );
+        let deliveries = fetched.map_err(from_queue)?;
+        let (done, ack_errors) = entry_errors(acked);
+        let acked = done.iter().flatten().count() as u32;
         self.state.broker().metrics().latency.fetch_wait.observe(started.elapsed().as_secs_f64());
         let messages = deliveries
             .into_iter()
@@ -176,7 +201,7 @@ impl Queues for QueuesService {
                 content_type: content_type(d.kind).to_owned(),
             })
             .collect();
-        Ok(Response::new(pb::QueueFetchResponse { messages }))
+        Ok(Response::new(pb::QueueFetchResponse { messages, acked, ack_errors }))
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {

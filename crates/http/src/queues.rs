@@ -81,23 +81,31 @@ fn batch_reply<T>(
     }
     let mut body = String::from("{");
     fields(&mut body, &outcomes);
-    if failed > 0 {
-        body.push_str(",\"errors\":[");
-        for (i, e) in outcomes.iter().enumerate().filter_map(|(i, o)| o.as_ref().err().map(|e| (i, e))) {
-            if !body.ends_with('[') {
-                body.push(',');
-            }
-            if let QueueError::Store(store) = e {
-                tracing::warn!(error = %store, "store error");
-            }
-            let _ = write!(body, "{{\"index\":{i},\"code\":\"{}\",\"message\":", ErrorCode::from(e).as_str());
-            push_json_str(&mut body, &e.to_string());
-            body.push('}');
-        }
-        body.push(']');
-    }
+    push_entry_errors(&mut body, "errors", &outcomes);
     body.push('}');
     Ok(json(if failed > 0 { StatusCode::MULTI_STATUS } else { ok }, body))
+}
+
+/// `,"<key>":[{"index","code","message"}, ...]` naming each failed entry of a batch,
+/// nothing when none failed.
+fn push_entry_errors<T>(body: &mut String, key: &str, outcomes: &[Result<T, QueueError>]) {
+    let mut failed = outcomes.iter().enumerate().filter_map(|(i, o)| o.as_ref().err().map(|e| (i, e))).peekable();
+    if failed.peek().is_none() {
+        return;
+    }
+    let _ = write!(body, ",\"{key}\":[");
+    for (n, (i, e)) in failed.enumerate() {
+        if n > 0 {
+            body.push(',');
+        }
+        if let QueueError::Store(store) = e {
+            tracing::warn!(error = %store, "store error");
+        }
+        let _ = write!(body, "{{\"index\":{i},\"code\":\"{}\",\"message\":", ErrorCode::from(e).as_str());
+        push_json_str(body, &e.to_string());
+        body.push('}');
+    }
+    body.push(']');
 }
 
 /// A batch body as text: at most [`MAX_BATCH_BODY`] bytes of UTF-8.
@@ -163,24 +171,42 @@ pub(crate) async fn ack_batch(
     })
 }
 
+/// `POST /v1/queues/{queue}/fetch`: up to `max` ready jobs, long-polling up to
+/// `wait_ms`. A body `{"ack":[...]}` acks the deliveries named there in the same request
+/// (the worker's finished jobs): the acks and the fetch run together, and the answer
+/// adds `acked` and, for those not acked, `ack_errors`.
 pub(crate) async fn fetch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     QueuePath(queue): QueuePath,
     RawQuery(query): RawQuery,
+    body: Body,
 ) -> Result<Response, ApiError> {
     caller.permit(Action::Consume, queue.as_str())?;
     let query = Query::parse(query.as_deref())?;
     let max = query.number("max", 1, 100, 1)? as usize;
     let visibility_ms = query.number("visibility_ms", 1, MAX_VISIBILITY_MS, 30_000)?;
     let wait = Duration::from_millis(query.number("wait_ms", 0, MAX_WAIT_MS, 0)?);
+    let text = batch_body(body).await?;
+    let acks = herald_protocol::parse_fetch_acks(&text, MAX_BATCH).map_err(ApiError::bad_request)?;
     let queues = state.broker().queue_service()?;
     let started = std::time::Instant::now();
-    let deliveries = tokio::select! {
-        got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got?,
-        // Shutdown answers a pending long poll with what it has: nothing was taken.
-        _ = state.inner.shutdown.cancelled() => Vec::new(),
-    };
+    let (acked, fetched) = tokio::join!(
+        async {
+            match acks.is_empty() {
+                true => Vec::new(),
+                false => queues.ack_batch(&queue, &acks).await,
+            }
+        },
+        async {
+            tokio::select! {
+                got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got,
+                // Shutdown answers a pending long poll with what it has: nothing was taken.
+                _ = state.inner.shutdown.cancelled() => Ok(Vec::new()),
+            }
+        }
+    );
+    let deliveries = fetched?;
     state.broker().metrics().latency.fetch_wait.observe(started.elapsed().as_secs_f64());
     let mut body = String::with_capacity(32 + deliveries.iter().map(|d| d.payload.len() * 4 / 3 + 96).sum::<usize>());
     body.push_str("{\"messages\":[");
@@ -194,7 +220,12 @@ pub(crate) async fn fetch(
         push_kind_payload(&mut body, d.kind, &d.payload);
         body.push('}');
     }
-    body.push_str("]}");
+    body.push(']');
+    if !acks.is_empty() {
+        let _ = write!(body, ",\"acked\":{}", acked.iter().filter(|o| o.is_ok()).count());
+        push_entry_errors(&mut body, "ack_errors", &acked);
+    }
+    body.push('}');
     Ok(json(StatusCode::OK, body))
 }
 

@@ -190,6 +190,30 @@ pub fn parse_ack_batch(text: &str, max: usize) -> Result<Vec<String>, String> {
     Ok(raw.ids)
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFetchAcks {
+    #[serde(default)]
+    ack: Vec<String>,
+}
+
+/// Parses the optional body of a queue fetch, `{"ack":["<delivery id>", ...]}`: up to
+/// `max` deliveries the worker is done with, acked with the fetch. An empty body (or
+/// one of whitespace) acks nothing. The error is words for a `bad_request`.
+pub fn parse_fetch_acks(text: &str, max: usize) -> Result<Vec<String>, String> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let raw: RawFetchAcks = serde_json::from_str(text).map_err(|e| format!("malformed fetch body: {e}"))?;
+    if raw.ack.len() > max {
+        return Err(format!("a fetch acks at most {max} ids, not {}", raw.ack.len()));
+    }
+    if let Some((i, _)) = raw.ack.iter().enumerate().find(|(_, id)| !crate::is_delivery_id(id)) {
+        return Err(format!("ack[{i}]: {}", crate::DELIVERY_ID_RULE));
+    }
+    Ok(raw.ack)
+}
+
 /// A frame that could not be accepted, with the `id` when it was readable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
@@ -416,5 +440,17 @@ mod tests {
         assert_eq!(err(r#"{"op":"ping","id":1.5}"#), (None, ErrorCode::BadRequest));
         assert_eq!(err(r#"{"op":"publish","id":7,"topic":"a..b","data_b64":"!!"}"#), (Some(7), ErrorCode::InvalidName));
         assert_eq!(err(r#"{"op":"subscribe","id":8}"#), (Some(8), ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn fetch_acks_are_optional_bounded_and_checked() {
+        assert_eq!(parse_fetch_acks("", 2), Ok(Vec::new()));
+        assert_eq!(parse_fetch_acks(" \n", 2), Ok(Vec::new()));
+        assert_eq!(parse_fetch_acks("{}", 2), Ok(Vec::new()));
+        assert_eq!(parse_fetch_acks(r#"{"ack":["1-1-a","2-1-b"]}"#, 2), Ok(vec!["1-1-a".into(), "2-1-b".into()]));
+        assert!(parse_fetch_acks(r#"{"ack":["1","2","3"]}"#, 2).is_err_and(|e| e.contains("at most 2")));
+        assert!(parse_fetch_acks(r#"{"ack":["ok","not valid"]}"#, 2).is_err_and(|e| e.starts_with("ack[1]")));
+        assert!(parse_fetch_acks(r#"{"ids":["1-1-a"]}"#, 2).is_err_and(|e| e.contains("unknown field")));
+        assert!(parse_fetch_acks("ack", 2).is_err());
     }
 }

@@ -13,6 +13,7 @@ pub mod trace;
 
 pub use code::{close, ErrorCode};
 pub use decode::{
-    parse_ack_batch, parse_client_frame, parse_enqueue_batch, BatchEntry, ClientFrame, FrameError, Op, Payload,
+    parse_ack_batch, parse_client_frame, parse_enqueue_batch, parse_fetch_acks, BatchEntry, ClientFrame, FrameError,
+    Op, Payload,
 };
 pub use payload::{check_payload, is_delivery_id, kind_of_media_type, PayloadError, DELIVERY_ID_RULE};

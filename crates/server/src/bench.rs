@@ -104,6 +104,11 @@ pub struct QueueArgs {
     /// timed from the first enqueue to the last ack, latency per fetch-and-ack.
     #[arg(long, default_value_t = 0)]
     pub producers: usize,
+    /// With `--producers`: each worker acks the jobs it got with its next fetch (one
+    /// request per fetch, `{"ack":[...]}` in the fetch's body) instead of in a request
+    /// of their own; the last ones, once every job was fetched, in an ack request.
+    #[arg(long, requires = "producers")]
+    pub ack_with_fetch: bool,
     /// The queue (default `bench.queue.<pid>`, one of its own; name one to share it
     /// with load generators on other cluster nodes).
     #[arg(long)]
@@ -293,6 +298,8 @@ struct QueueWorker {
     json: String,
     /// Jobs per fetch.
     fetch: u64,
+    /// Ack a fetch's jobs with the next fetch (split mode).
+    ack_with_fetch: bool,
 }
 
 impl QueueWorker {
@@ -343,10 +350,12 @@ fn round_trip<'a>(w: &'a mut QueueWorker, units: u64, latencies: &'a mut Vec<u64
 
 /// Producers and workers apart: `producers` tasks enqueue `total` jobs in batches of
 /// `batch` while every worker fetches (`w.fetch` at a time, long-polling) and acks what
-/// it got, until `total` are acked. Timed from the start to the last ack; one latency
-/// per fetch-and-ack that got jobs.
+/// it got (in an ack request, or with its next fetch), until `total` are acked. Timed
+/// from the start to the last ack; one latency per request that acked jobs, from the
+/// start of the fetch that got them (or that acked them with the fetch) to its ack.
 async fn split(workers: &[Arc<QueueWorker>], producers: usize, batch: u64, total: u64) -> anyhow::Result<Report> {
     let (enqueued, acked) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let fetched = Arc::new(AtomicU64::new(0));
     let progress = Progress::start("messages", total);
     let started = Instant::now();
     let producer_tasks: Vec<_> = (0..producers)
@@ -366,9 +375,18 @@ async fn split(workers: &[Arc<QueueWorker>], producers: usize, batch: u64, total
     let worker_tasks: Vec<_> = workers
         .iter()
         .map(|w| {
-            let (w, acked, done) = (w.clone(), acked.clone(), progress.counter());
+            let (w, acked, fetched, done) = (w.clone(), acked.clone(), fetched.clone(), progress.counter());
             tokio::spawn(async move {
                 let (mut latencies, mut finished) = (Vec::new(), None);
+                // Jobs fetched but not yet acked: they go with the next fetch.
+                let mut held: Vec<Job> = Vec::new();
+                let mut count = |n: u64, t0: Instant| {
+                    latencies.push(t0.elapsed().as_micros() as u64);
+                    done.fetch_add(n, Ordering::Relaxed);
+                    if acked.fetch_add(n, Ordering::Relaxed) + n >= total {
+                        finished = Some(started.elapsed());
+                    }
+                };
                 while acked.load(Ordering::Relaxed) < total {
                     let fetch = FetchOptions {
                         max: w.fetch as u32,
@@ -376,15 +394,31 @@ async fn split(workers: &[Arc<QueueWorker>], producers: usize, batch: u64, total
                         ..FetchOptions::default()
                     };
                     let t0 = Instant::now();
-                    let jobs = w.client.fetch_jobs(&w.queue, fetch).await?;
+                    if !held.is_empty() && fetched.load(Ordering::Relaxed) >= total {
+                        // Nothing left to fetch: no long poll to carry these acks.
+                        w.ack_all(&held).await?;
+                        count(std::mem::take(&mut held).len() as u64, t0);
+                        continue;
+                    }
+                    let jobs = if held.is_empty() {
+                        w.client.fetch_jobs(&w.queue, fetch).await?
+                    } else {
+                        let (acks, jobs) = w.client.ack_and_fetch(&w.queue, &held, fetch).await?;
+                        for outcome in acks {
+                            outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
+                        }
+                        count(std::mem::take(&mut held).len() as u64, t0);
+                        jobs
+                    };
                     if jobs.is_empty() {
                         continue;
                     }
-                    w.ack_all(&jobs).await?;
-                    latencies.push(t0.elapsed().as_micros() as u64);
-                    done.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-                    if acked.fetch_add(jobs.len() as u64, Ordering::Relaxed) + jobs.len() as u64 >= total {
-                        finished = Some(started.elapsed());
+                    fetched.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                    if w.ack_with_fetch {
+                        held = jobs;
+                    } else {
+                        w.ack_all(&jobs).await?;
+                        count(jobs.len() as u64, t0);
                     }
                 }
                 anyhow::Ok((latencies, finished))
@@ -421,6 +455,7 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
             payload: payload.clone(),
             json: json.clone(),
             fetch,
+            ack_with_fetch: args.ack_with_fetch,
         })
         .collect();
     let r = if args.producers == 0 {
@@ -437,6 +472,7 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
         ("batch", args.batch.into()),
         ("fetch", fetch.into()),
         ("producers", args.producers.into()),
+        ("ack_with_fetch", args.ack_with_fetch.into()),
     ];
     r.print("herald-queue", &params, args.json);
     Ok(())

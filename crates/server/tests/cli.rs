@@ -174,6 +174,16 @@ async fn enqueue_sends_piped_lines_in_batches() -> Result {
     let got: Vec<&Payload> = jobs.iter().map(|j| &j.payload).collect();
     assert_eq!(got, [&Payload::Json(r#""line 1""#.into()), &Payload::Json(r#""line 2""#.into())], "text jobs");
     assert_eq!(client.queue_stats("bulk").await?.ready, 2498);
+    // The client's ack with the next fetch: an outcome per job, in order.
+    let mut stale = jobs[0].clone();
+    stale.id = "1-1-stale".into();
+    let done = [jobs[0].clone(), stale, jobs[1].clone()];
+    let (acks, next) = client.ack_and_fetch("bulk", &done, FetchOptions::default()).await?;
+    let codes: Vec<Option<&str>> = acks.iter().map(|a| a.as_ref().err().map(|e| e.code.as_str())).collect();
+    assert_eq!(codes, [None, Some("not_found"), None]);
+    assert_eq!(next.iter().map(|j| &j.payload).collect::<Vec<_>>(), [&Payload::Json(r#""line 3""#.into())]);
+    let stats = client.queue_stats("bulk").await?;
+    assert_eq!((stats.ready, stats.in_flight), (2497, 1));
 
     let out = herald(&["enqueue", "--url", url, "strict", "--json"], "{\"a\":1}\n{\"b\":2}\nnot json\n").await?;
     assert_eq!(out.status.code(), Some(1));

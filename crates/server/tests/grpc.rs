@@ -214,8 +214,13 @@ async fn queues_every_rpc() -> Result {
     let stats = queues.stats(pb::QueueStatsRequest { queue: "g.jobs".into() }).await?.into_inner();
     assert_eq!((stats.ready, stats.in_flight, stats.delayed, stats.dead), (2, 0, 1, 0));
 
-    let fetch =
-        |max, visibility_ms, wait_ms| pb::QueueFetchRequest { queue: "g.jobs".into(), max, visibility_ms, wait_ms };
+    let fetch = |max, visibility_ms, wait_ms| pb::QueueFetchRequest {
+        queue: "g.jobs".into(),
+        max,
+        visibility_ms,
+        wait_ms,
+        ack: Vec::new(),
+    };
     let jobs = queues.fetch(fetch(10, 0, 0)).await?.into_inner().messages;
     assert_eq!(jobs.len(), 2, "the delayed one is not ready");
     assert_eq!((jobs[0].message_id, jobs[0].attempt, jobs[0].kind), (a.message_id, 1, pb::Kind::Json as i32));
@@ -234,7 +239,7 @@ async fn queues_every_rpc() -> Result {
     let stats = queues.stats(pb::QueueStatsRequest { queue: "g.jobs".into() }).await?.into_inner();
     assert_eq!((stats.ready, stats.in_flight, stats.delayed, stats.dead), (0, 0, 1, 1));
     let dead = queues
-        .fetch(pb::QueueFetchRequest { queue: "g.jobs.dlq".into(), max: 1, visibility_ms: 1000, wait_ms: 0 })
+        .fetch(pb::QueueFetchRequest { queue: "g.jobs.dlq".into(), max: 1, visibility_ms: 1000, ..Default::default() })
         .await?
         .into_inner()
         .messages;
@@ -347,6 +352,24 @@ async fn queue_batches() -> Result {
         Code::InvalidArgument,
         "bad_request",
     );
+
+    // A fetch that acks: the two ready jobs, one call each after the first.
+    let fetch = |ack: Vec<String>| pb::QueueFetchRequest { queue: "gb".into(), max: 1, ack, ..Default::default() };
+    let first = queues.fetch(fetch(Vec::new())).await?.into_inner();
+    assert_eq!((first.messages.len(), first.acked, first.ack_errors.len()), (1, 0, 0));
+    let second = queues.fetch(fetch(vec![first.messages[0].id.clone(), "1-1-stale".into()])).await?.into_inner();
+    assert_eq!((second.messages.len(), second.acked, second.ack_errors.len()), (1, 1, 1), "{second:?}");
+    assert_eq!((second.ack_errors[0].index, second.ack_errors[0].code.as_str()), (1, "not_found"));
+    assert_ne!(second.messages[0].message_id, first.messages[0].message_id);
+    for bad in [vec!["not*valid".to_owned()], vec![second.messages[0].id.clone(); 1001]] {
+        assert_status(queues.fetch(fetch(bad)).await, Code::InvalidArgument, "bad_request");
+    }
+    let stats = queues.stats(pb::QueueStatsRequest { queue: "gb".into() }).await?.into_inner();
+    assert_eq!((stats.ready, stats.in_flight), (0, 1), "a refused fetch acks nothing");
+    let last = queues.fetch(fetch(vec![second.messages[0].id.clone()])).await?.into_inner();
+    assert_eq!((last.messages.len(), last.acked, last.ack_errors.len()), (0, 1, 0));
+    let stats = queues.stats(pb::QueueStatsRequest { queue: "gb".into() }).await?.into_inner();
+    assert_eq!((stats.ready, stats.in_flight, stats.delayed), (0, 0, 1));
     Ok(())
 }
 
@@ -405,7 +428,13 @@ async fn errors_are_status_codes_with_the_code_word() -> Result {
         Code::InvalidArgument,
         "bad_request",
     );
-    let fetch = |max, visibility_ms, wait_ms| pb::QueueFetchRequest { queue: "q".into(), max, visibility_ms, wait_ms };
+    let fetch = |max, visibility_ms, wait_ms| pb::QueueFetchRequest {
+        queue: "q".into(),
+        max,
+        visibility_ms,
+        wait_ms,
+        ack: Vec::new(),
+    };
     assert_status(queues.fetch(fetch(101, 0, 0)).await, Code::InvalidArgument, "bad_request");
     assert_status(queues.fetch(fetch(1, 43_200_001, 0)).await, Code::InvalidArgument, "bad_request");
     assert_status(queues.fetch(fetch(1, 0, 20_001)).await, Code::InvalidArgument, "bad_request");
@@ -495,7 +524,9 @@ async fn shutdown_ends_streams_with_unavailable() -> Result {
     let long_poll = {
         let mut queues = client.queues();
         tokio::spawn(async move {
-            queues.fetch(pb::QueueFetchRequest { queue: "g.q".into(), max: 1, visibility_ms: 0, wait_ms: 20_000 }).await
+            queues
+                .fetch(pb::QueueFetchRequest { queue: "g.q".into(), max: 1, wait_ms: 20_000, ..Default::default() })
+                .await
         })
     };
     eventually(LIMIT, "long poll waiting", || async { Ok(server.metric("herald_queue_waiters").await? == 1) }).await?;

@@ -282,6 +282,65 @@ async fn batches_enqueue_in_order_and_ack_with_outcomes(setup: Setup) -> Result 
     Ok(())
 }
 
+/// `POST /v1/queues/{queue}/fetch` with `{"ack":[...]}`: the jobs named are acked in
+/// the same request that fetches the next ones, a stale one named in `ack_errors`; a
+/// malformed body refuses the request before anything is acked or fetched.
+async fn a_fetch_acks_the_jobs_its_body_names(setup: Setup) -> Result {
+    let nodes = Nodes::start(setup, |_| {}).await?;
+    let (server, other) = (&nodes.a, &nodes.b);
+    for n in 1..=3 {
+        enqueue(server, "chain", format!("job {n}")).await?;
+    }
+    let fetch_acking = |node: &Arc<TestServer>, acks: Value| {
+        let node = node.clone();
+        async move {
+            let body = json!({ "ack": acks }).to_string().into_bytes();
+            node.post("/v1/queues/chain/fetch?max=1", Some("application/json"), body).await
+        }
+    };
+    let first = fetch(server, "chain", "max=1").await?;
+    let id = |job: &Value| job["id"].as_str().unwrap_or_default().to_owned();
+    let (status, v) = fetch_acking(other, json!([id(&first[0])])).await?;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!((&v["acked"], &v["messages"][0]["data"]), (&json!(1), &json!("job 2")), "{v}");
+    assert!(v.get("ack_errors").is_none(), "{v}");
+    let second = v["messages"][0].clone();
+    // The first job's delivery is no longer current: named, the others acked all the same.
+    let (status, v) = fetch_acking(server, json!([id(&first[0]), id(&second)])).await?;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!((&v["acked"], &v["messages"][0]["data"]), (&json!(1), &json!("job 3")), "{v}");
+    assert_eq!(v["ack_errors"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!((&v["ack_errors"][0]["index"], &v["ack_errors"][0]["code"]), (&json!(0), &json!("not_found")));
+    let third = v["messages"][0].clone();
+    assert_eq!(stats(other, "chain").await?["in_flight"], 1);
+
+    // Refused whole: nothing acked, nothing fetched.
+    enqueue(server, "chain", "job 4".into()).await?;
+    let too_many = json!({ "ack": vec![id(&third); 1001] }).to_string();
+    for (body, why) in [
+        (json!({ "ack": [id(&third), "not valid"] }).to_string(), "a malformed id"),
+        (json!({ "ids": [id(&third)] }).to_string(), "an unknown field"),
+        ("ack".to_owned(), "not JSON"),
+        (too_many, "over 1000 ids"),
+    ] {
+        let (status, v) =
+            other.post("/v1/queues/chain/fetch?max=1", Some("application/json"), body.into_bytes()).await?;
+        assert_eq!((status, &v["error"]["code"]), (400, &json!("bad_request")), "{why}: {v}");
+    }
+    assert_eq!(stats(server, "chain").await?, json!({"queue":"chain","ready":1,"in_flight":1,"delayed":0,"dead":0}));
+
+    // The last job acked with a fetch that finds the queue empty.
+    let (status, v) = fetch_acking(other, json!([id(&third)])).await?;
+    assert_eq!((status, &v["acked"], &v["messages"][0]["data"]), (200, &json!(1), &json!("job 4")), "{v}");
+    let (status, v) = fetch_acking(server, json!([id(&v["messages"][0])])).await?;
+    assert_eq!((status, &v["acked"], &v["messages"]), (200, &json!(1), &json!([])), "{v}");
+    assert_eq!(stats(other, "chain").await?, json!({"queue":"chain","ready":0,"in_flight":0,"delayed":0,"dead":0}));
+    // Without a body, the answer is as before: no `acked`.
+    let (status, v) = server.post("/v1/queues/chain/fetch", None, Vec::new()).await?;
+    assert_eq!((status, v), (200, json!({"messages": []})));
+    Ok(())
+}
+
 async fn a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue(setup: Setup) -> Result {
     let nodes = Nodes::start(setup, |c| c.broker.queues.max_attempts = 1).await?;
     enqueue(&nodes.a, "idle", "poison".into()).await?;
@@ -441,6 +500,7 @@ macro_rules! cases {
             a_dlq_long_poll_returns_when_the_last_lease_ends_on_an_idle_queue,
             queue_errors,
             batches_enqueue_in_order_and_ack_with_outcomes,
+            a_fetch_acks_the_jobs_its_body_names,
             list_queues_pages_in_name_order,
             shutdown_answers_a_pending_long_poll
         );
