@@ -10,6 +10,8 @@
 #            jobs per request while WORKERS workers each fetch one job and ack it (the
 #            shape of graphile-worker's default mode: one producer adding 1000 jobs per
 #            call, workers taking one job at a time); FETCH1_MESSAGES jobs per run
+#   queue-fetch1-ack: the same with `--ack-with-fetch`: each worker acks its job with
+#            its next fetch (one request per job instead of two)
 #   queue-batch: `--producers 1 --batch BATCH` (the workers fetch up to 100 jobs at a
 #            time and ack each fetch's in one request; the shape of graphile-worker's
 #            batched mode); BATCH_MESSAGES jobs per run
@@ -71,6 +73,7 @@ bench() {
   case $1 in
     queue) args=(--workers "$3" --messages "$MESSAGES") ;;
     queue-fetch1) args=(--workers "$3" --producers 1 --messages "$FETCH1_MESSAGES" --batch "$BATCH" --fetch 1) ;;
+    queue-fetch1-ack) args=(--workers "$3" --producers 1 --messages "$FETCH1_MESSAGES" --batch "$BATCH" --fetch 1 --ack-with-fetch) ;;
     queue-batch) args=(--workers "$3" --producers 1 --messages "$BATCH_MESSAGES" --batch "$BATCH" --fetch 100) ;;
   esac
   start "$2"
@@ -86,10 +89,11 @@ for run in $(seq "$RUNS"); do
     for n in $WORKERS; do bench queue "$store" "$n" "$run"; done
     if [ "$BATCH" -gt 1 ]; then
       for n in $WORKERS; do bench queue-fetch1 "$store" "$n" "$run"; done
+      for n in $WORKERS; do bench queue-fetch1-ack "$store" "$n" "$run"; done
       for n in $WORKERS; do bench queue-batch "$store" "$n" "$run"; done
     fi
   done
-  cases=$(( $(wc -w <<<"$PUBLISHERS") + $(wc -w <<<"$WORKERS") * (BATCH > 1 ? 3 : 1) ))
+  cases=$(( $(wc -w <<<"$PUBLISHERS") + $(wc -w <<<"$WORKERS") * (BATCH > 1 ? 4 : 1) ))
   tail -n "$(( 2 * cases ))" "$OUT" >&2
   if [ "$PEER" = 1 ]; then
     # The peer within the same run, so that both meet the machine in the same state.
