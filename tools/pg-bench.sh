@@ -15,7 +15,9 @@
 #   queue-batch: `--producers 1 --batch BATCH` (the workers fetch up to 100 jobs at a
 #            time and ack each fetch's in one request; the shape of graphile-worker's
 #            batched mode); BATCH_MESSAGES jobs per run
-#            BATCH=1 leaves both out
+#   queue-batch-ack: the same with `--ack-with-fetch`: each worker acks a fetch's jobs
+#            with its next fetch
+#            CASES picks some of these (default all); BATCH=1 leaves the last four out
 #   peer:    tools/pg-peer/run.sh (graphile-worker 0.17: enqueue jobs/s with PRODUCERS
 #            producers, job round trips/s with WORKERS workers, out of the box and in
 #            its batched mode) on the same database
@@ -25,6 +27,7 @@
 #
 # Usage (from the repository root, PostgreSQL on 127.0.0.1:5432, database test):
 #   cargo build --release && RUNS=3 tools/pg-bench.sh
+#   RUNS=3 STORES=postgres CASES="queue-batch queue-batch-ack" PEER_MODES=batched PUBLISHERS= tools/pg-bench.sh
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -38,6 +41,9 @@ FETCH1_MESSAGES=${FETCH1_MESSAGES:-20000}
 BATCH_MESSAGES=${BATCH_MESSAGES:-100000}
 PGURL=${PGURL:-postgres://postgres@127.0.0.1:5432/test}
 PEER=${PEER:-1}
+PEER_MODES=${PEER_MODES-default batched}
+STORES=${STORES:-disk postgres}
+CASES=${CASES:-publish queue queue-fetch1 queue-fetch1-ack queue-batch queue-batch-ack}
 OUT=${OUT:-/tmp/herald-pg-bench.jsonl}
 SCHEMA="herald_bench_$$"
 WORK=$(mktemp -d /tmp/herald-pg-bench.XXXXXX)
@@ -75,6 +81,7 @@ bench() {
     queue-fetch1) args=(--workers "$3" --producers 1 --messages "$FETCH1_MESSAGES" --batch "$BATCH" --fetch 1) ;;
     queue-fetch1-ack) args=(--workers "$3" --producers 1 --messages "$FETCH1_MESSAGES" --batch "$BATCH" --fetch 1 --ack-with-fetch) ;;
     queue-batch) args=(--workers "$3" --producers 1 --messages "$BATCH_MESSAGES" --batch "$BATCH" --fetch 100) ;;
+    queue-batch-ack) args=(--workers "$3" --producers 1 --messages "$BATCH_MESSAGES" --batch "$BATCH" --fetch 100 --ack-with-fetch) ;;
   esac
   start "$2"
   "$BIN" bench "${1%%-*}" --url "$URL" "${args[@]}" --json |
@@ -84,20 +91,21 @@ bench() {
 }
 
 for run in $(seq "$RUNS"); do
-  for store in disk postgres; do
-    for n in $PUBLISHERS; do bench publish "$store" "$n" "$run"; done
-    for n in $WORKERS; do bench queue "$store" "$n" "$run"; done
-    if [ "$BATCH" -gt 1 ]; then
-      for n in $WORKERS; do bench queue-fetch1 "$store" "$n" "$run"; done
-      for n in $WORKERS; do bench queue-fetch1-ack "$store" "$n" "$run"; done
-      for n in $WORKERS; do bench queue-batch "$store" "$n" "$run"; done
-    fi
+  before=$(wc -l <"$OUT")
+  for store in $STORES; do
+    for scenario in $CASES; do
+      case $scenario in
+        publish) clients=$PUBLISHERS ;;
+        queue) clients=$WORKERS ;;
+        *) [ "$BATCH" -gt 1 ] && clients=$WORKERS || clients= ;;
+      esac
+      for n in $clients; do bench "$scenario" "$store" "$n" "$run"; done
+    done
   done
-  cases=$(( $(wc -w <<<"$PUBLISHERS") + $(wc -w <<<"$WORKERS") * (BATCH > 1 ? 4 : 1) ))
-  tail -n "$(( 2 * cases ))" "$OUT" >&2
+  tail -n "$(( $(wc -l <"$OUT") - before ))" "$OUT" >&2
   if [ "$PEER" = 1 ]; then
     # The peer within the same run, so that both meet the machine in the same state.
-    RUNS=1 PGURL=$PGURL WORKERS=$WORKERS PRODUCERS=$PUBLISHERS tools/pg-peer/run.sh >>"$WORK/peer.jsonl"
+    RUNS=1 PGURL=$PGURL WORKERS=$WORKERS PRODUCERS=$PUBLISHERS MODES=$PEER_MODES tools/pg-peer/run.sh >>"$WORK/peer.jsonl"
   fi
 done
 

@@ -51,8 +51,8 @@ pub use presence::{
     MAX_INFO_BYTES,
 };
 pub use queue::{
-    check_enqueue, BatchFuture, Delivery, ListedQueue, QueueCounters, QueueError, QueueFuture, QueueService,
-    QueueStats, Queues, Visible,
+    check_enqueue, fetch_acking, AckFetchFuture, BatchFuture, Delivery, ListedQueue, QueueCounters, QueueError,
+    QueueFuture, QueueService, QueueStats, Queues, Visible,
 };
 pub use store::{
     Appended, Epoch, History, ListedTopic, LiveQueue, QueueRecord, QueueSnapshot, Store, StoreError, StoreFuture,

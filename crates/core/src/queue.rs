@@ -124,8 +124,43 @@ pub type Visible<'a> = &'a (dyn Fn(&QueueName) -> bool + Send + Sync);
 /// A boxed future of a queue operation.
 pub type QueueFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, QueueError>> + Send + 'a>>;
 
+/// A fetch as the front doors serve it: `acks` (a worker's finished jobs, possibly
+/// none) and a first try together ([`QueueService::ack_and_fetch`]); if that took
+/// nothing, a long poll of up to `wait`, which `stop` (the server shutting down) ends
+/// with nothing taken. Resolves with the acks' outcomes, in order, and the fetch's.
+pub async fn fetch_acking(
+    queues: &dyn QueueService,
+    name: &QueueName,
+    acks: &[String],
+    (max, visibility_ms, wait): (usize, u64, Duration),
+    stop: impl Future<Output = ()>,
+) -> (Vec<Result<(), QueueError>>, Result<Vec<Delivery>, QueueError>) {
+    let (acked, first) = match acks.is_empty() {
+        true => (Vec::new(), None),
+        false => {
+            let (acked, first) = queues.ack_and_fetch(name, acks, max, visibility_ms).await;
+            (acked, Some(first))
+        }
+    };
+    let fetched = match first {
+        Some(Ok(got)) if !got.is_empty() || wait.is_zero() => Ok(got),
+        Some(Err(e)) => Err(e),
+        _ => tokio::select! {
+            got = queues.fetch_wait(name, max, visibility_ms, wait) => got,
+            // A pending long poll is answered with what it has: nothing was taken.
+            () = stop => Ok(Vec::new()),
+        },
+    };
+    (acked, fetched)
+}
+
 /// A boxed future of a batch operation: one outcome per entry, in the batch's order.
 pub type BatchFuture<'a, T> = Pin<Box<dyn Future<Output = Vec<Result<T, QueueError>>> + Send + 'a>>;
+
+/// A boxed future of [`QueueService::ack_and_fetch`]: the acks' outcomes, in order, and
+/// the fetch's.
+pub type AckFetchFuture<'a> =
+    Pin<Box<dyn Future<Output = (Vec<Result<(), QueueError>>, Result<Vec<Delivery>, QueueError>)> + Send + 'a>>;
 
 /// Work queues as the front doors call them: this node's own engine ([`Queues`]) on a
 /// single node, or queues every node of a cluster shares (kept in the cluster's Redis).
@@ -157,6 +192,29 @@ pub trait QueueService: Send + Sync + 'static {
     fn ack_batch<'a>(&'a self, name: &'a QueueName, deliveries: &'a [String]) -> BatchFuture<'a, ()> {
         let acks: Vec<_> = deliveries.iter().map(|d| self.ack(name, d)).collect();
         Box::pin(futures_util::future::join_all(acks))
+    }
+
+    /// Acknowledges `deliveries` (as [`Self::ack_batch`]) and takes up to `max` ready
+    /// messages (as [`Self::fetch_wait`] without a wait), together: a worker's
+    /// finished jobs go with its next fetch. Resolves with one ack outcome per
+    /// delivery, in order, and the fetch's outcome. The default runs the two at once;
+    /// a store that can serve both in one round trip overrides it.
+    fn ack_and_fetch<'a>(
+        &'a self,
+        name: &'a QueueName,
+        deliveries: &'a [String],
+        max: usize,
+        visibility_ms: u64,
+    ) -> AckFetchFuture<'a> {
+        Box::pin(async move {
+            let acks = async {
+                match deliveries.is_empty() {
+                    true => Vec::new(),
+                    false => self.ack_batch(name, deliveries).await,
+                }
+            };
+            futures_util::future::join(acks, self.fetch_wait(name, max, visibility_ms, Duration::ZERO)).await
+        })
     }
 
     /// Takes up to `max` ready messages, leasing each for `visibility_ms`; waits up to

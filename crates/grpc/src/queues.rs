@@ -169,22 +169,9 @@ impl Queues for QueuesService {
         }
         let queues = self.state.broker().queue_service().map_err(from_broker)?;
         let started = std::time::Instant::now();
-        // The acks and the fetch together: one call per job for a worker taking one.
-        let (acked, fetched) = tokio::join!(
-            async {
-                match req.ack.is_empty() {
-                    true => Vec::new(),
-                    false => queues.ack_batch(&queue, &req.ack).await,
-                }
-            },
-            async {
-                tokio::select! {
-                    got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got,
-                    // Shutdown answers a pending long poll with what it has: nothing was taken.
-                    _ = self.state.inner.shutdown.cancelled() => Ok(Vec::new()),
-                }
-            }
-        );
+        // The acks with the fetch: one call per job for a worker taking one.
+        let (limits, stop) = ((max, visibility_ms, wait), self.state.inner.shutdown.cancelled());
+        let (acked, fetched) = herald_core::fetch_acking(queues, &queue, &req.ack, limits, stop).await;
         let deliveries = fetched.map_err(from_queue)?;
         let (done, ack_errors) = entry_errors(acked);
         let acked = done.iter().flatten().count() as u32;

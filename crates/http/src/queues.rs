@@ -173,7 +173,7 @@ pub(crate) async fn ack_batch(
 
 /// `POST /v1/queues/{queue}/fetch`: up to `max` ready jobs, long-polling up to
 /// `wait_ms`. A body `{"ack":[...]}` acks the deliveries named there in the same request
-/// (the worker's finished jobs): the acks and the fetch run together, and the answer
+/// (the worker's finished jobs) together with the fetch's first try, and the answer
 /// adds `acked` and, for those not acked, `ack_errors`.
 pub(crate) async fn fetch(
     State(state): State<AppState>,
@@ -191,21 +191,9 @@ pub(crate) async fn fetch(
     let acks = herald_protocol::parse_fetch_acks(&text, MAX_BATCH).map_err(ApiError::bad_request)?;
     let queues = state.broker().queue_service()?;
     let started = std::time::Instant::now();
-    let (acked, fetched) = tokio::join!(
-        async {
-            match acks.is_empty() {
-                true => Vec::new(),
-                false => queues.ack_batch(&queue, &acks).await,
-            }
-        },
-        async {
-            tokio::select! {
-                got = queues.fetch_wait(&queue, max, visibility_ms, wait) => got,
-                // Shutdown answers a pending long poll with what it has: nothing was taken.
-                _ = state.inner.shutdown.cancelled() => Ok(Vec::new()),
-            }
-        }
-    );
+    let limits = (max, visibility_ms, wait);
+    let stop = state.inner.shutdown.cancelled();
+    let (acked, fetched) = herald_core::fetch_acking(queues, &queue, &acks, limits, stop).await;
     let deliveries = fetched?;
     state.broker().metrics().latency.fetch_wait.observe(started.elapsed().as_secs_f64());
     let mut body = String::with_capacity(32 + deliveries.iter().map(|d| d.payload.len() * 4 / 3 + 96).sum::<usize>());

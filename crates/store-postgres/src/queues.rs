@@ -29,6 +29,7 @@
 //! (it reconnects with backoff, and wakes every waiter once it listens again).
 
 use std::collections::hash_map::RandomState;
+use std::collections::HashSet;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,8 +41,8 @@ use deadpool_postgres::{Object, Pool};
 use futures_util::future::OptionFuture;
 use futures_util::{StreamExt, TryStreamExt};
 use herald_core::{
-    check_enqueue, BatchFuture, Clock, Delivery, Kind, ListedQueue, NewMessage, QueueConfig, QueueCounters, QueueError,
-    QueueFuture, QueueName, QueueService, QueueStats, StoreError, Visible,
+    check_enqueue, AckFetchFuture, BatchFuture, Clock, Delivery, Kind, ListedQueue, NewMessage, QueueConfig,
+    QueueCounters, QueueError, QueueFuture, QueueName, QueueService, QueueStats, StoreError, Visible,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -50,7 +51,7 @@ use tokio_postgres::{Row, Socket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use batch::{ack_batch, fetch_batch, run_batches, Ack, Fetch, BATCH_QUEUE, MAX_ACKS, MAX_FETCHES};
+use batch::{ack_batch, fetch_batch, run_batches, Ack, Fetch, Fetched, BATCH_QUEUE, MAX_ACKS, MAX_FETCHES};
 use listen::{channel_of, lock, run_listener, PassOn, Waiting, Wakers};
 use sql::Sql;
 use writer::{write_enqueues, Enqueue, ENQUEUE_QUEUE};
@@ -256,15 +257,17 @@ impl Db {
     }
 
     /// One fetch statement on `name` at `now` for up to `leases.len()` messages: the
-    /// i-th taken (oldest first) is leased until `leases[i]` with nonce `nonces[i]`.
-    /// Returns the deliveries with their index, in that order.
+    /// i-th taken (oldest first) is leased until `leases[i]` with nonce `nonces[i]`;
+    /// in the same statement, acks the deliveries `ack_deliveries` (of messages
+    /// `ack_ids`). Returns the deliveries with their index, in that order, and the acks
+    /// done (message id, delivery id).
     async fn fetch(
         &self,
         name: &QueueName,
         now: u64,
-        leases: &[i64],
-        nonces: &[i64],
-    ) -> Result<Vec<(usize, Delivery)>, QueueError> {
+        (leases, nonces): (&[i64], &[i64]),
+        (ack_ids, ack_deliveries): (&[i64], &[&str]),
+    ) -> Result<(Vec<(usize, Delivery)>, HashSet<(i64, String)>), QueueError> {
         let client = self.conn().await?;
         // The attempt whose lease end dead-letters (none in a dead-letter queue).
         let last = match name.dlq() {
@@ -272,15 +275,27 @@ impl Db {
             None => i32::MAX,
         };
         let (now_ms, limit) = (big(now), leases.len() as i64);
-        let params: [&(dyn ToSql + Sync); 6] = [&name.as_str(), &now_ms, &limit, &leases, &last, &nonces];
+        let fetch: [&(dyn ToSql + Sync); 6] = [&name.as_str(), &now_ms, &limit, &leases, &last, &nonces];
+        let acking: [&(dyn ToSql + Sync); 8] =
+            [&name.as_str(), &now_ms, &limit, &leases, &last, &nonces, &ack_ids, &ack_deliveries];
+        let (text, params): (_, &[&(dyn ToSql + Sync)]) = match ack_ids.is_empty() {
+            true => (&self.sql.fetch, &fetch),
+            false => (&self.sql.fetch_acking, &acking),
+        };
         // On a dead-letter queue, last leases of its queue that ended are dead letters here.
         let pair = name.parent().map(|parent| (parent, name.clone()));
-        let rows = self.settled_query(&client, pair, now, &self.sql.fetch, &params, false).await?;
+        let rows = self.settled_query(&client, pair, now, text, params, false).await?;
         let damaged = || unavailable(format!("a damaged message in {name}"));
         let mut out = Vec::with_capacity(rows.len());
+        let mut acked = HashSet::new();
         for row in &rows {
+            let rn = col::<i64>(row, 6)?;
+            if rn == 0 {
+                acked.insert((col(row, 0)?, col(row, 5)?));
+                continue;
+            }
             let (id, attempt, ts): (i64, i32, i64) = (col(row, 0)?, col(row, 1)?, col(row, 2)?);
-            let order = usize::try_from(col::<i64>(row, 6)? - 1).map_err(|_| damaged())?;
+            let order = usize::try_from(rn - 1).map_err(|_| damaged())?;
             out.push((
                 order,
                 Delivery {
@@ -297,7 +312,8 @@ impl Db {
         self.counters.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
         let again = out.iter().filter(|(_, d)| d.attempt > 1).count() as u64;
         self.counters.redelivered.fetch_add(again, Ordering::Relaxed);
-        Ok(out)
+        self.counters.acked.fetch_add(acked.len() as u64, Ordering::Relaxed);
+        Ok((out, acked))
     }
 }
 
@@ -475,9 +491,20 @@ impl Shared {
     /// One try: the deliveries taken. Through the fetch combiner (one statement for
     /// the fetches on one queue waiting together), or alone once it stopped.
     async fn try_fetch(&self, name: &QueueName, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>, QueueError> {
+        Ok(self.try_fetch_acking(name, max, visibility_ms, Vec::new()).await?.deliveries)
+    }
+
+    /// One try that also acks `acks` (message id, delivery id) in its statement.
+    async fn try_fetch_acking(
+        &self,
+        name: &QueueName,
+        max: usize,
+        visibility_ms: u64,
+        acks: Vec<(i64, String)>,
+    ) -> Result<Fetched, QueueError> {
         let max = max.min(MAX_FETCH);
         let (reply, answer) = oneshot::channel();
-        let fetch = Fetch { queue: name.clone(), max, visibility_ms, nonces: self.nonces(max), reply };
+        let fetch = Fetch { queue: name.clone(), max, visibility_ms, nonces: self.nonces(max), acks, reply };
         if let Err(mpsc::error::SendError(fetch)) = self.fetch_tx.send(fetch).await {
             fetch_batch(self.db.clone(), vec![fetch]).await;
         }
@@ -797,6 +824,42 @@ impl QueueService for PgQueues {
                     _ = shared.shutdown.cancelled() => {}
                 }
             }
+        })
+    }
+
+    /// The acks go in the fetch's statement: one round trip and one transaction for
+    /// both (the acked messages are leased, the fetched ones ready: never the same).
+    fn ack_and_fetch<'a>(
+        &'a self,
+        name: &'a QueueName,
+        deliveries: &'a [String],
+        max: usize,
+        visibility_ms: u64,
+    ) -> AckFetchFuture<'a> {
+        Box::pin(async move {
+            let not_found = |d: &str| QueueError::NotFound(d.to_owned());
+            let acks: Vec<(i64, String)> =
+                deliveries.iter().filter_map(|d| message_of(d).map(|id| (id, d.clone()))).collect();
+            let fetched = self.shared.try_fetch_acking(name, max, visibility_ms, acks).await;
+            let (acked, deliveries_taken) = match fetched {
+                Ok(Fetched { deliveries, acked }) => (Some(acked), Ok(deliveries)),
+                Err(e) => (None, Err(e)),
+            };
+            // Back to one outcome per delivery named (those with no message id were
+            // never current).
+            let mut done = acked.unwrap_or_default().into_iter();
+            let outcomes = deliveries
+                .iter()
+                .map(|d| match message_of(d) {
+                    Some(_) => match (done.next(), &deliveries_taken) {
+                        (Some(true), _) => Ok(()),
+                        (_, Err(e)) => Err(e.clone()),
+                        _ => Err(not_found(d)),
+                    },
+                    None => Err(not_found(d)),
+                })
+                .collect();
+            (outcomes, deliveries_taken)
         })
     }
 

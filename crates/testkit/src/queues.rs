@@ -413,6 +413,44 @@ pub async fn batches_keep_order_and_report_each_entry(backend: &dyn QueueBackend
     same(order, want, "fetched oldest first, the TTL's one gone")
 }
 
+/// A fetch that acks: the deliveries named are acked (each once: a repeat or a stale
+/// one is `not_found`) while the fetch takes the next job; a lease that ended is not
+/// acked and its job is delivered again, also to the fetch that named it.
+pub async fn a_fetch_acks_the_deliveries_it_names(backend: &dyn QueueBackend) -> Result {
+    let (a, b, clock) = nodes(backend, QueueConfig::default(), 1024).await?;
+    let q = queue("conf.ackfetch")?;
+    for job in ["one", "two", "three"] {
+        a.enqueue(&q, text(job), 0).await?;
+    }
+    let first = fetch(&b, &q, 1, 1000).await?;
+    let named = [first[0].id.clone(), "1-1-stale".to_owned(), first[0].id.clone()];
+    let (acked, got) = a.ack_and_fetch(&q, &named, 1, 1000).await;
+    let got = got?;
+    ensure(matches!(acked.as_slice(), [Ok(()), Err(QueueError::NotFound(_)), Err(QueueError::NotFound(_))]), || {
+        format!("the first acked, the stale one and the repeat not found: {acked:?}")
+    })?;
+    same(got.iter().map(payload).collect::<Vec<_>>(), vec!["two".to_owned()], "the next job")?;
+    let (acked, got) = b.ack_and_fetch(&q, std::slice::from_ref(&got[0].id), 5, 100).await;
+    let got = got?;
+    ensure(matches!(acked.as_slice(), [Ok(())]), || format!("the second acked: {acked:?}"))?;
+    same(got.iter().map(payload).collect::<Vec<_>>(), vec!["three".to_owned()], "the last job")?;
+    same(a.stats(&q).await?, stats(0, 1, 0, 0), "one in flight")?;
+    // Its lease ends: the ack comes too late, and the same fetch gets the job again.
+    clock.advance(100);
+    let (acked, again) = a.ack_and_fetch(&q, std::slice::from_ref(&got[0].id), 1, 1000).await;
+    let again = again?;
+    ensure(matches!(acked.as_slice(), [Err(QueueError::NotFound(_))]), || format!("a late ack: {acked:?}"))?;
+    same(
+        again.iter().map(|d| (payload(d), d.attempt)).collect::<Vec<_>>(),
+        vec![("three".to_owned(), 2)],
+        "delivered again",
+    )?;
+    let (acked, none) = b.ack_and_fetch(&q, std::slice::from_ref(&again[0].id), 1, 1000).await;
+    ensure(matches!(acked.as_slice(), [Ok(())]), || format!("the redelivery acked: {acked:?}"))?;
+    same(none?.len(), 0, "nothing left")?;
+    same(a.stats(&q).await?, stats(0, 0, 0, 0), "all done")
+}
+
 /// One `#[tokio::test]` per queue conformance case for the backend `$make` builds.
 #[macro_export]
 macro_rules! queue_conformance {
@@ -424,7 +462,8 @@ macro_rules! queue_conformance {
             a_long_poll_wakes_on_enqueue_from_another_node,
             purge_and_redrive,
             list_names_queues_in_order,
-            batches_keep_order_and_report_each_entry
+            batches_keep_order_and_report_each_entry,
+            a_fetch_acks_the_deliveries_it_names
         );
     };
     (@cases $make:expr; $($case:ident),*) => {

@@ -57,13 +57,21 @@ pub(super) struct Ack {
     pub(super) reply: oneshot::Sender<Result<bool, QueueError>>,
 }
 
-/// One fetch for the combiner (`max` at most [`MAX_FETCH`], one nonce per message).
+/// One fetch for the combiner (`max` at most [`MAX_FETCH`], one nonce per message),
+/// with the deliveries of its queue it acks (message id, delivery id).
 pub(super) struct Fetch {
     pub(super) queue: QueueName,
     pub(super) max: usize,
     pub(super) visibility_ms: u64,
     pub(super) nonces: Vec<i64>,
-    pub(super) reply: oneshot::Sender<Result<Vec<Delivery>, QueueError>>,
+    pub(super) acks: Vec<(i64, String)>,
+    pub(super) reply: oneshot::Sender<Result<Fetched, QueueError>>,
+}
+
+/// A fetch's answer: what it took, and per ack whether it deleted its message.
+pub(super) struct Fetched {
+    pub(super) deliveries: Vec<Delivery>,
+    pub(super) acked: Vec<bool>,
 }
 
 /// A batch task: waits for a request, takes what else is queued (up to `max`), runs
@@ -186,33 +194,41 @@ impl Db {
 /// Runs one batch of fetches: per queue, statements of up to [`MAX_FETCH`] messages,
 /// all at once; each caller answered with its share.
 pub(super) async fn fetch_batch(db: Arc<Db>, batch: Vec<Fetch>) {
-    let mut groups: Vec<(QueueName, usize, Vec<Fetch>)> = Vec::new();
+    // Per group: the queue, the messages and the acks it asks for, its fetches.
+    let mut groups: Vec<(QueueName, usize, usize, Vec<Fetch>)> = Vec::new();
     for fetch in batch {
-        let open =
-            groups.iter_mut().rev().find(|(queue, total, _)| *queue == fetch.queue && total + fetch.max <= MAX_FETCH);
+        let open = groups.iter_mut().rev().find(|(queue, total, acks, _)| {
+            *queue == fetch.queue && total + fetch.max <= MAX_FETCH && acks + fetch.acks.len() <= MAX_ACKS
+        });
         match open {
-            Some((_, total, fetches)) => {
+            Some((_, total, acks, fetches)) => {
                 *total += fetch.max;
+                *acks += fetch.acks.len();
                 fetches.push(fetch);
             }
-            None => groups.push((fetch.queue.clone(), fetch.max, vec![fetch])),
+            None => groups.push((fetch.queue.clone(), fetch.max, fetch.acks.len(), vec![fetch])),
         }
     }
-    futures_util::future::join_all(groups.into_iter().map(|(queue, _, fetches)| fetch_group(&db, queue, fetches)))
+    futures_util::future::join_all(groups.into_iter().map(|(queue, _, _, fetches)| fetch_group(&db, queue, fetches)))
         .await;
 }
 
-/// One statement for the fetches on one queue.
+/// One statement for the fetches on one queue (and their acks).
 async fn fetch_group(db: &Db, queue: QueueName, fetches: Vec<Fetch>) {
     let now = db.clock.now_ms();
     let total = fetches.iter().map(|f| f.max).sum();
     let (mut leases, mut nonces) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    let (mut ack_ids, mut ack_deliveries) = (Vec::new(), Vec::new());
     for f in &fetches {
         leases.extend(std::iter::repeat_n(after(now, f.visibility_ms), f.max));
         nonces.extend(f.nonces.iter().copied().chain(std::iter::repeat(0)).take(f.max));
+        for (id, delivery) in &f.acks {
+            ack_ids.push(*id);
+            ack_deliveries.push(delivery.as_str());
+        }
     }
-    match db.fetch(&queue, now, &leases, &nonces).await {
-        Ok(taken) => {
+    match db.fetch(&queue, now, (&leases, &nonces), (&ack_ids, &ack_deliveries)).await {
+        Ok((taken, mut acked)) => {
             let mut taken = taken.into_iter().peekable();
             let mut end = 0;
             for f in fetches {
@@ -221,7 +237,9 @@ async fn fetch_group(db: &Db, queue: QueueName, fetches: Vec<Fetch>) {
                 while let Some((_, d)) = taken.next_if(|(order, _)| *order < end) {
                     mine.push(d);
                 }
-                if f.reply.send(Ok(mine)).is_err() {
+                // The same delivery named twice: the first names it done, as one by one.
+                let acked = f.acks.into_iter().map(|key| acked.remove(&key)).collect();
+                if f.reply.send(Ok(Fetched { deliveries: mine, acked })).is_err() {
                     // Its leases end on their own: the messages are delivered again then.
                     tracing::debug!(queue = %queue, "a fetch's caller left before its answer");
                 }

@@ -65,13 +65,9 @@ FROM due, d, n
 )
 SELECT n.n, CASE WHEN n.n > 0 THEN pg_notify($4, $2)::text END FROM n";
 
-/// Takes up to $3 ready messages, oldest first, leasing the n-th until `$4[n]`; drops
-/// those whose TTL passed. $1 queue, $2 now, $5 the attempt that is the last one (its
-/// lease end is also its dead-letter time), $6 one nonce per message. The fetch
-/// combiner serves several callers with one: the n-th message goes to the caller whose
-/// share of 1..$3 holds n, leased for that caller's visibility.
-pub const FETCH: &str = "
-WITH expired AS (
+/// The CTEs of a fetch: drops the messages of $1 whose TTL passed at $2 and picks up
+/// to $3 ready ones, oldest first, numbered from 1 in that order.
+const FETCH_PICK: &str = "expired AS (
 DELETE FROM {s}.queue_messages
 WHERE queue = $1 AND expires_at <= $2 AND (dead_at IS NULL OR dead_at > $2 OR expires_at <= dead_at)
 ), picked AS (
@@ -82,8 +78,11 @@ LIMIT $3
 FOR UPDATE SKIP LOCKED
 ), numbered AS (
 SELECT id, row_number() OVER (ORDER BY visible_at, id) AS rn FROM picked
-)
-UPDATE {s}.queue_messages m
+)";
+
+/// Leases the picked messages: the n-th until `$4[n]`, with nonce `$6[n]`; $5 the
+/// attempt that is the last one (its lease end is also its dead-letter time).
+const FETCH_TAKE: &str = "UPDATE {s}.queue_messages m
 SET attempts = m.attempts + 1,
 visible_at = ($4::bigint[])[p.rn],
 delivery = to_hex(m.id) || '-' || (m.attempts + 1) || '-' || to_hex(($6::bigint[])[p.rn]),
@@ -91,6 +90,36 @@ dead_at = CASE WHEN m.attempts + 1 >= $5 THEN ($4::bigint[])[p.rn] END
 FROM numbered p
 WHERE m.queue = $1 AND m.id = p.id
 RETURNING m.id, m.attempts, m.ts, m.kind, m.payload, m.delivery, p.rn";
+
+/// Takes up to $3 ready messages of $1, oldest first, leasing the n-th until `$4[n]`;
+/// drops those whose TTL passed. $2 now, $5 the attempt that is the last one, $6 one
+/// nonce per message. The fetch combiner serves several callers with one: the n-th
+/// message goes to the caller whose share of 1..$3 holds n, leased for that caller's
+/// visibility.
+pub fn fetch() -> String {
+    format!("WITH {FETCH_PICK}\n{FETCH_TAKE}")
+}
+
+/// [`fetch`] that also acks deliveries of $1 in the same statement (and transaction):
+/// deletes each message whose current lease is `$8[i]` (message `$7[i]`) at $2. The
+/// acked rows are leased and the taken ones ready, so the two never meet. Returns the
+/// taken rows as [`fetch`] does, then one row per ack done: its id and delivery, `rn` 0.
+pub fn fetch_acking() -> String {
+    format!(
+        "WITH acked AS (
+DELETE FROM {{s}}.queue_messages m
+USING unnest($7::bigint[], $8::text[]) AS u(id, delivery)
+WHERE m.queue = $1 AND m.id = u.id AND m.delivery = u.delivery AND m.visible_at > $2
+    AND (m.expires_at IS NULL OR m.expires_at > $2)
+RETURNING m.id, m.delivery
+), {FETCH_PICK}, taken AS (
+{FETCH_TAKE}
+)
+SELECT id, attempts, ts, kind, payload, delivery, rn FROM taken
+UNION ALL
+SELECT id, NULL, NULL, NULL, NULL, delivery, 0 FROM acked"
+    )
+}
 
 /// When the next delay or lease of $1 ends after $2, and (for a dead-letter queue)
 /// the next last lease of its queue $3.
@@ -196,6 +225,7 @@ pub(super) struct Sql {
     pub(super) count: String,
     pub(super) settle: String,
     pub(super) fetch: String,
+    pub(super) fetch_acking: String,
     pub(super) next_due: String,
     pub(super) ack: String,
     pub(super) requeue: String,
@@ -217,7 +247,8 @@ impl Sql {
             set_bound: s(SET_BOUND),
             count: s(COUNT),
             settle: s(SETTLE),
-            fetch: s(FETCH),
+            fetch: s(&fetch()),
+            fetch_acking: s(&fetch_acking()),
             next_due: s(NEXT_DUE),
             ack: s(ACK),
             requeue: s(&requeue()),
