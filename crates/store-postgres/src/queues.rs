@@ -258,9 +258,9 @@ impl Db {
 
     /// One fetch statement on `name` at `now` for up to `leases.len()` messages: the
     /// i-th taken (oldest first) is leased until `leases[i]` with nonce `nonces[i]`;
-    /// in the same statement, acks the deliveries `ack_deliveries` (of messages
-    /// `ack_ids`). Returns the deliveries with their index, in that order, and the acks
-    /// done (message id, delivery id).
+    /// before it, in the same transaction, the ack statement for the deliveries
+    /// `ack_deliveries` (of messages `ack_ids`). Returns the deliveries with their
+    /// index, in that order, and the acks done (message id, delivery id).
     async fn fetch(
         &self,
         name: &QueueName,
@@ -275,27 +275,43 @@ impl Db {
             None => i32::MAX,
         };
         let (now_ms, limit) = (big(now), leases.len() as i64);
-        let fetch: [&(dyn ToSql + Sync); 6] = [&name.as_str(), &now_ms, &limit, &leases, &last, &nonces];
-        let acking: [&(dyn ToSql + Sync); 8] =
-            [&name.as_str(), &now_ms, &limit, &leases, &last, &nonces, &ack_ids, &ack_deliveries];
-        let (text, params): (_, &[&(dyn ToSql + Sync)]) = match ack_ids.is_empty() {
-            true => (&self.sql.fetch, &fetch),
-            false => (&self.sql.fetch_acking, &acking),
-        };
+        let params: [&(dyn ToSql + Sync); 6] = [&name.as_str(), &now_ms, &limit, &leases, &last, &nonces];
         // On a dead-letter queue, last leases of its queue that ended are dead letters here.
         let pair = name.parent().map(|parent| (parent, name.clone()));
-        let rows = self.settled_query(&client, pair, now, text, params, false).await?;
+        let mut acked = HashSet::new();
+        let rows = if ack_ids.is_empty() {
+            self.settled_query(&client, pair, now, &self.sql.fetch, &params, false).await?
+        } else {
+            // The ack statement of the ack batcher, in the fetch's transaction.
+            let ack = client.prepare_cached(&self.sql.ack).await.map_err(db_error)?;
+            let (queues, nows) = (vec![name.as_str(); ack_ids.len()], vec![now_ms; ack_ids.len()]);
+            let ack_params: [&(dyn ToSql + Sync); 4] = [&queues, &ack_ids, &ack_deliveries, &nows];
+            let rows = match pair {
+                // A dead-letter queue's fetch settles its queue first: the acks alone before.
+                Some(_) => {
+                    let acks = client.query(&ack, &ack_params);
+                    let (_, done) = unflushed(&client, NO_SETTLE, acks).await.map_err(db_error)?;
+                    let rows = self.settled_query(&client, pair, now, &self.sql.fetch, &params, false).await?;
+                    (done, rows)
+                }
+                None => {
+                    let fetch = client.prepare_cached(&self.sql.fetch).await.map_err(db_error)?;
+                    let acks = client.query(&ack, &ack_params);
+                    let (done, rows) =
+                        unflushed(&client, Some(acks), client.query(&fetch, &params)).await.map_err(db_error)?;
+                    (done.unwrap_or_default(), rows)
+                }
+            };
+            for row in &rows.0 {
+                acked.insert((col(row, 1)?, col(row, 2)?));
+            }
+            rows.1
+        };
         let damaged = || unavailable(format!("a damaged message in {name}"));
         let mut out = Vec::with_capacity(rows.len());
-        let mut acked = HashSet::new();
         for row in &rows {
-            let rn = col::<i64>(row, 6)?;
-            if rn == 0 {
-                acked.insert((col(row, 0)?, col(row, 5)?));
-                continue;
-            }
             let (id, attempt, ts): (i64, i32, i64) = (col(row, 0)?, col(row, 1)?, col(row, 2)?);
-            let order = usize::try_from(rn - 1).map_err(|_| damaged())?;
+            let order = usize::try_from(col::<i64>(row, 6)? - 1).map_err(|_| damaged())?;
             out.push((
                 order,
                 Delivery {
@@ -419,11 +435,11 @@ const NO_SETTLE: Option<std::future::Ready<Result<Row, tokio_postgres::Error>>> 
 /// last fraction of a second of them, and a lost one means a message delivered again,
 /// never one lost. A failed statement rolls the transaction back (COMMIT answers
 /// ROLLBACK) and its error is returned.
-async fn unflushed<T>(
+async fn unflushed<S, T>(
     client: &Object,
-    settle: Option<impl Future<Output = Result<Row, tokio_postgres::Error>>>,
+    settle: Option<impl Future<Output = Result<S, tokio_postgres::Error>>>,
     op: impl Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<(Option<Row>, T), tokio_postgres::Error> {
+) -> Result<(Option<S>, T), tokio_postgres::Error> {
     // Each future sends its request when first polled, and `join4` polls in order.
     let (began, settled, done, committed) = futures_util::future::join4(
         client.batch_execute(BEGIN_UNFLUSHED),
@@ -827,8 +843,10 @@ impl QueueService for PgQueues {
         })
     }
 
-    /// The acks go in the fetch's statement: one round trip and one transaction for
-    /// both (the acked messages are leased, the fetched ones ready: never the same).
+    /// The acks go with the fetch to the fetch combiner, whose transaction for that
+    /// queue runs the ack batcher's statement and then the fetch's, pipelined: one
+    /// round trip and one commit for both (the acked messages are leased, the fetched
+    /// ones ready: never the same).
     fn ack_and_fetch<'a>(
         &'a self,
         name: &'a QueueName,

@@ -417,8 +417,9 @@ pub async fn batches_keep_order_and_report_each_entry(backend: &dyn QueueBackend
 /// one is `not_found`) while the fetch takes the next job; a lease that ended is not
 /// acked and its job is delivered again, also to the fetch that named it.
 pub async fn a_fetch_acks_the_deliveries_it_names(backend: &dyn QueueBackend) -> Result {
-    let (a, b, clock) = nodes(backend, QueueConfig::default(), 1024).await?;
-    let q = queue("conf.ackfetch")?;
+    let config = QueueConfig { max_attempts: 2, ..QueueConfig::default() };
+    let (a, b, clock) = nodes(backend, config, 1024).await?;
+    let (q, dlq) = (queue("conf.ackfetch")?, queue("conf.ackfetch.dlq")?);
     for job in ["one", "two", "three"] {
         a.enqueue(&q, text(job), 0).await?;
     }
@@ -448,7 +449,20 @@ pub async fn a_fetch_acks_the_deliveries_it_names(backend: &dyn QueueBackend) ->
     let (acked, none) = b.ack_and_fetch(&q, std::slice::from_ref(&again[0].id), 1, 1000).await;
     ensure(matches!(acked.as_slice(), [Ok(())]), || format!("the redelivery acked: {acked:?}"))?;
     same(none?.len(), 0, "nothing left")?;
-    same(a.stats(&q).await?, stats(0, 0, 0, 0), "all done")
+    same(a.stats(&q).await?, stats(0, 0, 0, 0), "all done")?;
+
+    // On a dead-letter queue too (where a fetch first collects the dead letters due).
+    a.enqueue(&q, text("poison"), 0).await?;
+    for _ in 0..2 {
+        same(fetch(&b, &q, 1, 100).await?.len(), 1, "a delivery of the poison")?;
+        clock.advance(100);
+    }
+    let dead = fetch(&a, &dlq, 1, 1000).await?;
+    same(dead.iter().map(payload).collect::<Vec<_>>(), vec!["poison".to_owned()], "dead-lettered")?;
+    let (acked, none) = b.ack_and_fetch(&dlq, std::slice::from_ref(&dead[0].id), 1, 1000).await;
+    ensure(matches!(acked.as_slice(), [Ok(())]), || format!("the dead letter acked: {acked:?}"))?;
+    same(none?.len(), 0, "no other dead letter")?;
+    same(a.stats(&dlq).await?, stats(0, 0, 0, 0), "the dead-letter queue empty")
 }
 
 /// One `#[tokio::test]` per queue conformance case for the backend `$make` builds.

@@ -15,7 +15,9 @@
 //! Fetches: the fetches waiting on one queue become one `FOR UPDATE SKIP LOCKED`
 //! statement for the sum of their `max` (at most [`MAX_FETCH`] each statement), its
 //! rows shared out oldest first in the callers' order, each leased for its caller's
-//! visibility from one `now` (the batch's, read when it runs: within every call).
+//! visibility from one `now` (the batch's, read when it runs: within every call). The
+//! deliveries a fetch acks (a worker's finished jobs, at most [`MAX_ACKS`] a group)
+//! are deleted by the ack statement in the same transaction, pipelined before it.
 //!
 //! A failed statement answers its whole batch with the error (nothing of it was
 //! committed). Once the tasks stopped (at `close`), requests run alone on the caller's

@@ -100,27 +100,6 @@ pub fn fetch() -> String {
     format!("WITH {FETCH_PICK}\n{FETCH_TAKE}")
 }
 
-/// [`fetch`] that also acks deliveries of $1 in the same statement (and transaction):
-/// deletes each message whose current lease is `$8[i]` (message `$7[i]`) at $2. The
-/// acked rows are leased and the taken ones ready, so the two never meet. Returns the
-/// taken rows as [`fetch`] does, then one row per ack done: its id and delivery, `rn` 0.
-pub fn fetch_acking() -> String {
-    format!(
-        "WITH acked AS (
-DELETE FROM {{s}}.queue_messages m
-USING unnest($7::bigint[], $8::text[]) AS u(id, delivery)
-WHERE m.queue = $1 AND m.id = u.id AND m.delivery = u.delivery AND m.visible_at > $2
-    AND (m.expires_at IS NULL OR m.expires_at > $2)
-RETURNING m.id, m.delivery
-), {FETCH_PICK}, taken AS (
-{FETCH_TAKE}
-)
-SELECT id, attempts, ts, kind, payload, delivery, rn FROM taken
-UNION ALL
-SELECT id, NULL, NULL, NULL, NULL, delivery, 0 FROM acked"
-    )
-}
-
 /// When the next delay or lease of $1 ends after $2, and (for a dead-letter queue)
 /// the next last lease of its queue $3.
 pub const NEXT_DUE: &str = "
@@ -225,7 +204,6 @@ pub(super) struct Sql {
     pub(super) count: String,
     pub(super) settle: String,
     pub(super) fetch: String,
-    pub(super) fetch_acking: String,
     pub(super) next_due: String,
     pub(super) ack: String,
     pub(super) requeue: String,
@@ -248,7 +226,6 @@ impl Sql {
             count: s(COUNT),
             settle: s(SETTLE),
             fetch: s(&fetch()),
-            fetch_acking: s(&fetch_acking()),
             next_due: s(NEXT_DUE),
             ack: s(ACK),
             requeue: s(&requeue()),
