@@ -297,6 +297,12 @@ export class Herald extends Emitter<HeraldEvents> {
     options?: CallOptions & PayloadOptions & { delayMs?: number; ttlMs?: number },
   ): Promise<{ queue: string; messageId: number }>;
   fetchJobs(queue: string, options?: CallOptions & { max?: number; waitMs?: number; visibilityMs?: number }): Promise<Job[]>;
+  /** Acks `done` and leases up to `max` more jobs in one request. */
+  ackAndFetch(
+    queue: string,
+    done: Array<Job | string>,
+    options?: CallOptions & { max?: number; waitMs?: number; visibilityMs?: number },
+  ): Promise<{ jobs: Job[]; acked: number; ackErrors: Array<{ index: number; code: string; message: string }> }>;
   ack(queue: string, job: Job | string, options?: CallOptions): Promise<void>;
   requeue(queue: string, job: Job | string, options?: CallOptions & { delayMs?: number }): Promise<void>;
   extend(queue: string, job: Job | string, visibilityMs: number, options?: CallOptions): Promise<void>;

@@ -416,17 +416,33 @@ export class Herald extends Emitter {
 
   /** Leases up to `max` jobs: `[{queue, id, messageId, attempt, ts, data | bytes}]`. */
   async fetchJobs(queue, options = {}) {
+    return (await this.#fetch(queue, [], options)).jobs;
+  }
+
+  /**
+   * Acks `done` (jobs of `queue` this worker finished, or their delivery ids) and leases
+   * up to `max` more, in one request: `{jobs, acked, ackErrors}`, `ackErrors` naming by
+   * `index` in `done` those not acked (`code` `not_found`: the lease had ended). A
+   * worker taking one job at a time makes one request per job this way.
+   */
+  async ackAndFetch(queue, done, options = {}) {
+    return this.#fetch(queue, done.map(jobId), options);
+  }
+
+  async #fetch(queue, ack, options) {
     const waitMs = options.waitMs ?? 0;
     const r = await this.#http('POST', `/v1/queues/${enc(queue)}/fetch`, {
       query: { max: options.max, wait_ms: options.waitMs, visibility_ms: options.visibilityMs },
       timeoutMs: options.timeoutMs ?? this.#requestTimeout() + waitMs,
+      ...(ack.length > 0 ? { body: JSON.stringify({ ack }), contentType: 'application/json' } : {}),
     });
-    return r.messages.map((m) => {
+    const jobs = r.messages.map((m) => {
       const job = { queue, id: m.id, messageId: m.message_id, attempt: m.attempt, ts: m.ts };
       if (m.data_b64 !== undefined) job.bytes = fromBase64(m.data_b64);
       else job.data = m.data;
       return job;
     });
+    return { jobs, acked: r.acked ?? 0, ackErrors: r.ack_errors ?? [] };
   }
 
   /** Acks a delivery (its id, or the job fetchJobs returned). */

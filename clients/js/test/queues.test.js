@@ -52,6 +52,23 @@ test('enqueue, fetch, ack, requeue and stats', async () => {
   assert.deepEqual(await h.fetchJobs('jobs.email'), []);
 });
 
+test('a fetch acks the jobs it is given', async () => {
+  for (const n of [1, 2, 3]) await h.enqueue('jobs.chain', { n });
+  const [first] = await h.fetchJobs('jobs.chain');
+  const second = await h.ackAndFetch('jobs.chain', [first]);
+  assert.equal(second.acked, 1);
+  assert.deepEqual(second.ackErrors, []);
+  assert.deepEqual(second.jobs.map((j) => j.data), [{ n: 2 }]);
+  // The first job's delivery is no longer current: named by its index, the other acked.
+  const third = await h.ackAndFetch('jobs.chain', [first.id, second.jobs[0]], { max: 5 });
+  assert.equal(third.acked, 1);
+  assert.deepEqual(third.ackErrors.map((e) => [e.index, e.code]), [[0, 'not_found']]);
+  assert.deepEqual(third.jobs.map((j) => j.data), [{ n: 3 }]);
+  const last = await h.ackAndFetch('jobs.chain', third.jobs);
+  assert.deepEqual([last.acked, last.jobs], [1, []]);
+  assert.deepEqual(await h.queueStats('jobs.chain'), { queue: 'jobs.chain', ready: 0, inFlight: 0, delayed: 0, dead: 0 });
+});
+
 test('a long poll is answered by an enqueue; delays hold a job back', async () => {
   // Whichever reaches the server first, the fetch gets the job (at once, or when it comes).
   const waiting = h.fetchJobs('jobs.poll', { waitMs: 20_000 });
