@@ -265,7 +265,7 @@ impl Client {
     }
 
     /// Acks `done` (jobs of `queue` this worker finished) and fetches up to
-    /// `options.max` more, in one request: the acks and the fetch run together, so a
+    /// `options.max` more, in one request: the acks go with the fetch, so a
     /// worker taking one job at a time makes one request per job. Returns one ack
     /// outcome per job of `done` (in order; `not_found` for a lease that had ended) and
     /// the jobs fetched. An error means the fetch failed; the acks may have been done
