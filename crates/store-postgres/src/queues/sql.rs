@@ -65,9 +65,13 @@ FROM due, d, n
 )
 SELECT n.n, CASE WHEN n.n > 0 THEN pg_notify($4, $2)::text END FROM n";
 
-/// The CTEs of a fetch: drops the messages of $1 whose TTL passed at $2 and picks up
-/// to $3 ready ones, oldest first, numbered from 1 in that order.
-const FETCH_PICK: &str = "expired AS (
+/// Takes up to $3 ready messages, oldest first, leasing the n-th until `$4[n]`; drops
+/// those whose TTL passed. $1 queue, $2 now, $5 the attempt that is the last one (its
+/// lease end is also its dead-letter time), $6 one nonce per message. The fetch
+/// combiner serves several callers with one: the n-th message goes to the caller whose
+/// share of 1..$3 holds n, leased for that caller's visibility.
+pub const FETCH: &str = "
+WITH expired AS (
 DELETE FROM {s}.queue_messages
 WHERE queue = $1 AND expires_at <= $2 AND (dead_at IS NULL OR dead_at > $2 OR expires_at <= dead_at)
 ), picked AS (
@@ -78,11 +82,8 @@ LIMIT $3
 FOR UPDATE SKIP LOCKED
 ), numbered AS (
 SELECT id, row_number() OVER (ORDER BY visible_at, id) AS rn FROM picked
-)";
-
-/// Leases the picked messages: the n-th until `$4[n]`, with nonce `$6[n]`; $5 the
-/// attempt that is the last one (its lease end is also its dead-letter time).
-const FETCH_TAKE: &str = "UPDATE {s}.queue_messages m
+)
+UPDATE {s}.queue_messages m
 SET attempts = m.attempts + 1,
 visible_at = ($4::bigint[])[p.rn],
 delivery = to_hex(m.id) || '-' || (m.attempts + 1) || '-' || to_hex(($6::bigint[])[p.rn]),
@@ -90,15 +91,6 @@ dead_at = CASE WHEN m.attempts + 1 >= $5 THEN ($4::bigint[])[p.rn] END
 FROM numbered p
 WHERE m.queue = $1 AND m.id = p.id
 RETURNING m.id, m.attempts, m.ts, m.kind, m.payload, m.delivery, p.rn";
-
-/// Takes up to $3 ready messages of $1, oldest first, leasing the n-th until `$4[n]`;
-/// drops those whose TTL passed. $2 now, $5 the attempt that is the last one, $6 one
-/// nonce per message. The fetch combiner serves several callers with one: the n-th
-/// message goes to the caller whose share of 1..$3 holds n, leased for that caller's
-/// visibility.
-pub fn fetch() -> String {
-    format!("WITH {FETCH_PICK}\n{FETCH_TAKE}")
-}
 
 /// When the next delay or lease of $1 ends after $2, and (for a dead-letter queue)
 /// the next last lease of its queue $3.
@@ -225,7 +217,7 @@ impl Sql {
             set_bound: s(SET_BOUND),
             count: s(COUNT),
             settle: s(SETTLE),
-            fetch: s(&fetch()),
+            fetch: s(FETCH),
             next_due: s(NEXT_DUE),
             ack: s(ACK),
             requeue: s(&requeue()),
