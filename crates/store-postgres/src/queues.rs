@@ -278,35 +278,28 @@ impl Db {
         let params: [&(dyn ToSql + Sync); 6] = [&name.as_str(), &now_ms, &limit, &leases, &last, &nonces];
         // On a dead-letter queue, last leases of its queue that ended are dead letters here.
         let pair = name.parent().map(|parent| (parent, name.clone()));
-        let mut acked = HashSet::new();
-        let rows = if ack_ids.is_empty() {
-            self.settled_query(&client, pair, now, &self.sql.fetch, &params, false).await?
-        } else {
-            // The ack statement of the ack batcher, in the fetch's transaction.
-            let ack = client.prepare_cached(&self.sql.ack).await.map_err(db_error)?;
-            let (queues, nows) = (vec![name.as_str(); ack_ids.len()], vec![now_ms; ack_ids.len()]);
-            let ack_params: [&(dyn ToSql + Sync); 4] = [&queues, &ack_ids, &ack_deliveries, &nows];
-            let rows = match pair {
-                // A dead-letter queue's fetch settles its queue first: the acks alone before.
-                Some(_) => {
-                    let acks = client.query(&ack, &ack_params);
-                    let (_, done) = unflushed(&client, NO_SETTLE, acks).await.map_err(db_error)?;
-                    let rows = self.settled_query(&client, pair, now, &self.sql.fetch, &params, false).await?;
-                    (done, rows)
-                }
-                None => {
-                    let fetch = client.prepare_cached(&self.sql.fetch).await.map_err(db_error)?;
-                    let acks = client.query(&ack, &ack_params);
-                    let (done, rows) =
-                        unflushed(&client, Some(acks), client.query(&fetch, &params)).await.map_err(db_error)?;
-                    (done.unwrap_or_default(), rows)
-                }
-            };
-            for row in &rows.0 {
-                acked.insert((col(row, 1)?, col(row, 2)?));
-            }
-            rows.1
+        // The ack batcher's statement, in the fetch's transaction, when there are acks.
+        let ack = match ack_ids.is_empty() {
+            true => None,
+            false => Some(client.prepare_cached(&self.sql.ack).await.map_err(db_error)?),
         };
+        let (queues, nows) = (vec![name.as_str(); ack_ids.len()], vec![now_ms; ack_ids.len()]);
+        let ack_params: [&(dyn ToSql + Sync); 4] = [&queues, &ack_ids, &ack_deliveries, &nows];
+        let acks = ack.as_ref().map(|ack| client.query(ack, &ack_params));
+        let (done, rows) = match (acks, pair) {
+            (None, pair) => (None, self.settled_query(&client, pair, now, &self.sql.fetch, &params, false).await?),
+            // A dead-letter queue's fetch settles its queue first: the acks go alone before.
+            (Some(acks), Some(pair)) => {
+                let (_, done) = unflushed(&client, NO_SETTLE, acks).await.map_err(db_error)?;
+                (Some(done), self.settled_query(&client, Some(pair), now, &self.sql.fetch, &params, false).await?)
+            }
+            (Some(acks), None) => {
+                let fetch = client.prepare_cached(&self.sql.fetch).await.map_err(db_error)?;
+                unflushed(&client, Some(acks), client.query(&fetch, &params)).await.map_err(db_error)?
+            }
+        };
+        let acked: HashSet<(i64, String)> =
+            done.iter().flatten().map(|row| Ok((col(row, 1)?, col(row, 2)?))).collect::<Result<_, QueueError>>()?;
         let damaged = || unavailable(format!("a damaged message in {name}"));
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -855,29 +848,20 @@ impl QueueService for PgQueues {
         visibility_ms: u64,
     ) -> AckFetchFuture<'a> {
         Box::pin(async move {
-            let not_found = |d: &str| QueueError::NotFound(d.to_owned());
-            let acks: Vec<(i64, String)> =
-                deliveries.iter().filter_map(|d| message_of(d).map(|id| (id, d.clone()))).collect();
-            let fetched = self.shared.try_fetch_acking(name, max, visibility_ms, acks).await;
-            let (acked, deliveries_taken) = match fetched {
-                Ok(Fetched { deliveries, acked }) => (Some(acked), Ok(deliveries)),
-                Err(e) => (None, Err(e)),
-            };
-            // Back to one outcome per delivery named (those with no message id were
-            // never current).
-            let mut done = acked.unwrap_or_default().into_iter();
-            let outcomes = deliveries
-                .iter()
-                .map(|d| match message_of(d) {
-                    Some(_) => match (done.next(), &deliveries_taken) {
-                        (Some(true), _) => Ok(()),
-                        (_, Err(e)) => Err(e.clone()),
-                        _ => Err(not_found(d)),
-                    },
-                    None => Err(not_found(d)),
-                })
-                .collect();
-            (outcomes, deliveries_taken)
+            // A delivery id without a message id names no row (ids start at 1): not found.
+            let acks = deliveries.iter().map(|d| (message_of(d).unwrap_or(0), d.clone())).collect();
+            match self.shared.try_fetch_acking(name, max, visibility_ms, acks).await {
+                Ok(Fetched { deliveries: taken, acked }) => {
+                    let outcomes = deliveries
+                        .iter()
+                        .zip(acked)
+                        .map(|(d, done)| if done { Ok(()) } else { Err(QueueError::NotFound(d.clone())) })
+                        .collect();
+                    (outcomes, Ok(taken))
+                }
+                // Nothing of the transaction was committed: no ack was done either.
+                Err(e) => (deliveries.iter().map(|_| Err(e.clone())).collect(), Err(e)),
+            }
         })
     }
 
