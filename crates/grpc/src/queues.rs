@@ -41,6 +41,14 @@ fn delivery_id(raw: &str) -> Result<&str, Status> {
     herald_protocol::is_delivery_id(raw).then_some(raw).ok_or_else(|| bad_request(herald_protocol::DELIVERY_ID_RULE))
 }
 
+/// Delivery ids of a request's repeated `field`, each as docs/protocol.md defines it.
+fn delivery_ids(ids: &[String], field: &str) -> Result<(), Status> {
+    match ids.iter().position(|id| !herald_protocol::is_delivery_id(id)) {
+        Some(i) => Err(bad_request(format!("{field}[{i}]: {}", herald_protocol::DELIVERY_ID_RULE))),
+        None => Ok(()),
+    }
+}
+
 fn in_range(name: &str, value: u64, min: u64, max: u64) -> Result<u64, Status> {
     if (min..=max).contains(&value) {
         Ok(value)
@@ -141,9 +149,7 @@ impl Queues for QueuesService {
         let queue = queue_name(&req.queue)?;
         self.state.permit(&caller, herald_auth::Action::Consume, queue.as_str())?;
         check_batch(req.ids.len(), "ids")?;
-        if let Some(i) = req.ids.iter().position(|id| !herald_protocol::is_delivery_id(id)) {
-            return Err(bad_request(format!("ids[{i}]: {}", herald_protocol::DELIVERY_ID_RULE)));
-        }
+        delivery_ids(&req.ids, "ids")?;
         let outcomes = self.state.broker().queue_service().map_err(from_broker)?.ack_batch(&queue, &req.ids).await;
         let (done, errors) = split_outcomes(outcomes)?;
         let acked = done.iter().flatten().count() as u32;
@@ -164,9 +170,7 @@ impl Queues for QueuesService {
         if req.ack.len() > MAX_BATCH {
             return Err(bad_request(format!("a fetch acks at most {MAX_BATCH} ids, not {}", req.ack.len())));
         }
-        if let Some(i) = req.ack.iter().position(|id| !herald_protocol::is_delivery_id(id)) {
-            return Err(bad_request(format!("ack[{i}]: {}", herald_protocol::DELIVERY_ID_RULE)));
-        }
+        delivery_ids(&req.ack, "ack")?;
         let queues = self.state.broker().queue_service().map_err(from_broker)?;
         let started = std::time::Instant::now();
         // The acks with the fetch: one call per job for a worker taking one.
