@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use herald_client::{Client, FetchOptions, Job, NewJob, WsConnection};
+use herald_client::{Client, EntryError, FetchOptions, Job, NewJob, WsConnection};
 use serde_json::Value;
 
 /// `herald bench` scenarios.
@@ -305,10 +305,7 @@ struct QueueWorker {
 impl QueueWorker {
     /// Enqueues `n` JSON jobs in one batch request; every one must be stored.
     async fn enqueue_batch(&self, n: usize) -> anyhow::Result<()> {
-        for outcome in self.client.enqueue_batch(&self.queue, &vec![NewJob::json(self.json.clone()); n]).await? {
-            outcome.map_err(|e| anyhow::anyhow!("enqueue refused: {} {}", e.code, e.message))?;
-        }
-        Ok(())
+        all_done(self.client.enqueue_batch(&self.queue, &vec![NewJob::json(self.json.clone()); n]).await?, "enqueue")
     }
 
     /// Acks `jobs`: none, one ack request, or one batch ack; every one must be acked.
@@ -316,13 +313,17 @@ impl QueueWorker {
         match jobs {
             [] => {}
             [job] => self.client.ack(&self.queue, job).await?,
-            _ => {
-                for outcome in self.client.ack_batch(&self.queue, jobs).await? {
-                    outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
-                }
-            }
+            _ => all_done(self.client.ack_batch(&self.queue, jobs).await?, "ack")?,
         }
         Ok(())
+    }
+}
+
+/// Every entry of a batch done, or the first refusal as the error.
+fn all_done<T>(outcomes: Vec<Result<T, EntryError>>, what: &str) -> anyhow::Result<()> {
+    match outcomes.into_iter().find_map(Result::err) {
+        Some(e) => Err(anyhow::anyhow!("{what} refused: {} {}", e.code, e.message)),
+        None => Ok(()),
     }
 }
 
@@ -404,9 +405,7 @@ async fn split(workers: &[Arc<QueueWorker>], producers: usize, batch: u64, total
                         w.client.fetch_jobs(&w.queue, fetch).await?
                     } else {
                         let (acks, jobs) = w.client.ack_and_fetch(&w.queue, &held, fetch).await?;
-                        for outcome in acks {
-                            outcome.map_err(|e| anyhow::anyhow!("ack refused: {} {}", e.code, e.message))?;
-                        }
+                        all_done(acks, "ack")?;
                         count(std::mem::take(&mut held).len() as u64, t0);
                         jobs
                     };
